@@ -1,0 +1,79 @@
+"""The transport seam: what every service may assume about the message bus.
+
+Nothing outside ``fedbus.bus`` knows that the transport is MQTT. Payloads are opaque bytes;
+messages larger than a bus's chunk size are split and reassembled by the bus itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Bus", "Message", "Subscription", "Will"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as delivered to a subscriber. ``payload`` is the whole, reassembled payload."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """Published by the broker on the node's behalf when the node vanishes (last will)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """An async iterator of messages matching one or more filters.
+
+    Use as ``async with bus.subscribe(f) as sub: async for msg in sub: ...``. The
+    subscription is active (broker-side) once ``__aenter__`` returns, so a publish that
+    happens after it is never missed.
+    """
+
+    async def __aenter__(self) -> Subscription: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[Message]: ...
+
+    async def get(self, timeout: float | None = None) -> Message:
+        """Next message; raises ``TimeoutError`` after ``timeout`` seconds."""
+        ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Publish/subscribe with QoS 1 semantics, retained messages, wills and $share groups."""
+
+    node_id: str
+
+    async def __aenter__(self) -> Bus: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish at QoS 1. Large payloads are chunked transparently."""
+        ...
+
+    def subscribe(self, *filters: str) -> Subscription: ...

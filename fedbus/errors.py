@@ -1,0 +1,59 @@
+"""The one exception tree of fedbus: a root and flat subclasses that carry data.
+
+Messages say what was wrong, where, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class FedbusError(Exception):
+    """Root of every error fedbus raises on purpose."""
+
+
+class CodecError(FedbusError):
+    """A payload could not be encoded or was rejected on decode.
+
+    ``reason`` is a short machine-friendly tag (``"bad_magic"``, ``"too_large"``, ...) used as
+    the label of the rejection counters; the message says what was wrong for people.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ManifestError(FedbusError):
+    """A manifest is invalid. Names the file, the field and what is allowed."""
+
+    def __init__(self, path: str, field: str, problem: str) -> None:
+        super().__init__(f"{path}: {field}: {problem}")
+        self.path = path
+        self.field = field
+        self.problem = problem
+
+
+class BusError(FedbusError):
+    """The message bus failed (connection lost for good, closed bus, bad topic)."""
+
+
+class ConnectError(BusError):
+    """Could not reach the broker at ``endpoint`` after the allowed attempts."""
+
+    def __init__(self, endpoint: str, cause: str) -> None:
+        super().__init__(f"cannot connect to MQTT broker at {endpoint}: {cause}")
+        self.endpoint = endpoint
+        self.cause = cause
+
+
+class UpdateRejected(FedbusError):
+    """An update was well-formed on the wire but unfit to aggregate (shape, dtype, NaN, stale)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class TaskError(FedbusError):
+    """The user's task (model + data) could not be loaded or failed."""

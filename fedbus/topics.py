@@ -1,0 +1,167 @@
+"""The topic grammar: the only place topic strings are built, parsed and matched.
+
+Every topic is ``fedbus/v1/<job>/<channel>/<a>[/<b>]``. Identifiers (job, node ids) must be
+one MQTT level of ``[A-Za-z0-9_.-]``, so they can never inject ``/``, ``+`` or ``#``.
+
+Channels:
+  ``model/<aggregator>``            global model + round orders, aggregator -> its trainers
+  ``update/<aggregator>/<sender>``  a trainer's (or relay's) update to its aggregator
+  ``metrics/<node>``                per-round metrics and progress, for people and stores
+  ``presence/<node>``               retained "online"; the broker publishes "offline" (last will)
+  ``state/<node>``                  checkpoint / state snapshots published for the checkpointer
+  ``control/<node>``                operator commands to one node (stop, ...)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from fedbus.errors import BusError
+
+__all__ = [
+    "CHANNELS",
+    "ParsedTopic",
+    "control",
+    "matches",
+    "metrics",
+    "metrics_all",
+    "model",
+    "parse",
+    "presence",
+    "presence_all",
+    "shared",
+    "state",
+    "strip_share",
+    "update",
+    "updates_for",
+    "validate_filter",
+    "validate_id",
+]
+
+ROOT: Final = "fedbus/v1"
+CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control"})
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a safe single topic level, else raise ``BusError``."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise BusError(
+            f"{what} {value!r} is not a valid identifier: use 1-64 of letters, digits, '_', '.', '-'"
+        )
+    return value
+
+
+def _t(job: str, channel: str, *levels: str) -> str:
+    validate_id(job, "job")
+    for level in levels:
+        validate_id(level, f"{channel} node id")
+    return "/".join((ROOT, job, channel, *levels))
+
+
+def model(job: str, aggregator: str) -> str:
+    return _t(job, "model", aggregator)
+
+
+def update(job: str, aggregator: str, sender: str) -> str:
+    return _t(job, "update", aggregator, sender)
+
+
+def updates_for(job: str, aggregator: str) -> str:
+    """Filter for every update addressed to ``aggregator``."""
+    return _t(job, "update", aggregator) + "/+"
+
+
+def metrics(job: str, node: str) -> str:
+    return _t(job, "metrics", node)
+
+
+def metrics_all(job: str) -> str:
+    return _t(job, "metrics") + "/+"
+
+
+def presence(job: str, node: str) -> str:
+    return _t(job, "presence", node)
+
+
+def presence_all(job: str) -> str:
+    return _t(job, "presence") + "/+"
+
+
+def state(job: str, node: str) -> str:
+    return _t(job, "state", node)
+
+
+def control(job: str, node: str) -> str:
+    return _t(job, "control", node)
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """A ``$share`` subscription: the broker delivers each message to one group member."""
+    validate_id(group, "share group")
+    return f"$share/{group}/{topic_filter}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    job: str
+    channel: str
+    levels: tuple[str, ...]
+
+    @property
+    def sender(self) -> str:
+        """The node that published on this topic (last level for every channel)."""
+        return self.levels[-1]
+
+
+def parse(topic: str) -> ParsedTopic:
+    parts = topic.split("/")
+    if len(parts) < 5 or "/".join(parts[:2]) != ROOT or parts[3] not in CHANNELS:
+        raise BusError(f"topic {topic!r} is not a fedbus topic ({ROOT}/<job>/<channel>/...)")
+    for p in parts[2:3] + parts[4:]:
+        validate_id(p, "topic level")
+    return ParsedTopic(job=parts[2], channel=parts[3], levels=tuple(parts[4:]))
+
+
+def validate_filter(topic_filter: str) -> str:
+    """Check MQTT filter syntax: '+' fills a level, '#' only last; '$share/g/f' allowed."""
+    f = topic_filter
+    if f.startswith("$share/"):
+        parts = f.split("/", 2)
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise BusError(f"shared subscription {f!r} must be $share/<group>/<filter>")
+        f = parts[2]
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if level == "#" and i != len(levels) - 1:
+            raise BusError(f"filter {topic_filter!r}: '#' must be the last level")
+        if ("#" in level or "+" in level) and level not in ("#", "+"):
+            raise BusError(f"filter {topic_filter!r}: wildcards must fill a whole level")
+    return topic_filter
+
+
+def strip_share(topic_filter: str) -> tuple[str | None, str]:
+    """Split ``$share/group/filter`` into (group, filter); (None, filter) otherwise."""
+    if topic_filter.startswith("$share/"):
+        _, group, rest = topic_filter.split("/", 2)
+        return group, rest
+    return None, topic_filter
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching, including ``+``, ``#`` and ``$share/<group>/`` prefixes."""
+    _, f = strip_share(topic_filter)
+    flevels = f.split("/")
+    tlevels = topic.split("/")
+    if topic.startswith("$") and flevels[0] in ("+", "#"):
+        return False  # MQTT: wildcards at the first level never match $-topics
+    for i, fl in enumerate(flevels):
+        if fl == "#":
+            return True
+        if i >= len(tlevels):
+            return False
+        if fl != "+" and fl != tlevels[i]:
+            return False
+    return len(tlevels) == len(flevels)

@@ -1,0 +1,189 @@
+"""The strategy contract: pure, synchronous, I/O-free aggregation and selection.
+
+Synchronous strategies stream: ``begin`` / ``accumulate`` (one update at a time) / ``finish``,
+so the aggregator holds O(model) memory, not O(clients x model). Strategies whose math needs
+every update at once (robust statistics) set ``needs_all_updates`` and bound how many they keep.
+Asynchronous strategies take one update at a time and say when the global model moved.
+
+Everything a strategy remembers between rounds lives in ``state_dict()``: a tree of dicts,
+lists, numbers, strings and numpy arrays (no objects), which the codec carries without pickle.
+This package never imports ``fedbus``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "AsyncStrategy",
+    "ClientUpdate",
+    "Selector",
+    "Strategy",
+    "StrategyError",
+    "Weights",
+    "check_compatible",
+    "rng_from_state",
+    "rng_state",
+]
+
+Weights = dict[str, np.ndarray]
+
+
+class StrategyError(ValueError):
+    """Bad strategy/selector name, parameter or input. The message lists what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    ``delta`` is ``local_weights - global_weights`` for the model the client started from,
+    with exactly the global model's names, shapes and dtypes (the aggregator checks this
+    before a strategy sees it). ``aux`` carries strategy-specific tensors (SCAFFOLD's control
+    variate delta, ...). ``staleness`` is how many model versions old ``base_round`` is.
+    """
+
+    sender: str
+    delta: Mapping[str, np.ndarray]
+    num_examples: int
+    base_round: int = 0
+    staleness: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    aux: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> None:
+    """Raise ``StrategyError`` unless ``delta`` has the names and shapes of ``weights``."""
+    if weights.keys() != delta.keys():
+        missing = sorted(set(weights) - set(delta))
+        extra = sorted(set(delta) - set(weights))
+        raise StrategyError(f"update tensors differ from the model: missing {missing}, extra {extra}")
+    for name, w in weights.items():
+        if delta[name].shape != w.shape:
+            raise StrategyError(f"tensor {name!r}: update shape {delta[name].shape} != {w.shape}")
+
+
+class Strategy(ABC):
+    """A synchronous, round-based aggregation strategy."""
+
+    name: ClassVar[str] = ""
+    #: True when ``finish`` needs every update of the round (robust aggregators); the
+    #: aggregator then bounds the round by ``max_updates`` in memory.
+    needs_all_updates: ClassVar[bool] = False
+
+    def client_config(self, round: int) -> dict[str, Any]:
+        """Scalars sent to trainers with the model (e.g. FedProx's ``proximal_mu``)."""
+        return {}
+
+    def client_tensors(self, round: int) -> Weights:
+        """Extra tensors sent to trainers with the model (e.g. SCAFFOLD's server control)."""
+        return {}
+
+    @abstractmethod
+    def begin(self, weights: Weights, round: int) -> None:
+        """Start a round from the current global ``weights`` (not modified in place)."""
+
+    @abstractmethod
+    def accumulate(self, update: ClientUpdate) -> None:
+        """Fold one accepted update into the round."""
+
+    @abstractmethod
+    def finish(self) -> Weights:
+        """Close the round and return the new global weights (fresh arrays)."""
+
+    @property
+    def num_accumulated(self) -> int:
+        return int(getattr(self, "_count", 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything remembered across rounds; stateless strategies return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise StrategyError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
+
+
+class AsyncStrategy(ABC):
+    """An asynchronous strategy: updates arrive one at a time, from any model version."""
+
+    name: ClassVar[str] = ""
+
+    def client_config(self, version: int) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def init(self, weights: Weights, version: int = 0) -> None:
+        """Set the starting global model."""
+
+    @property
+    @abstractmethod
+    def version(self) -> int:
+        """Current global model version; increments each time the model changes."""
+
+    @property
+    @abstractmethod
+    def weights(self) -> Weights:
+        """Current global model (read-only view)."""
+
+    @abstractmethod
+    def submit(self, update: ClientUpdate) -> Weights | None:
+        """Take one update (``staleness`` = version - base_round). Return the new global
+        model when this update moved it, else ``None`` (buffered)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class Selector(ABC):
+    """Chooses which available clients take part in a round. Pure and seeded."""
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def select(self, available: Sequence[str], round: int) -> list[str]:
+        """Return a subset of ``available`` (sorted or ranked; no duplicates)."""
+
+    def report(
+        self,
+        node: str,
+        round: int,
+        *,
+        completed: bool,
+        duration_s: float | None = None,
+        utility: float | None = None,
+    ) -> None:
+        """Feedback after a round: did the node deliver, how long it took, its utility
+        (e.g. OORT's sqrt(sum of squared losses)). Default: ignored."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """A codec-safe copy of a numpy Generator's state (big ints are handled by the codec)."""
+    state: dict[str, Any] = rng.bit_generator.state
+    return {"bit_generator": state["bit_generator"], "state": dict(state["state"]),
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = {
+        "bit_generator": state["bit_generator"],
+        "state": dict(state["state"]),
+        "has_uint32": state["has_uint32"],
+        "uinteger": state["uinteger"],
+    }
+    return rng

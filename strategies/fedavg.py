@@ -1,0 +1,77 @@
+"""FedAvg (McMahan et al. 2017, Algorithm 1): the example-weighted mean of client models.
+
+Streamed: w_{t+1} = w_t + sum_k n_k * delta_k / sum_k n_k, accumulated in float64 so memory is
+one model-sized running sum no matter how many clients report.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from strategies.base import ClientUpdate, Strategy, StrategyError, Weights, check_compatible
+
+__all__ = ["FedAvg", "WeightedDeltaMean"]
+
+
+class WeightedDeltaMean:
+    """Running example-weighted mean of deltas; the building block of the FedAvg family."""
+
+    def __init__(self) -> None:
+        self._sum: dict[str, np.ndarray] = {}
+        self._weights: Weights = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def reset(self, weights: Weights) -> None:
+        self._weights = weights
+        self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in weights.items()}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Weights | dict[str, np.ndarray], weight: float) -> None:
+        if not np.isfinite(weight) or weight < 0:
+            raise StrategyError(f"update weight must be finite and >= 0, got {weight}")
+        check_compatible(self._weights, delta)
+        for k, acc in self._sum.items():
+            # out= avoids a temporary model-sized array per tensor per client.
+            np.add(acc, np.multiply(delta[k], weight, dtype=np.float64), out=acc)
+        self.total_weight += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """The weighted mean delta in float64 (zeros when nothing, or only weight 0, came)."""
+        if self.total_weight <= 0:
+            return {k: np.zeros_like(v) for k, v in self._sum.items()}
+        return {k: v / self.total_weight for k, v in self._sum.items()}
+
+
+class FedAvg(Strategy):
+    """Example-weighted averaging of client deltas.
+
+    Args:
+        weighted: weight each client by ``num_examples`` (True, the paper) or equally.
+    """
+
+    name: ClassVar[str] = "fedavg"
+
+    def __init__(self, weighted: bool = True) -> None:
+        self.weighted = bool(weighted)
+        self._acc = WeightedDeltaMean()
+        self._global: Weights = {}
+
+    @property
+    def num_accumulated(self) -> int:
+        return self._acc.count
+
+    def begin(self, weights: Weights, round: int) -> None:
+        self._global = weights
+        self._acc.reset(weights)
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        self._acc.add(update.delta, float(update.num_examples) if self.weighted else 1.0)
+
+    def finish(self) -> Weights:
+        mean = self._acc.mean()
+        return {k: (w + mean[k]).astype(w.dtype) for k, w in self._global.items()}

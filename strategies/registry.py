@@ -1,0 +1,84 @@
+"""Names the manifest may use for strategies and selectors, resolved lazily.
+
+A name is either one of the built-ins below, a ``module:attr`` reference, or an entry point in
+the ``fedbus.strategies`` / ``fedbus.selectors`` groups (third-party packages plug in there).
+Parameters are checked against the constructor's signature so a typo gets a clear error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from strategies.base import AsyncStrategy, Selector, Strategy, StrategyError
+
+__all__ = ["SELECTORS", "STRATEGIES", "make_selector", "make_strategy", "resolve"]
+
+# name -> "module:Class". Modules are imported only when named, so a Pi running FedAvg never
+# imports what it does not use.
+STRATEGIES: dict[str, str] = {
+    "fedavg": "strategies.fedavg:FedAvg",
+}
+
+SELECTORS: dict[str, str] = {
+    "all": "strategies.selection:AllSelector",
+    "random": "strategies.selection:RandomSelector",
+}
+
+
+def resolve(name: str, table: Mapping[str, str], group: str) -> Any:
+    """Turn a built-in name, ``module:attr`` or entry-point name into the object it names."""
+    if name in table:
+        ref = table[name]
+    elif ":" in name:
+        ref = name
+    else:
+        eps = {ep.name: ep for ep in entry_points(group=group)}
+        if name in eps:
+            return eps[name].load()
+        known = sorted(table) + sorted(eps)
+        raise StrategyError(f"unknown name {name!r}; known: {', '.join(known)} "
+                            f"(or 'package.module:Class')")
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise StrategyError(f"cannot load {ref!r}: {exc}") from None
+
+
+def _construct(cls: Any, params: Mapping[str, Any], what: str) -> Any:
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return cls(**params)
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    allowed = [n for n, p in sig.parameters.items()
+               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown and not accepts_kwargs:
+        raise StrategyError(f"{what} {getattr(cls, 'name', '') or cls.__name__}: unknown "
+                            f"parameter(s) {unknown}; allowed: {allowed}")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise StrategyError(f"{what} {cls.__name__}: {exc}") from None
+
+
+def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy | AsyncStrategy:
+    cls = resolve(name, STRATEGIES, "fedbus.strategies")
+    obj = _construct(cls, dict(params or {}), "strategy")
+    if not isinstance(obj, (Strategy, AsyncStrategy)):
+        raise StrategyError(f"{name!r} is not a Strategy or AsyncStrategy")
+    return obj  # type: ignore[no-any-return]
+
+
+def make_selector(name: str, params: Mapping[str, Any] | None = None) -> Selector:
+    cls = resolve(name, SELECTORS, "fedbus.selectors")
+    obj = _construct(cls, dict(params or {}), "selector")
+    if not isinstance(obj, Selector):
+        raise StrategyError(f"{name!r} is not a Selector")
+    return obj  # type: ignore[no-any-return]
