@@ -21,11 +21,35 @@ __all__ = ["SELECTORS", "STRATEGIES", "make_selector", "make_strategy", "resolve
 # imports what it does not use.
 STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
+    "fedavgm": "strategies.fedavgm:FedAvgM",
+    "fedprox": "strategies.fedprox:FedProx",
+    "fedadam": "strategies.fedopt:FedAdam",
+    "fedyogi": "strategies.fedopt:FedYogi",
+    "fedadagrad": "strategies.fedopt:FedAdagrad",
+    "feddyn": "strategies.feddyn:FedDyn",
+    "scaffold": "strategies.scaffold:Scaffold",
+    "fedasync": "strategies.fedasync:FedAsync",
+    "fedbuff": "strategies.fedbuff:FedBuff",
+    "median": "strategies.robust:Median",
+    "trimmed_mean": "strategies.robust:TrimmedMean",
+    "krum": "strategies.robust:Krum",
+    "multi_krum": "strategies.robust:MultiKrum",
+    "bulyan": "strategies.robust:Bulyan",
+}
+
+# Wrappers take the wrapped strategy as `strategy: {name, params}` in the manifest.
+WRAPPERS: dict[str, str] = {
+    "dp_fixed": "strategies.dp:DPFixedClipping",
+    "dp_adaptive": "strategies.dp:DPAdaptiveClipping",
 }
 
 SELECTORS: dict[str, str] = {
     "all": "strategies.selection:AllSelector",
     "random": "strategies.selection:RandomSelector",
+    "oort": "strategies.oort:OortSelector",
+    "tiered": "strategies.tiered:TieredSelector",
+    "reliability": "strategies.reliability:ReliabilitySelector",
+    "inflight": "strategies.selection:InFlightSelector",
 }
 
 
