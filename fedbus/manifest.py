@@ -1,0 +1,629 @@
+"""The manifest: one validated, frozen model of a federated job, and its per-node topic wiring.
+
+``load_manifest`` is the one place a manifest is read; every mistake becomes one
+``ManifestError`` naming the file, the dotted field (``nodes[3].parent``) and what is allowed.
+
+Environment variables: any string value may use ``${VAR}`` or ``${VAR:-default}`` (the default
+is used when VAR is unset or empty, as in sh and compose); ``$$`` is a literal ``$``. An unset
+VAR without a default is an error. Typed fields (``broker.port: ${PORT:-1883}``) convert the
+expanded text to their type; inside free-form ``params`` an expanded value is read as a YAML
+scalar, so ``epochs: ${EPOCHS:-2}`` is the integer 2. An optional field that expands to the
+empty string (``username: ${USER_NAME:-}``) is unset. Mapping keys are never expanded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, Literal, NoReturn, cast
+
+import yaml
+
+from fedbus import topics
+from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
+from fedbus.errors import BusError, ManifestError
+from strategies.base import StrategyError
+from strategies.registry import make_selector, make_strategy
+
+__all__ = [
+    "ROLES",
+    "BrokerSpec",
+    "CodecSpec",
+    "EvalSpec",
+    "Manifest",
+    "NodeSpec",
+    "PluginSpec",
+    "RoundSpec",
+    "TaskSpec",
+    "Wiring",
+    "compile_wiring",
+    "describe",
+    "load_manifest",
+    "parse_manifest",
+    "thaw",
+    "with_broker",
+]
+
+Role = Literal["aggregator", "trainer"]
+ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer")
+_PLANNED_ROLES: Final = ("relay", "checkpointer", "store")
+VERSION: Final = 1
+_MQTT_MAX_PACKET: Final = 268_435_455
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSpec:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    #: Name of the environment variable holding the password (never the password itself).
+    password_env: str | None = None
+    tls_ca: str | None = None
+    chunk_bytes: int = 1_000_000
+    keepalive_s: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class CodecSpec:
+    level: int = 1  # zstd level; 0 = no compression
+    shuffle: bool = False
+    max_message_mb: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    """A strategy or selector: a registry name (or ``module:Class``) and its parameters."""
+
+    name: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSpec:
+    deadline_s: float = 60.0
+    #: Fraction of the selected trainers whose updates close a round early, in (0, 1].
+    quorum: float = 1.0
+    #: Online trainers needed before a round starts.
+    min_clients: int = 1
+    start_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class EvalSpec:
+    where: Literal["server", "none"] = "server"
+    every: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """``ref`` is ``module:attr`` naming a task factory; it is imported only by trainers."""
+
+    ref: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    id: str
+    role: Role
+    parent: str | None = None
+    partition: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    job: str
+    rounds: int
+    seed: int
+    broker: BrokerSpec | None  # None: start an embedded broker
+    codec: CodecSpec
+    strategy: PluginSpec
+    selector: PluginSpec
+    round: RoundSpec
+    evaluate: EvalSpec
+    task: TaskSpec
+    nodes: tuple[NodeSpec, ...]
+    source: str = "<string>"
+
+    def node(self, node_id: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise ManifestError(self.source, "nodes",
+                            f"no node {node_id!r}; known ids: {_preview(n.id for n in self.nodes)}")
+
+    @property
+    def aggregator(self) -> NodeSpec:
+        """The root aggregator (validation guarantees exactly one)."""
+        return next(n for n in self.nodes if n.role == "aggregator" and n.parent is None)
+
+    def trainers_of(self, aggregator_id: str) -> tuple[NodeSpec, ...]:
+        if self.node(aggregator_id).role != "aggregator":
+            raise ManifestError(self.source, "nodes",
+                                f"{aggregator_id!r} is a {self.node(aggregator_id).role}, "
+                                "not an aggregator")
+        return tuple(n for n in self.nodes if n.role == "trainer" and n.parent == aggregator_id)
+
+    @property
+    def num_partitions(self) -> int:
+        """How many data partitions the job is split into: one per trainer."""
+        return sum(1 for n in self.nodes if n.role == "trainer")
+
+
+def with_broker(m: Manifest, broker: BrokerSpec) -> Manifest:
+    """The same manifest pointed at ``broker`` (e.g. the embedded broker once it is up)."""
+    return dataclasses.replace(m, broker=broker)
+
+
+def thaw(value: Any) -> Any:
+    """Plain dicts and lists from frozen params (for msgpack, JSON or a constructor)."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_manifest(path: str | os.PathLike[str], *,
+                  env: Mapping[str, str] | None = None) -> Manifest:
+    """Read, expand and validate a YAML manifest. ``env`` defaults to ``os.environ``."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ManifestError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    return parse_manifest(load_yaml(text, source), source, env=env)
+
+
+def parse_manifest(data: Any, source: str = "<string>", *,
+                   env: Mapping[str, str] | None = None) -> Manifest:
+    """Validate already-parsed manifest data (a YAML string is parsed first)."""
+    if isinstance(data, str):
+        data = load_yaml(data, source)
+    data = expand(data, "", source, os.environ if env is None else env)
+    return _Parser(source).manifest(data)
+
+
+# --------------------------------------------------------------------------- validation
+
+_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _join(field: str, key: object) -> str:
+    return f"{field}.{key}" if field else str(key)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {value}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(str(value) if isinstance(value, str) else value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _preview(ids: Any, limit: int = 12) -> str:
+    items = list(ids)
+    head = ", ".join(items[:limit])
+    return head + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _freeze(value: Any) -> Any:
+    """Deep read-only copy of free-form params; expanded strings read as YAML scalars."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Expanded):
+        try:
+            scalar = yaml.safe_load(value) if value.strip() else str(value)
+        except yaml.YAMLError:
+            return str(value)
+        return scalar if isinstance(scalar, (str, int, float, bool)) else str(value)
+    return value
+
+
+class _Parser:
+    """Turns checked raw data into the frozen model; every failure is one ManifestError."""
+
+    def __init__(self, source: str) -> None:
+        self.src = source
+
+    def fail(self, field: str, problem: str) -> NoReturn:
+        raise ManifestError(self.src, field or "(top level)", problem)
+
+    # -- primitives --------------------------------------------------------
+
+    def table(self, value: Any, field: str, allowed: Sequence[str],
+              required: Sequence[str] = ()) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(field, f"expected a mapping with keys {', '.join(allowed)}; "
+                             f"got {_kind(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                self.fail(field, f"keys must be strings, got {_kind(key)}")
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(_join(field, key),
+                          f"unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+        for key in required:
+            if key not in value:
+                self.fail(_join(field, key), f"required key {key!r} is missing")
+        return value
+
+    def integer(self, value: Any, field: str, lo: int | None = None,
+                hi: int | None = None) -> int:
+        if isinstance(value, Expanded):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(field, f"expected an integer{_range(lo, hi)}, got {_kind(value)}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.fail(field, f"must be an integer{_range(lo, hi)}, got {value}")
+        return value
+
+    def number(self, value: Any, field: str, check: Callable[[float], bool],
+               allowed: str) -> float:
+        if isinstance(value, Expanded):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(field, f"expected a number {allowed}, got {_kind(value)}")
+        if not math.isfinite(value) or not check(float(value)):
+            self.fail(field, f"must be a number {allowed}, got {value}")
+        return float(value)
+
+    def boolean(self, value: Any, field: str) -> bool:
+        if isinstance(value, Expanded) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if not isinstance(value, bool):
+            self.fail(field, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def string(self, value: Any, field: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(field, f"expected a non-empty string, got {_kind(value)}")
+        return str(value)
+
+    def opt_string(self, value: Any, field: str) -> str | None:
+        # `${VAR:-}` that expands to nothing means "not set", so one file serves both cases.
+        if value is None or (isinstance(value, Expanded) and not value.strip()):
+            return None
+        return self.string(value, field)
+
+    def ident(self, value: Any, field: str) -> str:
+        text = self.string(value, field)
+        try:
+            return topics.validate_id(text, field)
+        except BusError as exc:
+            self.fail(field, str(exc))
+
+    def choice(self, value: Any, field: str, allowed: Sequence[str], note: str = "") -> str:
+        text = self.string(value, field)
+        if text not in allowed:
+            close = difflib.get_close_matches(text, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.fail(field, f"{text!r} is not allowed{hint}; allowed: {', '.join(allowed)}{note}")
+        return text
+
+    def params(self, value: Any, field: str) -> Mapping[str, Any]:
+        if value is None:
+            return MappingProxyType({})
+        if not isinstance(value, dict):
+            self.fail(field, f"expected a mapping of parameter names to values, got {_kind(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                self.fail(field, f"parameter names must be strings, got {_kind(key)}")
+        return cast(Mapping[str, Any], _freeze(value))
+
+    # -- sections ------------------------------------------------------------
+
+    def manifest(self, data: Any) -> Manifest:
+        t = self.table(data, "", _TOP_KEYS, required=("version", "job", "rounds", "task", "nodes"))
+        version = t["version"]
+        if isinstance(version, bool) or version != VERSION:
+            self.fail("version", f"unsupported manifest version {version!r}; this fedbus reads "
+                                 f"version: {VERSION}")
+        job = self.ident(t["job"], "job")
+        rounds = self.integer(t["rounds"], "rounds", lo=1)
+        seed = self.integer(t.get("seed", 0), "seed", lo=0, hi=2**63 - 1)
+        nodes = self.nodes(t["nodes"], t.get("trainers"))
+        n_trainers = sum(1 for n in nodes if n.role == "trainer")
+        rnd = self.round(t.get("round"), n_trainers)
+        return Manifest(
+            job=job,
+            rounds=rounds,
+            seed=seed,
+            broker=self.broker(t["broker"]) if t.get("broker") is not None else None,
+            codec=self.codec(t.get("codec")),
+            strategy=self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
+            selector=self.plugin(t.get("selector", "all"), "selector", make_selector),
+            round=rnd,
+            evaluate=self.evaluate(t.get("evaluate")),
+            task=self.task(t["task"]),
+            nodes=nodes,
+            source=self.src,
+        )
+
+    def broker(self, value: Any) -> BrokerSpec:
+        t = self.table(value, "broker", _fields(BrokerSpec))
+        d = BrokerSpec()
+        password_env = self.opt_string(t.get("password_env"), "broker.password_env")
+        if password_env is not None and not VAR_NAME.match(password_env):
+            self.fail("broker.password_env",
+                      f"{password_env!r} is not an environment variable name; name the variable "
+                      "that holds the password (e.g. FEDBUS_BROKER_PASSWORD), not the password")
+        host = self.string(t.get("host", d.host), "broker.host")
+        if any(c.isspace() or c in "/" for c in host):
+            self.fail("broker.host", f"{host!r} is not a host name or address")
+        return BrokerSpec(
+            host=host,
+            port=self.integer(t.get("port", d.port), "broker.port", lo=1, hi=65535),
+            username=self.opt_string(t.get("username"), "broker.username"),
+            password_env=password_env,
+            tls_ca=self.opt_string(t.get("tls_ca"), "broker.tls_ca"),
+            chunk_bytes=self.integer(t.get("chunk_bytes", d.chunk_bytes), "broker.chunk_bytes",
+                                     lo=1024, hi=_MQTT_MAX_PACKET - 65536),
+            keepalive_s=self.integer(t.get("keepalive_s", d.keepalive_s), "broker.keepalive_s",
+                                     lo=1, hi=65535),
+        )
+
+    def codec(self, value: Any) -> CodecSpec:
+        d = CodecSpec()
+        t = self.table({} if value is None else value, "codec", _fields(CodecSpec))
+        return CodecSpec(
+            level=self.integer(t.get("level", d.level), "codec.level", lo=0, hi=22),
+            shuffle=self.boolean(t.get("shuffle", d.shuffle), "codec.shuffle"),
+            max_message_mb=self.integer(t.get("max_message_mb", d.max_message_mb),
+                                        "codec.max_message_mb", lo=1),
+        )
+
+    def plugin(self, value: Any, field: str, make: Callable[..., Any]) -> PluginSpec:
+        if isinstance(value, str):
+            value = {"name": value}
+        t = self.table(value, field, ("name", "params"), required=("name",))
+        spec = PluginSpec(name=self.string(t["name"], f"{field}.name"),
+                          params=self.params(t.get("params"), f"{field}.params"))
+        try:
+            make(spec.name, thaw(spec.params))
+        except StrategyError as exc:
+            self.fail(field, str(exc))
+        return spec
+
+    def round(self, value: Any, n_trainers: int) -> RoundSpec:
+        d = RoundSpec()
+        t = self.table({} if value is None else value, "round", _fields(RoundSpec))
+        positive = "> 0 (seconds)"
+        spec = RoundSpec(
+            deadline_s=self.number(t.get("deadline_s", d.deadline_s), "round.deadline_s",
+                                   lambda x: x > 0, positive),
+            quorum=self.number(t.get("quorum", d.quorum), "round.quorum",
+                               lambda x: 0 < x <= 1, "in (0, 1] (fraction of selected trainers)"),
+            min_clients=self.integer(t.get("min_clients", d.min_clients), "round.min_clients",
+                                     lo=1),
+            start_timeout_s=self.number(t.get("start_timeout_s", d.start_timeout_s),
+                                        "round.start_timeout_s", lambda x: x > 0, positive),
+        )
+        if spec.min_clients > n_trainers:
+            self.fail("round.min_clients",
+                      f"{spec.min_clients} exceeds the {n_trainers} trainer(s) the manifest "
+                      "declares; lower it or add trainers")
+        return spec
+
+    def evaluate(self, value: Any) -> EvalSpec:
+        d = EvalSpec()
+        t = self.table({} if value is None else value, "evaluate", _fields(EvalSpec))
+        where = self.choice(t.get("where", d.where), "evaluate.where", ("server", "none"))
+        return EvalSpec(where=cast(Literal["server", "none"], where),
+                        every=self.integer(t.get("every", d.every), "evaluate.every", lo=1))
+
+    def task(self, value: Any) -> TaskSpec:
+        if isinstance(value, str):
+            value = {"ref": value}
+        t = self.table(value, "task", ("ref", "params"), required=("ref",))
+        ref = self.string(t["ref"], "task.ref")
+        if not _REF.match(ref):
+            self.fail("task.ref", f"{ref!r} must be 'package.module:factory' "
+                                  "(e.g. examples.digits.task:make_task)")
+        return TaskSpec(ref=ref, params=self.params(t.get("params"), "task.params"))
+
+    # -- nodes -----------------------------------------------------------------
+
+    def node(self, value: Any, field: str) -> NodeSpec:
+        t = self.table(value, field, ("id", "role", "parent", "partition"),
+                       required=("id", "role"))
+        note = f" ({', '.join(_PLANNED_ROLES)} are planned)"
+        role = self.choice(t["role"], f"{field}.role", ROLES, note)
+        parent = t.get("parent")
+        partition = t.get("partition")
+        return NodeSpec(
+            id=self.ident(t["id"], f"{field}.id"),
+            role=cast(Role, role),
+            parent=None if parent is None else self.ident(parent, f"{field}.parent"),
+            partition=None if partition is None else self.integer(partition,
+                                                                  f"{field}.partition", lo=0),
+        )
+
+    def shorthand(self, value: Any) -> list[tuple[NodeSpec, str]]:
+        t = self.table(value, "trainers", ("count", "prefix", "parent"), required=("count",))
+        count = self.integer(t["count"], "trainers.count", lo=1, hi=100_000)
+        prefix = self.string(t.get("prefix", "trainer-"), "trainers.prefix")
+        parent = t.get("parent")
+        parent_id = None if parent is None else self.ident(parent, "trainers.parent")
+        try:
+            topics.validate_id(f"{prefix}{count - 1}", "trainer id")
+        except BusError as exc:
+            self.fail("trainers.prefix", str(exc))
+        return [(NodeSpec(id=f"{prefix}{i}", role="trainer", parent=parent_id, partition=i),
+                 f"trainers[{i}]") for i in range(count)]
+
+    def nodes(self, value: Any, shorthand: Any) -> tuple[NodeSpec, ...]:
+        if not isinstance(value, list):
+            self.fail("nodes", f"expected a list of {{id, role, parent, partition}}, "
+                               f"got {_kind(value)}")
+        found = [(self.node(v, f"nodes[{i}]"), f"nodes[{i}]") for i, v in enumerate(value)]
+        if shorthand is not None:
+            found += self.shorthand(shorthand)
+
+        where: dict[str, str] = {}
+        for n, f in found:
+            if n.id in where:
+                self.fail(f"{f}.id" if f.startswith("nodes") else "trainers",
+                          f"duplicate node id {n.id!r} (already used by {where[n.id]}); "
+                          "ids must be unique")
+            where[n.id] = f
+
+        roots = [(n, f) for n, f in found if n.role == "aggregator"]
+        if not roots:
+            self.fail("nodes", "no aggregator; add `- {id: aggregator, role: aggregator}`")
+        if len(roots) > 1:
+            self.fail(f"{roots[1][1]}.role", f"exactly one aggregator is allowed, "
+                      f"{roots[0][1]} ({roots[0][0].id!r}) is already one; hierarchical relays "
+                      "are planned")
+        root, root_field = roots[0]
+        if root.parent is not None:
+            self.fail(f"{root_field}.parent", "the aggregator is the root and has no parent; "
+                                              "remove it")
+        if root.partition is not None:
+            self.fail(f"{root_field}.partition", "only trainers have a data partition; remove it")
+
+        roles = {n.id: n.role for n, _ in found}
+        aggregators = ", ".join(sorted(i for i, r in roles.items() if r == "aggregator"))
+        trainers = [(n, f) for n, f in found if n.role == "trainer"]
+        if not trainers:
+            self.fail("nodes", "no trainers; add `trainers: {count: N}` or trainer nodes")
+        out: list[NodeSpec] = []
+        partitions: dict[int, str] = {}
+        for n, f in found:
+            if n.role == "trainer":
+                pfield = f"{f}.parent" if f.startswith("nodes") else "trainers.parent"
+                if n.parent is None:
+                    n = dataclasses.replace(n, parent=root.id)
+                elif n.parent not in roles:
+                    self.fail(pfield, f"unknown node {n.parent!r}; a trainer's parent must be "
+                                      f"an aggregator: {aggregators}")
+                elif roles[n.parent] != "aggregator":
+                    self.fail(pfield, f"{n.parent!r} is a {roles[n.parent]}; a trainer's parent "
+                                      f"must be an aggregator: {aggregators}")
+                if n.partition is not None:
+                    pf = f"{f}.partition" if f.startswith("nodes") else "trainers"
+                    if n.partition >= len(trainers):
+                        self.fail(pf, f"partition {n.partition} is out of range: with "
+                                      f"{len(trainers)} trainers partitions are "
+                                      f"0..{len(trainers) - 1}")
+                    if n.partition in partitions:
+                        self.fail(pf, f"partition {n.partition} is already used by "
+                                      f"{partitions[n.partition]}; partitions must be unique")
+                    partitions[n.partition] = f
+            out.append(n)
+        return tuple(out)
+
+
+_TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
+                    "selector", "round", "evaluate", "task", "nodes", "trainers")
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _range(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    return f" <= {hi}" if hi is not None else ""
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """What one node subscribes to and publishes on; the base of broker ACLs."""
+
+    node: str
+    subscribe: tuple[str, ...]
+    publish: tuple[str, ...]
+
+
+def compile_wiring(m: Manifest) -> dict[str, Wiring]:
+    """Per node id, its topic filters and topics, built only through ``fedbus.topics``."""
+    job = m.job
+    out: dict[str, Wiring] = {}
+    for n in m.nodes:
+        if n.role == "aggregator":
+            sub = [topics.updates_for(job, n.id), topics.presence_all(job),
+                   topics.control(job, n.id)]
+            pub = [topics.model(job, n.id), topics.metrics(job, n.id),
+                   topics.presence(job, n.id), topics.state(job, n.id)]
+        else:
+            assert n.parent is not None  # validation gives every trainer a parent
+            sub = [topics.model(job, n.parent), topics.presence(job, n.parent),
+                   topics.control(job, n.id)]
+            pub = [topics.update(job, n.parent, n.id), topics.metrics(job, n.id),
+                   topics.presence(job, n.id)]
+        out[n.id] = Wiring(node=n.id, subscribe=tuple(sub), publish=tuple(pub))
+    return out
+
+
+def describe(m: Manifest) -> str:
+    """A short human summary of a valid manifest (what ``fedbus validate`` prints)."""
+    wiring = compile_wiring(m)
+    by_role: dict[str, list[str]] = {}
+    for n in m.nodes:
+        by_role.setdefault(n.role, []).append(n.id)
+    if m.broker is None:
+        broker = "embedded mosquitto"
+    else:
+        b = m.broker
+        broker = f"{b.host}:{b.port}" + (" (TLS)" if b.tls_ca else "") + (
+            f" as {b.username}" if b.username else "")
+
+    def plugin(p: PluginSpec) -> str:
+        return p.name + (f" {thaw(p.params)}" if p.params else "")
+
+    r = m.round
+    roles = "; ".join(f"{len(ids)} {role}{'s' if len(ids) > 1 else ''} ({_preview(ids, 4)})"
+                      for role, ids in by_role.items())
+    subs = sum(len(w.subscribe) for w in wiring.values())
+    pubs = sum(len(w.publish) for w in wiring.values())
+    lines = [
+        f"manifest  {m.source}: valid",
+        f"job       {m.job}: {m.rounds} rounds, seed {m.seed}",
+        f"broker    {broker}",
+        f"strategy  {plugin(m.strategy)}; selector {plugin(m.selector)}",
+        f"round     deadline {r.deadline_s:g}s, quorum {r.quorum:g}, min_clients "
+        f"{r.min_clients}, start_timeout {r.start_timeout_s:g}s",
+        f"evaluate  {m.evaluate.where}" + (f" every {m.evaluate.every} round(s)"
+                                           if m.evaluate.where != "none" else ""),
+        f"task      {m.task.ref}" + (f" {thaw(m.task.params)}" if m.task.params else ""),
+        f"nodes     {len(m.nodes)}: {roles}",
+        f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
+    ]
+    return "\n".join(lines)
