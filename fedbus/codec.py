@@ -44,6 +44,8 @@ MAGIC: Final = b"FB"
 _PREFIX = struct.Struct("<2sBBI")
 _FLAG_ZSTD: Final = 0x01
 
+_Spec = tuple[str, np.dtype[Any], tuple[int, ...], int, int, bool]
+
 # Little-endian dtypes a peer may send. bool and integers are allowed for masks, counts and
 # quantized updates; object, string and structured dtypes are never accepted.
 DEFAULT_DTYPES: Final = frozenset(
@@ -107,14 +109,22 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
     if isinstance(value, np.ndarray):
         arr = value
     elif hasattr(value, "detach") and hasattr(value, "cpu"):
-        arr = value.detach().cpu().numpy()
+        try:
+            arr = value.detach().cpu().numpy()
+        except TypeError as exc:  # torch dtypes numpy lacks (bfloat16, ...)
+            raise CodecError("bad_dtype", f"tensor {name!r}: {exc}; cast it first") from None
     else:
         arr = np.asarray(value)
     if arr.dtype.kind not in "fiub":
         raise CodecError("bad_dtype", f"tensor {name!r} has dtype {arr.dtype}: only numbers/bool")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr)
+    if _dtype_tag(arr.dtype) not in DEFAULT_DTYPES:
+        # e.g. float128: encoding it would make a frame every peer refuses
+        raise CodecError("bad_dtype", f"tensor {name!r} has dtype {arr.dtype}, allowed: "
+                         f"{sorted(DEFAULT_DTYPES)}")
+    # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def _dtype_tag(dtype: np.dtype[Any]) -> str:
@@ -142,22 +152,29 @@ def encode(env: Envelope, compression: Compression = Compression()) -> bytes:
     offset = 0
     for name, arr in arrays:
         shuffled = use_zstd and compression.shuffle and arr.dtype.itemsize > 1 and arr.size > 1
-        buffers.append(_shuffle(arr) if shuffled else memoryview(arr).cast("B"))
+        # flat uint8 view first: memoryview.cast refuses 0-d and empty multi-dim arrays
+        flat = arr.reshape(-1).view(np.uint8)
+        buffers.append(_shuffle(arr) if shuffled else memoryview(flat))  # type: ignore[arg-type]
         entries.append([name, _dtype_tag(arr.dtype), list(arr.shape), offset, arr.nbytes, shuffled])
         offset += arr.nbytes
-    header = msgpack.packb(
-        {
-            "k": env.kind,
-            "j": env.job,
-            "s": env.sender,
-            "r": int(env.round),
-            "id": env.msg_id,
-            "m": dict(env.meta),
-            "t": entries,
-            "n": total,
-        },
-        use_bin_type=True,
-    )
+    try:
+        header = msgpack.packb(
+            {
+                "k": env.kind,
+                "j": env.job,
+                "s": env.sender,
+                "r": int(env.round),
+                "id": env.msg_id,
+                "m": dict(env.meta),
+                "t": entries,
+                "n": total,
+            },
+            use_bin_type=True,
+        )
+        _check_map_keys(env.meta, "meta")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError("bad_meta", f"envelope metadata is not msgpack-safe: {exc}; "
+                         "pass trees through flatten_tree") from None
     flags = 0
     if use_zstd:
         flags |= _FLAG_ZSTD
@@ -171,7 +188,19 @@ def encode(env: Envelope, compression: Compression = Compression()) -> bytes:
     return b"".join([prefix, header, *data])
 
 
-def _check_header(h: Any, limits: Limits) -> tuple[list[tuple[str, np.dtype[Any], tuple[int, ...], int, int, bool]], int]:
+def _check_map_keys(node: Any, path: str) -> None:
+    # decode unpacks with strict_map_key, so a frame with other keys would be refused by peers
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            if not isinstance(k, (str, bytes)):
+                raise TypeError(f"key {k!r} at {path} is not a string")
+            _check_map_keys(v, f"{path}/{k!r}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_map_keys(v, f"{path}/{i}")
+
+
+def _check_header(h: Any, limits: Limits) -> tuple[list[_Spec], int]:
     if not isinstance(h, dict):
         raise CodecError("bad_header", "header is not a map")
     for key, typ in (("k", str), ("j", str), ("s", str), ("r", int), ("id", str), ("m", dict),
@@ -181,11 +210,12 @@ def _check_header(h: Any, limits: Limits) -> tuple[list[tuple[str, np.dtype[Any]
     total = h["n"]
     if total < 0 or total > limits.max_decompressed_bytes:
         raise CodecError(
-            "too_large", f"data region declares {total} bytes, limit {limits.max_decompressed_bytes}"
+            "too_large",
+            f"data region declares {total} bytes, limit {limits.max_decompressed_bytes}",
         )
     if len(h["t"]) > limits.max_tensors:
         raise CodecError("too_many_tensors", f"{len(h['t'])} tensors, limit {limits.max_tensors}")
-    specs = []
+    specs: list[_Spec] = []
     end = 0
     names: set[str] = set()
     for i, entry in enumerate(h["t"]):
@@ -195,7 +225,7 @@ def _check_header(h: Any, limits: Limits) -> tuple[list[tuple[str, np.dtype[Any]
         if not isinstance(name, str) or name in names:
             raise CodecError("bad_tensor", f"tensor entry {i} has a missing or repeated name")
         names.add(name)
-        if tag not in limits.allowed_dtypes:
+        if not isinstance(tag, str) or tag not in limits.allowed_dtypes:
             raise CodecError("bad_dtype", f"tensor {name!r} has dtype {tag!r}, allowed: "
                              f"{sorted(limits.allowed_dtypes)}")
         if not isinstance(shape, list) or len(shape) > limits.max_dims or not all(
@@ -204,13 +234,17 @@ def _check_header(h: Any, limits: Limits) -> tuple[list[tuple[str, np.dtype[Any]
             raise CodecError("bad_shape", f"tensor {name!r} has shape {shape!r} "
                              f"(at most {limits.max_dims} non-negative dims)")
         dtype = np.dtype(tag)
-        count = 1
+        count = span = 1
         for d in shape:
             count *= d
+            span *= max(d, 1)
+        if span * dtype.itemsize > limits.max_decompressed_bytes:
+            # an empty tensor may still carry absurd dims that numpy cannot even reshape to
+            raise CodecError("bad_shape", f"tensor {name!r} has shape {shape!r}: dims too large")
         if not isinstance(nbytes, int) or count * dtype.itemsize != nbytes:
             raise CodecError("shape_mismatch", f"tensor {name!r}: shape {shape} x {dtype} needs "
                              f"{count * dtype.itemsize} bytes, header says {nbytes!r}")
-        if off != end:
+        if not isinstance(off, int) or isinstance(off, bool) or off != end:
             raise CodecError("bad_tensor", f"tensor {name!r} offset {off!r}, expected {end}")
         end += nbytes
         specs.append((name, dtype, tuple(shape), off, nbytes, bool(shuffled)))
@@ -222,7 +256,8 @@ def _check_header(h: Any, limits: Limits) -> tuple[list[tuple[str, np.dtype[Any]
 def decode(frame: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Envelope:
     """Parse and validate one frame. Tensors are read-only views into the frame when it was
     not compressed (zero-copy) and into the single decompressed buffer otherwise."""
-    view = memoryview(frame).cast("B")
+    # read-only, so zero-copy tensors never write through into a caller's bytearray
+    view = memoryview(frame).cast("B").toreadonly()
     if len(view) > limits.max_frame_bytes:
         raise CodecError("too_large", f"frame is {len(view)} bytes, limit {limits.max_frame_bytes}")
     if len(view) < _PREFIX.size:
@@ -281,7 +316,9 @@ def _decompress(data: memoryview, total: int) -> bytes:
         raise CodecError("too_large" if size > total else "bad_compression",
                          f"zstd frame declares {size} bytes, header says {total}")
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=total)
+        out = zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=total, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
         raise CodecError("bad_compression", f"zstd data is corrupt: {exc}") from None
     if len(out) != total:
@@ -306,9 +343,13 @@ def flatten_tree(tree: Any, prefix: str = "") -> tuple[Any, dict[str, np.ndarray
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, np.ndarray) or (hasattr(node, "detach") and hasattr(node, "cpu")):
+            if path in tensors:  # {"a/b": x, "a": {"b": y}} would silently lose x
+                raise CodecError("bad_tree", f"two arrays map to the path {path!r}; rename a key")
             tensors[path] = _as_numpy(node, path)
             return {_TENSOR_REF: path}
         if isinstance(node, Mapping):
+            if set(node) in ({_TENSOR_REF}, {_BIGINT}):
+                raise CodecError("bad_tree", f"dict at {path or '/'} uses a reserved key alone")
             out = {}
             for k, v in node.items():
                 if not isinstance(k, str):
@@ -335,12 +376,18 @@ def unflatten_tree(meta: Any, tensors: Mapping[str, np.ndarray], *, copy: bool =
         if isinstance(node, dict):
             if set(node) == {_TENSOR_REF}:
                 ref = node[_TENSOR_REF]
-                if ref not in tensors:
+                if not isinstance(ref, str) or ref not in tensors:
                     raise CodecError("bad_tree", f"tree refers to missing tensor {ref!r}")
                 arr = tensors[ref]
                 return arr.copy() if copy else arr
             if set(node) == {_BIGINT}:
-                return int(node[_BIGINT])
+                digits = node[_BIGINT]
+                try:
+                    if not isinstance(digits, str):
+                        raise ValueError("not a string")
+                    return int(digits)
+                except ValueError as exc:  # also Python's cap on digits in int(str)
+                    raise CodecError("bad_tree", f"bad big integer {digits!r:.40}: {exc}") from None
             return {k: walk(v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
