@@ -1,0 +1,132 @@
+"""Turn a manifest and a node id into a running service on its own bus connection.
+
+The one place where the manifest meets the services: ``fedbus serve`` runs one node,
+``fedbus run`` runs them all in one process (each with its own connection, as if apart).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbus import topics
+from fedbus.bus import Bus, Will
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import Compression, Limits, encode
+from fedbus.errors import ManifestError
+from fedbus.manifest import Manifest, NodeSpec, thaw
+from fedbus.services._wire import presence
+from fedbus.services.aggregator import Aggregator, AggregatorConfig
+from fedbus.services.trainer import Trainer, TrainerConfig
+from fedbus.task import EvalResult, Task, load_task
+from strategies import Selector, Strategy, make_selector, make_strategy
+
+__all__ = ["build_node", "make_bus", "open_task"]
+
+
+def _limits(m: Manifest) -> Limits:
+    cap = m.codec.max_message_mb << 20
+    return Limits(max_frame_bytes=cap, max_decompressed_bytes=cap)
+
+
+def _compression(m: Manifest) -> Compression:
+    return Compression(level=m.codec.level, shuffle=m.codec.shuffle)
+
+
+def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:
+    """A bus connection for ``node``, with its last will announcing it offline."""
+    will = Will(topic=topics.presence(m.job, node.id),
+                payload=encode(presence(m.job, node.id, node.role, "offline")), retain=True)
+    chunk = m.broker.chunk_bytes if m.broker else 1_000_000
+    client_id = f"fedbus.{m.job}.{node.id}"
+    if memory is not None:
+        return MemoryBus(memory, node.id, will=will, client_id=client_id, chunk_bytes=chunk)
+    if m.broker is None:
+        raise ManifestError(m.source, "broker",
+                            "no broker given: use `fedbus run` (embedded broker) or add "
+                            "broker: {host: ..., port: ...}")
+    from fedbus.bus.mqtt import MqttBus  # aiomqtt only where MQTT is used
+
+    b = m.broker
+    password = os.environ.get(b.password_env) if b.password_env else None
+    return MqttBus(
+        node.id,
+        b.host,
+        b.port,
+        client_id=client_id,
+        will=will,
+        chunk_bytes=b.chunk_bytes,
+        keepalive=b.keepalive_s,
+        username=b.username,
+        password=password,
+        tls_ca=b.tls_ca,
+    )
+
+
+def open_task(m: Manifest, node: NodeSpec | None) -> Task:
+    """Build the node's task (``node=None``: the aggregator's evaluation copy)."""
+    search = [Path.cwd()]
+    if m.source and not m.source.startswith("<"):
+        here = Path(m.source).resolve().parent
+        search += [here, *here.parents]
+    return load_task(
+        m.task.ref,
+        partition=None if node is None else node.partition,
+        num_partitions=m.num_partitions,
+        seed=m.seed,
+        params=thaw(m.task.params),
+        search_paths=search,
+    )
+
+
+def _plugins(m: Manifest) -> tuple[Strategy, Selector]:
+    strategy = make_strategy(m.strategy.name, thaw(m.strategy.params))
+    if not isinstance(strategy, Strategy):
+        raise ManifestError(m.source, "strategy",
+                            f"{m.strategy.name!r} is asynchronous; the synchronous aggregator "
+                            "needs a round-based strategy")
+    return strategy, make_selector(m.selector.name, thaw(m.selector.params))
+
+
+def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None) -> Any:
+    """The service object (with ``async run()``) for ``node_id``."""
+    node = m.node(node_id)
+    if node.role == "trainer":
+        assert node.parent is not None
+        return Trainer(
+            TrainerConfig(job=m.job, node_id=node.id, parent=node.parent,
+                          compression=_compression(m), limits=_limits(m)),
+            bus,
+            task or open_task(m, node),
+        )
+    if node.role == "aggregator":
+        strategy, selector = _plugins(m)
+        server_task = task or open_task(m, None)
+        evaluate = None
+        if m.evaluate.where == "server":
+            def evaluate(weights: dict[str, np.ndarray]) -> EvalResult:
+                server_task.set_weights(weights)
+                return server_task.evaluate()
+
+        r = m.round
+        config = AggregatorConfig(
+            job=m.job,
+            node_id=node.id,
+            trainers=frozenset(t.id for t in m.trainers_of(node.id)),
+            rounds=m.rounds,
+            deadline_s=r.deadline_s,
+            quorum=r.quorum,
+            min_clients=r.min_clients,
+            start_timeout_s=r.start_timeout_s,
+            evaluate_every=m.evaluate.every,
+            seed=m.seed,
+            compression=_compression(m),
+            limits=_limits(m),
+        )
+        return Aggregator(config, bus, strategy, selector, server_task.get_weights(),
+                          evaluate=evaluate)
+    raise ManifestError(m.source, f"nodes[{node_id}].role",
+                        f"role {node.role!r} has no service in this version")

@@ -1,0 +1,367 @@
+"""The synchronous aggregator: select, broadcast the model, collect updates, aggregate, repeat.
+
+A round never blocks forever: it ends when every selected trainer has delivered or been lost
+(last will), or at the deadline. Below quorum at the deadline it re-broadcasts once per
+extension to the pending and to fresh replacement trainers (over-selection), keeping what it
+already accumulated, since every update of the round was trained from the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Bus, Message, Subscription
+from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.services._wire import (
+    DONE,
+    METRICS,
+    PRESENCE,
+    ROUND,
+    UPDATE,
+    Rejections,
+    SeenIds,
+    check_update_tensors,
+    join_tensors,
+    presence,
+    split_tensors,
+)
+from fedbus.task import EvalResult
+from strategies import ClientUpdate, Selector, Strategy, StrategyError, Weights
+
+__all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
+
+log = structlog.get_logger(__name__)
+
+# Decoding and folding an update of this size or more happens in a worker thread, so the
+# event loop (and with it MQTT keepalives) never stalls on a big model.
+_OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    job: str
+    node_id: str
+    trainers: frozenset[str]
+    rounds: int
+    deadline_s: float = 60.0
+    quorum: float = 1.0
+    min_clients: int = 1
+    start_timeout_s: float = 120.0
+    max_extensions: int = 1
+    evaluate_every: int = 1
+    seed: int = 0
+    max_examples: int = 1 << 40
+    compression: Compression = Compression()
+    limits: Limits = Limits()
+
+
+@dataclass(slots=True)
+class RoundReport:
+    round: int
+    selected: list[str]
+    accepted: list[str]
+    lost: list[str]
+    seconds: float
+    aggregated: bool
+    eval: EvalResult | None = None
+    train_loss: float | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def as_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "round": self.round,
+            "selected": len(self.selected),
+            "participants": len(self.accepted),
+            "lost": self.lost,
+            "seconds": round(self.seconds, 4),
+            "aggregated": self.aggregated,
+            "rejected": self.rejected,
+        }
+        if self.train_loss is not None:
+            meta["train_loss"] = self.train_loss
+        if self.eval is not None:
+            meta["loss"] = self.eval.loss
+            meta.update({k: float(v) for k, v in self.eval.metrics.items()})
+        return meta
+
+
+@dataclass(slots=True)
+class _Round:
+    number: int
+    selected: set[str]
+    pending: set[str]
+    accepted: set[str] = field(default_factory=set)
+    lost: set[str] = field(default_factory=set)
+    loss_sum: float = 0.0
+    loss_weight: float = 0.0
+
+
+class Aggregator:
+    """Runs ``config.rounds`` synchronous rounds over ``bus`` and returns the final weights.
+
+    ``evaluate`` (optional) scores a model on held-out data in a worker thread; it is the
+    aggregator's copy of the task. ``start_round`` and the strategy/selector state let a
+    restarted aggregator continue from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        bus: Bus,
+        strategy: Strategy,
+        selector: Selector,
+        weights: Weights,
+        *,
+        evaluate: Callable[[Weights], EvalResult] | None = None,
+        start_round: int = 1,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.strategy = strategy
+        self.selector = selector
+        self.weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+        self.evaluate = evaluate
+        self.start_round = start_round
+        self.online: set[str] = set()
+        self.rejections = Rejections(config.node_id)
+        self.history: list[RoundReport] = []
+        self._seen = SeenIds()
+        self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
+
+    # --- main loop -------------------------------------------------------------------------
+    async def run(self) -> Weights:
+        c = self.config
+        filters = (topics.updates_for(c.job, c.node_id), topics.presence_all(c.job))
+        async with self.bus.subscribe(*filters) as sub:
+            await self._publish_presence("online")
+            await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+            for number in range(self.start_round, c.rounds + 1):
+                report = await self._run_round(sub, number)
+                self.history.append(report)
+                await self._publish(topics.metrics(c.job, c.node_id), METRICS, number,
+                                    report.as_meta())
+            await self._publish(topics.model(c.job, c.node_id), DONE, c.rounds,
+                                {"rounds": c.rounds})
+            await self._publish_presence("offline")
+        return self.weights
+
+    async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.online & self.config.trainers) < needed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FedbusError(
+                    f"only {len(self.online)} of the {needed} trainers needed "
+                    f"(round.min_clients) came online within {timeout}s: {sorted(self.online)}"
+                )
+            try:
+                msg = await sub.get(timeout=left)
+            except TimeoutError:
+                continue
+            await self._dispatch(msg, None)
+        self._log.info("clients_ready", online=len(self.online))
+
+    async def _run_round(self, sub: Subscription, number: int) -> RoundReport:
+        c = self.config
+        started = time.monotonic()
+        rejected_before = dict(self.rejections.counts)
+        if len(self.online & c.trainers) < c.min_clients:
+            await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+        available = sorted(self.online & c.trainers)
+        selected = set(self.selector.select(available, number)) if available else set()
+        state = _Round(number, selected=set(selected), pending=set(selected))
+        self.strategy.begin(self.weights, number)
+        need = max(1, math.ceil(c.quorum * len(selected))) if selected else 1
+        await self._broadcast(state)
+        self._log.info("round_started", round=number, selected=len(selected), quorum=need)
+        extensions = 0
+        deadline = started + c.deadline_s
+        while True:
+            while state.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    msg = await sub.get(timeout=left)
+                except TimeoutError:
+                    break
+                await self._dispatch(msg, state)
+            if len(state.accepted) >= need or extensions >= c.max_extensions:
+                break
+            # Below quorum: over-select replacements among idle online trainers and give the
+            # round one more deadline. Accumulated updates stay: same model, same round.
+            extensions += 1
+            idle = sorted((self.online & c.trainers) - state.selected)
+            extra = set(self.selector.select(idle, number)) if idle else set()
+            extra = set(sorted(extra)[: need - len(state.accepted)])
+            state.selected |= extra
+            state.pending |= extra
+            self._log.warning("round_extended", round=number, accepted=len(state.accepted),
+                              quorum=need, replacements=sorted(extra),
+                              missing=sorted(state.pending))
+            await self._broadcast(state)
+            deadline = time.monotonic() + c.deadline_s
+        for node in sorted(state.pending):
+            self._log.warning("update_missing", round=number, node=node)
+        aggregated = len(state.accepted) >= need
+        if aggregated:
+            self.weights = await self._offload(self.strategy.finish)
+        else:
+            self._log.error("round_failed", round=number, accepted=len(state.accepted),
+                            quorum=need, detail="model unchanged")
+        for node in sorted(state.selected):
+            self.selector.report(node, number, completed=node in state.accepted,
+                                 duration_s=time.monotonic() - started)
+        report = RoundReport(
+            round=number,
+            selected=sorted(state.selected),
+            accepted=sorted(state.accepted),
+            lost=sorted(state.lost),
+            seconds=time.monotonic() - started,
+            aggregated=aggregated,
+            train_loss=state.loss_sum / state.loss_weight if state.loss_weight else None,
+            rejected={k: v - rejected_before.get(k, 0) for k, v in self.rejections.counts.items()
+                      if v - rejected_before.get(k, 0)},
+        )
+        if self.evaluate is not None and (number % c.evaluate_every == 0 or number == c.rounds):
+            report.eval = await asyncio.to_thread(self.evaluate, self.weights)
+        report.seconds = time.monotonic() - started
+        self._log.info("round_finished", **report.as_meta())
+        return report
+
+    # --- incoming ------------------------------------------------------------------------
+    async def _dispatch(self, msg: Message, state: _Round | None) -> None:
+        try:
+            parsed = topics.parse(msg.topic)
+        except FedbusError as exc:
+            self.rejections.reject("bad_topic", str(exc), topic=msg.topic)
+            return
+        if parsed.channel == "presence":
+            self._on_presence(msg, parsed.sender, state)
+        elif parsed.channel == "update":
+            if len(msg.payload) >= _OFFLOAD_BYTES:
+                await asyncio.to_thread(self._on_update, msg, parsed.sender, state)
+            else:
+                self._on_update(msg, parsed.sender, state)
+
+    def _on_presence(self, msg: Message, node: str, state: _Round | None) -> None:
+        if node not in self.config.trainers:
+            return
+        try:
+            env = decode(msg.payload, self.config.limits)
+        except CodecError as exc:
+            self.rejections.reject(f"presence_{exc.reason}", exc.detail, sender=node)
+            return
+        if env.kind != PRESENCE or env.sender != node:
+            self.rejections.reject("bad_presence", f"kind={env.kind} sender={env.sender}",
+                                   sender=node)
+            return
+        status = env.meta.get("status")
+        if status == "online":
+            if node not in self.online:
+                self._log.info("node_joined", peer=node)
+            self.online.add(node)
+        elif status == "offline":
+            if node in self.online:
+                self._log.warning("node_lost", peer=node,
+                                  round=state.number if state else None)
+            self.online.discard(node)
+            if state is not None and node in state.pending:
+                state.pending.discard(node)
+                state.lost.add(node)
+
+    def _on_update(self, msg: Message, sender: str, state: _Round | None) -> None:
+        reject = self.rejections.reject
+        try:
+            env = decode(msg.payload, self.config.limits)
+        except CodecError as exc:
+            reject(exc.reason, exc.detail, sender=sender)
+            return
+        if env.kind != UPDATE or env.job != self.config.job:
+            reject("bad_kind", f"kind={env.kind!r} job={env.job!r}", sender=sender)
+            return
+        if env.sender != sender:
+            reject("spoofed_sender", f"envelope says {env.sender!r}", sender=sender)
+            return
+        if not self._seen.add(env.msg_id):
+            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
+            return
+        if state is None or env.round != state.number:
+            reject("stale", f"update for round {env.round}", sender=sender,
+                   round=state.number if state else None)
+            return
+        if sender not in state.selected:
+            reject("not_selected", f"round {env.round}", sender=sender)
+            return
+        if sender in state.accepted:
+            reject("duplicate", f"second update in round {env.round}", sender=sender)
+            return
+        n = env.meta.get("num_examples")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.config.max_examples:
+            reject("bad_num_examples", f"num_examples={n!r}", sender=sender)
+            return
+        try:
+            delta, aux = split_tensors(env.tensors)
+            check_update_tensors(self.weights, delta)
+            metrics = env.meta.get("metrics", {})
+            update = ClientUpdate(
+                sender=sender,
+                delta=delta,
+                num_examples=n,
+                base_round=env.round,
+                metrics=metrics if isinstance(metrics, dict) else {},
+                aux=aux,
+            )
+            self.strategy.accumulate(update)
+        except (UpdateRejected, StrategyError) as exc:
+            reason = exc.reason if isinstance(exc, UpdateRejected) else "strategy_rejected"
+            reject(reason, str(exc), sender=sender)
+            return
+        state.pending.discard(sender)
+        state.accepted.add(sender)
+        loss = update.metrics.get("train_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            state.loss_sum += float(loss) * n
+            state.loss_weight += n
+        self._log.debug("update_accepted", peer=sender, round=env.round, examples=n)
+
+    # --- outgoing ------------------------------------------------------------------------
+    async def _broadcast(self, state: _Round) -> None:
+        c = self.config
+        config = {"round": state.number, "seed": c.seed, **self.strategy.client_config(state.number)}
+        env = Envelope(
+            kind=ROUND,
+            job=c.job,
+            sender=c.node_id,
+            round=state.number,
+            meta={"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config},
+            tensors=join_tensors(self.weights, self.strategy.client_tensors(state.number)),
+        )
+        payload = await self._offload(lambda: encode(env, c.compression))
+        await self.bus.publish(topics.model(c.job, c.node_id), payload)
+
+    async def _publish(self, topic: str, kind: str, number: int, meta: Mapping[str, Any]) -> None:
+        env = Envelope(kind=kind, job=self.config.job, sender=self.config.node_id, round=number,
+                       meta=dict(meta))
+        await self.bus.publish(topic, encode(env))
+
+    async def _publish_presence(self, status: str) -> None:
+        c = self.config
+        env = presence(c.job, c.node_id, "aggregator", status)
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
+
+    async def _offload(self, fn: Callable[[], Any]) -> Any:
+        nbytes = sum(v.nbytes for v in self.weights.values())
+        if nbytes >= _OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn)
+        return fn()

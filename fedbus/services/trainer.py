@@ -1,0 +1,159 @@
+"""The trainer: wait for round orders, train the task in a worker thread, send back a delta.
+
+Training never runs on the event loop, so MQTT keepalives (our heartbeat) keep flowing while
+a slow Raspberry Pi trains. The same class serves every topology: it only knows its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Bus
+from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.services._wire import (
+    DONE,
+    ROUND,
+    UPDATE,
+    Rejections,
+    join_tensors,
+    presence,
+    split_tensors,
+)
+from fedbus.task import FitResult, Task
+
+__all__ = ["Trainer", "TrainerConfig"]
+
+log = structlog.get_logger(__name__)
+
+#: A hook applied to (delta, config) before sending, e.g. client-side DP clipping + noise.
+DeltaHook = Callable[[dict[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerConfig:
+    job: str
+    node_id: str
+    parent: str
+    compression: Compression = Compression()
+    limits: Limits = Limits()
+
+
+class Trainer:
+    """Serves round orders from ``config.parent`` until it says the job is done."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        bus: Bus,
+        task: Task,
+        *,
+        delta_hook: DeltaHook | None = None,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.task = task
+        self.delta_hook = delta_hook
+        self.rounds_trained = 0
+        self.rejections = Rejections(config.node_id)
+        self._last_round = -1
+        self._log = log.bind(node=config.node_id, role="trainer", job=config.job)
+
+    async def run(self) -> int:
+        """Returns the number of rounds this trainer took part in."""
+        c = self.config
+        async with self.bus.subscribe(topics.model(c.job, c.parent)) as sub:
+            await self._publish_presence("online")
+            try:
+                async for msg in sub:
+                    try:
+                        env = decode(msg.payload, c.limits)
+                    except CodecError as exc:
+                        self.rejections.reject(exc.reason, exc.detail, topic=msg.topic)
+                        continue
+                    if env.sender != c.parent or env.job != c.job:
+                        self.rejections.reject("wrong_sender", f"{env.sender}/{env.job}")
+                        continue
+                    if env.kind == DONE:
+                        self._log.info("job_done", rounds_trained=self.rounds_trained)
+                        break
+                    if env.kind == ROUND:
+                        await self._on_round(env)
+            finally:
+                await self._publish_presence("offline")
+        return self.rounds_trained
+
+    async def _on_round(self, env: Envelope) -> None:
+        c = self.config
+        selected = env.meta.get("selected", [])
+        if not isinstance(selected, list) or c.node_id not in selected:
+            return
+        if env.round <= self._last_round:
+            return  # a re-broadcast (round extension) of a round we already delivered
+        config = env.meta.get("config", {})
+        if not isinstance(config, dict):
+            self.rejections.reject("bad_config", f"config is {type(config).__name__}")
+            return
+        try:
+            weights, extra = split_tensors(env.tensors)
+        except UpdateRejected as exc:
+            self.rejections.reject(exc.reason, exc.detail)
+            return
+        started = time.monotonic()
+        try:
+            delta, result = await asyncio.to_thread(self._train, weights, extra, config)
+        except FedbusError as exc:
+            self._log.error("training_failed", round=env.round, error=str(exc))
+            return
+        except Exception as exc:  # the user's code: report, stay alive for the next round
+            self._log.exception("task_raised", round=env.round, error=repr(exc))
+            return
+        duration = time.monotonic() - started
+        update = Envelope(
+            kind=UPDATE,
+            job=c.job,
+            sender=c.node_id,
+            round=env.round,
+            meta={
+                "num_examples": int(result.num_examples),
+                "metrics": {k: float(v) for k, v in result.metrics.items()},
+                "duration_s": round(duration, 4),
+            },
+            tensors=join_tensors(delta, result.aux),
+        )
+        payload = await asyncio.to_thread(encode, update, c.compression)
+        await self.bus.publish(topics.update(c.job, c.parent, c.node_id), payload)
+        self._last_round = env.round
+        self.rounds_trained += 1
+        self._log.info("update_sent", round=env.round, examples=result.num_examples,
+                       seconds=round(duration, 3), bytes=len(payload))
+
+    def _train(
+        self, weights: dict[str, np.ndarray], extra: dict[str, np.ndarray],
+        config: Mapping[str, Any],
+    ) -> tuple[dict[str, np.ndarray], FitResult]:
+        try:
+            self.task.set_weights(weights)
+        except Exception as exc:
+            raise FedbusError(f"global model does not fit this task: {exc}") from exc
+        result = self.task.fit(config, extra)
+        if result.num_examples <= 0:
+            raise FedbusError("task trained on 0 examples: nothing to send")
+        local = self.task.get_weights()
+        delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False) for k in weights}
+        if self.delta_hook is not None:
+            delta = self.delta_hook(delta, config)
+        return delta, result
+
+    async def _publish_presence(self, status: str) -> None:
+        c = self.config
+        env = presence(c.job, c.node_id, "trainer", status)
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)

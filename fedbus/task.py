@@ -1,0 +1,107 @@
+"""The user's model and data behind a small protocol: get/set weights, fit, evaluate.
+
+Services only see numpy arrays, so the aggregator never needs torch. ``fedbus.torch_task``
+adapts a PyTorch model; any object with these four methods works.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fedbus.errors import TaskError
+
+__all__ = ["EvalResult", "FitResult", "Task", "load_task"]
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """What local training produced besides the new weights.
+
+    ``aux`` holds strategy-specific tensors to send back (SCAFFOLD's control-variate delta).
+    """
+
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    aux: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    num_examples: int
+    loss: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Task(Protocol):
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Current model weights as named numpy arrays (copies)."""
+        ...
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
+
+    def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
+        """Train locally. ``config`` comes from the strategy (``lr``, ``proximal_mu``, ...) and
+        the aggregator (``round``, ``seed``); ``extra`` holds strategy tensors (SCAFFOLD's c).
+        Runs in a worker thread: it may block."""
+        ...
+
+    def evaluate(self) -> EvalResult: ...
+
+
+def load_task(
+    ref: str,
+    *,
+    partition: int | None,
+    num_partitions: int,
+    seed: int,
+    params: Mapping[str, Any],
+    search_paths: Sequence[str | Path] = (),
+) -> Task:
+    """Import ``module:attr`` and call it to build the task.
+
+    The factory gets ``partition`` (None on the aggregator, which only evaluates),
+    ``num_partitions``, ``seed`` and the manifest's ``task.params`` as keyword arguments.
+    ``search_paths`` (the manifest's folder, the working directory) are tried when the module
+    is not importable as installed, so examples run from a checkout.
+    """
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise TaskError(f"task ref {ref!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise TaskError(f"task module {module_name!r} failed to import: {exc}") from exc
+        for extra in search_paths:
+            path = str(Path(extra).resolve())
+            if path not in sys.path:
+                sys.path.append(path)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc2:
+            raise TaskError(
+                f"cannot import task module {module_name!r}: {exc2}. Run from the folder that "
+                "holds it, or install it; trainers need the 'trainer' extra (torch)."
+            ) from exc2
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise TaskError(f"{ref!r}: {module_name} has no callable {attr!r}")
+    kwargs = {"partition": partition, "num_partitions": num_partitions, "seed": seed, **params}
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise TaskError(f"task factory {ref} does not accept {sorted(kwargs)}: {exc}") from None
+    task = factory(**kwargs)
+    for method in ("get_weights", "set_weights", "fit", "evaluate"):
+        if not callable(getattr(task, method, None)):
+            raise TaskError(f"{ref} returned {type(task).__name__}, which has no {method}()")
+    return task  # type: ignore[no-any-return]
