@@ -135,6 +135,8 @@ class Aggregator:
         self.online: set[str] = set()
         self.rejections = Rejections(config.node_id)
         self.history: list[RoundReport] = []
+        #: Every finished round's report, for displays; unbounded but one small item a round.
+        self.reports: asyncio.Queue[RoundReport] = asyncio.Queue()
         self._seen = SeenIds()
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
 
@@ -148,6 +150,7 @@ class Aggregator:
             for number in range(self.start_round, c.rounds + 1):
                 report = await self._run_round(sub, number)
                 self.history.append(report)
+                self.reports.put_nowait(report)
                 await self._publish(topics.metrics(c.job, c.node_id), METRICS, number,
                                     report.as_meta())
             await self._publish(topics.model(c.job, c.node_id), DONE, c.rounds,
