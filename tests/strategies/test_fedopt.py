@@ -1,0 +1,148 @@
+"""FedAdagrad / FedAdam / FedYogi against Algorithm 2 of Reddi et al. 2021."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from strategy_testkit import (
+    assert_sync_resume_identical,
+    codec_roundtrip,
+    random_rounds,
+    run_round,
+    small_model,
+    upd,
+)
+
+from strategies import FedAdagrad, FedAdam, FedYogi, StrategyError, make_strategy
+from strategies.fedopt import FedOpt
+
+VARIANTS = {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}
+
+
+def reference(variant, model, rounds, eta, beta1, beta2, tau, v0, weighted=True):
+    """Algorithm 2, written coordinate by coordinate in plain Python floats."""
+    w = {k: [float(x) for x in v.ravel()] for k, v in model.items()}
+    m = {k: [0.0] * len(x) for k, x in w.items()}
+    v = {k: [v0] * len(x) for k, x in w.items()}
+    out = []
+    for ups in rounds:
+        weights = [float(u.num_examples) if weighted else 1.0 for u in ups]
+        for k in w:
+            for i in range(len(w[k])):
+                d = sum(c * float(u.delta[k].ravel()[i]) for c, u in zip(weights, ups, strict=True))
+                d /= sum(weights)
+                m[k][i] = beta1 * m[k][i] + (1 - beta1) * d
+                if variant == "fedadagrad":
+                    v[k][i] = v[k][i] + d * d
+                elif variant == "fedadam":
+                    v[k][i] = beta2 * v[k][i] + (1 - beta2) * d * d
+                else:
+                    diff = v[k][i] - d * d
+                    sign = (diff > 0) - (diff < 0)
+                    v[k][i] = v[k][i] - (1 - beta2) * d * d * sign
+                w[k][i] = w[k][i] + eta * m[k][i] / (math.sqrt(v[k][i]) + tau)
+        out.append({k: np.array(x).reshape(model[k].shape) for k, x in w.items()})
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("weighted", [True, False])
+def test_matches_algorithm_2_over_rounds(variant: str, weighted: bool) -> None:
+    # Prepare: deltas of mixed size so Yogi's sign(v - Δ²) takes both signs across rounds.
+    model = small_model()
+    rounds = random_rounds(model, 6, 3, seed=11, scale=0.05)
+    rounds[2] = random_rounds(model, 1, 3, seed=12, scale=3.0)[0]
+    strategy = VARIANTS[variant](eta=0.05, beta1=0.8, beta2=0.95, tau=1e-2, weighted=weighted)
+    expected = reference(variant, model, rounds, 0.05, 0.8, 0.95, 1e-2, 1e-4, weighted)
+    # Execute
+    w = model
+    for r, ups in enumerate(rounds):
+        w = run_round(strategy, w, r, ups)
+        # Assert
+        for k in model:
+            np.testing.assert_allclose(w[k], expected[r][k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_initial_v_zero_matches_reference(variant: str) -> None:
+    model = small_model()
+    rounds = random_rounds(model, 3, 2, seed=13, scale=0.1)
+    strategy = VARIANTS[variant](eta=0.1, tau=1e-3, initial_v=0.0)
+    expected = reference(variant, model, rounds, 0.1, 0.9, 0.99, 1e-3, 0.0)
+    w = model
+    for r, ups in enumerate(rounds):
+        w = run_round(strategy, w, r, ups)
+        for k in model:
+            np.testing.assert_allclose(w[k], expected[r][k], atol=1e-6, rtol=0)
+
+
+def test_fedadam_first_step_by_hand_has_no_bias_correction() -> None:
+    # Prepare: Δ = 1, m = 0.1, v = 0.99 * tau² + 0.01 = 0.01000099 (tau = 1e-3)
+    strategy = FedAdam(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    # Execute
+    w = run_round(strategy, {"x": np.array([0.0])}, 0, [upd("a", {"x": [1.0]}, 1)])
+    # Assert: with bias correction the step would be 0.1 * 1 / (1 + 1e-3), about ten times more.
+    v = 0.99 * 1e-6 + 0.01
+    assert w["x"][0] == pytest.approx(0.1 * 0.1 / (math.sqrt(v) + 1e-3), rel=1e-12)
+
+
+def test_fedyogi_state_by_hand_over_two_rounds() -> None:
+    strategy = FedYogi(eta=1.0, beta1=0.5, beta2=0.5, tau=0.5)
+    model = {"x": np.array([0.0])}
+    w = run_round(strategy, model, 0, [upd("a", {"x": [2.0]}, 1)])
+    # v0 = 0.25 < Δ² = 4: v = 0.25 + 0.5 * 4 = 2.25; m = 1; step = 1 / (1.5 + 0.5) = 0.5
+    assert strategy.state_dict()["v"]["x"][0] == pytest.approx(2.25)
+    assert w["x"][0] == pytest.approx(0.5)
+    w = run_round(strategy, w, 1, [upd("a", {"x": [1.0]}, 1)])
+    # v = 2.25 > 1: v = 2.25 - 0.5 = 1.75; m = 0.5 + 0.5 = 1; step = 1 / (sqrt(1.75) + 0.5)
+    assert strategy.state_dict()["v"]["x"][0] == pytest.approx(1.75)
+    assert strategy.state_dict()["m"]["x"][0] == pytest.approx(1.0)
+    assert w["x"][0] == pytest.approx(0.5 + 1 / (math.sqrt(1.75) + 0.5))
+
+
+def test_client_lr_only_when_given() -> None:
+    assert FedAdam().client_config(0) == {}
+    assert FedYogi(eta_l=0.05).client_config(3) == {"lr": 0.05}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_empty_round_changes_nothing(variant: str) -> None:
+    model = small_model()
+    strategy = VARIANTS[variant]()
+    w = run_round(strategy, model, 0, random_rounds(model, 1, 2)[0])
+    before = codec_roundtrip(strategy.state_dict())
+    w2 = run_round(strategy, w, 1, [])
+    for k in model:
+        np.testing.assert_array_equal(w2[k], w[k])
+        np.testing.assert_array_equal(strategy.state_dict()["m"][k], before["m"][k])
+        np.testing.assert_array_equal(strategy.state_dict()["v"][k], before["v"][k])
+
+
+def test_float32_model_stays_float32() -> None:
+    model = small_model(np.float32)
+    ups = [upd("a", {k: np.ones(v.shape) for k, v in model.items()}, 2, dtype=np.float32)]
+    out = run_round(FedAdam(), model, 0, ups)
+    assert {v.dtype for v in out.values()} == {np.dtype(np.float32)}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_state_roundtrips_and_resume_is_identical(variant: str) -> None:
+    model = small_model()
+    rounds = random_rounds(model, 5, 3, seed=14, scale=0.2)
+    cls = VARIANTS[variant]
+    assert_sync_resume_identical(lambda: cls(eta=0.03, tau=1e-3), model, rounds, 3)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_registry_and_bad_parameters(variant: str) -> None:
+    s = make_strategy(variant, {"eta": 0.2, "eta_l": 0.01, "beta1": 0.5, "tau": 1e-4})
+    assert isinstance(s, VARIANTS[variant]) and isinstance(s, FedOpt)
+    assert s.client_config(0) == {"lr": 0.01}
+    with pytest.raises(StrategyError, match="unknown parameter"):
+        make_strategy(variant, {"epsilon": 1e-8})
+    with pytest.raises(StrategyError, match="tau"):
+        make_strategy(variant, {"tau": 0})
+    with pytest.raises(StrategyError, match="beta2"):
+        make_strategy(variant, {"beta2": 1.5})
