@@ -15,7 +15,7 @@ from typing import Any
 
 from strategies.base import AsyncStrategy, Selector, Strategy, StrategyError
 
-__all__ = ["SELECTORS", "STRATEGIES", "make_selector", "make_strategy", "resolve"]
+__all__ = ["SELECTORS", "STRATEGIES", "WRAPPERS", "make_selector", "make_strategy", "resolve"]
 
 # name -> "module:Class". Modules are imported only when named, so a Pi running FedAvg never
 # imports what it does not use.
@@ -93,7 +93,9 @@ def _construct(cls: Any, params: Mapping[str, Any], what: str) -> Any:
 
 
 def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy | AsyncStrategy:
-    cls = resolve(name, STRATEGIES, "fedbus.strategies")
+    # Wrappers (DP) resolve like strategies; their constructor accepts the wrapped strategy as
+    # an instance or as the manifest's {name, params} mapping and builds it through here.
+    cls = resolve(name, {**STRATEGIES, **WRAPPERS}, "fedbus.strategies")
     obj = _construct(cls, dict(params or {}), "strategy")
     if not isinstance(obj, (Strategy, AsyncStrategy)):
         raise StrategyError(f"{name!r} is not a Strategy or AsyncStrategy")

@@ -1,4 +1,5 @@
-"""Basic client selection: everyone, or a seeded uniform random fraction with a minimum."""
+"""Basic client selection: everyone, a seeded uniform random fraction with a minimum, or
+"keep C in flight" for buffered asynchronous training (FedBuff)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from strategies.base import Selector, StrategyError, rng_from_state, rng_state
 
-__all__ = ["AllSelector", "RandomSelector"]
+__all__ = ["AllSelector", "InFlightSelector", "RandomSelector"]
 
 
 class AllSelector(Selector):
@@ -53,3 +54,66 @@ class RandomSelector(Selector):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._rng = rng_from_state(state["rng"])
+
+
+class InFlightSelector(Selector):
+    """Keep ``concurrency`` clients training at once (FedBuff, Nguyen et al. 2022, Alg. 1:
+    the server keeps C clients busy and refills as updates land).
+
+    Contract:
+
+    * ``available`` is every live node, busy or idle. A node the selector put in flight that
+      is missing from ``available`` is presumed lost and its slot freed.
+    * ``select(available, version)`` returns only *newly* started nodes: up to
+      ``concurrency - len(in_flight)`` idle nodes (seeded uniform choice, sorted), and marks
+      them in flight. It returns ``[]`` when all slots are busy. ``round`` is the model
+      version the new nodes start from; it is not otherwise used.
+    * ``report(node, ..., completed=True or False)`` frees that node's slot: it delivered, or
+      it failed or timed out. A report for a node not in flight is ignored (duplicates, late).
+
+    Args:
+        concurrency: C, the number of clients kept in flight.
+        seed: RNG seed; the RNG state and the in-flight set are in ``state_dict``.
+    """
+
+    name: ClassVar[str] = "inflight"
+
+    def __init__(self, concurrency: int = 10, seed: int = 0) -> None:
+        if int(concurrency) < 1:
+            raise StrategyError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = int(concurrency)
+        self._rng = np.random.default_rng(seed)
+        self._in_flight: set[str] = set()
+
+    @property
+    def in_flight(self) -> list[str]:
+        return sorted(self._in_flight)
+
+    def select(self, available: Sequence[str], round: int) -> list[str]:
+        live = set(available)
+        self._in_flight &= live
+        idle = sorted(live - self._in_flight)
+        k = min(len(idle), self.concurrency - len(self._in_flight))
+        if k <= 0:
+            return []
+        picked = sorted(idle[i] for i in self._rng.choice(len(idle), size=k, replace=False))
+        self._in_flight.update(picked)
+        return picked
+
+    def report(
+        self,
+        node: str,
+        round: int,
+        *,
+        completed: bool,
+        duration_s: float | None = None,
+        utility: float | None = None,
+    ) -> None:
+        self._in_flight.discard(node)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state(self._rng), "in_flight": sorted(self._in_flight)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._rng = rng_from_state(state["rng"])
+        self._in_flight = set(state.get("in_flight", []))
