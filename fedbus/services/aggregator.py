@@ -178,8 +178,10 @@ class Aggregator:
         c = self.config
         started = time.monotonic()
         rejected_before = dict(self.rejections.counts)
-        if len(self.online & c.trainers) < c.min_clients:
-            await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+        if not self.online & c.trainers:
+            # min_clients gates the first round only: a federation that lost a trainer goes
+            # on with who is left, but never runs a round with nobody at all.
+            await self._wait_for_clients(sub, 1, c.start_timeout_s)
         available = sorted(self.online & c.trainers)
         selected = set(self.selector.select(available, number)) if available else set()
         state = _Round(number, selected=set(selected), pending=set(selected))

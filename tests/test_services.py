@@ -1,0 +1,239 @@
+"""The aggregator and trainer services end to end on the memory bus, with a numpy task."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import zstandard
+from structlog.testing import capture_logs
+
+from fedbus import topics
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import Compression, Envelope, decode, encode
+from fedbus.manifest import Manifest, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services._wire import ROUND, UPDATE, join_tensors, presence
+from fedbus.services.aggregator import Aggregator
+
+SIZE = 32
+LR = 0.5
+
+
+def manifest(n: int = 4, rounds: int = 3, **round_kw: Any) -> Manifest:
+    round_spec = {"deadline_s": 5, "quorum": 1.0, "min_clients": n, "start_timeout_s": 5}
+    round_spec.update(round_kw)
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 3,
+        "strategy": "fedavg", "round": round_spec,
+        "task": {"ref": "examples.toy.task:make_task", "params": {"size": SIZE, "lr": LR}},
+        "nodes": [{"id": "agg", "role": "aggregator"}],
+        "trainers": {"count": n, "prefix": "t", "parent": "agg"},
+    })
+
+
+def expected(m: Manifest, rounds: int) -> np.ndarray:
+    from examples.toy.task import make_task
+
+    target = make_task(partition=None, num_partitions=m.num_partitions, seed=m.seed,
+                       size=SIZE).global_target
+    return target * (1 - (1 - LR) ** rounds)
+
+
+Hook = Callable[[MemoryBroker, Manifest], Awaitable[None]]
+
+
+async def federate(m: Manifest, *hooks: Hook, skip: set[str] = frozenset()) -> Aggregator:
+    """Run every node of ``m`` (but ``skip``) plus ``hooks`` on one memory broker."""
+    broker = MemoryBroker()
+    agg: Aggregator | None = None
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        for node in m.nodes:
+            if node.id in skip:
+                continue
+            bus = make_bus(m, node, memory=broker)
+            await bus.__aenter__()
+            svc = build_node(m, node.id, bus)
+            if isinstance(svc, Aggregator):
+                agg = svc
+            tg.create_task(svc.run(), name=node.id)
+        for hook in hooks:
+            tg.create_task(hook(broker, m))
+    assert agg is not None
+    return agg
+
+
+async def test_fedavg_rounds_reach_the_analytic_model() -> None:
+    # Prepare
+    m = manifest(n=4, rounds=3)
+    # Execute
+    agg = await federate(m)
+    # Assert
+    np.testing.assert_allclose(agg.weights["w"], expected(m, 3), rtol=1e-5, atol=1e-6)
+    assert [len(r.accepted) for r in agg.history] == [4, 4, 4]
+    assert agg.rejections.total == 0
+
+
+async def _on_round(broker: MemoryBroker, m: Manifest, node: str,
+                    act: Callable[[MemoryBus, Envelope], Awaitable[bool]],
+                    *, announce: bool = False) -> None:
+    """Listen to the model topic as ``node`` and call ``act`` per round until it says stop.
+    With ``announce`` the node says it is online, as a trainer does, with its last will."""
+    will = make_bus(m, m.node(node), memory=broker).will if announce else None
+    async with MemoryBus(broker, node, will=will) as bus, \
+            bus.subscribe(topics.model(m.job, "agg")) as sub:
+        if announce:
+            await bus.publish(topics.presence(m.job, node),
+                              encode(presence(m.job, node, "trainer", "online")), retain=True)
+        async for msg in sub:
+            env = decode(msg.payload)
+            if env.kind != ROUND or await act(bus, env):
+                return
+
+
+def bad_payloads(env: Envelope) -> list[bytes]:
+    w = env.tensors["m/w"]
+    good = Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                    meta={"num_examples": 10}, tensors=join_tensors({"w": np.zeros_like(w)}))
+    nan = np.full_like(w, np.nan)
+    # the header claims a bigger shape than the bytes that follow
+    lying = encode(good, Compression(level=0)).replace(b"\x91\x20", b"\x91\x40", 1)
+    # a real header for 128 bytes, followed by a zstd frame that inflates to 64 MiB
+    small = encode(good, Compression(level=1, min_bytes=0))
+    hlen = int.from_bytes(small[4:8], "little")
+    bomb = small[: 8 + hlen] + zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    return [
+        os.urandom(300),
+        bomb,
+        bytes(lying),
+        encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                        meta={"num_examples": 10}, tensors=join_tensors({"w": nan}))),
+        encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                        meta={"num_examples": 10},
+                        tensors=join_tensors({"w": np.zeros(SIZE + 1, np.float32)}))),
+        encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                        meta={"num_examples": -5}, tensors=join_tensors({"w": w}))),
+        encode(Envelope(kind=UPDATE, job="toy", sender="mallory", round=env.round,
+                        meta={"num_examples": 10}, tensors=join_tensors({"w": w}))),
+    ]
+
+
+async def test_garbage_updates_are_rejected_counted_and_do_not_change_the_model() -> None:
+    # Prepare: an attacker publishes garbage on t0's update topic in every round
+    m = manifest(n=3, rounds=2)
+
+    async def attack(bus: MemoryBus, env: Envelope) -> bool:
+        for payload in bad_payloads(env):
+            await bus.publish(topics.update("toy", "agg", "t0"), payload)
+        return env.round >= 2
+
+    async def attacker(broker: MemoryBroker, m: Manifest) -> None:
+        await _on_round(broker, m, "attacker", attack)
+
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m, attacker)
+    # Assert
+    np.testing.assert_allclose(agg.weights["w"], expected(m, 2), rtol=1e-5, atol=1e-6)
+    reasons = set(agg.rejections.counts)
+    assert {"bad_magic", "non_finite", "wrong_shape", "bad_num_examples",
+            "spoofed_sender"} <= reasons, reasons
+    assert reasons & {"too_large", "bad_compression"}, reasons  # the bomb
+    assert reasons & {"shape_mismatch", "bad_header", "truncated"}, reasons  # the lying shape
+    assert any(e["event"] == "message_rejected" for e in logs)
+
+
+async def test_duplicate_and_stale_updates_are_not_double_counted() -> None:
+    # Prepare: t0 is replaced by a node that sends its update twice and a stale copy
+    m = manifest(n=3, rounds=2)
+    sent: dict[int, bytes] = {}
+
+    async def duplicate(bus: MemoryBus, env: Envelope) -> bool:
+        delta = {"w": (LR * (np.asarray(_target(m, 0)) - env.tensors["m/w"])).astype(np.float32)}
+        payload = encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                                  meta={"num_examples": 10}, tensors=join_tensors(delta)))
+        sent[env.round] = payload
+        topic = topics.update("toy", "agg", "t0")
+        await bus.publish(topic, payload)
+        await bus.publish(topic, payload)  # replay: same msg id
+        if env.round > 1:
+            await bus.publish(topic, sent[env.round - 1])  # stale replay
+        return env.round >= 2
+
+    async def fake_t0(broker: MemoryBroker, m: Manifest) -> None:
+        await _on_round(broker, m, "t0", duplicate, announce=True)
+
+    # Execute
+    agg = await federate(m, fake_t0, skip={"t0"})
+    # Assert
+    np.testing.assert_allclose(agg.weights["w"], expected(m, 2), rtol=1e-5, atol=1e-6)
+    assert agg.rejections.counts["duplicate"] >= 3
+    assert [len(r.accepted) for r in agg.history] == [3, 3]
+
+
+def _target(m: Manifest, partition: int) -> np.ndarray:
+    from examples.toy.task import make_task
+
+    return make_task(partition=partition, num_partitions=m.num_partitions, seed=m.seed,
+                     size=SIZE).target
+
+
+async def test_a_lost_trainer_does_not_stall_the_round() -> None:
+    # Prepare: t0 comes online, then dies abruptly when the first round starts
+    m = manifest(n=3, rounds=2, deadline_s=30, quorum=0.6, min_clients=3)
+
+    async def die(bus: MemoryBus, env: Envelope) -> bool:
+        await bus.kill()
+        return True
+
+    async def doomed(broker: MemoryBroker, m: Manifest) -> None:
+        await _on_round(broker, m, "t0", die, announce=True)
+
+    # Execute
+    with capture_logs() as logs:
+        agg = await asyncio.wait_for(federate(m, doomed, skip={"t0"}), 20)
+    # Assert: finished long before the 30 s deadline, with t0 reported lost
+    assert agg.history[0].lost == ["t0"]
+    assert all(r.aggregated for r in agg.history)
+    assert any(e["event"] == "node_lost" and e.get("peer") == "t0" for e in logs)
+    assert all(r.seconds < 10 for r in agg.history)
+
+
+async def test_deadline_with_quorum_closes_a_round_with_a_silent_trainer() -> None:
+    # Prepare: t0 is online but never answers
+    m = manifest(n=3, rounds=1, deadline_s=0.5, quorum=0.6, min_clients=3)
+
+    async def silent(bus: MemoryBus, env: Envelope) -> bool:
+        return True
+
+    async def mute(broker: MemoryBroker, m: Manifest) -> None:
+        await _on_round(broker, m, "t0", silent, announce=True)
+
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m, mute, skip={"t0"})
+    # Assert
+    report = agg.history[0]
+    assert report.aggregated and report.accepted == ["t1", "t2"]
+    assert any(e["event"] == "update_missing" and e.get("node") == "t0" for e in logs)
+
+
+async def test_below_quorum_round_keeps_the_model() -> None:
+    # Prepare: quorum 1.0 and one of two trainers silent
+    m = manifest(n=2, rounds=1, deadline_s=0.3, quorum=1.0, min_clients=2)
+
+    async def silent(bus: MemoryBus, env: Envelope) -> bool:
+        return True
+
+    async def mute(broker: MemoryBroker, m: Manifest) -> None:
+        await _on_round(broker, m, "t0", silent, announce=True)
+
+    # Execute
+    agg = await federate(m, mute, skip={"t0"})
+    # Assert
+    assert not agg.history[0].aggregated
+    np.testing.assert_array_equal(agg.weights["w"], np.zeros(SIZE, np.float32))
+
