@@ -57,3 +57,12 @@ class UpdateRejected(FedbusError):
 
 class TaskError(FedbusError):
     """The user's task (model + data) could not be loaded or failed."""
+
+
+class BrokerError(FedbusError):
+    """A local MQTT broker (mosquitto) could not be found or started. ``fix`` says what to do."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; fix: {fix}")
+        self.problem = problem
+        self.fix = fix

@@ -1,0 +1,283 @@
+"""Transparent chunking: split big payloads into integrity-checked frames, reassemble them bounded.
+
+Shared by every bus, so the memory bus and the MQTT bus chunk (and fail) the same way.
+
+Frame layout (big-endian, 56-byte header, then the chunk's bytes)::
+
+    magic  b"FK"       2   distinct from the codec's b"FB" frames
+    version            1   FRAME_VERSION
+    flags              1   reserved, 0
+    transfer id       16   random per payload (os.urandom)
+    index              4   0-based chunk index
+    count              4   number of chunks in the transfer (>= 1)
+    total              8   length of the whole payload in bytes
+    chunk crc32        4   zlib.crc32 of this chunk's bytes
+    payload digest    16   blake2b(digest_size=16) of the whole payload
+
+Every chunk is published on the same topic as the whole payload would have been. A payload
+small enough to travel whole is sent untouched, except one that itself starts with the chunk
+magic: it is wrapped as a one-chunk transfer, so that on receipt "starts with b'FK'" always
+means "is a chunk frame" and passthrough is unambiguous.
+
+Reassembly is keyed by (route, topic, transfer id), accepts chunks in any order, ignores
+duplicates and is bounded: at most ``max_partial_transfers`` incomplete transfers, at most
+``max_buffered_bytes`` held in them, no payload above ``max_message_bytes``, and a partial
+transfer older than ``transfer_timeout_s`` is dropped and counted. A bad chunk is dropped, logged
+and counted by reason; it never raises into the bus.
+
+Retransmission of missing chunks is NOT implemented yet: a transfer that loses a chunk expires
+and is counted (``transfers_expired``); the application protocol must detect and repair the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+import zlib
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+
+from fedbus.errors import BusError
+
+__all__ = [
+    "CHUNK_MAGIC",
+    "FRAME_VERSION",
+    "HEADER",
+    "ChunkLimits",
+    "Reassembler",
+    "frames",
+    "is_chunk_frame",
+]
+
+log = structlog.get_logger(__name__)
+
+CHUNK_MAGIC: Final = b"FK"
+FRAME_VERSION: Final = 1
+HEADER: Final = struct.Struct("!2sBB16sIIQI16s")
+_DIGEST_SIZE: Final = 16
+_RECENT_KEYS: Final = 1024  # finished/failed transfers remembered so late duplicates are ignored
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=_DIGEST_SIZE).digest()
+
+
+def is_chunk_frame(payload: bytes) -> bool:
+    return payload[:2] == CHUNK_MAGIC
+
+
+def frames(payload: bytes, chunk_bytes: int) -> Iterator[bytes]:
+    """Yield what to publish for ``payload``: itself when it fits, else chunk frames in order.
+
+    Frames are built lazily, so at most one chunk's copy exists beside the payload.
+    """
+    if chunk_bytes <= 0:
+        raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    total = len(payload)
+    if total <= chunk_bytes and not is_chunk_frame(payload):
+        yield payload
+        return
+    count = max(1, -(-total // chunk_bytes))
+    transfer = os.urandom(16)
+    digest = _digest(payload)
+    view = memoryview(payload)
+    for index in range(count):
+        part = view[index * chunk_bytes : (index + 1) * chunk_bytes]
+        header = HEADER.pack(
+            CHUNK_MAGIC, FRAME_VERSION, 0, transfer, index, count, total, zlib.crc32(part), digest
+        )
+        yield header + part
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLimits:
+    """Bounds on what a peer can make this process buffer."""
+
+    max_message_bytes: int = 256 * 1024 * 1024
+    max_buffered_bytes: int = 512 * 1024 * 1024
+    max_partial_transfers: int = 64
+    transfer_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_message_bytes, self.max_buffered_bytes, self.max_partial_transfers) <= 0:
+            raise BusError("chunk limits must be positive")
+        if self.transfer_timeout_s <= 0:
+            raise BusError("transfer_timeout_s must be positive")
+
+
+_Key = tuple[str, str, bytes]
+
+
+@dataclass(slots=True)
+class _Partial:
+    started: float
+    count: int
+    total: int
+    digest: bytes
+    parts: dict[int, bytes] = field(default_factory=dict)
+    size: int = 0
+
+
+class Reassembler:
+    """Turns a stream of frames on topics back into whole payloads, within ``ChunkLimits``."""
+
+    def __init__(
+        self, limits: ChunkLimits | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limits = limits or ChunkLimits()
+        self._clock = clock
+        self._partials: OrderedDict[_Key, _Partial] = OrderedDict()
+        # value: the reason later chunks of that transfer are dropped ("duplicate" once complete)
+        self._recent: OrderedDict[_Key, str] = OrderedDict()
+        self._buffered = 0
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    @property
+    def partial_transfers(self) -> int:
+        return len(self._partials)
+
+    def feed(self, topic: str, payload: bytes, *, route: str = "") -> bytes | None:
+        """Accept one delivered payload; return a whole payload when one is complete.
+
+        ``route`` separates independent delivery streams of the same topic (two overlapping
+        subscriptions each get their own copy of every frame).
+        """
+        self.expire()
+        if not is_chunk_frame(payload):
+            if len(payload) > self.limits.max_message_bytes:
+                self._reject("too_large", topic, None, size=len(payload))
+                return None
+            return payload
+        self.counters["chunks_received"] += 1
+        if len(payload) < HEADER.size:
+            self._reject("short_header", topic, None, size=len(payload))
+            return None
+        magic, version, _flags, transfer, index, count, total, crc, digest = HEADER.unpack_from(
+            payload
+        )
+        del magic
+        data = payload[HEADER.size :]
+        key: _Key = (route, topic, transfer)
+        if version != FRAME_VERSION:
+            self._reject("bad_version", topic, transfer, version=version)
+            return None
+        if key in self._recent:
+            self._reject(self._recent[key], topic, transfer, index=index)
+            return None
+        if total > self.limits.max_message_bytes:
+            self._reject("too_large", topic, transfer, total=total)
+            self._fail(key)
+            return None
+        if count < 1 or index >= count or len(data) > total or (count - 1) > total:
+            self._reject("bad_bounds", topic, transfer, index=index, count=count, total=total)
+            self._fail(key)
+            return None
+        if zlib.crc32(data) != crc:
+            # Only this copy is bad; a QoS 1 redelivery of the same chunk may still be good.
+            self._reject("bad_crc", topic, transfer, index=index)
+            return None
+        part = self._partials.get(key)
+        if part is None:
+            if count == 1:
+                return self._finish_single(key, data, total, digest)
+            if len(self._partials) >= self.limits.max_partial_transfers:
+                self._reject("too_many_transfers", topic, transfer, limit=len(self._partials))
+                self._remember(key)
+                return None
+            part = _Partial(started=self._clock(), count=count, total=total, digest=digest)
+            self._partials[key] = part
+        elif (part.count, part.total, part.digest) != (count, total, digest):
+            self._reject("inconsistent", topic, transfer, index=index)
+            self._fail(key)
+            return None
+        if index in part.parts:
+            self._reject("duplicate", topic, transfer, index=index)
+            return None
+        if part.size + len(data) > total:
+            self._reject("bad_bounds", topic, transfer, index=index, total=total)
+            self._fail(key)
+            return None
+        if self._buffered + len(data) > self.limits.max_buffered_bytes:
+            self._reject("buffer_full", topic, transfer, buffered=self._buffered)
+            self._fail(key)
+            return None
+        part.parts[index] = data
+        part.size += len(data)
+        self._buffered += len(data)
+        if len(part.parts) < part.count:
+            return None
+        del self._partials[key]
+        self._buffered -= part.size
+        self._remember(key, "duplicate")
+        whole = b"".join(part.parts[i] for i in range(part.count))
+        return self._check_whole(key, whole, total, digest)
+
+    def expire(self) -> int:
+        """Drop partial transfers older than the time limit; return how many were dropped."""
+        deadline = self._clock() - self.limits.transfer_timeout_s
+        dropped = 0
+        while self._partials:
+            key, part = next(iter(self._partials.items()))
+            if part.started > deadline:
+                break
+            self._partials.popitem(last=False)
+            self._buffered -= part.size
+            self._remember(key)
+            dropped += 1
+            self.counters["transfers_expired"] += 1
+            log.warning(
+                "expire_transfer",
+                topic=key[1],
+                transfer=key[2].hex(),
+                have=len(part.parts),
+                count=part.count,
+            )
+        return dropped
+
+    def _finish_single(self, key: _Key, data: bytes, total: int, digest: bytes) -> bytes | None:
+        self._remember(key, "duplicate")
+        return self._check_whole(key, data, total, digest)
+
+    def _check_whole(self, key: _Key, whole: bytes, total: int, digest: bytes) -> bytes | None:
+        if len(whole) != total or _digest(whole) != digest:
+            self._reject("bad_digest", key[1], key[2], size=len(whole), total=total)
+            return None
+        self.counters["transfers_completed"] += 1
+        return whole
+
+    def _fail(self, key: _Key) -> None:
+        part = self._partials.pop(key, None)
+        if part is not None:
+            self._buffered -= part.size
+        self._remember(key)
+        self.counters["transfers_dropped"] += 1
+
+    def _remember(self, key: _Key, why: str = "dead_transfer") -> None:
+        self._recent[key] = why
+        self._recent.move_to_end(key)
+        while len(self._recent) > _RECENT_KEYS:
+            self._recent.popitem(last=False)
+
+    def _reject(self, reason: str, topic: str, transfer: bytes | None, **info: int) -> None:
+        self.counters["chunks_rejected"] += 1
+        self.rejected[reason] += 1
+        # QoS 1 redelivers: duplicates are routine, everything else is worth a warning.
+        emit = log.debug if reason in ("duplicate", "dead_transfer") else log.warning
+        emit(
+            "drop_chunk",
+            reason=reason,
+            topic=topic,
+            transfer=transfer.hex() if transfer else None,
+            **info,
+        )

@@ -1,0 +1,179 @@
+"""What both buses share on the receiving side: local subscriptions and frame dispatch.
+
+A bus hands every delivered frame to its ``Dispatcher`` together with the broker-side filters
+that routed it; the dispatcher reassembles chunks and fans whole messages out to the local
+``QueueSubscription`` objects holding those filters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Final
+
+from fedbus.bus._base import Message
+from fedbus.bus._chunking import ChunkLimits, Reassembler
+from fedbus.errors import BusError
+from fedbus.topics import matches, validate_filter
+
+__all__ = ["Dispatcher", "QueueSubscription"]
+
+_CLOSED: Final = object()
+
+Hook = Callable[["QueueSubscription"], Awaitable[None]]
+
+
+class QueueSubscription:
+    """A ``Subscription``: an unbounded queue of messages, opened and closed by its bus."""
+
+    def __init__(self, filters: Iterable[str], open_hook: Hook, close_hook: Hook) -> None:
+        self.filters: tuple[str, ...] = tuple(validate_filter(f) for f in filters)
+        if not self.filters:
+            raise BusError("subscribe() needs at least one topic filter")
+        self._open_hook = open_hook
+        self._close_hook = close_hook
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._state = "new"  # new -> open -> closed
+        self.high_water = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    async def __aenter__(self) -> QueueSubscription:
+        if self._state != "new":
+            raise BusError("a subscription can be entered once")
+        self._state = "open"
+        try:
+            await self._open_hook(self)
+        except BaseException:
+            self._end()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state == "open":
+            self._end()
+            await self._close_hook(self)
+
+    def push(self, message: Message) -> None:
+        if self._state == "open":
+            self._queue.put_nowait(message)
+            self.high_water = max(self.high_water, self._queue.qsize())
+
+    def _end(self) -> None:
+        """Stop receiving; readers drain what is queued, then see the end."""
+        if self._state != "closed":
+            self._state = "closed"
+            self._queue.put_nowait(_CLOSED)
+
+    async def get(self, timeout: float | None = None) -> Message:  # noqa: ASYNC109 (protocol)
+        if self._state == "new":
+            raise BusError("use the subscription as `async with bus.subscribe(...) as sub`")
+        async with asyncio.timeout(timeout):
+            item = await self._queue.get()
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # every later reader sees the end too
+            raise BusError(f"subscription {self.filters} is closed")
+        assert isinstance(item, Message)
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.get()
+            except BusError:
+                if self.closed:
+                    return
+                raise
+
+
+class Dispatcher:
+    """Reassembles frames and routes whole messages to the local subscriptions."""
+
+    def __init__(self, limits: ChunkLimits | None = None) -> None:
+        self.reassembler = Reassembler(limits)
+        self._by_filter: dict[str, list[QueueSubscription]] = {}
+        self.delivered = 0
+        self.unrouted = 0
+
+    @property
+    def filters(self) -> list[str]:
+        return list(self._by_filter)
+
+    def add(self, sub: QueueSubscription) -> list[str]:
+        """Register ``sub``; return the filters that had no local subscriber before."""
+        new = [f for f in dict.fromkeys(sub.filters) if f not in self._by_filter]
+        for f in dict.fromkeys(sub.filters):
+            self._by_filter.setdefault(f, []).append(sub)
+        return new
+
+    def remove(self, sub: QueueSubscription) -> list[str]:
+        """Unregister ``sub``; return the filters that now have no local subscriber."""
+        gone = []
+        for f in dict.fromkeys(sub.filters):
+            subs = self._by_filter.get(f, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs and f in self._by_filter:
+                del self._by_filter[f]
+                gone.append(f)
+        return gone
+
+    def deliver(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        via: Iterable[str] | None = None,
+        only: QueueSubscription | None = None,
+    ) -> None:
+        """Handle one delivered frame.
+
+        ``via``: the broker-side filters that routed this copy (None: match every filter).
+        ``only``: deliver to this subscription alone (retained messages for a new subscriber).
+        """
+        routes = sorted(set(via)) if via is not None else None
+        route = "\x00".join(routes) if routes is not None else ""
+        if only is not None:
+            route = f"only:{id(only)}"
+        whole = self.reassembler.feed(topic, payload, route=route)
+        if whole is None:
+            return
+        message = Message(topic=topic, payload=whole, retain=retain)
+        if only is not None:
+            only.push(message)
+            self.delivered += 1
+            return
+        candidates = routes if routes is not None else list(self._by_filter)
+        targets: dict[int, QueueSubscription] = {}
+        for f in candidates:
+            if not matches(f, topic):
+                continue  # a stale session's subscription id, or a filter we dropped
+            for sub in self._by_filter.get(f, ()):
+                targets.setdefault(id(sub), sub)
+        if not targets:
+            self.unrouted += 1
+            return
+        for sub in targets.values():
+            sub.push(message)
+        self.delivered += 1
+
+    def close_all(self) -> None:
+        for subs in list(self._by_filter.values()):
+            for sub in subs:
+                sub._end()
+        self._by_filter.clear()
+
+    def high_water(self) -> int:
+        return max((s.high_water for subs in self._by_filter.values() for s in subs), default=0)

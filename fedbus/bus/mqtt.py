@@ -1,0 +1,500 @@
+"""The MQTT 5 bus on aiomqtt: reconnects, resubscribes, persistent sessions, wills, chunking.
+
+A background task owns ``async with aiomqtt.Client(...)`` in a reconnect loop with jittered
+exponential backoff; publish and subscribe wait (bounded) for a connection instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TypeVar, cast
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from fedbus.bus._base import Will
+from fedbus.bus._chunking import ChunkLimits, frames, is_chunk_frame
+from fedbus.bus._dispatch import Dispatcher, QueueSubscription
+from fedbus.errors import BusError, ConnectError
+from fedbus.topics import matches
+
+__all__ = ["MqttBus"]
+
+log = structlog.get_logger(__name__)
+_paho_log = logging.getLogger("fedbus.bus.mqtt.paho")
+
+T = TypeVar("T")
+# paho's Properties constructor is unannotated; pin its type once here.
+_properties = cast(Callable[[int], Properties], Properties)
+
+# retainHandling: 0 = send retained on every SUBSCRIBE, 1 = only if the subscription is new.
+_RETAIN_ALWAYS = 0
+_RETAIN_IF_NEW = 1
+
+
+@dataclass(slots=True)
+class _Conn:
+    client: aiomqtt.Client
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MqttBus:
+    """A ``Bus`` over an MQTT 5 broker (mosquitto in practice). See docs/broker.md.
+
+    The session is persistent (fixed client id, clean_start False, ``session_expiry_s``), so
+    QoS 1 messages published while this node is offline are delivered when it reconnects, as
+    long as the broker keeps the session. Every active filter is re-subscribed on reconnect.
+    Delivery is at-least-once: a publish interrupted by a disconnect is sent again.
+
+    Known limits: a chunked payload sent to a ``$share`` group is split across members and
+    never reassembled (keep shared-group payloads under ``chunk_bytes``); retained payloads are
+    never chunked, so they must fit the broker's packet limit; a new local subscription on a
+    filter already held by another subscription of this bus re-subscribes, and the older one
+    may see that filter's retained messages again.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        host: str,
+        port: int = 1883,
+        *,
+        client_id: str | None = None,
+        will: Will | None = None,
+        chunk_bytes: int = 1_000_000,
+        max_message_bytes: int = 256 * 1024 * 1024,
+        limits: ChunkLimits | None = None,
+        keepalive: int = 10,
+        session_expiry_s: int = 3600,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 10.0,
+        connect_timeout_s: float = 10.0,
+        publish_timeout_s: float = 60.0,
+        max_inflight: int = 200,
+    ) -> None:
+        if chunk_bytes <= 0:
+            raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if will is not None and (
+            len(will.payload) > chunk_bytes or "+" in will.topic or "#" in will.topic
+        ):
+            raise BusError(f"will on {will.topic!r} must be a plain topic and fit in one chunk")
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        self.client_id = client_id or f"fedbus-{node_id}"
+        self.will = will
+        self.chunk_bytes = chunk_bytes
+        # ``limits`` wins when given; ``max_message_bytes`` is the shorthand for the common case.
+        lim = limits or ChunkLimits(
+            max_message_bytes=max_message_bytes, max_buffered_bytes=2 * max_message_bytes
+        )
+        self.limits = lim
+        self._keepalive = keepalive
+        self._session_expiry_s = session_expiry_s
+        self._username = username
+        self._password = password
+        self._tls_ca = tls_ca
+        self._backoff = (reconnect_min_s, reconnect_max_s)
+        self._connect_timeout_s = connect_timeout_s
+        self._publish_timeout_s = publish_timeout_s
+        self._max_inflight = max_inflight
+
+        self._dispatch = Dispatcher(lim)
+        self._sub_ids: dict[str, int] = {}
+        self._filters_by_id: dict[int, str] = {}
+        self._stale: set[str] = set()  # unsubscribed while offline; unsubscribe on reconnect
+        self._conn: _Conn | None = None
+        self._connected = asyncio.Event()
+        self._connect_seen = asyncio.Condition()
+        self._gate = asyncio.Event()  # cleared by fault-injection tests to hold reconnects
+        self._gate.set()
+        self._closing = False
+        self._state = "new"
+        self._runner: asyncio.Task[None] | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self._last_error = "no attempt yet"
+        self._counters: dict[str, int] = dict.fromkeys(
+            ("published", "published_bytes", "chunks_sent", "received", "connects",
+             "reconnects", "connect_failures", "connection_losses", "publish_retries"),
+            0,
+        )  # fmt: skip
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        r = self._dispatch.reassembler
+        conn = self._conn
+        return {
+            **self._counters,
+            "delivered": self._dispatch.delivered,
+            "unrouted": self._dispatch.unrouted,
+            "incoming_queued": len(conn.client.messages) if conn else 0,
+            "queue_high_water": self._dispatch.high_water(),
+            "buffered_bytes": r.buffered_bytes,
+            "partial_transfers": r.partial_transfers,
+            **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
+            **{f"rejected_{k}": v for k, v in r.rejected.items()},
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttBus:
+        if self._state != "new":
+            raise BusError(f"bus {self.node_id} cannot be reopened; make a new one")
+        self._state = "open"
+        self._runner = asyncio.create_task(self._run(), name=f"mqtt-connection-{self.node_id}")
+        self._janitor = asyncio.create_task(self._expire_loop(), name=f"mqtt-expiry-{self.node_id}")
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await self._connected.wait()
+        except TimeoutError:
+            await self._shutdown()
+            raise ConnectError(self.endpoint, self._last_error) from None
+        except BaseException:
+            await self._shutdown()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def wait_connected(self, connects: int = 1) -> None:
+        """Wait until connected after at least ``connects`` successful connections in total.
+
+        ``wait_connected(bus.stats["connects"] + 1)`` waits for the next reconnect. Bound it
+        with ``asyncio.timeout``.
+        """
+        async with self._connect_seen:
+            await self._connect_seen.wait_for(
+                lambda: self._conn is not None and self._counters["connects"] >= connects
+            )
+
+    async def kill(self) -> None:
+        """Fault injection: vanish like a crashed process (TCP closed, no DISCONNECT).
+
+        The broker publishes the will; the session stays for ``session_expiry_s``.
+        """
+        self._closing = True
+        self._abort_socket()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._closing = True
+        self._state = "closed"
+        for task in (self._janitor, self._runner):
+            if task is not None and not task.done():
+                # Cancelling the runner exits ``async with client`` -> graceful DISCONNECT,
+                # unless the socket was already aborted.
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._dispatch.close_all()
+
+    def _abort_socket(self) -> None:
+        conn = self._conn
+        sock = conn.client._client.socket() if conn is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    async def _drop_connection(self, *, hold: bool = False) -> None:
+        """Fault injection: drop the TCP connection abruptly; the bus reconnects by itself.
+
+        With ``hold`` it stays offline until ``_resume()``.
+        """
+        if hold:
+            self._gate.clear()
+        conn = self._conn
+        self._abort_socket()
+        if conn is not None:
+            async with asyncio.timeout(5):
+                await conn.lost.wait()
+
+    def _resume(self) -> None:
+        self._gate.set()
+
+    # -- connection loop ---------------------------------------------------------------------
+
+    def _make_client(self) -> aiomqtt.Client:
+        props = _properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        props.ReceiveMaximum = min(self._max_inflight, 65535)
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+        tls = aiomqtt.TLSParameters(ca_certs=self._tls_ca) if self._tls_ca else None
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self._username,
+            password=self._password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            clean_start=False,
+            keepalive=self._keepalive,
+            timeout=self._connect_timeout_s,
+            max_queued_incoming_messages=0,  # unbounded, counted in stats["incoming_queued"]
+            max_inflight_messages=self._max_inflight,
+            properties=props,
+            tls_params=tls,
+            logger=_paho_log,
+        )
+        client.pending_calls_threshold = 1 << 30  # chunk bursts are expected, not a warning
+        return client
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            await self._gate.wait()
+            client = self._make_client()
+            conn: _Conn | None = None
+            try:
+                async with client:
+                    conn = _Conn(client)
+                    await self._restore(client)
+                    self._conn = conn
+                    self._connected.set()
+                    self._counters["connects"] += 1
+                    if self._counters["connects"] > 1:
+                        self._counters["reconnects"] += 1
+                    async with self._connect_seen:
+                        self._connect_seen.notify_all()
+                    log.info("connect_broker", node=self.node_id, endpoint=self.endpoint)
+                    attempt = 0
+                    async for m in client.messages:
+                        self._on_message(m)
+            except (aiomqtt.MqttError, OSError) as exc:
+                self._last_error = str(exc) or type(exc).__name__
+                if conn is None:
+                    self._counters["connect_failures"] += 1
+                else:
+                    self._counters["connection_losses"] += 1
+                log.warning(
+                    "lose_broker" if conn else "fail_connect",
+                    node=self.node_id,
+                    endpoint=self.endpoint,
+                    error=self._last_error,
+                )
+            finally:
+                self._conn = None
+                self._connected.clear()
+                if conn is not None:
+                    conn.lost.set()
+            if self._closing:
+                return
+            low, high = self._backoff
+            delay = min(high, low * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt += 1
+            await asyncio.sleep(delay)  # backoff timer, not a condition wait
+
+    async def _restore(self, client: aiomqtt.Client) -> None:
+        """After (re)connecting: drop filters closed while offline, re-subscribe active ones."""
+        for f in list(self._stale):
+            await client.unsubscribe(f)
+            self._stale.discard(f)
+        # retain-if-new: a resumed session does not replay retained messages, a lost one does.
+        await asyncio.gather(
+            *(self._subscribe_on(client, f, _RETAIN_IF_NEW) for f in self._dispatch.filters)
+        )
+
+    async def _subscribe_on(
+        self, client: aiomqtt.Client, topic_filter: str, retain_handling: int
+    ) -> None:
+        sid = self._sub_ids.get(topic_filter)
+        if sid is None:
+            sid = len(self._sub_ids) + 1
+            self._sub_ids[topic_filter] = sid
+            self._filters_by_id[sid] = topic_filter
+        props = _properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = sid
+        opts = SubscribeOptions(qos=1, retainHandling=retain_handling)
+        codes = await client.subscribe(topic_filter, options=opts, properties=props)
+        for code in codes:
+            value = code if isinstance(code, int) else code.value
+            if value >= 0x80:
+                raise BusError(
+                    f"broker {self.endpoint} refused subscription {topic_filter!r}: {code}"
+                )
+
+    def _on_message(self, m: aiomqtt.Message) -> None:
+        self._counters["received"] += 1
+        payload = m.payload
+        if not isinstance(payload, bytes | bytearray):
+            return
+        topic = m.topic.value
+        ids: list[int] = list(getattr(m.properties, "SubscriptionIdentifier", None) or [])
+        via = [self._filters_by_id[i] for i in ids if i in self._filters_by_id]
+        if not via:
+            via = [f for f in self._dispatch.filters if matches(f, topic)]
+        self._dispatch.deliver(topic, bytes(payload), retain=bool(m.retain), via=via)
+
+    async def _expire_loop(self) -> None:
+        tick = max(0.5, self.limits.transfer_timeout_s / 4)
+        while True:
+            await asyncio.sleep(tick)  # periodic housekeeping timer
+            self._dispatch.reassembler.expire()
+
+    # -- operations --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise BusError(f"bus {self.node_id} is not open: use `async with bus:`")
+
+    async def _call(
+        self, op: Callable[[aiomqtt.Client], Awaitable[T]], deadline: float, what: str
+    ) -> T:
+        """Run ``op`` on a live connection; retry on the next one if this one drops."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closing:
+                raise BusError(f"bus {self.node_id} closed during {what}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BusError(f"{what}: no connection to {self.endpoint} ({self._last_error})")
+            conn = self._conn
+            if conn is None:
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._connected.wait()
+                except TimeoutError:
+                    continue
+                continue
+            task: asyncio.Task[T] = asyncio.ensure_future(op(conn.client))
+            lost = asyncio.ensure_future(conn.lost.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {task, lost}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                lost.cancel()
+                if not task.done():
+                    task.cancel()
+            if task in done:
+                exc = task.exception()
+                if exc is None:
+                    return task.result()
+                if not isinstance(exc, aiomqtt.MqttError):
+                    raise exc
+                # Connection trouble surfaced first: wait for the loss to register, then retry.
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                        await conn.lost.wait()
+                except TimeoutError:
+                    raise BusError(f"{what} failed on {self.endpoint}: {exc}") from exc
+            self._counters["publish_retries"] += 1
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish at QoS 1, chunking above ``chunk_bytes``; waits for a connection if needed.
+
+        Raises ``BusError`` when the broker is unreachable for ``publish_timeout_s``.
+        """
+        self._check_open()
+        if not topic or "+" in topic or "#" in topic:
+            raise BusError(f"cannot publish to {topic!r}: topics have no wildcards")
+        data = bytes(payload)
+        if len(data) > self.limits.max_message_bytes:
+            raise BusError(
+                f"payload of {len(data)} bytes exceeds "
+                f"max_message_bytes={self.limits.max_message_bytes}"
+            )
+        deadline = asyncio.get_running_loop().time() + self._publish_timeout_s
+        size = max(self.chunk_bytes, len(data), 1) if retain else self.chunk_bytes
+
+        def sender(part: bytes) -> Callable[[aiomqtt.Client], Awaitable[None]]:
+            async def send(client: aiomqtt.Client) -> None:
+                await client.publish(topic, part, qos=1, retain=retain, timeout=math.inf)
+
+            return send
+
+        what = f"publish to {topic}"
+        if len(data) <= size and not is_chunk_frame(data):
+            await self._call(sender(data), deadline, what)
+        else:
+            # Pipeline chunks: paho sends them in creation order; the window bounds the copies.
+            window: deque[asyncio.Task[None]] = deque()
+            try:
+                for part in frames(data, size):
+                    window.append(asyncio.create_task(self._call(sender(part), deadline, what)))
+                    self._counters["chunks_sent"] += 1
+                    if len(window) >= self._max_inflight:
+                        await window.popleft()
+                while window:
+                    await window.popleft()
+            finally:
+                for t in window:
+                    t.cancel()
+        self._counters["published"] += 1
+        self._counters["published_bytes"] += len(data)
+
+    def subscribe(self, *filters: str) -> QueueSubscription:
+        return QueueSubscription(filters, self._open_sub, self._close_sub)
+
+    async def _open_sub(self, sub: QueueSubscription) -> None:
+        self._check_open()
+        self._dispatch.add(sub)
+        deadline = asyncio.get_running_loop().time() + self._publish_timeout_s
+        try:
+            for f in dict.fromkeys(sub.filters):
+                self._stale.discard(f)
+
+                def op(client: aiomqtt.Client, f: str = f) -> Awaitable[None]:
+                    return self._subscribe_on(client, f, _RETAIN_ALWAYS)
+
+                await self._call(op, deadline, f"subscribe to {f}")
+        except BaseException:
+            await self._close_sub(sub)
+            raise
+
+    async def _close_sub(self, sub: QueueSubscription) -> None:
+        for f in self._dispatch.remove(sub):
+            conn = self._conn
+            if conn is None or self._closing:
+                if not self._closing:
+                    self._stale.add(f)
+                continue
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    await conn.client.unsubscribe(f)
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                self._stale.add(f)
+                log.info("defer_unsubscribe", node=self.node_id, filter=f, error=str(exc))
+
+
+_REASSEMBLY_COUNTERS = (
+    "chunks_received",
+    "chunks_rejected",
+    "transfers_completed",
+    "transfers_expired",
+    "transfers_dropped",
+)
