@@ -100,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- run: the whole federation in one process -----------------------------------------------
 
 @contextlib.asynccontextmanager
-async def _broker_for(m: Manifest, memory: bool) -> AsyncIterator[tuple[Manifest, MemoryBroker | None]]:
+async def _broker_for(
+    m: Manifest, memory: bool
+) -> AsyncIterator[tuple[Manifest, MemoryBroker | None]]:
     if memory:
         yield m, MemoryBroker()
         return

@@ -49,7 +49,8 @@ def validate_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a safe single topic level, else raise ``BusError``."""
     if not isinstance(value, str) or not _ID.match(value):
         raise BusError(
-            f"{what} {value!r} is not a valid identifier: use 1-64 of letters, digits, '_', '.', '-'"
+            f"{what} {value!r} is not a valid identifier: "
+            "use 1-64 of letters, digits, '_', '.', '-'"
         )
     return value
 

@@ -62,7 +62,9 @@ def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.n
     if weights.keys() != delta.keys():
         missing = sorted(set(weights) - set(delta))
         extra = sorted(set(delta) - set(weights))
-        raise StrategyError(f"update tensors differ from the model: missing {missing}, extra {extra}")
+        raise StrategyError(
+            f"update tensors differ from the model: missing {missing}, extra {extra}"
+        )
     for name, w in weights.items():
         if delta[name].shape != w.shape:
             raise StrategyError(f"tensor {name!r}: update shape {delta[name].shape} != {w.shape}")
@@ -173,7 +175,7 @@ class Selector(ABC):
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:
     """A codec-safe copy of a numpy Generator's state (big ints are handled by the codec)."""
-    state: dict[str, Any] = rng.bit_generator.state
+    state = dict(rng.bit_generator.state)
     return {"bit_generator": state["bit_generator"], "state": dict(state["state"]),
             "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
 

@@ -6,6 +6,7 @@ one model-sized running sum no matter how many clients report.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -30,7 +31,7 @@ class WeightedDeltaMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, delta: Weights | dict[str, np.ndarray], weight: float) -> None:
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         if not np.isfinite(weight) or weight < 0:
             raise StrategyError(f"update weight must be finite and >= 0, got {weight}")
         check_compatible(self._weights, delta)

@@ -31,7 +31,7 @@ def load_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, .
     for label in np.unique(y):
         idx = np.flatnonzero(y == label)
         rng.shuffle(idx)
-        test_idx.extend(idx[: int(round(len(idx) * test_fraction))].tolist())
+        test_idx.extend(idx[: round(len(idx) * test_fraction)].tolist())
     test = np.zeros(len(y), dtype=bool)
     test[test_idx] = True
     return x[~test], y[~test].astype(np.int64), x[test], y[test].astype(np.int64)

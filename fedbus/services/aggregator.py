@@ -20,23 +20,19 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Compression, Envelope, Limits, decode, encode
-from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
     METRICS,
-    PRESENCE,
     ROUND,
-    UPDATE,
     Rejections,
     SeenIds,
-    check_update_tensors,
     join_tensors,
     presence,
-    split_tensors,
 )
 from fedbus.task import EvalResult
-from strategies import ClientUpdate, Selector, Strategy, StrategyError, Weights
+from strategies import Selector, Strategy, StrategyError, Weights
 
 __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 
@@ -262,16 +258,7 @@ class Aggregator:
     def _on_presence(self, msg: Message, node: str, state: _Round | None) -> None:
         if node not in self.config.trainers:
             return
-        try:
-            env = decode(msg.payload, self.config.limits)
-        except CodecError as exc:
-            self.rejections.reject(f"presence_{exc.reason}", exc.detail, sender=node)
-            return
-        if env.kind != PRESENCE or env.sender != node:
-            self.rejections.reject("bad_presence", f"kind={env.kind} sender={env.sender}",
-                                   sender=node)
-            return
-        status = env.meta.get("status")
+        status = presence_status(msg.payload, node, self.config.limits, self.rejections)
         if status == "online":
             if node not in self.online:
                 self._log.info("node_joined", peer=node)
@@ -287,19 +274,9 @@ class Aggregator:
 
     def _on_update(self, msg: Message, sender: str, state: _Round | None) -> None:
         reject = self.rejections.reject
-        try:
-            env = decode(msg.payload, self.config.limits)
-        except CodecError as exc:
-            reject(exc.reason, exc.detail, sender=sender)
-            return
-        if env.kind != UPDATE or env.job != self.config.job:
-            reject("bad_kind", f"kind={env.kind!r} job={env.job!r}", sender=sender)
-            return
-        if env.sender != sender:
-            reject("spoofed_sender", f"envelope says {env.sender!r}", sender=sender)
-            return
-        if not self._seen.add(env.msg_id):
-            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
+        env = open_update(msg.payload, sender, job=self.config.job, limits=self.config.limits,
+                          seen=self._seen, rejections=self.rejections)
+        if env is None:
             return
         if state is None or env.round != state.number:
             reject("stale", f"update for round {env.round}", sender=sender,
@@ -311,22 +288,13 @@ class Aggregator:
         if sender in state.accepted:
             reject("duplicate", f"second update in round {env.round}", sender=sender)
             return
-        n = env.meta.get("num_examples")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.config.max_examples:
-            reject("bad_num_examples", f"num_examples={n!r}", sender=sender)
+        try:
+            n = checked_num_examples(env.meta, self.config.max_examples)
+        except UpdateRejected as exc:
+            reject(exc.reason, exc.detail, sender=sender)
             return
         try:
-            delta, aux = split_tensors(env.tensors)
-            check_update_tensors(self.weights, delta)
-            metrics = env.meta.get("metrics", {})
-            update = ClientUpdate(
-                sender=sender,
-                delta=delta,
-                num_examples=n,
-                base_round=env.round,
-                metrics=metrics if isinstance(metrics, dict) else {},
-                aux=aux,
-            )
+            update = client_update(env, sender, n, self.weights)
             self.strategy.accumulate(update)
         except (UpdateRejected, StrategyError) as exc:
             reason = exc.reason if isinstance(exc, UpdateRejected) else "strategy_rejected"
@@ -343,7 +311,8 @@ class Aggregator:
     # --- outgoing ------------------------------------------------------------------------
     async def _broadcast(self, state: _Round) -> None:
         c = self.config
-        config = {"round": state.number, "seed": c.seed, **self.strategy.client_config(state.number)}
+        config = {"round": state.number, "seed": c.seed,
+                  **self.strategy.client_config(state.number)}
         env = Envelope(
             kind=ROUND,
             job=c.job,
