@@ -22,6 +22,12 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.errors import FedbusError, UpdateRejected
+from fedbus.services._intake import (
+    checked_num_examples,
+    client_update,
+    open_update,
+    presence_status,
+)
 from fedbus.services._wire import (
     DONE,
     METRICS,
