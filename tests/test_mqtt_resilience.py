@@ -93,3 +93,14 @@ async def test_unreachable_broker_raises_connect_error() -> None:
         async with bus:
             pass
     assert info.value.endpoint.startswith("127.0.0.1:")
+
+
+async def test_refused_credentials_fail_fast() -> None:
+    async with await spawn_mosquitto(config_extra="allow_anonymous false\n") as proc:
+        bus = MqttBus("anon", proc.host, proc.port, connect_timeout_s=WAIT)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectError, match="Not authorized"):
+            async with bus:
+                pass
+        assert loop.time() - started < WAIT / 2

@@ -126,7 +126,7 @@ class MemoryBus:
         if chunk_bytes <= 0:
             raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.node_id = node_id
-        self.client_id = client_id or f"fedbus-{node_id}"
+        self.client_id = client_id or node_id  # == node id, so ACL %c rules match
         self.will = will
         self.chunk_bytes = chunk_bytes
         self._broker = broker

@@ -19,6 +19,7 @@ from typing import TypeVar, cast
 
 import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -38,6 +39,8 @@ T = TypeVar("T")
 # paho's Properties constructor is unannotated; pin its type once here.
 _properties = cast(Callable[[int], Properties], Properties)
 
+# CONNACK reason codes that retrying cannot fix: bad id, bad credentials, not authorized, banned.
+_FATAL_CONNACK = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 # retainHandling: 0 = send retained on every SUBSCRIBE, 1 = only if the subscription is new.
 _RETAIN_ALWAYS = 0
 _RETAIN_IF_NEW = 1
@@ -95,7 +98,7 @@ class MqttBus:
         self.node_id = node_id
         self.host = host
         self.port = port
-        self.client_id = client_id or f"fedbus-{node_id}"
+        self.client_id = client_id or node_id  # == node id, so ACL %c rules match
         self.will = will
         self.chunk_bytes = chunk_bytes
         # ``limits`` wins when given; ``max_message_bytes`` is the shorthand for the common case.
@@ -119,6 +122,7 @@ class MqttBus:
         self._stale: set[str] = set()  # unsubscribed while offline; unsubscribe on reconnect
         self._conn: _Conn | None = None
         self._connected = asyncio.Event()
+        self._refused = asyncio.Event()  # the broker refused us for good before a first connect
         self._connect_seen = asyncio.Condition()
         self._gate = asyncio.Event()  # cleared by fault-injection tests to hold reconnects
         self._gate.set()
@@ -167,7 +171,14 @@ class MqttBus:
         self._janitor = asyncio.create_task(self._expire_loop(), name=f"mqtt-expiry-{self.node_id}")
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                await self._connected.wait()
+                waits = [asyncio.ensure_future(e.wait()) for e in (self._connected, self._refused)]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+            if not self._connected.is_set():
+                raise TimeoutError
         except TimeoutError:
             await self._shutdown()
             raise ConnectError(self.endpoint, self._last_error) from None
@@ -298,6 +309,8 @@ class MqttBus:
                 self._last_error = str(exc) or type(exc).__name__
                 if conn is None:
                     self._counters["connect_failures"] += 1
+                    if _is_fatal(exc) and self._counters["connects"] == 0:
+                        self._refused.set()
                 else:
                     self._counters["connection_losses"] += 1
                 log.warning(
@@ -489,6 +502,14 @@ class MqttBus:
             except (aiomqtt.MqttError, TimeoutError) as exc:
                 self._stale.add(f)
                 log.info("defer_unsubscribe", node=self.node_id, filter=f, error=str(exc))
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    if not isinstance(exc, MqttConnectError):
+        return False
+    rc = exc.rc
+    value = rc if isinstance(rc, int) else getattr(rc, "value", None)
+    return value in _FATAL_CONNACK
 
 
 _REASSEMBLY_COUNTERS = (
