@@ -73,7 +73,7 @@ class QueueSubscription:
             self._state = "closed"
             self._queue.put_nowait(_CLOSED)
 
-    async def get(self, timeout: float | None = None) -> Message:  # noqa: ASYNC109 (protocol)
+    async def get(self, timeout: float | None = None) -> Message:
         if self._state == "new":
             raise BusError("use the subscription as `async with bus.subscribe(...) as sub`")
         async with asyncio.timeout(timeout):
