@@ -126,11 +126,13 @@ async def _run_all(m: Manifest, rounds: int | None, *, memory: bool) -> int:
         m = dataclasses.replace(m, rounds=rounds)
     async with _broker_for(m, memory) as (m, mem), contextlib.AsyncExitStack() as stack:
         trainers = [n for n in m.nodes if n.role == "trainer"]
-        services: dict[str, Any] = {}
-        for node in m.nodes:
-            bus = await stack.enter_async_context(make_bus(m, node, memory=mem))
-            services[node.id] = build_node(m, node.id, bus)
+        # Build every service (importing torch, loading data) before any connection opens:
+        # minutes of set-up on a Pi must not run into the MQTT keepalive.
+        buses = {node.id: make_bus(m, node, memory=mem) for node in m.nodes}
+        services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
         _limit_torch_threads(len(trainers))
+        for bus in buses.values():
+            await stack.enter_async_context(bus)
         agg = services[m.aggregator.id]
         async with asyncio.TaskGroup() as tg:
             for node_id, svc in services.items():
@@ -179,7 +181,7 @@ def _final_line(agg: Aggregator) -> int:
     if last.eval is not None and "accuracy" in last.eval.metrics:
         print(f"final accuracy={last.eval.metrics['accuracy']:.4f}")
     elif last.eval is not None:
-        print(f"final loss={last.eval.loss:.4f}")
+        print(f"final loss={last.eval.loss:.6g}")
     else:
         print(f"final rounds={last.round}")
     return 0
@@ -200,8 +202,9 @@ async def _serve(m: Manifest, node_id: str) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, main_task.cancel)
     try:
-        async with make_bus(m, node) as bus:
-            svc = build_node(m, node_id, bus)
+        bus = make_bus(m, node)
+        svc = build_node(m, node_id, bus)  # before connecting: set-up may outlast keepalive
+        async with bus:
             if isinstance(svc, Aggregator):
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(svc.run(), name=node_id)

@@ -20,9 +20,17 @@ from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
 from fedbus.services._wire import presence
 from fedbus.services.aggregator import Aggregator, AggregatorConfig
+from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.task import EvalResult, Task, load_task
-from strategies import Selector, Strategy, make_selector, make_strategy
+from strategies import (
+    AsyncStrategy,
+    InFlightSelector,
+    Selector,
+    Strategy,
+    make_selector,
+    make_strategy,
+)
 
 __all__ = ["build_node", "make_bus", "open_task"]
 
@@ -59,6 +67,7 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
         client_id=client_id,
         will=will,
         chunk_bytes=b.chunk_bytes,
+        max_message_bytes=m.codec.max_message_mb << 20,
         keepalive=b.keepalive_s,
         username=b.username,
         password=password,
@@ -82,13 +91,17 @@ def open_task(m: Manifest, node: NodeSpec | None) -> Task:
     )
 
 
-def _plugins(m: Manifest) -> tuple[Strategy, Selector]:
+def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Selector]:
     strategy = make_strategy(m.strategy.name, thaw(m.strategy.params))
-    if not isinstance(strategy, Strategy):
-        raise ManifestError(m.source, "strategy",
-                            f"{m.strategy.name!r} is asynchronous; the synchronous aggregator "
-                            "needs a round-based strategy")
-    return strategy, make_selector(m.selector.name, thaw(m.selector.params))
+    params = thaw(m.selector.params)
+    if isinstance(strategy, AsyncStrategy):
+        # Async keeps C trainers busy. The default selector ("all") means every trainer,
+        # i.e. C = number of trainers; "inflight" without a concurrency gets the same C.
+        if m.selector.name == "all" and not params:
+            return strategy, InFlightSelector(concurrency=n_trainers, seed=m.seed)
+        if m.selector.name == "inflight":
+            params = {"concurrency": n_trainers, "seed": m.seed, **params}
+    return strategy, make_selector(m.selector.name, params)
 
 
 def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None) -> Any:
@@ -103,7 +116,8 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             task or open_task(m, node),
         )
     if node.role == "aggregator":
-        strategy, selector = _plugins(m)
+        trainers = frozenset(t.id for t in m.trainers_of(node.id))
+        strategy, selector = _plugins(m, len(trainers))
         server_task = task or open_task(m, None)
         evaluate = None
         if m.evaluate.where == "server":
@@ -112,10 +126,26 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                 return server_task.evaluate()
 
         r = m.round
+        if isinstance(strategy, AsyncStrategy):
+            return AsyncAggregator(
+                AsyncAggregatorConfig(
+                    job=m.job,
+                    node_id=node.id,
+                    trainers=trainers,
+                    rounds=m.rounds,
+                    deadline_s=r.deadline_s,
+                    min_clients=r.min_clients,
+                    start_timeout_s=r.start_timeout_s,
+                    evaluate_every=m.evaluate.every,
+                    seed=m.seed,
+                    compression=_compression(m),
+                    limits=_limits(m),
+                ),
+                bus, strategy, selector, server_task.get_weights(), evaluate=evaluate)
         config = AggregatorConfig(
             job=m.job,
             node_id=node.id,
-            trainers=frozenset(t.id for t in m.trainers_of(node.id)),
+            trainers=trainers,
             rounds=m.rounds,
             deadline_s=r.deadline_s,
             quorum=r.quorum,
