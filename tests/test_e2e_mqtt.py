@@ -56,8 +56,8 @@ class Nodes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, node: str) -> subprocess.Popen[bytes]:
-        out = open(self.tmp / f"{node}.out", "wb")  # noqa: SIM115 - closed with the process
-        err = open(self.tmp / f"{node}.log", "wb")  # noqa: SIM115
+        out = open(self.tmp / f"{node}.out", "wb")  # closed by kill_all
+        err = open(self.tmp / f"{node}.log", "wb")
         proc = subprocess.Popen(
             [*FEDBUS, "serve", str(self.manifest), "--node", node, "--log-json"],
             cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -93,8 +93,8 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
 
 async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
     async with asyncio.timeout(timeout):
-        while proc.poll() is None:
-            await asyncio.sleep(0.1)  # polling a child process's exit status
+        while proc.poll() is None:  # noqa: ASYNC110 - a child's exit has no event to await
+            await asyncio.sleep(0.1)
     return proc.returncode
 
 
@@ -132,9 +132,9 @@ async def test_killing_a_trainer_process_mid_run_does_not_stop_the_federation(
         nodes.start(t)
     # Execute: SIGKILL t2 once round 2 has started
     async with asyncio.timeout(60):
-        while not any(e["event"] == "round_started" and e.get("round") == 2
-                      for e in nodes.log_events("aggregator")):
-            await asyncio.sleep(0.1)  # polling another process's log file
+        while not any(e["event"] == "round_started" and e.get("round") == 2  # noqa: ASYNC110
+                      for e in nodes.log_events("aggregator")):  # another process's log file
+            await asyncio.sleep(0.1)
     nodes.procs["t2"].send_signal(signal.SIGKILL)
     rc = await wait_exit(agg, 60)
     # Assert: finished, well before the 30 s deadline, and said who was lost
@@ -187,8 +187,9 @@ async def test_garbage_from_mosquitto_pub_is_rejected_and_the_model_is_unaffecte
     bomb = zstandard.ZstdCompressor(level=3).compress(b"\0" * (256 << 20))
     garbage = {r: _garbage(r, 1000, tmp_path, bomb) for r in (1, 2, 3)}
     # The reference: the same job, no attacker, on the memory bus
-    clean = subprocess.run([*FEDBUS, "run", str(nodes.manifest), "--memory"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120, check=True)
+    clean = await asyncio.to_thread(
+        subprocess.run, [*FEDBUS, "run", str(nodes.manifest), "--memory"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, check=True)
     expected_final = clean.stdout.strip().splitlines()[-1]
     agg = nodes.start("aggregator")
     for t in ("t0", "t1", "t2"):
@@ -203,10 +204,11 @@ async def test_garbage_from_mosquitto_pub_is_rejected_and_the_model_is_unaffecte
                 if env.kind != ROUND:
                     break
                 for path in garbage[env.round]:
-                    subprocess.run([mosquitto_pub, "-h", mosquitto.host, "-p",
-                                    str(mosquitto.port), "-q", "1", "-t",
-                                    topics.update("toy", "aggregator", "t0"), "-f", str(path)],
-                                   check=True, timeout=30)
+                    pub = await asyncio.create_subprocess_exec(
+                        mosquitto_pub, "-h", mosquitto.host, "-p", str(mosquitto.port),
+                        "-q", "1", "-t", topics.update("toy", "aggregator", "t0"),
+                        "-f", str(path))
+                    assert await pub.wait() == 0
                     published += 1
     rc = await wait_exit(agg, 60)
     # Assert
