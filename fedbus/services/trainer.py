@@ -24,6 +24,7 @@ from fedbus.services._wire import (
     ROUND,
     UPDATE,
     Rejections,
+    SeenIds,
     join_tensors,
     presence,
     split_tensors,
@@ -65,6 +66,7 @@ class Trainer:
         self.rounds_trained = 0
         self.rejections = Rejections(config.node_id)
         self._last_round = -1
+        self._orders_seen = SeenIds(capacity=4096)
         self._log = log.bind(node=config.node_id, role="trainer", job=config.job)
 
     async def run(self) -> int:
@@ -96,7 +98,12 @@ class Trainer:
         selected = env.meta.get("selected", [])
         if not isinstance(selected, list) or c.node_id not in selected:
             return
-        if env.round <= self._last_round:
+        if env.meta.get("mode") == "async":
+            # Async work names a model version that may legitimately come again; only a
+            # redelivery of the same order (same message id) is a duplicate.
+            if not self._orders_seen.add(env.msg_id):
+                return
+        elif env.round <= self._last_round:
             return  # a re-broadcast (round extension) of a round we already delivered
         config = env.meta.get("config", {})
         if not isinstance(config, dict):

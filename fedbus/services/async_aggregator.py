@@ -1,0 +1,405 @@
+"""The asynchronous aggregator: keep trainers busy, fold each update into the model as it lands.
+
+There are no rounds. Work goes out as a ``round`` envelope (``meta.mode == "async"``) naming
+only the trainers started now; each update is submitted to an ``AsyncStrategy`` (FedAsync,
+FedBuff) with its staleness, and idle trainers are refilled from the newest model. The job ends
+after ``rounds`` model versions. Lost trainers (last will) and trainers silent past the
+deadline free their slot, so the job never waits on a dead node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Bus, Message, Subscription
+from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.errors import FedbusError, UpdateRejected
+from fedbus.services._intake import (
+    checked_num_examples,
+    client_update,
+    open_update,
+    presence_status,
+)
+from fedbus.services._wire import DONE, METRICS, ROUND, Rejections, SeenIds, join_tensors, presence
+from fedbus.services.aggregator import RoundReport
+from fedbus.task import EvalResult
+from strategies import AsyncStrategy, Selector, StrategyError, Weights
+
+__all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]
+
+log = structlog.get_logger(__name__)
+
+# As in the synchronous aggregator: big models are decoded, folded and encoded off the loop.
+_OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncAggregatorConfig:
+    job: str
+    node_id: str
+    trainers: frozenset[str]
+    #: Model versions (server updates) to produce; the job ends at this version.
+    rounds: int
+    #: A trainer that has not delivered this long after its work went out is given up on.
+    deadline_s: float = 60.0
+    min_clients: int = 1
+    start_timeout_s: float = 120.0
+    evaluate_every: int = 1
+    seed: int = 0
+    #: Reject (and count) updates trained from a model more than this many versions old.
+    max_staleness: int | None = None
+    max_examples: int = 1 << 40
+    compression: Compression = Compression()
+    limits: Limits = Limits()
+
+
+@dataclass(slots=True)
+class AsyncReport(RoundReport):
+    """One model version: ``round`` is the version, ``accepted`` the updates folded into it
+    (a fast trainer may appear twice), ``selected`` who was started since the last version."""
+
+    staleness: list[int] = field(default_factory=list)
+    given_up: list[str] = field(default_factory=list)
+    in_flight: int = 0
+    #: Updates accepted since the job started, this version's included.
+    updates: int = 0
+
+    def as_meta(self) -> dict[str, Any]:
+        meta = RoundReport.as_meta(self)  # zero-argument super() fails on slotted dataclasses
+        meta.update(mode="async", version=self.round, in_flight=self.in_flight,
+                    updates=self.updates, given_up=self.given_up)
+        if self.staleness:
+            meta["staleness_mean"] = round(sum(self.staleness) / len(self.staleness), 4)
+            meta["staleness_max"] = max(self.staleness)
+        return meta
+
+
+@dataclass(frozen=True, slots=True)
+class _Assignment:
+    version: int
+    sent_at: float
+
+
+@dataclass(slots=True)
+class _Period:
+    """What happened between two model versions."""
+
+    started: float
+    selected: set[str] = field(default_factory=set)
+    accepted: list[str] = field(default_factory=list)
+    lost: set[str] = field(default_factory=set)
+    given_up: set[str] = field(default_factory=set)
+    staleness: list[int] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_weight: float = 0.0
+    rejected_before: dict[str, int] = field(default_factory=dict)
+
+
+class AsyncAggregator:
+    """Runs an ``AsyncStrategy`` over ``bus`` until ``config.rounds`` model versions exist.
+
+    ``selector`` decides who starts when a slot frees (``InFlightSelector`` keeps C busy); the
+    aggregator never gives a trainer a second piece of work while one is outstanding.
+    ``initialized=True`` means the strategy already holds its model (restored from a
+    checkpoint) and ``weights`` is ignored.
+    """
+
+    def __init__(
+        self,
+        config: AsyncAggregatorConfig,
+        bus: Bus,
+        strategy: AsyncStrategy,
+        selector: Selector,
+        weights: Weights,
+        *,
+        evaluate: Callable[[Weights], EvalResult] | None = None,
+        initialized: bool = False,
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.strategy = strategy
+        self.selector = selector
+        if not initialized:
+            strategy.init({k: np.ascontiguousarray(v) for k, v in weights.items()})
+        self.weights: Weights = {k: np.array(v) for k, v in strategy.weights.items()}
+        self.evaluate = evaluate
+        self.max_staleness = (config.max_staleness if config.max_staleness is not None
+                              else getattr(strategy, "max_staleness", None))
+        self.online: set[str] = set()
+        self.rejections = Rejections(config.node_id)
+        self.history: list[RoundReport] = []
+        #: Every model version's report, for displays; one small item a version.
+        self.reports: asyncio.Queue[RoundReport] = asyncio.Queue()
+        #: Accepted updates per trainer over the whole job.
+        self.contributions: Counter[str] = Counter()
+        self._assigned: dict[str, _Assignment] = {}
+        self._dispatches = 0
+        self._idle_since: float | None = None
+        self._seen = SeenIds()
+        self._period = _Period(started=time.monotonic())
+        self._log = log.bind(node=config.node_id, role="aggregator", job=config.job,
+                             mode="async")
+
+    @property
+    def version(self) -> int:
+        return self.strategy.version
+
+    @property
+    def in_flight(self) -> list[str]:
+        return sorted(self._assigned)
+
+    # --- main loop -------------------------------------------------------------------------
+    async def run(self) -> Weights:
+        c = self.config
+        filters = (topics.updates_for(c.job, c.node_id), topics.presence_all(c.job))
+        async with self.bus.subscribe(*filters) as sub:
+            await self._publish_presence("online")
+            await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+            self._period = self._new_period()
+            await self._refill()
+            while self.version < c.rounds:
+                await self._step(sub)
+            await self._publish(topics.model(c.job, c.node_id), DONE, self.version,
+                                {"rounds": c.rounds, "mode": "async"})
+            await self._publish_presence("offline")
+        self._log.info("job_finished", version=self.version,
+                       updates=sum(self.contributions.values()),
+                       contributions=dict(sorted(self.contributions.items())))
+        return self.weights
+
+    async def _step(self, sub: Subscription) -> None:
+        c = self.config
+        if self._assigned:
+            wait = min(a.sent_at for a in self._assigned.values()) + c.deadline_s
+        else:
+            wait = (self._idle_since or time.monotonic()) + c.start_timeout_s
+        timeout = max(0.0, wait - time.monotonic())
+        msg: Message | None
+        try:
+            msg = await sub.get(timeout=timeout)
+        except TimeoutError:
+            msg = None
+        before = self.version
+        if msg is not None:
+            await self._dispatch(msg)
+        self._expire()
+        if self.version < c.rounds:
+            await self._refill()
+        if self.version != before:
+            await self._close_period()
+        if self._assigned or self.version >= c.rounds:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = time.monotonic()
+        elif time.monotonic() - self._idle_since >= c.start_timeout_s:
+            # Nobody to give work to (all lost, or the selector picks none): fail loudly
+            # rather than wait forever, as the synchronous aggregator does at its start.
+            available = sorted(self.online & c.trainers)
+            raise FedbusError(f"no trainer took work for {c.start_timeout_s}s "
+                              f"(round.start_timeout_s) at model version {self.version}; "
+                              f"online: {available}")
+
+    async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.online & self.config.trainers) < needed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FedbusError(
+                    f"only {len(self.online)} of the {needed} trainers needed "
+                    f"(round.min_clients) came online within {timeout}s: {sorted(self.online)}"
+                )
+            try:
+                msg = await sub.get(timeout=left)
+            except TimeoutError:
+                continue
+            await self._dispatch(msg)
+        self._log.info("clients_ready", online=len(self.online))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for node, a in sorted(self._assigned.items()):
+            if now - a.sent_at >= self.config.deadline_s:
+                del self._assigned[node]
+                self._period.given_up.add(node)
+                self.selector.report(node, a.version, completed=False, duration_s=now - a.sent_at)
+                self._log.warning("update_missing", node=node, base_version=a.version,
+                                  version=self.version, deadline_s=self.config.deadline_s)
+
+    async def _refill(self) -> None:
+        """Start work on idle trainers, as many as the selector wants, from the newest model."""
+        live = sorted(self.online & self.config.trainers)
+        if not live:
+            return
+        picked = self.selector.select(live, self.version)
+        new = sorted(set(picked) & set(live) - set(self._assigned))
+        if not new:
+            return
+        now = time.monotonic()
+        for node in new:
+            self._assigned[node] = _Assignment(self.version, now)
+        self._period.selected.update(new)
+        await self._send_work(new)
+        self._log.debug("work_dispatched", version=self.version, nodes=new,
+                        in_flight=len(self._assigned))
+
+    async def _close_period(self) -> None:
+        c = self.config
+        p = self._period
+        self._period = self._new_period()
+        number = self.version
+        report = AsyncReport(
+            round=number,
+            selected=sorted(p.selected),
+            accepted=list(p.accepted),
+            lost=sorted(p.lost),
+            seconds=time.monotonic() - p.started,
+            aggregated=True,
+            train_loss=p.loss_sum / p.loss_weight if p.loss_weight else None,
+            rejected={k: v - p.rejected_before.get(k, 0) for k, v in self.rejections.counts.items()
+                      if v - p.rejected_before.get(k, 0)},
+            staleness=list(p.staleness),
+            given_up=sorted(p.given_up),
+            in_flight=len(self._assigned),
+            updates=sum(self.contributions.values()),
+        )
+        if self.evaluate is not None and (number % c.evaluate_every == 0 or number >= c.rounds):
+            report.eval = await asyncio.to_thread(self.evaluate, self.weights)
+        self.history.append(report)
+        self.reports.put_nowait(report)
+        await self._publish(topics.metrics(c.job, c.node_id), METRICS, number, report.as_meta())
+        self._log.info("version_finished", **report.as_meta())
+
+    def _new_period(self) -> _Period:
+        return _Period(started=time.monotonic(), rejected_before=dict(self.rejections.counts))
+
+    # --- incoming ------------------------------------------------------------------------
+    async def _dispatch(self, msg: Message) -> None:
+        try:
+            parsed = topics.parse(msg.topic)
+        except FedbusError as exc:
+            self.rejections.reject("bad_topic", str(exc), topic=msg.topic)
+            return
+        if parsed.channel == "presence":
+            self._on_presence(msg, parsed.sender)
+        elif parsed.channel == "update":
+            if len(msg.payload) >= _OFFLOAD_BYTES:
+                await asyncio.to_thread(self._on_update, msg, parsed.sender)
+            else:
+                self._on_update(msg, parsed.sender)
+
+    def _on_presence(self, msg: Message, node: str) -> None:
+        if node not in self.config.trainers:
+            return
+        status = presence_status(msg.payload, node, self.config.limits, self.rejections)
+        if status == "online":
+            if node not in self.online:
+                self._log.info("node_joined", peer=node)
+            self.online.add(node)
+        elif status == "offline":
+            if node in self.online:
+                self._log.warning("node_lost", peer=node, version=self.version)
+            self.online.discard(node)
+            lost = self._assigned.pop(node, None)
+            if lost is not None:
+                self._period.lost.add(node)
+                self.selector.report(node, lost.version, completed=False,
+                                     duration_s=time.monotonic() - lost.sent_at)
+
+    def _on_update(self, msg: Message, sender: str) -> None:
+        reject = self.rejections.reject
+        env = open_update(msg.payload, sender, job=self.config.job, limits=self.config.limits,
+                          seen=self._seen, rejections=self.rejections)
+        if env is None:
+            return
+        work = self._assigned.get(sender)
+        if work is None:
+            reject("not_selected", f"no work outstanding (update from version {env.round})",
+                   sender=sender, version=self.version)
+            return
+        if env.round != work.version:
+            reject("stale", f"update from version {env.round}, work went out at "
+                            f"{work.version}", sender=sender)
+            return
+        version = self.version
+        staleness = version - env.round
+        try:
+            n = checked_num_examples(env.meta, self.config.max_examples)
+            update = client_update(env, sender, n, self.weights, staleness=staleness)
+        except UpdateRejected as exc:
+            # The work stays outstanding: garbage on a trainer's topic must not cancel it.
+            reject(exc.reason, exc.detail, sender=sender)
+            return
+        now = time.monotonic()
+        if self.max_staleness is not None and staleness > self.max_staleness:
+            del self._assigned[sender]
+            self.selector.report(sender, env.round, completed=False,
+                                 duration_s=now - work.sent_at)
+            reject("too_stale", f"staleness {staleness} > max_staleness {self.max_staleness}",
+                   sender=sender, version=version)
+            return
+        try:
+            moved = self.strategy.submit(update)
+        except StrategyError as exc:
+            reject("strategy_rejected", str(exc), sender=sender)
+            return
+        del self._assigned[sender]
+        self.selector.report(sender, env.round, completed=True, duration_s=now - work.sent_at)
+        self.contributions[sender] += 1
+        p = self._period
+        p.accepted.append(sender)
+        p.staleness.append(staleness)
+        loss = update.metrics.get("train_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            p.loss_sum += float(loss) * n
+            p.loss_weight += n
+        if moved is not None:
+            self.weights = moved
+        self._log.debug("update_accepted", peer=sender, base_version=env.round,
+                        staleness=staleness, examples=n, version=self.version)
+
+    # --- outgoing ------------------------------------------------------------------------
+    async def _send_work(self, nodes: list[str]) -> None:
+        c = self.config
+        self._dispatches += 1
+        version = self.version
+        # ``round`` seeds the trainer's batch order: a per-dispatch counter, so a fast trainer
+        # given the same model version twice does not replay the same batches.
+        config = {"round": self._dispatches, "version": version, "seed": c.seed,
+                  **self.strategy.client_config(version)}
+        env = Envelope(
+            kind=ROUND,
+            job=c.job,
+            sender=c.node_id,
+            round=version,
+            meta={"selected": nodes, "mode": "async", "config": config,
+                  "deadline_s": c.deadline_s},
+            tensors=join_tensors(self.weights),
+        )
+        payload = await self._offload(lambda: encode(env, c.compression))
+        await self.bus.publish(topics.model(c.job, c.node_id), payload)
+
+    async def _publish(self, topic: str, kind: str, number: int, meta: Mapping[str, Any]) -> None:
+        env = Envelope(kind=kind, job=self.config.job, sender=self.config.node_id, round=number,
+                       meta=dict(meta))
+        await self.bus.publish(topic, encode(env))
+
+    async def _publish_presence(self, status: str) -> None:
+        c = self.config
+        env = presence(c.job, c.node_id, "aggregator", status)
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
+
+    async def _offload(self, fn: Callable[[], Any]) -> Any:
+        nbytes = sum(v.nbytes for v in self.weights.values())
+        if nbytes >= _OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn)
+        return fn()

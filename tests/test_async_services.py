@@ -1,0 +1,394 @@
+"""The asynchronous aggregator (FedBuff, FedAsync) and async-mode trainers on the memory bus,
+with the numpy toy task: trainers of different speeds, staleness, lost, silent and hostile
+nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import numpy as np
+import zstandard
+from structlog.testing import capture_logs
+
+from fedbus import topics
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import Compression, Envelope, decode, encode
+from fedbus.manifest import Manifest, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services._wire import (
+    DONE,
+    METRICS,
+    PRESENCE,
+    ROUND,
+    UPDATE,
+    join_tensors,
+    presence,
+)
+from fedbus.services.async_aggregator import AsyncAggregator
+from fedbus.services.trainer import Trainer
+from strategies import ClientUpdate, FedBuff, InFlightSelector, Weights
+
+SIZE = 32
+LR = 0.5
+SPEEDS = (0.01, 0.02, 0.04, 0.08)  # seconds of sleep per fit, by partition
+
+
+def manifest(n: int = 4, rounds: int = 10, *, strategy: Any = None, selector: Any = "all",
+             speeds: Sequence[float] = SPEEDS, **round_kw: Any) -> Manifest:
+    round_spec = {"deadline_s": 5, "min_clients": n, "start_timeout_s": 5}
+    round_spec.update(round_kw)
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 3,
+        "strategy": strategy or {"name": "fedbuff", "params": {"buffer_size": 2}},
+        "selector": selector, "round": round_spec,
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": SIZE, "lr": LR, "speeds": list(speeds)}},
+        "nodes": [{"id": "agg", "role": "aggregator"}],
+        "trainers": {"count": n, "prefix": "t", "parent": "agg"},
+    })
+
+
+def targets(m: Manifest) -> np.ndarray:
+    from examples.toy.task import make_task
+
+    return np.stack([make_task(partition=i, num_partitions=m.num_partitions, seed=m.seed,
+                               size=SIZE).target for i in range(m.num_partitions)])
+
+
+class RecordingFedBuff(FedBuff):
+    """FedBuff that remembers every model version and every update it was given."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.models: dict[int, np.ndarray] = {}
+        self.submitted: list[tuple[int, ClientUpdate]] = []
+
+    def init(self, weights: Weights, version: int = 0) -> None:
+        super().init(weights, version)
+        self.models[version] = np.array(weights["w"], copy=True)
+
+    def submit(self, update: ClientUpdate) -> Weights | None:
+        self.submitted.append((self.version, update))
+        moved = super().submit(update)
+        if moved is not None:
+            self.models[self.version] = moved["w"].copy()
+        return moved
+
+
+class SpySelector(InFlightSelector):
+    def __init__(self, concurrency: int) -> None:
+        super().__init__(concurrency=concurrency, seed=1)
+        self.reports: list[tuple[str, bool]] = []
+
+    def report(self, node: str, round: int, *, completed: bool,
+               duration_s: float | None = None, utility: float | None = None) -> None:
+        self.reports.append((node, completed))
+        super().report(node, round, completed=completed)
+
+
+Hook = Callable[[MemoryBroker, Manifest], Coroutine[Any, Any, None]]
+Rebuild = Callable[[AsyncAggregator], AsyncAggregator]
+
+
+async def federate(m: Manifest, *hooks: Hook, skip: Sequence[str] = (),
+                   rebuild: Rebuild | None = None) -> AsyncAggregator:
+    """Run every node of ``m`` (but ``skip``) plus ``hooks`` on one memory broker;
+    ``rebuild`` may swap the aggregator's strategy or selector before it starts."""
+    broker = MemoryBroker()
+    agg: AsyncAggregator | None = None
+    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+        for node in m.nodes:
+            if node.id in skip:
+                continue
+            bus = make_bus(m, node, memory=broker)
+            await bus.__aenter__()
+            svc = build_node(m, node.id, bus)
+            if isinstance(svc, AsyncAggregator):
+                agg = svc = rebuild(svc) if rebuild else svc
+            tg.create_task(svc.run(), name=node.id)
+        for hook in hooks:
+            tg.create_task(hook(broker, m))
+    assert agg is not None
+    return agg
+
+
+def with_strategy(strategy: FedBuff, selector: InFlightSelector | None = None) -> Rebuild:
+    def rebuild(agg: AsyncAggregator) -> AsyncAggregator:
+        return AsyncAggregator(agg.config, agg.bus, strategy, selector or agg.selector,
+                               agg.weights, evaluate=agg.evaluate)
+    return rebuild
+
+
+async def as_node(broker: MemoryBroker, m: Manifest, node: str,
+                  act: Callable[[MemoryBus, Envelope], Awaitable[bool]]) -> None:
+    """Announce ``node`` online (with its last will) and call ``act`` on every work order
+    until it says stop or the job is done."""
+    own = make_bus(m, m.node(node), memory=broker)
+    assert isinstance(own, MemoryBus)
+    will = own.will
+    async with MemoryBus(broker, node, will=will) as bus, \
+            bus.subscribe(topics.model(m.job, "agg")) as sub:
+        await bus.publish(topics.presence(m.job, node),
+                          encode(presence(m.job, node, "trainer", "online")), retain=True)
+        async for msg in sub:
+            env = decode(msg.payload)
+            if env.kind == DONE or (env.kind == ROUND and await act(bus, env)):
+                return
+
+
+# --- the happy path ------------------------------------------------------------------------
+
+async def test_fedbuff_versions_count_up_and_each_update_is_trained_from_its_version() -> None:
+    # Prepare: K=2 over 4 trainers of different speeds; the strategy records what it gets
+    m = manifest(rounds=10)
+    strategy = RecordingFedBuff(buffer_size=2)
+    # Execute
+    agg = await federate(m, rebuild=with_strategy(strategy))
+    # Assert: one report per model version, two updates folded into each
+    assert agg.version == 10
+    assert [r.round for r in agg.history] == list(range(1, 11))
+    assert all(len(r.accepted) == 2 for r in agg.history)
+    assert agg.rejections.total == 0
+    # every delta is the toy step from exactly the version the trainer was sent
+    t = targets(m)
+    for version_then, u in strategy.submitted:
+        assert u.staleness == version_then - u.base_round >= 0
+        partition = int(u.sender[1:])
+        step = LR * (t[partition] - strategy.models[u.base_round])
+        np.testing.assert_allclose(u.delta["w"], step, rtol=1e-5, atol=1e-6)
+    assert any(u.staleness > 0 for _, u in strategy.submitted), "slow trainers must be stale"
+    # the model ends inside the box spanned by the trainers' targets, far from the start
+    w = agg.weights["w"]
+    span = t.max(0) - t.min(0)
+    assert np.all(w >= t.min(0) - 0.1 * span) and np.all(w <= t.max(0) + 0.1 * span)
+    assert np.linalg.norm(w - t.mean(0)) < np.linalg.norm(t.mean(0))
+    # reports carry what the CLI and a watcher need
+    meta = agg.history[-1].as_meta()
+    assert meta["mode"] == "async" and meta["round"] == meta["version"] == 10
+    assert meta["participants"] == 2 and meta["updates"] == 20
+    assert "distance" in meta and "staleness_max" in meta
+
+
+async def test_fast_trainers_contribute_more_updates_than_slow_ones() -> None:
+    # Prepare: t0 sleeps 10 ms a fit, t3 80 ms
+    m = manifest(rounds=12)
+    # Execute
+    agg = await federate(m)
+    # Assert
+    c = agg.contributions
+    assert sum(c.values()) == 24
+    assert c["t0"] > c["t3"], c
+    assert c["t0"] + c["t1"] > c["t2"] + c["t3"], c
+
+
+async def test_fedasync_moves_the_model_on_every_update_and_publishes_metrics() -> None:
+    # Prepare: a watcher records METRICS from the aggregator
+    m = manifest(rounds=6, strategy={"name": "fedasync", "params": {"alpha": 0.5}},
+                 selector={"name": "inflight", "params": {"concurrency": 2}})
+    seen: list[dict[str, Any]] = []
+
+    async def watch(broker: MemoryBroker, m: Manifest) -> None:
+        async with MemoryBus(broker, "watcher") as bus, \
+                bus.subscribe(topics.metrics(m.job, "agg")) as sub:
+            async for msg in sub:
+                env = decode(msg.payload)
+                assert env.kind == METRICS
+                seen.append(dict(env.meta))
+                if env.meta["round"] == m.rounds:
+                    return
+
+    # Execute
+    agg = await federate(m, watch)
+    # Assert
+    assert isinstance(agg.selector, InFlightSelector) and agg.selector.concurrency == 2
+    assert [r["version"] for r in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(r["participants"] == 1 and r["in_flight"] <= 2 for r in seen)
+    assert sum(agg.contributions.values()) == 6
+
+
+def test_build_node_picks_the_async_aggregator_and_inflight_concurrency() -> None:
+    bus = MemoryBus(MemoryBroker(), "agg")
+    default = build_node(manifest(), "agg", bus)
+    named = build_node(manifest(selector="inflight"), "agg", bus)
+    explicit = build_node(manifest(selector={"name": "inflight", "params": {"concurrency": 3}}),
+                          "agg", bus)
+    for agg, c in ((default, 4), (named, 4), (explicit, 3)):
+        assert isinstance(agg, AsyncAggregator)
+        assert isinstance(agg.selector, InFlightSelector) and agg.selector.concurrency == c
+    assert build_node(manifest(strategy={"name": "fedbuff", "params": {"max_staleness": 2}}),
+                      "agg", bus).max_staleness == 2
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+async def test_too_stale_updates_are_rejected_and_counted() -> None:
+    # Prepare: nothing older than the current model is accepted; slow trainers fall behind
+    m = manifest(rounds=8, strategy={"name": "fedasync", "params": {"max_staleness": 0}})
+    # Execute
+    agg = await federate(m)
+    # Assert
+    assert agg.version == 8
+    assert agg.rejections.counts["too_stale"] > 0
+    assert all(s == 0 for r in agg.history for s in getattr(r, "staleness", []))
+
+
+async def test_a_lost_trainer_frees_its_slot() -> None:
+    # Prepare: t0 takes work, then dies abruptly (its last will says offline)
+    m = manifest(n=3, rounds=6, deadline_s=30, speeds=(0.0, 0.01, 0.02))
+    spy = SpySelector(concurrency=3)
+
+    async def die(bus: MemoryBus, env: Envelope) -> bool:
+        if "t0" in env.meta["selected"]:
+            await bus.kill()
+            return True
+        return False
+
+    async def doomed(broker: MemoryBroker, m: Manifest) -> None:
+        await as_node(broker, m, "t0", die)
+
+    # Execute
+    started = time.monotonic()
+    with capture_logs() as logs:
+        agg = await federate(m, doomed, skip=["t0"], rebuild=with_strategy(FedBuff(2), spy))
+    # Assert: the job went on without t0, long before its 30 s deadline
+    assert time.monotonic() - started < 15
+    assert ("t0", False) in spy.reports and "t0" not in spy.in_flight
+    assert any("t0" in r.lost for r in agg.history)
+    assert agg.contributions["t0"] == 0 and agg.version == 6
+    assert any(e["event"] == "node_lost" and e.get("peer") == "t0" for e in logs)
+
+
+async def test_a_silent_trainer_is_given_up_on_at_the_deadline() -> None:
+    # Prepare: t0 is online and takes work but never answers
+    m = manifest(n=3, rounds=6, deadline_s=0.1, speeds=(0.0, 0.04, 0.04))
+
+    async def silent(bus: MemoryBus, env: Envelope) -> bool:
+        return False
+
+    async def mute(broker: MemoryBroker, m: Manifest) -> None:
+        await as_node(broker, m, "t0", silent)
+
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m, mute, skip=["t0"])
+    # Assert
+    assert agg.version == 6 and agg.contributions["t0"] == 0
+    assert any(e["event"] == "update_missing" and e.get("node") == "t0" for e in logs)
+    assert any("t0" in r.as_meta()["given_up"] for r in agg.history)
+
+
+@functools.cache
+def _zeros_frame() -> bytes:
+    return zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+
+
+def bad_payloads(env: Envelope) -> list[bytes]:
+    w = env.tensors["m/w"]
+
+    def update(sender: str = "t0", **kw: Any) -> Envelope:
+        args: dict[str, Any] = {"meta": {"num_examples": 10},
+                                "tensors": join_tensors({"w": np.zeros_like(w)})}
+        args.update(kw)
+        return Envelope(kind=UPDATE, job="toy", sender=sender, round=env.round, **args)
+
+    # the header claims a bigger shape than the bytes that follow
+    lying = encode(update(), Compression(level=0)).replace(b"\x91\x20", b"\x91\x40", 1)
+    # a real header, then a zstd frame that inflates to 64 MiB
+    small = encode(update(), Compression(level=1, min_bytes=0))
+    hlen = int.from_bytes(small[4:8], "little")
+    bomb = small[: 8 + hlen] + _zeros_frame()
+    return [
+        os.urandom(300),
+        bomb,
+        bytes(lying),
+        encode(update(tensors=join_tensors({"w": np.full_like(w, np.nan)}))),
+        encode(update(tensors=join_tensors({"w": np.zeros(SIZE + 1, np.float32)}))),
+        encode(update(tensors=join_tensors({"w": np.zeros(SIZE, np.float64)}))),
+        encode(update(meta={"num_examples": -5})),
+        encode(update(sender="mallory")),
+    ]
+
+
+async def test_garbage_is_rejected_counted_and_does_not_cancel_real_work() -> None:
+    # Prepare: whenever t0 (slow) gets work, an attacker floods t0's update topic with garbage
+    m = manifest(rounds=6, speeds=(0.06, 0.01, 0.01, 0.02))
+    strategy = RecordingFedBuff(buffer_size=2)
+
+    async def attack(bus: MemoryBus, env: Envelope) -> bool:
+        if "t0" in env.meta["selected"]:
+            for payload in bad_payloads(env):
+                await bus.publish(topics.update("toy", "agg", "t0"), payload)
+        return False
+
+    async def attacker(broker: MemoryBroker, m: Manifest) -> None:
+        async with MemoryBus(broker, "attacker") as bus, \
+                bus.subscribe(topics.model(m.job, "agg")) as sub:
+            async for msg in sub:
+                env = decode(msg.payload)
+                if env.kind == DONE:
+                    return
+                await attack(bus, env)
+
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m, attacker, rebuild=with_strategy(strategy))
+    # Assert
+    reasons = set(agg.rejections.counts)
+    assert {"bad_magic", "non_finite", "wrong_shape", "wrong_dtype", "bad_num_examples",
+            "spoofed_sender"} <= reasons, reasons
+    assert reasons & {"too_large", "bad_compression"}, reasons  # the bomb
+    assert reasons & {"shape_mismatch", "bad_header", "truncated"}, reasons  # the lying shape
+    assert sum(sum(r.rejected.values()) for r in agg.history) <= agg.rejections.total
+    assert any(r.rejected for r in agg.history)
+    assert any(e["event"] == "message_rejected" for e in logs)
+    # nothing but real trainer steps reached the strategy, and t0's own work still counted
+    t = targets(m)
+    for _, u in strategy.submitted:
+        step = LR * (t[int(u.sender[1:])] - strategy.models[u.base_round])
+        np.testing.assert_allclose(u.delta["w"], step, rtol=1e-5, atol=1e-6)
+    assert agg.contributions["t0"] >= 1
+    assert np.isfinite(agg.weights["w"]).all()
+
+
+# --- the trainer in async mode -------------------------------------------------------------
+
+async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_number() -> None:
+    # Prepare: a fake aggregator sends t0 the same version twice (two orders, one replayed)
+    m = manifest(n=1, speeds=(0.0,))
+    broker = MemoryBroker()
+
+    async def drive(mode: str | None) -> int:
+        async with MemoryBus(broker, "agg") as agg_bus, \
+                agg_bus.subscribe(topics.updates_for("toy", "agg"),
+                                  topics.presence("toy", "t0")) as sub:
+            trainer = build_node(m, "t0", make_bus(m, m.node("t0"), memory=broker))
+            assert isinstance(trainer, Trainer)
+            async with trainer.bus, asyncio.TaskGroup() as tg:
+                task = tg.create_task(trainer.run())
+                while True:  # t0 online (not a retained offline from before): subscribed
+                    hello = decode((await sub.get(timeout=5)).payload)
+                    if hello.kind == PRESENCE and hello.meta.get("status") == "online":
+                        break
+                meta: dict[str, Any] = {"selected": ["t0"], "config": {}}
+                if mode:
+                    meta["mode"] = mode
+                w = join_tensors({"w": np.zeros(SIZE, np.float32)})
+                first = encode(Envelope(kind=ROUND, job="toy", sender="agg", round=1,
+                                        meta=meta, tensors=w))
+                second = encode(Envelope(kind=ROUND, job="toy", sender="agg", round=1,
+                                         meta=meta, tensors=w))
+                topic = topics.model("toy", "agg")
+                for payload in (first, first, second):
+                    await agg_bus.publish(topic, payload)
+                await agg_bus.publish(topic, encode(Envelope(kind=DONE, job="toy",
+                                                             sender="agg", round=1)))
+            return task.result()
+
+    # Execute / Assert: async trains both orders once each; sync trains round 1 once
+    assert await asyncio.wait_for(drive("async"), 10) == 2
+    assert await asyncio.wait_for(drive(None), 10) == 1
