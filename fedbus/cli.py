@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
 import os
 import signal
 import sys
@@ -59,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = add("serve", "run one node (what compose and systemd start)")
     serve.add_argument("manifest")
-    serve.add_argument("--node", required=True, help="node id from the manifest")
+    serve.add_argument("--node", required=True, action="append",
+                       help="node id from the manifest; repeat it or use a glob ('t*') to "
+                       "run many nodes in this process (simulation: many clients a worker)")
     serve.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
 
     val = add("validate", "check a manifest and print what it declares")
@@ -124,21 +127,27 @@ async def _broker_for(
 async def _run_all(m: Manifest, rounds: int | None, *, memory: bool) -> int:
     if rounds is not None:
         m = dataclasses.replace(m, rounds=rounds)
-    async with _broker_for(m, memory) as (m, mem), contextlib.AsyncExitStack() as stack:
-        trainers = [n for n in m.nodes if n.role == "trainer"]
-        # Build every service (importing torch, loading data) before any connection opens:
-        # minutes of set-up on a Pi must not run into the MQTT keepalive.
-        buses = {node.id: make_bus(m, node, memory=mem) for node in m.nodes}
-        services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
-        _limit_torch_threads(len(trainers))
+    async with _broker_for(m, memory) as (m, mem):
+        return await _run_nodes(m, [n.id for n in m.nodes], mem)
+
+
+async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None) -> int:
+    """Run ``node_ids`` in this process, each on its own bus connection."""
+    # Build every service (importing torch, loading data) before any connection opens:
+    # minutes of set-up on a Pi must not run into the MQTT keepalive.
+    buses = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
+    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
+    _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
+    agg = next((s for s in services.values() if isinstance(s, Aggregator)), None)
+    async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
-        agg = services[m.aggregator.id]
         async with asyncio.TaskGroup() as tg:
             for node_id, svc in services.items():
                 tg.create_task(svc.run(), name=node_id)
-            tg.create_task(_progress(agg, m.rounds), name="progress")
-        return _final_line(agg)
+            if agg is not None:
+                tg.create_task(_progress(agg, m.rounds), name="progress")
+    return _final_line(agg) if agg is not None else 0
 
 
 def _limit_torch_threads(n_trainers: int) -> None:
@@ -189,8 +198,12 @@ def _final_line(agg: Aggregator) -> int:
 
 # --- serve: one node -------------------------------------------------------------------------
 
-async def _serve(m: Manifest, node_id: str) -> int:
-    node = m.node(node_id)
+async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
+    node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
+    if not node_ids:
+        raise ManifestError(m.source, "nodes",
+                            f"--node {' '.join(patterns)} matches no node; known: "
+                            f"{', '.join(n.id for n in m.nodes)}")
     if m.broker is None:
         raise ManifestError(m.source, "broker",
                             "`fedbus serve` needs a broker: add broker: {host, port} to the "
@@ -202,18 +215,9 @@ async def _serve(m: Manifest, node_id: str) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, main_task.cancel)
     try:
-        bus = make_bus(m, node)
-        svc = build_node(m, node_id, bus)  # before connecting: set-up may outlast keepalive
-        async with bus:
-            if isinstance(svc, Aggregator):
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(svc.run(), name=node_id)
-                    tg.create_task(_progress(svc, m.rounds), name="progress")
-                return _final_line(svc)
-            await svc.run()
-            return 0
+        return await _run_nodes(m, node_ids, None)
     except asyncio.CancelledError:
-        log.info("stopped_by_signal", node=node_id)
+        log.info("stopped_by_signal", nodes=node_ids)
         return 0
 
 
