@@ -8,12 +8,15 @@ enough for ten trainers on a Raspberry Pi.
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedbus.task import FitResult
 from fedbus.torch_task import TorchTask
 
 __all__ = ["dirichlet_partition", "load_split", "make_task"]
@@ -64,6 +67,18 @@ def build_model(hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
+class SlowTorchTask(TorchTask):
+    """A TorchTask that sleeps ``delay_s`` before each fit: a slower device, for async runs."""
+
+    def __init__(self, *args: Any, delay_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay_s = float(delay_s)
+
+    def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
+        time.sleep(self.delay_s)
+        return super().fit(config, extra)
+
+
 def make_task(
     *,
     partition: int | None,
@@ -75,9 +90,15 @@ def make_task(
     lr: float = 0.1,
     batch_size: int = 32,
     momentum: float = 0.0,
+    delay_s: float = 0.0,
+    speeds: Sequence[float] = (),
     **_: Any,
 ) -> TorchTask:
-    """Factory named in the manifest (``examples.digits.task:make_task``)."""
+    """Factory named in the manifest (``examples.digits.task:make_task``).
+
+    ``delay_s`` (or ``speeds``, one delay per partition, cycled) makes ``fit`` sleep first,
+    to simulate heterogeneous devices; both default to no delay.
+    """
     x_tr, y_tr, x_te, y_te = load_split(seed)
     if partition is None:  # the aggregator: evaluation only
         train_x, train_y = x_tr[:0], y_tr[:0]
@@ -85,14 +106,14 @@ def make_task(
         idx = dirichlet_partition(y_tr, num_partitions, alpha, seed)[partition]
         train_x, train_y = x_tr[idx], y_tr[idx]
     torch.manual_seed(seed)  # the initial model is the aggregator's; same seed, same model
-    return TorchTask(
+    args = (
         build_model(hidden),
         (torch.from_numpy(train_x), torch.from_numpy(train_y)),
         (torch.from_numpy(x_te), torch.from_numpy(y_te)),
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        momentum=momentum,
-        seed=seed,
-        partition=partition,
     )
+    kwargs: dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                              "momentum": momentum, "seed": seed, "partition": partition}
+    delay = float(speeds[partition % len(speeds)]) if speeds and partition is not None else delay_s
+    if partition is not None and delay > 0:
+        return SlowTorchTask(*args, delay_s=delay, **kwargs)
+    return TorchTask(*args, **kwargs)
