@@ -1,0 +1,49 @@
+# fedbus developer entry points. `make demo` and `make test` are the README's two commands:
+# each sets up everything it needs on a fresh Debian machine (as root) and is idempotent.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck
+STAMP := $(VENV)/.installed
+
+.PHONY: setup system venv demo test lint typecheck pytest bench clean
+
+setup: system $(STAMP)
+
+# Brokers and checkers come from Debian; only installed when missing.
+system:
+	@missing=""; \
+	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/fedbus run examples/digits/manifest.yaml
+
+lint: setup
+	$(BIN)/ruff check fedbus strategies tests benchmarks examples
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest -q
+
+test: lint pytest
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
