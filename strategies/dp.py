@@ -37,7 +37,7 @@ from strategies.base import (
 )
 from strategies.registry import make_strategy
 
-__all__ = ["DPAdaptiveClipping", "DPFixedClipping", "clip_and_noise", "l2_norm"]
+__all__ = ["DPAdaptiveClipping", "DPClientSide", "DPFixedClipping", "clip_and_noise", "l2_norm"]
 
 
 def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
@@ -326,3 +326,48 @@ class DPAdaptiveClipping(_DPWrapper):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._clip = float(state["clipping_norm"])
+
+
+class DPClientSide(Strategy):
+    """Local DP: every trainer clips its delta to ``clipping_norm`` and adds its own Gaussian
+    noise N(0, (noise_multiplier * C)^2) before sending (``clip_and_noise``), so the server
+    never sees an un-noised update. The server side is the wrapped strategy, unchanged.
+
+    The trainer reads ``dp_clipping_norm`` and ``dp_noise_multiplier`` from the round's
+    config and reports ``dp_clipped`` / ``dp_noise_multiplier`` in its update metrics.
+    """
+
+    name: ClassVar[str] = "dp_client"
+
+    def __init__(self, strategy: Strategy | Mapping[str, Any], noise_multiplier: float,
+                 clipping_norm: float) -> None:
+        self.strategy = _as_strategy(strategy)
+        self.noise_multiplier = _check_noise(noise_multiplier)
+        self.clipping_norm = _check_clip(clipping_norm)
+        self.needs_all_updates = self.strategy.needs_all_updates  # type: ignore[misc]
+
+    @property
+    def num_accumulated(self) -> int:
+        return self.strategy.num_accumulated
+
+    def client_config(self, round: int) -> dict[str, Any]:
+        return {**self.strategy.client_config(round), "dp_clipping_norm": self.clipping_norm,
+                "dp_noise_multiplier": self.noise_multiplier}
+
+    def client_tensors(self, round: int) -> Weights:
+        return self.strategy.client_tensors(round)
+
+    def begin(self, weights: Weights, round: int) -> None:
+        self.strategy.begin(weights, round)
+
+    def accumulate(self, update: ClientUpdate) -> None:
+        self.strategy.accumulate(update)
+
+    def finish(self) -> Weights:
+        return self.strategy.finish()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.strategy.load_state_dict(state.get("strategy", {}))

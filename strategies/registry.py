@@ -41,6 +41,7 @@ STRATEGIES: dict[str, str] = {
 WRAPPERS: dict[str, str] = {
     "dp_fixed": "strategies.dp:DPFixedClipping",
     "dp_adaptive": "strategies.dp:DPAdaptiveClipping",
+    "dp_client": "strategies.dp:DPClientSide",
 }
 
 SELECTORS: dict[str, str] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -237,3 +238,28 @@ async def test_below_quorum_round_keeps_the_model() -> None:
     assert not agg.history[0].aggregated
     np.testing.assert_array_equal(agg.weights["w"], np.zeros(SIZE, np.float32))
 
+
+
+async def test_client_side_dp_clips_and_noises_in_the_trainer() -> None:
+    # Prepare: the dp_client wrapper asks trainers to clip to C and add their own noise
+    def dp_manifest(noise: float) -> Manifest:
+        base = manifest(n=3, rounds=1)
+        strategy = parse_manifest({
+            "version": 1, "job": "toy", "rounds": 1,
+            "strategy": {"name": "dp_client", "params": {
+                "strategy": {"name": "fedavg"}, "noise_multiplier": noise,
+                "clipping_norm": 0.01}},
+            "task": {"ref": "examples.toy.task:make_task"},
+            "nodes": [{"id": "agg", "role": "aggregator"}],
+            "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
+        }).strategy
+        return dataclasses.replace(base, strategy=strategy)
+
+    # Execute
+    clipped = await federate(dp_manifest(0.0))
+    noisy = await federate(dp_manifest(1.0))
+    noisy_again = await federate(dp_manifest(1.0))
+    # Assert: each delta is clipped to 0.01, so their mean is too; noise is seeded per node
+    assert float(np.linalg.norm(clipped.weights["w"])) <= 0.01 + 1e-6
+    assert not np.allclose(noisy.weights["w"], clipped.weights["w"])
+    np.testing.assert_array_equal(noisy.weights["w"], noisy_again.weights["w"])

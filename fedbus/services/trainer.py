@@ -7,7 +7,9 @@ a slow Raspberry Pi trains. The same class serves every topology: it only knows 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ from fedbus.services._wire import (
     split_tensors,
 )
 from fedbus.task import FitResult, Task
+from strategies import StrategyError
+from strategies.dp import clip_and_noise
 
 __all__ = ["Trainer", "TrainerConfig"]
 
@@ -90,7 +94,9 @@ class Trainer:
                     if env.kind == ROUND:
                         await self._on_round(env)
             finally:
-                await self._publish_presence("offline")
+                # Best effort: if the connection is gone, the broker's last will says it.
+                with contextlib.suppress(FedbusError):
+                    await self._publish_presence("offline")
         return self.rounds_trained
 
     async def _on_round(self, env: Envelope) -> None:
@@ -156,9 +162,29 @@ class Trainer:
             raise FedbusError("task trained on 0 examples: nothing to send")
         local = self.task.get_weights()
         delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False) for k in weights}
+        if "dp_clipping_norm" in config:
+            delta, result = self._local_dp(delta, result, config)
         if self.delta_hook is not None:
             delta = self.delta_hook(delta, config)
         return delta, result
+
+    def _local_dp(
+        self, delta: dict[str, np.ndarray], result: FitResult, config: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray], FitResult]:
+        """Client-side DP (strategy ``dp_client``): clip and noise before anything leaves."""
+        try:
+            clip = float(config["dp_clipping_norm"])
+            noise = float(config.get("dp_noise_multiplier", 0.0))
+            # Seeded per (job seed, node, round): reproducible, and different for every node.
+            node_key = zlib.crc32(self.config.node_id.encode())
+            rng = np.random.default_rng([int(config.get("seed", 0)), node_key,
+                                         int(config.get("round", 0))])
+            noised, report = clip_and_noise(delta, clip, noise, rng)
+        except (StrategyError, TypeError, ValueError) as exc:
+            raise FedbusError(f"bad client-side DP settings from the aggregator: {exc}") from exc
+        metrics = {**result.metrics, "dp_clipped": float(report["clipped"]),
+                   "dp_noise_multiplier": float(report["noise_multiplier"])}
+        return noised, FitResult(result.num_examples, metrics, result.aux)
 
     async def _publish_presence(self, status: str) -> None:
         c = self.config
