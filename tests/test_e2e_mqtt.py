@@ -54,10 +54,12 @@ class Nodes:
         self.manifest = manifest
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.files: list[Any] = []
 
     def start(self, node: str) -> subprocess.Popen[bytes]:
         out = open(self.tmp / f"{node}.out", "wb")  # closed by kill_all
         err = open(self.tmp / f"{node}.log", "wb")
+        self.files += [out, err]
         proc = subprocess.Popen(
             [*FEDBUS, "serve", str(self.manifest), "--node", node, "--log-json"],
             cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -80,6 +82,8 @@ class Nodes:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+        for f in self.files:
+            f.close()
 
 
 @pytest.fixture
