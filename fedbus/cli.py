@@ -28,6 +28,7 @@ from fedbus.log import configure_logging
 from fedbus.manifest import BrokerSpec, Manifest, NodeSpec, describe, load_manifest, with_broker
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator, RoundReport
+from fedbus.services.async_aggregator import AsyncAggregator
 
 __all__ = ["main"]
 
@@ -138,7 +139,8 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
     buses = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
     services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
     _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
-    agg = next((s for s in services.values() if isinstance(s, Aggregator)), None)
+    agg = next((s for s in services.values() if isinstance(s, (Aggregator, AsyncAggregator))),
+               None)
     async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
@@ -158,7 +160,7 @@ def _limit_torch_threads(n_trainers: int) -> None:
         torch.set_num_threads(1)
 
 
-async def _progress(agg: Aggregator, rounds: int) -> None:
+async def _progress(agg: Aggregator | AsyncAggregator, rounds: int) -> None:
     while True:
         report = await agg.reports.get()
         print(_format_round(report.as_meta(), rounds), flush=True)
@@ -182,7 +184,7 @@ def _format_round(meta: dict[str, Any], rounds: int) -> str:
     return "  ".join(parts)
 
 
-def _final_line(agg: Aggregator) -> int:
+def _final_line(agg: Aggregator | AsyncAggregator) -> int:
     last: RoundReport | None = agg.history[-1] if agg.history else None
     if last is None:
         print("final rounds=0")
