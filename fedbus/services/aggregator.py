@@ -78,6 +78,8 @@ class RoundReport:
     eval: EvalResult | None = None
     train_loss: float | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    #: What the strategy says about the round (DP wrappers: clip and noise multiplier used).
+    strategy: dict[str, Any] = field(default_factory=dict)
 
     def as_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -91,6 +93,8 @@ class RoundReport:
         }
         if self.train_loss is not None:
             meta["train_loss"] = self.train_loss
+        if self.strategy:
+            meta["strategy"] = self.strategy
         if self.eval is not None:
             meta["loss"] = self.eval.loss
             meta.update({k: float(v) for k, v in self.eval.metrics.items()})
@@ -106,6 +110,12 @@ class _Round:
     lost: set[str] = field(default_factory=set)
     loss_sum: float = 0.0
     loss_weight: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    #: Seconds from the round's start to each accepted update (system speed, for selectors).
+    arrivals: dict[str, float] = field(default_factory=dict)
+    #: Statistical utility per accepted node (OORT): the trainer's own ``utility`` metric, or
+    #: ``num_examples * train_loss`` as a stand-in when it reports none.
+    utility: dict[str, float] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -186,7 +196,7 @@ class Aggregator:
             await self._wait_for_clients(sub, 1, c.start_timeout_s)
         available = sorted(self.online & c.trainers)
         selected = set(self.selector.select(available, number)) if available else set()
-        state = _Round(number, selected=set(selected), pending=set(selected))
+        state = _Round(number, selected=set(selected), pending=set(selected), started=started)
         self.strategy.begin(self.weights, number)
         need = max(1, math.ceil(c.quorum * len(selected))) if selected else 1
         await self._broadcast(state)
@@ -228,7 +238,8 @@ class Aggregator:
                             quorum=need, detail="model unchanged")
         for node in sorted(state.selected):
             self.selector.report(node, number, completed=node in state.accepted,
-                                 duration_s=time.monotonic() - started)
+                                 duration_s=state.arrivals.get(node),
+                                 utility=state.utility.get(node))
         report = RoundReport(
             round=number,
             selected=sorted(state.selected),
@@ -239,6 +250,7 @@ class Aggregator:
             train_loss=state.loss_sum / state.loss_weight if state.loss_weight else None,
             rejected={k: v - rejected_before.get(k, 0) for k, v in self.rejections.counts.items()
                       if v - rejected_before.get(k, 0)},
+            strategy=_plain(getattr(self.strategy, "last_report", None)) if aggregated else {},
         )
         if self.evaluate is not None and (number % c.evaluate_every == 0 or number == c.rounds):
             report.eval = await asyncio.to_thread(self.evaluate, self.weights)
@@ -308,10 +320,16 @@ class Aggregator:
             return
         state.pending.discard(sender)
         state.accepted.add(sender)
+        state.arrivals[sender] = time.monotonic() - state.started
         loss = update.metrics.get("train_loss")
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             state.loss_sum += float(loss) * n
             state.loss_weight += n
+        utility = update.metrics.get("utility")
+        if isinstance(utility, (int, float)) and math.isfinite(utility):
+            state.utility[sender] = float(utility)
+        elif isinstance(loss, (int, float)) and math.isfinite(loss):
+            state.utility[sender] = float(loss) * n
         self._log.debug("update_accepted", peer=sender, round=env.round, examples=n)
 
     # --- outgoing ------------------------------------------------------------------------
@@ -345,3 +363,11 @@ class Aggregator:
         if nbytes >= _OFFLOAD_BYTES:
             return await asyncio.to_thread(fn)
         return fn()
+
+
+def _plain(report: Any) -> dict[str, Any]:
+    """A strategy's report as msgpack-safe scalars (anything else is dropped)."""
+    if not isinstance(report, Mapping):
+        return {}
+    return {str(k): (v.item() if isinstance(v, np.generic) else v) for k, v in report.items()
+            if isinstance(v, (int, float, str, bool, np.generic)) or v is None}
