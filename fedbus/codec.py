@@ -253,9 +253,15 @@ def _check_header(h: Any, limits: Limits) -> tuple[list[_Spec], int]:
     return specs, total
 
 
-def decode(frame: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Envelope:
-    """Parse and validate one frame. Tensors are read-only views into the frame when it was
-    not compressed (zero-copy) and into the single decompressed buffer otherwise."""
+def decode(
+    frame: bytes | bytearray | memoryview, limits: Limits = Limits(), *, as_torch: bool = False
+) -> Envelope:
+    """Parse and validate one frame. Tensors are read-only numpy views into the frame when it
+    was not compressed (zero-copy) and into the single decompressed buffer otherwise.
+
+    ``as_torch=True`` returns writable torch tensors instead (one copy each: torch cannot
+    wrap read-only memory); torch is imported only then.
+    """
     # read-only, so zero-copy tensors never write through into a caller's bytearray
     view = memoryview(frame).cast("B").toreadonly()
     if len(view) > limits.max_frame_bytes:
@@ -292,6 +298,10 @@ def decode(frame: bytes | bytearray | memoryview, limits: Limits = Limits()) -> 
             raw = memoryview(_unshuffle(raw, dtype.itemsize))
         arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
         tensors[name] = arr
+    if as_torch:
+        import torch
+
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}  # type: ignore[misc]
     return Envelope(
         kind=header["k"],
         job=header["j"],

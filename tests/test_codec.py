@@ -297,6 +297,19 @@ def test_torch_tensors_are_accepted_on_encode() -> None:
 
 
 @pytest.mark.torch
+def test_decode_as_torch_returns_writable_torch_tensors() -> None:
+    torch = pytest.importorskip("torch")
+    frame = encode(envelope({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}))
+
+    out = decode(frame, as_torch=True)
+
+    w = out.tensors["w"]
+    assert isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.shape == (2, 3)
+    w += 1  # writable: a copy, never the frame's memory
+    assert torch.equal(w, torch.arange(6, dtype=torch.float32).reshape(2, 3) + 1)
+
+
+@pytest.mark.torch
 def test_torch_bfloat16_is_refused_with_codec_error() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(CodecError) as info:
