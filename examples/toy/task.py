@@ -4,30 +4,74 @@ Each partition pulls the model toward its own target vector; the federated optim
 example-weighted mean of the targets, so a test can check the aggregate exactly. ``size``
 sets the parameter count (1M, 11M for the round benchmark), ``delay_s`` simulates a slow
 device, ``speeds`` gives heterogeneous delays by partition.
+
+Memory: a target is a pattern of at most ``PERIOD`` values repeated to ``size``. Up to
+``PERIOD`` parameters the task holds the targets as plain arrays (the tests' sizes); above it,
+only the pattern is stored and ``fit``/``evaluate`` walk the model in blocks against one small
+tiled block, so a task holds one model-sized array (its weights), not three. Both paths give
+bitwise the same weights.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
 
 import numpy as np
 
 from fedbus.task import EvalResult, FitResult
 
-__all__ = ["ToyTask", "make_task"]
+__all__ = ["PERIOD", "ToyTask", "make_task"]
+
+#: Length of the repeating target pattern.
+PERIOD: Final = 1024
+# Elements per block in the big-model path (a multiple of PERIOD): 256 KiB of float32.
+_BLOCK: Final = 64 * PERIOD
+
+
+class _Periodic:
+    """``np.resize(pattern, size)`` without materialising it: the pattern plus one block."""
+
+    def __init__(self, pattern: np.ndarray, size: int) -> None:
+        self.pattern = np.ascontiguousarray(pattern, dtype=np.float32)
+        self.size = size
+        self.small = size <= len(self.pattern)
+        # Blocks start on pattern boundaries, so one tiled block serves every block.
+        self.block = (np.resize(self.pattern, size).astype(np.float32) if self.small
+                      else np.resize(self.pattern, min(size, _BLOCK)).astype(np.float32))
+
+    def full(self) -> np.ndarray:
+        """The whole vector (a fresh array, except for small sizes where it is kept anyway)."""
+        return self.block if self.small else np.resize(self.pattern, self.size).astype(np.float32)
+
+    def blocks(self, w: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(segment of ``w``, matching segment of the target) pairs covering ``w``."""
+        for start in range(0, self.size, _BLOCK):
+            seg = w[start:start + _BLOCK]
+            yield seg, self.block[:len(seg)]
 
 
 class ToyTask:
-    def __init__(self, target: np.ndarray, num_examples: int, lr: float, delay_s: float,
-                 global_target: np.ndarray) -> None:
-        self.w = np.zeros_like(target)
-        self.target = target
+    def __init__(self, target: _Periodic, num_examples: int, lr: float, delay_s: float,
+                 global_target: _Periodic) -> None:
+        # np.zeros is lazily backed by the OS: no resident memory until written.
+        self.w = np.zeros(target.size, dtype=np.float32)
+        self._target = target
         self.num_examples = num_examples
         self.lr = lr
         self.delay_s = delay_s
-        self.global_target = global_target
+        self._global = global_target
+
+    @property
+    def target(self) -> np.ndarray:
+        """This partition's target vector (materialised on demand for big sizes)."""
+        return self._target.full()
+
+    @property
+    def global_target(self) -> np.ndarray:
+        """The federated optimum (materialised on demand for big sizes)."""
+        return self._global.full()
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return {"w": self.w.copy()}
@@ -42,12 +86,31 @@ class ToyTask:
         if self.delay_s:
             time.sleep(self.delay_s)
         lr = float(config.get("lr", self.lr))
-        loss = float(np.mean((self.w - self.target) ** 2))
-        self.w += lr * (self.target - self.w)
+        if self._target.small:
+            t = self._target.block
+            loss = float(np.mean((self.w - t) ** 2))
+            self.w += lr * (t - self.w)
+        else:
+            # Same arithmetic per element (float32 t - w, times lr, added), block by block.
+            total = 0.0
+            for seg, t in self._target.blocks(self.w):
+                d = t - seg
+                total += float(np.dot(d, d))
+                d *= lr
+                seg += d
+            loss = total / self._target.size
         return FitResult(num_examples=self.num_examples, metrics={"train_loss": loss})
 
     def evaluate(self) -> EvalResult:
-        loss = float(np.mean((self.w - self.global_target) ** 2))
+        g = self._global
+        if g.small:
+            loss = float(np.mean((self.w - g.block) ** 2))
+        else:
+            total = 0.0
+            for seg, t in g.blocks(self.w):
+                d = seg - t
+                total += float(np.dot(d, d))
+            loss = total / g.size
         return EvalResult(num_examples=1, loss=loss, metrics={"distance": float(np.sqrt(loss))})
 
 
@@ -63,12 +126,12 @@ def make_task(
     **_: Any,
 ) -> ToyTask:
     rng = np.random.default_rng(seed)
-    targets = rng.normal(size=(num_partitions, min(size, 1024))).astype(np.float32)
+    targets = rng.normal(size=(num_partitions, min(size, PERIOD))).astype(np.float32)
     examples = 10 + np.arange(num_partitions) * 5
     mean = (targets * examples[:, None]).sum(0) / examples.sum()
 
-    def tile(v: np.ndarray) -> np.ndarray:
-        return np.resize(v, size).astype(np.float32)
+    def tile(v: np.ndarray) -> _Periodic:
+        return _Periodic(v.astype(np.float32), size)
 
     if partition is None:
         return ToyTask(tile(mean), 0, lr, 0.0, tile(mean))
