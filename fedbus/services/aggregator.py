@@ -22,6 +22,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.errors import FedbusError, UpdateRejected
+from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase
 from fedbus.services._intake import (
     checked_num_examples,
     client_update,
@@ -35,7 +36,6 @@ from fedbus.services._wire import (
     Rejections,
     SeenIds,
     join_tensors,
-    presence,
 )
 from fedbus.task import EvalResult
 from strategies import Selector, Strategy, StrategyError, Weights
@@ -43,10 +43,6 @@ from strategies import Selector, Strategy, StrategyError, Weights
 __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 
 log = structlog.get_logger(__name__)
-
-# Decoding and folding an update of this size or more happens in a worker thread, so the
-# event loop (and with it MQTT keepalives) never stalls on a big model.
-_OFFLOAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +114,7 @@ class _Round:
     utility: dict[str, float] = field(default_factory=dict)
 
 
-class Aggregator:
+class Aggregator(AggregatorBase[AggregatorConfig]):
     """Runs ``config.rounds`` synchronous rounds over ``bus`` and returns the final weights.
 
     ``evaluate`` (optional) scores a model on held-out data in a worker thread; it is the
@@ -152,6 +148,9 @@ class Aggregator:
         self._seen = SeenIds()
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
 
+    async def _on_idle(self, msg: Message) -> None:
+        await self._dispatch(msg, None)
+
     # --- main loop -------------------------------------------------------------------------
     async def run(self) -> Weights:
         c = self.config
@@ -169,22 +168,6 @@ class Aggregator:
                                 {"rounds": c.rounds})
             await self._publish_presence("offline")
         return self.weights
-
-    async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.online & self.config.trainers) < needed:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise FedbusError(
-                    f"only {len(self.online)} of the {needed} trainers needed "
-                    f"(round.min_clients) came online within {timeout}s: {sorted(self.online)}"
-                )
-            try:
-                msg = await sub.get(timeout=left)
-            except TimeoutError:
-                continue
-            await self._dispatch(msg, None)
-        self._log.info("clients_ready", online=len(self.online))
 
     async def _run_round(self, sub: Subscription, number: int) -> RoundReport:
         c = self.config
@@ -268,7 +251,7 @@ class Aggregator:
         if parsed.channel == "presence":
             self._on_presence(msg, parsed.sender, state)
         elif parsed.channel == "update":
-            if len(msg.payload) >= _OFFLOAD_BYTES:
+            if len(msg.payload) >= OFFLOAD_BYTES:
                 await asyncio.to_thread(self._on_update, msg, parsed.sender, state)
             else:
                 self._on_update(msg, parsed.sender, state)
@@ -347,22 +330,6 @@ class Aggregator:
         )
         payload = await self._offload(lambda: encode(env, c.compression))
         await self.bus.publish(topics.model(c.job, c.node_id), payload)
-
-    async def _publish(self, topic: str, kind: str, number: int, meta: Mapping[str, Any]) -> None:
-        env = Envelope(kind=kind, job=self.config.job, sender=self.config.node_id, round=number,
-                       meta=dict(meta))
-        await self.bus.publish(topic, encode(env))
-
-    async def _publish_presence(self, status: str) -> None:
-        c = self.config
-        env = presence(c.job, c.node_id, "aggregator", status)
-        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
-
-    async def _offload(self, fn: Callable[[], Any]) -> Any:
-        nbytes = sum(v.nbytes for v in self.weights.values())
-        if nbytes >= _OFFLOAD_BYTES:
-            return await asyncio.to_thread(fn)
-        return fn()
 
 
 def _plain(report: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +24,14 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.errors import FedbusError, UpdateRejected
+from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase
 from fedbus.services._intake import (
     checked_num_examples,
     client_update,
     open_update,
     presence_status,
 )
-from fedbus.services._wire import DONE, METRICS, ROUND, Rejections, SeenIds, join_tensors, presence
+from fedbus.services._wire import DONE, METRICS, ROUND, Rejections, SeenIds, join_tensors
 from fedbus.services.aggregator import RoundReport
 from fedbus.task import EvalResult
 from strategies import AsyncStrategy, Selector, StrategyError, Weights
@@ -38,9 +39,6 @@ from strategies import AsyncStrategy, Selector, StrategyError, Weights
 __all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]
 
 log = structlog.get_logger(__name__)
-
-# As in the synchronous aggregator: big models are decoded, folded and encoded off the loop.
-_OFFLOAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +103,7 @@ class _Period:
     rejected_before: dict[str, int] = field(default_factory=dict)
 
 
-class AsyncAggregator:
+class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     """Runs an ``AsyncStrategy`` over ``bus`` until ``config.rounds`` model versions exist.
 
     ``selector`` decides who starts when a slot frees (``InFlightSelector`` keeps C busy); the
@@ -158,6 +156,9 @@ class AsyncAggregator:
     def in_flight(self) -> list[str]:
         return sorted(self._assigned)
 
+    async def _on_idle(self, msg: Message) -> None:
+        await self._dispatch(msg)
+
     # --- main loop -------------------------------------------------------------------------
     async def run(self) -> Weights:
         c = self.config
@@ -208,22 +209,6 @@ class AsyncAggregator:
             raise FedbusError(f"no trainer took work for {c.start_timeout_s}s "
                               f"(round.start_timeout_s) at model version {self.version}; "
                               f"online: {available}")
-
-    async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.online & self.config.trainers) < needed:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise FedbusError(
-                    f"only {len(self.online)} of the {needed} trainers needed "
-                    f"(round.min_clients) came online within {timeout}s: {sorted(self.online)}"
-                )
-            try:
-                msg = await sub.get(timeout=left)
-            except TimeoutError:
-                continue
-            await self._dispatch(msg)
-        self._log.info("clients_ready", online=len(self.online))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -292,7 +277,7 @@ class AsyncAggregator:
         if parsed.channel == "presence":
             self._on_presence(msg, parsed.sender)
         elif parsed.channel == "update":
-            if len(msg.payload) >= _OFFLOAD_BYTES:
+            if len(msg.payload) >= OFFLOAD_BYTES:
                 await asyncio.to_thread(self._on_update, msg, parsed.sender)
             else:
                 self._on_update(msg, parsed.sender)
@@ -387,19 +372,3 @@ class AsyncAggregator:
         )
         payload = await self._offload(lambda: encode(env, c.compression))
         await self.bus.publish(topics.model(c.job, c.node_id), payload)
-
-    async def _publish(self, topic: str, kind: str, number: int, meta: Mapping[str, Any]) -> None:
-        env = Envelope(kind=kind, job=self.config.job, sender=self.config.node_id, round=number,
-                       meta=dict(meta))
-        await self.bus.publish(topic, encode(env))
-
-    async def _publish_presence(self, status: str) -> None:
-        c = self.config
-        env = presence(c.job, c.node_id, "aggregator", status)
-        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
-
-    async def _offload(self, fn: Callable[[], Any]) -> Any:
-        nbytes = sum(v.nbytes for v in self.weights.values())
-        if nbytes >= _OFFLOAD_BYTES:
-            return await asyncio.to_thread(fn)
-        return fn()

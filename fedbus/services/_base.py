@@ -1,0 +1,81 @@
+"""What both aggregators share: presence, waiting for trainers, publishing, and moving big
+work off the event loop. Subclasses say what a message means while they wait (``_on_idle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from fedbus import topics
+from fedbus.bus import Bus, Message, Subscription
+from fedbus.codec import Envelope, encode
+from fedbus.errors import FedbusError
+from fedbus.services._wire import presence
+
+__all__ = ["OFFLOAD_BYTES", "AggregatorBase"]
+
+# Decoding, folding or encoding a model of this size or more happens in a worker thread, so
+# the event loop (and with it MQTT keepalives) never stalls on a big model.
+OFFLOAD_BYTES = 1 << 20
+
+
+class _Config(Protocol):
+    @property
+    def job(self) -> str: ...
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def trainers(self) -> frozenset[str]: ...
+
+
+C = TypeVar("C", bound=_Config)
+
+
+class AggregatorBase(ABC, Generic[C]):
+    config: C
+    bus: Bus
+    weights: dict[str, np.ndarray]
+    online: set[str]
+    _log: Any
+
+    @abstractmethod
+    async def _on_idle(self, msg: Message) -> None:
+        """Handle a message that arrives while no round or work is under way."""
+
+    async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.online & self.config.trainers) < needed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FedbusError(
+                    f"only {len(self.online)} of the {needed} trainers needed "
+                    f"(round.min_clients) came online within {timeout}s: {sorted(self.online)}"
+                )
+            try:
+                msg = await sub.get(timeout=left)
+            except TimeoutError:
+                continue
+            await self._on_idle(msg)
+        self._log.info("clients_ready", online=len(self.online))
+
+    async def _publish(self, topic: str, kind: str, number: int, meta: Mapping[str, Any]) -> None:
+        env = Envelope(kind=kind, job=self.config.job, sender=self.config.node_id, round=number,
+                       meta=dict(meta))
+        await self.bus.publish(topic, encode(env))
+
+    async def _publish_presence(self, status: str) -> None:
+        c = self.config
+        env = presence(c.job, c.node_id, "aggregator", status)
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
+
+    async def _offload(self, fn: Callable[[], Any]) -> Any:
+        nbytes = sum(v.nbytes for v in self.weights.values())
+        if nbytes >= OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn)
+        return fn()
