@@ -126,37 +126,17 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                 return server_task.evaluate()
 
         r = m.round
+        common: dict[str, Any] = {
+            "job": m.job, "node_id": node.id, "trainers": trainers, "rounds": m.rounds,
+            "deadline_s": r.deadline_s, "min_clients": r.min_clients,
+            "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
+            "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
+        }
+        weights = server_task.get_weights()
         if isinstance(strategy, AsyncStrategy):
-            return AsyncAggregator(
-                AsyncAggregatorConfig(
-                    job=m.job,
-                    node_id=node.id,
-                    trainers=trainers,
-                    rounds=m.rounds,
-                    deadline_s=r.deadline_s,
-                    min_clients=r.min_clients,
-                    start_timeout_s=r.start_timeout_s,
-                    evaluate_every=m.evaluate.every,
-                    seed=m.seed,
-                    compression=_compression(m),
-                    limits=_limits(m),
-                ),
-                bus, strategy, selector, server_task.get_weights(), evaluate=evaluate)
-        config = AggregatorConfig(
-            job=m.job,
-            node_id=node.id,
-            trainers=trainers,
-            rounds=m.rounds,
-            deadline_s=r.deadline_s,
-            quorum=r.quorum,
-            min_clients=r.min_clients,
-            start_timeout_s=r.start_timeout_s,
-            evaluate_every=m.evaluate.every,
-            seed=m.seed,
-            compression=_compression(m),
-            limits=_limits(m),
-        )
-        return Aggregator(config, bus, strategy, selector, server_task.get_weights(),
-                          evaluate=evaluate)
+            return AsyncAggregator(AsyncAggregatorConfig(**common), bus, strategy, selector,
+                                   weights, evaluate=evaluate)
+        return Aggregator(AggregatorConfig(quorum=r.quorum, **common), bus, strategy, selector,
+                          weights, evaluate=evaluate)
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")
