@@ -8,8 +8,10 @@ For each (N, P) the script starts its own mosquitto on a free loopback port, the
 processes, exactly as a deployment would:
 
 - the aggregator alone: ``python -m fedbus.cli serve M --node aggregator --log-json``, so its
-  RSS is its own. /proc/PID/status is sampled at ~20 Hz (VmRSS and VmHWM) and the exact peak
-  comes from the kernel's ``ru_maxrss`` when the process is reaped;
+  RSS is its own. /proc/PID/status is sampled at ~20 Hz (VmRSS and VmHWM); the peak is the
+  last VmHWM read before it exits (VmHWM only grows). The kernel's ``ru_maxrss`` is kept as
+  a cross-check only: it also counts the forking parent's RSS, so it is valid only when it
+  exceeds what this script held when it started the child;
 - all N trainers in ONE process: ``python -m fedbus.cli serve M --node 't*'`` pinned to at
   most 2 cores.
 
@@ -140,11 +142,12 @@ class Sampler:
 
 @dataclass
 class Child:
-    """A process started here; ``reap`` gives the kernel's exact peak RSS (ru_maxrss)."""
+    """A process started here; ``reap`` records its rc, ru_maxrss and CPU time."""
 
     name: str
     proc: subprocess.Popen[bytes]
-    maxrss: int | None = None  # bytes, from wait4 once reaped
+    maxrss: int | None = None  # bytes, from wait4 once reaped (includes the parent at fork)
+    cpu_s: float = 0.0  # user + system CPU seconds, from wait4 once reaped
 
     @property
     def pid(self) -> int:
@@ -158,6 +161,7 @@ class Child:
             if pid == self.pid:
                 self.proc.returncode = os.waitstatus_to_exitcode(status)
                 self.maxrss = usage.ru_maxrss * 1024
+                self.cpu_s = usage.ru_utime + usage.ru_stime
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -242,19 +246,28 @@ class Row:
     update_mb_s: float
     agg_ready_rss: int  # at clients_ready: imports + bus + initial model, before round 1
     agg_end_rss: int  # after the last round, before exit
-    agg_peak: int  # ru_maxrss (exact); agg_peak_polled: VmHWM last polled before exit
-    agg_peak_polled: int
+    agg_peak: int  # VmHWM last polled before exit
+    agg_maxrss: int  # ru_maxrss cross-check (0 when the parent's RSS at fork could mask it)
     floor: int  # idle baseline + 12 bytes/param
     trainer_peak: int
     broker_peak: int
     rss_timeline: list[tuple[float, int]]  # (s since round 1 started, VmRSS) at ~4 Hz
     seconds: float
     rejected: dict[str, int]
+    lost: int  # trainers reported lost (last will) over all rounds; 0 in a clean run
+    agg_cpu_s: float
+    trainers_cpu_s: float
     probe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def peak_over_floor(self) -> float:
         return self.agg_peak / self.floor
+
+    @property
+    def mb_per_agg_cpu_s(self) -> float:
+        """Update MB folded per CPU second of the aggregator (start-up included): what it
+        could take in with a core to itself."""
+        return self.trainers * self.params * 4 * self.rounds / MB / max(self.agg_cpu_s, 1e-9)
 
 
 async def _start_broker() -> MosquittoProcess:
@@ -281,6 +294,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
                                              port=broker.port, size=params,
                                              keepalive=keepalive))
         probe_out = workdir / "probe.jsonl"
+        parent_rss = (read_mem(os.getpid()) or (0, 0))[0]
         if probe:
             agg = Child("aggregator", subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.bench_rounds", "--probe-serve",
@@ -326,8 +340,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
         mem = read_mem(trainers.pid)
         if mem is not None:
             trainer_hwm = max(trainer_hwm, mem[1])
-        if trainers.reap(30.0) and trainers.maxrss:
-            trainer_hwm = max(trainer_hwm, trainers.maxrss)
+        trainers.reap(30.0)
         mem = read_mem(broker.pid)
         if mem is not None:
             broker_hwm = max(broker_hwm, mem[1])
@@ -353,9 +366,12 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             trainers=n, params=params, rounds=rounds, round_s=round_s, overhead_s=overhead,
             update_mb_s=n * params * 4 / overhead / MB,
             agg_ready_rss=ready_rss, agg_end_rss=end_rss,
-            agg_peak=agg.maxrss or sampler.last_hwm, agg_peak_polled=sampler.last_hwm,
+            agg_peak=sampler.last_hwm,
+            agg_maxrss=(agg.maxrss or 0) if (agg.maxrss or 0) > parent_rss else 0,
             floor=idle_rss + 12 * params, trainer_peak=trainer_hwm, broker_peak=broker_hwm,
             rss_timeline=timeline, seconds=time.monotonic() - started, rejected=rejected,
+            lost=sum(len(e.get("lost") or []) for e in finished),
+            agg_cpu_s=agg.cpu_s, trainers_cpu_s=trainers.cpu_s,
             probe=probe_summary(probe_out) if probe else {},
         )
     finally:
@@ -392,14 +408,15 @@ def probe_serve(manifest: str, out: str, hz: float = 10.0) -> int:
     from fedbus import cli
 
     buses: list[Any] = []
-    make_bus = cli.make_bus
+    namespace = vars(cli)  # cli imported make_bus by name: patch it where it is looked up
+    make_bus = namespace["make_bus"]
 
     def capture(*a: Any, **kw: Any) -> Any:
         bus = make_bus(*a, **kw)
         buses.append(bus)
         return bus
 
-    cli.make_bus = capture  # type: ignore[assignment]
+    namespace["make_bus"] = capture
     stop = threading.Event()
 
     def loop() -> None:
@@ -447,17 +464,13 @@ def probe_summary(path: Path) -> dict[str, Any]:
 # --- baseline and machine --------------------------------------------------------------------
 
 def idle_rss() -> int:
-    """Peak RSS of an interpreter that only imported what the aggregator imports."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import fedbus.cli, fedbus.bus.mqtt, numpy"],
-        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    child = Child("idle", proc)
-    try:
-        if not child.reap(60.0) or child.maxrss is None:
-            raise RuntimeError("idle interpreter did not exit within 60 s")
-        return child.maxrss
-    finally:
-        child.stop()
+    """VmHWM of an interpreter that only imported what the aggregator imports (it reads its
+    own /proc/self/status last; ru_maxrss would include this script's RSS at fork)."""
+    code = ("import fedbus.cli, fedbus.bus.mqtt, numpy, re; "
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return int(out.split()[-1]) * 1024
 
 
 def machine() -> dict[str, Any]:
@@ -490,15 +503,17 @@ def _mib(b: int) -> str:
 def table(rows: Sequence[Row], idle: int) -> str:
     head = ("| trainers | params | round s (median r2+) | update MB/s in | agg RSS ready MiB "
             "| agg RSS end MiB | agg peak MiB | floor MiB | peak / floor | peak − idle B/param "
-            "| trainers proc peak MiB | broker peak MiB |")
-    lines = [head, "|" + "---|" * 12]
+            "| trainers proc peak MiB | broker peak MiB | agg CPU s/round "
+            "| update MB per agg CPU s |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r.trainers} | {r.params / MB:g}M | {r.overhead_s:.2f} | {r.update_mb_s:,.0f} "
             f"| {_mib(r.agg_ready_rss)} | {_mib(r.agg_end_rss)} | **{_mib(r.agg_peak)}** "
             f"| {_mib(r.floor)} | {r.peak_over_floor:.2f} "
             f"| {(r.agg_peak - idle) / r.params:.1f} | {_mib(r.trainer_peak)} "
-            f"| {_mib(r.broker_peak)} |")
+            f"| {_mib(r.broker_peak)} | {r.agg_cpu_s / r.rounds:.1f} "
+            f"| {r.mb_per_agg_cpu_s:,.0f} |")
     return "\n".join(lines)
 
 
@@ -550,8 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       trainer_cores=args.trainer_cores, timeout_s=args.timeout,
                       keepalive=args.keepalive, probe=args.probe)
         _eprint(f"  rounds {[round(s, 2) for s in row.round_s]} s, agg peak "
-                f"{_mib(row.agg_peak)} MiB (polled {_mib(row.agg_peak_polled)}), trainers "
-                f"{_mib(row.trainer_peak)} MiB, {row.seconds:.0f} s wall")
+                f"{_mib(row.agg_peak)} MiB (ru_maxrss "
+                f"{_mib(row.agg_maxrss) if row.agg_maxrss else 'n/a'}), trainers "
+                f"{_mib(row.trainer_peak)} MiB, CPU s agg {row.agg_cpu_s:.0f} / trainers "
+                f"{row.trainers_cpu_s:.0f}, lost {row.lost}, {row.seconds:.0f} s wall")
         if row.probe:
             _eprint(f"  probe: {json.dumps(row.probe)}")
         rows.append(row)
@@ -566,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_rounds",
                                  *(argv if argv is not None else sys.argv[1:])]),
             "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rows": [{**asdict(r), "peak_over_floor": r.peak_over_floor} for r in rows],
+            "rows": [{**asdict(r), "peak_over_floor": r.peak_over_floor,
+                      "mb_per_agg_cpu_s": r.mb_per_agg_cpu_s} for r in rows],
         }, indent=1))
     return 0
 
