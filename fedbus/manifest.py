@@ -95,6 +95,9 @@ class RoundSpec:
     #: Online trainers needed before a round starts.
     min_clients: int = 1
     start_timeout_s: float = 120.0
+    #: Chunked (large) updates uploading at once: the aggregator grants upload slots so its
+    #: memory is bounded by this many in-flight models, not by the number of trainers.
+    max_uploads: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +431,8 @@ class _Parser:
                                      lo=1),
             start_timeout_s=self.number(t.get("start_timeout_s", d.start_timeout_s),
                                         "round.start_timeout_s", lambda x: x > 0, positive),
+            max_uploads=self.integer(t.get("max_uploads", d.max_uploads), "round.max_uploads",
+                                     lo=1),
         )
         if spec.min_clients > n_trainers:
             self.fail("round.min_clients",

@@ -17,7 +17,7 @@ from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import ROUND, UPDATE, join_tensors, presence
+from fedbus.services._wire import ROUND, UPDATE, UploadGate, join_tensors, presence
 from fedbus.services.aggregator import Aggregator
 
 SIZE = 32
@@ -263,3 +263,59 @@ async def test_client_side_dp_clips_and_noises_in_the_trainer() -> None:
     assert float(np.linalg.norm(clipped.weights["w"])) <= 0.01 + 1e-6
     assert not np.allclose(noisy.weights["w"], clipped.weights["w"])
     np.testing.assert_array_equal(noisy.weights["w"], noisy_again.weights["w"])
+
+
+def test_upload_gate_grants_at_most_slots_and_takes_back_stale_grants() -> None:
+    # Prepare
+    gate = UploadGate(slots=2, timeout_s=10)
+    for node in ("a", "b", "c"):
+        gate.request(node)
+    # Execute / Assert: two granted, the third waits for a release
+    assert gate.due(now=0.0) == (["a", "b"], [])
+    assert gate.due(now=1.0) == ([], [])
+    gate.release("a")
+    assert gate.due(now=2.0) == (["c"], [])
+    # b never uploads: its grant is taken back after timeout_s
+    assert gate.due(now=11.0) == ([], ["b"])
+    assert gate.granted == ["c"]
+
+
+async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
+    # Prepare: 1.2 MB updates (above the 1 MB chunk size) from 5 trainers, 2 upload slots
+    size = 300_000
+    base = manifest(n=5, rounds=2)
+    m = dataclasses.replace(
+        base,
+        round=dataclasses.replace(base.round, max_uploads=2),
+        task=dataclasses.replace(base.task, params={"size": size, "lr": LR}),
+        codec=dataclasses.replace(base.codec, level=0),  # toy deltas would compress away
+    )
+    in_flight: set[str] = set()
+    peak = 0
+
+    async def spy(broker: MemoryBroker, m: Manifest) -> None:
+        nonlocal peak
+        async with MemoryBus(broker, "spy") as bus, bus.subscribe(
+            topics.updates_for("toy", "agg"), "fedbus/v1/toy/control/+",
+            topics.model("toy", "agg"),
+        ) as sub:
+            async for msg in sub:
+                env = decode(msg.payload)
+                if env.kind == "grant":
+                    in_flight.add(topics.parse(msg.topic).sender)
+                    peak = max(peak, len(in_flight))
+                elif env.kind == UPDATE:
+                    in_flight.discard(env.sender)
+                elif env.kind == "done":
+                    return
+
+    # Execute
+    agg = await federate(m, spy)
+    # Assert: same model as without the gate, never more than 2 uploads granted at once
+    from examples.toy.task import make_task
+
+    target = make_task(partition=None, num_partitions=5, seed=m.seed, size=size).global_target
+    np.testing.assert_allclose(agg.weights["w"], target * (1 - (1 - LR) ** 2), rtol=1e-5,
+                               atol=1e-6)
+    assert [len(r.accepted) for r in agg.history] == [5, 5]
+    assert peak == 2

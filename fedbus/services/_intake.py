@@ -36,6 +36,7 @@ def open_update(
     limits: Limits,
     seen: SeenIds,
     rejections: Rejections,
+    kinds: tuple[str, ...] = (UPDATE,),
 ) -> Envelope | None:
     """Decode an update within ``limits`` and check kind, job, sender (the topic's, so a
     node cannot speak for another) and message id; ``None`` when rejected."""
@@ -45,7 +46,7 @@ def open_update(
     except CodecError as exc:
         reject(exc.reason, exc.detail, sender=sender)
         return None
-    if env.kind != UPDATE or env.job != job:
+    if env.kind not in kinds or env.job != job:
         reject("bad_kind", f"kind={env.kind!r} job={env.job!r}", sender=sender)
         return None
     if env.sender != sender:

@@ -31,10 +31,14 @@ from fedbus.services._intake import (
 )
 from fedbus.services._wire import (
     DONE,
+    GRANT,
     METRICS,
+    READY,
     ROUND,
+    UPDATE,
     Rejections,
     SeenIds,
+    UploadGate,
     join_tensors,
 )
 from fedbus.task import EvalResult
@@ -56,6 +60,10 @@ class AggregatorConfig:
     min_clients: int = 1
     start_timeout_s: float = 120.0
     max_extensions: int = 1
+    #: Large updates upload at most this many at a time (see ``UploadGate``).
+    max_uploads: int = 4
+    #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
+    gate_bytes: int = 1_000_000
     evaluate_every: int = 1
     seed: int = 0
     max_examples: int = 1 << 40
@@ -146,6 +154,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         #: Every finished round's report, for displays; unbounded but one small item a round.
         self.reports: asyncio.Queue[RoundReport] = asyncio.Queue()
         self._seen = SeenIds()
+        self._gate = UploadGate(config.max_uploads, timeout_s=config.deadline_s)
+        self._round = 0
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
 
     async def _on_idle(self, msg: Message) -> None:
@@ -180,6 +190,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         available = sorted(self.online & c.trainers)
         selected = set(self.selector.select(available, number)) if available else set()
         state = _Round(number, selected=set(selected), pending=set(selected), started=started)
+        self._round = number
+        self._gate.reset()
         self.strategy.begin(self.weights, number)
         need = max(1, math.ceil(c.quorum * len(selected))) if selected else 1
         await self._broadcast(state)
@@ -255,6 +267,16 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                 await asyncio.to_thread(self._on_update, msg, parsed.sender, state)
             else:
                 self._on_update(msg, parsed.sender, state)
+        await self._grant_due()
+
+    async def _grant_due(self) -> None:
+        grant, expired = self._gate.due(time.monotonic())
+        for node in expired:
+            self._log.warning("upload_grant_expired", peer=node, round=self._round)
+        for node in grant:
+            env = Envelope(kind=GRANT, job=self.config.job, sender=self.config.node_id,
+                           round=self._round)
+            await self.bus.publish(topics.control(self.config.job, node), encode(env))
 
     def _on_presence(self, msg: Message, node: str, state: _Round | None) -> None:
         if node not in self.config.trainers:
@@ -269,6 +291,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                 self._log.warning("node_lost", peer=node,
                                   round=state.number if state else None)
             self.online.discard(node)
+            self._gate.release(node)
             if state is not None and node in state.pending:
                 state.pending.discard(node)
                 state.lost.add(node)
@@ -276,9 +299,22 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
     def _on_update(self, msg: Message, sender: str, state: _Round | None) -> None:
         reject = self.rejections.reject
         env = open_update(msg.payload, sender, job=self.config.job, limits=self.config.limits,
-                          seen=self._seen, rejections=self.rejections)
+                          seen=self._seen, rejections=self.rejections, kinds=(UPDATE, READY))
         if env is None:
             return
+        if env.kind == READY:
+            if state is None or env.round != state.number or sender not in state.pending:
+                reject("unexpected_ready", f"ready for round {env.round}", sender=sender)
+            else:
+                self._gate.request(sender)
+            return
+        try:
+            self._fold(env, sender, state)
+        finally:
+            self._gate.release(sender)  # its upload is in, good or bad: the slot is free
+
+    def _fold(self, env: Envelope, sender: str, state: _Round | None) -> None:
+        reject = self.rejections.reject
         if state is None or env.round != state.number:
             reject("stale", f"update for round {env.round}", sender=sender,
                    round=state.number if state else None)
@@ -325,7 +361,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             job=c.job,
             sender=c.node_id,
             round=state.number,
-            meta={"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config},
+            meta={"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config,
+                  "upload_gate_bytes": c.gate_bytes},
             tensors=join_tensors(self.weights, self.strategy.client_tensors(state.number)),
         )
         payload = await self._offload(lambda: encode(env, c.compression))

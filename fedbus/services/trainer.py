@@ -23,6 +23,8 @@ from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
+    GRANT,
+    READY,
     ROUND,
     UPDATE,
     Rejections,
@@ -71,12 +73,15 @@ class Trainer:
         self.rejections = Rejections(config.node_id)
         self._last_round = -1
         self._orders_seen = SeenIds(capacity=4096)
+        #: A large update waiting for the aggregator's upload grant: (round, payload).
+        self._pending: tuple[int, bytes] | None = None
         self._log = log.bind(node=config.node_id, role="trainer", job=config.job)
 
     async def run(self) -> int:
         """Returns the number of rounds this trainer took part in."""
         c = self.config
-        async with self.bus.subscribe(topics.model(c.job, c.parent)) as sub:
+        filters = (topics.model(c.job, c.parent), topics.control(c.job, c.node_id))
+        async with self.bus.subscribe(*filters) as sub:
             await self._publish_presence("online")
             try:
                 async for msg in sub:
@@ -93,6 +98,8 @@ class Trainer:
                         break
                     if env.kind == ROUND:
                         await self._on_round(env)
+                    elif env.kind == GRANT:
+                        await self._on_grant(env)
             finally:
                 # Best effort: if the connection is gone, the broker's last will says it.
                 with contextlib.suppress(FedbusError):
@@ -120,6 +127,9 @@ class Trainer:
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return
+        if self._pending is not None:
+            self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
+            self._pending = None
         started = time.monotonic()
         try:
             delta, result = await asyncio.to_thread(self._train, weights, extra, config)
@@ -143,11 +153,32 @@ class Trainer:
             tensors=join_tensors(delta, result.aux),
         )
         payload = await asyncio.to_thread(encode, update, c.compression)
-        await self.bus.publish(topics.update(c.job, c.parent, c.node_id), payload)
+        del update, delta, weights  # the payload is all that is needed now
         self._last_round = env.round
         self.rounds_trained += 1
+        gate = env.meta.get("upload_gate_bytes")
+        if isinstance(gate, int) and not isinstance(gate, bool) and len(payload) > gate:
+            # Large: announce it and upload when the aggregator grants a slot (UploadGate).
+            self._pending = (env.round, payload)
+            ready = Envelope(kind=READY, job=c.job, sender=c.node_id, round=env.round,
+                             meta={"bytes": len(payload)})
+            await self.bus.publish(topics.update(c.job, c.parent, c.node_id), encode(ready))
+            self._log.info("update_ready", round=env.round, seconds=round(duration, 3),
+                           bytes=len(payload))
+            return
+        await self.bus.publish(topics.update(c.job, c.parent, c.node_id), payload)
         self._log.info("update_sent", round=env.round, examples=result.num_examples,
                        seconds=round(duration, 3), bytes=len(payload))
+
+    async def _on_grant(self, env: Envelope) -> None:
+        if self._pending is None or self._pending[0] != env.round:
+            self._log.debug("grant_ignored", round=env.round)
+            return
+        _, payload = self._pending
+        self._pending = None
+        await self.bus.publish(topics.update(self.config.job, self.config.parent,
+                                             self.config.node_id), payload)
+        self._log.info("update_sent", round=env.round, bytes=len(payload), granted=True)
 
     def _train(
         self, weights: dict[str, np.ndarray], extra: dict[str, np.ndarray],
