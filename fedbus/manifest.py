@@ -69,7 +69,10 @@ class BrokerSpec:
     password_env: str | None = None
     tls_ca: str | None = None
     chunk_bytes: int = 1_000_000
-    keepalive_s: int = 10
+    #: MQTT keepalive. Crashes are seen at once (TCP closes, the will fires); this only
+    #: bounds how long a hung or cut-off node goes unnoticed (1.5x), and must outlast the
+    #: event-loop stalls of a busy small device, or healthy nodes get dropped.
+    keepalive_s: int = 30
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,12 +46,18 @@ def _compression(m: Manifest) -> Compression:
 
 def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:
     """A bus connection for ``node``, with its last will announcing it offline."""
-    will = Will(topic=topics.presence(m.job, node.id),
-                payload=encode(presence(m.job, node.id, node.role, "offline")), retain=True)
+    topic = topics.presence(m.job, node.id)
+    will = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "offline")),
+                retain=True)
+    # Published by the bus on every (re)connect: a node that lost its connection (and had its
+    # will published) is announced online again as soon as it is back.
+    birth = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "online")),
+                 retain=True)
     chunk = m.broker.chunk_bytes if m.broker else 1_000_000
     client_id = f"fedbus.{m.job}.{node.id}"
     if memory is not None:
-        return MemoryBus(memory, node.id, will=will, client_id=client_id, chunk_bytes=chunk)
+        return MemoryBus(memory, node.id, will=will, birth=birth, client_id=client_id,
+                         chunk_bytes=chunk)
     if m.broker is None:
         raise ManifestError(m.source, "broker",
                             "no broker given: use `fedbus run` (embedded broker) or add "
@@ -66,6 +72,7 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
         b.port,
         client_id=client_id,
         will=will,
+        birth=birth,
         chunk_bytes=b.chunk_bytes,
         max_message_bytes=m.codec.max_message_mb << 20,
         keepalive=b.keepalive_s,

@@ -68,7 +68,7 @@ def test_digits_manifest_loads() -> None:
 def test_compose_manifest_defaults_to_the_compose_broker() -> None:
     m = load_manifest(DIGITS / "compose-manifest.yaml", env={})
 
-    assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=10)
+    assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=30)
     assert m.num_partitions == 4
 
 

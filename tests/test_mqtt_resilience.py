@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
-from fedbus.bus import MqttBus
+from fedbus.bus import MqttBus, Will
 from fedbus.errors import BusError, ConnectError
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -104,3 +104,20 @@ async def test_refused_credentials_fail_fast() -> None:
             async with bus:
                 pass
         assert loop.time() - started < WAIT / 2
+
+
+async def test_birth_announces_a_node_again_after_its_will_fired(
+    mosquitto: MosquittoProcess,
+) -> None:
+    # Prepare: a node with a retained will (offline) and birth (online), and an observer
+    topic = f"test/{uuid.uuid4().hex[:8]}/presence"
+    node = MqttBus(f"n{uuid.uuid4().hex[:10]}", mosquitto.host, mosquitto.port,
+                   will=Will(topic, b"offline"), birth=Will(topic, b"online"),
+                   reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=WAIT)
+    async with make(mosquitto) as observer, observer.subscribe(topic) as sub, node:
+        assert (await sub.get(timeout=WAIT)).payload == b"online"
+        # Execute: the connection drops abruptly; the broker fires the will, the bus reconnects
+        await node._drop_connection()
+        # Assert
+        assert (await sub.get(timeout=WAIT)).payload == b"offline"
+        assert (await sub.get(timeout=WAIT)).payload == b"online"

@@ -119,6 +119,7 @@ class MemoryBus:
         node_id: str,
         *,
         will: Will | None = None,
+        birth: Will | None = None,
         client_id: str | None = None,
         chunk_bytes: int = 1_000_000,
         limits: ChunkLimits | None = None,
@@ -127,6 +128,7 @@ class MemoryBus:
             raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.node_id = node_id
         self.client_id = client_id or node_id  # == node id, so ACL %c rules match
+        self.birth = birth
         self.will = will
         self.chunk_bytes = chunk_bytes
         self._broker = broker
@@ -155,6 +157,8 @@ class MemoryBus:
             raise BusError(f"bus {self.node_id} cannot be reopened; make a new one")
         self._state = "open"
         self._broker._connect(self)
+        if self.birth is not None:
+            await self.publish(self.birth.topic, self.birth.payload, retain=self.birth.retain)
         return self
 
     async def __aexit__(

@@ -75,6 +75,7 @@ class MqttBus:
         *,
         client_id: str | None = None,
         will: Will | None = None,
+        birth: Will | None = None,
         chunk_bytes: int = 1_000_000,
         max_message_bytes: int = 256 * 1024 * 1024,
         limits: ChunkLimits | None = None,
@@ -99,6 +100,7 @@ class MqttBus:
         self.host = host
         self.port = port
         self.client_id = client_id or node_id  # == node id, so ACL %c rules match
+        self.birth = birth
         self.will = will
         self.chunk_bytes = chunk_bytes
         # ``limits`` wins when given; ``max_message_bytes`` is the shorthand for the common case.
@@ -294,6 +296,11 @@ class MqttBus:
                 async with client:
                     conn = _Conn(client)
                     await self._restore(client)
+                    if self.birth is not None:
+                        # The will announced us gone when the last connection dropped; say we
+                        # are back on every (re)connect, or peers keep us for dead.
+                        await client.publish(self.birth.topic, self.birth.payload, qos=1,
+                                             retain=self.birth.retain)
                     self._conn = conn
                     self._connected.set()
                     self._counters["connects"] += 1
