@@ -279,7 +279,7 @@ async def _stop_broker(broker: MosquittoProcess) -> None:
 
 
 def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
-            trainer_cores: int, timeout_s: float, keepalive: int = 60,
+            trainer_cores: int, timeout_s: float, keepalive: int = 30,
             probe: bool = False) -> Row:
     started = time.monotonic()
     broker: MosquittoProcess | None = None
@@ -535,9 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--codec-level", type=int, default=0, help="zstd level (0 = raw)")
     p.add_argument("--trainer-cores", type=int, default=2, help="cores for the trainer process")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per configuration")
-    p.add_argument("--keepalive", type=int, default=60,
-                   help="MQTT keepalive (s). fedbus's default 10 s is too short for 50 "
-                   "trainers x 11M in one process on 2 cores: see docs/benchmarks.md")
+    p.add_argument("--keepalive", type=int, default=30,
+                   help="MQTT keepalive (s); 30 is fedbus's default (10 s dropped 50 trainers "
+                   "sharing one process on 2 cores: see docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--probe", action="store_true",
                    help="diagnosis: run the aggregator under a thread that records the bus's "
