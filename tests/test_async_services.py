@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 import zstandard
 from structlog.testing import capture_logs
 
@@ -58,6 +59,21 @@ def targets(m: Manifest) -> np.ndarray:
 
     return np.stack([make_task(partition=i, num_partitions=m.num_partitions, seed=m.seed,
                                size=SIZE).target for i in range(m.num_partitions)])
+
+
+def hull_distance(w: np.ndarray, points: np.ndarray, iterations: int = 2000) -> float:
+    """Distance from ``w`` to the convex hull of ``points`` (rows): projected gradient on the
+    mixing weights, each step projected back onto the simplex."""
+    a = np.full(len(points), 1.0 / len(points))
+    step = 1.0 / np.linalg.norm(points @ points.T, 2)
+    ranks = np.arange(1, len(points) + 1)
+    for _ in range(iterations):
+        a = a - step * (points @ (points.T @ a - w))
+        u = np.sort(a)[::-1]
+        css = np.cumsum(u)
+        r = np.nonzero(u * ranks > css - 1)[0][-1]
+        a = np.maximum(a - (css[r] - 1) / (r + 1), 0.0)
+    return float(np.linalg.norm(points.T @ a - w))
 
 
 class RecordingFedBuff(FedBuff):
@@ -162,11 +178,24 @@ async def test_fedbuff_versions_count_up_and_each_update_is_trained_from_its_ver
         step = LR * (t[partition] - strategy.models[u.base_round])
         np.testing.assert_allclose(u.delta["w"], step, rtol=1e-5, atol=1e-6)
     assert any(u.staleness > 0 for _, u in strategy.submitted), "slow trainers must be stale"
-    # the model ends inside the box spanned by the trainers' targets, far from the start
+    # the model is exactly FedBuff over the updates in the order they landed (whatever order
+    # the trainers' speeds and the scheduler gave them): nothing lost, doubled or reordered
+    replay = FedBuff(buffer_size=2)
+    replay.init({"w": strategy.models[0]})
+    for _, u in strategy.submitted:
+        moved = replay.submit(u)
+        if moved is not None:
+            np.testing.assert_array_equal(moved["w"], strategy.models[replay.version])
+    assert replay.version == 10 and replay.num_buffered == 0
+    np.testing.assert_array_equal(agg.weights["w"], replay.weights["w"])
+    # the model ends inside the box spanned by the trainers' targets, far from the start.
+    # Not "close to the mean of the targets": which trainers landed in the last versions
+    # decides where in that region it ends (fast t0 pulls hardest), and that is scheduling.
     w = agg.weights["w"]
     span = t.max(0) - t.min(0)
     assert np.all(w >= t.min(0) - 0.1 * span) and np.all(w <= t.max(0) + 0.1 * span)
-    assert np.linalg.norm(w - t.mean(0)) < np.linalg.norm(t.mean(0))
+    start = hull_distance(np.zeros_like(w), t)
+    assert start > 1 and hull_distance(w, t) < 0.1 * start
     # reports carry what the CLI and a watcher need
     meta = agg.history[-1].as_meta()
     assert meta["mode"] == "async" and meta["round"] == meta["version"] == 10
@@ -222,6 +251,22 @@ def test_build_node_picks_the_async_aggregator_and_inflight_concurrency() -> Non
         assert isinstance(agg.selector, InFlightSelector) and agg.selector.concurrency == c
     assert build_node(manifest(strategy={"name": "fedbuff", "params": {"max_staleness": 2}}),
                       "agg", bus).max_staleness == 2
+
+
+@pytest.mark.xfail(reason="birth race: make_bus gives every bus a birth (presence online) "
+                          "published at connect, before the service subscribes; the "
+                          "aggregator's first work to each trainer is lost until deadline_s. "
+                          "Remove this mark once births are sent only on reconnects.")
+async def test_first_work_reaches_every_trainer_without_waiting_for_a_deadline() -> None:
+    # Prepare: a deadline far longer than any fit here (10-80 ms)
+    m = manifest(rounds=4, deadline_s=3)
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m)
+    # Assert: "online" meant "listening for work": nobody was given up on
+    assert agg.version == 4
+    assert not any(e["event"] == "update_missing" for e in logs)
+    assert not any(getattr(r, "given_up", []) for r in agg.history)
 
 
 # --- faults ----------------------------------------------------------------------------------
@@ -366,7 +411,9 @@ async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_num
         async with MemoryBus(broker, "agg") as agg_bus, \
                 agg_bus.subscribe(topics.updates_for("toy", "agg"),
                                   topics.presence("toy", "t0")) as sub:
-            trainer = build_node(m, "t0", make_bus(m, m.node("t0"), memory=broker))
+            # No birth message on t0's bus: this test reads t0's own "online", which the trainer
+            # sends once it listens for orders (a birth is sent at connect, before that).
+            trainer = build_node(m, "t0", MemoryBus(broker, "t0", client_id="fedbus.toy.t0"))
             assert isinstance(trainer, Trainer)
             async with trainer.bus, asyncio.TaskGroup() as tg:
                 task = tg.create_task(trainer.run())
