@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
-import pytest
 import zstandard
 from structlog.testing import capture_logs
 
@@ -253,10 +252,6 @@ def test_build_node_picks_the_async_aggregator_and_inflight_concurrency() -> Non
                       "agg", bus).max_staleness == 2
 
 
-@pytest.mark.xfail(reason="birth race: make_bus gives every bus a birth (presence online) "
-                          "published at connect, before the service subscribes; the "
-                          "aggregator's first work to each trainer is lost until deadline_s. "
-                          "Remove this mark once births are sent only on reconnects.")
 async def test_first_work_reaches_every_trainer_without_waiting_for_a_deadline() -> None:
     # Prepare: a deadline far longer than any fit here (10-80 ms)
     m = manifest(rounds=4, deadline_s=3)

@@ -115,7 +115,6 @@ async def test_birth_announces_a_node_again_after_its_will_fired(
                    will=Will(topic, b"offline"), birth=Will(topic, b"online"),
                    reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=WAIT)
     async with make(mosquitto) as observer, observer.subscribe(topic) as sub, node:
-        assert (await sub.get(timeout=WAIT)).payload == b"online"
         # Execute: the connection drops abruptly; the broker fires the will, the bus reconnects
         await node._drop_connection()
         # Assert

@@ -156,9 +156,9 @@ class MemoryBus:
         if self._state != "new":
             raise BusError(f"bus {self.node_id} cannot be reopened; make a new one")
         self._state = "open"
+        # A memory bus never reconnects, so its birth message (sent by MqttBus on reconnects
+        # only) is never due; services announce themselves once subscribed.
         self._broker._connect(self)
-        if self.birth is not None:
-            await self.publish(self.birth.topic, self.birth.payload, retain=self.birth.retain)
         return self
 
     async def __aexit__(

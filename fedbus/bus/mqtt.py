@@ -296,9 +296,11 @@ class MqttBus:
                 async with client:
                     conn = _Conn(client)
                     await self._restore(client)
-                    if self.birth is not None:
+                    if self.birth is not None and self._counters["connects"] > 0:
                         # The will announced us gone when the last connection dropped; say we
-                        # are back on every (re)connect, or peers keep us for dead.
+                        # are back, or peers keep us for dead. Only on REconnects: _restore
+                        # has re-subscribed, so "online" still means "listening". On the first
+                        # connect the service announces itself once it has subscribed.
                         await client.publish(self.birth.topic, self.birth.payload, qos=1,
                                              retain=self.birth.retain)
                     self._conn = conn
