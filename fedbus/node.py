@@ -140,12 +140,12 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
         }
         weights = server_task.get_weights()
+        common["max_uploads"] = r.max_uploads
+        common["gate_bytes"] = m.broker.chunk_bytes if m.broker else 1_000_000
         if isinstance(strategy, AsyncStrategy):
             return AsyncAggregator(AsyncAggregatorConfig(**common), bus, strategy, selector,
                                    weights, evaluate=evaluate)
-        gate_bytes = m.broker.chunk_bytes if m.broker else 1_000_000
-        config = AggregatorConfig(quorum=r.quorum, max_uploads=r.max_uploads,
-                                  gate_bytes=gate_bytes, **common)
-        return Aggregator(config, bus, strategy, selector, weights, evaluate=evaluate)
+        return Aggregator(AggregatorConfig(quorum=r.quorum, **common), bus, strategy, selector,
+                          weights, evaluate=evaluate)
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")

@@ -5,6 +5,7 @@ nodes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import time
@@ -434,3 +435,40 @@ async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_num
     # Execute / Assert: async trains both orders once each; sync trains round 1 once
     assert await asyncio.wait_for(drive("async"), 10) == 2
     assert await asyncio.wait_for(drive(None), 10) == 1
+
+
+async def test_large_async_updates_upload_through_the_gate_a_few_at_a_time() -> None:
+    # Prepare: 1.2 MB updates (above the 1 MB chunk size), 5 trainers in flight, 2 slots
+    base = manifest(n=5, rounds=4, speeds=[0.0])
+    m = dataclasses.replace(
+        base,
+        round=dataclasses.replace(base.round, max_uploads=2),
+        task=dataclasses.replace(base.task, params={"size": 300_000, "lr": LR}),
+        codec=dataclasses.replace(base.codec, level=0),  # toy deltas would compress away
+    )
+    granted: set[str] = set()
+    peak = 0
+
+    async def spy(broker: MemoryBroker, m: Manifest) -> None:
+        nonlocal peak
+        async with MemoryBus(broker, "spy") as bus, bus.subscribe(
+            topics.updates_for("toy", "agg"), "fedbus/v1/toy/control/+",
+            topics.model("toy", "agg"),
+        ) as sub:
+            async for msg in sub:
+                env = decode(msg.payload)
+                if env.kind == "grant":
+                    granted.add(topics.parse(msg.topic).sender)
+                    peak = max(peak, len(granted))
+                elif env.kind == "update":
+                    granted.discard(env.sender)
+                elif env.kind == "done":
+                    return
+
+    # Execute
+    agg = await federate(m, spy)
+    # Assert: every version was produced from gated uploads, never more than 2 at once
+    assert agg.version == 4
+    assert sum(agg.contributions.values()) >= 8
+    assert peak == 2
+    assert agg.rejections.total == 0

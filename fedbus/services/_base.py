@@ -16,7 +16,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError
-from fedbus.services._wire import presence
+from fedbus.services._wire import GRANT, UploadGate, presence
 
 __all__ = ["OFFLOAD_BYTES", "AggregatorBase"]
 
@@ -42,11 +42,26 @@ class AggregatorBase(ABC, Generic[C]):
     bus: Bus
     weights: dict[str, np.ndarray]
     online: set[str]
+    _gate: UploadGate
     _log: Any
 
     @abstractmethod
     async def _on_idle(self, msg: Message) -> None:
         """Handle a message that arrives while no round or work is under way."""
+
+    @abstractmethod
+    def _grant_round(self, node: str) -> int:
+        """The round (or model version) a grant to ``node`` is for."""
+
+    async def _grant_due(self) -> None:
+        """Send the upload grants that are due; take back those left unused too long."""
+        grant, expired = self._gate.due(time.monotonic())
+        for node in expired:
+            self._log.warning("upload_grant_expired", peer=node)
+        for node in grant:
+            env = Envelope(kind=GRANT, job=self.config.job, sender=self.config.node_id,
+                           round=self._grant_round(node))
+            await self.bus.publish(topics.control(self.config.job, node), encode(env))
 
     async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

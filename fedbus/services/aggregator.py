@@ -31,7 +31,6 @@ from fedbus.services._intake import (
 )
 from fedbus.services._wire import (
     DONE,
-    GRANT,
     METRICS,
     READY,
     ROUND,
@@ -269,14 +268,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                 self._on_update(msg, parsed.sender, state)
         await self._grant_due()
 
-    async def _grant_due(self) -> None:
-        grant, expired = self._gate.due(time.monotonic())
-        for node in expired:
-            self._log.warning("upload_grant_expired", peer=node, round=self._round)
-        for node in grant:
-            env = Envelope(kind=GRANT, job=self.config.job, sender=self.config.node_id,
-                           round=self._round)
-            await self.bus.publish(topics.control(self.config.job, node), encode(env))
+    def _grant_round(self, node: str) -> int:
+        return self._round
 
     def _on_presence(self, msg: Message, node: str, state: _Round | None) -> None:
         if node not in self.config.trainers:

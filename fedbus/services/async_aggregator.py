@@ -31,7 +31,17 @@ from fedbus.services._intake import (
     open_update,
     presence_status,
 )
-from fedbus.services._wire import DONE, METRICS, ROUND, Rejections, SeenIds, join_tensors
+from fedbus.services._wire import (
+    DONE,
+    METRICS,
+    READY,
+    ROUND,
+    UPDATE,
+    Rejections,
+    SeenIds,
+    UploadGate,
+    join_tensors,
+)
 from fedbus.services.aggregator import RoundReport
 from fedbus.task import EvalResult
 from strategies import AsyncStrategy, Selector, StrategyError, Weights
@@ -54,6 +64,11 @@ class AsyncAggregatorConfig:
     start_timeout_s: float = 120.0
     evaluate_every: int = 1
     seed: int = 0
+    #: Large updates upload at most this many at a time (``UploadGate``), so memory does not
+    #: grow with how many trainers are in flight.
+    max_uploads: int = 4
+    #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
+    gate_bytes: int = 1_000_000
     #: Reject (and count) updates trained from a model more than this many versions old.
     max_staleness: int | None = None
     max_examples: int = 1 << 40
@@ -144,6 +159,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         self._dispatches = 0
         self._idle_since: float | None = None
         self._seen = SeenIds()
+        self._gate = UploadGate(config.max_uploads, timeout_s=config.deadline_s)
         self._period = _Period(started=time.monotonic())
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job,
                              mode="async")
@@ -215,6 +231,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         for node, a in sorted(self._assigned.items()):
             if now - a.sent_at >= self.config.deadline_s:
                 del self._assigned[node]
+                self._gate.release(node)
                 self._period.given_up.add(node)
                 self.selector.report(node, a.version, completed=False, duration_s=now - a.sent_at)
                 self._log.warning("update_missing", node=node, base_version=a.version,
@@ -281,6 +298,11 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 await asyncio.to_thread(self._on_update, msg, parsed.sender)
             else:
                 self._on_update(msg, parsed.sender)
+        await self._grant_due()
+
+    def _grant_round(self, node: str) -> int:
+        work = self._assigned.get(node)
+        return work.version if work is not None else self.version
 
     def _on_presence(self, msg: Message, node: str) -> None:
         if node not in self.config.trainers:
@@ -294,6 +316,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             if node in self.online:
                 self._log.warning("node_lost", peer=node, version=self.version)
             self.online.discard(node)
+            self._gate.release(node)
             lost = self._assigned.pop(node, None)
             if lost is not None:
                 self._period.lost.add(node)
@@ -301,11 +324,25 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                                      duration_s=time.monotonic() - lost.sent_at)
 
     def _on_update(self, msg: Message, sender: str) -> None:
-        reject = self.rejections.reject
         env = open_update(msg.payload, sender, job=self.config.job, limits=self.config.limits,
-                          seen=self._seen, rejections=self.rejections)
+                          seen=self._seen, rejections=self.rejections, kinds=(UPDATE, READY))
         if env is None:
             return
+        if env.kind == READY:
+            work = self._assigned.get(sender)
+            if work is None or env.round != work.version:
+                self.rejections.reject("unexpected_ready", f"ready for version {env.round}",
+                                       sender=sender)
+            else:
+                self._gate.request(sender)
+            return
+        try:
+            self._fold(env, sender)
+        finally:
+            self._gate.release(sender)  # its upload is in, good or bad: the slot is free
+
+    def _fold(self, env: Envelope, sender: str) -> None:
+        reject = self.rejections.reject
         work = self._assigned.get(sender)
         if work is None:
             reject("not_selected", f"no work outstanding (update from version {env.round})",
@@ -367,7 +404,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             sender=c.node_id,
             round=version,
             meta={"selected": nodes, "mode": "async", "config": config,
-                  "deadline_s": c.deadline_s},
+                  "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes},
             tensors=join_tensors(self.weights),
         )
         payload = await self._offload(lambda: encode(env, c.compression))
