@@ -8,21 +8,47 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Envelope, encode
+from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.errors import FedbusError
 from fedbus.services._wire import GRANT, UploadGate, presence
 
-__all__ = ["OFFLOAD_BYTES", "AggregatorBase"]
+__all__ = ["OFFLOAD_BYTES", "AggregatorBase", "AggregatorSettings"]
 
 # Decoding, folding or encoding a model of this size or more happens in a worker thread, so
 # the event loop (and with it MQTT keepalives) never stalls on a big model.
 OFFLOAD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorSettings:
+    """What every aggregator is configured with (the manifest's round, evaluate, codec)."""
+
+    job: str
+    node_id: str
+    trainers: frozenset[str]
+    #: Rounds (synchronous) or model versions (asynchronous) to produce.
+    rounds: int
+    #: A round closes, or an asynchronous trainer is given up on, this long after the order.
+    deadline_s: float = 60.0
+    #: Online trainers needed before the first round or order.
+    min_clients: int = 1
+    start_timeout_s: float = 120.0
+    evaluate_every: int = 1
+    seed: int = 0
+    #: Large updates upload at most this many at a time (``UploadGate``).
+    max_uploads: int = 4
+    #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
+    gate_bytes: int = 1_000_000
+    max_examples: int = 1 << 40
+    compression: Compression = Compression()
+    limits: Limits = Limits()
 
 
 class _Config(Protocol):

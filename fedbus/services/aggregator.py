@@ -20,9 +20,9 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
-from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase
+from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
 from fedbus.services._intake import (
     checked_num_examples,
     client_update,
@@ -49,25 +49,11 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class AggregatorConfig:
-    job: str
-    node_id: str
-    trainers: frozenset[str]
-    rounds: int
-    deadline_s: float = 60.0
+class AggregatorConfig(AggregatorSettings):
+    #: Fraction of the selected trainers whose updates a round needs, in (0, 1].
     quorum: float = 1.0
-    min_clients: int = 1
-    start_timeout_s: float = 120.0
+    #: Deadlines added (with replacement trainers) when a round is below quorum.
     max_extensions: int = 1
-    #: Large updates upload at most this many at a time (see ``UploadGate``).
-    max_uploads: int = 4
-    #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
-    gate_bytes: int = 1_000_000
-    evaluate_every: int = 1
-    seed: int = 0
-    max_examples: int = 1 << 40
-    compression: Compression = Compression()
-    limits: Limits = Limits()
 
 
 @dataclass(slots=True)

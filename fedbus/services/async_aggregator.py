@@ -22,9 +22,9 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
-from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase
+from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
 from fedbus.services._intake import (
     checked_num_examples,
     client_update,
@@ -52,28 +52,9 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class AsyncAggregatorConfig:
-    job: str
-    node_id: str
-    trainers: frozenset[str]
-    #: Model versions (server updates) to produce; the job ends at this version.
-    rounds: int
-    #: A trainer that has not delivered this long after its work went out is given up on.
-    deadline_s: float = 60.0
-    min_clients: int = 1
-    start_timeout_s: float = 120.0
-    evaluate_every: int = 1
-    seed: int = 0
-    #: Large updates upload at most this many at a time (``UploadGate``), so memory does not
-    #: grow with how many trainers are in flight.
-    max_uploads: int = 4
-    #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
-    gate_bytes: int = 1_000_000
+class AsyncAggregatorConfig(AggregatorSettings):
     #: Reject (and count) updates trained from a model more than this many versions old.
     max_staleness: int | None = None
-    max_examples: int = 1 << 40
-    compression: Compression = Compression()
-    limits: Limits = Limits()
 
 
 @dataclass(slots=True)
