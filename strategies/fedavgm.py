@@ -70,7 +70,7 @@ class FedAvgM(Strategy):
         self._acc.reset(weights)
 
     def accumulate(self, update: ClientUpdate) -> None:
-        self._acc.add(dict(update.delta), float(update.num_examples) if self.weighted else 1.0)
+        self._acc.add(update.delta, float(update.num_examples) if self.weighted else 1.0)
 
     def finish(self) -> Weights:
         if self._acc.total_weight <= 0:

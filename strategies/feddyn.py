@@ -85,7 +85,7 @@ class FedDyn(Strategy):
         if self._acc.count >= self.num_clients:
             raise StrategyError(f"FedDyn got more than num_clients={self.num_clients} updates "
                                 f"in one round; set num_clients to the federation's size")
-        self._acc.add(dict(update.delta), 1.0)
+        self._acc.add(update.delta, 1.0)
 
     def finish(self) -> Weights:
         n = self._acc.count
