@@ -26,6 +26,7 @@ from fedbus.task import EvalResult, Task, load_task
 from strategies import (
     AsyncStrategy,
     InFlightSelector,
+    RandomSelector,
     Selector,
     Strategy,
     make_selector,
@@ -101,6 +102,12 @@ def open_task(m: Manifest, node: NodeSpec | None) -> Task:
 def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Selector]:
     strategy = make_strategy(m.strategy.name, thaw(m.strategy.params))
     params = thaw(m.selector.params)
+    if m.population is not None:
+        # A simulated population trains `per_round` clients a round (or keeps that many in
+        # flight), not all of them: the default "all" samples per_round uniformly.
+        n_trainers = m.population.per_round
+        if m.selector.name == "all" and not params and not isinstance(strategy, AsyncStrategy):
+            return strategy, RandomSelector(count=n_trainers, seed=m.seed)
     if isinstance(strategy, AsyncStrategy):
         # Async keeps C trainers busy. The default selector ("all") means every trainer,
         # i.e. C = number of trainers; "inflight" without a concurrency gets the same C.

@@ -10,6 +10,8 @@ Channels:
   ``presence/<node>``               retained "online"; the broker publishes "offline" (last will)
   ``state/<node>``                  checkpoint / state snapshots published for the checkpointer
   ``control/<node>``                operator commands to one node (stop, ...)
+  ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
+  ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ __all__ = [
     "presence",
     "presence_all",
     "shared",
+    "sim_result",
+    "sim_results",
+    "sim_tasks",
     "state",
     "strip_share",
     "update",
@@ -41,7 +46,8 @@ __all__ = [
 ]
 
 ROOT: Final = "fedbus/v1"
-CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control"})
+CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
+                             "task", "result"})
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -97,6 +103,19 @@ def state(job: str, node: str) -> str:
 
 def control(job: str, node: str) -> str:
     return _t(job, "control", node)
+
+
+def sim_tasks(job: str, coordinator: str) -> str:
+    """Simulation work items (one virtual client each), read by workers through ``$share``."""
+    return _t(job, "task", coordinator)
+
+
+def sim_result(job: str, coordinator: str, client: str) -> str:
+    return _t(job, "result", coordinator, client)
+
+
+def sim_results(job: str, coordinator: str) -> str:
+    return _t(job, "result", coordinator) + "/+"
 
 
 def shared(group: str, topic_filter: str) -> str:
