@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
     run.add_argument("--memory", action="store_true",
                      help="in-process memory bus instead of MQTT (simulation, no broker)")
+    run.add_argument("--workers", type=int, help="population manifests: simulation workers in "
+                     "this process (default: population.workers, else one per core)")
+    run.add_argument("--remote-workers", type=int, default=0,
+                     help="population manifests: also wait for this many `fedbus worker` "
+                     "processes on the broker")
+
+    worker = add("worker", "host virtual clients of a population manifest (joins a simulation "
+                 "through the broker)")
+    worker.add_argument("manifest")
+    worker.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    worker.add_argument("--workers", type=int, default=1, help="worker objects in this process")
 
     serve = add("serve", "run one node (what compose and systemd start)")
     serve.add_argument("manifest")
@@ -85,8 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             print(describe(manifest))
             return 0
+        if args.command == "run" and manifest.population is not None:
+            from fedbus.sim.cli import simulate
+
+            # A simulation runs on the in-process bus unless a broker is named.
+            memory = args.memory or (manifest.broker is None and not args.remote_workers)
+            return asyncio.run(simulate(manifest, rounds=args.rounds, memory=memory,
+                                        workers=args.workers,
+                                        remote_workers=args.remote_workers,
+                                        progress=_format_round))
         if args.command == "run":
             return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
+        if args.command == "worker":
+            from fedbus.sim.cli import worker as sim_worker
+
+            return asyncio.run(sim_worker(manifest, args.workers))
         if args.command == "serve":
             return asyncio.run(_serve(manifest, args.node))
         return asyncio.run(_watch_only(manifest))

@@ -5,6 +5,10 @@ noise is drawn from (seed, p) when the client is used: nothing is stored per cli
 clients cost what 10 do. ``partition_scheme: dirichlet`` skews clients harder (the spread
 grows as alpha shrinks), standing in for label skew. The server evaluates the distance to the
 center, the optimum of the population.
+
+``stateful: true`` gives every client a piece of state kept between its turns (how often it
+trained, which damps its step), saved in the simulation's client-state store the way SCAFFOLD's
+or FedDyn's client state is.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ __all__ = ["PopulationTask", "make_task"]
 
 
 class PopulationTask:
-    def __init__(self, *, size: int, seed: int, lr: float, spread: float, epochs: int) -> None:
+    def __init__(self, *, size: int, seed: int, lr: float, spread: float, epochs: int,
+                 stateful: bool = False) -> None:
+        self.stateful = bool(stateful)
+        self.visits = 0
         self.size = int(size)
         self.seed = int(seed)
         self.lr = float(lr)
@@ -52,10 +59,19 @@ class PopulationTask:
         if self.partition is None:
             return FitResult(num_examples=0)
         lr = np.float32(config.get("lr", self.lr))
+        if self.stateful:
+            lr = np.float32(lr / (1 + self.visits))
+            self.visits += 1
         loss = float(np.mean((self.w - self.target) ** 2))
         for _ in range(self.epochs):
             self.w += lr * (self.target - self.w)
         return FitResult(num_examples=self.num_examples, metrics={"train_loss": loss})
+
+    def client_state(self) -> dict[str, np.ndarray]:
+        return {"visits": np.array([self.visits], dtype=np.int64)} if self.stateful else {}
+
+    def load_client_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.visits = int(state["visits"][0]) if "visits" in state else 0
 
     def evaluate(self) -> EvalResult:
         loss = float(np.mean((self.w - self.center) ** 2))
@@ -78,11 +94,13 @@ def make_task(
     spread: float = 1.0,
     partition_scheme: str = "iid",
     alpha: float = 0.5,
+    stateful: bool = False,
     **_: Any,
 ) -> PopulationTask:
     if partition_scheme == "dirichlet":
         spread = spread / float(np.sqrt(alpha))  # smaller alpha: clients further apart
-    task = PopulationTask(size=size, seed=seed, lr=lr, spread=spread, epochs=epochs)
+    task = PopulationTask(size=size, seed=seed, lr=lr, spread=spread, epochs=epochs,
+                          stateful=stateful)
     if partition is not None:
         task.use_partition(partition)
     return task

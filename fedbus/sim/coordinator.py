@@ -17,6 +17,7 @@ simulation bit-identical run to run and with any number of workers.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import time
 from collections import deque
@@ -74,10 +75,38 @@ class _Event:
     drop: bool = field(compare=False)
 
 
+class _Outbox:
+    """Publishes in call order without waiting for each broker acknowledgement: a QoS 1
+    round trip per message (tens of ms on loopback MQTT) would otherwise pace the simulation.
+    Tasks are created in order and the bus sends in creation order (as its chunk pipeline
+    does), so the aggregator still sees the fixed order."""
+
+    def __init__(self, bus: Bus, window: int = 256) -> None:
+        self.bus = bus
+        self.window = window
+        self._pending: deque[asyncio.Task[None]] = deque()
+
+    async def send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self._pending.append(asyncio.create_task(self.bus.publish(topic, payload,
+                                                                  retain=retain)))
+        while self._pending and (len(self._pending) >= self.window or self._pending[0].done()):
+            await self._pending.popleft()
+
+    async def flush(self) -> None:
+        while self._pending:
+            await self._pending.popleft()
+
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        self._pending.clear()
+
+
 class Coordinator:
     def __init__(self, config: CoordinatorConfig, bus: Bus, population: Population) -> None:
         self.config = config
         self.bus = bus
+        self.out = _Outbox(bus)
         self.population = population
         self.stats = SimStats()
         self._results: dict[str, bytes] = {}
@@ -93,11 +122,13 @@ class Coordinator:
                    topics.presence_all(c.job))
         async with self.bus.subscribe(*filters) as sub:
             await self._wait_for_workers(sub)
-            await self._announce_clients("online")
             try:
+                await self._announce_clients("online")
                 await self._serve(sub)
+                await self._announce_clients("")  # clear the clients' retained presence
+                await self.out.flush()
             finally:
-                await self._announce_clients("")  # clear the retained presence of the clients
+                self.out.cancel()
         self._log.info("simulation_done", items=self.stats.items, updates=self.stats.updates,
                        dropouts=self.stats.dropouts, virtual_time=self.stats.virtual_time)
         return self.stats
@@ -135,7 +166,7 @@ class Coordinator:
     async def _presence(self, client: str, status: str) -> None:
         c = self.config
         payload = encode(presence(c.job, client, "trainer", status)) if status else b""
-        await self.bus.publish(topics.presence(c.job, client), payload, retain=True)
+        await self.out.send(topics.presence(c.job, client), payload, retain=True)
 
     def _decode(self, msg: Message) -> Envelope | None:
         try:
@@ -209,7 +240,7 @@ class Coordinator:
         item = Envelope(kind=TASK, job=c.job, sender=c.node_id, round=order.round,
                         meta={"order": order.msg_id, "client": client,
                               "state_dir": c.state_dir})
-        await self.bus.publish(topics.sim_tasks(c.job, c.node_id), encode(item))
+        await self.out.send(topics.sim_tasks(c.job, c.node_id), encode(item))
         self.stats.items += 1
 
     # --- releasing updates to the aggregator ---------------------------------------------
@@ -223,7 +254,7 @@ class Coordinator:
     async def _deliver(self, client: str) -> None:
         c = self.config
         payload = self._results.pop(client)
-        await self.bus.publish(topics.update(c.job, c.aggregator, client), payload)
+        await self.out.send(topics.update(c.job, c.aggregator, client), payload)
         self.stats.updates += 1
 
     async def _release_sync(self) -> None:
