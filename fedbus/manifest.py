@@ -599,21 +599,25 @@ class Wiring:
 
 
 def compile_wiring(m: Manifest) -> dict[str, Wiring]:
-    """Per node id, its topic filters and topics, built only through ``fedbus.topics``."""
+    """Per node id, exactly the filters it subscribes to and the topics it publishes on,
+    built only through ``fedbus.topics``. tests/test_hostile.py checks the running services
+    against it, so the ACLs and bridges generated from it allow what the protocol needs and
+    nothing more."""
     job = m.job
     out: dict[str, Wiring] = {}
     for n in m.nodes:
         if n.role == "aggregator":
-            sub = [topics.updates_for(job, n.id), topics.presence_all(job),
-                   topics.control(job, n.id)]
+            sub = [topics.updates_for(job, n.id), topics.presence_all(job)]
+            # grants go to each child's control topic (the upload gate)
             pub = [topics.model(job, n.id), topics.metrics(job, n.id),
-                   topics.presence(job, n.id), topics.state(job, n.id)]
+                   topics.presence(job, n.id),
+                   *(topics.control(job, t.id) for t in m.trainers_of(n.id))]
         else:
             assert n.parent is not None  # validation gives every trainer a parent
-            sub = [topics.model(job, n.parent), topics.presence(job, n.parent),
-                   topics.control(job, n.id)]
-            pub = [topics.update(job, n.parent, n.id), topics.metrics(job, n.id),
+            # its own presence too: a trainer contradicts a forged "offline" about itself
+            sub = [topics.model(job, n.parent), topics.control(job, n.id),
                    topics.presence(job, n.id)]
+            pub = [topics.update(job, n.parent, n.id), topics.presence(job, n.id)]
         out[n.id] = Wiring(node=n.id, subscribe=tuple(sub), publish=tuple(pub))
     return out
 

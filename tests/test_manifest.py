@@ -192,7 +192,7 @@ def test_describe_summarises() -> None:
     assert "embedded mosquitto" in text
     assert "fedavg" in text
     assert "1 aggregator" in text and "10 trainers" in text
-    assert "33 subscriptions" in text
+    assert "32 subscriptions" in text
 
 
 # ----------------------------------------------------------------------------- bad manifests
@@ -439,13 +439,12 @@ def test_wiring_uses_the_topic_grammar() -> None:
     agg = w["aggregator"]
     assert topics.updates_for("digits", "aggregator") in agg.subscribe
     assert topics.model("digits", "aggregator") in agg.publish
-    assert topics.state("digits", "aggregator") in agg.publish
+    assert topics.control("digits", "trainer-3") in agg.publish
     t3 = w["trainer-3"]
     assert t3.subscribe == (topics.model("digits", "aggregator"),
-                            topics.presence("digits", "aggregator"),
-                            topics.control("digits", "trainer-3"))
+                            topics.control("digits", "trainer-3"),
+                            topics.presence("digits", "trainer-3"))
     assert t3.publish == (topics.update("digits", "aggregator", "trainer-3"),
-                          topics.metrics("digits", "trainer-3"),
                           topics.presence("digits", "trainer-3"))
     assert set(w) == {n.id for n in _digits().nodes}
 

@@ -31,6 +31,11 @@ __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 
 log = structlog.get_logger(__name__)
 
+#: After the last pending node of a round is reported lost, how long the round stays open
+#: for that report to be contradicted. A real crash costs the round this much; a forged
+#: offline on an open broker no longer ends it.
+LOSS_GRACE_S = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig(AggregatorSettings):
@@ -88,6 +93,8 @@ class _Round:
     loss_sum: float = 0.0
     loss_weight: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    #: When a pending node was last reported lost (``LOSS_GRACE_S``).
+    last_loss: float = 0.0
     #: Seconds from the round's start to each accepted update (system speed, for selectors).
     arrivals: dict[str, float] = field(default_factory=dict)
     #: Statistical utility per accepted node (OORT): the trainer's own ``utility`` metric, or
@@ -166,8 +173,13 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         extensions = 0
         deadline = started + c.deadline_s
         while True:
-            while state.pending:
-                left = deadline - time.monotonic()
+            while state.pending or self._in_grace(state):
+                now = time.monotonic()
+                left = deadline - now
+                if not state.pending:
+                    # Everyone pending was reported lost: give a contradiction (the node is
+                    # alive and says so) a moment to arrive before the round closes.
+                    left = min(left, state.last_loss + LOSS_GRACE_S - now)
                 if left <= 0:
                     break
                 try:
@@ -226,12 +238,25 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
     def _grant_round(self, node: str) -> int:
         return self._round
 
+    def _in_grace(self, state: _Round) -> bool:
+        return bool(state.lost) and time.monotonic() - state.last_loss < LOSS_GRACE_S
+
     def _on_lost(self, node: str) -> None:
         state = self._state
         if state is not None and node in state.pending:
             self._log.warning("node_lost_in_round", peer=node, round=state.number)
             state.pending.discard(node)
             state.lost.add(node)
+            state.last_loss = time.monotonic()
+
+    def node_online(self, node: str) -> None:
+        # Reported lost, yet here it is (a forged offline, or a will that crossed a quick
+        # reconnect): it still owes this round its update.
+        state = self._state
+        if state is not None and node in state.lost and node not in state.accepted:
+            self._log.warning("node_recounted", peer=node, round=state.number)
+            state.lost.discard(node)
+            state.pending.add(node)
 
     def expects_ready(self, sender: str, number: int) -> bool:
         state = self._state

@@ -92,7 +92,8 @@ def check_update_tensors(
             raise UpdateRejected("wrong_dtype", f"{name}: {d.dtype}, model has {ref.dtype}")
         if d.dtype.kind == "f":
             flat = d.reshape(-1)
-            s = float(np.dot(flat, flat)) if flat.size else 0.0
+            with np.errstate(over="ignore", invalid="ignore"):
+                s = float(np.dot(flat, flat)) if flat.size else 0.0
             if not math.isfinite(s):
                 # dot overflows to inf for finite 1e30s too: tell NaN/Inf apart from "huge"
                 if not np.isfinite(d).all():
