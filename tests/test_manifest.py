@@ -68,7 +68,8 @@ def test_digits_manifest_loads() -> None:
 def test_compose_manifest_defaults_to_the_compose_broker() -> None:
     m = load_manifest(DIGITS / "compose-manifest.yaml", env={})
 
-    assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=30)
+    assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=30,
+                                  max_queued_messages=100_000)
     assert m.num_partitions == 4
 
 
