@@ -4,8 +4,10 @@ It announces the population's presence, turns each round order into one work ite
 for the workers' ``$share`` group, and hands the workers' updates to the aggregator on each
 client's own ``update/<agg>/<client>`` topic, in an order that depends only on the seed:
 
-* synchronous rounds: the order's clients sorted by id (dropouts first, announced as the
-  client going offline and coming back, so the aggregator stops waiting for them);
+* synchronous rounds: the order's clients sorted by id. Dropouts go first, announced as the
+  client going offline (the aggregator stops waiting for it); it is announced online again
+  once the round's metrics are out, so it is back for the round after next whatever the
+  timing (the aggregator reads presence only inside a round, after selecting);
 * asynchronous training: a virtual clock. Each work item finishes at its start time plus the
   client's drawn duration; the earliest finishing one is released once it is trained, and the
   next only after the aggregator has answered (its next work order), so every model version
@@ -114,12 +116,14 @@ class Coordinator:
         self._events: list[_Event] = []
         self._seq = 0
         self._awaiting: float | None = None  # monotonic time of the last async release
+        #: Synchronous dropouts, announced online again after their round's metrics.
+        self._dropped: list[str] = []
         self._log = log.bind(node=config.node_id, role="sim_coordinator", job=config.job)
 
     async def run(self) -> SimStats:
         c = self.config
         filters = (topics.model(c.job, c.aggregator), topics.sim_results(c.job, c.node_id),
-                   topics.presence_all(c.job))
+                   topics.presence_all(c.job), topics.metrics(c.job, c.aggregator))
         async with self.bus.subscribe(*filters) as sub:
             await self._wait_for_workers(sub)
             try:
@@ -178,6 +182,7 @@ class Coordinator:
     async def _serve(self, sub: Subscription) -> None:
         c = self.config
         model_topic = topics.model(c.job, c.aggregator)
+        metrics_topic = topics.metrics(c.job, c.aggregator)
         while True:
             timeout = None
             if self._awaiting is not None:
@@ -198,6 +203,12 @@ class Coordinator:
                     return
                 if env.kind == ROUND:
                     await self._on_order(env)
+            elif msg.topic == metrics_topic:
+                # A synchronous round is over: its dropouts may be picked again (the
+                # aggregator reads this after it has selected the next round).
+                for client in self._dropped:
+                    await self._presence(client, "online")
+                self._dropped.clear()
             elif msg.topic.startswith(topics.sim_results(c.job, c.node_id)[:-1]):
                 client = topics.parse(msg.topic).sender
                 self._results[client] = msg.payload
@@ -228,7 +239,11 @@ class Coordinator:
         for client in sorted(selected):
             index = self.population.index(client)
             if self.population.drops_out(index, env.round):
-                await self._drop(client)
+                # Offline only: an "online" inside the round would make the aggregator count
+                # the client as pending again (it takes a quick return for a reconnect).
+                await self._presence(client, "offline")
+                self._dropped.append(client)
+                self.stats.dropouts += 1
                 continue
             slowest = max(slowest, self.population.duration(index, env.round))
             self._sync_queue.append(client)
@@ -245,8 +260,9 @@ class Coordinator:
 
     # --- releasing updates to the aggregator ---------------------------------------------
     async def _drop(self, client: str) -> None:
-        # Offline then online again: the aggregator counts the client lost for this work
-        # and may pick it again later, as with a phone that lost its connection for a while.
+        # Asynchronous: offline then online again. The async aggregator frees the client's
+        # slot (its refill answers the release) and may pick it again later, as with a phone
+        # that lost its connection for a while.
         await self._presence(client, "offline")
         await self._presence(client, "online")
         self.stats.dropouts += 1
