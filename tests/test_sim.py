@@ -195,3 +195,17 @@ async def test_two_worker_processes_through_mosquitto_match_one_process(
     trained = [int(line.rsplit("=", 1)[1]) for out in outputs for line in out.splitlines()
                if line.startswith("workers done")]
     assert len(trained) == 2 and all(n > 0 for n in trained)
+
+
+def test_client_side_dp_is_applied_by_workers() -> None:
+    # Prepare: dp_client with a tiny clipping norm and no noise, so clipping is visible.
+    data = manifest("dp_client", {"strategy": {"name": "fedavg"}, "noise_multiplier": 0.0,
+                                  "clipping_norm": 0.01}, rounds=2)
+    plain = run(manifest(rounds=2))
+    # Execute
+    result = run(data)
+    # Assert: every round's model moved by at most the clipping norm (a mean of clipped
+    # deltas), while without DP it moved much further.
+    moved = float(np.linalg.norm(result.weights["w"]))
+    assert moved <= 2 * 0.01 + 1e-6
+    assert float(np.linalg.norm(plain.weights["w"])) > 10 * moved

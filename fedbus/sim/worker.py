@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 
 from fedbus import topics
@@ -31,6 +33,8 @@ from fedbus.services._wire import DONE, ROUND, UPDATE, join_tensors, presence, s
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
+from strategies import StrategyError
+from strategies.dp import clip_and_noise
 
 __all__ = ["TASK", "VirtualWorker", "WorkerConfig", "share_group"]
 
@@ -157,10 +161,12 @@ class VirtualWorker:
             self.store.put(client, task.client_state())
         local = task.get_weights()
         delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False) for k in weights}
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        if "dp_clipping_norm" in config:
+            delta, metrics = _local_dp(delta, metrics, config, client)
         env = Envelope(
             kind=UPDATE, job=c.job, sender=client, round=order.round,
-            meta={"num_examples": int(result.num_examples),
-                  "metrics": {k: float(v) for k, v in result.metrics.items()},
+            meta={"num_examples": int(result.num_examples), "metrics": metrics,
                   "worker": c.node_id},
             tensors=join_tensors(delta, result.aux),
         )
@@ -171,3 +177,20 @@ class VirtualWorker:
         env = presence(c.job, c.node_id, "sim_worker", status)
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
 
+
+
+def _local_dp(delta: dict[str, np.ndarray], metrics: dict[str, float],
+              config: Mapping[str, Any], client: str) -> tuple[dict[str, np.ndarray],
+                                                               dict[str, float]]:
+    """Client-side DP (strategy ``dp_client``), as a trainer applies it: clip and noise before
+    the update leaves the client, seeded per (job seed, client, round) like the trainer."""
+    try:
+        clip = float(config["dp_clipping_norm"])
+        noise = float(config.get("dp_noise_multiplier", 0.0))
+        rng = np.random.default_rng([int(config.get("seed", 0)), zlib.crc32(client.encode()),
+                                     int(config.get("round", 0))])
+        noised, report = clip_and_noise(delta, clip, noise, rng)
+    except (StrategyError, TypeError, ValueError) as exc:
+        raise FedbusError(f"bad client-side DP settings from the aggregator: {exc}") from exc
+    return noised, {**metrics, "dp_clipped": float(report["clipped"]),
+                    "dp_noise_multiplier": float(report["noise_multiplier"])}
