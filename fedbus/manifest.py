@@ -742,7 +742,8 @@ def describe(m: Manifest) -> str:
     for n in m.nodes:
         by_role.setdefault(n.role, []).append(n.id)
     if m.broker is None:
-        broker = "embedded mosquitto"
+        broker = ("in-process memory bus (simulation)" if m.population is not None
+                  else "embedded mosquitto")
     else:
         b = m.broker
         broker = f"{b.host}:{b.port}" + (" (TLS)" if b.tls_ca else "") + (
