@@ -161,7 +161,9 @@ class PopulationSpec:
     availability: float = 1.0
     #: Probability that a selected, available client fails during training.
     dropout: float = 0.0
-    #: Asynchronous: probability that an update is delayed by ``stale_delay`` virtual seconds.
+    #: Probability that a client's update is stale: asynchronous, it lands ``stale_delay``
+    #: virtual seconds late; synchronous, it was trained from the model of ``ceil(stale_delay)``
+    #: rounds ago and is folded into the current round (FLUTE's stale updates).
     stale_prob: float = 0.0
     stale_delay: float = 5.0
     #: Where per-client strategy state (SCAFFOLD c_i, FedDyn gradients) is kept; None: a

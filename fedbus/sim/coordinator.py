@@ -38,6 +38,9 @@ from fedbus.sim.worker import TASK
 
 __all__ = ["Coordinator", "CoordinatorConfig", "SimStats"]
 
+#: Rounds of order ids kept for stale synchronous updates (workers cache as many orders).
+_ORDER_HISTORY = 32
+
 log = structlog.get_logger(__name__)
 
 
@@ -66,6 +69,8 @@ class SimStats:
     #: asynchronous clock at the end.
     virtual_time: float = 0.0
     no_response: int = 0
+    #: Synchronous updates trained from an older round's model (stale_prob).
+    stale: int = 0
     workers: list[str] = field(default_factory=list)
 
 
@@ -118,6 +123,8 @@ class Coordinator:
         self._awaiting: float | None = None  # monotonic time of the last async release
         #: Synchronous dropouts, announced online again after their round's metrics.
         self._dropped: list[str] = []
+        #: Synchronous: the first order's id of recent rounds, for stale updates.
+        self._round_orders: dict[int, str] = {}
         self._log = log.bind(node=config.node_id, role="sim_coordinator", job=config.job)
 
     async def run(self) -> SimStats:
@@ -236,6 +243,9 @@ class Coordinator:
             await self._release_async()
             return
         slowest = 0.0
+        self._round_orders.setdefault(env.round, env.msg_id)
+        for old in [r for r in self._round_orders if r < env.round - _ORDER_HISTORY]:
+            del self._round_orders[old]
         for client in sorted(selected):
             index = self.population.index(client)
             if self.population.drops_out(index, env.round):
@@ -247,13 +257,22 @@ class Coordinator:
                 continue
             slowest = max(slowest, self.population.duration(index, env.round))
             self._sync_queue.append(client)
-            await self._send_item(env, client)
+            # A stale update: trained from the model of `lag` rounds ago (the oldest kept
+            # if the job is younger), delivered in this round.
+            lag = self.population.stale_rounds(index, env.round)
+            base = min(r for r in self._round_orders if r >= env.round - lag)
+            if base != env.round:
+                self.stats.stale += 1
+            await self._send_item(env, client, order_id=self._round_orders.get(base))
         self.stats.virtual_time += slowest
 
-    async def _send_item(self, order: Envelope, client: str) -> None:
+    async def _send_item(self, order: Envelope, client: str, *,
+                         order_id: str | None = None) -> None:
+        """One work item: train ``client`` from order ``order_id`` (default: this order) and
+        answer as an update for ``order.round``."""
         c = self.config
         item = Envelope(kind=TASK, job=c.job, sender=c.node_id, round=order.round,
-                        meta={"order": order.msg_id, "client": client,
+                        meta={"order": order_id or order.msg_id, "client": client,
                               "state_dir": c.state_dir})
         await self.out.send(topics.sim_tasks(c.job, c.node_id), encode(item))
         self.stats.items += 1

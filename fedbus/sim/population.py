@@ -72,3 +72,14 @@ class Population:
         if not math.isfinite(d):
             raise FedbusError(f"client {index}: duration {d} is not finite")
         return d
+
+    def stale_rounds(self, index: int, round: int) -> int:
+        """Synchronous rounds: how many rounds old the model is that the client's update for
+        ``round`` was trained from (0: fresh). With probability ``stale_prob`` it is
+        ``ceil(stale_delay)`` (at least 1): FLUTE's stale update, landing rounds late."""
+        if self.spec.stale_prob <= 0:
+            return 0
+        rng = np.random.default_rng([self.seed, _STALE, index, round, 1])
+        if rng.random() >= self.spec.stale_prob:
+            return 0
+        return max(1, math.ceil(self.spec.stale_delay))

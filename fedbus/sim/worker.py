@@ -124,7 +124,7 @@ class VirtualWorker:
             self.store = ClientStateStore(state_dir, limits=self.config.limits)
         started = time.monotonic()
         try:
-            update = await asyncio.to_thread(self._fit, payload, client)
+            update = await asyncio.to_thread(self._fit, payload, client, item.round)
         except FedbusError as exc:
             self._log.error("client_failed", client=client, error=str(exc))
             return
@@ -136,7 +136,9 @@ class VirtualWorker:
         c = self.config
         await self.bus.publish(topics.sim_result(c.job, c.coordinator, client), update)
 
-    def _fit(self, order_payload: bytes, client: str) -> bytes:
+    def _fit(self, order_payload: bytes, client: str, round: int) -> bytes:
+        """Train ``client`` from the order's model; answer as its update for ``round`` (the
+        order's own round, or a later one for a stale update)."""
         c = self.config
         order = decode(order_payload, c.limits)
         index = self.population.index(client)
@@ -165,7 +167,7 @@ class VirtualWorker:
         if "dp_clipping_norm" in config:
             delta, metrics = _local_dp(delta, metrics, config, client)
         env = Envelope(
-            kind=UPDATE, job=c.job, sender=client, round=order.round,
+            kind=UPDATE, job=c.job, sender=client, round=round,
             meta={"num_examples": int(result.num_examples), "metrics": metrics,
                   "worker": c.node_id},
             tensors=join_tensors(delta, result.aux),
