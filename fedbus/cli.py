@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="node id from the manifest; repeat it or use a glob ('t*') to "
                        "run many nodes in this process (simulation: many clients a worker)")
     serve.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    serve.add_argument("--health-file", help="keep this file fresh while connected (container "
+                       "healthchecks: python -m fedbus.deploy.health FILE)")
 
     val = add("validate", "check a manifest and print what it declares")
     val.add_argument("manifest")
@@ -72,7 +74,31 @@ def _parser() -> argparse.ArgumentParser:
     watch = add("watch", "print the per-round metrics of a running job")
     watch.add_argument("manifest")
     watch.add_argument("--broker", type=_parse_broker)
+    watch.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
+                       "on a secured broker")
+    _add_deploy_commands(add)
     return p
+
+
+def _add_deploy_commands(add: Any) -> None:
+    acl = add("acl", "write broker users, passwords and per-node rights (mosquitto)")
+    acl.add_argument("manifest")
+    acl.add_argument("--out", required=True, help="folder for passwd, acl, dynsec.json, ...")
+    acl.add_argument("--secrets", help="NODE=password lines; other nodes get random ones")
+    acl.add_argument("--operator", action="append", default=[],
+                     help="an operator user (watch metrics, send control); repeatable")
+    acl.add_argument("--backend", choices=("dynsec", "acl_file"), default="dynsec",
+                     help="dynsec (refuses forbidden subscriptions visibly) or acl_file")
+    acl.add_argument("--plugin", help="path of mosquitto_dynamic_security.so on the broker")
+    acl.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount)")
+    acl.add_argument("--certs", help="folder from `fedbus certs`: add mTLS to the broker lines")
+    certs = add("certs", "write a CA, the broker's certificate and one per node (CN = node id)")
+    certs.add_argument("manifest")
+    certs.add_argument("--out", required=True)
+    certs.add_argument("--host", action="append", default=[],
+                       help="a name or address clients dial the broker by; repeatable")
+    certs.add_argument("--operator", action="append", default=[])
+    certs.add_argument("--days", type=int, default=825)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,15 +107,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest)
         if getattr(args, "broker", None):
-            manifest = with_broker(manifest, args.broker)
+            # Only the address changes: credentials and TLS files stay the manifest's.
+            base = manifest.broker or BrokerSpec()
+            manifest = with_broker(manifest, dataclasses.replace(
+                base, host=args.broker.host, port=args.broker.port))
         if args.command == "validate":
             print(describe(manifest))
             return 0
+        if args.command == "acl":
+            return _acl(manifest, args)
+        if args.command == "certs":
+            return _certs(manifest, args)
         if args.command == "run":
             return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
         if args.command == "serve":
-            return asyncio.run(_serve(manifest, args.node))
-        return asyncio.run(_watch_only(manifest))
+            return asyncio.run(_serve(manifest, args.node, args.health_file))
+        return asyncio.run(_watch_only(manifest, args.user))
     except ManifestError as exc:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
         return 2
@@ -132,7 +165,8 @@ async def _run_all(m: Manifest, rounds: int | None, *, memory: bool) -> int:
         return await _run_nodes(m, [n.id for n in m.nodes], mem)
 
 
-async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None) -> int:
+async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None, *,
+                     health_file: str | None = None) -> int:
     """Run ``node_ids`` in this process, each on its own bus connection."""
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
@@ -144,6 +178,11 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
     async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
+        if health_file:
+            from fedbus.deploy.health import keep_health_file
+
+            health = asyncio.create_task(keep_health_file(health_file, buses.values()))
+            stack.callback(health.cancel)
         async with asyncio.TaskGroup() as tg:
             for node_id, svc in services.items():
                 tg.create_task(svc.run(), name=node_id)
@@ -200,7 +239,7 @@ def _final_line(agg: Aggregator | AsyncAggregator) -> int:
 
 # --- serve: one node -------------------------------------------------------------------------
 
-async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
+async def _serve(m: Manifest, patterns: Sequence[str], health_file: str | None = None) -> int:
     node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
     if not node_ids:
         raise ManifestError(m.source, "nodes",
@@ -217,18 +256,53 @@ async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, main_task.cancel)
     try:
-        return await _run_nodes(m, node_ids, None)
+        return await _run_nodes(m, node_ids, None, health_file=health_file)
     except asyncio.CancelledError:
         log.info("stopped_by_signal", nodes=node_ids)
         return 0
 
 
+# --- acl, certs: broker security generated from the manifest --------------------------------
+
+def _acl(m: Manifest, args: argparse.Namespace) -> int:
+    from fedbus.deploy.passwords import read_secrets_file
+    from fedbus.deploy.security import TlsFiles, write_broker_security
+
+    users = [n.id for n in m.nodes] + list(args.operator)
+    given = read_secrets_file(args.secrets, users) if args.secrets else None
+    tls = None
+    if args.certs:
+        d = os.path.abspath(args.certs)
+        tls = TlsFiles(ca=f"{d}/ca.crt", cert=f"{d}/broker.crt", key=f"{d}/broker.key")
+    files = write_broker_security(m, args.out, passwords=given, operators=args.operator,
+                                  backend=args.backend, plugin=args.plugin,
+                                  broker_dir=args.broker_dir, tls=tls)
+    # Paths only: the passwords stay in their 0600 files.
+    print(f"users     {len(files.users)}: {', '.join(files.users)}")
+    print(f"broker    append {files.conf} to mosquitto.conf ({files.backend}); "
+          f"it reads {files.dynsec if files.backend == 'dynsec' else files.acl}")
+    print(f"passwords {files.password_dir}/<node> (mode 0600): give each node only its own")
+    return 0
+
+
+def _certs(m: Manifest, args: argparse.Namespace) -> int:
+    from fedbus.deploy.certs import write_certs
+
+    files = write_certs(m, args.out, broker_hosts=args.host, operators=args.operator,
+                        days=args.days)
+    print(f"ca        {files.ca} (keep ca.key offline once nodes have their certificates)")
+    print(f"broker    {files.broker_cert}, {files.broker_key}")
+    print(f"nodes     {files.out_dir}/nodes/<node>.crt|.key for {len(files.users)} users, "
+          "CN = node id")
+    return 0
+
+
 # --- watch: metrics of a running job ---------------------------------------------------------
 
-async def _watch_only(m: Manifest) -> int:
+async def _watch_only(m: Manifest, user: str | None = None) -> int:
     if m.broker is None:
         raise ManifestError(m.source, "broker", "`fedbus watch` needs --broker HOST:PORT")
-    watcher = NodeSpec(id=f"watch-{_short_id()}", role="trainer")
+    watcher = NodeSpec(id=user or f"watch-{_short_id()}", role="trainer")
     async with make_bus(m, watcher) as bus:
         await _print_metrics(bus, m)
     return 0

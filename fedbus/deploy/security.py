@@ -137,7 +137,8 @@ def dynsec_config(m: Manifest, rights: Mapping[str, Wiring], passwords: Mapping[
         })
         acls: list[dict[str, Any]] = []
         for f in w.subscribe:
-            acls += [{"acltype": "subscribeLiteral", "topic": f, "allow": True},
+            # A pattern, not a literal: rights on ``metrics/+`` also cover ``metrics/<agg>``.
+            acls += [{"acltype": "subscribePattern", "topic": f, "allow": True},
                      {"acltype": "publishClientReceive", "topic": f, "allow": True}]
         acls += [{"acltype": "publishClientSend", "topic": t, "allow": True} for t in w.publish]
         roles.append({"rolename": f"fedbus.{user}", "acls": acls})
