@@ -99,6 +99,15 @@ def _add_deploy_commands(add: Any) -> None:
                        help="a name or address clients dial the broker by; repeatable")
     certs.add_argument("--operator", action="append", default=[])
     certs.add_argument("--days", type=int, default=825)
+    comp = add("compose", "write a docker compose file: broker, redis if needed, every node")
+    comp.add_argument("manifest", help="path relative to the project root, where compose runs")
+    comp.add_argument("--out", help="file to write (default: stdout)")
+    comp.add_argument("--redis", action=argparse.BooleanOptionalAction, default=None,
+                      help="add redis (default: only when a node's role uses it)")
+    comp.add_argument("--secure", metavar="DIR",
+                      help="generate broker users/rights into DIR and lock the broker down")
+    comp.add_argument("--certs", metavar="DIR", help="a `fedbus certs` folder: mTLS")
+    comp.add_argument("--image", default="fedbus:dev")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _acl(manifest, args)
         if args.command == "certs":
             return _certs(manifest, args)
+        if args.command == "compose":
+            return _compose(manifest, args)
         if args.command == "run":
             return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
         if args.command == "serve":
@@ -294,6 +305,19 @@ def _certs(m: Manifest, args: argparse.Namespace) -> int:
     print(f"broker    {files.broker_cert}, {files.broker_key}")
     print(f"nodes     {files.out_dir}/nodes/<node>.crt|.key for {len(files.users)} users, "
           "CN = node id")
+    return 0
+
+
+def _compose(m: Manifest, args: argparse.Namespace) -> int:
+    from fedbus.deploy.compose import compose_yaml
+
+    text = compose_yaml(m, args.manifest, redis=args.redis, image=args.image,
+                        secure_dir=args.secure, certs_dir=args.certs)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(text, end="")
     return 0
 
 
