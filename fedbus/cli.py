@@ -108,6 +108,18 @@ def _add_deploy_commands(add: Any) -> None:
                       help="generate broker users/rights into DIR and lock the broker down")
     comp.add_argument("--certs", metavar="DIR", help="a `fedbus certs` folder: mTLS")
     comp.add_argument("--image", default="fedbus:dev")
+    units = add("units", "write a node's systemd unit and environment file")
+    units.add_argument("manifest")
+    units.add_argument("--node", required=True)
+    units.add_argument("--out", required=True, help="folder for fedbus-NODE.service, NODE.env")
+    units.add_argument("--manifest-path", help="the manifest's path on the device "
+                       "(default: this file's absolute path)")
+    units.add_argument("--prefix", default="/opt/fedbus", help="install prefix (venv, app)")
+    units.add_argument("--env-dir", default="/etc/fedbus", help="where NODE.env is installed")
+    units.add_argument("--secure", metavar="DIR",
+                       help="a `fedbus acl` folder: put the node's password in its env file")
+    units.add_argument("--systemd", type=int, default=252,
+                       help="systemd version on the device (>= 254 adds restart backoff)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _certs(manifest, args)
         if args.command == "compose":
             return _compose(manifest, args)
+        if args.command == "units":
+            return _units(manifest, args)
         if args.command == "run":
             return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
         if args.command == "serve":
@@ -318,6 +332,27 @@ def _compose(m: Manifest, args: argparse.Namespace) -> int:
             f.write(text)
     else:
         print(text, end="")
+    return 0
+
+
+def _units(m: Manifest, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedbus.deploy.units import write_unit
+
+    password = None
+    if args.secure:
+        try:
+            password = (Path(args.secure) / "passwords" / args.node).read_text().strip()
+        except OSError as exc:
+            raise ManifestError(m.source, "nodes", f"no password for {args.node!r} in "
+                                f"{args.secure}/passwords: {exc.strerror}; run `fedbus acl` "
+                                "first") from None
+    files = write_unit(m, args.node, args.out, manifest_path=args.manifest_path,
+                       prefix=args.prefix, env_dir=args.env_dir, password=password,
+                       systemd_version=args.systemd)
+    print(f"unit      {files.unit} -> /etc/systemd/system/{files.name}")
+    print(f"env       {files.env} -> {args.env_dir}/{args.node}.env (0640 root:fedbus)")
     return 0
 
 

@@ -39,7 +39,9 @@ def _path(m: Manifest, template: str, node_id: str) -> str:
 
 def node_credentials(m: Manifest, node_id: str, *,
                      env: dict[str, str] | None = None) -> Credentials:
-    """The identity ``node_id`` connects with; ``ManifestError`` if a secret cannot be read."""
+    """The identity ``node_id`` connects with; ``ManifestError`` if a password file cannot be
+    read. An unset or empty ``password_env`` means no password (an anonymous broker); a
+    secured broker then refuses the connection, and ``ConnectError`` says so."""
     b = m.broker
     if b is None:
         return Credentials()
@@ -56,10 +58,6 @@ def node_credentials(m: Manifest, node_id: str, *,
                                 f"cannot read the password of {node_id!r} from {path}: "
                                 f"{exc.strerror or exc}; run `fedbus acl` or fix the path"
                                 ) from None
-    elif b.password_env:
-        raise ManifestError(m.source, "broker.password_env",
-                            f"${b.password_env} is not set; export it (the password of "
-                            f"{node_id!r}) or use broker.password_file")
     secured = password is not None or b.tls_cert is not None
     username = b.username or (node_id if secured else None)
     return Credentials(
