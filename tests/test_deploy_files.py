@@ -232,3 +232,16 @@ def test_install_rejects_unknown_options() -> None:
 
     assert proc.returncode == 2
     assert "--bogus" in proc.stderr
+
+
+def test_install_dry_run_generates_the_nodes_own_unit() -> None:
+    env = os.environ | {"PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(EDGE / "install.sh"), "--dry-run", "--node", "pi-0",
+                           "--manifest", "examples/digits/edge-manifest.yaml"],
+                          capture_output=True, text=True, timeout=60, check=False, env=env)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "/opt/fedbus/venv/bin/fedbus units" in out and "--node pi-0" in out
+    assert "/etc/systemd/system/fedbus-pi-0.service" in out
+    assert "systemctl enable fedbus-pi-0.service" in out
