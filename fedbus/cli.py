@@ -92,6 +92,12 @@ def _add_deploy_commands(add: Any) -> None:
     acl.add_argument("--plugin", help="path of mosquitto_dynamic_security.so on the broker")
     acl.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount)")
     acl.add_argument("--certs", help="folder from `fedbus certs`: add mTLS to the broker lines")
+    acl.add_argument("--listen", metavar="HOST:PORT", type=_parse_broker,
+                     help="listener of the whole broker.conf (default 0.0.0.0 and the "
+                     "manifest's port)")
+    acl.add_argument("--persistence-dir", default="/var/lib/mosquitto/",
+                     help="broker.conf's persistence_location")
+    acl.add_argument("--group", help="give the broker's files to this group (mosquitto; root)")
     certs = add("certs", "write a CA, the broker's certificate and one per node (CN = node id)")
     certs.add_argument("manifest")
     certs.add_argument("--out", required=True)
@@ -301,12 +307,18 @@ def _acl(m: Manifest, args: argparse.Namespace) -> int:
         tls = TlsFiles(ca=f"{d}/ca.crt", cert=f"{d}/broker.crt", key=f"{d}/broker.key")
     files = write_broker_security(m, args.out, passwords=given, operators=args.operator,
                                   backend=args.backend, plugin=args.plugin,
-                                  broker_dir=args.broker_dir, tls=tls)
+                                  broker_dir=args.broker_dir, tls=tls,
+                                  persistence_dir=args.persistence_dir,
+                                  port=args.listen.port if args.listen else None,
+                                  listen_host=args.listen.host if args.listen else "0.0.0.0",
+                                  group=args.group)
     # Paths only: the passwords stay in their 0600 files.
     print(f"users     {len(files.users)}: {', '.join(files.users)}")
     print(f"broker    append {files.conf} to mosquitto.conf ({files.backend}); "
           f"it reads {files.dynsec if files.backend == 'dynsec' else files.acl}")
     print(f"passwords {files.password_dir}/<node> (mode 0600): give each node only its own")
+    print(f"or run    mosquitto -c {files.broker_conf}  (a whole config: listener, persistence, "
+          "limits, security)")
     return 0
 
 
@@ -369,6 +381,7 @@ async def _watch_only(m: Manifest, user: str | None = None) -> int:
 
 async def _print_metrics(bus: Bus, m: Manifest) -> None:
     async with bus.subscribe(topics.metrics(m.job, m.aggregator.id)) as sub:
+        log.info("watch_started", job=m.job, node=m.aggregator.id)
         async for msg in sub:
             try:
                 env = decode(msg.payload)
