@@ -229,6 +229,8 @@ async def _attack(sb: SecureMosquitto, *, tls: bool) -> dict[str, str]:
 async def test_trainer_credentials_are_refused_while_the_federation_finishes(
     secure_mosquitto: SecureBrokerFactory, tls: bool
 ) -> None:
+    if tls:
+        pytest.importorskip("cryptography", reason="mTLS certificates need the security extra")
     # Prepare: a broker that knows only the manifest's nodes (dynsec backend)
     sb = await secure_mosquitto(_manifest(), tls=tls)
     # Execute: the federation, and the attacker once the job is under way
@@ -282,3 +284,32 @@ async def test_wrong_password_is_refused_at_connect(
                            connect_timeout_s=5):
             pass
     assert compile_wiring(sb.manifest)  # the manifest pointed at the broker still compiles
+
+
+def test_cli_acl_and_certs_write_an_mtls_broker_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("cryptography", reason="`fedbus certs` needs the security extra")
+    from fedbus.cli import main
+
+    toy = str(Path(__file__).resolve().parents[1] / "examples/toy/secure-manifest.yaml")
+    certs, secure = tmp_path / "certs", tmp_path / "secure"
+    # Execute: the README's mTLS commands
+    assert main(["certs", toy, "--out", str(certs), "--host", "broker.example.org"]) == 0
+    assert main(["acl", toy, "--out", str(secure), "--certs", str(certs),
+                 "--plugin", "/usr/lib/mosquitto_dynamic_security.so"]) == 0
+    # Assert: one certificate per node, the broker requires them and names users after them
+    out = capsys.readouterr().out
+    assert {p.name for p in (certs / "nodes").iterdir()} == {
+        f"{n}.{ext}" for n in ("aggregator", "t0", "t1", "t2") for ext in ("crt", "key")}
+    conf = (secure / "broker.conf").read_text()
+    for line in ("require_certificate true", "use_identity_as_username true",
+                 f"cafile {certs}/ca.crt", "listener 1883 0.0.0.0", "allow_anonymous false"):
+        assert line in conf
+    assert not any(p.read_text().strip() in out for p in (secure / "passwords").iterdir())
+    openssl = shutil.which("openssl")
+    if openssl:
+        ok = subprocess.run([openssl, "verify", "-CAfile", str(certs / "ca.crt"),
+                             str(certs / "nodes" / "t1.crt"), str(certs / "broker.crt")],
+                            capture_output=True, text=True, check=False)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
