@@ -313,3 +313,23 @@ def test_cli_acl_and_certs_write_an_mtls_broker_config(
                              str(certs / "nodes" / "t1.crt"), str(certs / "broker.crt")],
                             capture_output=True, text=True, check=False)
         assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+@pytest.mark.broker
+async def test_a_refused_chunked_publish_raises_once_and_stops(
+    secure_mosquitto: SecureBrokerFactory,
+) -> None:
+    sb = await secure_mosquitto(_manifest())
+    big = bytes(range(256)) * 64  # 16 KiB: 16 chunks of 1 KiB
+    async with MqttBus("t3", sb.host, sb.port, username="t3", password=sb.password("t3"),
+                       chunk_bytes=1024) as bus:
+        # Execute
+        with pytest.raises(PublishDenied) as refused:
+            await asyncio.wait_for(bus.publish(topics.model(JOB, "aggregator"), big), 10)
+        await bus.publish(topics.update(JOB, "aggregator", "t3"), big)
+        stats = bus.stats
+    # Assert: refused for the model, while the node's own (chunked) update still goes through
+    assert refused.value.topic == topics.model(JOB, "aggregator")
+    assert refused.value.node == "t3"
+    assert 1 <= stats["publish_denied"] <= 16
+    assert stats["published"] == 1

@@ -28,6 +28,7 @@ _BROKER_CONFIG_DIR: Final = "/mosquitto/config"
 #: Roles that keep data in redis (and a volume); none of them exists yet in this version.
 REDIS_ROLES: Final = frozenset({"checkpointer", "store"})
 _LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+_TORCH_ROLES: Final = frozenset({"trainer"})
 
 
 def _broker_service_name(m: Manifest) -> tuple[str, bool]:
@@ -139,9 +140,11 @@ def compose_config(
         if n.id != root_id:
             # Nodes may join before the aggregator publishes a model; it waits for them.
             deps[root_id] = {"condition": "service_started"}
+        # torch only where training happens: the other roles run the numpy-only stage.
+        stage = "trainer" if n.role in _TORCH_ROLES else "base"
         svc: dict[str, Any] = {
-            "build": ".",
-            "image": image,
+            "build": {"context": ".", "target": stage},
+            "image": image if stage == "base" else image.replace("fedbus", "fedbus-trainer", 1),
             "command": cmd,
             # A node that finishes its job exits 0 and stays down; a crash restarts it.
             "restart": "on-failure",
