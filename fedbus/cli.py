@@ -132,28 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(json=args.log_json, level=args.log_level)
     try:
-        manifest = load_manifest(args.manifest)
-        if getattr(args, "broker", None):
-            # Only the address changes: credentials and TLS files stay the manifest's.
-            base = manifest.broker or BrokerSpec()
-            manifest = with_broker(manifest, dataclasses.replace(
-                base, host=args.broker.host, port=args.broker.port))
-        if args.command == "validate":
-            print(describe(manifest))
-            return 0
-        if args.command == "acl":
-            return _acl(manifest, args)
-        if args.command == "certs":
-            return _certs(manifest, args)
-        if args.command == "compose":
-            return _compose(manifest, args)
-        if args.command == "units":
-            return _units(manifest, args)
-        if args.command == "run":
-            return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
-        if args.command == "serve":
-            return asyncio.run(_serve(manifest, args.node, args.health_file))
-        return asyncio.run(_watch_only(manifest, args.user))
+        try:
+            return _main(args)
+        except BaseExceptionGroup as group:
+            # An error inside a node's task group: report the error, not the group's traceback.
+            raise _leaf(group) from None
     except ManifestError as exc:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
         return 2
@@ -163,6 +146,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups; cancellations are echoes."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_leaf(e) for e in exc.exceptions]
+        real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
+        return (real or leaves)[0]
+    return exc
+
+
+def _main(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    if getattr(args, "broker", None):
+        # only the address: credentials, chunking and limits stay the manifest's
+        base = manifest.broker or BrokerSpec()
+        manifest = with_broker(manifest, dataclasses.replace(
+            base, host=args.broker.host, port=args.broker.port))
+    if args.command == "validate":
+        print(describe(manifest))
+        return 0
+    if args.command == "acl":
+        return _acl(manifest, args)
+    if args.command == "certs":
+        return _certs(manifest, args)
+    if args.command == "compose":
+        return _compose(manifest, args)
+    if args.command == "units":
+        return _units(manifest, args)
+    if args.command == "run":
+        return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
+    if args.command == "serve":
+        return asyncio.run(_serve(manifest, args.node, args.health_file))
+    return asyncio.run(_watch_only(manifest, args.user))
 
 
 # --- run: the whole federation in one process -----------------------------------------------
@@ -179,12 +196,13 @@ async def _broker_for(
         return
     # No broker named: start a private mosquitto on a free loopback port (see docs/broker.md
     # for why a real broker beats an embedded pure-Python one).
-    from fedbus.broker import spawn_mosquitto
+    from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto
 
     proc = await spawn_mosquitto()
     log.info("broker_started", endpoint=proc.endpoint, pid=proc.pid)
     try:
-        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port)), None
+        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port,
+                                        max_queued_messages=QUEUED_MESSAGES)), None
     finally:
         await proc.stop()
 
@@ -215,10 +233,15 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
             health = asyncio.create_task(keep_health_file(health_file, buses.values()))
             stack.callback(health.cancel)
         async with asyncio.TaskGroup() as tg:
-            for node_id, svc in services.items():
-                tg.create_task(svc.run(), name=node_id)
+            tasks = [tg.create_task(svc.run(), name=node_id) for node_id, svc in services.items()
+                     if svc is not agg]
             if agg is not None:
                 tg.create_task(_progress(agg, m.rounds), name="progress")
+                await tg.create_task(agg.run(), name=m.aggregator.id)
+                # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
+                # could send one) and keep serving: the process that ran the job stops them.
+                for task in tasks:
+                    task.cancel()
     return _final_line(agg) if agg is not None else 0
 
 

@@ -34,57 +34,57 @@ class Wiring:
 
 def _toward_children(job: str, node: str, children: Iterable[str]) -> tuple[list[str], list[str]]:
     # An aggregating node reads the updates addressed to it and everyone's presence (liveness),
-    # and publishes the model to its children and upload grants on each child's control topic.
+    # publishes the model and its per-round metrics, and grants uploads on each child's
+    # control topic (the upload gate).
     sub = [topics.updates_for(job, node), topics.presence_all(job)]
-    pub = [topics.model(job, node)] + [topics.control(job, c) for c in children]
-    return sub, pub
+    pub = [topics.model(job, node), topics.metrics(job, node)]
+    return sub, pub + [topics.control(job, c) for c in children]
 
 
 def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[str]]:
-    # A contributing node reads its parent's model and presence, and writes only its own update.
-    sub = [topics.model(job, parent), topics.presence(job, parent)]
-    pub = [topics.update(job, parent, node)]
-    return sub, pub
+    # A contributing node reads its parent's model and the orders (grants) meant for it, and
+    # writes only its own update.
+    sub = [topics.model(job, parent), topics.control(job, node)]
+    return sub, [topics.update(job, parent, node)]
 
 
 def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
                 children: Iterable[str] = ()) -> Wiring:
-    """The topics ``node`` (of ``role``) subscribes to and publishes on.
+    """Exactly the topics ``node`` (of ``role``) subscribes to and publishes on.
 
-    Every node reads its own control topic and writes its own presence and metrics; the rest
-    depends on the role. Raises ``BusError`` for a role this version does not know.
+    Aggregator and trainer are what the services do (tests/test_hostile.py spies on them);
+    the planned roles are what they will need. Every node writes its own presence. Raises
+    ``BusError`` for a role this version does not know.
     """
     kids = tuple(children)
-    own_sub = [topics.control(job, node)]
-    own_pub = [topics.metrics(job, node), topics.presence(job, node)]
+    presence = topics.presence(job, node)
     if role == "aggregator":
         sub, pub = _toward_children(job, node, kids)
-        # Order kept stable: tests and generated ACLs read better with the model first.
-        pub = [pub[0], *own_pub, topics.state(job, node), *pub[1:]]
-        return Wiring(node, (*sub, *own_sub), tuple(pub))
+        return Wiring(node, tuple(sub), (pub[0], pub[1], presence, *pub[2:]))
+    if role in ("trainer", "relay") and parent is None:
+        raise BusError(f"{role} {node!r} has no parent aggregator")
     if role == "trainer":
-        if parent is None:
-            raise BusError(f"trainer {node!r} has no parent aggregator")
+        assert parent is not None
         sub, pub = _toward_parent(job, node, parent)
-        return Wiring(node, (*sub, *own_sub), (*pub, *own_pub))
+        # its own presence too: a trainer contradicts a forged "offline" about itself
+        return Wiring(node, (*sub, presence), (*pub, presence))
     if role == "relay":
-        if parent is None:
-            raise BusError(f"relay {node!r} has no parent aggregator")
+        assert parent is not None
         down_sub, down_pub = _toward_children(job, node, kids)
         up_sub, up_pub = _toward_parent(job, node, parent)
-        return Wiring(node, (*down_sub, *up_sub, *own_sub),
-                      (*down_pub, *up_pub, *own_pub, topics.state(job, node)))
+        return Wiring(node, (*down_sub, *up_sub), (*down_pub, *up_pub, presence))
+    own_control = topics.control(job, node)
     if role == "checkpointer":
         # Persists every aggregator's state snapshots; serves them back on its own state topic.
-        return Wiring(node, (topics.state_all(job), topics.presence_all(job), *own_sub),
-                      (*own_pub, topics.state(job, node)))
+        return Wiring(node, (topics.state_all(job), topics.presence_all(job), own_control),
+                      (topics.state(job, node), topics.metrics(job, node), presence))
     if role == "store":
         # Keeps per-round records: the models and metrics aggregators publish.
         return Wiring(node, (topics.model_all(job), topics.metrics_all(job),
-                             topics.presence_all(job), *own_sub),
-                      (*own_pub, topics.state(job, node)))
+                             topics.presence_all(job), own_control),
+                      (topics.state(job, node), topics.metrics(job, node), presence))
     if role == "operator":
         # People and dashboards: watch progress and liveness, send commands to any node.
-        return Wiring(node, (topics.metrics_all(job), topics.presence_all(job), *own_sub),
-                      (topics.control_all(job), *own_pub))
+        return Wiring(node, (topics.metrics_all(job), topics.presence_all(job)),
+                      (topics.control_all(job), presence))
     raise BusError(f"role {role!r} has no wiring; known roles: {', '.join(KNOWN_ROLES)}")

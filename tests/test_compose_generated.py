@@ -111,7 +111,7 @@ def test_generated_compose_passes_docker_compose_config(tmp_path: Path, variant:
 
 
 async def _run_services(doc: dict[str, Any], cwd: Path, host: str, port: int,
-                        logs: Path) -> tuple[dict[str, int], str, bool]:
+                        logs: Path, *, secured: bool) -> tuple[dict[str, int], str, bool]:
     """Every `fedbus serve` service as a local process; (exit codes, aggregator stdout, health
     file seen while running)."""
     procs: dict[str, asyncio.subprocess.Process] = {}
@@ -137,6 +137,13 @@ async def _run_services(doc: dict[str, Any], cwd: Path, host: str, port: int,
                 healthy = all((logs / f"{n}.health").exists() for n in procs)
                 await asyncio.sleep(0.05)  # polling files other processes write
         out, _ = await asyncio.wait_for(procs["aggregator"].communicate(), 120)
+        if not secured:
+            # An anonymous broker cannot vouch for `done` (anyone could send one): trainers
+            # keep serving until stopped, as `docker compose down` does. Authenticated ones
+            # trust their aggregator's `done` and exit by themselves.
+            for p in procs.values():
+                if p.returncode is None:
+                    p.terminate()
         codes = {n: await asyncio.wait_for(p.wait(), 60) for n, p in procs.items()}
     finally:
         for p in procs.values():
@@ -168,7 +175,8 @@ async def test_generated_compose_services_finish_the_federation(
         sb = None
     broker = sb.proc if sb else mosquitto
     # Execute
-    codes, out, healthy = await _run_services(doc, proj, broker.host, broker.port, logs)
+    codes, out, healthy = await _run_services(doc, proj, broker.host, broker.port, logs,
+                                              secured=secure)
     # Assert: all nodes healthy (= connected) while running, then done and exited cleanly
     assert healthy
     assert set(codes.values()) == {0}, codes

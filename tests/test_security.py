@@ -77,15 +77,14 @@ def test_acl_gives_each_node_exactly_its_wiring() -> None:
     m = _manifest()
     # Execute
     text = acl_text(m, node_rights(m))
-    # Assert: a trainer writes only its update, metrics, presence; reads its parent only
+    # Assert: a trainer writes only its update and presence; reads its parent's model and
+    # its own orders (and presence: it contradicts a forged "offline" about itself)
     block = text.split("user t1\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert sorted(block) == sorted([
         f"topic read {topics.model(JOB, 'aggregator')}",
-        f"topic read {topics.presence(JOB, 'aggregator')}",
         f"topic read {topics.control(JOB, 't1')}",
         f"topic write {topics.update(JOB, 'aggregator', 't1')}",
-        f"topic write {topics.metrics(JOB, 't1')}",
-        f"topic write {topics.presence(JOB, 't1')}",
+        f"topic readwrite {topics.presence(JOB, 't1')}",
     ])
     agg = text.split("user aggregator\n", 1)[1].split("\n\n", 1)[0]
     for t in ("t0", "t1", "t2", "t3"):
