@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -285,20 +286,25 @@ async def test_wrong_password_is_refused_at_connect(
     assert compile_wiring(sb.manifest)  # the manifest pointed at the broker still compiles
 
 
-def test_cli_acl_and_certs_write_an_mtls_broker_config(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    pytest.importorskip("cryptography", reason="`fedbus certs` needs the security extra")
-    from fedbus.cli import main
+def _cli(*args: str) -> str:
+    # A subprocess: the CLI configures logging for its process, not for the test's.
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "fedbus.cli", *args], capture_output=True,
+                          text=True, cwd=root, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
 
+
+def test_cli_acl_and_certs_write_an_mtls_broker_config(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography", reason="`fedbus certs` needs the security extra")
     toy = str(Path(__file__).resolve().parents[1] / "examples/toy/secure-manifest.yaml")
     certs, secure = tmp_path / "certs", tmp_path / "secure"
     # Execute: the README's mTLS commands
-    assert main(["certs", toy, "--out", str(certs), "--host", "broker.example.org"]) == 0
-    assert main(["acl", toy, "--out", str(secure), "--certs", str(certs),
-                 "--plugin", "/usr/lib/mosquitto_dynamic_security.so"]) == 0
+    out = _cli("certs", toy, "--out", str(certs), "--host", "broker.example.org")
+    out += _cli("acl", toy, "--out", str(secure), "--certs", str(certs),
+                "--plugin", "/usr/lib/mosquitto_dynamic_security.so")
     # Assert: one certificate per node, the broker requires them and names users after them
-    out = capsys.readouterr().out
     assert {p.name for p in (certs / "nodes").iterdir()} == {
         f"{n}.{ext}" for n in ("aggregator", "t0", "t1", "t2") for ext in ("crt", "key")}
     conf = (secure / "broker.conf").read_text()
