@@ -338,3 +338,19 @@ async def test_a_refused_chunked_publish_raises_once_and_stops(
     assert refused.value.node == "t3"
     assert 1 <= stats["publish_denied"] <= 16
     assert stats["published"] == 1
+
+
+@pytest.mark.broker
+async def test_an_alias_has_exactly_its_nodes_rights(secure_mosquitto: SecureBrokerFactory) -> None:
+    # Prepare: mallory holds t0's rights (the fuzz tests' attacker) while t0 is connected
+    sb = await secure_mosquitto(_manifest(), aliases={"mallory": "t0"})
+    t0 = make_bus(sb.manifest, sb.manifest.node("t0"))
+    mallory = MqttBus("mallory", sb.host, sb.port, username="mallory",
+                      password=sb.password("mallory"))
+    async with t0, mallory:
+        # Execute: t0's own update topic is allowed, a model is not
+        await mallory.publish(topics.update(JOB, "aggregator", "t0"), b"forged as t0")
+        with pytest.raises(PublishDenied):
+            await mallory.publish(topics.model(JOB, "aggregator"), b"forged model")
+        # Assert: the real t0 was never kicked off
+        assert t0.stats["connection_losses"] == 0

@@ -51,7 +51,7 @@ class SecureMosquitto:
 
 
 def _prepare(m: Manifest, backend: Backend, tls: bool, ops: tuple[str, ...],
-             passwords: Mapping[str, str] | None
+             passwords: Mapping[str, str] | None, aliases: Mapping[str, str] | None,
              ) -> tuple[Path, SecurityFiles, CertFiles | None]:
     # Under /tmp and 0755: mosquitto drops root to its own user, which must reach the files.
     work = Path(tempfile.mkdtemp(prefix="fedbus-secure-"))
@@ -60,11 +60,13 @@ def _prepare(m: Manifest, backend: Backend, tls: bool, ops: tuple[str, ...],
         certs = None
         tls_files = None
         if tls:
-            certs = write_certs(m, work / "certs", operators=ops, world_readable_keys=True)
+            certs = write_certs(m, work / "certs", operators=(*ops, *(aliases or {})),
+                                world_readable_keys=True)
             tls_files = TlsFiles(ca=str(certs.ca), cert=str(certs.broker_cert),
                                  key=str(certs.broker_key))
         files = write_broker_security(m, work / "security", passwords=passwords, operators=ops,
-                                      backend=backend, tls=tls_files, world_readable=True)
+                                      aliases=aliases, backend=backend, tls=tls_files,
+                                      world_readable=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -78,10 +80,15 @@ async def spawn_secure_mosquitto(
     tls: bool = False,
     operators: Iterable[str] = (),
     passwords: Mapping[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None,
     config_extra: str = "",
 ) -> SecureMosquitto:
-    """Start mosquitto with ``m``'s generated users and rights (``tls``: mTLS, CN = node id)."""
-    work, files, certs = _prepare(m, backend, tls, tuple(operators), passwords)
+    """Start mosquitto with ``m``'s generated users and rights (``tls``: mTLS, CN = node id).
+
+    ``aliases={"mallory": "t0"}`` adds a user with exactly t0's rights: an attacker holding a
+    trainer's credentials, without taking over the real t0's session.
+    """
+    work, files, certs = _prepare(m, backend, tls, tuple(operators), passwords, aliases)
     try:
         proc = await spawn_mosquitto(config_extra=files.conf_text + config_extra,
                                      workdir=work / "broker")

@@ -95,14 +95,25 @@ class SecurityFiles:
         return self.conf.read_text()
 
 
-def node_rights(m: Manifest, operators: Iterable[str] = ()) -> dict[str, Wiring]:
-    """Per broker user, what it may subscribe to and publish on: the wiring plus operators."""
+def node_rights(m: Manifest, operators: Iterable[str] = (),
+                aliases: Mapping[str, str] | None = None) -> dict[str, Wiring]:
+    """Per broker user, what it may subscribe to and publish on: the wiring plus operators.
+
+    ``aliases`` maps extra users to a node whose rights they share (tests: an attacker with a
+    trainer's rights that does not kick the real trainer's session off the broker).
+    """
     rights = dict(compile_wiring(m))
     for op in operators:
         topics.validate_id(op, "operator id")
         if op in rights:
             raise DeployError(f"operator {op!r} clashes with a node id of {m.source}")
         rights[op] = role_wiring(m.job, op, "operator")
+    for user, node in (aliases or {}).items():
+        topics.validate_id(user, "user")
+        if user in rights or node not in rights:
+            raise DeployError(f"alias {user!r} -> {node!r}: the alias must be new and the node "
+                              f"one of {m.source}")
+        rights[user] = rights[node]
     return rights
 
 
@@ -221,6 +232,7 @@ def write_broker_security(
     *,
     passwords: Mapping[str, str] | None = None,
     operators: Iterable[str] = (),
+    aliases: Mapping[str, str] | None = None,
     backend: Backend = "dynsec",
     plugin: str | None = None,
     broker_dir: str | None = None,
@@ -243,7 +255,7 @@ def write_broker_security(
     root) is made their group, so the broker can read them and nobody else can.
     """
     out = Path(out_dir)
-    rights = node_rights(m, operators)
+    rights = node_rights(m, operators, aliases)
     unknown = set(passwords or {}) - set(rights)
     if unknown:
         raise DeployError(f"passwords given for {', '.join(sorted(unknown))}: not nodes or "
