@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedbus.broker import MosquittoProcess, spawn_mosquitto
+from fedbus.broker import QUEUED_MESSAGES, MosquittoProcess, spawn_mosquitto
 from fedbus.deploy.certs import CertFiles, write_certs
 from fedbus.deploy.security import Backend, SecurityFiles, TlsFiles, write_broker_security
 from fedbus.manifest import BrokerSpec, Manifest
@@ -104,6 +104,7 @@ async def spawn_secure_mosquitto(
         tls_key=str(certs.out_dir / "nodes" / "{node}.key") if certs else None,
         chunk_bytes=m.broker.chunk_bytes if m.broker else BrokerSpec().chunk_bytes,
         keepalive_s=m.broker.keepalive_s if m.broker else BrokerSpec().keepalive_s,
+        max_queued_messages=QUEUED_MESSAGES,  # what spawn_mosquitto configures
     )
     return SecureMosquitto(proc=proc, files=files, certs=certs,
                            manifest=dataclasses.replace(m, broker=spec), workdir=work)
