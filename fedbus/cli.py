@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="node id from the manifest; repeat it or use a glob ('t*') to "
                        "run many nodes in this process (simulation: many clients a worker)")
     serve.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    serve.add_argument("--health-file", help="keep this file fresh while connected (container "
+                       "healthchecks: python -m fedbus.deploy.health FILE)")
 
     val = add("validate", "check a manifest and print what it declares")
     val.add_argument("manifest")
@@ -72,7 +74,58 @@ def _parser() -> argparse.ArgumentParser:
     watch = add("watch", "print the per-round metrics of a running job")
     watch.add_argument("manifest")
     watch.add_argument("--broker", type=_parse_broker)
+    watch.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
+                       "on a secured broker")
+    _add_deploy_commands(add)
     return p
+
+
+def _add_deploy_commands(add: Any) -> None:
+    acl = add("acl", "write broker users, passwords and per-node rights (mosquitto)")
+    acl.add_argument("manifest")
+    acl.add_argument("--out", required=True, help="folder for passwd, acl, dynsec.json, ...")
+    acl.add_argument("--secrets", help="NODE=password lines; other nodes get random ones")
+    acl.add_argument("--operator", action="append", default=[],
+                     help="an operator user (watch metrics, send control); repeatable")
+    acl.add_argument("--backend", choices=("dynsec", "acl_file"), default="dynsec",
+                     help="dynsec (refuses forbidden subscriptions visibly) or acl_file")
+    acl.add_argument("--plugin", help="path of mosquitto_dynamic_security.so on the broker")
+    acl.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount)")
+    acl.add_argument("--certs", help="folder from `fedbus certs`: add mTLS to the broker lines")
+    acl.add_argument("--listen", metavar="HOST:PORT", type=_parse_broker,
+                     help="listener of the whole broker.conf (default 0.0.0.0 and the "
+                     "manifest's port)")
+    acl.add_argument("--persistence-dir", default="/var/lib/mosquitto/",
+                     help="broker.conf's persistence_location")
+    acl.add_argument("--group", help="give the broker's files to this group (mosquitto; root)")
+    certs = add("certs", "write a CA, the broker's certificate and one per node (CN = node id)")
+    certs.add_argument("manifest")
+    certs.add_argument("--out", required=True)
+    certs.add_argument("--host", action="append", default=[],
+                       help="a name or address clients dial the broker by; repeatable")
+    certs.add_argument("--operator", action="append", default=[])
+    certs.add_argument("--days", type=int, default=825)
+    comp = add("compose", "write a docker compose file: broker, redis if needed, every node")
+    comp.add_argument("manifest", help="path relative to the project root, where compose runs")
+    comp.add_argument("--out", help="file to write (default: stdout)")
+    comp.add_argument("--redis", action=argparse.BooleanOptionalAction, default=None,
+                      help="add redis (default: only when a node's role uses it)")
+    comp.add_argument("--secure", metavar="DIR",
+                      help="generate broker users/rights into DIR and lock the broker down")
+    comp.add_argument("--certs", metavar="DIR", help="a `fedbus certs` folder: mTLS")
+    comp.add_argument("--image", default="fedbus:dev")
+    units = add("units", "write a node's systemd unit and environment file")
+    units.add_argument("manifest")
+    units.add_argument("--node", required=True)
+    units.add_argument("--out", required=True, help="folder for fedbus-NODE.service, NODE.env")
+    units.add_argument("--manifest-path", help="the manifest's path on the device "
+                       "(default: this file's absolute path)")
+    units.add_argument("--prefix", default="/opt/fedbus", help="install prefix (venv, app)")
+    units.add_argument("--env-dir", default="/etc/fedbus", help="where NODE.env is installed")
+    units.add_argument("--secure", metavar="DIR",
+                       help="a `fedbus acl` folder: put the node's password in its env file")
+    units.add_argument("--systemd", type=int, default=252,
+                       help="systemd version on the device (>= 254 adds restart backoff)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,11 +167,19 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(describe(manifest))
         return 0
+    if args.command == "acl":
+        return _acl(manifest, args)
+    if args.command == "certs":
+        return _certs(manifest, args)
+    if args.command == "compose":
+        return _compose(manifest, args)
+    if args.command == "units":
+        return _units(manifest, args)
     if args.command == "run":
         return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
     if args.command == "serve":
-        return asyncio.run(_serve(manifest, args.node))
-    return asyncio.run(_watch_only(manifest))
+        return asyncio.run(_serve(manifest, args.node, args.health_file))
+    return asyncio.run(_watch_only(manifest, args.user))
 
 
 # --- run: the whole federation in one process -----------------------------------------------
@@ -153,7 +214,8 @@ async def _run_all(m: Manifest, rounds: int | None, *, memory: bool) -> int:
         return await _run_nodes(m, [n.id for n in m.nodes], mem)
 
 
-async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None) -> int:
+async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None, *,
+                     health_file: str | None = None) -> int:
     """Run ``node_ids`` in this process, each on its own bus connection."""
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
@@ -165,6 +227,11 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
     async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
+        if health_file:
+            from fedbus.deploy.health import keep_health_file
+
+            health = asyncio.create_task(keep_health_file(health_file, buses.values()))
+            stack.callback(health.cancel)
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(svc.run(), name=node_id) for node_id, svc in services.items()
                      if svc is not agg]
@@ -226,7 +293,7 @@ def _final_line(agg: Aggregator | AsyncAggregator) -> int:
 
 # --- serve: one node -------------------------------------------------------------------------
 
-async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
+async def _serve(m: Manifest, patterns: Sequence[str], health_file: str | None = None) -> int:
     node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
     if not node_ids:
         raise ManifestError(m.source, "nodes",
@@ -243,18 +310,93 @@ async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, main_task.cancel)
     try:
-        return await _run_nodes(m, node_ids, None)
+        return await _run_nodes(m, node_ids, None, health_file=health_file)
     except asyncio.CancelledError:
         log.info("stopped_by_signal", nodes=node_ids)
         return 0
 
 
+# --- acl, certs: broker security generated from the manifest --------------------------------
+
+def _acl(m: Manifest, args: argparse.Namespace) -> int:
+    from fedbus.deploy.passwords import read_secrets_file
+    from fedbus.deploy.security import TlsFiles, write_broker_security
+
+    users = [n.id for n in m.nodes] + list(args.operator)
+    given = read_secrets_file(args.secrets, users) if args.secrets else None
+    tls = None
+    if args.certs:
+        d = os.path.abspath(args.certs)
+        tls = TlsFiles(ca=f"{d}/ca.crt", cert=f"{d}/broker.crt", key=f"{d}/broker.key")
+    files = write_broker_security(m, args.out, passwords=given, operators=args.operator,
+                                  backend=args.backend, plugin=args.plugin,
+                                  broker_dir=args.broker_dir, tls=tls,
+                                  persistence_dir=args.persistence_dir,
+                                  port=args.listen.port if args.listen else None,
+                                  listen_host=args.listen.host if args.listen else "0.0.0.0",
+                                  group=args.group)
+    # Paths only: the passwords stay in their 0600 files.
+    print(f"users     {len(files.users)}: {', '.join(files.users)}")
+    print(f"broker    append {files.conf} to mosquitto.conf ({files.backend}); "
+          f"it reads {files.dynsec if files.backend == 'dynsec' else files.acl}")
+    print(f"passwords {files.password_dir}/<node> (mode 0600): give each node only its own")
+    print(f"or run    mosquitto -c {files.broker_conf}  (a whole config: listener, persistence, "
+          "limits, security)")
+    return 0
+
+
+def _certs(m: Manifest, args: argparse.Namespace) -> int:
+    from fedbus.deploy.certs import write_certs
+
+    files = write_certs(m, args.out, broker_hosts=args.host, operators=args.operator,
+                        days=args.days)
+    print(f"ca        {files.ca} (keep ca.key offline once nodes have their certificates)")
+    print(f"broker    {files.broker_cert}, {files.broker_key}")
+    print(f"nodes     {files.out_dir}/nodes/<node>.crt|.key for {len(files.users)} users, "
+          "CN = node id")
+    return 0
+
+
+def _compose(m: Manifest, args: argparse.Namespace) -> int:
+    from fedbus.deploy.compose import compose_yaml
+
+    text = compose_yaml(m, args.manifest, redis=args.redis, image=args.image,
+                        secure_dir=args.secure, certs_dir=args.certs)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def _units(m: Manifest, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedbus.deploy.units import write_unit
+
+    password = None
+    if args.secure:
+        try:
+            password = (Path(args.secure) / "passwords" / args.node).read_text().strip()
+        except OSError as exc:
+            raise ManifestError(m.source, "nodes", f"no password for {args.node!r} in "
+                                f"{args.secure}/passwords: {exc.strerror}; run `fedbus acl` "
+                                "first") from None
+    files = write_unit(m, args.node, args.out, manifest_path=args.manifest_path,
+                       prefix=args.prefix, env_dir=args.env_dir, password=password,
+                       systemd_version=args.systemd)
+    print(f"unit      {files.unit} -> /etc/systemd/system/{files.name}")
+    print(f"env       {files.env} -> {args.env_dir}/{args.node}.env (0640 root:fedbus)")
+    return 0
+
+
 # --- watch: metrics of a running job ---------------------------------------------------------
 
-async def _watch_only(m: Manifest) -> int:
+async def _watch_only(m: Manifest, user: str | None = None) -> int:
     if m.broker is None:
         raise ManifestError(m.source, "broker", "`fedbus watch` needs --broker HOST:PORT")
-    watcher = NodeSpec(id=f"watch-{_short_id()}", role="trainer")
+    watcher = NodeSpec(id=user or f"watch-{_short_id()}", role="trainer")
     async with make_bus(m, watcher) as bus:
         await _print_metrics(bus, m)
     return 0
@@ -262,6 +404,7 @@ async def _watch_only(m: Manifest) -> int:
 
 async def _print_metrics(bus: Bus, m: Manifest) -> None:
     async with bus.subscribe(topics.metrics(m.job, m.aggregator.id)) as sub:
+        log.info("watch_started", job=m.job, node=m.aggregator.id)
         async for msg in sub:
             try:
                 env = decode(msg.payload)
