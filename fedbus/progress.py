@@ -156,7 +156,9 @@ class _Panel:
         trouble = f"rejected {s.rejected_total}"
         if last.get("lost"):
             trouble += f"   lost {', '.join(last['lost'])}"
-        grid.add_row(f"{people}   {metrics}   {trouble}")
+        grid.add_row(f"{people}   {trouble}")
+        if metrics:
+            grid.add_row(metrics)
         return grid
 
 

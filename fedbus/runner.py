@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fnmatch
+import shutil
 import signal
 import sys
 import time
@@ -36,6 +37,8 @@ __all__ = ["RunOptions", "run_federation", "serve_nodes"]
 log = structlog.get_logger("fedbus.run")
 
 AnyAggregator = Aggregator | AsyncAggregator
+#: After a stop signal, how long nodes get to unwind before they are cancelled again.
+_GOODBYE_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,6 +72,8 @@ class _Stop:
         if self.signum is None:
             self.signum = sig
             task.cancel()
+            # Nodes say goodbye on the way out; if that hangs (a broker gone), cut it short.
+            asyncio.get_running_loop().call_later(_GOODBYE_S, task.cancel)
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +95,11 @@ async def _broker_for(
     try:
         yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port)), None
     finally:
-        await proc.stop()
+        try:
+            await proc.stop()
+        finally:  # a second cancellation cut stop() short: finish synchronously
+            proc.kill_now()
+            shutil.rmtree(proc.workdir, ignore_errors=True)
 
 
 def _first_fedbus_error(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -117,9 +126,8 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
     status = "failed"
     try:
         async with _broker_for(m, opts.memory) as (m, mem):
-            code = await _run_nodes(m, [n.id for n in m.nodes], mem, observer, opts)
-        status = "finished" if code == 0 else "failed"
-        return code
+            await _run_nodes(m, [n.id for n in m.nodes], mem, observer, opts)
+        status = "finished" if observer.history_len() else "failed"
     except asyncio.CancelledError:
         if stop.signum is None:
             raise
@@ -141,6 +149,10 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
             recorder.finish(status, final)
         if sink is not None:
             sink.close()
+    if recorder is not None:
+        print(f"fedbus: saved metrics.jsonl, {FINAL_MODEL}, {BEST_MODEL} in {recorder.path}; "
+              f"`fedbus show {m.job}` summarizes it", file=sys.stderr, flush=True)
+    return observer.final_line()
 
 
 async def serve_nodes(m: Manifest, patterns: Sequence[str]) -> int:
@@ -159,7 +171,8 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str]) -> int:
     try:
         # Serving the aggregator prints its rounds (plain lines) and the final line, as `run`.
         observer = _Observer(m, None, "plain", None)
-        return await _run_nodes(m, node_ids, None, observer, RunOptions())
+        await _run_nodes(m, node_ids, None, observer, RunOptions())
+        return observer.final_line() if observer.agg is not None else 0
     except asyncio.CancelledError:
         if stop.signum is None:
             raise
@@ -195,9 +208,7 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
 
                 tg.create_task(serve_dashboard(m, opts.dashboard_port, memory=mem,
                                                until_done=True), name="dashboard")
-    if observer is None or observer.agg is None:
-        return 0
-    return observer.final_line()
+    return 0
 
 
 def _limit_torch_threads(n_trainers: int) -> None:

@@ -1,0 +1,184 @@
+"""What `fedbus run` leaves behind and how it stops: run folders, models, signals.
+
+Run-folder tests use the in-process memory bus (fast); the signal tests use the private
+mosquitto, since leaking it is the trap they guard against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from fedbus.modelfile import read_safetensors, write_safetensors
+from tests.test_cli import FEDBUS, ROOT, fedbus, toy
+
+
+def only_run(root: Path, job: str = "toy") -> Path:
+    runs = list((root / job).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_run_writes_a_run_folder(tmp_path: Path) -> None:
+    # Prepare
+    path = toy(tmp_path, rounds=4)
+    runs = tmp_path / "runs"
+    # Execute
+    r = fedbus("run", str(path), "--memory", "--runs-dir", str(runs), "--rounds", "3")
+    # Assert: the final line stays machine-readable and last
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("final loss=")
+    assert sum(ln.startswith("round ") for ln in lines) == 3  # plain lines: not a terminal
+    folder = only_run(runs)
+    # the manifest as run (with the override), one metrics row a round, models, logs, summary
+    assert yaml.safe_load((folder / "manifest.yaml").read_text())["rounds"] == 3
+    rows = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["participants"] == 3 and row["lost"] == [] and row["rejected"] == {}
+        assert row["loss"] > 0 and row["seconds"] > 0
+        # three updates of 1000 float32 deltas (zstd barely shrinks them) came in
+        assert row["bytes_sent"] > 0 and row["bytes_received"] > 3 * 3000
+        assert sorted(row["accepted"]) == ["t0", "t1", "t2"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_done"] == 3
+    assert summary["final"]["loss"] == pytest.approx(rows[-1]["loss"])
+    assert summary["best"]["round"] == 3  # the toy loss falls every round
+    assert {p.name for p in (folder / "logs").iterdir()} >= {"aggregator.jsonl", "t0.jsonl"}
+    first = json.loads((folder / "logs/aggregator.jsonl").read_text().splitlines()[0])
+    assert first["node"] == "aggregator" and "event" in first
+
+
+def test_models_load_with_safetensors(tmp_path: Path) -> None:
+    # Prepare / Execute
+    path = toy(tmp_path, rounds=2)
+    r = fedbus("run", str(path), "--memory", "--runs-dir", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = only_run(tmp_path / "runs")
+    # Assert: the reference loader reads our files; the model is the toy's 1000-vector
+    final = load_file(str(folder / "model-final.safetensors"))
+    best = load_file(str(folder / "model-best.safetensors"))
+    assert final["w"].shape == (1000,) and final["w"].dtype == np.float32
+    np.testing.assert_array_equal(final["w"], best["w"])  # last round is the best here
+    assert np.abs(final["w"]).sum() > 0  # trained away from the zero initial model
+
+
+def test_safetensors_roundtrip_dtypes(tmp_path: Path) -> None:
+    weights = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+               "b": np.array([1, -2], dtype=np.int64), "c": np.array([True, False]),
+               "d": np.zeros((0, 4), dtype=np.float16)}
+    write_safetensors(tmp_path / "m.safetensors", weights, {"round": "3"})
+    theirs = load_file(str(tmp_path / "m.safetensors"))
+    ours = read_safetensors(tmp_path / "m.safetensors")
+    for name, value in weights.items():
+        np.testing.assert_array_equal(theirs[name], value)
+        np.testing.assert_array_equal(ours[name], value)
+        assert theirs[name].dtype == value.dtype and theirs[name].shape == value.shape
+
+
+def test_ls_and_show(tmp_path: Path) -> None:
+    # Prepare: two runs
+    path = toy(tmp_path, rounds=2)
+    runs = str(tmp_path / "runs")
+    for _ in range(2):
+        assert fedbus("run", str(path), "--memory", "--runs-dir", runs).returncode == 0
+    # Execute
+    ls = fedbus("ls", "--runs-dir", runs)
+    show = fedbus("show", "toy", "--runs-dir", runs)
+    missing = fedbus("show", "nope", "--runs-dir", runs)
+    # Assert
+    listed = [ln for ln in ls.stdout.splitlines() if ln.startswith("toy/")]
+    assert len(listed) == 2 and all("finished" in ln and "2/2" in ln for ln in listed)
+    latest = sorted(p.name for p in (tmp_path / "runs/toy").iterdir())[-1]
+    assert f"toy/{latest}" in show.stdout
+    assert "model-best.safetensors, model-final.safetensors" in show.stdout
+    assert "best      loss=" in show.stdout
+    assert missing.returncode == 1 and "no run 'nope'" in missing.stderr
+
+
+def _leftovers(marker: str) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if any(marker in arg for arg in cmd):
+            found.append(f"{p.info['pid']}: {' '.join(cmd)}")
+    return found
+
+
+def _slow_toy(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    path = toy(tmp_path, rounds=100, task={"params": {"size": 100, "delay_s": 0.5}})
+    # The private broker's temp folder and config land under TMPDIR: our marker for leaks.
+    return path, {**os.environ, "TMPDIR": str(tmp)}, tmp
+
+
+@pytest.mark.broker
+def test_timeout_leaves_no_process_and_no_temp_folder(tmp_path: Path) -> None:
+    # Prepare
+    path, env, tmp = _slow_toy(tmp_path)
+    runs = tmp_path / "runs"
+    # Execute: what CI's `timeout` does: SIGTERM after 5 s
+    r = subprocess.run(["timeout", "5", *FEDBUS, "run", str(path), "--runs-dir", str(runs)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    # Assert
+    assert r.returncode == 124, r.stderr[-2000:]
+    assert "stopped by SIGTERM" in r.stderr
+    folder = only_run(runs)
+    events = (folder / "logs/fedbus.jsonl").read_text()
+    assert "broker_started" in events  # a private mosquitto did run ...
+    assert _leftovers(str(tmp)) == []  # ... and is gone
+    assert list(tmp.iterdir()) == []
+    assert json.loads((folder / "summary.json").read_text())["status"] == "stopped"
+
+
+@pytest.mark.broker
+def test_sigint_stops_every_child(tmp_path: Path) -> None:
+    # Prepare
+    path, env, tmp = _slow_toy(tmp_path)
+    proc = subprocess.Popen([*FEDBUS, "run", str(path), "--runs-dir", str(tmp_path / "runs")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # wait for the first round, so nodes, broker and threads are all up
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        line = proc.stdout.readline()
+        while not line.startswith("round ") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert line.startswith("round "), line
+        # Execute
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Assert
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by SIGINT" in err
+    assert _leftovers(str(tmp)) == []
+    assert list(tmp.iterdir()) == []
+
+
+def test_run_does_not_import_from_cwd_only(tmp_path: Path) -> None:
+    # `fedbus run` from another folder finds the example's task through the manifest's path
+    r = subprocess.run([*FEDBUS, "run", str(ROOT / "examples/toy/manifest.yaml"), "--memory",
+                        "--runs-dir", str(tmp_path / "runs"), "--quiet"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines() == [r.stdout.strip().splitlines()[-1]]  # quiet
+    assert r.stdout.strip().startswith("final loss=")
