@@ -27,7 +27,7 @@ system:
 # torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev]"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,plot]"
 	touch $(STAMP)
 
 demo: setup

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -182,3 +183,31 @@ def test_run_does_not_import_from_cwd_only(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines() == [r.stdout.strip().splitlines()[-1]]  # quiet
     assert r.stdout.strip().startswith("final loss=")
+
+
+def test_plot_writes_pngs_of_several_runs(tmp_path: Path) -> None:
+    # Prepare: a synchronous and an asynchronous run of the toy task
+    pytest.importorskip("matplotlib")
+    from fedbus.plots import SIZE_PX
+
+    runs = str(tmp_path / "runs")
+    sync = toy(tmp_path, rounds=3)
+    assert fedbus("run", str(sync), "--memory", "--runs-dir", runs).returncode == 0
+    (tmp_path / "a").mkdir()
+    async_ = toy(tmp_path / "a", rounds=30, strategy={"name": "fedasync"},
+                 task={"params": {"size": 100, "speeds": [0.01, 0.02, 0.05]}})
+    r = fedbus("run", str(async_), "--memory", "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = sorted(p.name for p in (tmp_path / "runs/toy").iterdir())
+    # Execute
+    r = fedbus("plot", *ids, "--runs-dir", runs, "--out", str(tmp_path / "plots"))
+    # Assert: every chart exists, is a PNG of the documented size, and is not blank
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = {"accuracy_loss.png", "participation.png", "round_time.png", "staleness.png"}
+    assert {Path(p).name for p in r.stdout.split()} == names
+    for name in names:
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert (width, height) == SIZE_PX
+        assert len(data) > 15_000, name  # axes, lines and labels, not an empty canvas
