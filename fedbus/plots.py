@@ -49,8 +49,9 @@ def _series(run: RunInfo, key: str) -> tuple[list[int], list[float]]:
 
 
 def _figure(plt: Any, rows: int = 1, cols: int = 1) -> tuple[Any, Any]:
-    return plt.subplots(rows, cols, figsize=(SIZE_PX[0] / DPI, SIZE_PX[1] / DPI), dpi=DPI,
-                        squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(SIZE_PX[0] / DPI, SIZE_PX[1] / DPI), dpi=DPI,
+                             squeeze=False)
+    return fig, axes
 
 
 def _save(plt: Any, fig: Any, path: Path) -> Path:
