@@ -199,15 +199,16 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
         for bus in buses.values():
             await stack.enter_async_context(bus)
         async with asyncio.TaskGroup() as tg:
-            for node_id, svc in services.items():
-                tg.create_task(svc.run(), name=node_id)
+            work = [tg.create_task(svc.run(), name=node_id) for node_id, svc in services.items()]
             if observer is not None and agg is not None:
-                tg.create_task(observer.follow(agg), name="progress")
+                work.append(tg.create_task(observer.follow(agg), name="progress"))
             if opts.dashboard_port is not None:
                 from fedbus.dashboard import serve_dashboard
 
-                tg.create_task(serve_dashboard(m, opts.dashboard_port, memory=mem,
-                                               until_done=True), name="dashboard")
+                page = tg.create_task(serve_dashboard(m, opts.dashboard_port, memory=mem,
+                                                      until_done=True), name="dashboard")
+                await asyncio.wait(work)  # the page serves as long as the nodes work
+                page.cancel()
     return 0
 
 
