@@ -5,19 +5,21 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck
+APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system venv demo test lint typecheck pytest bench clean
 
 setup: system $(STAMP)
 
-# Brokers and checkers come from Debian; only installed when missing.
+# Brokers, checkers and the browser the dashboard test drives come from Debian; only installed
+# when missing.
 system:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -30,8 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,plot]"
 	touch $(STAMP)
 
+# The run leaves runs/digits/<run-id>/ (metrics, models, logs); the charts go in its plots/.
 demo: setup
 	$(BIN)/fedbus run examples/digits/manifest.yaml
+	$(BIN)/fedbus plot digits
 
 lint: setup
 	$(BIN)/ruff check fedbus strategies tests benchmarks examples

@@ -16,6 +16,8 @@ from fedbus.manifest import Manifest
 
 __all__ = ["JobState"]
 
+# Node-id prefixes of read-only observers (`fedbus dashboard`, `fedbus watch`).
+_OBSERVERS = ("dashboard-", "watch-")
 # Only what a chart needs from each round report, so the page's state stays small.
 _ROUND_KEYS = ("round", "selected", "participants", "lost", "seconds", "aggregated", "loss",
                "accuracy", "train_loss", "rejected", "staleness_mean", "in_flight")
@@ -51,8 +53,8 @@ class JobState:
                                       if isinstance(v, int)})
         else:
             node = topic.rsplit("/", 1)[-1]
-            if node == self.observer_id:
-                return False
+            if node == self.observer_id or node.startswith(_OBSERVERS):
+                return False  # other dashboards and watchers are not part of the job
             self.presence[node] = {"status": str(env.meta.get("status", "unknown")),
                                    "role": str(env.meta.get("role", "")),
                                    "since": time.time()}
