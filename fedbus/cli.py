@@ -222,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink = configure_logging(json=args.log_json, level=args.log_level, console_level=console)
     handler: Handler = args.handler
     try:
-        return handler(args, sink)
+        try:
+            return handler(args, sink)
+        except BaseExceptionGroup as group:
+            # An error inside a node's task group: report the error, not the group's traceback.
+            raise _leaf(group) from None
     except ManifestError as exc:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
         return 2
@@ -234,10 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups; cancellations are echoes."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_leaf(e) for e in exc.exceptions]
+        real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
+        return (real or leaves)[0]
+    return exc
+
+
 def _manifest(args: argparse.Namespace) -> Manifest:
     m = load_manifest(args.manifest)
     if getattr(args, "broker", None):
-        m = with_broker(m, args.broker)
+        # only the address: credentials, chunking and limits stay the manifest's
+        base = m.broker or BrokerSpec()
+        m = with_broker(m, dataclasses.replace(base, host=args.broker.host,
+                                               port=args.broker.port))
     return m
 
 

@@ -46,6 +46,18 @@ class ConnectError(BusError):
         self.cause = cause
 
 
+class BrokerLimitError(BusError):
+    """The broker's limits and fedbus's settings do not fit together (a packet limit below
+    the chunk size, a queue too short for a model's chunks): refused at start, because at
+    run time the same mismatch is a reconnect loop or silent loss. ``setting`` names what to
+    change."""
+
+    def __init__(self, problem: str, setting: str) -> None:
+        super().__init__(f"{problem}; change {setting}")
+        self.problem = problem
+        self.setting = setting
+
+
 class UpdateRejected(FedbusError):
     """An update was well-formed on the wire but unfit to aggregate (shape, dtype, NaN, stale)."""
 

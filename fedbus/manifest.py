@@ -73,6 +73,10 @@ class BrokerSpec:
     #: bounds how long a hung or cut-off node goes unnoticed (1.5x), and must outlast the
     #: event-loop stalls of a busy small device, or healthy nodes get dropped.
     keepalive_s: int = 30
+    #: The broker's per-client queue limit (mosquitto ``max_queued_messages``; its default is
+    #: 1000, the configs in brokers/ set 100000). Checked at start against the chunking: a
+    #: queue that cannot hold one model's chunks loses them silently.
+    max_queued_messages: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,12 @@ class RoundSpec:
     #: Chunked (large) updates uploading at once: the aggregator grants upload slots so its
     #: memory is bounded by this many in-flight models, not by the number of trainers.
     max_uploads: int = 4
+    #: Refuse updates whose delta has a larger L2 norm (None: no bound). A bound stops a
+    #: faulty or malicious trainer's huge update; a robust strategy (median, trimmed mean,
+    #: krum) is the answer to subtler poisoning by an authenticated trainer.
+    max_update_norm: float | None = None
+    #: Refuse updates that claim more training examples (the weight in every FedAvg).
+    max_examples: int = 1 << 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +407,9 @@ class _Parser:
                                      lo=1024, hi=_MQTT_MAX_PACKET - 65536),
             keepalive_s=self.integer(t.get("keepalive_s", d.keepalive_s), "broker.keepalive_s",
                                      lo=1, hi=65535),
+            max_queued_messages=self.integer(
+                t.get("max_queued_messages", d.max_queued_messages),
+                "broker.max_queued_messages", lo=1),
         )
 
     def codec(self, value: Any) -> CodecSpec:
@@ -436,6 +449,11 @@ class _Parser:
                                         "round.start_timeout_s", lambda x: x > 0, positive),
             max_uploads=self.integer(t.get("max_uploads", d.max_uploads), "round.max_uploads",
                                      lo=1),
+            max_update_norm=None if t.get("max_update_norm") is None else self.number(
+                t["max_update_norm"], "round.max_update_norm", lambda x: x > 0,
+                "> 0 (L2 norm of an update's delta), or omit it for no bound"),
+            max_examples=self.integer(t.get("max_examples", d.max_examples),
+                                      "round.max_examples", lo=1),
         )
         if spec.min_clients > n_trainers:
             self.fail("round.min_clients",
@@ -581,21 +599,25 @@ class Wiring:
 
 
 def compile_wiring(m: Manifest) -> dict[str, Wiring]:
-    """Per node id, its topic filters and topics, built only through ``fedbus.topics``."""
+    """Per node id, exactly the filters it subscribes to and the topics it publishes on,
+    built only through ``fedbus.topics``. tests/test_hostile.py checks the running services
+    against it, so the ACLs and bridges generated from it allow what the protocol needs and
+    nothing more."""
     job = m.job
     out: dict[str, Wiring] = {}
     for n in m.nodes:
         if n.role == "aggregator":
-            sub = [topics.updates_for(job, n.id), topics.presence_all(job),
-                   topics.control(job, n.id)]
+            sub = [topics.updates_for(job, n.id), topics.presence_all(job)]
+            # grants go to each child's control topic (the upload gate)
             pub = [topics.model(job, n.id), topics.metrics(job, n.id),
-                   topics.presence(job, n.id), topics.state(job, n.id)]
+                   topics.presence(job, n.id),
+                   *(topics.control(job, t.id) for t in m.trainers_of(n.id))]
         else:
             assert n.parent is not None  # validation gives every trainer a parent
-            sub = [topics.model(job, n.parent), topics.presence(job, n.parent),
-                   topics.control(job, n.id)]
-            pub = [topics.update(job, n.parent, n.id), topics.metrics(job, n.id),
+            # its own presence too: a trainer contradicts a forged "offline" about itself
+            sub = [topics.model(job, n.parent), topics.control(job, n.id),
                    topics.presence(job, n.id)]
+            pub = [topics.update(job, n.parent, n.id), topics.presence(job, n.id)]
         out[n.id] = Wiring(node=n.id, subscribe=tuple(sub), publish=tuple(pub))
     return out
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
-from fedbus.bus import Bus, Message, Subscription
+from fedbus.bus import Admit, Bus, Message, Subscription
 
 __all__ = ["MeteredBus"]
 
@@ -62,5 +63,9 @@ class MeteredBus:
         await self.inner.publish(topic, payload, retain=retain)
         self.sent += len(payload)
 
-    def subscribe(self, *filters: str) -> Subscription:
-        return _MeteredSubscription(self.inner.subscribe(*filters), self)
+    def subscribe(self, *filters: str, admit: Admit | None = None) -> Subscription:
+        return _MeteredSubscription(self.inner.subscribe(*filters, admit=admit), self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a service asks of its bus (statistics, ...) is the real bus's.
+        return getattr(self.inner, name)

@@ -16,7 +16,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Limits, encode
-from fedbus.errors import ManifestError
+from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
 from fedbus.services._wire import presence
 from fedbus.services.aggregator import Aggregator, AggregatorConfig
@@ -82,6 +82,35 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
     )
 
 
+def authenticated(m: Manifest, bus: Bus) -> bool:
+    """Does the broker tie what is published on a node's topics to that node? The in-process
+    bus does (nothing else can publish on it); an MQTT broker does when nodes log in with
+    credentials checked against an ACL (``fedbus acl``)."""
+    if isinstance(bus, MemoryBus):
+        return True
+    return m.broker is not None and m.broker.username is not None
+
+
+def check_queue_fit(m: Manifest, node: NodeSpec, model_bytes: int, copies: int,
+                    concurrent: int) -> None:
+    """Refuse at start a broker queue that cannot hold what this node will be sent at once
+    (``concurrent`` messages of ``copies`` models, in chunks): mosquitto drops the excess
+    silently, and every round would end with 'expired transfer' and nothing else."""
+    if m.broker is None:
+        return
+    b = m.broker
+    chunks = -(-(model_bytes * copies + 65536) // b.chunk_bytes)
+    need = chunks * concurrent + 100  # + presence, grants, metrics, readies
+    if need > b.max_queued_messages:
+        raise BrokerLimitError(
+            f"{node.id} may be sent {concurrent} message(s) of {chunks} chunks each "
+            f"({model_bytes * copies / 1e6:.1f} MB in chunks of {b.chunk_bytes} bytes) at once, "
+            f"but the broker queues at most {b.max_queued_messages} messages per client "
+            f"(broker.max_queued_messages) and drops the rest silently",
+            f"max_queued_messages in the broker's config (and broker.max_queued_messages in "
+            f"{m.source}) to at least {need}, or raise broker.chunk_bytes")
+
+
 def open_task(m: Manifest, node: NodeSpec | None) -> Task:
     """Build the node's task (``node=None``: the aggregator's evaluation copy)."""
     search = [Path.cwd()]
@@ -116,11 +145,16 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
     node = m.node(node_id)
     if node.role == "trainer":
         assert node.parent is not None
+        task = task or open_task(m, node)
+        plugin = make_strategy(m.strategy.name, thaw(m.strategy.params))
+        aux = plugin.client_aux_models if isinstance(plugin, Strategy) else 0
+        check_queue_fit(m, node, _nbytes(task.get_weights()), 1 + aux, concurrent=2)
         return Trainer(
-            TrainerConfig(job=m.job, node_id=node.id, parent=node.parent,
+            TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
+                          authenticated=authenticated(m, bus), client_aux_models=aux,
                           compression=_compression(m), limits=_limits(m)),
             bus,
-            task or open_task(m, node),
+            task,
         )
     if node.role == "aggregator":
         trainers = frozenset(t.id for t in m.trainers_of(node.id))
@@ -138,8 +172,11 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             "deadline_s": r.deadline_s, "min_clients": r.min_clients,
             "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
             "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
+            "max_update_norm": r.max_update_norm, "max_examples": r.max_examples,
         }
         weights = server_task.get_weights()
+        aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
+        check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
         common["max_uploads"] = r.max_uploads
         common["gate_bytes"] = m.broker.chunk_bytes if m.broker else 1_000_000
         if isinstance(strategy, AsyncStrategy):
@@ -149,3 +186,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                           weights, evaluate=evaluate)
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")
+
+
+def _nbytes(weights: dict[str, np.ndarray]) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in weights.values())

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from fedbus.bus.memory import MemoryBroker
-from fedbus.errors import FedbusError, ManifestError
+from fedbus.errors import ManifestError
 from fedbus.log import LogSink
 from fedbus.manifest import BrokerSpec, Manifest, with_broker
 from fedbus.metering import MeteredBus
@@ -88,28 +88,19 @@ async def _broker_for(
         return
     # No broker named: start a private mosquitto on a free loopback port (see docs/broker.md
     # for why a real broker beats an embedded pure-Python one).
-    from fedbus.broker import spawn_mosquitto
+    from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto
 
     proc = await spawn_mosquitto()
     log.info("broker_started", endpoint=proc.endpoint, pid=proc.pid)
     try:
-        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port)), None
+        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port,
+                                        max_queued_messages=QUEUED_MESSAGES)), None
     finally:
         try:
             await proc.stop()
         finally:  # a second cancellation cut stop() short: finish synchronously
             proc.kill_now()
             shutil.rmtree(proc.workdir, ignore_errors=True)
-
-
-def _first_fedbus_error(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The error to report from a TaskGroup failure: a FedbusError if there is one."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            exc = _first_fedbus_error(exc)
-        if isinstance(exc, FedbusError):
-            return exc
-    return group.exceptions[0]
 
 
 async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) -> int:
@@ -138,8 +129,6 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
               + (f", partial run in {recorder.path}" if recorder else ""),
               file=sys.stderr, flush=True)
         return 128 + stop.signum
-    except BaseExceptionGroup as group:
-        raise _first_fedbus_error(group) from None
     finally:
         observer.display_stop()
         if recorder is not None:
@@ -178,8 +167,6 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str]) -> int:
             raise
         log.info("stopped_by_signal", nodes=node_ids)
         return 0
-    except BaseExceptionGroup as group:
-        raise _first_fedbus_error(group) from None
 
 
 async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,
@@ -188,27 +175,37 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
     buses: dict[str, Any] = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
-    agg_id = next((n for n in node_ids if m.node(n).role == "aggregator"), None)
-    if observer is not None and agg_id is not None:
-        buses[agg_id] = observer.meter = MeteredBus(buses[agg_id])
     services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
     _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
     agg = next((s for s in services.values() if isinstance(s, (Aggregator, AsyncAggregator))),
                None)
+    if observer is not None and agg is not None:
+        # Swapped in after building, so build_node still sees the real bus (its type matters).
+        agg.bus = observer.meter = MeteredBus(agg.bus)
     async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
         async with asyncio.TaskGroup() as tg:
-            work = [tg.create_task(svc.run(), name=node_id) for node_id, svc in services.items()]
-            if observer is not None and agg is not None:
-                work.append(tg.create_task(observer.follow(agg), name="progress"))
+            others = [tg.create_task(svc.run(), name=node_id)
+                      for node_id, svc in services.items() if svc is not agg]
             if opts.dashboard_port is not None:
                 from fedbus.dashboard import serve_dashboard
 
-                page = tg.create_task(serve_dashboard(m, opts.dashboard_port, memory=mem,
-                                                      until_done=True), name="dashboard")
-                await asyncio.wait(work)  # the page serves as long as the nodes work
-                page.cancel()
+                others.append(tg.create_task(serve_dashboard(
+                    m, opts.dashboard_port, memory=mem, until_done=True), name="dashboard"))
+            if agg is not None:
+                if observer is not None:
+                    progress = tg.create_task(observer.follow(agg), name="progress")
+                    others.append(progress)
+                await tg.create_task(agg.run(), name=agg.config.node_id)
+                if observer is not None:
+                    # Its last reports are queued already; a job that ended short of its
+                    # rounds (an error) must not leave the display waiting for more.
+                    await asyncio.wait({progress}, timeout=5)
+                # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
+                # could send one) and keep serving: the process that ran the job stops them.
+                for task in others:
+                    task.cancel()
     return 0
 
 

@@ -350,6 +350,9 @@ def bad_payloads(env: Envelope) -> list[bytes]:
         encode(update(tensors=join_tensors({"w": np.full_like(w, np.nan)}))),
         encode(update(tensors=join_tensors({"w": np.zeros(SIZE + 1, np.float32)}))),
         encode(update(tensors=join_tensors({"w": np.zeros(SIZE, np.float64)}))),
+        # as many bytes as the model, in the wrong shape or dtype
+        encode(update(tensors=join_tensors({"w": np.zeros((1, SIZE), np.float32)}))),
+        encode(update(tensors=join_tensors({"w": np.zeros(SIZE, np.int32)}))),
         encode(update(meta={"num_examples": -5})),
         encode(update(sender="mallory")),
     ]
@@ -383,7 +386,7 @@ async def test_garbage_is_rejected_counted_and_does_not_cancel_real_work() -> No
     assert {"bad_magic", "non_finite", "wrong_shape", "wrong_dtype", "bad_num_examples",
             "spoofed_sender"} <= reasons, reasons
     assert reasons & {"too_large", "bad_compression"}, reasons  # the bomb
-    assert reasons & {"shape_mismatch", "bad_header", "truncated"}, reasons  # the lying shape
+    assert reasons & {"shape_mismatch", "bad_header", "truncated", "bad_shape"}, reasons
     assert sum(sum(r.rejected.values()) for r in agg.history) <= agg.rejections.total
     assert any(r.rejected for r in agg.history)
     assert any(e["event"] == "message_rejected" for e in logs)

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aiomqtt
 import structlog
@@ -24,10 +24,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedbus.bus._base import Will
-from fedbus.bus._chunking import ChunkLimits, frames, is_chunk_frame
+from fedbus.bus._base import Admit, Will
+from fedbus.bus._chunking import HEADER, ChunkLimits, frames, is_chunk_frame
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription
-from fedbus.errors import BusError, ConnectError
+from fedbus.errors import BrokerLimitError, BusError, ConnectError
 from fedbus.topics import matches
 
 __all__ = ["MqttBus"]
@@ -133,6 +133,9 @@ class MqttBus:
         self._runner: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._last_error = "no attempt yet"
+        #: Set when the broker's limits cannot work with ours: no reconnect will fix it.
+        self._fatal: BusError | None = None
+        self._connack: Properties | None = None
         self._counters: dict[str, int] = dict.fromkeys(
             ("published", "published_bytes", "chunks_sent", "received", "connects",
              "reconnects", "connect_failures", "connection_losses", "publish_retries"),
@@ -179,6 +182,8 @@ class MqttBus:
                 finally:
                     for w in waits:
                         w.cancel()
+            if self._fatal is not None:
+                raise self._fatal
             if not self._connected.is_set():
                 raise TimeoutError
         except TimeoutError:
@@ -284,7 +289,36 @@ class MqttBus:
             logger=_paho_log,
         )
         client.pending_calls_threshold = 1 << 30  # chunk bursts are expected, not a warning
+        # aiomqtt drops the CONNACK's properties; the broker's limits are in them.
+        paho = client._client
+        delegate = cast(Callable[..., None], paho.on_connect)
+
+        def on_connect(*args: Any) -> None:
+            props = args[4] if len(args) > 4 else None
+            self._connack = props if isinstance(props, Properties) else None
+            delegate(*args)
+
+        paho.on_connect = on_connect
         return client
+
+    def _check_broker_limits(self, client: aiomqtt.Client) -> None:
+        """Compare what the broker announced in its CONNACK with what this bus will send."""
+        props = self._connack
+        packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        # a chunk frame: fixed header + topic + properties + our chunk header + the chunk
+        need = self.chunk_bytes + HEADER.size + 512
+        if isinstance(packet, int) and packet < need:
+            raise BrokerLimitError(
+                f"broker {self.endpoint} accepts packets up to {packet} bytes (max_packet_size) "
+                f"but this node sends chunks of {self.chunk_bytes} bytes + headers",
+                f"max_packet_size in the broker's config to at least {need}, or "
+                f"broker.chunk_bytes in the manifest to at most {max(1024, packet - 1024)}")
+        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        if isinstance(receive_max, int) and 0 < receive_max < self._max_inflight:
+            # The broker takes at most this many unacknowledged QoS 1 publishes: send no more.
+            log.info("limit_inflight", node=self.node_id, broker_receive_maximum=receive_max)
+            client._client.max_inflight_messages_set(receive_max)
+            self._max_inflight = receive_max
 
     async def _run(self) -> None:
         attempt = 0
@@ -294,6 +328,7 @@ class MqttBus:
             conn: _Conn | None = None
             try:
                 async with client:
+                    self._check_broker_limits(client)
                     conn = _Conn(client)
                     await self._restore(client)
                     if self.birth is not None and self._counters["connects"] > 0:
@@ -314,6 +349,13 @@ class MqttBus:
                     attempt = 0
                     async for m in client.messages:
                         self._on_message(m)
+            except BrokerLimitError as exc:
+                self._fatal = exc
+                self._last_error = str(exc)
+                log.error("refuse_broker", node=self.node_id, endpoint=self.endpoint,
+                          error=str(exc))
+                self._refused.set()
+                return
             except (aiomqtt.MqttError, OSError) as exc:
                 self._last_error = str(exc) or type(exc).__name__
                 if conn is None:
@@ -399,6 +441,8 @@ class MqttBus:
         """Run ``op`` on a live connection; retry on the next one if this one drops."""
         loop = asyncio.get_running_loop()
         while True:
+            if self._fatal is not None:
+                raise self._fatal
             if self._closing:
                 raise BusError(f"bus {self.node_id} closed during {what}")
             remaining = deadline - loop.time()
@@ -479,8 +523,8 @@ class MqttBus:
         self._counters["published"] += 1
         self._counters["published_bytes"] += len(data)
 
-    def subscribe(self, *filters: str) -> QueueSubscription:
-        return QueueSubscription(filters, self._open_sub, self._close_sub)
+    def subscribe(self, *filters: str, admit: Admit | None = None) -> QueueSubscription:
+        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()
