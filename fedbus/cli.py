@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -135,12 +136,18 @@ def _add_serve(add: Adder) -> None:
     serve = add("serve", "run one node (what compose and systemd start)", """\
   fedbus serve manifest.yaml --node aggregator --broker 10.0.0.5:1883
   fedbus serve manifest.yaml --node 'trainer-*'     many trainers in one process
+  fedbus serve manifest.yaml --node aggregator --runs-dir /var/lib/fedbus/runs
 """, _cmd_serve)
     serve.add_argument("manifest")
     serve.add_argument("--node", required=True, action="append",
                        help="node id from the manifest; repeat it or use a glob ('t*') to "
                        "run many nodes in this process (simulation: many clients a worker)")
     serve.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    serve.add_argument("--runs-dir", metavar="DIR",
+                       help="serving the aggregator: write its run folder under DIR (default: "
+                       "$FEDBUS_RUNS_DIR if set, else none)")
+    serve.add_argument("--dashboard", type=_port, metavar="PORT",
+                       help="serve the live dashboard on 127.0.0.1:PORT")
 
 
 def _add_validate(add: Adder) -> None:
@@ -281,9 +288,13 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:
-    from fedbus.runner import serve_nodes
+    from fedbus.runner import RunOptions, serve_nodes
+    from fedbus.runs import ENV_VAR, runs_root
 
-    return asyncio.run(serve_nodes(_manifest(args), args.node))
+    record = args.runs_dir or os.environ.get(ENV_VAR)
+    opts = RunOptions(runs_root=runs_root(record) if record else None, display="plain",
+                      dashboard_port=args.dashboard)
+    return asyncio.run(serve_nodes(_manifest(args), args.node, opts, sink))
 
 
 def _cmd_validate(args: argparse.Namespace, sink: LogSink) -> int:

@@ -104,7 +104,31 @@ async def _broker_for(
 
 
 async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) -> int:
-    """Every node of ``m`` in this process; returns the exit code."""
+    """Every node of ``m`` in this process; returns the exit code (128+N after signal N)."""
+    return await _execute(m, [n.id for n in m.nodes], opts, sink, serving=False)
+
+
+async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
+                      sink: LogSink | None) -> int:
+    """``fedbus serve``: the nodes matching ``patterns``, until done or SIGTERM/SIGINT (a
+    service manager's stop, so exit 0). A run folder is written only when the aggregator is
+    among them and ``opts.runs_root`` is set."""
+    node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
+    if not node_ids:
+        raise ManifestError(m.source, "nodes",
+                            f"--node {' '.join(patterns)} matches no node; known: "
+                            f"{', '.join(n.id for n in m.nodes)}")
+    if m.broker is None:
+        raise ManifestError(m.source, "broker",
+                            "`fedbus serve` needs a broker: add broker: {host, port} to the "
+                            "manifest or pass --broker HOST:PORT")
+    if not any(m.node(n).role == "aggregator" for n in node_ids):
+        opts = dataclasses.replace(opts, runs_root=None)
+    return await _execute(m, node_ids, opts, sink, serving=True)
+
+
+async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
+                   sink: LogSink | None, *, serving: bool) -> int:
     stop = _Stop()
     stop.install()
     recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
@@ -117,7 +141,7 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
     status = "failed"
     try:
         async with _broker_for(m, opts.memory) as (m, mem):
-            await _run_nodes(m, [n.id for n in m.nodes], mem, observer, opts)
+            await _run_nodes(m, node_ids, mem, observer, opts)
         status = "finished" if observer.history_len() else "failed"
     except asyncio.CancelledError:
         if stop.signum is None:
@@ -125,6 +149,9 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
         status = "stopped"
         name = signal.Signals(stop.signum).name
         observer.display_stop()
+        if serving:
+            log.info("stopped_by_signal", nodes=list(node_ids), signal=name)
+            return 0
         print(f"fedbus: stopped by {name}; nodes and broker shut down"
               + (f", partial run in {recorder.path}" if recorder else ""),
               file=sys.stderr, flush=True)
@@ -132,41 +159,16 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
     finally:
         observer.display_stop()
         if recorder is not None:
-            final = observer.final_metrics()
             if observer.agg is not None and observer.history_len() > 0:
                 recorder.save_model(FINAL_MODEL, observer.agg.weights, observer.last_round)
-            recorder.finish(status, final)
+            recorder.finish(status, observer.final_metrics())
         if sink is not None:
             sink.close()
     if recorder is not None:
-        print(f"fedbus: saved metrics.jsonl, {FINAL_MODEL}, {BEST_MODEL} in {recorder.path}; "
-              f"`fedbus show {m.job}` summarizes it", file=sys.stderr, flush=True)
-    return observer.final_line()
-
-
-async def serve_nodes(m: Manifest, patterns: Sequence[str]) -> int:
-    """``fedbus serve``: the nodes matching ``patterns``, until done or SIGTERM/SIGINT."""
-    node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
-    if not node_ids:
-        raise ManifestError(m.source, "nodes",
-                            f"--node {' '.join(patterns)} matches no node; known: "
-                            f"{', '.join(n.id for n in m.nodes)}")
-    if m.broker is None:
-        raise ManifestError(m.source, "broker",
-                            "`fedbus serve` needs a broker: add broker: {host, port} to the "
-                            "manifest or pass --broker HOST:PORT")
-    stop = _Stop()
-    stop.install()
-    try:
-        # Serving the aggregator prints its rounds (plain lines) and the final line, as `run`.
-        observer = _Observer(m, None, "plain", None)
-        await _run_nodes(m, node_ids, None, observer, RunOptions())
-        return observer.final_line() if observer.agg is not None else 0
-    except asyncio.CancelledError:
-        if stop.signum is None:
-            raise
-        log.info("stopped_by_signal", nodes=node_ids)
-        return 0
+        saved = ", ".join(p.name for p in sorted(recorder.path.iterdir()) if p.is_file())
+        print(f"fedbus: saved {saved} in {recorder.path}; `fedbus show {m.job}` summarizes it",
+              file=sys.stderr, flush=True)
+    return observer.final_line() if observer.agg is not None else 0
 
 
 async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,

@@ -6,6 +6,7 @@ mosquitto, since leaking it is the trap they guard against.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from fedbus.broker import MosquittoProcess
 from fedbus.modelfile import read_safetensors, write_safetensors
 from tests.test_cli import FEDBUS, ROOT, fedbus, toy
 
@@ -210,3 +212,34 @@ def test_plot_writes_pngs_of_several_runs(tmp_path: Path) -> None:
         width, height = struct.unpack(">II", data[16:24])
         assert (width, height) == SIZE_PX
         assert len(data) > 15_000, name  # axes, lines and labels, not an empty canvas
+
+
+@pytest.mark.broker
+async def test_serve_aggregator_records_its_run(
+    mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    # Prepare: the aggregator and the trainers as two `fedbus serve` processes
+    path = toy(tmp_path, rounds=3, broker={"host": mosquitto.host, "port": mosquitto.port})
+    runs = tmp_path / "runs"
+    trainers = await asyncio.create_subprocess_exec(
+        *FEDBUS, "serve", str(path), "--node", "t*", cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        # Execute
+        agg = await asyncio.create_subprocess_exec(
+            *FEDBUS, "serve", str(path), "--node", "aggregator", "--runs-dir", str(runs),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, agg_err = await asyncio.wait_for(agg.communicate(), 120)
+        trainers.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(trainers.communicate(), 30)
+    finally:
+        if trainers.returncode is None:
+            trainers.kill()
+            await trainers.wait()
+    # Assert: the aggregator's run folder, and a service manager's stop is a clean exit
+    assert agg.returncode == 0, agg_err.decode()[-2000:]
+    assert out.decode().strip().splitlines()[-1].startswith("final loss=")
+    folder = only_run(runs)
+    assert json.loads((folder / "summary.json").read_text())["status"] == "finished"
+    assert load_file(str(folder / "model-final.safetensors"))["w"].shape == (1000,)
+    assert trainers.returncode == 0, err.decode()[-2000:]
