@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
         return 2
     except FedbusError as exc:
-        log.error("failed", error=str(exc))
+        if args.log_json:  # machines read the event; people read the line below
+            log.error("failed", error=str(exc))
         print(f"fedbus: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from fedbus.bus.memory import MemoryBroker
-from fedbus.errors import ManifestError
+from fedbus.errors import FedbusError, ManifestError
 from fedbus.log import LogSink
 from fedbus.manifest import BrokerSpec, Manifest, with_broker
 from fedbus.metering import MeteredBus
@@ -131,8 +131,12 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
                    sink: LogSink | None, *, serving: bool) -> int:
     stop = _Stop()
     stop.install()
-    recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
-        if opts.runs_root is not None else None
+    try:
+        recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
+            if opts.runs_root is not None else None
+    except OSError as exc:
+        raise FedbusError(f"cannot create a run folder under {opts.runs_root}/: {exc}; pass "
+                          "--runs-dir DIR (or set $FEDBUS_RUNS_DIR), or --no-record") from None
     if recorder is not None:
         if sink is not None:
             sink.attach(recorder.path / "logs")
