@@ -176,7 +176,7 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
 
 
 async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,
-                     observer: _Observer | None, opts: RunOptions) -> int:
+                     observer: _Observer | None, opts: RunOptions) -> None:
     """Run ``node_ids`` in this process, each on its own bus connection."""
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
@@ -212,7 +212,6 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
                 # could send one) and keep serving: the process that ran the job stops them.
                 for task in others:
                     task.cancel()
-    return 0
 
 
 def _limit_torch_threads(n_trainers: int) -> None:
