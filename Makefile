@@ -29,7 +29,7 @@ system:
 # torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,plot]"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,plot,metrics]"
 	touch $(STAMP)
 
 # The run leaves runs/digits/<run-id>/ (metrics, models, logs); the charts go in its plots/.

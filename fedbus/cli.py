@@ -60,6 +60,13 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"wants [HOST:]PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
 def _port(value: str) -> int:
     if not value.isdigit() or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"must be a port 0-65535 (0: any free port), got "
@@ -130,6 +137,9 @@ def _add_run(add: Adder) -> None:
                      "terminal, plain otherwise)")
     run.add_argument("--dashboard", type=_port, metavar="PORT",
                      help="serve the live dashboard on 127.0.0.1:PORT during the run")
+    run.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
+                     help="Prometheus /metrics of the aggregator (host default 127.0.0.1; "
+                     "needs the 'metrics' extra)")
 
 
 def _add_serve(add: Adder) -> None:
@@ -137,6 +147,7 @@ def _add_serve(add: Adder) -> None:
   fedbus serve manifest.yaml --node aggregator --broker 10.0.0.5:1883
   fedbus serve manifest.yaml --node 'trainer-*'     many trainers in one process
   fedbus serve manifest.yaml --node aggregator --runs-dir /var/lib/fedbus/runs
+  fedbus serve manifest.yaml --node aggregator --metrics 0.0.0.0:9108
 """, _cmd_serve)
     serve.add_argument("manifest")
     serve.add_argument("--node", required=True, action="append",
@@ -148,6 +159,9 @@ def _add_serve(add: Adder) -> None:
                        "$FEDBUS_RUNS_DIR if set, else none)")
     serve.add_argument("--dashboard", type=_port, metavar="PORT",
                        help="serve the live dashboard on 127.0.0.1:PORT")
+    serve.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
+                       help="serving the aggregator: Prometheus /metrics on HOST:PORT "
+                       "(e.g. 0.0.0.0:9108 for a remote scraper; needs the 'metrics' extra)")
 
 
 def _add_validate(add: Adder) -> None:
@@ -283,6 +297,7 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
         runs_root=None if args.no_record else runs_root(args.runs_dir),
         display="none" if args.quiet else ("plain" if args.log_json else args.display),
         dashboard_port=args.dashboard,
+        metrics=args.metrics,
         overrides=overrides,
     )
     return asyncio.run(run_federation(m, opts, sink))
@@ -294,7 +309,7 @@ def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:
 
     record = args.runs_dir or os.environ.get(ENV_VAR)
     opts = RunOptions(runs_root=runs_root(record) if record else None, display="plain",
-                      dashboard_port=args.dashboard)
+                      dashboard_port=args.dashboard, metrics=args.metrics)
     return asyncio.run(serve_nodes(_manifest(args), args.node, opts, sink))
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -31,6 +31,9 @@ from fedbus.progress import DisplayMode, ProgressState, make_display
 from fedbus.runs import BEST_MODEL, FINAL_MODEL, RunRecorder
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
+
+if TYPE_CHECKING:
+    from fedbus.prom import PromExporter
 
 __all__ = ["RunOptions", "run_federation", "serve_nodes"]
 
@@ -49,6 +52,8 @@ class RunOptions:
     display: DisplayMode = "auto"
     #: Serve the live dashboard on this loopback port (0: any free port) during the run.
     dashboard_port: int | None = None
+    #: Serve Prometheus metrics of the aggregator on (host, port).
+    metrics: tuple[str, int] | None = None
     #: Command-line overrides, written into the run folder's manifest.
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -143,6 +148,11 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
         print(f"fedbus: job {m.job}, run folder {recorder.path}", file=sys.stderr, flush=True)
     observer = _Observer(m, recorder, opts.display, sink)
     status = "failed"
+    if opts.metrics is not None and any(m.node(n).role == "aggregator" for n in node_ids):
+        from fedbus.prom import PromExporter
+
+        observer.exporter = PromExporter(m.job, *opts.metrics)
+        log.info("metrics_serving", url=f"http://{opts.metrics[0]}:{observer.exporter.port}/")
     try:
         async with _broker_for(m, opts.memory) as (m, mem):
             await _run_nodes(m, node_ids, mem, observer, opts)
@@ -162,6 +172,8 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
         return 128 + stop.signum
     finally:
         observer.display_stop()
+        if observer.exporter is not None:
+            observer.exporter.close()
         if recorder is not None:
             if observer.agg is not None and observer.history_len() > 0:
                 recorder.save_model(FINAL_MODEL, observer.agg.weights, observer.last_round)
@@ -235,6 +247,7 @@ class _Observer:
         self._display_on = False
         self.agg: AnyAggregator | None = None
         self.meter: MeteredBus | None = None
+        self.exporter: PromExporter | None = None
         self.last_round = 0
         self._fit_s: list[float] = []
         self._last_wall = time.monotonic()
@@ -285,6 +298,8 @@ class _Observer:
         self.last_round = report.round
         self.state.update(row)
         self.display.round(row)
+        if self.exporter is not None:
+            self.exporter.observe(row)
         if self.recorder is not None and self.recorder.record(row):
             snapshot = {k: v.copy() for k, v in agg.weights.items()}
             await asyncio.to_thread(self.recorder.save_model, BEST_MODEL, snapshot, report.round)

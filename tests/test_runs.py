@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +245,44 @@ async def test_serve_aggregator_records_its_run(
     assert json.loads((folder / "summary.json").read_text())["status"] == "finished"
     assert load_file(str(folder / "model-final.safetensors"))["w"].shape == (1000,)
     assert trainers.returncode == 0, err.decode()[-2000:]
+
+
+def test_prometheus_metrics_of_the_aggregator(tmp_path: Path) -> None:
+    # Prepare: a slow in-memory run exporting metrics
+    pytest.importorskip("prometheus_client")
+    from fedbus.broker import free_port
+
+    path = toy(tmp_path, rounds=200, task={"params": {"size": 100, "delay_s": 0.1}})
+    port = free_port()
+    proc = subprocess.Popen([*FEDBUS, "run", str(path), "--memory", "--no-record",
+                             "--metrics", f"127.0.0.1:{port}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    text = ""
+    try:
+        # Execute: scrape until three rounds are in
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                text = ""
+            if re.search(r'^fedbus_round\{job="toy"\} ([3-9]|\d\d+)', text, re.M):
+                break
+            time.sleep(0.2)  # polling an HTTP endpoint; bounded by the deadline
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+    # Assert: the documented series, with values from real rounds
+    def value(name: str) -> float:
+        found = re.search(rf'^{name}\{{job="toy"\}} (\S+)', text, re.M)
+        assert found, (name, text[-1500:])
+        return float(found.group(1))
+
+    assert value("fedbus_round") >= 3
+    assert value("fedbus_participants") == 3 and value("fedbus_selected") == 3
+    assert value("fedbus_round_seconds") > 0.05  # the trainers sleep 0.1 s
+    assert value("fedbus_bytes_received_total") > 3 * 3 * 400  # 3 rounds x 3 updates
+    assert value("fedbus_loss") > 0
+    assert "# TYPE fedbus_rejections_total counter" in text
