@@ -197,9 +197,15 @@ def _add_show(add: Adder) -> None:
   fedbus show digits                     the latest digits run
   fedbus show 20261201-2215-ab12         a run id (or a prefix of one)
   fedbus show runs/digits/20261201-2215-ab12
+  fedbus show digits --logs trainer-3         one node's log events
+  fedbus show digits --logs --level warning   every node's warnings and errors
 """, _cmd_show)
     show.add_argument("run", help="run folder, job/run-id, run id (prefix) or job (latest)")
     show.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
+    show.add_argument("--logs", nargs="?", const="", metavar="NODE",
+                      help="print the run's log events instead (all nodes, or NODE's)")
+    show.add_argument("--level", choices=LEVELS, default="info",
+                      help="with --logs: least severe events shown (default: info)")
 
 
 def _add_plot(add: Adder) -> None:
@@ -258,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `fedbus show ... | head`: the reader left; say nothing more, like any Unix tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -337,9 +347,13 @@ def _cmd_ls(args: argparse.Namespace, sink: LogSink) -> int:
 
 
 def _cmd_show(args: argparse.Namespace, sink: LogSink) -> int:
-    from fedbus.runs import describe_run, find_run, runs_root
+    from fedbus.runs import describe_run, find_run, format_logs, runs_root
 
-    print(describe_run(find_run(args.run, runs_root(args.runs_dir))))
+    run = find_run(args.run, runs_root(args.runs_dir))
+    if args.logs is not None:
+        print(format_logs(run, args.logs or None, args.level))
+    else:
+        print(describe_run(run))
     return 0
 
 

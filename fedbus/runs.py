@@ -214,6 +214,35 @@ def describe_run(run: RunInfo) -> str:
     return "\n".join(lines)
 
 
+def format_logs(run: RunInfo, node: str | None, level: str) -> str:
+    """The run's log events (one node's, or all merged by time) at ``level`` or above."""
+    order = ("debug", "info", "warning", "error", "critical")
+    floor = order.index(level)
+    files = [run.path / "logs" / f"{node}.jsonl"] if node else \
+        sorted((run.path / "logs").glob("*.jsonl"))
+    if node and not files[0].is_file():
+        known = ", ".join(p.stem for p in sorted((run.path / "logs").glob("*.jsonl")))
+        raise FedbusError(f"run {run.name} has no log of node {node!r}; it has: {known}")
+    events = []
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            lvl = str(event.get("level", "info"))
+            if lvl in order and order.index(lvl) >= floor:
+                events.append(event)
+    events.sort(key=lambda e: str(e.get("timestamp", "")))
+    out = []
+    for e in events:
+        rest = "  ".join(f"{k}={v}" for k, v in e.items()
+                         if k not in ("timestamp", "level", "event", "node"))
+        out.append(f"{str(e.get('timestamp', ''))[11:23]} {e.get('level', ''):<7} "
+                   f"{e.get('node', '-'):<12} {e.get('event', '')}  {rest}")
+    return "\n".join(out) if out else f"no log events at {level} or above"
+
+
 def _sample(rows: Sequence[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     if len(rows) <= limit:
         return list(rows)

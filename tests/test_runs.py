@@ -110,6 +110,13 @@ def test_ls_and_show(tmp_path: Path) -> None:
     assert "model-best.safetensors, model-final.safetensors" in show.stdout
     assert "best      loss=" in show.stdout
     assert missing.returncode == 1 and "no run 'nope'" in missing.stderr
+    # one node's log, and every node's events merged in time order
+    t1 = fedbus("show", "toy", "--runs-dir", runs, "--logs", "t1")
+    assert t1.returncode == 0 and "update_sent" in t1.stdout
+    assert {ln.split()[2] for ln in t1.stdout.splitlines()} == {"t1"}
+    merged = fedbus("show", "toy", "--runs-dir", runs, "--logs").stdout.splitlines()
+    assert {"aggregator", "t0", "t2"} <= {ln.split()[2] for ln in merged}
+    assert merged == sorted(merged, key=lambda ln: ln.split()[0])
 
 
 def _leftovers(marker: str) -> list[str]:
