@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedbus.errors import ManifestError, TaskError
@@ -36,8 +37,21 @@ def check_task(m: Manifest) -> None:
         raise ManifestError(m.source, "task.params", problem)
 
 
-def check_files(m: Manifest) -> None:
-    """Every certificate/key file the broker section names must exist and be readable."""
+def _candidates(m: Manifest, value: str) -> list[Path]:
+    path = Path(value)
+    if path.is_absolute():
+        return [path]
+    # Relative paths belong to the manifest's folder (the credentials' rule); a path that is
+    # only found from the working directory is accepted too, as older manifests meant it.
+    here = [Path(m.source).resolve().parent / path] \
+        if m.source and not m.source.startswith("<") else []
+    return [*here, Path.cwd() / path]
+
+
+def check_files(m: Manifest, nodes: Sequence[str] = ()) -> None:
+    """Every certificate, key or password file the broker section names must exist and be
+    readable. A per-node path (with ``{node}``) is checked for ``nodes`` only: on a real
+    deployment each machine holds its own node's files, so ``validate`` cannot demand all."""
     if m.broker is None:
         return
     for f in dataclasses.fields(m.broker):
@@ -46,16 +60,20 @@ def check_files(m: Manifest) -> None:
         value = getattr(m.broker, f.name)
         if not isinstance(value, str) or not value:
             continue
-        path = Path(value)
-        where = f"broker.{f.name}"
-        if not path.is_file():
-            raise ManifestError(m.source, where,
-                                f"file {value!r} does not exist (relative paths start at the "
-                                f"working directory {Path.cwd()}); create it or fix the path")
-        if not os.access(path, os.R_OK):
-            raise ManifestError(m.source, where, f"file {value!r} is not readable by this user")
+        values = [value.replace("{node}", n) for n in nodes] if "{node}" in value else [value]
+        for v in values:
+            found = [p for p in _candidates(m, v) if p.is_file()]
+            where = f"broker.{f.name}"
+            if not found:
+                raise ManifestError(m.source, where,
+                                    f"file {v!r} does not exist (looked in "
+                                    f"{', '.join(str(p) for p in _candidates(m, v))}); create "
+                                    "it or fix the path")
+            if not os.access(found[0], os.R_OK):
+                raise ManifestError(m.source, where, f"file {found[0]} is not readable by "
+                                                     "this user")
 
 
-def check_manifest(m: Manifest) -> None:
-    check_files(m)
+def check_manifest(m: Manifest, nodes: Sequence[str] = ()) -> None:
+    check_files(m, nodes)
     check_task(m)

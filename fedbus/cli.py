@@ -301,7 +301,7 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
         overrides["rounds"] = args.rounds
     if args.broker is not None:
         overrides["broker"] = {"host": args.broker.host, "port": args.broker.port}
-    check_manifest(m)
+    check_manifest(m, [n.id for n in m.nodes])
     opts = RunOptions(
         memory=args.memory,
         runs_root=None if args.no_record else runs_root(args.runs_dir),

@@ -126,6 +126,16 @@ def test_missing_tls_file_fails_validate(tmp_path: Path) -> None:
     assert "broker.tls_ca" in r.stderr and "does not exist" in r.stderr
 
 
+def test_tls_file_next_to_the_manifest_passes(tmp_path: Path) -> None:
+    # Prepare: a CA file beside the manifest, named relatively (the credentials' rule)
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    path = toy(tmp_path, broker={"host": "127.0.0.1", "port": 8883, "tls_ca": "ca.crt"})
+    # Execute
+    r = fedbus("validate", str(path), cwd=tmp_path.parent)
+    # Assert
+    assert r.returncode == 0, r.stderr
+
+
 def test_validate_accepts_the_examples() -> None:
     for path in ("examples/toy/manifest.yaml", "examples/digits/manifest.yaml"):
         r = fedbus("validate", path)
