@@ -21,6 +21,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker
 from fedbus.dashboard.state import JobState
+from fedbus.errors import FedbusError
 from fedbus.manifest import Manifest, NodeSpec
 from fedbus.node import make_bus
 
@@ -154,8 +155,12 @@ async def serve_dashboard(m: Manifest, port: int, *, memory: MemoryBroker | None
     --dashboard``): until cancelled by the run when its nodes are done.
     """
     hub = _Hub(JobState(m, f"dashboard-{os.getpid()}"))
-    server = await asyncio.start_server(lambda r, w: _handle(hub, r, w), HOST, port,
-                                        limit=_MAX_REQUEST)
+    try:
+        server = await asyncio.start_server(lambda r, w: _handle(hub, r, w), HOST, port,
+                                            limit=_MAX_REQUEST)
+    except OSError as exc:
+        raise FedbusError(f"dashboard: cannot listen on {HOST}:{port}: {exc.strerror or exc}; "
+                          "pick another port (0: any free one)") from None
     bound = server.sockets[0].getsockname()[1]
     print(f"fedbus: dashboard on http://{HOST}:{bound}/", file=sys.stderr, flush=True)
     log.info("dashboard_started", url=f"http://{HOST}:{bound}/")
