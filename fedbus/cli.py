@@ -1,97 +1,280 @@
-"""The ``fedbus`` command: run a whole federation, serve one node, validate, watch.
+"""fedbus: run a federation, serve one node, validate a manifest, watch and review runs.
 
-Logging is configured here and only here. Progress goes to stdout, one line a round, and the
-last line of ``run`` is the final metric (``final accuracy=0.94``), so scripts can read it.
+Logging is configured here and only here. The last line ``fedbus run`` prints on stdout is
+the final metric (``final accuracy=0.94``), so scripts can read it. Each subcommand is one
+``_add_<name>`` function (its arguments and examples) plus one ``_cmd_<name>`` handler.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import fnmatch
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from fedbus import topics
-from fedbus.bus import Bus
-from fedbus.bus.memory import MemoryBroker
-from fedbus.codec import decode
-from fedbus.errors import CodecError, FedbusError, ManifestError
-from fedbus.log import configure_logging
-from fedbus.manifest import BrokerSpec, Manifest, NodeSpec, describe, load_manifest, with_broker
-from fedbus.node import build_node, make_bus
-from fedbus.services.aggregator import Aggregator, RoundReport
-from fedbus.services.async_aggregator import AsyncAggregator
+from fedbus import __version__
+from fedbus.errors import FedbusError, ManifestError
+from fedbus.log import LEVELS, LogSink, configure_logging
+from fedbus.manifest import BrokerSpec, Manifest, describe, load_manifest, with_broker
 
 __all__ = ["main"]
 
 log = structlog.get_logger("fedbus.cli")
 
+_TOP_EXAMPLES = """\
+examples:
+  fedbus new mytask && cd mytask && fedbus run manifest.yaml
+  fedbus run examples/digits/manifest.yaml          the demo: 10 trainers, private broker
+  fedbus validate examples/digits/manifest.yaml
+  fedbus ls && fedbus show digits                   review runs (runs/<job>/<run-id>/)
+  fedbus plot digits                                PNG charts of the latest digits run
+
+Run `fedbus COMMAND --help` for a command's options and examples.
+"""
+
+Handler = Callable[[argparse.Namespace, LogSink], int]
+
+
+# --- argument types ---------------------------------------------------------------------------
 
 def _parse_broker(value: str) -> BrokerSpec:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--broker wants HOST:PORT, got {value!r}")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"wants HOST:PORT (port 1-65535), got {value!r}")
     return BrokerSpec(host=host or "127.0.0.1", port=int(port))
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"wants [HOST:]PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 0-65535 (0: any free port), got "
+                                         f"{value!r}")
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0, got {value!r}") from None
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0, got {value!r}")
+    return s
+
+
+# --- the parser -------------------------------------------------------------------------------
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-json", action="store_true", help="JSON log lines (for machines)")
-    common.add_argument("--log-level", default="info", help="debug, info, warning, error")
-    p = argparse.ArgumentParser(prog="fedbus", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    common.add_argument("--log-json", action="store_true",
+                        help="log lines as JSON on stderr (for machines)")
+    common.add_argument("--log-level", default="info", choices=LEVELS,
+                        help="least severe events to log (default: info)")
+    p = argparse.ArgumentParser(prog="fedbus", description=__doc__.splitlines()[0],
+                                epilog=_TOP_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fedbus {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+    def add(name: str, help: str, examples: str, handler: Handler) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help, description=help, parents=[common],
+                             epilog="examples:\n" + examples,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.set_defaults(handler=handler)
+        return cmd
 
-    run = add("run", "run every node of a manifest in this process")
+    from fedbus.deploy.commands import COMMANDS as DEPLOY_COMMANDS
+
+    for register in (_add_run, _add_worker, _add_serve, _add_validate, _add_watch, _add_ls,
+                     _add_show, _add_plot, _add_new, _add_dashboard, *DEPLOY_COMMANDS):
+        register(add)
+    return p
+
+
+Adder = Callable[[str, str, str, Handler], argparse.ArgumentParser]
+
+
+def _add_run(add: Adder) -> None:
+    run = add("run", "run every node of a manifest in this process", """\
+  fedbus run examples/digits/manifest.yaml
+  fedbus run manifest.yaml --rounds 5 --runs-dir /tmp/runs
+  fedbus run manifest.yaml --memory --quiet         in-process bus, final line only
+  fedbus run manifest.yaml --dashboard 8765         live page on http://127.0.0.1:8765/
+""", _cmd_run)
     run.add_argument("manifest")
-    run.add_argument("--rounds", type=int, help="override the manifest's rounds")
-    run.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    run.add_argument("--rounds", type=_positive_int, help="override the manifest's rounds")
+    run.add_argument("--broker", type=_parse_broker,
+                     help="HOST:PORT of a running broker instead of a private mosquitto")
     run.add_argument("--memory", action="store_true",
                      help="in-process memory bus instead of MQTT (simulation, no broker)")
-    run.add_argument("--workers", type=int, help="population manifests: simulation workers in "
-                     "this process (default: population.workers, else one per core)")
-    run.add_argument("--remote-workers", type=int, default=0,
-                     help="population manifests: also wait for this many `fedbus worker` "
-                     "processes on the broker")
+    run.add_argument("--runs-dir", metavar="DIR",
+                     help="root of the run folders (default: $FEDBUS_RUNS_DIR or ./runs)")
+    run.add_argument("--no-record", action="store_true", help="write no run folder")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress display, errors only; the final line still prints")
+    run.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
+                     help="live: redrawn panel; plain: one line a round (default: live on a "
+                     "terminal, plain otherwise)")
+    run.add_argument("--dashboard", type=_port, metavar="PORT",
+                     help="serve the live dashboard on 127.0.0.1:PORT during the run")
+    run.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
+                     help="Prometheus /metrics of the aggregator (host default 127.0.0.1; "
+                     "needs the 'metrics' extra)")
+    run.add_argument("--workers", type=_positive_int,
+                     help="population manifests: simulation workers in this process "
+                     "(default: population.workers, else one per core)")
+    run.add_argument("--remote-workers", type=int, default=0, metavar="N",
+                     help="population manifests: also wait for N `fedbus worker` processes "
+                     "on the broker")
 
-    worker = add("worker", "host virtual clients of a population manifest (joins a simulation "
-                 "through the broker)")
+
+def _add_worker(add: Adder) -> None:
+    worker = add("worker", "host virtual clients of a population manifest (joins a "
+                 "simulation through the broker)", """\
+  fedbus run sim.yaml --broker 127.0.0.1:1883 --remote-workers 2
+  fedbus worker sim.yaml --broker 127.0.0.1:1883     (twice, on any machine)
+""", _cmd_worker)
     worker.add_argument("manifest")
     worker.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
-    worker.add_argument("--workers", type=int, default=1, help="worker objects in this process")
+    worker.add_argument("--workers", type=_positive_int, default=1,
+                        help="worker objects in this process (default 1)")
 
-    serve = add("serve", "run one node (what compose and systemd start)")
+
+def _add_serve(add: Adder) -> None:
+    serve = add("serve", "run one node (what compose and systemd start)", """\
+  fedbus serve manifest.yaml --node aggregator --broker 10.0.0.5:1883
+  fedbus serve manifest.yaml --node 'trainer-*'     many trainers in one process
+  fedbus serve manifest.yaml --node aggregator --runs-dir /var/lib/fedbus/runs
+  fedbus serve manifest.yaml --node aggregator --metrics 0.0.0.0:9108
+""", _cmd_serve)
     serve.add_argument("manifest")
     serve.add_argument("--node", required=True, action="append",
                        help="node id from the manifest; repeat it or use a glob ('t*') to "
                        "run many nodes in this process (simulation: many clients a worker)")
     serve.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    serve.add_argument("--runs-dir", metavar="DIR",
+                       help="serving the aggregator: write its run folder under DIR (default: "
+                       "$FEDBUS_RUNS_DIR if set, else none)")
+    serve.add_argument("--dashboard", type=_port, metavar="PORT",
+                       help="serve the live dashboard on 127.0.0.1:PORT")
+    serve.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
+                       help="serving the aggregator: Prometheus /metrics on HOST:PORT "
+                       "(e.g. 0.0.0.0:9108 for a remote scraper; needs the 'metrics' extra)")
+    serve.add_argument("--health-file", help="keep this file fresh while connected (container "
+                       "healthchecks: python -m fedbus.deploy.health FILE)")
 
-    val = add("validate", "check a manifest and print what it declares")
+
+def _add_validate(add: Adder) -> None:
+    val = add("validate", "check a manifest, its task and files; print what it declares", """\
+  fedbus validate examples/digits/manifest.yaml
+""", _cmd_validate)
     val.add_argument("manifest")
+    val.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
 
-    watch = add("watch", "print the per-round metrics of a running job")
+
+def _add_watch(add: Adder) -> None:
+    watch = add("watch", "print the per-round metrics of a running job", """\
+  fedbus watch manifest.yaml --broker 127.0.0.1:1883
+  fedbus watch manifest.yaml --broker 127.0.0.1:1883 --timeout 300
+""", _cmd_watch)
     watch.add_argument("manifest")
     watch.add_argument("--broker", type=_parse_broker)
-    return p
+    watch.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                       help="give up after this long without a round report (default: 60)")
+    watch.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
+                       "on a secured broker")
 
+
+def _add_ls(add: Adder) -> None:
+    ls = add("ls", "list recorded runs", """\
+  fedbus ls
+  fedbus ls digits --runs-dir /tmp/runs
+""", _cmd_ls)
+    ls.add_argument("job", nargs="?", help="only this job's runs")
+    ls.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
+
+
+def _add_show(add: Adder) -> None:
+    show = add("show", "summarize one run: final and best metrics, models, rounds", """\
+  fedbus show digits                     the latest digits run
+  fedbus show 20261201-2215-ab12         a run id (or a prefix of one)
+  fedbus show runs/digits/20261201-2215-ab12
+  fedbus show digits --logs trainer-3         one node's log events
+  fedbus show digits --logs --level warning   every node's warnings and errors
+""", _cmd_show)
+    show.add_argument("run", help="run folder, job/run-id, run id (prefix) or job (latest)")
+    show.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
+    show.add_argument("--logs", nargs="?", const="", metavar="NODE",
+                      help="print the run's log events instead (all nodes, or NODE's)")
+    show.add_argument("--level", choices=LEVELS, default="info",
+                      help="with --logs: least severe events shown (default: info)")
+
+
+def _add_plot(add: Adder) -> None:
+    plot = add("plot", "write PNG charts of one or more runs (needs the 'plot' extra)", """\
+  fedbus plot digits                          charts of the latest digits run, in its folder
+  fedbus plot run-a run-b --out compare/      several runs on one chart
+""", _cmd_plot)
+    plot.add_argument("runs", nargs="+", metavar="RUN")
+    plot.add_argument("--out", metavar="DIR",
+                      help="where the PNGs go (default: the first run's folder, plots/)")
+    plot.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
+
+
+def _add_new(add: Adder) -> None:
+    new = add("new", "write a runnable project: task module (PyTorch) and manifest", """\
+  fedbus new mytask && cd mytask && fedbus run manifest.yaml
+""", _cmd_new)
+    new.add_argument("name", help="folder to create; also the job and module name")
+
+
+def _add_dashboard(add: Adder) -> None:
+    dash = add("dashboard", "serve a live web page of a running job (loopback only)", """\
+  fedbus dashboard manifest.yaml --broker 127.0.0.1:1883 --port 8765
+""", _cmd_dashboard)
+    dash.add_argument("manifest")
+    dash.add_argument("--broker", type=_parse_broker)
+    dash.add_argument("--port", type=_port, default=8765, help="default: 8765 (0: any free)")
+
+
+# --- entry point ------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(json=args.log_json, level=args.log_level)
+    console = args.log_level
+    if args.command == "run":
+        # Node logs go to the run folder; the console gets problems only, all of it at debug.
+        if getattr(args, "quiet", False):
+            console = "error"
+        elif args.log_level != "debug":
+            console = max(args.log_level, "warning", key=LEVELS.index)
+    sink = configure_logging(json=args.log_json, level=args.log_level, console_level=console)
+    handler: Handler = args.handler
     try:
         try:
-            return _main(args)
+            return handler(args, sink)
         except BaseExceptionGroup as group:
             # An error inside a node's task group: report the error, not the group's traceback.
             raise _leaf(group) from None
@@ -99,11 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
         return 2
     except FedbusError as exc:
-        log.error("failed", error=str(exc))
+        if args.log_json:  # machines read the event; people read the line below
+            log.error("failed", error=str(exc))
         print(f"fedbus: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `fedbus show ... | head`: the reader left; say nothing more, like any Unix tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -115,189 +303,125 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _main(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+def _manifest(args: argparse.Namespace) -> Manifest:
+    m = load_manifest(args.manifest)
     if getattr(args, "broker", None):
         # only the address: credentials, chunking and limits stay the manifest's
-        base = manifest.broker or BrokerSpec()
-        manifest = with_broker(manifest, dataclasses.replace(
-            base, host=args.broker.host, port=args.broker.port))
-    if args.command == "validate":
-        print(describe(manifest))
-        return 0
-    if args.command == "run" and manifest.population is not None:
+        base = m.broker or BrokerSpec()
+        m = with_broker(m, dataclasses.replace(base, host=args.broker.host,
+                                               port=args.broker.port))
+    return m
+
+
+def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.checks import check_manifest
+    from fedbus.runner import RunOptions, run_federation
+    from fedbus.runs import runs_root
+
+    m = _manifest(args)
+    if m.population is not None:
         from fedbus.sim.cli import simulate
 
         # A simulation runs on the in-process bus unless a broker is named.
-        memory = args.memory or (manifest.broker is None and not args.remote_workers)
-        return asyncio.run(simulate(manifest, rounds=args.rounds, memory=memory,
+        memory = args.memory or (m.broker is None and not args.remote_workers)
+        return asyncio.run(simulate(m, rounds=args.rounds, memory=memory,
                                     workers=args.workers, remote_workers=args.remote_workers,
-                                    progress=_format_round))
-    if args.command == "run":
-        return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
-    if args.command == "worker":
-        from fedbus.sim.cli import worker as sim_worker
-
-        return asyncio.run(sim_worker(manifest, args.workers))
-    if args.command == "serve":
-        return asyncio.run(_serve(manifest, args.node))
-    return asyncio.run(_watch_only(manifest))
-
-
-# --- run: the whole federation in one process -----------------------------------------------
-
-@contextlib.asynccontextmanager
-async def _broker_for(
-    m: Manifest, memory: bool
-) -> AsyncIterator[tuple[Manifest, MemoryBroker | None]]:
-    if memory:
-        yield m, MemoryBroker()
-        return
-    if m.broker is not None:
-        yield m, None
-        return
-    # No broker named: start a private mosquitto on a free loopback port (see docs/broker.md
-    # for why a real broker beats an embedded pure-Python one).
-    from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto
-
-    proc = await spawn_mosquitto()
-    log.info("broker_started", endpoint=proc.endpoint, pid=proc.pid)
-    try:
-        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port,
-                                        max_queued_messages=QUEUED_MESSAGES)), None
-    finally:
-        await proc.stop()
+                                    quiet=args.quiet))
+    overrides: dict[str, Any] = {}
+    if args.rounds is not None:
+        m = dataclasses.replace(m, rounds=args.rounds)
+        overrides["rounds"] = args.rounds
+    if args.broker is not None:
+        overrides["broker"] = {"host": args.broker.host, "port": args.broker.port}
+    check_manifest(m, [n.id for n in m.nodes])
+    opts = RunOptions(
+        memory=args.memory,
+        runs_root=None if args.no_record else runs_root(args.runs_dir),
+        display="none" if args.quiet else ("plain" if args.log_json else args.display),
+        dashboard_port=args.dashboard,
+        metrics=args.metrics,
+        overrides=overrides,
+    )
+    return asyncio.run(run_federation(m, opts, sink))
 
 
-async def _run_all(m: Manifest, rounds: int | None, *, memory: bool) -> int:
-    if rounds is not None:
-        m = dataclasses.replace(m, rounds=rounds)
-    async with _broker_for(m, memory) as (m, mem):
-        return await _run_nodes(m, [n.id for n in m.nodes], mem)
+def _cmd_worker(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.sim.cli import worker
+
+    return asyncio.run(worker(_manifest(args), args.workers))
 
 
-async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None) -> int:
-    """Run ``node_ids`` in this process, each on its own bus connection."""
-    # Build every service (importing torch, loading data) before any connection opens:
-    # minutes of set-up on a Pi must not run into the MQTT keepalive.
-    buses = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
-    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
-    agg = next((s for s in services.values() if isinstance(s, (Aggregator, AsyncAggregator))),
-               None)
-    async with contextlib.AsyncExitStack() as stack:
-        for bus in buses.values():
-            await stack.enter_async_context(bus)
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(svc.run(), name=node_id) for node_id, svc in services.items()
-                     if svc is not agg]
-            if agg is not None:
-                tg.create_task(_progress(agg, m.rounds), name="progress")
-                await tg.create_task(agg.run(), name=m.aggregator.id)
-                # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
-                # could send one) and keep serving: the process that ran the job stops them.
-                for task in tasks:
-                    task.cancel()
-    return _final_line(agg) if agg is not None else 0
+def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.runner import RunOptions, serve_nodes
+    from fedbus.runs import ENV_VAR, runs_root
+
+    record = args.runs_dir or os.environ.get(ENV_VAR)
+    opts = RunOptions(runs_root=runs_root(record) if record else None, display="plain",
+                      dashboard_port=args.dashboard, metrics=args.metrics,
+                      health_file=args.health_file)
+    return asyncio.run(serve_nodes(_manifest(args), args.node, opts, sink))
 
 
-def _limit_torch_threads(n_trainers: int) -> None:
-    # Many trainers in one process each train in a worker thread; torch's own intra-op pool
-    # per trainer would oversubscribe the cores (2 on a Pi-class box).
-    torch = sys.modules.get("torch")
-    if torch is not None and n_trainers > 1:
-        torch.set_num_threads(1)
+def _cmd_validate(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.checks import check_manifest
+
+    m = _manifest(args)
+    check_manifest(m)
+    print(describe(m))
+    print("checked   task imports, its parameters fit the factory; named files exist")
+    return 0
 
 
-async def _progress(agg: Aggregator | AsyncAggregator, rounds: int) -> None:
-    while True:
-        report = await agg.reports.get()
-        print(_format_round(report.as_meta(), rounds), flush=True)
-        if report.round >= rounds:
-            return
+def _cmd_watch(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.watch import watch
+
+    return asyncio.run(watch(_manifest(args), args.timeout, user=args.user))
 
 
-def _format_round(meta: dict[str, Any], rounds: int) -> str:
-    parts = [f"round {meta['round']:>3}/{rounds}",
-             f"participants {meta['participants']}/{meta['selected']}"]
-    for key in ("train_loss", "loss", "accuracy"):
-        if isinstance(meta.get(key), (int, float)):
-            parts.append(f"{key} {meta[key]:.4f}")
-    if meta.get("lost"):
-        parts.append(f"lost {','.join(meta['lost'])}")
-    if meta.get("rejected"):
-        parts.append(f"rejected {sum(meta['rejected'].values())}")
-    if not meta.get("aggregated", True):
-        parts.append("NOT AGGREGATED")
-    parts.append(f"{meta['seconds']:.2f}s")
-    return "  ".join(parts)
+def _cmd_ls(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.runs import format_listing, list_runs, runs_root
+
+    print(format_listing(list_runs(runs_root(args.runs_dir), args.job)))
+    return 0
 
 
-def _final_line(agg: Aggregator | AsyncAggregator) -> int:
-    last: RoundReport | None = agg.history[-1] if agg.history else None
-    if last is None:
-        print("final rounds=0")
-        return 1
-    if last.eval is not None and "accuracy" in last.eval.metrics:
-        print(f"final accuracy={last.eval.metrics['accuracy']:.4f}")
-    elif last.eval is not None:
-        print(f"final loss={last.eval.loss:.6g}")
+def _cmd_show(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.runs import describe_run, find_run, format_logs, runs_root
+
+    run = find_run(args.run, runs_root(args.runs_dir))
+    if args.logs is not None:
+        print(format_logs(run, args.logs or None, args.level))
     else:
-        print(f"final rounds={last.round}")
+        print(describe_run(run))
     return 0
 
 
-# --- serve: one node -------------------------------------------------------------------------
+def _cmd_plot(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.plots import plot_runs
+    from fedbus.runs import find_run, runs_root
 
-async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
-    node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
-    if not node_ids:
-        raise ManifestError(m.source, "nodes",
-                            f"--node {' '.join(patterns)} matches no node; known: "
-                            f"{', '.join(n.id for n in m.nodes)}")
-    if m.broker is None:
-        raise ManifestError(m.source, "broker",
-                            "`fedbus serve` needs a broker: add broker: {host, port} to the "
-                            "manifest or pass --broker HOST:PORT")
-    main_task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert main_task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, main_task.cancel)
-    try:
-        return await _run_nodes(m, node_ids, None)
-    except asyncio.CancelledError:
-        log.info("stopped_by_signal", nodes=node_ids)
-        return 0
-
-
-# --- watch: metrics of a running job ---------------------------------------------------------
-
-async def _watch_only(m: Manifest) -> int:
-    if m.broker is None:
-        raise ManifestError(m.source, "broker", "`fedbus watch` needs --broker HOST:PORT")
-    watcher = NodeSpec(id=f"watch-{_short_id()}", role="trainer")
-    async with make_bus(m, watcher) as bus:
-        await _print_metrics(bus, m)
+    runs = [find_run(r, runs_root(args.runs_dir)) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0].path / "plots"
+    for path in plot_runs(runs, out):
+        print(path)
     return 0
 
 
-async def _print_metrics(bus: Bus, m: Manifest) -> None:
-    async with bus.subscribe(topics.metrics(m.job, m.aggregator.id)) as sub:
-        async for msg in sub:
-            try:
-                env = decode(msg.payload)
-            except CodecError as exc:
-                log.warning("message_rejected", reason=exc.reason, topic=msg.topic)
-                continue
-            print(_format_round(dict(env.meta), m.rounds), flush=True)
-            if env.meta.get("round") == m.rounds:
-                return
+def _cmd_new(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.scaffold import new_project
+
+    folder = new_project(Path(args.name))
+    print(f"created {folder}/ — next: cd {folder} && fedbus run manifest.yaml")
+    return 0
 
 
-def _short_id() -> str:
-    return str(os.getpid())
+def _cmd_dashboard(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.dashboard import serve_dashboard
+
+    m = _manifest(args)
+    if m.broker is None:
+        raise ManifestError(m.source, "broker", "`fedbus dashboard` needs --broker HOST:PORT")
+    return asyncio.run(serve_dashboard(m, args.port, until_done=False))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import yaml
 from fedbus import topics
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.errors import BusError, ManifestError
+from fedbus.wiring import Wiring, role_wiring
 from strategies.base import StrategyError
 from strategies.registry import make_selector, make_strategy
 
@@ -68,7 +69,14 @@ class BrokerSpec:
     username: str | None = None
     #: Name of the environment variable holding the password (never the password itself).
     password_env: str | None = None
+    #: A file holding the password; ``{node}`` is replaced by the node id, so one manifest
+    #: serves every node (``fedbus acl`` writes ``<dir>/passwords/<node>``). Relative paths
+    #: are relative to the manifest's directory, like the TLS files below.
+    password_file: str | None = None
     tls_ca: str | None = None
+    #: Client certificate and key (mTLS, from ``fedbus certs``); ``{node}`` as above.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     chunk_bytes: int = 1_000_000
     #: MQTT keepalive. Crashes are seen at once (TCP closes, the will fires); this only
     #: bounds how long a hung or cut-off node goes unnoticed (1.5x), and must outlast the
@@ -502,12 +510,21 @@ class _Parser:
         host = self.string(t.get("host", d.host), "broker.host")
         if any(c.isspace() or c in "/" for c in host):
             self.fail("broker.host", f"{host!r} is not a host name or address")
+        tls_cert = self.opt_string(t.get("tls_cert"), "broker.tls_cert")
+        tls_key = self.opt_string(t.get("tls_key"), "broker.tls_key")
+        if (tls_cert is None) != (tls_key is None):
+            self.fail("broker.tls_cert" if tls_cert is None else "broker.tls_key",
+                      "tls_cert and tls_key go together: set both (client certificate and its "
+                      "key, e.g. from `fedbus certs`) or neither")
         return BrokerSpec(
             host=host,
             port=self.integer(t.get("port", d.port), "broker.port", lo=1, hi=65535),
             username=self.opt_string(t.get("username"), "broker.username"),
             password_env=password_env,
+            password_file=self.opt_string(t.get("password_file"), "broker.password_file"),
             tls_ca=self.opt_string(t.get("tls_ca"), "broker.tls_ca"),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             chunk_bytes=self.integer(t.get("chunk_bytes", d.chunk_bytes), "broker.chunk_bytes",
                                      lo=1024, hi=_MQTT_MAX_PACKET - 65536),
             keepalive_s=self.integer(t.get("keepalive_s", d.keepalive_s), "broker.keepalive_s",
@@ -704,37 +721,19 @@ def _range(lo: int | None, hi: int | None) -> str:
 # --------------------------------------------------------------------------- wiring
 
 
-@dataclass(frozen=True, slots=True)
-class Wiring:
-    """What one node subscribes to and publishes on; the base of broker ACLs."""
-
-    node: str
-    subscribe: tuple[str, ...]
-    publish: tuple[str, ...]
-
-
 def compile_wiring(m: Manifest) -> dict[str, Wiring]:
     """Per node id, exactly the filters it subscribes to and the topics it publishes on,
     built only through ``fedbus.topics``. tests/test_hostile.py checks the running services
     against it, so the ACLs and bridges generated from it allow what the protocol needs and
     nothing more."""
-    job = m.job
-    out: dict[str, Wiring] = {}
+    children: dict[str, list[str]] = {}
     for n in m.nodes:
-        if n.role == "aggregator":
-            sub = [topics.updates_for(job, n.id), topics.presence_all(job)]
-            # grants go to each child's control topic (the upload gate)
-            pub = [topics.model(job, n.id), topics.metrics(job, n.id),
-                   topics.presence(job, n.id),
-                   *(topics.control(job, t.id) for t in m.trainers_of(n.id))]
-        else:
-            assert n.parent is not None  # validation gives every trainer a parent
-            # its own presence too: a trainer contradicts a forged "offline" about itself
-            sub = [topics.model(job, n.parent), topics.control(job, n.id),
-                   topics.presence(job, n.id)]
-            pub = [topics.update(job, n.parent, n.id), topics.presence(job, n.id)]
-        out[n.id] = Wiring(node=n.id, subscribe=tuple(sub), publish=tuple(pub))
-    return out
+        if n.parent is not None:
+            children.setdefault(n.parent, []).append(n.id)
+    # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
+    return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
+                              children=children.get(n.id, ()))
+            for n in m.nodes}
 
 
 def describe(m: Manifest) -> str:
@@ -748,8 +747,13 @@ def describe(m: Manifest) -> str:
                   else "embedded mosquitto")
     else:
         b = m.broker
-        broker = f"{b.host}:{b.port}" + (" (TLS)" if b.tls_ca else "") + (
-            f" as {b.username}" if b.username else "")
+        # Names where secrets come from, never a secret itself.
+        tls = " (mTLS)" if b.tls_cert else " (TLS)" if b.tls_ca else ""
+        secured = b.password_env or b.password_file or b.tls_cert
+        user = f" as {b.username}" if b.username else " as each node's id" if secured else ""
+        source = (f", password from ${b.password_env}" if b.password_env else
+                  f", password from {b.password_file}" if b.password_file else "")
+        broker = f"{b.host}:{b.port}{tls}{user}{source}"
 
     def plugin(p: PluginSpec) -> str:
         return p.name + (f" {thaw(p.params)}" if p.params else "")

@@ -6,7 +6,6 @@ The one place where the manifest meets the services: ``fedbus serve`` runs one n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Limits, encode
+from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
 from fedbus.services._wire import presence
@@ -66,20 +66,24 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
     from fedbus.bus.mqtt import MqttBus  # aiomqtt only where MQTT is used
 
     b = m.broker
-    password = os.environ.get(b.password_env) if b.password_env else None
+    creds = node_credentials(m, node.id)
     return MqttBus(
         node.id,
         b.host,
         b.port,
-        client_id=client_id,
+        # A secured broker names the session after the user (use_username_as_clientid);
+        # asking for that same id keeps our persistent session where the broker puts it.
+        client_id=node.id if creds.username == node.id else client_id,
         will=will,
         birth=birth,
         chunk_bytes=b.chunk_bytes,
         max_message_bytes=m.codec.max_message_mb << 20,
         keepalive=b.keepalive_s,
-        username=b.username,
-        password=password,
-        tls_ca=b.tls_ca,
+        username=creds.username,
+        password=creds.password,
+        tls_ca=creds.tls_ca,
+        tls_cert=creds.tls_cert,
+        tls_key=creds.tls_key,
     )
 
 
@@ -89,7 +93,9 @@ def authenticated(m: Manifest, bus: Bus) -> bool:
     credentials checked against an ACL (``fedbus acl``)."""
     if isinstance(bus, MemoryBus):
         return True
-    return m.broker is not None and m.broker.username is not None
+    # A user name (given, or the node id by default once a password or certificate is
+    # configured: fedbus.credentials) means the broker checked who we are.
+    return node_credentials(m, bus.node_id).secured
 
 
 def check_queue_fit(m: Manifest, node: NodeSpec, model_bytes: int, copies: int,

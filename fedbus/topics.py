@@ -26,10 +26,12 @@ __all__ = [
     "CHANNELS",
     "ParsedTopic",
     "control",
+    "control_all",
     "matches",
     "metrics",
     "metrics_all",
     "model",
+    "model_all",
     "parse",
     "presence",
     "presence_all",
@@ -38,6 +40,7 @@ __all__ = [
     "sim_results",
     "sim_tasks",
     "state",
+    "state_all",
     "strip_share",
     "update",
     "updates_for",
@@ -103,6 +106,21 @@ def state(job: str, node: str) -> str:
 
 def control(job: str, node: str) -> str:
     return _t(job, "control", node)
+
+
+def control_all(job: str) -> str:
+    """Filter for every node's control topic (operators write here; ACLs name it)."""
+    return _t(job, "control") + "/+"
+
+
+def model_all(job: str) -> str:
+    """Filter for every aggregator's (and relay's) model topic: stores and monitors."""
+    return _t(job, "model") + "/+"
+
+
+def state_all(job: str) -> str:
+    """Filter for every node's state snapshots: the checkpointer."""
+    return _t(job, "state") + "/+"
 
 
 def sim_tasks(job: str, coordinator: str) -> str:

@@ -30,7 +30,7 @@ from fedbus.services._wire import (
     join_tensors,
     presence,
 )
-from fedbus.services.async_aggregator import AsyncAggregator
+from fedbus.services.async_aggregator import AsyncAggregator, AsyncReport
 from fedbus.services.trainer import Trainer
 from strategies import ClientUpdate, FedBuff, InFlightSelector, Weights
 
@@ -395,7 +395,10 @@ async def test_garbage_is_rejected_counted_and_does_not_cancel_real_work() -> No
     for _, u in strategy.submitted:
         step = LR * (t[int(u.sender[1:])] - strategy.models[u.base_round])
         np.testing.assert_allclose(u.delta["w"], step, rtol=1e-5, atol=1e-6)
-    assert agg.contributions["t0"] >= 1
+    # garbage never cancelled t0's work: it delivered, or its work was still outstanding when
+    # the job ended (t0 is the slow one; how far the fast ones got first is up to the clock)
+    assert agg.contributions["t0"] >= 1 or "t0" in agg.in_flight
+    assert not any("t0" in r.given_up for r in agg.history if isinstance(r, AsyncReport))
     assert np.isfinite(agg.weights["w"]).all()
 
 
@@ -406,7 +409,7 @@ async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_num
     m = manifest(n=1, speeds=(0.0,))
     broker = MemoryBroker()
 
-    async def drive(mode: str | None) -> int:
+    async def drive(mode: str | None, updates: int) -> int:
         async with MemoryBus(broker, "agg") as agg_bus, \
                 agg_bus.subscribe(topics.updates_for("toy", "agg"),
                                   topics.presence("toy", "t0")) as sub:
@@ -431,13 +434,17 @@ async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_num
                 topic = topics.model("toy", "agg")
                 for payload in (first, first, second):
                     await agg_bus.publish(topic, payload)
+                got = 0
+                while got < updates:  # the job is over once the expected updates are in
+                    env = decode((await sub.get(timeout=5)).payload)
+                    got += env.kind == UPDATE
                 await agg_bus.publish(topic, encode(Envelope(kind=DONE, job="toy",
                                                              sender="agg", round=1)))
             return task.result()
 
     # Execute / Assert: async trains both orders once each; sync trains round 1 once
-    assert await asyncio.wait_for(drive("async"), 10) == 2
-    assert await asyncio.wait_for(drive(None), 10) == 1
+    assert await asyncio.wait_for(drive("async", 2), 10) == 2
+    assert await asyncio.wait_for(drive(None, 1), 10) == 1
 
 
 async def test_large_async_updates_upload_through_the_gate_a_few_at_a_time() -> None:
@@ -473,5 +480,5 @@ async def test_large_async_updates_upload_through_the_gate_a_few_at_a_time() -> 
     # Assert: every version was produced from gated uploads, never more than 2 at once
     assert agg.version == 4
     assert sum(agg.contributions.values()) >= 8
-    assert peak == 2
+    assert 1 <= peak <= 2  # the bound is what matters; overlap depends on the clock
     assert agg.rejections.total == 0

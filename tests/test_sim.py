@@ -7,6 +7,7 @@ any number of workers, synchronous and asynchronous (the virtual clock orders ar
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,18 @@ def test_stale_synchronous_updates_train_from_an_older_model() -> None:
     assert not np.array_equal(stale.weights["w"], fresh.weights["w"])
     assert np.array_equal(stale.weights["w"], again.weights["w"])
     assert all(r.aggregated and not r.rejected for r in stale.history)
+
+
+def test_fedbus_run_simulates_a_population_manifest(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(manifest(rounds=2)))
+    # Execute: the CLI as a user runs it (memory bus, no broker to set up).
+    out = subprocess.run([sys.executable, "-m", "fedbus.cli", "run", str(path), "--workers",
+                          "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Assert
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("round")] == ["1/2", "2/2"]
+    assert lines[-1].startswith("final loss=")
+    assert any(ln.startswith("simulation updates=") and "workers=2" in ln for ln in lines)

@@ -27,8 +27,11 @@ class UploadGate:
         self._granted: dict[str, float] = {}
 
     def request(self, node: str) -> None:
-        if node not in self._granted:
-            self._waiting[node] = None
+        """``node`` is ready to upload. Asking again while granted means the grant did not
+        reach it (lost, or it came before the node was ready, as a forged ``ready`` can
+        arrange): its slot is given again rather than held until the grant expires."""
+        self._granted.pop(node, None)
+        self._waiting[node] = None
 
     def release(self, node: str) -> None:
         self._waiting.pop(node, None)

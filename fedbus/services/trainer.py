@@ -76,6 +76,17 @@ class TrainerConfig:
 _EPOCHS = 8
 
 
+@dataclass(slots=True)
+class _Order:
+    """A checked round order, waiting to be trained."""
+
+    env: Envelope
+    epoch: str
+    weights: dict[str, np.ndarray]
+    extra: dict[str, np.ndarray]
+    config: dict[str, Any]
+
+
 class Trainer:
     """Serves round orders from ``config.parent`` until it says the job is done."""
 
@@ -98,6 +109,10 @@ class Trainer:
         self._delivered: dict[str, list[int]] = {}
         self._epoch: str | None = None
         self._done = False
+        self._worker: asyncio.Task[None] | None = None
+        self._next: _Order | None = None
+        #: (epoch, round) being trained now
+        self._current: tuple[str, int] | None = None
         #: A large update waiting for the aggregator's upload grant: (round, epoch, payload).
         self._pending: tuple[int, str, bytes] | None = None
         self._limits = model_limits(task.get_weights(), 1 + config.client_aux_models,
@@ -122,7 +137,14 @@ class Trainer:
                 async for msg in sub:
                     if await self._handle(msg):
                         break
+                    if self._worker is not None and self._worker.done():
+                        self._worker.result()  # surface a bug in the worker, not hide it
+                        self._worker = None
             finally:
+                if self._worker is not None:
+                    self._worker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._worker
                 # Best effort: if the connection is gone, the broker's last will says it.
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
@@ -216,7 +238,8 @@ class Trainer:
                                    f"round {env.round}, the job has {c.rounds}")
             return False
         if not self._orders_seen.add(env.msg_id):
-            self._log.debug("order_ignored", round=env.round, reason="redelivered")
+            # a QoS 1 redelivery or a replay: not acted on twice, and counted
+            self.rejections.reject("duplicate", f"order {env.msg_id} seen before")
             return False
         delivered = self._delivered.pop(epoch, [])
         self._delivered[epoch] = delivered  # most recently used run last
@@ -231,8 +254,7 @@ class Trainer:
         last = max(delivered, default=0)
         if env.round in delivered or (c.authenticated and env.round < last):
             # a re-broadcast (round extension) of a round we already delivered, or older
-            self._log.info("order_ignored", round=env.round, reason="already delivered",
-                           last=last)
+            self.rejections.reject("old_round", f"round {env.round}: delivered up to {last}")
             return False
         return True
 
@@ -240,6 +262,9 @@ class Trainer:
         c = self.config
         selected = env.meta.get("selected", [])
         if not isinstance(selected, list) or c.node_id not in selected:
+            return
+        if self._current == (epoch, env.round) and env.meta.get("mode") != "async":
+            self.rejections.reject("old_round", f"round {env.round} is being trained")
             return
         if not self._plausible(env, epoch):
             return
@@ -252,12 +277,40 @@ class Trainer:
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return
+        order = _Order(env, epoch, weights, extra, config)
+        if self._worker is not None and not self._worker.done():
+            # Training happens beside the message loop (which keeps rejecting garbage and
+            # answering grants); an order that comes meanwhile waits, and a newer one
+            # replaces it: a flood of orders costs at most one extra training run.
+            if self._next is not None:
+                self._log.info("order_superseded", round=self._next.env.round,
+                               by=env.round)
+            self._next = order
+            return
+        self._worker = asyncio.create_task(self._work(order), name=f"train-{c.node_id}")
+
+    async def _work(self, order: _Order | None) -> None:
+        while order is not None:
+            self._current = (order.epoch, order.env.round)
+            try:
+                await self._train_and_send(order)
+            finally:
+                self._current = None
+            order, self._next = self._next, None
+            if order is not None and order.env.meta.get("mode") != "async" \
+                    and order.env.round in self._delivered.get(order.epoch, []):
+                order = None  # delivered meanwhile (a re-broadcast queued behind itself)
+
+    async def _train_and_send(self, order: _Order) -> None:
+        c = self.config
+        env, epoch = order.env, order.epoch
         if self._pending is not None:
             self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
             self._pending = None
         started = time.monotonic()
         try:
-            delta, result = await asyncio.to_thread(self._train, weights, extra, config)
+            delta, result = await asyncio.to_thread(self._train, order.weights, order.extra,
+                                                    order.config)
         except FedbusError as exc:
             self._log.error("training_failed", round=env.round, error=str(exc))
             return
@@ -278,7 +331,7 @@ class Trainer:
             tensors=join_tensors(delta, result.aux),
         )
         payload = await asyncio.to_thread(encode, update, c.compression)
-        del update, delta, weights  # the payload is all that is needed now
+        del update, delta, order  # the payload is all that is needed now
         if env.meta.get("mode") != "async":
             rounds = self._delivered.setdefault(epoch, [])
             rounds.append(env.round)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 from fedbus.errors import ManifestError
@@ -14,10 +14,24 @@ from fedbus.sim.runner import SimResult, run_simulation, run_workers
 __all__ = ["simulate", "worker"]
 
 
+def progress_line(meta: Mapping[str, Any], rounds: int) -> str:
+    parts = [f"round {meta['round']:>3}/{rounds}",
+             f"participants {meta['participants']}/{meta['selected']}"]
+    for key in ("train_loss", "loss", "accuracy"):
+        if isinstance(meta.get(key), (int, float)):
+            parts.append(f"{key} {meta[key]:.4f}")
+    if meta.get("lost"):
+        parts.append(f"lost {len(meta['lost'])}")
+    if not meta.get("aggregated", True):
+        parts.append("NOT AGGREGATED")
+    parts.append(f"{meta['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
 async def simulate(m: Manifest, *, rounds: int | None, memory: bool, workers: int | None,
-                   remote_workers: int,
-                   progress: Callable[[dict[str, Any], int], str]) -> int:
-    """Run a population manifest; print one line a round and the final metric."""
+                   remote_workers: int, quiet: bool = False) -> int:
+    """Run a population manifest; print one line a round (unless quiet) and the final
+    metric."""
     if rounds is not None:
         m = dataclasses.replace(m, rounds=rounds)
     if memory:
@@ -27,7 +41,8 @@ async def simulate(m: Manifest, *, rounds: int | None, memory: bool, workers: in
                             "broker: add broker: {host, port} or pass --broker HOST:PORT")
 
     def on_report(report: RoundReport) -> None:
-        print(progress(report.as_meta(), m.rounds), flush=True)
+        if not quiet:
+            print(progress_line(report.as_meta(), m.rounds), flush=True)
 
     result = await run_simulation(m, workers=workers, remote_workers=remote_workers,
                                   on_report=on_report)
