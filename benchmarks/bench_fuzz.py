@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -49,6 +50,7 @@ from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import decode
 from fedbus.errors import CodecError
 from fedbus.fuzz import Fuzzer
+from fedbus.log import configure_logging
 from fedbus.manifest import load_manifest
 
 MIB = 1 << 20
@@ -231,8 +233,10 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
     # The attacker speaks raw MQTT: fedbus's own bus would wrap a fake chunk frame into a
     # real one-chunk transfer and so defuse the chunk floods.
     raw = aiomqtt.Client(broker.host, broker.port, identifier="mallory",
+                         logger=logging.getLogger("fedbus.fuzz.attacker"),
                          protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=200,
                          **broker.login("mallory"))
+    raw.pending_calls_threshold = 1 << 30  # a flood is the point, not a warning
     async with MqttBus("mallory-eye", broker.host, broker.port, client_id="mallory-eye",
                        **broker.login("mallory-eye")) as bus, raw, \
             bus.subscribe(*readable) as spy:
@@ -351,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="broker with generated users and rights; the attacker is an operator")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    # The watcher and the attacker's own buses see the flood too: keep their logs quiet.
+    configure_logging(level="error")
     result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed,
                               secure=args.secure))
     print(table(result))
