@@ -271,3 +271,16 @@ def test_digits_cnn_population_learns() -> None:
     assert after is not None
     assert after.loss < before.loss
     assert after.metrics["accuracy"] > before.metrics["accuracy"] + 0.1, (before, after)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedasync"])
+def test_a_client_whose_training_raises_is_lost_not_waited_for(strategy: str) -> None:
+    # Prepare: a small population where a third of the clients always raise in fit().
+    data = manifest(strategy, rounds=4, clients=30, per_round=10)
+    data["task"]["params"]["broken"] = list(range(0, 30, 3))
+    # Execute: must finish (a hung round would hit the pytest timeout).
+    result = run(data, workers=2)
+    # Assert: the failures were counted and the job still trained.
+    assert result.stats.failures > 0
+    assert result.stats.updates > 0
+    assert len(result.history) == 4

@@ -25,8 +25,10 @@ __all__ = ["PopulationTask", "make_task"]
 
 class PopulationTask:
     def __init__(self, *, size: int, seed: int, lr: float, spread: float, epochs: int,
-                 stateful: bool = False) -> None:
+                 stateful: bool = False, broken: tuple[int, ...] = ()) -> None:
         self.stateful = bool(stateful)
+        #: Clients whose training raises (to test how a simulation survives a bad client).
+        self.broken = frozenset(int(b) for b in broken)
         self.visits = 0
         self.size = int(size)
         self.seed = int(seed)
@@ -58,6 +60,8 @@ class PopulationTask:
     def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
         if self.partition is None:
             return FitResult(num_examples=0)
+        if self.partition in self.broken:
+            raise RuntimeError(f"client {self.partition} is broken (task parameter `broken`)")
         lr = np.float32(config.get("lr", self.lr))
         if self.stateful:
             lr = np.float32(lr / (1 + self.visits))
@@ -95,12 +99,13 @@ def make_task(
     partition_scheme: str = "iid",
     alpha: float = 0.5,
     stateful: bool = False,
+    broken: tuple[int, ...] = (),
     **_: Any,
 ) -> PopulationTask:
     if partition_scheme == "dirichlet":
         spread = spread / float(np.sqrt(alpha))  # smaller alpha: clients further apart
     task = PopulationTask(size=size, seed=seed, lr=lr, spread=spread, epochs=epochs,
-                          stateful=stateful)
+                          stateful=stateful, broken=tuple(broken))
     if partition is not None:
         task.use_partition(partition)
     return task

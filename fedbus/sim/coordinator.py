@@ -71,6 +71,8 @@ class SimStats:
     no_response: int = 0
     #: Synchronous updates trained from an older round's model (stale_prob).
     stale: int = 0
+    #: Work items whose training raised on a worker (counted as dropouts of that work).
+    failures: int = 0
     workers: list[str] = field(default_factory=list)
 
 
@@ -219,6 +221,8 @@ class Coordinator:
             elif msg.topic.startswith(topics.sim_results(c.job, c.node_id)[:-1]):
                 client = topics.parse(msg.topic).sender
                 self._results[client] = msg.payload
+                if not msg.payload:
+                    self.stats.failures += 1
                 await self._release_sync()
                 await self._release_async()
 
@@ -294,7 +298,14 @@ class Coordinator:
 
     async def _release_sync(self) -> None:
         while self._sync_queue and self._sync_queue[0] in self._results:
-            await self._deliver(self._sync_queue.popleft())
+            client = self._sync_queue.popleft()
+            if self._results[client]:
+                await self._deliver(client)
+            else:
+                # Its training failed on the worker: lost for the round, like a dropout.
+                del self._results[client]
+                await self._presence(client, "offline")
+                self._dropped.append(client)
 
     async def _release_async(self) -> None:
         if self._awaiting is not None or not self._events:
@@ -304,7 +315,10 @@ class Coordinator:
             return  # the earliest arrival is still training
         heapq.heappop(self._events)
         self.stats.virtual_time = head.at
-        if head.drop:
+        if not head.drop and not self._results[head.client]:
+            del self._results[head.client]  # its training failed: a dropout at that time
+            await self._drop(head.client)
+        elif head.drop:
             await self._drop(head.client)
         else:
             await self._deliver(head.client)

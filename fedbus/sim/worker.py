@@ -125,14 +125,15 @@ class VirtualWorker:
         started = time.monotonic()
         try:
             update = await asyncio.to_thread(self._fit, payload, client, item.round)
-        except FedbusError as exc:
-            self._log.error("client_failed", client=client, error=str(exc))
-            return
-        except Exception as exc:  # the user's task: report it and go on with the next client
-            self._log.exception("task_raised", client=client, error=repr(exc))
-            return
+        except Exception as exc:  # often the user's task: report it, go on with the next
+            if isinstance(exc, FedbusError):
+                self._log.error("client_failed", client=client, error=str(exc))
+            else:
+                self._log.exception("task_raised", client=client, error=repr(exc))
+            update = b""  # an empty result: the coordinator counts the client as dropped
+        else:
+            self.trained += 1
         self.busy_s += time.monotonic() - started
-        self.trained += 1
         c = self.config
         await self.bus.publish(topics.sim_result(c.job, c.coordinator, client), update)
 
