@@ -120,6 +120,10 @@ class RoundSpec:
     max_update_norm: float | None = None
     #: Refuse updates that claim more training examples (the weight in every FedAvg).
     max_examples: int = 1 << 40
+    #: A round whose pending trainers were all just reported lost stays open this long for
+    #: a contradiction (a forged or stale offline). None: 0.5 s, or 0 for a simulated
+    #: population, where nothing can forge a presence.
+    loss_grace_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,6 +580,9 @@ class _Parser:
                 "> 0 (L2 norm of an update's delta), or omit it for no bound"),
             max_examples=self.integer(t.get("max_examples", d.max_examples),
                                       "round.max_examples", lo=1),
+            loss_grace_s=None if t.get("loss_grace_s") is None else self.number(
+                t["loss_grace_s"], "round.loss_grace_s", lambda x: 0 <= x <= 60,
+                "in [0, 60] (seconds)"),
         )
         if spec.min_clients > n_trainers:
             self.fail("round.min_clients",

@@ -19,7 +19,7 @@ from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
 from fedbus.services._wire import presence
-from fedbus.services.aggregator import Aggregator, AggregatorConfig
+from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.task import EvalResult, Task, load_task
@@ -195,7 +195,10 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         if isinstance(strategy, AsyncStrategy):
             return AsyncAggregator(AsyncAggregatorConfig(**common), bus, strategy, selector,
                                    weights, evaluate=evaluate)
-        return Aggregator(AggregatorConfig(quorum=r.quorum, **common), bus, strategy, selector,
+        grace = r.loss_grace_s if r.loss_grace_s is not None else (
+            0.0 if m.population is not None else LOSS_GRACE_S)
+        return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace, **common),
+                          bus, strategy, selector,
                           weights, evaluate=evaluate)
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")

@@ -392,7 +392,9 @@ class MqttBus:
         if isinstance(receive_max, int) and 0 < receive_max < self._max_inflight:
             # The broker takes at most this many unacknowledged QoS 1 publishes: send no more.
             log.info("limit_inflight", node=self.node_id, broker_receive_maximum=receive_max)
-            client._client.max_inflight_messages_set(receive_max)
+            # paho refuses its setter on an open connection (its worry is a change to or from
+            # 0, "unlimited"); between two positive limits the attribute is safe to lower.
+            client._client._max_inflight_messages = receive_max
             self._max_inflight = receive_max
 
     async def _run(self) -> None:
