@@ -311,5 +311,5 @@ def test_loss_grace_is_a_checked_manifest_setting() -> None:
     from fedbus.errors import ManifestError
 
     assert manifest(loss_grace_s=0).round.loss_grace_s == 0.0
-    with pytest.raises(ManifestError, match="round.loss_grace_s"):
+    with pytest.raises(ManifestError, match=r"round\.loss_grace_s"):
         manifest(loss_grace_s=-1)
