@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest
+from fedbus.progress import format_round
 from fedbus.services.aggregator import RoundReport
 from fedbus.sim.runner import SimResult, run_simulation, run_workers
 
 __all__ = ["simulate", "worker"]
-
-
-def progress_line(meta: Mapping[str, Any], rounds: int) -> str:
-    parts = [f"round {meta['round']:>3}/{rounds}",
-             f"participants {meta['participants']}/{meta['selected']}"]
-    for key in ("train_loss", "loss", "accuracy"):
-        if isinstance(meta.get(key), (int, float)):
-            parts.append(f"{key} {meta[key]:.4f}")
-    if meta.get("lost"):
-        parts.append(f"lost {len(meta['lost'])}")
-    if not meta.get("aggregated", True):
-        parts.append("NOT AGGREGATED")
-    parts.append(f"{meta['seconds']:.2f}s")
-    return "  ".join(parts)
 
 
 async def simulate(m: Manifest, *, rounds: int | None, memory: bool, workers: int | None,
@@ -42,7 +27,7 @@ async def simulate(m: Manifest, *, rounds: int | None, memory: bool, workers: in
 
     def on_report(report: RoundReport) -> None:
         if not quiet:
-            print(progress_line(report.as_meta(), m.rounds), flush=True)
+            print(format_round(report.as_meta(), m.rounds), flush=True)
 
     result = await run_simulation(m, workers=workers, remote_workers=remote_workers,
                                   on_report=on_report)
