@@ -130,7 +130,7 @@ async def one_run(folder: Path, strategy: str, rounds: int,
                 killed = True
                 agg = _serve(path, "aggregator", log, folder)
                 children.append(agg)
-        while agg.proc.poll() is None:  # noqa: ASYNC110 - a child's exit has no event
+        while agg.proc.poll() is None:
             if time.monotonic() - started > 300:
                 raise TimeoutError("the job did not finish in 300 s")
             await asyncio.sleep(0.05)  # polling a child's exit: no event to await
