@@ -45,7 +45,8 @@ STRATEGIES: dict[str, Any] = {
 @dataclass
 class Trial:
     strategy: str
-    kill_at_s: float
+    kill_in_round: int
+    kill_after_s: float
     killed: bool
     same_model: bool
     resumed_from: int | None
@@ -106,8 +107,15 @@ def _final_metrics(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [rounds[r] for r in sorted(rounds)]
 
 
-async def one_run(folder: Path, strategy: str, rounds: int,
-                  kill_at_s: float | None) -> tuple[list[tuple[Any, ...]], Trial | None, float]:
+def _rounds_started(log: Path) -> int:
+    try:
+        return log.read_text(errors="replace").count('"event": "round_started"')
+    except OSError:
+        return 0
+
+
+async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, float] | None,
+                  ) -> tuple[list[tuple[Any, ...]], Trial | None, float]:
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
     proc = await spawn_mosquitto()
     children: list[Child] = []
@@ -120,10 +128,11 @@ async def one_run(folder: Path, strategy: str, rounds: int,
         agg = _serve(path, "aggregator", log, folder)
         children.append(agg)
         killed = False
-        if kill_at_s is not None:
-            deadline = started + kill_at_s
-            while time.monotonic() < deadline and agg.proc.poll() is None:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)  # polling a child against a deadline: no event
+        if kill_at is not None:
+            # kill once round `kill_at[0]` has started, `kill_at[1]` seconds into it
+            while agg.proc.poll() is None and _rounds_started(log) < kill_at[0]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # polling a child's log: no event to await
+            await asyncio.sleep(kill_at[1])
             if agg.proc.poll() is None:
                 agg.proc.kill()  # SIGKILL: no goodbye, the broker fires its will
                 agg.reap(10)
@@ -141,9 +150,10 @@ async def one_run(folder: Path, strategy: str, rounds: int,
         await proc.stop()
     events = _events(log)
     trial = None
-    if kill_at_s is not None:
+    if kill_at is not None:
         restored = [e for e in events if e.get("event") == "restored"]
-        trial = Trial(strategy=strategy, kill_at_s=kill_at_s, killed=killed, same_model=False,
+        trial = Trial(strategy=strategy, kill_in_round=kill_at[0], kill_after_s=kill_at[1],
+                      killed=killed, same_model=False,
                       resumed_from=restored[-1]["round"] if restored else None,
                       checkpoint_s=[float(e["seconds"]) for e in events
                                     if e.get("event") == "checkpoint_acked"])
@@ -155,27 +165,30 @@ async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int) 
     out: list[Trial] = []
     with tempfile.TemporaryDirectory(prefix="fedbus-chaos-") as tmp:
         for strategy in strategies:
-            clean, _, clean_s = await one_run(Path(tmp) / strategy / "clean", strategy, rounds,
-                                              None)
+            clean, _, _ = await one_run(Path(tmp) / strategy / "clean", strategy, rounds, None)
             for i in range(trials):
-                kill = rng.uniform(0.5, clean_s * 0.95)
+                # a random round, a random moment in it (a round lasts about 0.3 s here)
+                kill = (rng.randint(1, rounds), rng.uniform(0.0, 0.35))
                 metrics, trial, _ = await one_run(Path(tmp) / strategy / f"trial{i}", strategy,
                                                   rounds, kill)
                 assert trial is not None
                 trial.same_model = bool(clean) and metrics == clean
                 out.append(trial)
-                print(f"{strategy} trial {i}: kill at {kill:.2f} s, killed={trial.killed}, "
+                print(f"{strategy} trial {i}: kill in round {kill[0]} after {kill[1]:.2f} s, "
+                      f"killed={trial.killed}, "
                       f"resumed from round {trial.resumed_from}, same model={trial.same_model}",
                       file=sys.stderr, flush=True)
     return out
 
 
 def table(trials: list[Trial]) -> str:
-    lines = ["| strategy | trial | killed at s | resumed after round | same final model |",
-             "|---|---|---|---|---|"]
+    lines = ["| strategy | trial | SIGKILL in round | s into it | resumed after round | "
+             "same final model |",
+             "|---|---|---|---|---|---|"]
     for i, t in enumerate(trials):
-        lines.append(f"| {t.strategy} | {i} | {t.kill_at_s:.2f} | "
-                     f"{t.resumed_from if t.resumed_from is not None else '-'} | "
+        lines.append(f"| {t.strategy} | {i} | {t.kill_in_round if t.killed else 'ended first'} | "
+                     f"{t.kill_after_s:.2f} | "
+                     f"{t.resumed_from if t.resumed_from is not None else 'none (fresh start)'} | "
                      f"{'yes' if t.same_model else 'NO'} |")
     acks = [s for t in trials for s in t.checkpoint_s]
     if acks:
