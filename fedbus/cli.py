@@ -184,6 +184,10 @@ def _add_serve(add: Adder) -> None:
                        "(e.g. 0.0.0.0:9108 for a remote scraper; needs the 'metrics' extra)")
     serve.add_argument("--health-file", help="keep this file fresh while connected (container "
                        "healthchecks: python -m fedbus.deploy.health FILE)")
+    serve.add_argument("--watch-as", metavar="USER",
+                       help="an aggregator that finds another instance active waits as a "
+                       "standby, watching with this broker user (an operator from `fedbus "
+                       "acl --operator`; needed on a secured broker)")
 
 
 def _add_validate(add: Adder) -> None:
@@ -358,7 +362,7 @@ def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:
     record = args.runs_dir or os.environ.get(ENV_VAR)
     opts = RunOptions(runs_root=runs_root(record) if record else None, display="plain",
                       dashboard_port=args.dashboard, metrics=args.metrics,
-                      health_file=args.health_file)
+                      health_file=args.health_file, watch_as=args.watch_as)
     return asyncio.run(serve_nodes(_manifest(args), args.node, opts, sink))
 
 

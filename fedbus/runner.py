@@ -58,6 +58,8 @@ class RunOptions:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Keep this file fresh while every bus is connected (container healthchecks).
     health_file: str | None = None
+    #: The broker user a standby aggregator watches the active one with (secured brokers).
+    watch_as: str | None = None
 
 
 class _Stop:
@@ -131,6 +133,12 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
                             "manifest or pass --broker HOST:PORT")
     if not any(m.node(n).role == "aggregator" for n in node_ids):
         opts = dataclasses.replace(opts, runs_root=None)
+    for n in node_ids:
+        if m.node(n).role == "aggregator":
+            # one active instance: a second one waits here as a standby (fedbus.failover)
+            from fedbus.failover import await_leadership
+
+            await await_leadership(m, n, watch_as=opts.watch_as)
     return await _execute(m, node_ids, opts, sink, serving=True)
 
 
