@@ -40,6 +40,7 @@ __all__ = [
     "NodeSpec",
     "PluginSpec",
     "RoundSpec",
+    "StoreSpec",
     "TaskSpec",
     "Wiring",
     "compile_wiring",
@@ -50,9 +51,9 @@ __all__ = [
     "with_broker",
 ]
 
-Role = Literal["aggregator", "trainer"]
-ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer")
-_PLANNED_ROLES: Final = ("relay", "checkpointer", "store")
+Role = Literal["aggregator", "trainer", "store"]
+ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer", "store")
+_PLANNED_ROLES: Final = ("relay", "checkpointer")
 VERSION: Final = 1
 _MQTT_MAX_PACKET: Final = 268_435_455
 
@@ -118,6 +119,32 @@ class TaskSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """The metadata store (``role: store`` nodes): where it keeps rounds, what, how long."""
+
+    #: Folder of the on-disk store; default ``fedbus-store/<job>/<node>`` under the cwd.
+    dir: str | None = None
+    #: In-memory LRU cache in front of the disk, in MiB (bounded by bytes, not entries).
+    cache_mb: int = 256
+    #: Optional shared cache (``redis://host:port/db``) for stores run by several processes.
+    redis_url: str | None = None
+    #: Dimensions of the seeded random projection kept for every update of every round.
+    sketch_dim: int = 2048
+    #: Full per-client updates are kept for the last K rounds only (0: none).
+    full_update_rounds: int = 3
+    #: Global models kept for the last K rounds (0: every round).
+    model_rounds: int = 0
+    #: Rounds kept at all (metrics, sketches); 0: every round.
+    keep_rounds: int = 0
+    #: Messages waiting to be written, in MiB; beyond it the store drops (and counts) them.
+    backlog_mb: int = 512
+    #: Load the task's evaluation copy (as the aggregator does) for leave-one-out / Shapley.
+    evaluate: bool = True
+    #: Stop when the job is done (``fedbus run``); false keeps answering queries.
+    exit_on_done: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSpec:
     id: str
     role: Role
@@ -139,6 +166,7 @@ class Manifest:
     task: TaskSpec
     nodes: tuple[NodeSpec, ...]
     source: str = "<string>"
+    store: StoreSpec = StoreSpec()
 
     def node(self, node_id: str) -> NodeSpec:
         for n in self.nodes:
@@ -374,6 +402,7 @@ class _Parser:
             task=self.task(t["task"]),
             nodes=nodes,
             source=self.src,
+            store=self.store(t.get("store"), nodes),
         )
 
     def broker(self, value: Any) -> BrokerSpec:
@@ -442,6 +471,37 @@ class _Parser:
                       f"{spec.min_clients} exceeds the {n_trainers} trainer(s) the manifest "
                       "declares; lower it or add trainers")
         return spec
+
+    def store(self, value: Any, nodes: Sequence[NodeSpec]) -> StoreSpec:
+        d = StoreSpec()
+        if value is None:
+            return d
+        if not any(n.role == "store" for n in nodes):
+            self.fail("store", "there is no node with role: store to configure; add "
+                               "`- {id: store, role: store}` to nodes or remove this section")
+        t = self.table(value, "store", _fields(StoreSpec))
+
+        def count(key: str, lo: int, hi: int | None = None) -> int:
+            return self.integer(t.get(key, getattr(d, key)), f"store.{key}", lo=lo, hi=hi)
+
+        redis_url = self.opt_string(t.get("redis_url"), "store.redis_url")
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://",
+                                                                "unix://")):
+            self.fail("store.redis_url", f"{redis_url!r} is not a Redis URL; use "
+                                         "redis://host:port/db")
+        return StoreSpec(
+            dir=self.opt_string(t.get("dir"), "store.dir"),
+            cache_mb=count("cache_mb", 1),
+            redis_url=redis_url,
+            sketch_dim=count("sketch_dim", 16, 1 << 20),
+            full_update_rounds=count("full_update_rounds", 0),
+            model_rounds=count("model_rounds", 0),
+            keep_rounds=count("keep_rounds", 0),
+            backlog_mb=count("backlog_mb", 1),
+            evaluate=self.boolean(t.get("evaluate", d.evaluate), "store.evaluate"),
+            exit_on_done=self.boolean(t.get("exit_on_done", d.exit_on_done),
+                                      "store.exit_on_done"),
+        )
 
     def evaluate(self, value: Any) -> EvalSpec:
         d = EvalSpec()
@@ -548,12 +608,28 @@ class _Parser:
                         self.fail(pf, f"partition {n.partition} is already used by "
                                       f"{partitions[n.partition]}; partitions must be unique")
                     partitions[n.partition] = f
+            elif n.role == "store":
+                n = self.store_node(n, f, root.id, roles, aggregators)
             out.append(n)
         return tuple(out)
 
 
+    def store_node(self, n: NodeSpec, f: str, root: str, roles: Mapping[str, str],
+                   aggregators: str) -> NodeSpec:
+        """A store watches one aggregator (its parent, the root by default) and has no data."""
+        if n.partition is not None:
+            self.fail(f"{f}.partition", "only trainers have a data partition; remove it")
+        if n.parent is None:
+            return dataclasses.replace(n, parent=root)
+        if roles.get(n.parent) != "aggregator":
+            what = "unknown node" if n.parent not in roles else f"a {roles[n.parent]}"
+            self.fail(f"{f}.parent", f"{n.parent!r} is {what}; a store's parent is the "
+                                     f"aggregator it records: {aggregators}")
+        return n
+
+
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
-                    "selector", "round", "evaluate", "task", "nodes", "trainers")
+                    "selector", "round", "evaluate", "task", "nodes", "trainers", "store")
 
 
 def _fields(cls: type) -> tuple[str, ...]:
@@ -590,6 +666,13 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
                    topics.control(job, n.id)]
             pub = [topics.model(job, n.id), topics.metrics(job, n.id),
                    topics.presence(job, n.id), topics.state(job, n.id)]
+        elif n.role == "store":
+            # The broker fans out what the aggregator already receives and sends: the store
+            # costs the aggregator nothing and the trainers no second upload.
+            assert n.parent is not None  # validation gives every store a parent
+            sub = [topics.updates_for(job, n.parent), topics.model(job, n.parent),
+                   topics.metrics(job, n.parent), topics.queries_for(job, n.id)]
+            pub = [topics.replies_all(job), topics.presence(job, n.id)]
         else:
             assert n.parent is not None  # validation gives every trainer a parent
             sub = [topics.model(job, n.parent), topics.presence(job, n.parent),

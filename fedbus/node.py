@@ -147,5 +147,11 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                                    weights, evaluate=evaluate)
         return Aggregator(AggregatorConfig(quorum=r.quorum, **common), bus, strategy, selector,
                           weights, evaluate=evaluate)
+    if node.role == "store":
+        from fedbus.services.store import store_from_manifest
+
+        eval_task = task or (open_task(m, None) if m.store.evaluate else None)
+        return store_from_manifest(m, node, bus, eval_task, limits=_limits(m),
+                                   compression=_compression(m))
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")

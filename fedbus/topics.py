@@ -10,6 +10,8 @@ Channels:
   ``presence/<node>``               retained "online"; the broker publishes "offline" (last will)
   ``state/<node>``                  checkpoint / state snapshots published for the checkpointer
   ``control/<node>``                operator commands to one node (stop, ...)
+  ``query/<store>/<sender>``        a request to a store (workload + arguments)
+  ``reply/<requester>``             the store's answer, correlated by the request's msg_id
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ __all__ = [
     "parse",
     "presence",
     "presence_all",
+    "queries_for",
+    "query",
+    "replies_all",
+    "reply",
     "shared",
     "state",
     "strip_share",
@@ -41,7 +47,8 @@ __all__ = [
 ]
 
 ROOT: Final = "fedbus/v1"
-CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control"})
+CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
+                             "query", "reply"})
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -97,6 +104,23 @@ def state(job: str, node: str) -> str:
 
 def control(job: str, node: str) -> str:
     return _t(job, "control", node)
+
+
+def query(job: str, store: str, sender: str) -> str:
+    return _t(job, "query", store, sender)
+
+
+def queries_for(job: str, store: str) -> str:
+    """Filter for every request addressed to ``store``."""
+    return _t(job, "query", store) + "/+"
+
+
+def reply(job: str, requester: str) -> str:
+    return _t(job, "reply", requester)
+
+
+def replies_all(job: str) -> str:
+    return _t(job, "reply") + "/+"
 
 
 def shared(group: str, topic_filter: str) -> str:
