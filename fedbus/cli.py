@@ -72,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     watch = add("watch", "print the per-round metrics of a running job")
     watch.add_argument("manifest")
     watch.add_argument("--broker", type=_parse_broker)
+
+    query = add("query", "ask the job's store for a workload (JSON on stdout): summary, "
+                "lineage, scheduling, malicious, debugging, clustering, personalization, "
+                "contribution")
+    query.add_argument("manifest")
+    query.add_argument("workload")
+    query.add_argument("--round", type=int, help="the round to look at (default: the last)")
+    query.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="a workload argument, e.g. --arg k=3 --arg by=loss (repeatable)")
+    query.add_argument("--store", help="store node id (default: the manifest's first store)")
+    query.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    query.add_argument("--offline", action="store_true",
+                       help="read the store's folder here instead of asking the running store "
+                       "(the default when the manifest names no broker)")
+    query.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    query.add_argument("--save", metavar="DIR", help="write returned models here")
     return p
 
 
@@ -89,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
         if args.command == "serve":
             return asyncio.run(_serve(manifest, args.node))
+        if args.command == "query":
+            return asyncio.run(_query(manifest, args))
         return asyncio.run(_watch_only(manifest))
     except ManifestError as exc:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
@@ -221,6 +239,36 @@ async def _serve(m: Manifest, patterns: Sequence[str]) -> int:
     except asyncio.CancelledError:
         log.info("stopped_by_signal", nodes=node_ids)
         return 0
+
+
+# --- query: ask the store ---------------------------------------------------------------------
+
+async def _query(m: Manifest, args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from fedbus.store import query as q
+
+    wargs: dict[str, Any] = {}
+    for item in args.arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedbusError(f"--arg {item!r}: use KEY=VALUE, e.g. --arg k=3")
+        wargs[key] = yaml.safe_load(value)
+    if args.round is not None:
+        wargs["round"] = args.round
+    node = q.store_node(m, args.store)
+    if args.offline or m.broker is None:
+        meta, tensors = await q.ask_offline(m, node, args.workload, wargs)
+    else:
+        me = NodeSpec(id=f"query-{_short_id()}", role="trainer")
+        async with make_bus(m, me) as bus:
+            meta, tensors = await q.ask(bus, m, node.id, args.workload, wargs, args.timeout)
+    if args.save and tensors:
+        meta["saved"] = q.save_models(tensors, args.save)
+    print(json.dumps(meta, indent=2, sort_keys=False))
+    return 0 if meta.get("ok") else 1
 
 
 # --- watch: metrics of a running job ---------------------------------------------------------
