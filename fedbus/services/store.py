@@ -127,6 +127,8 @@ class StoreService:
         self.rejections = _RoundRejections(config.node_id, self)
         self.stats: Counter[str] = Counter()
         self.done = asyncio.Event()
+        #: Notified whenever a message has been handled: wait_for(lambda: ...) on counters.
+        self.progress = asyncio.Condition()
         self._seen = SeenIds()
         self._open: dict[int, _Open] = {}
         self._closed_upto = max(store.rounds(), default=0)
@@ -188,6 +190,8 @@ class StoreService:
             except FedbusError as exc:
                 self._log.error("store_write_failed", topic=msg.topic, error=str(exc))
                 self.stats["write_errors"] += 1
+            async with self.progress:
+                self.progress.notify_all()
             if self.done.is_set() and self.config.exit_on_done:
                 return
 

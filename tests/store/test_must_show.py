@@ -49,7 +49,8 @@ async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
 async def test_poisoned_trainer_is_flagged_and_contributes_least(tmp_path: Path) -> None:
     # Prepare: five trainers on an even split; t4 learns on labels 9 - y
     torch.set_num_threads(1)
-    m = manifest(tmp_path, n=5, rounds=4, params={"mode": "flip", "poisoned": [4], "epochs": 2, "lr": 0.5})
+    m = manifest(tmp_path, n=5, rounds=4,
+                 params={"mode": "flip", "poisoned": [4], "epochs": 2, "lr": 0.5})
     # Execute
     agg, store = await federate(m)
     flagged = (await store.workloads.run("malicious", {})).data
