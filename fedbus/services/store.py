@@ -145,6 +145,8 @@ class StoreService:
                    topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
         async with self.bus.subscribe(*filters) as sub:
             await self._publish_presence("online")
+            self._log.info("store_started", dir=str(self.store.disk.root),
+                           cache_bytes=self.store.cache.capacity, rounds=len(self.store.rounds()))
             receiver = asyncio.create_task(self._receive(sub), name=f"{c.node_id}.receive")
             writer = asyncio.create_task(self._write_loop(), name=f"{c.node_id}.write")
             try:
