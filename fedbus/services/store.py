@@ -170,7 +170,11 @@ class StoreService:
         async for msg in sub:
             size = len(msg.payload)
             self.stats["bytes_in"] += size
-            if "/query/" in msg.topic:  # cheap pre-check; parsed properly in _answer
+            try:
+                is_query = topics.parse(msg.topic).channel == "query"
+            except FedbusError:
+                is_query = False  # the writer rejects (and counts) the bad topic
+            if is_query:
                 self._spawn_query(msg)
                 continue
             if self._backlog_bytes + size > self.config.backlog_bytes:
@@ -284,7 +288,9 @@ class StoreService:
             reject("unknown_sender", f"{sender} is not a trainer of {c.aggregator}",
                    sender=sender)
             return
-        env = open_update(msg.payload, sender, job=c.job, limits=c.limits, seen=self._seen,
+        # Message ids are remembered only once the round is known: an update that arrives
+        # before its round's model is looked at again when the round opens.
+        env = open_update(msg.payload, sender, job=c.job, limits=c.limits, seen=_UNSEEN,
                           rejections=self.rejections, kinds=(UPDATE, READY))
         if env is None or env.kind == READY:
             return  # a large update announces itself first; the upload itself follows
@@ -292,11 +298,12 @@ class StoreService:
         if state is None:
             if env.round > max(self._open, default=self._closed_upto) and \
                     len(self._early) < 4 * len(c.trainers):
-                # Sent before the model broadcast reached us: kept until the round opens.
-                self._seen = _forget(self._seen, env.msg_id)
-                self._early.append(msg)
+                self._early.append(msg)  # sent before the model broadcast reached us
             else:
                 reject("stale", f"update for closed round {env.round}", sender=sender)
+            return
+        if not self._seen.add(env.msg_id):
+            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
             return
         if sender in state.clients:
             reject("duplicate", f"second update in round {env.round}", sender=sender)
@@ -446,11 +453,14 @@ class StoreService:
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
 
 
-def _forget(seen: SeenIds, msg_id: str) -> SeenIds:
-    # An early update is looked at again once its round opens; its id must not read as a
-    # duplicate then. SeenIds has no removal, so this reaches into its ordered dict.
-    seen._ids.pop(msg_id, None)
-    return seen
+class _Unseen(SeenIds):
+    """Remembers nothing: the store checks message ids itself once the round is known."""
+
+    def add(self, msg_id: str) -> bool:
+        return True
+
+
+_UNSEEN: Final = _Unseen(capacity=0)
 
 
 def _finite(value: Any) -> float | None:
