@@ -325,7 +325,8 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
         finished = reader.named("round_finished")
         round_s = [float(e["seconds"]) for e in finished]
         out: dict[str, Any] = {"store": with_store, "round_s": round_s,
-                               "median_s": statistics.median(round_s[1:] or round_s)}
+                               "median_s": statistics.median(round_s[1:] or round_s),
+                               "agg_cpu_s": agg.cpu_s}
         if store is not None and store_reader is not None and store_sampler is not None:
             store.reap(120)
             store_sampler.stop()
@@ -336,6 +337,7 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
                        store_rounds=len(store_reader.named("store_round_recorded")),
                        store_cpu_s=store.cpu_s)
         trainers.reap(60)
+        out["trainers_cpu_s"] = trainers.cpu_s
         return out
     finally:
         for child in reversed(children):
@@ -417,10 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         withs = [r["median_s"] for r in rounds if r["store"]]
         print(f"\n### Aggregator round time, {a.clients} trainers x {a.params:,} params, "
               f"mosquitto, {a.round_rounds} rounds a run, store nice {a.store_nice}\n")
-        print("| trial | without store (s) | with store (s) | ratio |")
-        print("|---|---:|---:|---:|")
+        cpu_b = [r["agg_cpu_s"] for r in rounds if not r["store"]]
+        cpu_w = [r["agg_cpu_s"] for r in rounds if r["store"]]
+        print("| trial | round without store (s) | with store (s) | ratio | aggregator CPU "
+              "without / with (s) |")
+        print("|---|---:|---:|---:|---:|")
         for i, (b, w) in enumerate(zip(base, withs, strict=True)):
-            print(f"| {i + 1} | {b:.3f} | {w:.3f} | {w / b:.3f} |")
+            print(f"| {i + 1} | {b:.3f} | {w:.3f} | {w / b:.3f} | {cpu_b[i]:.1f} / "
+                  f"{cpu_w[i]:.1f} |")
         for r in rounds:
             if r["store"]:
                 st = r["store_stats"]

@@ -267,7 +267,7 @@ async def _query(m: Manifest, args: argparse.Namespace) -> int:
             meta, tensors = await q.ask(bus, m, node.id, args.workload, wargs, args.timeout)
     if args.save and tensors:
         meta["saved"] = q.save_models(tensors, args.save)
-    print(json.dumps(meta, indent=2, sort_keys=False))
+    print(json.dumps(meta, indent=2, default=str))
     return 0 if meta.get("ok") else 1
 
 
