@@ -44,7 +44,7 @@ from fedbus.services._wire import (
 )
 from fedbus.store.cache import RedisCache
 from fedbus.store.repository import Retention, RoundStore
-from fedbus.store.sketch import Sketcher, cosine, norm
+from fedbus.store.sketch import Sketcher, cosine, dot, norm
 from fedbus.store.workloads import Workloads, digest
 from fedbus.task import Task
 
@@ -479,14 +479,13 @@ def _metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _cos_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    dot = na = nb = 0.0
+    ab = na = nb = 0.0
     for k in a:
-        x = np.asarray(a[k], dtype=np.float64).reshape(-1)
-        y = np.asarray(b[k], dtype=np.float64).reshape(-1)
-        dot += float(x @ y)
-        na += float(x @ x)
-        nb += float(y @ y)
-    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        ab += dot(x, y)
+        na += dot(x, x)
+        nb += dot(y, y)
+    return ab / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
 
 
 class TaskUtility:

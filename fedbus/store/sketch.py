@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["Sketcher", "cosine"]
+__all__ = ["Sketcher", "cosine", "dot", "norm"]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,10 +68,16 @@ class Sketcher:
         return (out[: self.dim] - out[self.dim :]).astype(np.float32)
 
 
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Inner product of two flat vectors, accumulated in float64 without copies."""
+    return float(np.einsum("i,i->", a.reshape(-1), b.reshape(-1), dtype=np.float64))
+
+
 def norm(tensors: Mapping[str, np.ndarray]) -> float:
     """Euclidean norm over every tensor (float64 accumulation)."""
     total = 0.0
     for v in tensors.values():
-        flat = np.asarray(v, dtype=np.float64).reshape(-1)
-        total += float(np.dot(flat, flat))
+        flat = np.asarray(v).reshape(-1)
+        # float64 accumulation without a float64 copy of the tensor (einsum casts in blocks)
+        total += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return float(np.sqrt(total))

@@ -225,3 +225,44 @@ async def test_queries_are_answered_on_the_bus_and_bad_ones_refused(tmp_path: Pa
     assert not unknown["ok"] and "known:" in unknown["error"]
     assert not bad["ok"] and "'k'" in bad["error"]
     assert store.rejections.counts["bad_query"] == 1
+
+
+async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(
+        tmp_path: Path) -> None:
+    # Prepare: the test plays the aggregator and one trainer by hand, out of order
+    m = manifest(tmp_path, n=3, rounds=1)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    model = {"w": np.zeros(SIZE, np.float32)}
+    delta = {"w": np.full(SIZE, 0.5, np.float32)}
+    update = encode(Envelope(kind=UPDATE, job="toy", sender="t1", round=1,
+                             meta={"num_examples": 7}, tensors=join_tensors(delta)))
+
+    def from_agg(kind: str, **kw: Any) -> bytes:
+        return encode(Envelope(kind=kind, job="toy", sender="agg", round=1, **kw))
+
+    task = asyncio.create_task(store.run())
+    try:
+        async with MemoryBus(broker, "agg") as agg_bus, MemoryBus(broker, "t1") as t1_bus:
+            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
+                await presence.get(timeout=10)  # the store announces itself once subscribed
+            # Execute: the update first, then the model, a replay, the report and done
+            await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg(
+                ROUND, meta={"selected": ["t0", "t1", "t2"]}, tensors=join_tensors(model)))
+            await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
+            await agg_bus.publish(topics.metrics("toy", "agg"), from_agg(
+                "metrics", meta={"round": 1, "participants": 1}))
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done"))
+            async with asyncio.timeout(10):
+                await task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Assert
+    rec = store.store.records[1]
+    assert list(rec["clients"]) == ["t1"] and rec["clients"]["t1"]["num_examples"] == 7
+    assert rec["missing"] == ["t0", "t2"] and rec["report"]["participants"] == 1
+    assert store.rejections.counts["duplicate"] == 1
+    assert rec["aggregate"]["source"] == "fedavg_estimate"
