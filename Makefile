@@ -5,7 +5,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck
+# docker-compose: only `docker-compose config` (validates generated compose files; no daemon).
+APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck docker-compose
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system venv demo test lint typecheck pytest bench clean
@@ -18,16 +19,17 @@ system:
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 # torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev]"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,security]"
 	touch $(STAMP)
 
 demo: setup

@@ -5,6 +5,8 @@
 #   sudo edge/install.sh                      # trainer + aggregator units, torch (CPU)
 #   sudo edge/install.sh --no-torch           # numpy-only: aggregator, or Jetson with NVIDIA's torch
 #   sudo edge/install.sh --broker             # also Debian's mosquitto with brokers/edge.conf
+#   sudo FEDBUS_BROKER_HOST=10.0.0.5 edge/install.sh --node pi-0 \
+#       --manifest examples/digits/edge-manifest.yaml [--secure DIR]   # + this node's own unit
 #   edge/install.sh --dry-run                 # print what would be done, change nothing
 set -euo pipefail
 
@@ -17,6 +19,9 @@ TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 DRY_RUN=0
 WITH_TORCH=1
 WITH_BROKER=0
+NODE=
+MANIFEST=
+SECURE=
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -27,6 +32,9 @@ Options:
   --dry-run      print the commands instead of running them (no root needed)
   --no-torch     install without the trainer extra (numpy-only aggregator; Jetson: bring your own torch)
   --broker       apt-get install mosquitto and configure it with brokers/edge.conf
+  --node ID      generate and enable fedbus-ID.service (fedbus units) for this device's node
+  --manifest F   the manifest (path inside the checkout) that --node is in
+  --secure DIR   a "fedbus acl" folder: the node's password goes into /etc/fedbus/ID.env
   --prefix DIR   install under DIR instead of ${PREFIX}
   -h, --help     this text
 EOF
@@ -37,6 +45,15 @@ while (($#)); do
         --dry-run) DRY_RUN=1 ;;
         --no-torch) WITH_TORCH=0 ;;
         --broker) WITH_BROKER=1 ;;
+        --node | --manifest | --secure)
+            [[ $# -ge 2 ]] || { echo "install.sh: $1 needs a value" >&2; exit 2; }
+            case $1 in
+                --node) NODE=$2 ;;
+                --manifest) MANIFEST=$2 ;;
+                --secure) SECURE=$2 ;;
+            esac
+            shift
+            ;;
         --prefix)
             [[ $# -ge 2 ]] || { echo "install.sh: --prefix needs a directory" >&2; exit 2; }
             PREFIX=$2
@@ -50,6 +67,10 @@ done
 
 VENV=$PREFIX/venv
 APP=$PREFIX/app
+if [[ -n $NODE && -z $MANIFEST ]]; then
+    echo "install.sh: --node needs --manifest (the manifest the node is in)" >&2
+    exit 2
+fi
 
 log() { printf '==> %s\n' "$*"; }
 
@@ -148,6 +169,28 @@ install_units() {
     done
 }
 
+# The node's own unit and env file, generated from the manifest by the installed fedbus.
+install_node_unit() {
+    local version out args
+    version=$(systemd_version || true)
+    if ((DRY_RUN)); then out=/tmp/fedbus-units; else out=$(mktemp -d); fi
+    args=("$SRC/$MANIFEST" --node "$NODE" --out "$out" --prefix "$PREFIX" --env-dir "$ETC"
+        --manifest-path "$APP/$MANIFEST" --systemd "${version:-252}")
+    if [[ -n $SECURE ]]; then
+        args+=(--secure "$SECURE")
+    fi
+    log "generating fedbus-$NODE.service from $MANIFEST"
+    # Under --dry-run the venv may not exist yet: print the command instead.
+    run "$VENV/bin/fedbus" units "${args[@]}"
+    run install -m 0644 "$out/fedbus-$NODE.service" "$UNIT_DIR/fedbus-$NODE.service"
+    if [[ -f $ETC/$NODE.env ]]; then
+        log "$ETC/$NODE.env exists; leaving it alone (new one: $out/$NODE.env)"
+    else
+        run install -m 0640 -o root -g "$USER_NAME" "$out/$NODE.env" "$ETC/$NODE.env"
+    fi
+    run systemctl enable "fedbus-$NODE.service"
+}
+
 install_broker() {
     local conf=$SRC/brokers/edge.conf
     log "installing Debian's mosquitto with $conf"
@@ -169,6 +212,9 @@ main() {
     install_python
     install_config
     install_units
+    if [[ -n $NODE ]]; then
+        install_node_unit
+    fi
     if ((WITH_BROKER)); then
         install_broker
     fi
@@ -186,6 +232,9 @@ main() {
        aggregator: systemctl enable --now fedbus-aggregator
     4. logs:       journalctl -fu 'fedbus-*'
 EOF
+    if [[ -n $NODE ]]; then
+        echo "    this node: systemctl start fedbus-$NODE (enabled; settings in $ETC/$NODE.env)"
+    fi
 }
 
 main

@@ -22,7 +22,7 @@ import structlog
 
 from fedbus.errors import BrokerError
 
-__all__ = ["MosquittoProcess", "find_mosquitto", "free_port", "spawn_mosquitto"]
+__all__ = ["QUEUED_MESSAGES", "MosquittoProcess", "find_mosquitto", "free_port", "spawn_mosquitto"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,9 @@ _INSTALL_FIX: Final = (
     " (macOS), or run the eclipse-mosquitto container and pass its host/port"
 )
 
+#: Messages mosquitto queues per client in the config written here (its default is 1000).
+QUEUED_MESSAGES: Final = 100_000
+
 # mosquitto's defaults silently drop a client's messages beyond 1000 queued and keep only 20 in
 # flight, which loses chunks of any big payload (FACTS.md). Queue by count generously and bound by
 # bytes instead; persistence is off unless the caller turns it on in ``config_extra``.
@@ -45,7 +48,7 @@ listener {port} {host}
 allow_anonymous true
 persistence false
 max_inflight_messages 1000
-max_queued_messages 100000
+max_queued_messages {queued}
 max_queued_bytes 2147483648
 set_tcp_nodelay true
 log_dest stderr
@@ -190,7 +193,8 @@ async def spawn_mosquitto(
     wd.chmod(0o755)
     chosen = port if port is not None else free_port(host)
     conf = wd / "mosquitto.conf"
-    conf.write_text(_CONFIG.format(port=chosen, host=host, extra=config_extra))
+    conf.write_text(_CONFIG.format(port=chosen, host=host, extra=config_extra,
+                                   queued=QUEUED_MESSAGES))
     conf.chmod(0o644)
     proc = _launch(binary, conf, wd / "mosquitto.log")
     handle = MosquittoProcess(proc, host, chosen, wd, owns_dir)

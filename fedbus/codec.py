@@ -36,6 +36,7 @@ __all__ = [
     "encode",
     "flatten_tree",
     "new_msg_id",
+    "peek_data_size",
     "unflatten_tree",
 ]
 
@@ -251,6 +252,24 @@ def _check_header(h: Any, limits: Limits) -> tuple[list[_Spec], int]:
     if end != total:
         raise CodecError("shape_mismatch", f"tensors add up to {end} bytes, header says {total}")
     return specs, total
+
+
+def peek_data_size(frame: bytes | bytearray | memoryview) -> int:
+    """The uncompressed data size a frame's header declares (0 when it cannot tell). Cheap:
+    only the prefix and the msgpack header are read; nothing is checked or decompressed."""
+    view = memoryview(frame).cast("B")
+    if len(view) < _PREFIX.size:
+        return 0
+    magic, _version, _flags, hlen = _PREFIX.unpack_from(view)
+    if magic != MAGIC or _PREFIX.size + hlen > len(view) or hlen > (8 << 20):
+        return 0
+    try:
+        header = msgpack.unpackb(view[_PREFIX.size : _PREFIX.size + hlen], raw=False,
+                                 strict_map_key=True)
+    except Exception:  # garbage: decode will say why
+        return 0
+    n = header.get("n") if isinstance(header, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
 def decode(

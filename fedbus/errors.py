@@ -46,6 +46,18 @@ class ConnectError(BusError):
         self.cause = cause
 
 
+class BrokerLimitError(BusError):
+    """The broker's limits and fedbus's settings do not fit together (a packet limit below
+    the chunk size, a queue too short for a model's chunks): refused at start, because at
+    run time the same mismatch is a reconnect loop or silent loss. ``setting`` names what to
+    change."""
+
+    def __init__(self, problem: str, setting: str) -> None:
+        super().__init__(f"{problem}; change {setting}")
+        self.problem = problem
+        self.setting = setting
+
+
 class UpdateRejected(FedbusError):
     """An update was well-formed on the wire but unfit to aggregate (shape, dtype, NaN, stale)."""
 
@@ -66,3 +78,39 @@ class BrokerError(FedbusError):
         super().__init__(f"{problem}; fix: {fix}")
         self.problem = problem
         self.fix = fix
+
+
+class PublishDenied(BusError):
+    """The broker refused a publish: MQTT 5 PUBACK reason ``code`` >= 0x80 (0x87: not authorized).
+
+    Raised to the publisher, because a refused message would otherwise vanish: with QoS 1 the
+    broker still acknowledges it, only the reason code says it was dropped.
+    """
+
+    def __init__(self, node: str, topic: str, code: int, reason: str) -> None:
+        super().__init__(
+            f"broker refused publish by {node} to {topic!r}: {reason} (0x{code:02X}); "
+            "check the broker ACL for this node (fedbus acl regenerates it from the manifest)"
+        )
+        self.node = node
+        self.topic = topic
+        self.code = code
+        self.reason = reason
+
+
+class SubscribeDenied(BusError):
+    """The broker refused a subscription: SUBACK reason ``code`` >= 0x80."""
+
+    def __init__(self, node: str, topic_filter: str, code: int, reason: str) -> None:
+        super().__init__(
+            f"broker refused subscription by {node} to {topic_filter!r}: {reason} "
+            f"(0x{code:02X}); check the broker ACL for this node"
+        )
+        self.node = node
+        self.topic_filter = topic_filter
+        self.code = code
+        self.reason = reason
+
+
+class DeployError(FedbusError):
+    """Deployment files (ACL, passwords, certificates, compose, units) could not be made."""

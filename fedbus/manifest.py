@@ -28,6 +28,7 @@ import yaml
 from fedbus import topics
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.errors import BusError, ManifestError
+from fedbus.wiring import Wiring, role_wiring
 from strategies.base import StrategyError
 from strategies.registry import make_selector, make_strategy
 
@@ -68,12 +69,23 @@ class BrokerSpec:
     username: str | None = None
     #: Name of the environment variable holding the password (never the password itself).
     password_env: str | None = None
+    #: A file holding the password; ``{node}`` is replaced by the node id, so one manifest
+    #: serves every node (``fedbus acl`` writes ``<dir>/passwords/<node>``). Relative paths
+    #: are relative to the manifest's directory, like the TLS files below.
+    password_file: str | None = None
     tls_ca: str | None = None
+    #: Client certificate and key (mTLS, from ``fedbus certs``); ``{node}`` as above.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     chunk_bytes: int = 1_000_000
     #: MQTT keepalive. Crashes are seen at once (TCP closes, the will fires); this only
     #: bounds how long a hung or cut-off node goes unnoticed (1.5x), and must outlast the
     #: event-loop stalls of a busy small device, or healthy nodes get dropped.
     keepalive_s: int = 30
+    #: The broker's per-client queue limit (mosquitto ``max_queued_messages``; its default is
+    #: 1000, the configs in brokers/ set 100000). Checked at start against the chunking: a
+    #: queue that cannot hold one model's chunks loses them silently.
+    max_queued_messages: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +114,12 @@ class RoundSpec:
     #: Chunked (large) updates uploading at once: the aggregator grants upload slots so its
     #: memory is bounded by this many in-flight models, not by the number of trainers.
     max_uploads: int = 4
+    #: Refuse updates whose delta has a larger L2 norm (None: no bound). A bound stops a
+    #: faulty or malicious trainer's huge update; a robust strategy (median, trimmed mean,
+    #: krum) is the answer to subtler poisoning by an authenticated trainer.
+    max_update_norm: float | None = None
+    #: Refuse updates that claim more training examples (the weight in every FedAvg).
+    max_examples: int = 1 << 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,16 +434,28 @@ class _Parser:
         host = self.string(t.get("host", d.host), "broker.host")
         if any(c.isspace() or c in "/" for c in host):
             self.fail("broker.host", f"{host!r} is not a host name or address")
+        tls_cert = self.opt_string(t.get("tls_cert"), "broker.tls_cert")
+        tls_key = self.opt_string(t.get("tls_key"), "broker.tls_key")
+        if (tls_cert is None) != (tls_key is None):
+            self.fail("broker.tls_cert" if tls_cert is None else "broker.tls_key",
+                      "tls_cert and tls_key go together: set both (client certificate and its "
+                      "key, e.g. from `fedbus certs`) or neither")
         return BrokerSpec(
             host=host,
             port=self.integer(t.get("port", d.port), "broker.port", lo=1, hi=65535),
             username=self.opt_string(t.get("username"), "broker.username"),
             password_env=password_env,
+            password_file=self.opt_string(t.get("password_file"), "broker.password_file"),
             tls_ca=self.opt_string(t.get("tls_ca"), "broker.tls_ca"),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
             chunk_bytes=self.integer(t.get("chunk_bytes", d.chunk_bytes), "broker.chunk_bytes",
                                      lo=1024, hi=_MQTT_MAX_PACKET - 65536),
             keepalive_s=self.integer(t.get("keepalive_s", d.keepalive_s), "broker.keepalive_s",
                                      lo=1, hi=65535),
+            max_queued_messages=self.integer(
+                t.get("max_queued_messages", d.max_queued_messages),
+                "broker.max_queued_messages", lo=1),
         )
 
     def codec(self, value: Any) -> CodecSpec:
@@ -465,6 +495,11 @@ class _Parser:
                                         "round.start_timeout_s", lambda x: x > 0, positive),
             max_uploads=self.integer(t.get("max_uploads", d.max_uploads), "round.max_uploads",
                                      lo=1),
+            max_update_norm=None if t.get("max_update_norm") is None else self.number(
+                t["max_update_norm"], "round.max_update_norm", lambda x: x > 0,
+                "> 0 (L2 norm of an update's delta), or omit it for no bound"),
+            max_examples=self.integer(t.get("max_examples", d.max_examples),
+                                      "round.max_examples", lo=1),
         )
         if spec.min_clients > n_trainers:
             self.fail("round.min_clients",
@@ -647,40 +682,19 @@ def _range(lo: int | None, hi: int | None) -> str:
 # --------------------------------------------------------------------------- wiring
 
 
-@dataclass(frozen=True, slots=True)
-class Wiring:
-    """What one node subscribes to and publishes on; the base of broker ACLs."""
-
-    node: str
-    subscribe: tuple[str, ...]
-    publish: tuple[str, ...]
-
-
 def compile_wiring(m: Manifest) -> dict[str, Wiring]:
-    """Per node id, its topic filters and topics, built only through ``fedbus.topics``."""
-    job = m.job
-    out: dict[str, Wiring] = {}
+    """Per node id, exactly the filters it subscribes to and the topics it publishes on,
+    built only through ``fedbus.topics``. tests/test_hostile.py checks the running services
+    against it, so the ACLs and bridges generated from it allow what the protocol needs and
+    nothing more."""
+    children: dict[str, list[str]] = {}
     for n in m.nodes:
-        if n.role == "aggregator":
-            sub = [topics.updates_for(job, n.id), topics.presence_all(job),
-                   topics.control(job, n.id)]
-            pub = [topics.model(job, n.id), topics.metrics(job, n.id),
-                   topics.presence(job, n.id), topics.state(job, n.id)]
-        elif n.role == "store":
-            # The broker fans out what the aggregator already receives and sends: the store
-            # costs the aggregator nothing and the trainers no second upload.
-            assert n.parent is not None  # validation gives every store a parent
-            sub = [topics.updates_for(job, n.parent), topics.model(job, n.parent),
-                   topics.metrics(job, n.parent), topics.queries_for(job, n.id)]
-            pub = [topics.replies_all(job), topics.presence(job, n.id)]
-        else:
-            assert n.parent is not None  # validation gives every trainer a parent
-            sub = [topics.model(job, n.parent), topics.presence(job, n.parent),
-                   topics.control(job, n.id)]
-            pub = [topics.update(job, n.parent, n.id), topics.metrics(job, n.id),
-                   topics.presence(job, n.id)]
-        out[n.id] = Wiring(node=n.id, subscribe=tuple(sub), publish=tuple(pub))
-    return out
+        if n.parent is not None:
+            children.setdefault(n.parent, []).append(n.id)
+    # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
+    return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
+                              children=children.get(n.id, ()))
+            for n in m.nodes}
 
 
 def describe(m: Manifest) -> str:
@@ -693,8 +707,13 @@ def describe(m: Manifest) -> str:
         broker = "embedded mosquitto"
     else:
         b = m.broker
-        broker = f"{b.host}:{b.port}" + (" (TLS)" if b.tls_ca else "") + (
-            f" as {b.username}" if b.username else "")
+        # Names where secrets come from, never a secret itself.
+        tls = " (mTLS)" if b.tls_cert else " (TLS)" if b.tls_ca else ""
+        secured = b.password_env or b.password_file or b.tls_cert
+        user = f" as {b.username}" if b.username else " as each node's id" if secured else ""
+        source = (f", password from ${b.password_env}" if b.password_env else
+                  f", password from {b.password_file}" if b.password_file else "")
+        broker = f"{b.host}:{b.port}{tls}{user}{source}"
 
     def plugin(p: PluginSpec) -> str:
         return p.name + (f" {thaw(p.params)}" if p.params else "")

@@ -6,7 +6,6 @@ The one place where the manifest meets the services: ``fedbus serve`` runs one n
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ from fedbus import topics
 from fedbus.bus import Bus, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Limits, encode
-from fedbus.errors import ManifestError
+from fedbus.credentials import node_credentials
+from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
 from fedbus.services._wire import presence
 from fedbus.services.aggregator import Aggregator, AggregatorConfig
@@ -65,21 +65,56 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
     from fedbus.bus.mqtt import MqttBus  # aiomqtt only where MQTT is used
 
     b = m.broker
-    password = os.environ.get(b.password_env) if b.password_env else None
+    creds = node_credentials(m, node.id)
     return MqttBus(
         node.id,
         b.host,
         b.port,
-        client_id=client_id,
+        # A secured broker names the session after the user (use_username_as_clientid);
+        # asking for that same id keeps our persistent session where the broker puts it.
+        client_id=node.id if creds.username == node.id else client_id,
         will=will,
         birth=birth,
         chunk_bytes=b.chunk_bytes,
         max_message_bytes=m.codec.max_message_mb << 20,
         keepalive=b.keepalive_s,
-        username=b.username,
-        password=password,
-        tls_ca=b.tls_ca,
+        username=creds.username,
+        password=creds.password,
+        tls_ca=creds.tls_ca,
+        tls_cert=creds.tls_cert,
+        tls_key=creds.tls_key,
     )
+
+
+def authenticated(m: Manifest, bus: Bus) -> bool:
+    """Does the broker tie what is published on a node's topics to that node? The in-process
+    bus does (nothing else can publish on it); an MQTT broker does when nodes log in with
+    credentials checked against an ACL (``fedbus acl``)."""
+    if isinstance(bus, MemoryBus):
+        return True
+    # A user name (given, or the node id by default once a password or certificate is
+    # configured: fedbus.credentials) means the broker checked who we are.
+    return node_credentials(m, bus.node_id).secured
+
+
+def check_queue_fit(m: Manifest, node: NodeSpec, model_bytes: int, copies: int,
+                    concurrent: int) -> None:
+    """Refuse at start a broker queue that cannot hold what this node will be sent at once
+    (``concurrent`` messages of ``copies`` models, in chunks): mosquitto drops the excess
+    silently, and every round would end with 'expired transfer' and nothing else."""
+    if m.broker is None:
+        return
+    b = m.broker
+    chunks = -(-(model_bytes * copies + 65536) // b.chunk_bytes)
+    need = chunks * concurrent + 100  # + presence, grants, metrics, readies
+    if need > b.max_queued_messages:
+        raise BrokerLimitError(
+            f"{node.id} may be sent {concurrent} message(s) of {chunks} chunks each "
+            f"({model_bytes * copies / 1e6:.1f} MB in chunks of {b.chunk_bytes} bytes) at once, "
+            f"but the broker queues at most {b.max_queued_messages} messages per client "
+            f"(broker.max_queued_messages) and drops the rest silently",
+            f"max_queued_messages in the broker's config (and broker.max_queued_messages in "
+            f"{m.source}) to at least {need}, or raise broker.chunk_bytes")
 
 
 def open_task(m: Manifest, node: NodeSpec | None) -> Task:
@@ -116,11 +151,16 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
     node = m.node(node_id)
     if node.role == "trainer":
         assert node.parent is not None
+        task = task or open_task(m, node)
+        plugin = make_strategy(m.strategy.name, thaw(m.strategy.params))
+        aux = plugin.client_aux_models if isinstance(plugin, Strategy) else 0
+        check_queue_fit(m, node, _nbytes(task.get_weights()), 1 + aux, concurrent=2)
         return Trainer(
-            TrainerConfig(job=m.job, node_id=node.id, parent=node.parent,
+            TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
+                          authenticated=authenticated(m, bus), client_aux_models=aux,
                           compression=_compression(m), limits=_limits(m)),
             bus,
-            task or open_task(m, node),
+            task,
         )
     if node.role == "aggregator":
         trainers = frozenset(t.id for t in m.trainers_of(node.id))
@@ -138,8 +178,11 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             "deadline_s": r.deadline_s, "min_clients": r.min_clients,
             "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
             "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
+            "max_update_norm": r.max_update_norm, "max_examples": r.max_examples,
         }
         weights = server_task.get_weights()
+        aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
+        check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
         common["max_uploads"] = r.max_uploads
         common["gate_bytes"] = m.broker.chunk_bytes if m.broker else 1_000_000
         if isinstance(strategy, AsyncStrategy):
@@ -155,3 +198,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                                    compression=_compression(m))
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")
+
+
+def _nbytes(weights: dict[str, np.ndarray]) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in weights.values())

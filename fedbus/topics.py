@@ -26,19 +26,23 @@ __all__ = [
     "CHANNELS",
     "ParsedTopic",
     "control",
+    "control_all",
     "matches",
     "metrics",
     "metrics_all",
     "model",
+    "model_all",
     "parse",
     "presence",
     "presence_all",
+    "queries_by",
     "queries_for",
     "query",
     "replies_all",
     "reply",
     "shared",
     "state",
+    "state_all",
     "strip_share",
     "update",
     "updates_for",
@@ -115,12 +119,32 @@ def queries_for(job: str, store: str) -> str:
     return _t(job, "query", store) + "/+"
 
 
+def queries_by(job: str, sender: str) -> str:
+    """Filter for ``sender``'s requests to any store (an operator's publish right)."""
+    return _t(job, "query") + "/+/" + validate_id(sender, "query node id")
+
+
 def reply(job: str, requester: str) -> str:
     return _t(job, "reply", requester)
 
 
 def replies_all(job: str) -> str:
     return _t(job, "reply") + "/+"
+
+
+def control_all(job: str) -> str:
+    """Filter for every node's control topic (operators write here; ACLs name it)."""
+    return _t(job, "control") + "/+"
+
+
+def model_all(job: str) -> str:
+    """Filter for every aggregator's (and relay's) model topic: stores and monitors."""
+    return _t(job, "model") + "/+"
+
+
+def state_all(job: str) -> str:
+    """Filter for every node's state snapshots: the checkpointer."""
+    return _t(job, "state") + "/+"
 
 
 def shared(group: str, topic_filter: str) -> str:

@@ -98,17 +98,33 @@ class Strategy(ABC):
     def finish(self) -> Weights:
         """Close the round and return the new global weights (fresh arrays)."""
 
+    #: How many model-sized sets of auxiliary tensors an update carries besides its delta
+    #: (SCAFFOLD's control-variate delta: 1). The aggregator bounds an update's size by
+    #: ``(1 + aux_models) x model`` before decoding a byte of it.
+    aux_models: ClassVar[int] = 0
+    #: The same for what goes to clients with the model (``client_tensors``).
+    client_aux_models: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _require_state_pair(cls, Strategy)
+
     @property
     def num_accumulated(self) -> int:
+        """Updates folded into the round so far (read by the aggregator's round report)."""
         return int(getattr(self, "_count", 0))
+
+    def report(self) -> dict[str, Any]:
+        """What the strategy says about the round it just finished (DP wrappers: clip and
+        noise used), as msgpack-safe scalars. Default: nothing."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything remembered across rounds; stateless strategies return ``{}``."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            raise StrategyError(f"{type(self).__name__} is stateless but got state {sorted(state)}")
+        _refuse_state(self, state)
 
 
 class AsyncStrategy(ABC):
@@ -138,11 +154,23 @@ class AsyncStrategy(ABC):
         """Take one update (``staleness`` = version - base_round). Return the new global
         model when this update moved it, else ``None`` (buffered)."""
 
+    #: Updates staler than this many versions are refused (``None``: any staleness). The
+    #: aggregator reads this to reject too-stale updates before decoding them fully.
+    max_staleness: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _require_state_pair(cls, AsyncStrategy)
+
+    def report(self) -> dict[str, Any]:
+        """What the strategy says about the model version it just produced. Default: nothing."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        _refuse_state(self, state)
 
 
 class Selector(ABC):
@@ -166,11 +194,32 @@ class Selector(ABC):
         """Feedback after a round: did the node deliver, how long it took, its utility
         (e.g. OORT's sqrt(sum of squared losses)). Default: ignored."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _require_state_pair(cls, Selector)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        _refuse_state(self, state)
+
+
+def _refuse_state(obj: object, state: Mapping[str, Any]) -> None:
+    """A stateless plug-in given state means a checkpoint and a plug-in that do not match:
+    saying so beats resuming silently from the wrong state."""
+    if state:
+        raise StrategyError(f"{type(obj).__name__} is stateless but got state {sorted(state)}")
+
+
+def _require_state_pair(cls: type, base: type) -> None:
+    """A plug-in that saves state must also restore it: one that overrides ``state_dict`` but
+    inherits the base ``load_state_dict`` would resume from a checkpoint without its state."""
+    saves = cls.state_dict is not base.state_dict  # type: ignore[attr-defined]
+    loads = cls.load_state_dict is not base.load_state_dict  # type: ignore[attr-defined]
+    if saves and not loads:
+        raise TypeError(f"{cls.__qualname__} overrides state_dict() but not load_state_dict(): "
+                        "a checkpoint could not restore it; implement both")
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:

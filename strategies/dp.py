@@ -144,6 +144,8 @@ class _DPWrapper(Strategy):
         self.last_report: dict[str, Any] = {}
         # The aggregator reads these from the instance: mirror the wrapped strategy's.
         self.needs_all_updates = self.strategy.needs_all_updates  # type: ignore[misc]
+        self.aux_models = self.strategy.aux_models  # type: ignore[misc]
+        self.client_aux_models = self.strategy.client_aux_models  # type: ignore[misc]
         if hasattr(self.strategy, "max_updates"):
             self.max_updates = int(self.strategy.max_updates)
 
@@ -154,6 +156,9 @@ class _DPWrapper(Strategy):
     @property
     def num_accumulated(self) -> int:
         return self._count
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.last_report)
 
     def client_config(self, round: int) -> dict[str, Any]:
         return self.strategy.client_config(round)
@@ -345,10 +350,15 @@ class DPClientSide(Strategy):
         self.noise_multiplier = _check_noise(noise_multiplier)
         self.clipping_norm = _check_clip(clipping_norm)
         self.needs_all_updates = self.strategy.needs_all_updates  # type: ignore[misc]
+        self.aux_models = self.strategy.aux_models  # type: ignore[misc]
+        self.client_aux_models = self.strategy.client_aux_models  # type: ignore[misc]
 
     @property
     def num_accumulated(self) -> int:
         return self.strategy.num_accumulated
+
+    def report(self) -> dict[str, Any]:
+        return self.strategy.report()
 
     def client_config(self, round: int) -> dict[str, Any]:
         return {**self.strategy.client_config(round), "dp_clipping_norm": self.clipping_norm,

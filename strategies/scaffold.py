@@ -60,6 +60,8 @@ class Scaffold(Strategy):
     """
 
     name: ClassVar[str] = "scaffold"
+    aux_models: ClassVar[int] = 1  # clients return their control-variate delta
+    client_aux_models: ClassVar[int] = 1  # clients receive the server control variate
 
     def __init__(self, num_clients: int, server_lr: float = 1.0, weighted: bool = False) -> None:
         if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:

@@ -137,12 +137,51 @@ def test_lying_total_cannot_overfill() -> None:
 def test_too_many_partial_transfers() -> None:
     r = Reassembler(ChunkLimits(max_partial_transfers=2))
     transfers = [list(frames(os.urandom(2000), 1000)) for _ in range(3)]
-    for t in transfers:
-        r.feed("t", t[0])
+    for i, t in enumerate(transfers):
+        r.feed(f"t{i}", t[0])
     assert r.partial_transfers == 2
     assert r.rejected["too_many_transfers"] == 1
-    assert r.feed("t", transfers[0][1]) is not None  # the admitted ones still complete
-    assert r.feed("t", transfers[2][1]) is None  # the refused one stays refused
+    assert r.feed("t0", transfers[0][1]) is not None  # the admitted ones still complete
+    assert r.feed("t2", transfers[2][1]) is None  # the refused one stays refused
+
+
+def test_a_flood_on_one_topic_evicts_only_that_topics_transfers() -> None:
+    # Prepare: a real transfer on "good", then 64 fake first chunks on "flood"
+    r = Reassembler(ChunkLimits(max_partial_transfers=8, max_partials_per_topic=2))
+    good = list(frames(os.urandom(3000), 1000))
+    r.feed("good", good[0])
+    # Execute
+    for _ in range(64):
+        r.feed("flood", next(frames(os.urandom(2000), 1000)))
+    # Assert: the flood holds at most its own two slots; the real transfer still completes
+    assert r.partial_transfers == 3
+    assert r.counters["transfers_dropped"] == 62
+    assert r.feed("good", good[1]) is None
+    assert r.feed("good", good[2]) is not None
+
+
+def test_admission_refuses_transfers_before_buffering_them() -> None:
+    # Prepare: only "granted" may open a transfer, and only up to 5000 bytes
+    r = Reassembler()
+    seen: list[tuple[str, int]] = []
+
+    def admit(topic: str, total: int) -> bool:
+        seen.append((topic, total))
+        return topic == "granted" and total <= 5000
+
+    stranger = list(frames(os.urandom(3000), 1000))
+    too_big = list(frames(os.urandom(6000), 1000))
+    ok = list(frames(os.urandom(3000), 1000))
+    # Execute
+    for f in stranger:
+        assert r.feed("stranger", f, admit=admit) is None
+    for f in too_big:
+        assert r.feed("granted", f, admit=admit) is None
+    out = [r.feed("granted", f, admit=admit) for f in ok]
+    # Assert: refused once per transfer (later chunks are dead), nothing buffered for them
+    assert r.rejected["not_admitted"] == 2
+    assert ("stranger", 3000) in seen and ("granted", 6000) in seen
+    assert out[-1] is not None and r.buffered_bytes == 0
 
 
 def test_buffered_bytes_bound() -> None:

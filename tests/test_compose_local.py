@@ -43,6 +43,12 @@ async def test_compose_services_run_as_local_processes(
             )
         # Execute
         out, _ = await asyncio.wait_for(procs["aggregator"].communicate(), 240)
+        # An anonymous broker cannot vouch for `done` (anyone could send one), so trainers
+        # keep serving after the job; what compose sends on `down` stops them cleanly.
+        trainers = {n: p for n, p in procs.items() if n != "aggregator"}
+        assert all(p.returncode is None for p in trainers.values())
+        for p in trainers.values():
+            p.terminate()
         codes = {n: await asyncio.wait_for(p.wait(), 60) for n, p in procs.items()}
     finally:
         for p in procs.values():

@@ -119,13 +119,22 @@ def test_dockerfile_installs_pinned_cpu_trainer_as_non_root() -> None:
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
-    assert lines[0] == "FROM python:3.11-slim"
+    assert lines[0] == "FROM python:3.11-slim AS base"
     assert re.search(r"--constraint constraints\.txt|-c constraints\.txt", text)
     assert "COPY pyproject.toml constraints.txt" in text
     assert "download.pytorch.org/whl/cpu" in text
-    assert '".[trainer]"' in text
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
+    # torch only in the trainer stage; the base stage (aggregator, ...) is numpy-only
+    base, trainer = text.split("FROM base AS trainer")
+    assert '".[trainer]"' in trainer and "[trainer]" not in base.split("RUN pip")[1]
+    assert "USER fedbus" in trainer
+
+
+def test_secrets_never_enter_an_image() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+
+    assert {"examples/*/secure", "examples/*/certs", ".venv"} <= set(ignored)
 
 
 # ----------------------------------------------------------------------------- systemd
@@ -232,3 +241,16 @@ def test_install_rejects_unknown_options() -> None:
 
     assert proc.returncode == 2
     assert "--bogus" in proc.stderr
+
+
+def test_install_dry_run_generates_the_nodes_own_unit() -> None:
+    env = os.environ | {"PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(EDGE / "install.sh"), "--dry-run", "--node", "pi-0",
+                           "--manifest", "examples/digits/edge-manifest.yaml"],
+                          capture_output=True, text=True, timeout=60, check=False, env=env)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "/opt/fedbus/venv/bin/fedbus units" in out and "--node pi-0" in out
+    assert "/etc/systemd/system/fedbus-pi-0.service" in out
+    assert "systemctl enable fedbus-pi-0.service" in out

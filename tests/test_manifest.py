@@ -68,7 +68,8 @@ def test_digits_manifest_loads() -> None:
 def test_compose_manifest_defaults_to_the_compose_broker() -> None:
     m = load_manifest(DIGITS / "compose-manifest.yaml", env={})
 
-    assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=30)
+    assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=30,
+                                  max_queued_messages=100_000)
     assert m.num_partitions == 4
 
 
@@ -192,7 +193,7 @@ def test_describe_summarises() -> None:
     assert "embedded mosquitto" in text
     assert "fedavg" in text
     assert "1 aggregator" in text and "10 trainers" in text
-    assert "33 subscriptions" in text
+    assert "32 subscriptions" in text
 
 
 # ----------------------------------------------------------------------------- bad manifests
@@ -439,13 +440,12 @@ def test_wiring_uses_the_topic_grammar() -> None:
     agg = w["aggregator"]
     assert topics.updates_for("digits", "aggregator") in agg.subscribe
     assert topics.model("digits", "aggregator") in agg.publish
-    assert topics.state("digits", "aggregator") in agg.publish
+    assert topics.control("digits", "trainer-3") in agg.publish
     t3 = w["trainer-3"]
     assert t3.subscribe == (topics.model("digits", "aggregator"),
-                            topics.presence("digits", "aggregator"),
-                            topics.control("digits", "trainer-3"))
+                            topics.control("digits", "trainer-3"),
+                            topics.presence("digits", "trainer-3"))
     assert t3.publish == (topics.update("digits", "aggregator", "trainer-3"),
-                          topics.metrics("digits", "trainer-3"),
                           topics.presence("digits", "trainer-3"))
     assert set(w) == {n.id for n in _digits().nodes}
 

@@ -17,7 +17,8 @@ from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import ROUND, UPDATE, UploadGate, join_tensors, presence
+from fedbus.services._gate import UploadGate
+from fedbus.services._wire import ROUND, UPDATE, join_tensors, presence
 from fedbus.services.aggregator import Aggregator
 
 SIZE = 32
@@ -116,6 +117,9 @@ def bad_payloads(env: Envelope) -> list[bytes]:
                         meta={"num_examples": 10},
                         tensors=join_tensors({"w": np.zeros(SIZE + 1, np.float32)}))),
         encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                        meta={"num_examples": 10},
+                        tensors=join_tensors({"w": np.zeros((1, SIZE), np.float32)}))),
+        encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
                         meta={"num_examples": -5}, tensors=join_tensors({"w": w}))),
         encode(Envelope(kind=UPDATE, job="toy", sender="mallory", round=env.round,
                         meta={"num_examples": 10}, tensors=join_tensors({"w": w}))),
@@ -141,9 +145,10 @@ async def test_garbage_updates_are_rejected_counted_and_do_not_change_the_model(
     np.testing.assert_allclose(agg.weights["w"], expected(m, 2), rtol=1e-5, atol=1e-6)
     reasons = set(agg.rejections.counts)
     assert {"bad_magic", "non_finite", "wrong_shape", "bad_num_examples",
-            "spoofed_sender"} <= reasons, reasons
+            "spoofed_sender", "too_large"} <= reasons, reasons
     assert reasons & {"too_large", "bad_compression"}, reasons  # the bomb
-    assert reasons & {"shape_mismatch", "bad_header", "truncated"}, reasons  # the lying shape
+    # the lying shape: refused by the model-derived limits before its bytes are looked at
+    assert reasons & {"shape_mismatch", "bad_header", "truncated", "bad_shape"}, reasons
     assert any(e["event"] == "message_rejected" for e in logs)
 
 
@@ -277,6 +282,18 @@ def test_upload_gate_grants_at_most_slots_and_takes_back_stale_grants() -> None:
     assert gate.due(now=2.0) == (["c"], [])
     # b never uploads: its grant is taken back after timeout_s
     assert gate.due(now=11.0) == ([], ["b"])
+    assert gate.granted == ["c"]
+
+
+def test_upload_gate_grants_again_to_a_node_that_asks_again() -> None:
+    # Prepare: c holds a grant it never saw (lost, or sent before c was ready)
+    gate = UploadGate(slots=1, timeout_s=10)
+    gate.request("c")
+    assert gate.due(now=0.0) == (["c"], [])
+    # Execute: c says it is ready (again)
+    gate.request("c")
+    # Assert: its grant is sent again at once, not after the 10 s expiry
+    assert gate.due(now=1.0) == (["c"], [])
     assert gate.granted == ["c"]
 
 

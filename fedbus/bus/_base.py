@@ -6,12 +6,17 @@ messages larger than a bus's chunk size are split and reassembled by the bus its
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Bus", "Message", "Subscription", "Will"]
+__all__ = ["Admit", "Bus", "Message", "Subscription", "Will"]
+
+#: Asked before a subscription's bus buffers a chunked transfer: (topic, declared total bytes)
+#: -> may it? Lets a service say who may make it hold memory (a trainer it granted an upload,
+#: up to the size of an update), so strangers cannot fill the reassembly slots.
+Admit = Callable[[str, int], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,4 +81,7 @@ class Bus(Protocol):
         """Publish at QoS 1. Large payloads are chunked transparently."""
         ...
 
-    def subscribe(self, *filters: str) -> Subscription: ...
+    def subscribe(self, *filters: str, admit: Admit | None = None) -> Subscription:
+        """Messages matching ``filters``. ``admit`` (optional) vets chunked transfers on them
+        before any of their bytes are buffered; refused ones are dropped and counted."""
+        ...

@@ -21,9 +21,12 @@ means "is a chunk frame" and passthrough is unambiguous.
 
 Reassembly is keyed by (route, topic, transfer id), accepts chunks in any order, ignores
 duplicates and is bounded: at most ``max_partial_transfers`` incomplete transfers, at most
+``max_partials_per_topic`` of them on one topic (one topic = one sender in fedbus, so a sender
+that opens another transfer evicts its own oldest, never someone else's), at most
 ``max_buffered_bytes`` held in them, no payload above ``max_message_bytes``, and a partial
-transfer older than ``transfer_timeout_s`` is dropped and counted. A bad chunk is dropped, logged
-and counted by reason; it never raises into the bus.
+transfer older than ``transfer_timeout_s`` is dropped and counted. A subscriber may also vet a
+new transfer before anything is buffered (``admit``: who may send it, and how big). A bad
+chunk is dropped, logged and counted by reason; it never raises into the bus.
 
 Retransmission of missing chunks is NOT implemented yet: a transfer that loses a chunk expires
 and is counted (``transfers_expired``); the application protocol must detect and repair the loss.
@@ -102,10 +105,12 @@ class ChunkLimits:
     max_message_bytes: int = 256 * 1024 * 1024
     max_buffered_bytes: int = 512 * 1024 * 1024
     max_partial_transfers: int = 64
+    max_partials_per_topic: int = 2
     transfer_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if min(self.max_message_bytes, self.max_buffered_bytes, self.max_partial_transfers) <= 0:
+        if min(self.max_message_bytes, self.max_buffered_bytes, self.max_partial_transfers,
+               self.max_partials_per_topic) <= 0:
             raise BusError("chunk limits must be positive")
         if self.transfer_timeout_s <= 0:
             raise BusError("transfer_timeout_s must be positive")
@@ -147,11 +152,15 @@ class Reassembler:
     def partial_transfers(self) -> int:
         return len(self._partials)
 
-    def feed(self, topic: str, payload: bytes, *, route: str = "") -> bytes | None:
+    def feed(
+        self, topic: str, payload: bytes, *, route: str = "",
+        admit: Callable[[str, int], bool] | None = None,
+    ) -> bytes | None:
         """Accept one delivered payload; return a whole payload when one is complete.
 
         ``route`` separates independent delivery streams of the same topic (two overlapping
-        subscriptions each get their own copy of every frame).
+        subscriptions each get their own copy of every frame). ``admit(topic, total)`` is asked
+        before a new multi-chunk transfer is buffered.
         """
         self.expire()
         if not is_chunk_frame(payload):
@@ -191,6 +200,11 @@ class Reassembler:
         if part is None:
             if count == 1:
                 return self._finish_single(key, data, total, digest)
+            if admit is not None and not admit(topic, total):
+                self._reject("not_admitted", topic, transfer, total=total)
+                self._remember(key)
+                return None
+            self._evict_oldest_on(route, topic)
             if len(self._partials) >= self.limits.max_partial_transfers:
                 self._reject("too_many_transfers", topic, transfer, limit=len(self._partials))
                 self._remember(key)
@@ -244,6 +258,18 @@ class Reassembler:
                 count=part.count,
             )
         return dropped
+
+    def _evict_oldest_on(self, route: str, topic: str) -> None:
+        """Keep at most ``max_partials_per_topic - 1`` open on this topic before opening one
+        more: a sender that starts over (or a flood on its topic) displaces only itself."""
+        mine = [k for k in self._partials if k[0] == route and k[1] == topic]
+        for key in mine[: max(0, len(mine) - self.limits.max_partials_per_topic + 1)]:
+            part = self._partials.pop(key)
+            self._buffered -= part.size
+            self._remember(key)
+            self.counters["transfers_dropped"] += 1
+            log.warning("evict_transfer", topic=topic, transfer=key[2].hex(),
+                        have=len(part.parts), count=part.count)
 
     def _finish_single(self, key: _Key, data: bytes, total: int, digest: bytes) -> bytes | None:
         self._remember(key, "duplicate")

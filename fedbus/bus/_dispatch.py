@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Final
 
-from fedbus.bus._base import Message
+from fedbus.bus._base import Admit, Message
 from fedbus.bus._chunking import ChunkLimits, Reassembler
 from fedbus.errors import BusError
 from fedbus.topics import matches, validate_filter
@@ -27,8 +27,10 @@ Hook = Callable[["QueueSubscription"], Awaitable[None]]
 class QueueSubscription:
     """A ``Subscription``: an unbounded queue of messages, opened and closed by its bus."""
 
-    def __init__(self, filters: Iterable[str], open_hook: Hook, close_hook: Hook) -> None:
+    def __init__(self, filters: Iterable[str], open_hook: Hook, close_hook: Hook, *,
+                 admit: Admit | None = None) -> None:
         self.filters: tuple[str, ...] = tuple(validate_filter(f) for f in filters)
+        self.admit = admit
         if not self.filters:
             raise BusError("subscribe() needs at least one topic filter")
         self._open_hook = open_hook
@@ -147,7 +149,8 @@ class Dispatcher:
         route = "\x00".join(routes) if routes is not None else ""
         if only is not None:
             route = f"only:{id(only)}"
-        whole = self.reassembler.feed(topic, payload, route=route)
+        whole = self.reassembler.feed(topic, payload, route=route,
+                                      admit=self._admission(routes, only))
         if whole is None:
             return
         message = Message(topic=topic, payload=whole, retain=retain)
@@ -168,6 +171,20 @@ class Dispatcher:
         for sub in targets.values():
             sub.push(message)
         self.delivered += 1
+
+    def _admission(
+        self, routes: list[str] | None, only: QueueSubscription | None
+    ) -> Admit | None:
+        """The admission check for a new chunked transfer: any subscriber that would receive
+        it may admit it; with no subscriber holding a check, everything is admitted."""
+        if only is not None:
+            return only.admit
+        subs = [s for f in (routes if routes is not None else list(self._by_filter))
+                for s in self._by_filter.get(f, ())]
+        if not subs or any(s.admit is None for s in subs):
+            return None
+        checks = [s.admit for s in subs if s.admit is not None]
+        return lambda topic, total: any(check(topic, total) for check in checks)
 
     def close_all(self) -> None:
         for subs in list(self._by_filter.values()):

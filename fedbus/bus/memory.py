@@ -12,7 +12,7 @@ from types import TracebackType
 
 import structlog
 
-from fedbus.bus._base import Will
+from fedbus.bus._base import Admit, Will
 from fedbus.bus._chunking import ChunkLimits, frames
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription
 from fedbus.errors import BusError
@@ -202,8 +202,8 @@ class MemoryBus:
             self._broker._route(topic, part, retain=retain)
         self._published += 1
 
-    def subscribe(self, *filters: str) -> QueueSubscription:
-        return QueueSubscription(filters, self._open_sub, self._close_sub)
+    def subscribe(self, *filters: str, admit: Admit | None = None) -> QueueSubscription:
+        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()

@@ -13,9 +13,10 @@ import random
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import aiomqtt
 import structlog
@@ -24,10 +25,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedbus.bus._base import Will
-from fedbus.bus._chunking import ChunkLimits, frames, is_chunk_frame
+from fedbus.bus._base import Admit, Will
+from fedbus.bus._chunking import HEADER, ChunkLimits, frames, is_chunk_frame
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription
-from fedbus.errors import BusError, ConnectError
+from fedbus.errors import (
+    BrokerLimitError,
+    BusError,
+    ConnectError,
+    PublishDenied,
+    SubscribeDenied,
+)
 from fedbus.topics import matches
 
 __all__ = ["MqttBus"]
@@ -44,6 +51,52 @@ _FATAL_CONNACK = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 # retainHandling: 0 = send retained on every SUBSCRIBE, 1 = only if the subscription is new.
 _RETAIN_ALWAYS = 0
 _RETAIN_IF_NEW = 1
+# The packet ids of the publishes made by the current task: how a PUBACK reason code (which
+# aiomqtt drops) finds its way back to the ``publish`` call that sent the message.
+_SENT_MIDS: ContextVar[list[int] | None] = ContextVar("fedbus_sent_mids", default=None)
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, keeping the PUBACK reason codes it would drop (FACTS.md).
+
+    mosquitto acknowledges a QoS 1 publish its ACL denies with reason 0x87 and drops the
+    message; aiomqtt resolves the publish as a success. Here failures are kept by packet id
+    and ``publish_checked`` raises ``PublishDenied`` for them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: dict[int, tuple[int, str]] = {}
+        paho = self._client
+        send = paho.publish
+
+        def publish(*a: Any, **kw: Any) -> Any:
+            info = send(*a, **kw)
+            mids = _SENT_MIDS.get()
+            if mids is not None:
+                mids.append(info.mid)
+            return info
+
+        paho.publish = publish  # type: ignore[method-assign]
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        value = getattr(reason_code, "value", reason_code)
+        if isinstance(value, int) and value >= 0x80:
+            self.refused[mid] = (value, str(reason_code))
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_checked(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        mids: list[int] = []
+        token = _SENT_MIDS.set(mids)
+        try:
+            await self.publish(topic, payload, qos=1, retain=retain, timeout=math.inf)
+        finally:
+            _SENT_MIDS.reset(token)
+        for mid in mids:
+            refused = self.refused.pop(mid, None)
+            if refused is not None:
+                raise PublishDenied("", topic, *refused)
 
 
 @dataclass(slots=True)
@@ -84,6 +137,8 @@ class MqttBus:
         username: str | None = None,
         password: str | None = None,
         tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         reconnect_min_s: float = 0.2,
         reconnect_max_s: float = 10.0,
         connect_timeout_s: float = 10.0,
@@ -113,6 +168,8 @@ class MqttBus:
         self._username = username
         self._password = password
         self._tls_ca = tls_ca
+        self._tls_cert = tls_cert
+        self._tls_key = tls_key
         self._backoff = (reconnect_min_s, reconnect_max_s)
         self._connect_timeout_s = connect_timeout_s
         self._publish_timeout_s = publish_timeout_s
@@ -133,9 +190,13 @@ class MqttBus:
         self._runner: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         self._last_error = "no attempt yet"
+        #: Set when the broker's limits cannot work with ours: no reconnect will fix it.
+        self._fatal: BusError | None = None
+        self._connack: Properties | None = None
         self._counters: dict[str, int] = dict.fromkeys(
             ("published", "published_bytes", "chunks_sent", "received", "connects",
-             "reconnects", "connect_failures", "connection_losses", "publish_retries"),
+             "reconnects", "connect_failures", "connection_losses", "publish_retries",
+             "publish_denied", "subscribe_denied"),
             0,
         )  # fmt: skip
 
@@ -179,6 +240,8 @@ class MqttBus:
                 finally:
                     for w in waits:
                         w.cancel()
+            if self._fatal is not None:
+                raise self._fatal
             if not self._connected.is_set():
                 raise TimeoutError
         except TimeoutError:
@@ -258,15 +321,20 @@ class MqttBus:
 
     # -- connection loop ---------------------------------------------------------------------
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _make_client(self) -> _Client:
         props = _properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry_s
         props.ReceiveMaximum = min(self._max_inflight, 65535)
         will = None
         if self.will is not None:
             will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
-        tls = aiomqtt.TLSParameters(ca_certs=self._tls_ca) if self._tls_ca else None
-        client = aiomqtt.Client(
+        tls = None
+        if self._tls_ca or self._tls_cert:
+            # A client certificate (mTLS) proves the node's identity: the broker's
+            # use_identity_as_username makes its CN (= node id) the name the ACL checks.
+            tls = aiomqtt.TLSParameters(ca_certs=self._tls_ca, certfile=self._tls_cert,
+                                        keyfile=self._tls_key)
+        client = _Client(
             self.host,
             self.port,
             username=self._username,
@@ -284,7 +352,36 @@ class MqttBus:
             logger=_paho_log,
         )
         client.pending_calls_threshold = 1 << 30  # chunk bursts are expected, not a warning
+        # aiomqtt drops the CONNACK's properties; the broker's limits are in them.
+        paho = client._client
+        delegate = cast(Callable[..., None], paho.on_connect)
+
+        def on_connect(*args: Any) -> None:
+            props = args[4] if len(args) > 4 else None
+            self._connack = props if isinstance(props, Properties) else None
+            delegate(*args)
+
+        paho.on_connect = on_connect
         return client
+
+    def _check_broker_limits(self, client: aiomqtt.Client) -> None:
+        """Compare what the broker announced in its CONNACK with what this bus will send."""
+        props = self._connack
+        packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        # a chunk frame: fixed header + topic + properties + our chunk header + the chunk
+        need = self.chunk_bytes + HEADER.size + 512
+        if isinstance(packet, int) and packet < need:
+            raise BrokerLimitError(
+                f"broker {self.endpoint} accepts packets up to {packet} bytes (max_packet_size) "
+                f"but this node sends chunks of {self.chunk_bytes} bytes + headers",
+                f"max_packet_size in the broker's config to at least {need}, or "
+                f"broker.chunk_bytes in the manifest to at most {max(1024, packet - 1024)}")
+        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        if isinstance(receive_max, int) and 0 < receive_max < self._max_inflight:
+            # The broker takes at most this many unacknowledged QoS 1 publishes: send no more.
+            log.info("limit_inflight", node=self.node_id, broker_receive_maximum=receive_max)
+            client._client.max_inflight_messages_set(receive_max)
+            self._max_inflight = receive_max
 
     async def _run(self) -> None:
         attempt = 0
@@ -294,6 +391,7 @@ class MqttBus:
             conn: _Conn | None = None
             try:
                 async with client:
+                    self._check_broker_limits(client)
                     conn = _Conn(client)
                     await self._restore(client)
                     if self.birth is not None and self._counters["connects"] > 0:
@@ -301,8 +399,8 @@ class MqttBus:
                         # are back, or peers keep us for dead. Only on REconnects: _restore
                         # has re-subscribed, so "online" still means "listening". On the first
                         # connect the service announces itself once it has subscribed.
-                        await client.publish(self.birth.topic, self.birth.payload, qos=1,
-                                             retain=self.birth.retain)
+                        await self._publish_on(client, self.birth.topic, self.birth.payload,
+                                               retain=self.birth.retain, birth=True)
                     self._conn = conn
                     self._connected.set()
                     self._counters["connects"] += 1
@@ -314,6 +412,13 @@ class MqttBus:
                     attempt = 0
                     async for m in client.messages:
                         self._on_message(m)
+            except BrokerLimitError as exc:
+                self._fatal = exc
+                self._last_error = str(exc)
+                log.error("refuse_broker", node=self.node_id, endpoint=self.endpoint,
+                          error=str(exc))
+                self._refused.set()
+                return
             except (aiomqtt.MqttError, OSError) as exc:
                 self._last_error = str(exc) or type(exc).__name__
                 if conn is None:
@@ -346,9 +451,15 @@ class MqttBus:
             await client.unsubscribe(f)
             self._stale.discard(f)
         # retain-if-new: a resumed session does not replay retained messages, a lost one does.
-        await asyncio.gather(
-            *(self._subscribe_on(client, f, _RETAIN_IF_NEW) for f in self._dispatch.filters)
+        # A filter refused now (the ACL changed while we were away) is counted and logged by
+        # _subscribe_on; it must not take the connection loop down with it.
+        results = await asyncio.gather(
+            *(self._subscribe_on(client, f, _RETAIN_IF_NEW) for f in self._dispatch.filters),
+            return_exceptions=True,
         )
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, SubscribeDenied):
+                raise r
 
     async def _subscribe_on(
         self, client: aiomqtt.Client, topic_filter: str, retain_handling: int
@@ -365,9 +476,23 @@ class MqttBus:
         for code in codes:
             value = code if isinstance(code, int) else code.value
             if value >= 0x80:
-                raise BusError(
-                    f"broker {self.endpoint} refused subscription {topic_filter!r}: {code}"
-                )
+                self._counters["subscribe_denied"] += 1
+                log.warning("deny_subscribe", node=self.node_id, filter=topic_filter,
+                            reason=str(code), code=value)
+                raise SubscribeDenied(self.node_id, topic_filter, value, str(code))
+
+    async def _publish_on(self, client: _Client, topic: str, payload: bytes, *, retain: bool,
+                          birth: bool = False) -> None:
+        """Publish once on ``client``; a refusal is counted, logged and raised (not retried)."""
+        try:
+            await client.publish_checked(topic, payload, retain=retain)
+        except PublishDenied as exc:
+            self._counters["publish_denied"] += 1
+            log.warning("deny_publish", node=self.node_id, topic=topic, reason=exc.reason,
+                        code=exc.code)
+            if birth:
+                return  # the reconnect goes on; the counter and the log say what happened
+            raise PublishDenied(self.node_id, topic, exc.code, exc.reason) from None
 
     def _on_message(self, m: aiomqtt.Message) -> None:
         self._counters["received"] += 1
@@ -399,6 +524,8 @@ class MqttBus:
         """Run ``op`` on a live connection; retry on the next one if this one drops."""
         loop = asyncio.get_running_loop()
         while True:
+            if self._fatal is not None:
+                raise self._fatal
             if self._closing:
                 raise BusError(f"bus {self.node_id} closed during {what}")
             remaining = deadline - loop.time()
@@ -455,7 +582,7 @@ class MqttBus:
 
         def sender(part: bytes) -> Callable[[aiomqtt.Client], Awaitable[None]]:
             async def send(client: aiomqtt.Client) -> None:
-                await client.publish(topic, part, qos=1, retain=retain, timeout=math.inf)
+                await self._publish_on(cast(_Client, client), topic, part, retain=retain)
 
             return send
 
@@ -479,8 +606,8 @@ class MqttBus:
         self._counters["published"] += 1
         self._counters["published_bytes"] += len(data)
 
-    def subscribe(self, *filters: str) -> QueueSubscription:
-        return QueueSubscription(filters, self._open_sub, self._close_sub)
+    def subscribe(self, *filters: str, admit: Admit | None = None) -> QueueSubscription:
+        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()

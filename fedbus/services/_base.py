@@ -1,11 +1,15 @@
-"""What both aggregators share: presence, waiting for trainers, publishing, and moving big
-work off the event loop. Subclasses say what a message means while they wait (``_on_idle``).
+"""What every aggregating service shares: the update intake, presence, waiting for trainers,
+the upload gate, publishing, and moving big work off the event loop.
+
+Subclasses say only what differs, by implementing the ``IntakeHost`` hooks that are about
+their bookkeeping: ``expects_ready``, ``admit``, ``fold``, and ``_on_lost`` / ``_grant_round``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,14 +20,21 @@ import numpy as np
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, encode
-from fedbus.errors import FedbusError
-from fedbus.services._wire import GRANT, UploadGate, presence
+from fedbus.errors import BusError, FedbusError
+from fedbus.services._gate import UploadGate
+from fedbus.services._wire import GRANT, presence
+from fedbus.services.intake import (
+    OFFLOAD_BYTES,
+    Intake,
+    IntakeSettings,
+    Rejections,
+    model_limits,
+)
 
 __all__ = ["OFFLOAD_BYTES", "AggregatorBase", "AggregatorSettings"]
 
-# Decoding, folding or encoding a model of this size or more happens in a worker thread, so
-# the event loop (and with it MQTT keepalives) never stalls on a big model.
-OFFLOAD_BYTES = 1 << 20
+# Bus counters that mean data was lost or refused on the way in; reported per round.
+_LOSS_COUNTERS = ("transfers_expired", "transfers_dropped", "chunks_rejected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +58,10 @@ class AggregatorSettings:
     #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
     gate_bytes: int = 1_000_000
     max_examples: int = 1 << 40
+    #: Optional L2 bound on every update's delta (manifest ``round.max_update_norm``).
+    max_update_norm: float | None = None
     compression: Compression = Compression()
+    #: Outer bounds; an update's own limits are derived from the model (``model_limits``).
     limits: Limits = Limits()
 
 
@@ -58,6 +72,16 @@ class _Config(Protocol):
     def node_id(self) -> str: ...
     @property
     def trainers(self) -> frozenset[str]: ...
+    @property
+    def deadline_s(self) -> float: ...
+    @property
+    def max_uploads(self) -> int: ...
+    @property
+    def max_examples(self) -> int: ...
+    @property
+    def max_update_norm(self) -> float | None: ...
+    @property
+    def limits(self) -> Limits: ...
 
 
 C = TypeVar("C", bound=_Config)
@@ -67,17 +91,82 @@ class AggregatorBase(ABC, Generic[C]):
     config: C
     bus: Bus
     weights: dict[str, np.ndarray]
-    online: set[str]
-    _gate: UploadGate
     _log: Any
 
+    def _init_intake(self, aux_models: int) -> None:
+        """Call once ``config``, ``bus`` and ``weights`` are set."""
+        c = self.config
+        self.intake = Intake(self, IntakeSettings(
+            job=c.job, node_id=c.node_id, children=c.trainers,
+            limits=model_limits(self.weights, 1 + aux_models, c.limits),
+            max_examples=c.max_examples, max_norm=c.max_update_norm,
+        ))
+        self._gate = UploadGate(c.max_uploads, timeout_s=c.deadline_s)
+        #: This aggregator's run: trainers keep their round numbering per epoch, so a
+        #: restarted aggregator (with or without a checkpoint) is followed, not ignored.
+        self.epoch = uuid.uuid4().hex[:12]
+        self._loss_seen: dict[str, int] = {}
+
+    @property
+    def online(self) -> set[str]:
+        return self.intake.online
+
+    @property
+    def rejections(self) -> Rejections:
+        return self.intake.rejections
+
+    # --- what subclasses say ------------------------------------------------------------
     @abstractmethod
-    async def _on_idle(self, msg: Message) -> None:
-        """Handle a message that arrives while no round or work is under way."""
+    def expects_ready(self, sender: str, number: int) -> bool: ...
+
+    @abstractmethod
+    def admit(self, env: Envelope, sender: str) -> int: ...
+
+    @abstractmethod
+    def fold(self, update: Any, env: Envelope) -> None: ...
+
+    @abstractmethod
+    def _on_lost(self, node: str) -> None:
+        """``node`` went offline (its last will, or its own goodbye)."""
 
     @abstractmethod
     def _grant_round(self, node: str) -> int:
         """The round (or model version) a grant to ``node`` is for."""
+
+    # --- IntakeHost plumbing shared by all ------------------------------------------------
+    def node_online(self, node: str) -> None:
+        pass
+
+    def node_offline(self, node: str) -> None:
+        self._log.warning("node_lost", peer=node)
+        self._gate.release(node)
+        self._on_lost(node)
+
+    def upload_done(self, node: str) -> None:
+        self._gate.release(node)
+
+    def ready(self, node: str) -> None:
+        self._gate.request(node)
+
+    # --- incoming -------------------------------------------------------------------------
+    def _subscribe(self) -> Subscription:
+        c = self.config
+        filters = (topics.updates_for(c.job, c.node_id), topics.presence_all(c.job))
+        return self.bus.subscribe(*filters, admit=self._admit_chunks)
+
+    def _admit_chunks(self, topic: str, total: int) -> bool:
+        """Only a trainer holding an upload grant may make this node buffer a chunked
+        transfer, and no bigger than an update can be: strangers cannot fill the slots."""
+        try:
+            parsed = topics.parse(topic)
+        except BusError:
+            return False
+        return (parsed.channel == "update" and self._gate.is_granted(parsed.sender)
+                and total <= self.intake.settings.limits.max_frame_bytes)
+
+    async def _dispatch(self, msg: Message) -> None:
+        await self.intake.handle(msg)
+        await self._grant_due()
 
     async def _grant_due(self) -> None:
         """Send the upload grants that are due; take back those left unused too long."""
@@ -86,7 +175,7 @@ class AggregatorBase(ABC, Generic[C]):
             self._log.warning("upload_grant_expired", peer=node)
         for node in grant:
             env = Envelope(kind=GRANT, job=self.config.job, sender=self.config.node_id,
-                           round=self._grant_round(node))
+                           round=self._grant_round(node), meta={"epoch": self.epoch})
             await self.bus.publish(topics.control(self.config.job, node), encode(env))
 
     async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
@@ -102,12 +191,27 @@ class AggregatorBase(ABC, Generic[C]):
                 msg = await sub.get(timeout=left)
             except TimeoutError:
                 continue
-            await self._on_idle(msg)
+            await self._dispatch(msg)
         self._log.info("clients_ready", online=len(self.online))
 
+    def _bus_losses(self) -> dict[str, int]:
+        """Loss on the way in since the last call (expired or refused chunked transfers):
+        what used to vanish as one log line now lands in the round's report."""
+        stats = getattr(self.bus, "stats", None)
+        if not isinstance(stats, Mapping):
+            return {}
+        out: dict[str, int] = {}
+        for key in _LOSS_COUNTERS:
+            now = int(stats.get(key, 0))
+            if now > self._loss_seen.get(key, 0):
+                out[key] = now - self._loss_seen.get(key, 0)
+            self._loss_seen[key] = now
+        return out
+
+    # --- outgoing -------------------------------------------------------------------------
     async def _publish(self, topic: str, kind: str, number: int, meta: Mapping[str, Any]) -> None:
         env = Envelope(kind=kind, job=self.config.job, sender=self.config.node_id, round=number,
-                       meta=dict(meta))
+                       meta={**meta, "epoch": self.epoch})
         await self.bus.publish(topic, encode(env))
 
     async def _publish_presence(self, status: str) -> None:

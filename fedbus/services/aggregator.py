@@ -19,33 +19,22 @@ import numpy as np
 import structlog
 
 from fedbus import topics
-from fedbus.bus import Bus, Message, Subscription
+from fedbus.bus import Bus, Subscription
 from fedbus.codec import Envelope, encode
-from fedbus.errors import FedbusError, UpdateRejected
-from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
-from fedbus.services._intake import (
-    checked_num_examples,
-    client_update,
-    open_update,
-    presence_status,
-)
-from fedbus.services._wire import (
-    DONE,
-    METRICS,
-    READY,
-    ROUND,
-    UPDATE,
-    Rejections,
-    SeenIds,
-    UploadGate,
-    join_tensors,
-)
+from fedbus.errors import UpdateRejected
+from fedbus.services._base import AggregatorBase, AggregatorSettings
+from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
 from fedbus.task import EvalResult
-from strategies import Selector, Strategy, StrategyError, Weights
+from strategies import ClientUpdate, Selector, Strategy, Weights
 
 __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 
 log = structlog.get_logger(__name__)
+
+#: After the last pending node of a round is reported lost, how long the round stays open
+#: for that report to be contradicted. A real crash costs the round this much; a forged
+#: offline on an open broker no longer ends it.
+LOSS_GRACE_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +56,8 @@ class RoundReport:
     eval: EvalResult | None = None
     train_loss: float | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    #: Data lost or refused on the way in (expired or dropped chunked transfers).
+    bus_loss: dict[str, int] = field(default_factory=dict)
     #: What the strategy says about the round (DP wrappers: clip and noise multiplier used).
     strategy: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +71,8 @@ class RoundReport:
             "aggregated": self.aggregated,
             "rejected": self.rejected,
         }
+        if self.bus_loss:
+            meta["bus_loss"] = self.bus_loss
         if self.train_loss is not None:
             meta["train_loss"] = self.train_loss
         if self.strategy:
@@ -100,6 +93,8 @@ class _Round:
     loss_sum: float = 0.0
     loss_weight: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    #: When a pending node was last reported lost (``LOSS_GRACE_S``).
+    last_loss: float = 0.0
     #: Seconds from the round's start to each accepted update (system speed, for selectors).
     arrivals: dict[str, float] = field(default_factory=dict)
     #: Statistical utility per accepted node (OORT): the trainer's own ``utility`` metric, or
@@ -133,24 +128,18 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self.weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
         self.evaluate = evaluate
         self.start_round = start_round
-        self.online: set[str] = set()
-        self.rejections = Rejections(config.node_id)
         self.history: list[RoundReport] = []
         #: Every finished round's report, for displays; unbounded but one small item a round.
         self.reports: asyncio.Queue[RoundReport] = asyncio.Queue()
-        self._seen = SeenIds()
-        self._gate = UploadGate(config.max_uploads, timeout_s=config.deadline_s)
         self._round = 0
+        self._state: _Round | None = None
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
-
-    async def _on_idle(self, msg: Message) -> None:
-        await self._dispatch(msg, None)
+        self._init_intake(strategy.aux_models)
 
     # --- main loop -------------------------------------------------------------------------
     async def run(self) -> Weights:
         c = self.config
-        filters = (topics.updates_for(c.job, c.node_id), topics.presence_all(c.job))
-        async with self.bus.subscribe(*filters) as sub:
+        async with self._subscribe() as sub:
             await self._publish_presence("online")
             await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             for number in range(self.start_round, c.rounds + 1):
@@ -167,7 +156,6 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
     async def _run_round(self, sub: Subscription, number: int) -> RoundReport:
         c = self.config
         started = time.monotonic()
-        rejected_before = dict(self.rejections.counts)
         if not self.online & c.trainers:
             # min_clients gates the first round only: a federation that lost a trainer goes
             # on with who is left, but never runs a round with nobody at all.
@@ -176,6 +164,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         selected = set(self.selector.select(available, number)) if available else set()
         state = _Round(number, selected=set(selected), pending=set(selected), started=started)
         self._round = number
+        self._state = state
         self._gate.reset()
         self.strategy.begin(self.weights, number)
         need = max(1, math.ceil(c.quorum * len(selected))) if selected else 1
@@ -184,15 +173,20 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         extensions = 0
         deadline = started + c.deadline_s
         while True:
-            while state.pending:
-                left = deadline - time.monotonic()
+            while state.pending or self._in_grace(state):
+                now = time.monotonic()
+                left = deadline - now
+                if not state.pending:
+                    # Everyone pending was reported lost: give a contradiction (the node is
+                    # alive and says so) a moment to arrive before the round closes.
+                    left = min(left, state.last_loss + LOSS_GRACE_S - now)
                 if left <= 0:
                     break
                 try:
                     msg = await sub.get(timeout=left)
                 except TimeoutError:
                     break
-                await self._dispatch(msg, state)
+                await self._dispatch(msg)
             if len(state.accepted) >= need or extensions >= c.max_extensions:
                 break
             # Below quorum: over-select replacements among idle online trainers and give the
@@ -211,6 +205,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         for node in sorted(state.pending):
             self._log.warning("update_missing", round=number, node=node)
         aggregated = len(state.accepted) >= need
+        self._state = None  # late updates from here on are stale
         if aggregated:
             self.weights = await self._offload(self.strategy.finish)
         else:
@@ -228,9 +223,10 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             seconds=time.monotonic() - started,
             aggregated=aggregated,
             train_loss=state.loss_sum / state.loss_weight if state.loss_weight else None,
-            rejected={k: v - rejected_before.get(k, 0) for k, v in self.rejections.counts.items()
-                      if v - rejected_before.get(k, 0)},
-            strategy=_plain(getattr(self.strategy, "last_report", None)) if aggregated else {},
+            # everything since the last report: what landed between rounds counts too
+            rejected=self.rejections.since_report(),
+            bus_loss=self._bus_losses(),
+            strategy=_plain(self.strategy.report()) if aggregated else {},
         )
         if self.evaluate is not None and (number % c.evaluate_every == 0 or number == c.rounds):
             report.eval = await asyncio.to_thread(self.evaluate, self.weights)
@@ -238,97 +234,63 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._log.info("round_finished", **report.as_meta())
         return report
 
-    # --- incoming ------------------------------------------------------------------------
-    async def _dispatch(self, msg: Message, state: _Round | None) -> None:
-        try:
-            parsed = topics.parse(msg.topic)
-        except FedbusError as exc:
-            self.rejections.reject("bad_topic", str(exc), topic=msg.topic)
-            return
-        if parsed.channel == "presence":
-            self._on_presence(msg, parsed.sender, state)
-        elif parsed.channel == "update":
-            if len(msg.payload) >= OFFLOAD_BYTES:
-                await asyncio.to_thread(self._on_update, msg, parsed.sender, state)
-            else:
-                self._on_update(msg, parsed.sender, state)
-        await self._grant_due()
-
+    # --- incoming: the intake's hooks -----------------------------------------------------
     def _grant_round(self, node: str) -> int:
         return self._round
 
-    def _on_presence(self, msg: Message, node: str, state: _Round | None) -> None:
-        if node not in self.config.trainers:
-            return
-        status = presence_status(msg.payload, node, self.config.limits, self.rejections)
-        if status == "online":
-            if node not in self.online:
-                self._log.info("node_joined", peer=node)
-            self.online.add(node)
-        elif status == "offline":
-            if node in self.online:
-                self._log.warning("node_lost", peer=node,
-                                  round=state.number if state else None)
-            self.online.discard(node)
-            self._gate.release(node)
-            if state is not None and node in state.pending:
-                state.pending.discard(node)
-                state.lost.add(node)
+    def _in_grace(self, state: _Round) -> bool:
+        return bool(state.lost) and time.monotonic() - state.last_loss < LOSS_GRACE_S
 
-    def _on_update(self, msg: Message, sender: str, state: _Round | None) -> None:
-        reject = self.rejections.reject
-        env = open_update(msg.payload, sender, job=self.config.job, limits=self.config.limits,
-                          seen=self._seen, rejections=self.rejections, kinds=(UPDATE, READY))
-        if env is None:
-            return
-        if env.kind == READY:
-            if state is None or env.round != state.number or sender not in state.pending:
-                reject("unexpected_ready", f"ready for round {env.round}", sender=sender)
-            else:
-                self._gate.request(sender)
-            return
-        try:
-            self._fold(env, sender, state)
-        finally:
-            self._gate.release(sender)  # its upload is in, good or bad: the slot is free
+    def _on_lost(self, node: str) -> None:
+        state = self._state
+        if state is not None and node in state.pending:
+            self._log.warning("node_lost_in_round", peer=node, round=state.number)
+            state.pending.discard(node)
+            state.lost.add(node)
+            state.last_loss = time.monotonic()
 
-    def _fold(self, env: Envelope, sender: str, state: _Round | None) -> None:
-        reject = self.rejections.reject
+    def node_online(self, node: str) -> None:
+        # Reported lost, yet here it is (a forged offline, or a will that crossed a quick
+        # reconnect): it still owes this round its update.
+        state = self._state
+        if state is not None and node in state.lost and node not in state.accepted:
+            self._log.warning("node_recounted", peer=node, round=state.number)
+            state.lost.discard(node)
+            state.pending.add(node)
+
+    def expects_ready(self, sender: str, number: int) -> bool:
+        state = self._state
+        return state is not None and number == state.number and sender in state.pending
+
+    def admit(self, env: Envelope, sender: str) -> int:
+        state = self._state
         if state is None or env.round != state.number:
-            reject("stale", f"update for round {env.round}", sender=sender,
-                   round=state.number if state else None)
-            return
+            raise UpdateRejected("stale", f"update for round {env.round}, "
+                                          f"current {state.number if state else None}")
         if sender not in state.selected:
-            reject("not_selected", f"round {env.round}", sender=sender)
-            return
+            raise UpdateRejected("not_selected", f"round {env.round}")
         if sender in state.accepted:
-            reject("duplicate", f"second update in round {env.round}", sender=sender)
-            return
-        try:
-            n = checked_num_examples(env.meta, self.config.max_examples)
-        except UpdateRejected as exc:
-            reject(exc.reason, exc.detail, sender=sender)
-            return
-        try:
-            update = client_update(env, sender, n, self.weights)
-            self.strategy.accumulate(update)
-        except (UpdateRejected, StrategyError) as exc:
-            reason = exc.reason if isinstance(exc, UpdateRejected) else "strategy_rejected"
-            reject(reason, str(exc), sender=sender)
-            return
+            raise UpdateRejected("duplicate", f"second update in round {env.round}")
+        return 0
+
+    def fold(self, update: ClientUpdate, env: Envelope) -> None:
+        state = self._state
+        assert state is not None  # admit() passed
+        self.strategy.accumulate(update)
+        sender, n = update.sender, update.num_examples
         state.pending.discard(sender)
+        state.lost.discard(sender)  # reported offline, yet it delivered: it counts
         state.accepted.add(sender)
         state.arrivals[sender] = time.monotonic() - state.started
         loss = update.metrics.get("train_loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
+        if loss is not None:
             state.loss_sum += float(loss) * n
             state.loss_weight += n
         utility = update.metrics.get("utility")
-        if isinstance(utility, (int, float)) and math.isfinite(utility):
+        if utility is not None:
             state.utility[sender] = float(utility)
-        elif isinstance(loss, (int, float)) and math.isfinite(loss):
+        elif loss is not None:
             state.utility[sender] = float(loss) * n
-        self._log.debug("update_accepted", peer=sender, round=env.round, examples=n)
 
     # --- outgoing ------------------------------------------------------------------------
     async def _broadcast(self, state: _Round) -> None:
@@ -341,7 +303,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             sender=c.node_id,
             round=state.number,
             meta={"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config,
-                  "upload_gate_bytes": c.gate_bytes},
+                  "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch},
             tensors=join_tensors(self.weights, self.strategy.client_tensors(state.number)),
         )
         payload = await self._offload(lambda: encode(env, c.compression))

@@ -10,7 +10,6 @@ deadline free their slot, so the job never waits on a dead node.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,27 +23,11 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
-from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
-from fedbus.services._intake import (
-    checked_num_examples,
-    client_update,
-    open_update,
-    presence_status,
-)
-from fedbus.services._wire import (
-    DONE,
-    METRICS,
-    READY,
-    ROUND,
-    UPDATE,
-    Rejections,
-    SeenIds,
-    UploadGate,
-    join_tensors,
-)
-from fedbus.services.aggregator import RoundReport
+from fedbus.services._base import AggregatorBase, AggregatorSettings
+from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
+from fedbus.services.aggregator import RoundReport, _plain
 from fedbus.task import EvalResult
-from strategies import AsyncStrategy, Selector, StrategyError, Weights
+from strategies import AsyncStrategy, ClientUpdate, Selector, Weights
 
 __all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]
 
@@ -96,7 +79,6 @@ class _Period:
     staleness: list[int] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_weight: float = 0.0
-    rejected_before: dict[str, int] = field(default_factory=dict)
 
 
 class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
@@ -128,9 +110,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         self.weights: Weights = {k: np.array(v) for k, v in strategy.weights.items()}
         self.evaluate = evaluate
         self.max_staleness = (config.max_staleness if config.max_staleness is not None
-                              else getattr(strategy, "max_staleness", None))
-        self.online: set[str] = set()
-        self.rejections = Rejections(config.node_id)
+                              else strategy.max_staleness)
         self.history: list[RoundReport] = []
         #: Every model version's report, for displays; one small item a version.
         self.reports: asyncio.Queue[RoundReport] = asyncio.Queue()
@@ -139,11 +119,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         self._assigned: dict[str, _Assignment] = {}
         self._dispatches = 0
         self._idle_since: float | None = None
-        self._seen = SeenIds()
-        self._gate = UploadGate(config.max_uploads, timeout_s=config.deadline_s)
         self._period = _Period(started=time.monotonic())
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job,
                              mode="async")
+        self._init_intake(0)
 
     @property
     def version(self) -> int:
@@ -153,14 +132,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     def in_flight(self) -> list[str]:
         return sorted(self._assigned)
 
-    async def _on_idle(self, msg: Message) -> None:
-        await self._dispatch(msg)
-
     # --- main loop -------------------------------------------------------------------------
     async def run(self) -> Weights:
         c = self.config
-        filters = (topics.updates_for(c.job, c.node_id), topics.presence_all(c.job))
-        async with self.bus.subscribe(*filters) as sub:
+        async with self._subscribe() as sub:
             await self._publish_presence("online")
             await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             self._period = self._new_period()
@@ -248,8 +223,9 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             seconds=time.monotonic() - p.started,
             aggregated=True,
             train_loss=p.loss_sum / p.loss_weight if p.loss_weight else None,
-            rejected={k: v - p.rejected_before.get(k, 0) for k, v in self.rejections.counts.items()
-                      if v - p.rejected_before.get(k, 0)},
+            rejected=self.rejections.since_report(),
+            bus_loss=self._bus_losses(),
+            strategy=_plain(self.strategy.report()),
             staleness=list(p.staleness),
             given_up=sorted(p.given_up),
             in_flight=len(self._assigned),
@@ -263,98 +239,46 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         self._log.info("version_finished", **report.as_meta())
 
     def _new_period(self) -> _Period:
-        return _Period(started=time.monotonic(), rejected_before=dict(self.rejections.counts))
+        return _Period(started=time.monotonic())
 
-    # --- incoming ------------------------------------------------------------------------
-    async def _dispatch(self, msg: Message) -> None:
-        try:
-            parsed = topics.parse(msg.topic)
-        except FedbusError as exc:
-            self.rejections.reject("bad_topic", str(exc), topic=msg.topic)
-            return
-        if parsed.channel == "presence":
-            self._on_presence(msg, parsed.sender)
-        elif parsed.channel == "update":
-            if len(msg.payload) >= OFFLOAD_BYTES:
-                await asyncio.to_thread(self._on_update, msg, parsed.sender)
-            else:
-                self._on_update(msg, parsed.sender)
-        await self._grant_due()
-
+    # --- incoming: the intake's hooks -----------------------------------------------------
     def _grant_round(self, node: str) -> int:
         work = self._assigned.get(node)
         return work.version if work is not None else self.version
 
-    def _on_presence(self, msg: Message, node: str) -> None:
-        if node not in self.config.trainers:
-            return
-        status = presence_status(msg.payload, node, self.config.limits, self.rejections)
-        if status == "online":
-            if node not in self.online:
-                self._log.info("node_joined", peer=node)
-            self.online.add(node)
-        elif status == "offline":
-            if node in self.online:
-                self._log.warning("node_lost", peer=node, version=self.version)
-            self.online.discard(node)
-            self._gate.release(node)
-            lost = self._assigned.pop(node, None)
-            if lost is not None:
-                self._period.lost.add(node)
-                self.selector.report(node, lost.version, completed=False,
-                                     duration_s=time.monotonic() - lost.sent_at)
+    def _on_lost(self, node: str) -> None:
+        lost = self._assigned.pop(node, None)
+        if lost is not None:
+            self._period.lost.add(node)
+            self.selector.report(node, lost.version, completed=False,
+                                 duration_s=time.monotonic() - lost.sent_at)
 
-    def _on_update(self, msg: Message, sender: str) -> None:
-        env = open_update(msg.payload, sender, job=self.config.job, limits=self.config.limits,
-                          seen=self._seen, rejections=self.rejections, kinds=(UPDATE, READY))
-        if env is None:
-            return
-        if env.kind == READY:
-            work = self._assigned.get(sender)
-            if work is None or env.round != work.version:
-                self.rejections.reject("unexpected_ready", f"ready for version {env.round}",
-                                       sender=sender)
-            else:
-                self._gate.request(sender)
-            return
-        try:
-            self._fold(env, sender)
-        finally:
-            self._gate.release(sender)  # its upload is in, good or bad: the slot is free
+    def expects_ready(self, sender: str, number: int) -> bool:
+        work = self._assigned.get(sender)
+        return work is not None and work.version == number
 
-    def _fold(self, env: Envelope, sender: str) -> None:
-        reject = self.rejections.reject
+    def admit(self, env: Envelope, sender: str) -> int:
         work = self._assigned.get(sender)
         if work is None:
-            reject("not_selected", f"no work outstanding (update from version {env.round})",
-                   sender=sender, version=self.version)
-            return
+            raise UpdateRejected("not_selected",
+                                 f"no work outstanding (update from version {env.round})")
         if env.round != work.version:
-            reject("stale", f"update from version {env.round}, work went out at "
-                            f"{work.version}", sender=sender)
-            return
-        version = self.version
-        staleness = version - env.round
-        try:
-            n = checked_num_examples(env.meta, self.config.max_examples)
-            update = client_update(env, sender, n, self.weights, staleness=staleness)
-        except UpdateRejected as exc:
-            # The work stays outstanding: garbage on a trainer's topic must not cancel it.
-            reject(exc.reason, exc.detail, sender=sender)
-            return
+            raise UpdateRejected("stale", f"update from version {env.round}, work went out "
+                                          f"at {work.version}")
+        return self.version - env.round
+
+    def fold(self, update: ClientUpdate, env: Envelope) -> None:
+        # Garbage on a trainer's topic never gets here, so it cannot cancel the work.
+        sender, staleness = update.sender, update.staleness
+        work = self._assigned[sender]
         now = time.monotonic()
         if self.max_staleness is not None and staleness > self.max_staleness:
             del self._assigned[sender]
             self.selector.report(sender, env.round, completed=False,
                                  duration_s=now - work.sent_at)
-            reject("too_stale", f"staleness {staleness} > max_staleness {self.max_staleness}",
-                   sender=sender, version=version)
-            return
-        try:
-            moved = self.strategy.submit(update)
-        except StrategyError as exc:
-            reject("strategy_rejected", str(exc), sender=sender)
-            return
+            raise UpdateRejected("too_stale", f"staleness {staleness} > max_staleness "
+                                              f"{self.max_staleness}")
+        moved = self.strategy.submit(update)
         del self._assigned[sender]
         self.selector.report(sender, env.round, completed=True, duration_s=now - work.sent_at)
         self.contributions[sender] += 1
@@ -362,13 +286,11 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         p.accepted.append(sender)
         p.staleness.append(staleness)
         loss = update.metrics.get("train_loss")
-        if isinstance(loss, (int, float)) and math.isfinite(loss):
-            p.loss_sum += float(loss) * n
-            p.loss_weight += n
+        if loss is not None:
+            p.loss_sum += float(loss) * update.num_examples
+            p.loss_weight += update.num_examples
         if moved is not None:
             self.weights = moved
-        self._log.debug("update_accepted", peer=sender, base_version=env.round,
-                        staleness=staleness, examples=n, version=self.version)
 
     # --- outgoing ------------------------------------------------------------------------
     async def _send_work(self, nodes: list[str]) -> None:
@@ -385,7 +307,8 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             sender=c.node_id,
             round=version,
             meta={"selected": nodes, "mode": "async", "config": config,
-                  "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes},
+                  "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes,
+                  "epoch": self.epoch},
             tensors=join_tensors(self.weights),
         )
         payload = await self._offload(lambda: encode(env, c.compression))

@@ -29,18 +29,14 @@ from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.manifest import Manifest, NodeSpec
-from fedbus.services._base import OFFLOAD_BYTES
-from fedbus.services._intake import checked_num_examples, client_update, open_update
-from fedbus.services._wire import (
-    DONE,
-    METRICS,
-    READY,
-    ROUND,
-    UPDATE,
+from fedbus.services._wire import DONE, METRICS, READY, ROUND, UPDATE, presence, split_tensors
+from fedbus.services.intake import (
+    OFFLOAD_BYTES,
     Rejections,
     SeenIds,
-    presence,
-    split_tensors,
+    check_update_tensors,
+    checked_num_examples,
+    model_limits,
 )
 from fedbus.store.cache import RedisCache
 from fedbus.store.repository import Retention, RoundStore
@@ -290,8 +286,7 @@ class StoreService:
             return
         # Message ids are remembered only once the round is known: an update that arrives
         # before its round's model is looked at again when the round opens.
-        env = open_update(msg.payload, sender, job=c.job, limits=c.limits, seen=_UNSEEN,
-                          rejections=self.rejections, kinds=(UPDATE, READY))
+        env = await self._open_update(msg.payload, sender)
         if env is None or env.kind == READY:
             return  # a large update announces itself first; the upload itself follows
         state = self._open.get(env.round)
@@ -310,13 +305,15 @@ class StoreService:
             return
         try:
             n = checked_num_examples(env.meta, c.max_examples)
-            update = client_update(env, sender, n, state.model)
+            delta, _ = split_tensors(env.tensors)
+            size = check_update_tensors(state.model, delta)
         except UpdateRejected as exc:
             reject(exc.reason, exc.detail, sender=sender)
             return
+        metrics = env.meta.get("metrics", {})
         info: dict[str, Any] = {
             "num_examples": n,
-            "metrics": _metrics(update.metrics),
+            "metrics": _metrics(metrics if isinstance(metrics, dict) else {}),
             "duration_s": _finite(env.meta.get("duration_s")),
             "arrival": len(state.clients) + 1,
             "arrival_s": round(time.monotonic() - state.started, 4),
@@ -324,18 +321,42 @@ class StoreService:
             "bytes": len(msg.payload),
             "selected": sender in state.selected,
         }
-        delta = dict(update.delta)
-        sketch, size = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
-                                               delta, info)
+        info["norm"] = round(size, 8)
+        sketch, written = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
+                                                  delta, info)
         state.clients[sender] = info
         state.sketches[sender] = sketch
         self.stats["updates"] += 1
-        self.stats["update_bytes"] += size
+        self.stats["update_bytes"] += written
+
+    async def _open_update(self, payload: bytes, sender: str) -> Envelope | None:
+        """Decode within limits derived from the open round's model (the manifest's before
+        any model arrived) and check kind, job and sender (the topic's, so a node cannot
+        speak for another), as the aggregator's intake does."""
+        c = self.config
+        latest = self._latest_open()
+        limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
+        try:
+            if len(payload) >= OFFLOAD_BYTES:
+                env = await asyncio.to_thread(decode, payload, limits)
+            else:
+                env = decode(payload, limits)
+        except CodecError as exc:
+            self.rejections.reject(exc.reason, exc.detail, sender=sender)
+            return None
+        if env.kind not in (UPDATE, READY) or env.job != c.job:
+            self.rejections.reject("bad_kind", f"kind={env.kind!r} job={env.job!r}",
+                                   sender=sender)
+            return None
+        if env.sender != sender:
+            self.rejections.reject("spoofed_sender", f"envelope says {env.sender!r}",
+                                   sender=sender)
+            return None
+        return env
 
     def _sketch_and_write(self, r: int, sender: str, delta: dict[str, np.ndarray],
                           info: dict[str, Any]) -> tuple[np.ndarray, int]:
         sketch = self.sketcher.sketch(delta)
-        info["norm"] = round(norm(delta), 8)
         info["full"] = self.config.full_updates
         frames: dict[str, bytes] = {}
         if self.config.full_updates:
@@ -453,14 +474,6 @@ class StoreService:
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
 
 
-class _Unseen(SeenIds):
-    """Remembers nothing: the store checks message ids itself once the round is known."""
-
-    def add(self, msg_id: str) -> bool:
-        return True
-
-
-_UNSEEN: Final = _Unseen(capacity=0)
 
 
 def _finite(value: Any) -> float | None:

@@ -2,6 +2,15 @@
 
 Training never runs on the event loop, so MQTT keepalives (our heartbeat) keep flowing while
 a slow Raspberry Pi trains. The same class serves every topology: it only knows its parent.
+
+What it takes, and from whom (the wiring): orders and ``done`` only from its parent on
+``model/<parent>``, grants only on ``control/<self>``, each naming the parent as sender; a
+round number only if it is plausible (within the job's rounds, newer than the last one of
+the same aggregator run, ``epoch``); a model no bigger than its own task's model. A ``done``
+ends the trainer only when the broker authenticates publishers (``authenticated``): on an
+anonymous broker anyone could forge one, so the trainer says the job is over and keeps
+serving. It watches its own presence and re-announces itself when someone (a forgery, or a
+will that crossed a reconnect) says it is offline while it is not.
 """
 
 from __future__ import annotations
@@ -18,21 +27,21 @@ import numpy as np
 import structlog
 
 from fedbus import topics
-from fedbus.bus import Bus
+from fedbus.bus import Bus, Message
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
-from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
     GRANT,
+    PRESENCE,
     READY,
     ROUND,
     UPDATE,
-    Rejections,
-    SeenIds,
     join_tensors,
     presence,
     split_tensors,
 )
+from fedbus.services.intake import OFFLOAD_BYTES, Rejections, SeenIds, model_limits
 from fedbus.task import FitResult, Task
 from strategies import StrategyError
 from strategies.dp import clip_and_noise
@@ -50,8 +59,32 @@ class TrainerConfig:
     job: str
     node_id: str
     parent: str
+    #: The job's rounds (or model versions): an order beyond them is implausible.
+    rounds: int = 1 << 31
+    #: The broker authenticates publishers and its ACL ties topics to them (``fedbus acl``):
+    #: then orders and ``done`` on the parent's topic are the parent's, and a ``done`` ends
+    #: the trainer. On an anonymous broker nothing on a topic can be trusted.
+    authenticated: bool = True
+    #: Model-sized tensor sets an order carries besides the model (SCAFFOLD's control: 1).
+    client_aux_models: int = 0
     compression: Compression = Compression()
+    #: Outer bounds; an order's own limits are derived from the task's model.
     limits: Limits = Limits()
+
+
+#: Aggregator runs (epochs) whose last round is remembered.
+_EPOCHS = 8
+
+
+@dataclass(slots=True)
+class _Order:
+    """A checked round order, waiting to be trained."""
+
+    env: Envelope
+    epoch: str
+    weights: dict[str, np.ndarray]
+    extra: dict[str, np.ndarray]
+    config: dict[str, Any]
 
 
 class Trainer:
@@ -71,53 +104,170 @@ class Trainer:
         self.delta_hook = delta_hook
         self.rounds_trained = 0
         self.rejections = Rejections(config.node_id)
-        self._last_round = -1
         self._orders_seen = SeenIds(capacity=4096)
-        #: A large update waiting for the aggregator's upload grant: (round, payload).
-        self._pending: tuple[int, bytes] | None = None
+        #: Rounds delivered per aggregator run (epoch), most recent run last.
+        self._delivered: dict[str, list[int]] = {}
+        self._epoch: str | None = None
+        self._done = False
+        self._worker: asyncio.Task[None] | None = None
+        self._next: _Order | None = None
+        #: (epoch, round) being trained now
+        self._current: tuple[str, int] | None = None
+        #: A large update waiting for the aggregator's upload grant: (round, epoch, payload).
+        self._pending: tuple[int, str, bytes] | None = None
+        self._limits = model_limits(task.get_weights(), 1 + config.client_aux_models,
+                                    config.limits)
         self._log = log.bind(node=config.node_id, role="trainer", job=config.job)
+        c = config
+        self._model_topic = topics.model(c.job, c.parent)
+        self._control_topic = topics.control(c.job, c.node_id)
+        self._presence_topic = topics.presence(c.job, c.node_id)
+
+    @property
+    def job_done(self) -> bool:
+        """The parent said the job is over (on an anonymous broker the trainer keeps serving)."""
+        return self._done
 
     async def run(self) -> int:
         """Returns the number of rounds this trainer took part in."""
-        c = self.config
-        filters = (topics.model(c.job, c.parent), topics.control(c.job, c.node_id))
-        async with self.bus.subscribe(*filters) as sub:
+        filters = (self._model_topic, self._control_topic, self._presence_topic)
+        async with self.bus.subscribe(*filters, admit=self._admit_chunks) as sub:
             await self._publish_presence("online")
             try:
                 async for msg in sub:
-                    try:
-                        env = decode(msg.payload, c.limits)
-                    except CodecError as exc:
-                        self.rejections.reject(exc.reason, exc.detail, topic=msg.topic)
-                        continue
-                    if env.sender != c.parent or env.job != c.job:
-                        self.rejections.reject("wrong_sender", f"{env.sender}/{env.job}")
-                        continue
-                    if env.kind == DONE:
-                        self._log.info("job_done", rounds_trained=self.rounds_trained)
+                    if await self._handle(msg):
                         break
-                    if env.kind == ROUND:
-                        await self._on_round(env)
-                    elif env.kind == GRANT:
-                        await self._on_grant(env)
+                    if self._worker is not None and self._worker.done():
+                        self._worker.result()  # surface a bug in the worker, not hide it
+                        self._worker = None
             finally:
+                if self._worker is not None:
+                    self._worker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._worker
                 # Best effort: if the connection is gone, the broker's last will says it.
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
         return self.rounds_trained
 
-    async def _on_round(self, env: Envelope) -> None:
+    def _admit_chunks(self, topic: str, total: int) -> bool:
+        # Only the parent's model arrives in chunks, and it is no bigger than our own model.
+        return topic == self._model_topic and total <= self._limits.max_frame_bytes
+
+    async def _handle(self, msg: Message) -> bool:
+        """One message; True when the job is over and this trainer should exit."""
+        c = self.config
+        if msg.topic == self._presence_topic:
+            await self._on_own_presence(msg.payload)
+            return False
+        expected = {self._model_topic: (ROUND, DONE), self._control_topic: (GRANT,)}.get(msg.topic)
+        if expected is None:
+            self.rejections.reject("bad_topic", "not a topic of this trainer", topic=msg.topic)
+            return False
+        try:
+            if len(msg.payload) >= OFFLOAD_BYTES:
+                env = await asyncio.to_thread(decode, msg.payload, self._limits)
+            else:
+                env = decode(msg.payload, self._limits)
+        except CodecError as exc:
+            self.rejections.reject(exc.reason, exc.detail, topic=msg.topic)
+            return False
+        if env.sender != c.parent or env.job != c.job:
+            self.rejections.reject("wrong_sender", f"{env.sender}/{env.job}, parent is "
+                                                   f"{c.parent}", topic=msg.topic)
+            return False
+        if env.kind not in expected:
+            self.rejections.reject("bad_kind", f"{env.kind!r} on {msg.topic}")
+            return False
+        epoch = env.meta.get("epoch", "")
+        if not isinstance(epoch, str) or len(epoch) > 64:
+            self.rejections.reject("bad_epoch", f"epoch {epoch!r}")
+            return False
+        if env.kind == DONE:
+            return self._on_done(env, epoch)
+        if env.kind == ROUND:
+            await self._on_round(env, epoch)
+        else:
+            await self._on_grant(env, epoch)
+        return False
+
+    def _on_done(self, env: Envelope, epoch: str) -> bool:
+        if epoch != self._epoch or env.round < max(self._delivered.get(epoch, []), default=0):
+            # A done for another aggregator run than the one we follow, or from the past.
+            self.rejections.reject("unexpected_done", f"done for round {env.round} of run "
+                                                      f"{epoch!r}, following {self._epoch!r}")
+            return False
+        self._done = True
+        if self.config.authenticated:
+            self._log.info("job_done", rounds_trained=self.rounds_trained)
+            return True
+        self._log.warning("job_done_untrusted", rounds_trained=self.rounds_trained,
+                          detail="anonymous broker: anyone could send this done, so this "
+                                 "trainer keeps serving; stop it with a signal")
+        return False
+
+    async def _on_own_presence(self, payload: bytes) -> None:
+        try:
+            env = decode(payload, Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=0,
+                                         max_tensors=0))
+        except CodecError:
+            env = None
+        if env is not None and env.kind == PRESENCE and env.sender == self.config.node_id \
+                and env.meta.get("status") == "online":
+            return  # our own announcement coming back
+        # Someone says we are gone (a forgery, garbage, or a will that crossed a reconnect):
+        # we are not, so say so; counted, since on an authenticated broker nobody else can.
+        self.rejections.reject("presence_contradicted", "our presence was overwritten")
+        with contextlib.suppress(BusError):
+            await self._publish_presence("online")
+
+    def _plausible(self, env: Envelope, epoch: str) -> bool:
+        """Is this order one we should act on? Logs and counts why not.
+
+        Within the job's rounds; not a redelivery; not a round already delivered for this
+        aggregator run. With an authenticated broker every order is the parent's, so rounds
+        only move forward (an older one is a late re-broadcast); on an anonymous broker a
+        forged far-ahead round must not make the real ones look old, so any round not yet
+        delivered is served: a forgery can waste a training run, never freeze the trainer.
+        """
+        c = self.config
+        asynchronous = env.meta.get("mode") == "async"
+        low = 0 if asynchronous else 1
+        if not low <= env.round <= c.rounds:
+            self.rejections.reject("implausible_round",
+                                   f"round {env.round}, the job has {c.rounds}")
+            return False
+        if not self._orders_seen.add(env.msg_id):
+            # a QoS 1 redelivery or a replay: not acted on twice, and counted
+            self.rejections.reject("duplicate", f"order {env.msg_id} seen before")
+            return False
+        delivered = self._delivered.pop(epoch, [])
+        self._delivered[epoch] = delivered  # most recently used run last
+        while len(self._delivered) > _EPOCHS:
+            del self._delivered[next(iter(self._delivered))]
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                self._log.warning("aggregator_restarted", epoch=epoch, round=env.round)
+            self._epoch = epoch
+        if asynchronous:
+            return True
+        last = max(delivered, default=0)
+        if env.round in delivered or (c.authenticated and env.round < last):
+            # a re-broadcast (round extension) of a round we already delivered, or older
+            self.rejections.reject("old_round", f"round {env.round}: delivered up to {last}")
+            return False
+        return True
+
+    async def _on_round(self, env: Envelope, epoch: str) -> None:
         c = self.config
         selected = env.meta.get("selected", [])
         if not isinstance(selected, list) or c.node_id not in selected:
             return
-        if env.meta.get("mode") == "async":
-            # Async work names a model version that may legitimately come again; only a
-            # redelivery of the same order (same message id) is a duplicate.
-            if not self._orders_seen.add(env.msg_id):
-                return
-        elif env.round <= self._last_round:
-            return  # a re-broadcast (round extension) of a round we already delivered
+        if self._current == (epoch, env.round) and env.meta.get("mode") != "async":
+            self.rejections.reject("old_round", f"round {env.round} is being trained")
+            return
+        if not self._plausible(env, epoch):
+            return
         config = env.meta.get("config", {})
         if not isinstance(config, dict):
             self.rejections.reject("bad_config", f"config is {type(config).__name__}")
@@ -127,12 +277,40 @@ class Trainer:
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return
+        order = _Order(env, epoch, weights, extra, config)
+        if self._worker is not None and not self._worker.done():
+            # Training happens beside the message loop (which keeps rejecting garbage and
+            # answering grants); an order that comes meanwhile waits, and a newer one
+            # replaces it: a flood of orders costs at most one extra training run.
+            if self._next is not None:
+                self._log.info("order_superseded", round=self._next.env.round,
+                               by=env.round)
+            self._next = order
+            return
+        self._worker = asyncio.create_task(self._work(order), name=f"train-{c.node_id}")
+
+    async def _work(self, order: _Order | None) -> None:
+        while order is not None:
+            self._current = (order.epoch, order.env.round)
+            try:
+                await self._train_and_send(order)
+            finally:
+                self._current = None
+            order, self._next = self._next, None
+            if order is not None and order.env.meta.get("mode") != "async" \
+                    and order.env.round in self._delivered.get(order.epoch, []):
+                order = None  # delivered meanwhile (a re-broadcast queued behind itself)
+
+    async def _train_and_send(self, order: _Order) -> None:
+        c = self.config
+        env, epoch = order.env, order.epoch
         if self._pending is not None:
             self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
             self._pending = None
         started = time.monotonic()
         try:
-            delta, result = await asyncio.to_thread(self._train, weights, extra, config)
+            delta, result = await asyncio.to_thread(self._train, order.weights, order.extra,
+                                                    order.config)
         except FedbusError as exc:
             self._log.error("training_failed", round=env.round, error=str(exc))
             return
@@ -153,13 +331,16 @@ class Trainer:
             tensors=join_tensors(delta, result.aux),
         )
         payload = await asyncio.to_thread(encode, update, c.compression)
-        del update, delta, weights  # the payload is all that is needed now
-        self._last_round = env.round
+        del update, delta, order  # the payload is all that is needed now
+        if env.meta.get("mode") != "async":
+            rounds = self._delivered.setdefault(epoch, [])
+            rounds.append(env.round)
+            del rounds[:-64]  # bounded: a re-broadcast comes within a round or two
         self.rounds_trained += 1
         gate = env.meta.get("upload_gate_bytes")
         if isinstance(gate, int) and not isinstance(gate, bool) and len(payload) > gate:
             # Large: announce it and upload when the aggregator grants a slot (UploadGate).
-            self._pending = (env.round, payload)
+            self._pending = (env.round, epoch, payload)
             ready = Envelope(kind=READY, job=c.job, sender=c.node_id, round=env.round,
                              meta={"bytes": len(payload)})
             await self.bus.publish(topics.update(c.job, c.parent, c.node_id), encode(ready))
@@ -170,11 +351,11 @@ class Trainer:
         self._log.info("update_sent", round=env.round, examples=result.num_examples,
                        seconds=round(duration, 3), bytes=len(payload))
 
-    async def _on_grant(self, env: Envelope) -> None:
-        if self._pending is None or self._pending[0] != env.round:
-            self._log.debug("grant_ignored", round=env.round)
+    async def _on_grant(self, env: Envelope, epoch: str) -> None:
+        if self._pending is None or self._pending[:2] != (env.round, epoch):
+            self.rejections.reject("unexpected_grant", f"grant for round {env.round}")
             return
-        _, payload = self._pending
+        payload = self._pending[2]
         self._pending = None
         await self.bus.publish(topics.update(self.config.job, self.config.parent,
                                              self.config.node_id), payload)

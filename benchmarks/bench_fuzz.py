@@ -1,0 +1,291 @@
+"""Fuzz a running federation over a real mosquitto and check that nothing gives way.
+
+    .venv/bin/python -m benchmarks.bench_fuzz                   # 10,000 messages, open broker
+    .venv/bin/python -m benchmarks.bench_fuzz --messages 50000 --json fuzz.json
+
+Two runs of the same job (numpy toy task, FedAvg, 3 trainers, updates bigger than a chunk so
+the upload gate and chunk reassembly are in play), each on its own fresh mosquitto, each as
+separate processes exactly as deployed (``fedbus serve --node aggregator`` and
+``fedbus serve --node 't*'``):
+
+1. clean: no attacker; records every round's metrics and each process's peak RSS (VmHWM);
+2. fuzzed: an attacker connects, watches the job's traffic (to learn the aggregator's epoch and
+   to have real messages to replay), waits for the first round order and then publishes
+   ``--messages`` messages from ``fedbus.fuzz.Fuzzer`` on every topic some node subscribes to.
+
+It reports whether every process survived, each one's peak RSS against the clean run, the
+rejections each service counted by reason (the aggregator's from its round reports, the
+trainers' from their JSON logs), and whether the final model's metrics equal the clean run's
+(expected only when the broker authenticates publishers; on an open broker well-formed
+forgeries can move the model, and the point is that nothing dies, hangs or grows).
+
+Every process started here is stopped by pid in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import yaml
+
+from benchmarks.bench_rounds import REPO, Child, Sampler
+from fedbus import topics
+from fedbus.broker import MosquittoProcess, spawn_mosquitto
+from fedbus.bus.mqtt import MqttBus
+from fedbus.codec import decode
+from fedbus.errors import CodecError
+from fedbus.fuzz import Fuzzer
+from fedbus.manifest import load_manifest
+
+MIB = 1 << 20
+
+
+@dataclass
+class Run:
+    """What one run (clean or fuzzed) left behind."""
+
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    alive_at_end: dict[str, bool] = field(default_factory=dict)
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)
+    sent_to_aggregator: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Result:
+    messages: int
+    clean: Run
+    fuzzed: Run
+    same_model: bool
+    machine: str = field(default_factory=lambda: f"{platform.machine()} {platform.system()}, "
+                                                 f"Python {platform.python_version()}")
+    date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+
+
+def write_manifest(folder: Path, proc: MosquittoProcess, *, rounds: int,
+                   size: int, delay_s: float) -> Path:
+    data = {
+        "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
+        # updates of `size` float32 params exceed one chunk: grants and reassembly are used
+        "broker": {"host": proc.host, "port": proc.port, "chunk_bytes": 32_768,
+                   "max_queued_messages": 100_000},
+        "codec": {"level": 0},
+        "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60,
+                  "max_uploads": 2},
+        "evaluate": {"where": "server", "every": 1},
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": size, "lr": 0.5, "delay_s": delay_s}},
+        "nodes": [{"id": "aggregator", "role": "aggregator"}],
+        "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
+    }
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
+                  delay_s: float, seed: int = 0) -> Run:
+    """One federation on a fresh mosquitto; fuzzed when ``messages`` > 0."""
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
+    proc = await spawn_mosquitto()
+    children: list[Child] = []
+    samplers: dict[str, Sampler] = {}
+    run = Run()
+    try:
+        path = write_manifest(folder, proc, rounds=rounds, size=size, delay_s=delay_s)
+        m = load_manifest(path)
+        async with MqttBus("watcher", proc.host, proc.port) as watch, \
+                watch.subscribe(topics.metrics(m.job, "aggregator")) as metrics_sub:
+            started = time.monotonic()
+            for name, node in (("aggregator", "aggregator"), ("trainers", "t*")):
+                log = open(folder / f"{name}.log", "wb")  # noqa: ASYNC230 - a log sink
+                child = Child(name, _serve(path, node, log))
+                log.close()  # the child holds its own descriptor
+                children.append(child)
+                samplers[name] = Sampler(child.pid, hz=20)
+                samplers[name].start()
+            attack: asyncio.Task[None] | None = None
+            if messages:
+                attack = asyncio.create_task(_attack(m, proc, messages, seed, run))
+            agg = children[0]
+            seen: set[str] = set()
+            while True:
+                try:
+                    msg = await metrics_sub.get(timeout=2)
+                except TimeoutError:
+                    if agg.reap(0):
+                        break
+                    continue
+                try:
+                    env = decode(msg.payload)
+                except CodecError:
+                    continue
+                if env.kind == "metrics" and env.msg_id not in seen:
+                    seen.add(env.msg_id)
+                    run.metrics.append(dict(env.meta))
+                    if env.meta.get("round") == rounds:
+                        break
+            if attack is not None:
+                await asyncio.wait_for(attack, 120)
+            agg.reap(30)
+            run.seconds = time.monotonic() - started
+        for child in children:
+            run.alive_at_end[child.name] = child.proc.poll() is None
+        for name, sampler in samplers.items():
+            sampler.stop()
+            run.peak_rss[name] = sampler.last_hwm
+    finally:
+        for child in children:
+            child.stop()
+        for sampler in samplers.values():
+            sampler.stop()
+        await proc.stop()
+    for child in children:
+        run.exit_codes[child.name] = child.proc.returncode
+    run.rejected = _rejections(folder)
+    return run
+
+
+def _serve(manifest: Path, node: str, log: Any) -> Any:
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedbus.cli", "serve", str(manifest), "--node", node,
+         "--log-json"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=log)
+
+
+async def _attack(m: Any, proc: MosquittoProcess, messages: int, seed: int, run: Run) -> None:
+    model = {"w": np.zeros(m.task.params["size"], np.float32)}
+    fuzzer = Fuzzer(m, model, seed=seed)
+    agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
+    # The attacker speaks raw MQTT: fedbus's own bus would wrap a fake chunk frame into a
+    # real one-chunk transfer and so defuse the chunk floods.
+    raw = aiomqtt.Client(proc.host, proc.port, identifier="mallory-raw",
+                         protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=200)
+    async with MqttBus("mallory", proc.host, proc.port) as bus, raw, \
+            bus.subscribe(f"fedbus/v1/{m.job}/#") as spy:
+        # learn from real traffic until the first round order, then flood
+        while True:
+            msg = await spy.get(timeout=60)
+            fuzzer.observe(msg.topic, msg.payload)
+            if msg.topic == topics.model(m.job, m.aggregator.id):
+                break
+        sent: Counter[str] = Counter()
+        batch: list[Any] = []
+        for fm in fuzzer.messages(messages):
+            batch.append(raw.publish(fm.topic, fm.payload, qos=1, retain=fm.retain))
+            sent[fm.category] += 1
+            if fm.topic.startswith(agg_prefix):
+                run.sent_to_aggregator += 1
+            if len(batch) >= 200:
+                await asyncio.gather(*batch)
+                batch.clear()
+                while True:  # keep replays fresh without slowing the flood
+                    try:
+                        seen = await spy.get(timeout=0)
+                    except TimeoutError:
+                        break
+                    fuzzer.observe(seen.topic, seen.payload)
+        await asyncio.gather(*batch)
+        run.sent = dict(sent)
+
+
+def _rejections(folder: Path) -> dict[str, dict[str, int]]:
+    """Counted rejections by node and reason, from each process's JSON log, plus the chunk
+    layer's drops (``drop_chunk``) under ``chunk:<reason>``."""
+    out: dict[str, Counter[str]] = {}
+    for name in ("aggregator", "trainers"):
+        path = folder / f"{name}.log"
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            with contextlib.suppress(json.JSONDecodeError):
+                e = json.loads(line)
+                if e.get("event") == "message_rejected":
+                    out.setdefault(str(e.get("node")), Counter())[str(e.get("reason"))] += 1
+                elif e.get("event") == "drop_chunk":
+                    out.setdefault(name, Counter())[f"chunk:{e.get('reason')}"] += 1
+    return {k: dict(v) for k, v in out.items()}
+
+
+def compare(clean: Run, fuzzed: Run) -> bool:
+    """Same final model: every round's loss and distance equal, to the last bit."""
+    def key(r: Run) -> list[tuple[Any, ...]]:
+        return [(x.get("round"), x.get("loss"), x.get("distance")) for x in r.metrics]
+    return bool(clean.metrics) and key(clean) == key(fuzzed)
+
+
+async def fuzz(messages: int = 10_000, *, rounds: int = 6, size: int = 20_000,
+               delay_s: float = 0.5, seed: int = 0, folder: Path | None = None) -> Result:
+    with tempfile.TemporaryDirectory(prefix="fedbus-fuzz-") as tmp:
+        base = folder or Path(tmp)
+        clean = await one_run(base / "clean", messages=0, rounds=rounds, size=size,
+                              delay_s=delay_s)
+        fuzzed = await one_run(base / "fuzzed", messages=messages, rounds=rounds, size=size,
+                               delay_s=delay_s, seed=seed)
+    return Result(messages=messages, clean=clean, fuzzed=fuzzed,
+                  same_model=compare(clean, fuzzed))
+
+
+def table(r: Result) -> str:
+    lines = [
+        f"Fuzzing a running federation ({r.messages:,} messages; {r.machine}; {r.date})",
+        "",
+        "| process | survived | peak RSS clean | peak RSS fuzzed | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("aggregator", "trainers"):
+        c, f = r.clean.peak_rss.get(name, 0), r.fuzzed.peak_rss.get(name, 0)
+        alive = (r.fuzzed.exit_codes.get(name) == 0 if name == "aggregator"
+                 else r.fuzzed.alive_at_end.get(name, False))
+        lines.append(f"| {name} | {'yes' if alive else 'NO'} | {c / MIB:.0f} MiB | "
+                     f"{f / MIB:.0f} MiB | {f / c if c else 0:.2f} |")
+    lines += ["", "| sent by category | messages |", "|---|---|"]
+    lines += [f"| {k} | {v:,} |" for k, v in sorted(r.fuzzed.sent.items())]
+    lines += ["", "| node | rejections by reason |", "|---|---|"]
+    for node, reasons in sorted(r.fuzzed.rejected.items()):
+        text = ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items(), key=lambda x: -x[1]))
+        lines.append(f"| {node} | {text} |")
+    lines += ["", f"final model equal to the clean run's: {'yes' if r.same_model else 'no'}; "
+                  f"rounds {len(r.fuzzed.metrics)}/{len(r.clean.metrics)}; "
+                  f"{r.fuzzed.seconds:.1f} s fuzzed vs {r.clean.seconds:.1f} s clean"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_fuzz",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--messages", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed))
+    print(table(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(asdict(result), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Hostile messages for a manifest's wiring: what a fuzzer (or an attacker) would publish.
+
+``Fuzzer(manifest, model).messages(n)`` yields ``n`` messages spread over every topic some
+node of the manifest subscribes to (``compile_wiring``): garbage, truncated frames, honest
+and lying zstd bombs, wrong shapes and dtypes, NaN/Inf, forged but well-formed control
+messages of every kind (``done``, far-ahead and stale rounds, grants, readies, presence),
+chunk floods and replays of real traffic (``observe`` what went by first). Deterministic for
+a seed. Used by tests/test_fuzz.py and ``python -m benchmarks.bench_fuzz``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import msgpack
+import numpy as np
+import zstandard
+
+from fedbus import topics
+from fedbus.bus._chunking import CHUNK_MAGIC, FRAME_VERSION, HEADER
+from fedbus.codec import Compression, Envelope, encode
+from fedbus.manifest import Manifest, compile_wiring
+from fedbus.services._wire import DONE, GRANT, READY, ROUND, UPDATE, join_tensors, presence
+
+__all__ = ["CATEGORIES", "FuzzMessage", "Fuzzer"]
+
+#: category -> relative weight
+CATEGORIES: Final[dict[str, int]] = {
+    "garbage": 12,
+    "truncated": 8,
+    "honest_bomb": 3,
+    "lying_bomb": 3,
+    "wrong_shape": 6,
+    "wrong_dtype": 5,
+    "non_finite": 6,
+    "forged_update": 6,
+    "forged_done": 4,
+    "forged_round": 8,
+    "forged_grant": 4,
+    "forged_ready": 4,
+    "forged_presence": 6,
+    "chunk_flood": 15,
+    "replay": 10,
+}
+_BOMB_BYTES: Final = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class FuzzMessage:
+    category: str
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+class Fuzzer:
+    """Generates hostile traffic for ``manifest``'s topics; ``model`` gives names and shapes
+    so that well-formed forgeries look like the real thing."""
+
+    def __init__(self, manifest: Manifest, model: Mapping[str, np.ndarray], *,
+                 seed: int = 0, strangers: int = 3) -> None:
+        self.m = manifest
+        self.model = {k: np.asarray(v) for k, v in model.items()}
+        self.rng = random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
+        self.job = manifest.job
+        self.agg = manifest.aggregator.id
+        self.trainers = [t.id for t in manifest.trainers_of(self.agg)]
+        self.strangers = [f"stranger-{i}" for i in range(strangers)]
+        self.epoch = "0" * 12
+        self._replays: deque[tuple[str, bytes]] = deque(maxlen=256)
+        self._topics = self._concrete_topics()
+        self._topic_set = frozenset(self._topics)
+        # built once: compressing 1 GiB of zeros takes a moment, and its frame is ~32 KB
+        self._bomb_frame = self._make_honest_bomb()
+        self._zeros_64m = zstandard.ZstdCompressor(level=1).compress(b"\0" * (64 << 20))
+        self._weights = list(CATEGORIES.values())
+        self._names = list(CATEGORIES)
+
+    # -- what the fuzzer learns from real traffic ----------------------------------------
+
+    def observe(self, topic: str, payload: bytes) -> None:
+        """Remember real traffic on the federation's own topics for replays; learn the
+        aggregator's epoch from its orders."""
+        if topic in self._topic_set:
+            self._replays.append((topic, payload))
+        if topic == topics.model(self.job, self.agg):
+            from fedbus.codec import decode  # lazy: only what observe needs
+
+            try:
+                env = decode(payload)
+            except Exception:  # anything goes on an open broker
+                return
+            epoch = env.meta.get("epoch")
+            if isinstance(epoch, str):
+                self.epoch = epoch
+
+    # -- generation ------------------------------------------------------------------------
+
+    def messages(self, n: int) -> Iterator[FuzzMessage]:
+        for _ in range(n):
+            category = self.rng.choices(self._names, self._weights)[0]
+            yield getattr(self, f"_{category}")()
+
+    def _concrete_topics(self) -> list[str]:
+        """Every filter some node subscribes to, its wildcards filled with real node ids and
+        with strangers' ids."""
+        out: list[str] = []
+        ids = [*self.trainers, self.agg, *self.strangers]
+        for wiring in compile_wiring(self.m).values():
+            for f in wiring.subscribe:
+                if "+" in f:
+                    out += [f.replace("+", i) for i in ids]
+                else:
+                    out.append(f)
+        return sorted(set(out))
+
+    def _any_topic(self) -> str:
+        return self.rng.choice(self._topics)
+
+    def _update_topic(self) -> str:
+        return topics.update(self.job, self.agg, self.rng.choice(self.trainers + self.strangers))
+
+    def _envelope(self, kind: str, sender: str, round: int, **meta: object) -> Envelope:
+        return Envelope(kind=kind, job=self.job, sender=sender, round=round, meta=dict(meta))
+
+    def _update(self, sender: str, tensors: Mapping[str, np.ndarray], **meta: object) -> bytes:
+        env = Envelope(kind=UPDATE, job=self.job, sender=sender,
+                       round=self.rng.randint(0, self.m.rounds + 2),
+                       meta={"num_examples": self.rng.choice([1, 10, 10**6, -1]), **meta},
+                       tensors=join_tensors(tensors))
+        return encode(env, Compression(level=0))
+
+    def _sender_of(self, topic: str) -> str:
+        return topic.rsplit("/", 1)[1]
+
+    # one method per category --------------------------------------------------------------
+
+    def _garbage(self) -> FuzzMessage:
+        size = self.rng.choice([0, 1, 7, 100, 1000, 4096])
+        return FuzzMessage("garbage", self._any_topic(), os.urandom(size))
+
+    def _truncated(self) -> FuzzMessage:
+        topic = self._update_topic()
+        whole = self._update(self._sender_of(topic), self._like_model())
+        return FuzzMessage("truncated", topic, whole[: self.rng.randint(0, len(whole) - 1)])
+
+    def _honest_bomb(self) -> FuzzMessage:
+        return FuzzMessage("honest_bomb", self._any_topic(), self._bomb_frame)
+
+    def _lying_bomb(self) -> FuzzMessage:
+        # a header for a few bytes, then a zstd frame that inflates to 64 MiB
+        topic = self._update_topic()
+        small = encode(Envelope(kind=UPDATE, job=self.job, sender=self._sender_of(topic),
+                                round=1, meta={"num_examples": 1},
+                                tensors={"m/x": np.zeros(64, np.uint8)}),
+                       Compression(level=1, min_bytes=0))
+        hlen = int.from_bytes(small[4:8], "little")
+        return FuzzMessage("lying_bomb", topic, small[: 8 + hlen] + self._zeros_64m)
+
+    def _wrong_shape(self) -> FuzzMessage:
+        topic = self._update_topic()
+        bad = {k: np.zeros((*v.shape, 2) if self.rng.random() < 0.5 else (1, v.size), v.dtype)
+               for k, v in self.model.items()}
+        return FuzzMessage("wrong_shape", topic, self._update(self._sender_of(topic), bad))
+
+    def _wrong_dtype(self) -> FuzzMessage:
+        topic = self._update_topic()
+        dtype = self.rng.choice([np.float64, np.int32, np.float16, np.uint8])
+        bad = {k: np.zeros(v.shape, dtype) for k, v in self.model.items()}
+        return FuzzMessage("wrong_dtype", topic, self._update(self._sender_of(topic), bad))
+
+    def _non_finite(self) -> FuzzMessage:
+        topic = self._update_topic()
+        value = self.rng.choice([np.nan, np.inf, -np.inf, 1e38])
+        bad = {k: np.full(v.shape, value, v.dtype) for k, v in self.model.items()}
+        return FuzzMessage("non_finite", topic, self._update(self._sender_of(topic), bad))
+
+    def _forged_update(self) -> FuzzMessage:
+        # well-formed, finite, the right shape: only who sent it, and when, is wrong
+        topic = self._update_topic()
+        sender = self.rng.choice([self._sender_of(topic), *self.trainers])
+        return FuzzMessage("forged_update", topic, self._update(sender, self._like_model()))
+
+    def _forged_done(self) -> FuzzMessage:
+        env = self._envelope(DONE, self.agg, self.rng.choice([1, self.m.rounds, 10**9]),
+                             epoch=self.epoch, rounds=self.m.rounds)
+        return FuzzMessage("forged_done", topics.model(self.job, self.agg), encode(env))
+
+    def _forged_round(self) -> FuzzMessage:
+        number = self.rng.choice([0, 1, self.m.rounds, self.m.rounds + 1, 10**9, -5])
+        env = Envelope(kind=ROUND, job=self.job, sender=self.agg, round=number,
+                       meta={"selected": list(self.trainers), "config": {"round": number},
+                             "epoch": self.rng.choice([self.epoch, "forged"]),
+                             "deadline_s": 1, "upload_gate_bytes": 1 << 30},
+                       tensors=join_tensors(self._like_model()))
+        return FuzzMessage("forged_round", topics.model(self.job, self.agg),
+                           encode(env, Compression(level=0)))
+
+    def _forged_grant(self) -> FuzzMessage:
+        node = self.rng.choice(self.trainers)
+        env = self._envelope(GRANT, self.agg, self.rng.randint(0, self.m.rounds + 1),
+                             epoch=self.epoch)
+        return FuzzMessage("forged_grant", topics.control(self.job, node), encode(env))
+
+    def _forged_ready(self) -> FuzzMessage:
+        topic = self._update_topic()
+        env = self._envelope(READY, self._sender_of(topic),
+                             self.rng.randint(0, self.m.rounds + 1), bytes=1 << 30)
+        return FuzzMessage("forged_ready", topic, encode(env))
+
+    def _forged_presence(self) -> FuzzMessage:
+        node = self.rng.choice(self.trainers + self.strangers + [self.agg])
+        status = self.rng.choice(["offline", "offline", "online", "zombie"])
+        env = presence(self.job, node, "trainer", status)
+        return FuzzMessage("forged_presence", topics.presence(self.job, node), encode(env),
+                           retain=self.rng.random() < 0.3)
+
+    def _chunk_flood(self) -> FuzzMessage:
+        # the first chunk of a transfer that never completes, claiming a big total
+        topic = self.rng.choice([*self._topics, topics.model(self.job, self.agg)])
+        total = self.rng.choice([3000, 300_000, 1 << 30])
+        data = os.urandom(1024)
+        first = HEADER.pack(CHUNK_MAGIC, FRAME_VERSION, 0, os.urandom(16), 0,
+                            -(-total // 1024), total, zlib.crc32(data), os.urandom(16))
+        return FuzzMessage("chunk_flood", topic, first + data)
+
+    def _replay(self) -> FuzzMessage:
+        if not self._replays:
+            return self._garbage()
+        topic, payload = self.rng.choice(self._replays)
+        return FuzzMessage("replay", topic, payload)
+
+    def _like_model(self) -> dict[str, np.ndarray]:
+        return {k: self.np_rng.normal(0, 0.01, v.shape).astype(v.dtype)
+                for k, v in self.model.items()}
+
+    def _make_honest_bomb(self) -> bytes:
+        """A frame whose header honestly declares 1 GiB of data, compressed to ~32 KB."""
+        env = Envelope(kind=UPDATE, job=self.job, sender=self.trainers[0], round=1,
+                       meta={"num_examples": 1},
+                       tensors={"m/bomb": np.zeros(16, np.uint8)})
+        frame = encode(env, Compression(level=0))
+        hlen = int.from_bytes(frame[4:8], "little")
+        header = msgpack.unpackb(frame[8 : 8 + hlen], raw=False)
+        header["t"] = [["m/bomb", "|u1", [_BOMB_BYTES], 0, _BOMB_BYTES, False]]
+        header["n"] = _BOMB_BYTES
+        packed: bytes = msgpack.packb(header, use_bin_type=True)
+        cctx = zstandard.ZstdCompressor(level=1, write_content_size=True)
+        zc = cctx.compressobj(size=_BOMB_BYTES)
+        block = b"\0" * (1 << 24)
+        data = b"".join(zc.compress(block) for _ in range(_BOMB_BYTES // len(block)))
+        data += zc.flush()
+        return frame[:2] + bytes([frame[2], 0x01]) + len(packed).to_bytes(4, "little") \
+            + packed + data

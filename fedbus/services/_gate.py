@@ -1,0 +1,61 @@
+"""Admission control for large uploads (the ``ready`` / ``grant`` handshake)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+__all__ = ["UploadGate"]
+
+
+class UploadGate:
+    """Admission control for large uploads.
+
+    A chunked update is only foldable once all its chunks are in, and the broker interleaves
+    the chunks of every sender, so N trainers uploading at once pin N half-received models in
+    memory (measured: 2.4 GB for 50 x 11M params). Trainers with a large update therefore
+    announce it (READY) and upload when granted (GRANT); at most ``slots`` uploads run at once,
+    which bounds the aggregator's memory by ``slots`` models whatever the number of trainers.
+    A grant not used within ``timeout_s`` is taken back.
+    """
+
+    def __init__(self, slots: int, timeout_s: float) -> None:
+        if slots < 1:
+            raise ValueError(f"upload slots must be >= 1, got {slots}")
+        self.slots = slots
+        self.timeout_s = timeout_s
+        self._waiting: OrderedDict[str, None] = OrderedDict()
+        self._granted: dict[str, float] = {}
+
+    def request(self, node: str) -> None:
+        """``node`` is ready to upload. Asking again while granted means the grant did not
+        reach it (lost, or it came before the node was ready, as a forged ``ready`` can
+        arrange): its slot is given again rather than held until the grant expires."""
+        self._granted.pop(node, None)
+        self._waiting[node] = None
+
+    def release(self, node: str) -> None:
+        self._waiting.pop(node, None)
+        self._granted.pop(node, None)
+
+    def reset(self) -> None:
+        self._waiting.clear()
+        self._granted.clear()
+
+    def due(self, now: float) -> tuple[list[str], list[str]]:
+        """(nodes to grant now, grants taken back for not being used in time)."""
+        expired = [n for n, at in self._granted.items() if now - at > self.timeout_s]
+        for node in expired:
+            del self._granted[node]
+        grant: list[str] = []
+        while self._waiting and len(self._granted) < self.slots:
+            node, _ = self._waiting.popitem(last=False)
+            self._granted[node] = now
+            grant.append(node)
+        return grant, expired
+
+    @property
+    def granted(self) -> list[str]:
+        return sorted(self._granted)
+
+    def is_granted(self, node: str) -> bool:
+        return node in self._granted

@@ -1,0 +1,96 @@
+"""Who may publish and subscribe where, per role: the one table services, ACLs and bridges share.
+
+``role_wiring`` answers for every role that exists or is planned (aggregator, trainer, relay,
+checkpointer, store, operator), so broker ACLs generated from a manifest stay right when a role
+is added: the manifest only has to let the role through validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from fedbus import topics
+from fedbus.errors import BusError
+
+__all__ = ["KNOWN_ROLES", "Wiring", "role_wiring"]
+
+KNOWN_ROLES: Final = ("aggregator", "trainer", "relay", "checkpointer", "store", "operator")
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """What one node subscribes to and publishes on; the base of broker ACLs.
+
+    ``subscribe`` holds topic filters (``+`` allowed), ``publish`` exact topics or filters
+    (``control/+`` for an operator), all built by ``fedbus.topics``.
+    """
+
+    node: str
+    subscribe: tuple[str, ...]
+    publish: tuple[str, ...]
+
+
+def _toward_children(job: str, node: str, children: Iterable[str]) -> tuple[list[str], list[str]]:
+    # An aggregating node reads the updates addressed to it and everyone's presence (liveness),
+    # publishes the model and its per-round metrics, and grants uploads on each child's
+    # control topic (the upload gate).
+    sub = [topics.updates_for(job, node), topics.presence_all(job)]
+    pub = [topics.model(job, node), topics.metrics(job, node)]
+    return sub, pub + [topics.control(job, c) for c in children]
+
+
+def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[str]]:
+    # A contributing node reads its parent's model and the orders (grants) meant for it, and
+    # writes only its own update.
+    sub = [topics.model(job, parent), topics.control(job, node)]
+    return sub, [topics.update(job, parent, node)]
+
+
+def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
+                children: Iterable[str] = ()) -> Wiring:
+    """Exactly the topics ``node`` (of ``role``) subscribes to and publishes on.
+
+    Aggregator and trainer are what the services do (tests/test_hostile.py spies on them);
+    the planned roles are what they will need. Every node writes its own presence. Raises
+    ``BusError`` for a role this version does not know.
+    """
+    kids = tuple(children)
+    presence = topics.presence(job, node)
+    if role == "aggregator":
+        sub, pub = _toward_children(job, node, kids)
+        return Wiring(node, tuple(sub), (pub[0], pub[1], presence, *pub[2:]))
+    if role in ("trainer", "relay") and parent is None:
+        raise BusError(f"{role} {node!r} has no parent aggregator")
+    if role == "trainer":
+        assert parent is not None
+        sub, pub = _toward_parent(job, node, parent)
+        # its own presence too: a trainer contradicts a forged "offline" about itself
+        return Wiring(node, (*sub, presence), (*pub, presence))
+    if role == "relay":
+        assert parent is not None
+        down_sub, down_pub = _toward_children(job, node, kids)
+        up_sub, up_pub = _toward_parent(job, node, parent)
+        return Wiring(node, (*down_sub, *up_sub), (*down_pub, *up_pub, presence))
+    own_control = topics.control(job, node)
+    if role == "checkpointer":
+        # Persists every aggregator's state snapshots; serves them back on its own state topic.
+        return Wiring(node, (topics.state_all(job), topics.presence_all(job), own_control),
+                      (topics.state(job, node), topics.metrics(job, node), presence))
+    if role == "store":
+        # Records one aggregator's rounds from what the broker already carries for it (its
+        # updates, model and metrics: trainers upload once, the aggregator sends nothing
+        # more) and answers workload queries; replies go to whoever asked (reply/<asker>).
+        if parent is None:
+            raise BusError(f"store {node!r} has no aggregator to record (parent)")
+        return Wiring(node, (topics.updates_for(job, parent), topics.model(job, parent),
+                             topics.metrics(job, parent), topics.queries_for(job, node)),
+                      (topics.replies_all(job), presence))
+    if role == "operator":
+        # People and dashboards: watch progress and liveness, send commands to any node,
+        # ask stores for workloads (`fedbus query`) and read their own replies.
+        return Wiring(node, (topics.metrics_all(job), topics.presence_all(job),
+                             topics.reply(job, node)),
+                      (topics.control_all(job), topics.queries_by(job, node), presence))
+    raise BusError(f"role {role!r} has no wiring; known roles: {', '.join(KNOWN_ROLES)}")

@@ -1,0 +1,290 @@
+"""One forged message must not hurt a federation (issue: hostile input).
+
+Each forgery that once ended, froze or poisoned a federation is replayed here against a real
+mosquitto with no authentication (anyone may publish anything): no node may exit, hang or
+die, the forgery must be counted and logged, and where the protocol can tell it apart the
+final model must equal the clean run's. The authenticated variants (the broker refuses the
+forgery outright) live with the ACL tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from fedbus import topics
+from fedbus.broker import MosquittoProcess
+from fedbus.bus import Bus, MemoryBroker, MemoryBus
+from fedbus.bus.mqtt import MqttBus
+from fedbus.codec import Envelope, decode, encode
+from fedbus.manifest import BrokerSpec, Manifest, compile_wiring, parse_manifest, with_broker
+from fedbus.node import build_node, make_bus
+from fedbus.services._wire import DONE, METRICS, ROUND, UPDATE, join_tensors, presence
+from fedbus.services.aggregator import Aggregator
+from fedbus.services.trainer import Trainer
+
+SIZE = 64
+
+
+def manifest(rounds: int = 3, delay_s: float = 0.2, **round_kw: Any) -> Manifest:
+    spec = {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 20}
+    spec.update(round_kw)
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 1, "strategy": "fedavg",
+        "round": spec,
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": SIZE, "lr": 0.5, "delay_s": delay_s}},
+        "nodes": [{"id": "agg", "role": "aggregator"}],
+        "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
+    })
+
+
+Attack = Callable[[Bus, Envelope], Awaitable[None]]
+
+
+async def federate(
+    m: Manifest, attack: Attack | None = None, *, bus_for: Callable[[str], Bus] | None = None,
+) -> tuple[Aggregator, dict[str, Trainer], dict[str, asyncio.Task[int]]]:
+    """Every node of ``m`` in this loop; ``attack`` runs once, on the first round order.
+    Returns the aggregator, the trainers and their tasks as they were when the job ended."""
+    buses = {n.id: (bus_for or (lambda i: make_bus(m, m.node(i))))(n.id) for n in m.nodes}
+    services = {i: build_node(m, i, b) for i, b in buses.items()}
+    agg = services.pop("agg")
+    assert isinstance(agg, Aggregator)
+    snapshot: dict[str, asyncio.Task[int]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for bus in buses.values():
+            await stack.enter_async_context(bus)
+        attacker = bus_for("mallory") if bus_for else MqttBus("mallory", m.broker.host,
+                                                             m.broker.port)  # type: ignore[union-attr]
+        await stack.enter_async_context(attacker)
+        async with asyncio.timeout(90), asyncio.TaskGroup() as tg:
+            tasks = {i: tg.create_task(s.run(), name=i) for i, s in services.items()}
+            if attack is not None:
+                tg.create_task(_first_order(attacker, m, attack))
+            await agg.run()
+            snapshot = dict(tasks)
+            alive = {i: not t.done() for i, t in tasks.items()}
+            for t in tasks.values():
+                t.cancel()
+    # no trainer died: each either still serves or ended cleanly on an authenticated `done`
+    for i, t in snapshot.items():
+        assert alive[i] or (not t.cancelled() and t.exception() is None), i
+    return agg, services, snapshot  # type: ignore[return-value]
+
+
+async def _first_order(bus: Bus, m: Manifest, attack: Attack) -> None:
+    async with bus.subscribe(topics.model(m.job, "agg")) as sub:
+        while True:
+            env = decode((await sub.get()).payload)
+            if env.kind == ROUND:
+                await attack(bus, env)
+                return
+
+
+async def clean_weights(m: Manifest) -> np.ndarray:
+    broker = MemoryBroker()
+    agg, _, _ = await federate(
+        m, bus_for=lambda i: make_bus(m, m.node(i), memory=broker) if i != "mallory"
+        else MemoryBus(broker, "mallory"))
+    return agg.weights["w"]
+
+
+def on(proc: MosquittoProcess, m: Manifest) -> Manifest:
+    return with_broker(m, BrokerSpec(host=proc.host, port=proc.port))
+
+
+def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+# --- the forgeries, on an open broker ---------------------------------------------------------
+
+pytestmark_broker = [pytest.mark.broker]
+
+
+@pytest.mark.broker
+async def test_a_forged_done_neither_ends_trainers_nor_the_job(
+        mosquitto: MosquittoProcess) -> None:
+    # Prepare: `done` as the aggregator would send it, epoch and all, after round 1's order
+    m = on(mosquitto, manifest())
+    expected = await clean_weights(m)
+
+    async def forge_done(bus: Bus, order: Envelope) -> None:
+        env = Envelope(kind=DONE, job="toy", sender="agg", round=order.round,
+                       meta={"epoch": order.meta["epoch"], "rounds": 3})
+        await bus.publish(topics.model("toy", "agg"), encode(env))
+
+    # Execute
+    with capture_logs() as logs:
+        agg, trainers, _ = await federate(m, forge_done)
+    # Assert: nobody left; every round ran with all three; the model is the clean one
+    assert [len(r.accepted) for r in agg.history] == [3, 3, 3]
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
+    assert len(events(logs, "job_done_untrusted")) >= 3  # logged by each trainer
+    assert all(t.rounds_trained == 3 for t in trainers.values())
+
+
+@pytest.mark.broker
+async def test_a_forged_far_ahead_round_is_refused_and_nobody_freezes(
+        mosquitto: MosquittoProcess) -> None:
+    # Prepare: an order for round 10**9 naming every trainer
+    m = on(mosquitto, manifest())
+    expected = await clean_weights(m)
+
+    async def forge_round(bus: Bus, order: Envelope) -> None:
+        env = Envelope(kind=ROUND, job="toy", sender="agg", round=10**9,
+                       meta={**order.meta, "selected": ["t0", "t1", "t2"]},
+                       tensors=order.tensors)
+        await bus.publish(topics.model("toy", "agg"), encode(env))
+
+    # Execute
+    with capture_logs() as logs:
+        agg, trainers, _ = await federate(m, forge_round)
+    # Assert
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
+    assert all(t.rejections.counts["implausible_round"] == 1 for t in trainers.values())
+    assert len([e for e in events(logs, "message_rejected")
+                if e["reason"] == "implausible_round"]) == 3
+
+
+@pytest.mark.broker
+async def test_forged_retained_offline_presence_is_contradicted_and_rounds_stay_full(
+        mosquitto: MosquittoProcess) -> None:
+    # Prepare: mid-round, a retained "offline" for every trainer
+    m = on(mosquitto, manifest())
+    expected = await clean_weights(m)
+
+    async def forge_offline(bus: Bus, order: Envelope) -> None:
+        for t in ("t0", "t1", "t2"):
+            await bus.publish(topics.presence("toy", t),
+                              encode(presence("toy", t, "trainer", "offline")), retain=True)
+
+    # Execute
+    with capture_logs() as logs:
+        agg, trainers, _ = await federate(m, forge_offline)
+    # Assert: the trainers said they are alive, the aggregator counted them back in
+    assert [len(r.accepted) for r in agg.history] == [3, 3, 3]
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
+    assert all(t.rejections.counts["presence_contradicted"] >= 1 for t in trainers.values())
+    assert agg.online == {"t0", "t1", "t2"}
+    assert events(logs, "node_lost")  # the forgery was seen, and logged
+
+
+@pytest.mark.broker
+async def test_a_poisoned_update_is_refused_and_the_real_one_counts(
+        mosquitto: MosquittoProcess) -> None:
+    # Prepare: 1e30s claiming a million examples, on t0's topic, before t0 answers
+    m = on(mosquitto, manifest())
+    expected = await clean_weights(m)
+
+    async def poison(bus: Bus, order: Envelope) -> None:
+        env = Envelope(kind=UPDATE, job="toy", sender="t0", round=order.round,
+                       meta={"num_examples": 10**6},
+                       tensors=join_tensors({"w": np.full(SIZE, 1e30, np.float32)}))
+        await bus.publish(topics.update("toy", "agg", "t0"), encode(env))
+
+    # Execute
+    agg, _, _ = await federate(m, poison)
+    # Assert
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
+    assert agg.rejections.counts["norm_exceeded"] == 1
+    assert agg.history[0].rejected == {"norm_exceeded": 1}
+
+
+async def test_an_update_norm_bound_refuses_large_but_finite_updates() -> None:
+    # Prepare: a bound below what the toy trainers send in round 1
+    m = manifest(rounds=1, delay_s=0.0, max_update_norm=1e-3, deadline_s=0.5)
+    broker = MemoryBroker()
+    # Execute
+    agg, _, _ = await federate(
+        m, bus_for=lambda i: make_bus(m, m.node(i), memory=broker) if i != "mallory"
+        else MemoryBus(broker, "mallory"))
+    # Assert: every update refused by reason, the round not aggregated, nothing crashed
+    assert agg.rejections.counts["norm_exceeded"] == 3
+    assert not agg.history[0].aggregated
+
+
+async def test_rejections_between_rounds_land_in_the_next_report() -> None:
+    # Prepare: garbage sent right after each round's metrics, i.e. between rounds
+    m = manifest(rounds=3, delay_s=0.0)
+    broker = MemoryBroker()
+
+    async def garbage_after_metrics() -> None:
+        async with MemoryBus(broker, "mallory") as bus, \
+                bus.subscribe(topics.metrics("toy", "agg")) as sub:
+            for _ in range(2):
+                env = decode((await sub.get()).payload)
+                assert env.kind == METRICS
+                await bus.publish(topics.update("toy", "agg", "t1"), b"garbage")
+
+    # Execute
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(garbage_after_metrics())
+        agg, _, _ = await federate(
+            m, bus_for=lambda i: make_bus(m, m.node(i), memory=broker) if i != "mallory"
+            else MemoryBus(broker, "mallory-idle"))
+    # Assert: every rejection is in exactly one round's report
+    assert agg.rejections.total == 2
+    assert sum(sum(r.rejected.values()) for r in agg.history) == 2
+
+
+# --- the wiring is what the services really do ------------------------------------------------
+
+
+class SpyBus(MemoryBus):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subscribed: set[str] = set()
+        self.published: set[str] = set()
+
+    def subscribe(self, *filters: str, admit: Any = None) -> Any:
+        self.subscribed.update(filters)
+        return super().subscribe(*filters, admit=admit)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.published.add(topic)
+        await super().publish(topic, payload, retain=retain)
+
+
+async def test_services_subscribe_and_publish_exactly_what_the_wiring_says() -> None:
+    # Prepare: spy on every node's bus; updates bigger than a chunk so grants flow too
+    m = manifest(rounds=2, delay_s=0.0, max_uploads=1)
+    m = parse_manifest({**_raw(m), "task": {"ref": "examples.toy.task:make_task",
+                                            "params": {"size": 300_000, "lr": 0.5}}})
+    broker = MemoryBroker()
+    spies: dict[str, SpyBus] = {}
+
+    def bus_for(node: str) -> Bus:
+        if node == "mallory":
+            return MemoryBus(broker, node)
+        real = make_bus(m, m.node(node), memory=broker)
+        spies[node] = SpyBus(broker, node, will=real.will, birth=real.birth,
+                             chunk_bytes=100_000)
+        return spies[node]
+
+    # Execute
+    await federate(m, bus_for=bus_for)
+    # Assert
+    wiring = compile_wiring(m)
+    for node, spy in spies.items():
+        assert spy.subscribed == set(wiring[node].subscribe), node
+        assert spy.published <= set(wiring[node].publish), node
+    assert topics.control("toy", "t0") in spies["agg"].published  # grants did flow
+
+
+def _raw(m: Manifest) -> dict[str, Any]:
+    r = m.round
+    return {"version": 1, "job": m.job, "rounds": m.rounds, "seed": m.seed,
+            "strategy": m.strategy.name, "codec": {"level": 0},
+            "round": {"deadline_s": r.deadline_s, "quorum": r.quorum,
+                      "min_clients": r.min_clients, "start_timeout_s": r.start_timeout_s,
+                      "max_uploads": r.max_uploads},
+            "nodes": [{"id": "agg", "role": "aggregator"}],
+            "trainers": {"count": 3, "prefix": "t", "parent": "agg"}}
