@@ -6,20 +6,23 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # docker-compose: only `docker-compose config` (validates generated compose files; no daemon).
-APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck docker-compose
+# chromium: the dashboard test drives a headless browser.
+APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck docker-compose chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system venv demo test lint typecheck pytest bench clean
 
 setup: system $(STAMP)
 
-# Brokers and checkers come from Debian; only installed when missing.
+# Brokers, checkers and the browser the dashboard test drives come from Debian; only installed
+# when missing.
 system:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -29,11 +32,13 @@ system:
 # torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,security]"
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e ".[trainer,redis,dev,security,plot,metrics]"
 	touch $(STAMP)
 
+# The run leaves runs/digits/<run-id>/ (metrics, models, logs); the charts go in its plots/.
 demo: setup
 	$(BIN)/fedbus run examples/digits/manifest.yaml
+	$(BIN)/fedbus plot digits
 
 lint: setup
 	$(BIN)/ruff check fedbus strategies tests benchmarks examples

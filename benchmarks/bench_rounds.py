@@ -405,10 +405,10 @@ def probe_serve(manifest: str, out: str, hz: float = 10.0) -> int:
 
     Diagnosis only (``--probe``): the thread reads the bus's counters without locks.
     """
-    from fedbus import cli
+    from fedbus import cli, runner
 
     buses: list[Any] = []
-    namespace = vars(cli)  # cli imported make_bus by name: patch it where it is looked up
+    namespace = vars(runner)  # runner imported make_bus by name: patch it where it is looked up
     make_bus = namespace["make_bus"]
 
     def capture(*a: Any, **kw: Any) -> Any:

@@ -168,6 +168,10 @@ def _launch(binary: str, conf: Path, logpath: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
+            # Its own session: Ctrl-C in a terminal and `timeout` signal the whole process
+            # group, and a broker that dies first leaves our clean-up talking to nobody. The
+            # owner stops it (stop() / kill_now()) after its nodes have said goodbye.
+            start_new_session=True,
         )
 
 

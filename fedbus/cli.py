@@ -1,86 +1,207 @@
-"""The ``fedbus`` command: run a whole federation, serve one node, validate, watch.
+"""fedbus: run a federation, serve one node, validate a manifest, watch and review runs.
 
-Logging is configured here and only here. Progress goes to stdout, one line a round, and the
-last line of ``run`` is the final metric (``final accuracy=0.94``), so scripts can read it.
+Logging is configured here and only here. The last line ``fedbus run`` prints on stdout is
+the final metric (``final accuracy=0.94``), so scripts can read it. Each subcommand is one
+``_add_<name>`` function (its arguments and examples) plus one ``_cmd_<name>`` handler.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
-import fnmatch
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from fedbus import topics
-from fedbus.bus import Bus
-from fedbus.bus.memory import MemoryBroker
-from fedbus.codec import decode
-from fedbus.errors import CodecError, FedbusError, ManifestError
-from fedbus.log import configure_logging
-from fedbus.manifest import BrokerSpec, Manifest, NodeSpec, describe, load_manifest, with_broker
-from fedbus.node import build_node, make_bus
-from fedbus.services.aggregator import Aggregator, RoundReport
-from fedbus.services.async_aggregator import AsyncAggregator
+from fedbus import __version__
+from fedbus.errors import FedbusError, ManifestError
+from fedbus.log import LEVELS, LogSink, configure_logging
+from fedbus.manifest import BrokerSpec, Manifest, describe, load_manifest, with_broker
 
 __all__ = ["main"]
 
 log = structlog.get_logger("fedbus.cli")
 
+_TOP_EXAMPLES = """\
+examples:
+  fedbus new mytask && cd mytask && fedbus run manifest.yaml
+  fedbus run examples/digits/manifest.yaml          the demo: 10 trainers, private broker
+  fedbus validate examples/digits/manifest.yaml
+  fedbus ls && fedbus show digits                   review runs (runs/<job>/<run-id>/)
+  fedbus plot digits                                PNG charts of the latest digits run
+
+Run `fedbus COMMAND --help` for a command's options and examples.
+"""
+
+Handler = Callable[[argparse.Namespace, LogSink], int]
+
+
+# --- argument types ---------------------------------------------------------------------------
 
 def _parse_broker(value: str) -> BrokerSpec:
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--broker wants HOST:PORT, got {value!r}")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"wants HOST:PORT (port 1-65535), got {value!r}")
     return BrokerSpec(host=host or "127.0.0.1", port=int(port))
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"wants [HOST:]PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 0-65535 (0: any free port), got "
+                                         f"{value!r}")
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0, got {value!r}") from None
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0, got {value!r}")
+    return s
+
+
+# --- the parser -------------------------------------------------------------------------------
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-json", action="store_true", help="JSON log lines (for machines)")
-    common.add_argument("--log-level", default="info", help="debug, info, warning, error")
-    p = argparse.ArgumentParser(prog="fedbus", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    common.add_argument("--log-json", action="store_true",
+                        help="log lines as JSON on stderr (for machines)")
+    common.add_argument("--log-level", default="info", choices=LEVELS,
+                        help="least severe events to log (default: info)")
+    p = argparse.ArgumentParser(prog="fedbus", description=__doc__.splitlines()[0],
+                                epilog=_TOP_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"fedbus {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+    def add(name: str, help: str, examples: str, handler: Handler) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help, description=help, parents=[common],
+                             epilog="examples:\n" + examples,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.set_defaults(handler=handler)
+        return cmd
 
-    run = add("run", "run every node of a manifest in this process")
+    from fedbus.deploy.commands import COMMANDS as DEPLOY_COMMANDS
+
+    for register in (_add_run, _add_serve, _add_validate, _add_watch, _add_query, _add_ls,
+                     _add_show, _add_plot, _add_new, _add_dashboard, *DEPLOY_COMMANDS):
+        register(add)
+    return p
+
+
+Adder = Callable[[str, str, str, Handler], argparse.ArgumentParser]
+
+
+def _add_run(add: Adder) -> None:
+    run = add("run", "run every node of a manifest in this process", """\
+  fedbus run examples/digits/manifest.yaml
+  fedbus run manifest.yaml --rounds 5 --runs-dir /tmp/runs
+  fedbus run manifest.yaml --memory --quiet         in-process bus, final line only
+  fedbus run manifest.yaml --dashboard 8765         live page on http://127.0.0.1:8765/
+""", _cmd_run)
     run.add_argument("manifest")
-    run.add_argument("--rounds", type=int, help="override the manifest's rounds")
-    run.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    run.add_argument("--rounds", type=_positive_int, help="override the manifest's rounds")
+    run.add_argument("--broker", type=_parse_broker,
+                     help="HOST:PORT of a running broker instead of a private mosquitto")
     run.add_argument("--memory", action="store_true",
                      help="in-process memory bus instead of MQTT (simulation, no broker)")
+    run.add_argument("--runs-dir", metavar="DIR",
+                     help="root of the run folders (default: $FEDBUS_RUNS_DIR or ./runs)")
+    run.add_argument("--no-record", action="store_true", help="write no run folder")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress display, errors only; the final line still prints")
+    run.add_argument("--display", choices=("auto", "live", "plain"), default="auto",
+                     help="live: redrawn panel; plain: one line a round (default: live on a "
+                     "terminal, plain otherwise)")
+    run.add_argument("--dashboard", type=_port, metavar="PORT",
+                     help="serve the live dashboard on 127.0.0.1:PORT during the run")
+    run.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
+                     help="Prometheus /metrics of the aggregator (host default 127.0.0.1; "
+                     "needs the 'metrics' extra)")
 
-    serve = add("serve", "run one node (what compose and systemd start)")
+
+def _add_serve(add: Adder) -> None:
+    serve = add("serve", "run one node (what compose and systemd start)", """\
+  fedbus serve manifest.yaml --node aggregator --broker 10.0.0.5:1883
+  fedbus serve manifest.yaml --node 'trainer-*'     many trainers in one process
+  fedbus serve manifest.yaml --node aggregator --runs-dir /var/lib/fedbus/runs
+  fedbus serve manifest.yaml --node aggregator --metrics 0.0.0.0:9108
+""", _cmd_serve)
     serve.add_argument("manifest")
     serve.add_argument("--node", required=True, action="append",
                        help="node id from the manifest; repeat it or use a glob ('t*') to "
                        "run many nodes in this process (simulation: many clients a worker)")
     serve.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    serve.add_argument("--runs-dir", metavar="DIR",
+                       help="serving the aggregator: write its run folder under DIR (default: "
+                       "$FEDBUS_RUNS_DIR if set, else none)")
+    serve.add_argument("--dashboard", type=_port, metavar="PORT",
+                       help="serve the live dashboard on 127.0.0.1:PORT")
+    serve.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
+                       help="serving the aggregator: Prometheus /metrics on HOST:PORT "
+                       "(e.g. 0.0.0.0:9108 for a remote scraper; needs the 'metrics' extra)")
     serve.add_argument("--health-file", help="keep this file fresh while connected (container "
                        "healthchecks: python -m fedbus.deploy.health FILE)")
 
-    val = add("validate", "check a manifest and print what it declares")
-    val.add_argument("manifest")
 
-    watch = add("watch", "print the per-round metrics of a running job")
+def _add_validate(add: Adder) -> None:
+    val = add("validate", "check a manifest, its task and files; print what it declares", """\
+  fedbus validate examples/digits/manifest.yaml
+""", _cmd_validate)
+    val.add_argument("manifest")
+    val.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+
+
+def _add_watch(add: Adder) -> None:
+    watch = add("watch", "print the per-round metrics of a running job", """\
+  fedbus watch manifest.yaml --broker 127.0.0.1:1883
+  fedbus watch manifest.yaml --broker 127.0.0.1:1883 --timeout 300
+""", _cmd_watch)
     watch.add_argument("manifest")
     watch.add_argument("--broker", type=_parse_broker)
+    watch.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                       help="give up after this long without a round report (default: 60)")
+    watch.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
+                       "on a secured broker")
 
-    query = add("query", "ask the job's store for a workload (JSON on stdout): summary, "
-                "lineage, scheduling, malicious, debugging, clustering, personalization, "
-                "contribution")
+
+def _add_query(add: Adder) -> None:
+    query = add("query", "ask the job's metadata store for a workload (JSON on stdout)", """\
+  fedbus query manifest.yaml summary
+  fedbus query manifest.yaml malicious --arg threshold=2.5
+  fedbus query manifest.yaml contribution --round 5 --arg permutations=64
+  fedbus query manifest.yaml personalization --arg client=trainer-3 --save models/
+  workloads: summary lineage scheduling malicious debugging clustering personalization
+  contribution (docs/store.md)
+""", _cmd_query)
     query.add_argument("manifest")
     query.add_argument("workload")
-    query.add_argument("--round", type=int, help="the round to look at (default: the last)")
+    query.add_argument("--round", type=_positive_int,
+                       help="the round to look at (default: the last)")
     query.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                        help="a workload argument, e.g. --arg k=3 --arg by=loss (repeatable)")
     query.add_argument("--store", help="store node id (default: the manifest's first store)")
@@ -88,70 +209,81 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--offline", action="store_true",
                        help="read the store's folder here instead of asking the running store "
                        "(the default when the manifest names no broker)")
-    query.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    query.add_argument("--timeout", type=_seconds, default=120.0, metavar="SECONDS",
+                       help="seconds to wait for the store's reply (default: 120)")
     query.add_argument("--save", metavar="DIR", help="write returned models here")
     query.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
                        "on a secured broker")
-    watch.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
-                       "on a secured broker")
-    _add_deploy_commands(add)
-    return p
 
 
-def _add_deploy_commands(add: Any) -> None:
-    acl = add("acl", "write broker users, passwords and per-node rights (mosquitto)")
-    acl.add_argument("manifest")
-    acl.add_argument("--out", required=True, help="folder for passwd, acl, dynsec.json, ...")
-    acl.add_argument("--secrets", help="NODE=password lines; other nodes get random ones")
-    acl.add_argument("--operator", action="append", default=[],
-                     help="an operator user (watch metrics, send control); repeatable")
-    acl.add_argument("--backend", choices=("dynsec", "acl_file"), default="dynsec",
-                     help="dynsec (refuses forbidden subscriptions visibly) or acl_file")
-    acl.add_argument("--plugin", help="path of mosquitto_dynamic_security.so on the broker")
-    acl.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount)")
-    acl.add_argument("--certs", help="folder from `fedbus certs`: add mTLS to the broker lines")
-    acl.add_argument("--listen", metavar="HOST:PORT", type=_parse_broker,
-                     help="listener of the whole broker.conf (default 0.0.0.0 and the "
-                     "manifest's port)")
-    acl.add_argument("--persistence-dir", default="/var/lib/mosquitto/",
-                     help="broker.conf's persistence_location")
-    acl.add_argument("--group", help="give the broker's files to this group (mosquitto; root)")
-    certs = add("certs", "write a CA, the broker's certificate and one per node (CN = node id)")
-    certs.add_argument("manifest")
-    certs.add_argument("--out", required=True)
-    certs.add_argument("--host", action="append", default=[],
-                       help="a name or address clients dial the broker by; repeatable")
-    certs.add_argument("--operator", action="append", default=[])
-    certs.add_argument("--days", type=int, default=825)
-    comp = add("compose", "write a docker compose file: broker, redis if needed, every node")
-    comp.add_argument("manifest", help="path relative to the project root, where compose runs")
-    comp.add_argument("--out", help="file to write (default: stdout)")
-    comp.add_argument("--redis", action=argparse.BooleanOptionalAction, default=None,
-                      help="add redis (default: only when a node's role uses it)")
-    comp.add_argument("--secure", metavar="DIR",
-                      help="generate broker users/rights into DIR and lock the broker down")
-    comp.add_argument("--certs", metavar="DIR", help="a `fedbus certs` folder: mTLS")
-    comp.add_argument("--image", default="fedbus:dev")
-    units = add("units", "write a node's systemd unit and environment file")
-    units.add_argument("manifest")
-    units.add_argument("--node", required=True)
-    units.add_argument("--out", required=True, help="folder for fedbus-NODE.service, NODE.env")
-    units.add_argument("--manifest-path", help="the manifest's path on the device "
-                       "(default: this file's absolute path)")
-    units.add_argument("--prefix", default="/opt/fedbus", help="install prefix (venv, app)")
-    units.add_argument("--env-dir", default="/etc/fedbus", help="where NODE.env is installed")
-    units.add_argument("--secure", metavar="DIR",
-                       help="a `fedbus acl` folder: put the node's password in its env file")
-    units.add_argument("--systemd", type=int, default=252,
-                       help="systemd version on the device (>= 254 adds restart backoff)")
+def _add_ls(add: Adder) -> None:
+    ls = add("ls", "list recorded runs", """\
+  fedbus ls
+  fedbus ls digits --runs-dir /tmp/runs
+""", _cmd_ls)
+    ls.add_argument("job", nargs="?", help="only this job's runs")
+    ls.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
 
+
+def _add_show(add: Adder) -> None:
+    show = add("show", "summarize one run: final and best metrics, models, rounds", """\
+  fedbus show digits                     the latest digits run
+  fedbus show 20261201-2215-ab12         a run id (or a prefix of one)
+  fedbus show runs/digits/20261201-2215-ab12
+  fedbus show digits --logs trainer-3         one node's log events
+  fedbus show digits --logs --level warning   every node's warnings and errors
+""", _cmd_show)
+    show.add_argument("run", help="run folder, job/run-id, run id (prefix) or job (latest)")
+    show.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
+    show.add_argument("--logs", nargs="?", const="", metavar="NODE",
+                      help="print the run's log events instead (all nodes, or NODE's)")
+    show.add_argument("--level", choices=LEVELS, default="info",
+                      help="with --logs: least severe events shown (default: info)")
+
+
+def _add_plot(add: Adder) -> None:
+    plot = add("plot", "write PNG charts of one or more runs (needs the 'plot' extra)", """\
+  fedbus plot digits                          charts of the latest digits run, in its folder
+  fedbus plot run-a run-b --out compare/      several runs on one chart
+""", _cmd_plot)
+    plot.add_argument("runs", nargs="+", metavar="RUN")
+    plot.add_argument("--out", metavar="DIR",
+                      help="where the PNGs go (default: the first run's folder, plots/)")
+    plot.add_argument("--runs-dir", metavar="DIR", help="default: $FEDBUS_RUNS_DIR or ./runs")
+
+
+def _add_new(add: Adder) -> None:
+    new = add("new", "write a runnable project: task module (PyTorch) and manifest", """\
+  fedbus new mytask && cd mytask && fedbus run manifest.yaml
+""", _cmd_new)
+    new.add_argument("name", help="folder to create; also the job and module name")
+
+
+def _add_dashboard(add: Adder) -> None:
+    dash = add("dashboard", "serve a live web page of a running job (loopback only)", """\
+  fedbus dashboard manifest.yaml --broker 127.0.0.1:1883 --port 8765
+""", _cmd_dashboard)
+    dash.add_argument("manifest")
+    dash.add_argument("--broker", type=_parse_broker)
+    dash.add_argument("--port", type=_port, default=8765, help="default: 8765 (0: any free)")
+
+
+# --- entry point ------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    configure_logging(json=args.log_json, level=args.log_level)
+    console = args.log_level
+    if args.command == "run":
+        # Node logs go to the run folder; the console gets problems only, all of it at debug.
+        if getattr(args, "quiet", False):
+            console = "error"
+        elif args.log_level != "debug":
+            console = max(args.log_level, "warning", key=LEVELS.index)
+    sink = configure_logging(json=args.log_json, level=args.log_level, console_level=console)
+    handler: Handler = args.handler
     try:
         try:
-            return _main(args)
+            return handler(args, sink)
         except BaseExceptionGroup as group:
             # An error inside a node's task group: report the error, not the group's traceback.
             raise _leaf(group) from None
@@ -159,11 +291,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedbus: invalid manifest: {exc}", file=sys.stderr)
         return 2
     except FedbusError as exc:
-        log.error("failed", error=str(exc))
+        if args.log_json:  # machines read the event; people read the line below
+            log.error("failed", error=str(exc))
         print(f"fedbus: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `fedbus show ... | head`: the reader left; say nothing more, like any Unix tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -175,180 +312,68 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _main(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest)
+def _manifest(args: argparse.Namespace) -> Manifest:
+    m = load_manifest(args.manifest)
     if getattr(args, "broker", None):
         # only the address: credentials, chunking and limits stay the manifest's
-        base = manifest.broker or BrokerSpec()
-        manifest = with_broker(manifest, dataclasses.replace(
-            base, host=args.broker.host, port=args.broker.port))
-    if args.command == "validate":
-        print(describe(manifest))
-        return 0
-    if args.command == "acl":
-        return _acl(manifest, args)
-    if args.command == "certs":
-        return _certs(manifest, args)
-    if args.command == "compose":
-        return _compose(manifest, args)
-    if args.command == "units":
-        return _units(manifest, args)
-    if args.command == "run":
-        return asyncio.run(_run_all(manifest, args.rounds, memory=args.memory))
-    if args.command == "serve":
-        return asyncio.run(_serve(manifest, args.node, args.health_file))
-    if args.command == "query":
-        return asyncio.run(_query(manifest, args))
-    return asyncio.run(_watch_only(manifest, args.user))
+        base = m.broker or BrokerSpec()
+        m = with_broker(m, dataclasses.replace(base, host=args.broker.host,
+                                               port=args.broker.port))
+    return m
 
 
-# --- run: the whole federation in one process -----------------------------------------------
+def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.checks import check_manifest
+    from fedbus.runner import RunOptions, run_federation
+    from fedbus.runs import runs_root
 
-@contextlib.asynccontextmanager
-async def _broker_for(
-    m: Manifest, memory: bool
-) -> AsyncIterator[tuple[Manifest, MemoryBroker | None]]:
-    if memory:
-        yield m, MemoryBroker()
-        return
-    if m.broker is not None:
-        yield m, None
-        return
-    # No broker named: start a private mosquitto on a free loopback port (see docs/broker.md
-    # for why a real broker beats an embedded pure-Python one).
-    from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto
-
-    proc = await spawn_mosquitto()
-    log.info("broker_started", endpoint=proc.endpoint, pid=proc.pid)
-    try:
-        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port,
-                                        max_queued_messages=QUEUED_MESSAGES)), None
-    finally:
-        await proc.stop()
-
-
-async def _run_all(m: Manifest, rounds: int | None, *, memory: bool) -> int:
-    if rounds is not None:
-        m = dataclasses.replace(m, rounds=rounds)
-    async with _broker_for(m, memory) as (m, mem):
-        return await _run_nodes(m, [n.id for n in m.nodes], mem)
+    m = _manifest(args)
+    overrides: dict[str, Any] = {}
+    if args.rounds is not None:
+        m = dataclasses.replace(m, rounds=args.rounds)
+        overrides["rounds"] = args.rounds
+    if args.broker is not None:
+        overrides["broker"] = {"host": args.broker.host, "port": args.broker.port}
+    check_manifest(m, [n.id for n in m.nodes])
+    opts = RunOptions(
+        memory=args.memory,
+        runs_root=None if args.no_record else runs_root(args.runs_dir),
+        display="none" if args.quiet else ("plain" if args.log_json else args.display),
+        dashboard_port=args.dashboard,
+        metrics=args.metrics,
+        overrides=overrides,
+    )
+    return asyncio.run(run_federation(m, opts, sink))
 
 
-async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None, *,
-                     health_file: str | None = None) -> int:
-    """Run ``node_ids`` in this process, each on its own bus connection."""
-    # Build every service (importing torch, loading data) before any connection opens:
-    # minutes of set-up on a Pi must not run into the MQTT keepalive.
-    buses = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
-    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
-    agg = next((s for s in services.values() if isinstance(s, (Aggregator, AsyncAggregator))),
-               None)
-    async with contextlib.AsyncExitStack() as stack:
-        for bus in buses.values():
-            await stack.enter_async_context(bus)
-        if health_file:
-            from fedbus.deploy.health import keep_health_file
+def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.runner import RunOptions, serve_nodes
+    from fedbus.runs import ENV_VAR, runs_root
 
-            health = asyncio.create_task(keep_health_file(health_file, buses.values()))
-            stack.callback(health.cancel)
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(svc.run(), name=node_id) for node_id, svc in services.items()
-                     if svc is not agg]
-            if agg is not None:
-                tg.create_task(_progress(agg, m.rounds), name="progress")
-                await tg.create_task(agg.run(), name=m.aggregator.id)
-                # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
-                # could send one) and keep serving: the process that ran the job stops them.
-                stores = [t for t in tasks if m.node(t.get_name()).role == "store"]
-                for task in tasks:
-                    if task not in stores:
-                        task.cancel()
-                if stores:  # a store stops on `done` once it has written what it received
-                    await asyncio.wait(stores, timeout=_STORE_GRACE_S)
-                    for task in stores:
-                        task.cancel()
-    return _final_line(agg) if agg is not None else 0
+    record = args.runs_dir or os.environ.get(ENV_VAR)
+    opts = RunOptions(runs_root=runs_root(record) if record else None, display="plain",
+                      dashboard_port=args.dashboard, metrics=args.metrics,
+                      health_file=args.health_file)
+    return asyncio.run(serve_nodes(_manifest(args), args.node, opts, sink))
 
 
-#: How long `fedbus run` lets a store finish writing after the last round.
-_STORE_GRACE_S = 60.0
+def _cmd_validate(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.checks import check_manifest
 
-
-def _limit_torch_threads(n_trainers: int) -> None:
-    # Many trainers in one process each train in a worker thread; torch's own intra-op pool
-    # per trainer would oversubscribe the cores (2 on a Pi-class box).
-    torch = sys.modules.get("torch")
-    if torch is not None and n_trainers > 1:
-        torch.set_num_threads(1)
-
-
-async def _progress(agg: Aggregator | AsyncAggregator, rounds: int) -> None:
-    while True:
-        report = await agg.reports.get()
-        print(_format_round(report.as_meta(), rounds), flush=True)
-        if report.round >= rounds:
-            return
-
-
-def _format_round(meta: dict[str, Any], rounds: int) -> str:
-    parts = [f"round {meta['round']:>3}/{rounds}",
-             f"participants {meta['participants']}/{meta['selected']}"]
-    for key in ("train_loss", "loss", "accuracy"):
-        if isinstance(meta.get(key), (int, float)):
-            parts.append(f"{key} {meta[key]:.4f}")
-    if meta.get("lost"):
-        parts.append(f"lost {','.join(meta['lost'])}")
-    if meta.get("rejected"):
-        parts.append(f"rejected {sum(meta['rejected'].values())}")
-    if not meta.get("aggregated", True):
-        parts.append("NOT AGGREGATED")
-    parts.append(f"{meta['seconds']:.2f}s")
-    return "  ".join(parts)
-
-
-def _final_line(agg: Aggregator | AsyncAggregator) -> int:
-    last: RoundReport | None = agg.history[-1] if agg.history else None
-    if last is None:
-        print("final rounds=0")
-        return 1
-    if last.eval is not None and "accuracy" in last.eval.metrics:
-        print(f"final accuracy={last.eval.metrics['accuracy']:.4f}")
-    elif last.eval is not None:
-        print(f"final loss={last.eval.loss:.6g}")
-    else:
-        print(f"final rounds={last.round}")
+    m = _manifest(args)
+    check_manifest(m)
+    print(describe(m))
+    print("checked   task imports, its parameters fit the factory; named files exist")
     return 0
 
 
-# --- serve: one node -------------------------------------------------------------------------
+def _cmd_watch(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.watch import watch
 
-async def _serve(m: Manifest, patterns: Sequence[str], health_file: str | None = None) -> int:
-    node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
-    if not node_ids:
-        raise ManifestError(m.source, "nodes",
-                            f"--node {' '.join(patterns)} matches no node; known: "
-                            f"{', '.join(n.id for n in m.nodes)}")
-    if m.broker is None:
-        raise ManifestError(m.source, "broker",
-                            "`fedbus serve` needs a broker: add broker: {host, port} to the "
-                            "manifest or pass --broker HOST:PORT")
-    main_task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    assert main_task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, main_task.cancel)
-    try:
-        return await _run_nodes(m, node_ids, None, health_file=health_file)
-    except asyncio.CancelledError:
-        log.info("stopped_by_signal", nodes=node_ids)
-        return 0
+    return asyncio.run(watch(_manifest(args), args.timeout, user=args.user))
 
 
-# --- query: ask the store ---------------------------------------------------------------------
-
-async def _query(m: Manifest, args: argparse.Namespace) -> int:
+def _cmd_query(args: argparse.Namespace, sink: LogSink) -> int:
     import json
 
     import yaml
@@ -363,120 +388,59 @@ async def _query(m: Manifest, args: argparse.Namespace) -> int:
         wargs[key] = yaml.safe_load(value)
     if args.round is not None:
         wargs["round"] = args.round
-    node = q.store_node(m, args.store)
-    if args.offline or m.broker is None:
-        meta, tensors = await q.ask_offline(m, node, args.workload, wargs)
-    else:
-        me = NodeSpec(id=args.user or f"query-{_short_id()}", role="trainer")
-        async with make_bus(m, me) as bus:
-            meta, tensors = await q.ask(bus, m, node.id, args.workload, wargs, args.timeout)
+    meta, tensors = asyncio.run(q.run_query(_manifest(args), args.store, args.workload, wargs,
+                                            offline=args.offline, timeout=args.timeout,
+                                            user=args.user))
     if args.save and tensors:
         meta["saved"] = q.save_models(tensors, args.save)
     print(json.dumps(meta, indent=2, default=str))
     return 0 if meta.get("ok") else 1
 
-# --- acl, certs: broker security generated from the manifest --------------------------------
 
-def _acl(m: Manifest, args: argparse.Namespace) -> int:
-    from fedbus.deploy.passwords import read_secrets_file
-    from fedbus.deploy.security import TlsFiles, write_broker_security
+def _cmd_ls(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.runs import format_listing, list_runs, runs_root
 
-    users = [n.id for n in m.nodes] + list(args.operator)
-    given = read_secrets_file(args.secrets, users) if args.secrets else None
-    tls = None
-    if args.certs:
-        d = os.path.abspath(args.certs)
-        tls = TlsFiles(ca=f"{d}/ca.crt", cert=f"{d}/broker.crt", key=f"{d}/broker.key")
-    files = write_broker_security(m, args.out, passwords=given, operators=args.operator,
-                                  backend=args.backend, plugin=args.plugin,
-                                  broker_dir=args.broker_dir, tls=tls,
-                                  persistence_dir=args.persistence_dir,
-                                  port=args.listen.port if args.listen else None,
-                                  listen_host=args.listen.host if args.listen else "0.0.0.0",
-                                  group=args.group)
-    # Paths only: the passwords stay in their 0600 files.
-    print(f"users     {len(files.users)}: {', '.join(files.users)}")
-    print(f"broker    append {files.conf} to mosquitto.conf ({files.backend}); "
-          f"it reads {files.dynsec if files.backend == 'dynsec' else files.acl}")
-    print(f"passwords {files.password_dir}/<node> (mode 0600): give each node only its own")
-    print(f"or run    mosquitto -c {files.broker_conf}  (a whole config: listener, persistence, "
-          "limits, security)")
+    print(format_listing(list_runs(runs_root(args.runs_dir), args.job)))
     return 0
 
 
-def _certs(m: Manifest, args: argparse.Namespace) -> int:
-    from fedbus.deploy.certs import write_certs
+def _cmd_show(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.runs import describe_run, find_run, format_logs, runs_root
 
-    files = write_certs(m, args.out, broker_hosts=args.host, operators=args.operator,
-                        days=args.days)
-    print(f"ca        {files.ca} (keep ca.key offline once nodes have their certificates)")
-    print(f"broker    {files.broker_cert}, {files.broker_key}")
-    print(f"nodes     {files.out_dir}/nodes/<node>.crt|.key for {len(files.users)} users, "
-          "CN = node id")
-    return 0
-
-
-def _compose(m: Manifest, args: argparse.Namespace) -> int:
-    from fedbus.deploy.compose import compose_yaml
-
-    text = compose_yaml(m, args.manifest, redis=args.redis, image=args.image,
-                        secure_dir=args.secure, certs_dir=args.certs)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+    run = find_run(args.run, runs_root(args.runs_dir))
+    if args.logs is not None:
+        print(format_logs(run, args.logs or None, args.level))
     else:
-        print(text, end="")
+        print(describe_run(run))
     return 0
 
 
-def _units(m: Manifest, args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _cmd_plot(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.plots import plot_runs
+    from fedbus.runs import find_run, runs_root
 
-    from fedbus.deploy.units import write_unit
-
-    password = None
-    if args.secure:
-        try:
-            password = (Path(args.secure) / "passwords" / args.node).read_text().strip()
-        except OSError as exc:
-            raise ManifestError(m.source, "nodes", f"no password for {args.node!r} in "
-                                f"{args.secure}/passwords: {exc.strerror}; run `fedbus acl` "
-                                "first") from None
-    files = write_unit(m, args.node, args.out, manifest_path=args.manifest_path,
-                       prefix=args.prefix, env_dir=args.env_dir, password=password,
-                       systemd_version=args.systemd)
-    print(f"unit      {files.unit} -> /etc/systemd/system/{files.name}")
-    print(f"env       {files.env} -> {args.env_dir}/{args.node}.env (0640 root:fedbus)")
+    runs = [find_run(r, runs_root(args.runs_dir)) for r in args.runs]
+    out = Path(args.out) if args.out else runs[0].path / "plots"
+    for path in plot_runs(runs, out):
+        print(path)
     return 0
 
 
-# --- watch: metrics of a running job ---------------------------------------------------------
+def _cmd_new(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.scaffold import new_project
 
-async def _watch_only(m: Manifest, user: str | None = None) -> int:
+    folder = new_project(Path(args.name))
+    print(f"created {folder}/ — next: cd {folder} && fedbus run manifest.yaml")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.dashboard import serve_dashboard
+
+    m = _manifest(args)
     if m.broker is None:
-        raise ManifestError(m.source, "broker", "`fedbus watch` needs --broker HOST:PORT")
-    watcher = NodeSpec(id=user or f"watch-{_short_id()}", role="trainer")
-    async with make_bus(m, watcher) as bus:
-        await _print_metrics(bus, m)
-    return 0
-
-
-async def _print_metrics(bus: Bus, m: Manifest) -> None:
-    async with bus.subscribe(topics.metrics(m.job, m.aggregator.id)) as sub:
-        log.info("watch_started", job=m.job, node=m.aggregator.id)
-        async for msg in sub:
-            try:
-                env = decode(msg.payload)
-            except CodecError as exc:
-                log.warning("message_rejected", reason=exc.reason, topic=msg.topic)
-                continue
-            print(_format_round(dict(env.meta), m.rounds), flush=True)
-            if env.meta.get("round") == m.rounds:
-                return
-
-
-def _short_id() -> str:
-    return str(os.getpid())
+        raise ManifestError(m.source, "broker", "`fedbus dashboard` needs --broker HOST:PORT")
+    return asyncio.run(serve_dashboard(m, args.port, until_done=False))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -17,8 +17,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from fedbus.errors import TaskError
+from strategies._params import declared_params, type_problems
 
-__all__ = ["EvalResult", "FitResult", "Task", "load_task"]
+__all__ = [
+    "EvalResult", "FitResult", "Task", "load_task", "param_problems", "resolve_factory",
+]
+
+# Passed by fedbus to every factory call, not by the manifest.
+_GIVEN = ("partition", "num_partitions", "seed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,19 +63,9 @@ class Task(Protocol):
     def evaluate(self) -> EvalResult: ...
 
 
-def load_task(
-    ref: str,
-    *,
-    partition: int | None,
-    num_partitions: int,
-    seed: int,
-    params: Mapping[str, Any],
-    search_paths: Sequence[str | Path] = (),
-) -> Task:
-    """Import ``module:attr`` and call it to build the task.
+def resolve_factory(ref: str, search_paths: Sequence[str | Path] = ()) -> Callable[..., Any]:
+    """Import ``module:attr`` and return the factory, without calling it.
 
-    The factory gets ``partition`` (None on the aggregator, which only evaluates),
-    ``num_partitions``, ``seed`` and the manifest's ``task.params`` as keyword arguments.
     ``search_paths`` (the manifest's folder, the working directory) are tried when the module
     is not importable as installed, so examples run from a checkout.
     """
@@ -94,7 +90,50 @@ def load_task(
             ) from exc2
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise TaskError(f"{ref!r}: {module_name} has no callable {attr!r}")
+        public = sorted(n for n, v in vars(module).items()
+                        if callable(v) and not n.startswith("_") and n.startswith("make"))
+        raise TaskError(f"{ref!r}: {module_name} has no callable {attr!r}"
+                        + (f"; it has {', '.join(public)}" if public else ""))
+    return factory  # type: ignore[no-any-return]
+
+
+def param_problems(factory: Callable[..., Any], ref: str, params: Mapping[str, Any]) -> str | None:
+    """Why ``params`` do not fit the factory's declaration (names, then plain types), or None.
+
+    A factory that takes ``**kwargs`` accepts any name; a typo (``lrr``) is only caught when
+    the factory declares its parameters, which is why the examples do.
+    """
+    names, open_ended = declared_params(factory)
+    allowed = [n for n in names if n not in _GIVEN]
+    unknown = sorted(set(params) - set(names))
+    if unknown and not open_ended:
+        return (f"unknown parameter(s) {', '.join(unknown)} for {ref}; "
+                f"allowed: {', '.join(allowed) or 'none'}")
+    given = sorted(set(params) & set(_GIVEN))
+    if given:
+        return f"{', '.join(given)} are set by fedbus for each node; remove them from task.params"
+    wrong = type_problems(factory, params)
+    return f"{ref}: " + "; ".join(wrong) if wrong else None
+
+
+def load_task(
+    ref: str,
+    *,
+    partition: int | None,
+    num_partitions: int,
+    seed: int,
+    params: Mapping[str, Any],
+    search_paths: Sequence[str | Path] = (),
+) -> Task:
+    """Import ``module:attr`` and call it to build the task.
+
+    The factory gets ``partition`` (None on the aggregator, which only evaluates),
+    ``num_partitions``, ``seed`` and the manifest's ``task.params`` as keyword arguments.
+    """
+    factory = resolve_factory(ref, search_paths)
+    problem = param_problems(factory, ref, params)
+    if problem is not None:
+        raise TaskError(problem)
     kwargs = {"partition": partition, "num_partitions": num_partitions, "seed": seed, **params}
     try:
         inspect.signature(factory).bind(**kwargs)

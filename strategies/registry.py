@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
+from strategies._params import type_problems
 from strategies.base import AsyncStrategy, Selector, Strategy, StrategyError
 
 __all__ = ["SELECTORS", "STRATEGIES", "WRAPPERS", "make_selector", "make_strategy", "resolve"]
@@ -88,6 +89,10 @@ def _construct(cls: Any, params: Mapping[str, Any], what: str) -> Any:
     if unknown and not accepts_kwargs:
         raise StrategyError(f"{what} {getattr(cls, 'name', '') or cls.__name__}: unknown "
                             f"parameter(s) {unknown}; allowed: {allowed}")
+    wrong = type_problems(cls, params)
+    if wrong:
+        raise StrategyError(f"{what} {getattr(cls, 'name', '') or cls.__name__}: "
+                            + "; ".join(wrong))
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:

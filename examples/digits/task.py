@@ -92,7 +92,6 @@ def make_task(
     momentum: float = 0.0,
     delay_s: float = 0.0,
     speeds: Sequence[float] = (),
-    **_: Any,
 ) -> TorchTask:
     """Factory named in the manifest (``examples.digits.task:make_task``).
 

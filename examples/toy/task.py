@@ -123,7 +123,6 @@ def make_task(
     lr: float = 0.5,
     delay_s: float = 0.0,
     speeds: Sequence[float] = (),
-    **_: Any,
 ) -> ToyTask:
     rng = np.random.default_rng(seed)
     targets = rng.normal(size=(num_partitions, min(size, PERIOD))).astype(np.float32)

@@ -19,7 +19,7 @@ from fedbus.store.cache import StoreError
 from fedbus.store.repository import Retention, RoundStore
 from fedbus.store.workloads import Workloads
 
-__all__ = ["ask", "ask_offline", "save_models", "store_dir", "store_node"]
+__all__ = ["ask", "ask_offline", "run_query", "save_models", "store_dir", "store_node"]
 
 #: Workloads that evaluate models on the server's validation set (they load the task).
 _EVALUATING = frozenset({"contribution", "debugging", "personalization"})
@@ -85,6 +85,21 @@ async def ask_offline(m: Manifest, node: NodeSpec, workload: str, args: Mapping[
         utility = TaskUtility(open_task(m, None))
     result = await Workloads(store, utility, seed=m.seed).run(workload, args)
     return {"ok": True, "workload": workload, "result": result.data}, result.tensors
+
+
+async def run_query(m: Manifest, store: str | None, workload: str, args: Mapping[str, Any], *,
+                    offline: bool, timeout: float, user: str | None = None,
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """What ``fedbus query`` does: over the bus when the manifest names a broker (as
+    ``user``, an operator, on a secured broker), else from the store's folder."""
+    node = store_node(m, store)
+    if offline or m.broker is None:
+        return await ask_offline(m, node, workload, args)
+    from fedbus.node import make_bus
+
+    me = NodeSpec(id=user or f"query-{os.getpid()}", role="trainer")
+    async with make_bus(m, me) as bus:
+        return await ask(bus, m, node.id, workload, args, timeout)
 
 
 def save_models(tensors: Mapping[str, np.ndarray], folder: str) -> list[str]:

@@ -70,7 +70,7 @@ def test_fedbus_run_starts_the_store_and_query_reads_it_offline(tmp_path: Path) 
     manifest.write_text(json.dumps(doc(store={"dir": str(tmp_path / "st")})))
     run = [sys.executable, "-m", "fedbus.cli"]
     # Execute
-    done = subprocess.run([*run, "run", str(manifest), "--memory"], cwd=ROOT,
+    done = subprocess.run([*run, "run", str(manifest), "--memory", "--no-record"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     asked = subprocess.run([*run, "query", str(manifest), "scheduling", "--arg", "by=loss",
                             "--round", "2"], cwd=ROOT, capture_output=True, text=True,

@@ -1,0 +1,355 @@
+"""``fedbus run`` and ``fedbus serve``: nodes in this process, the private broker, signals, and
+the observer that turns the aggregator's round reports into the display and the run folder.
+
+SIGTERM and SIGINT cancel the main task; cancellation unwinds every node, stops the private
+mosquitto (removing its temp folder) and marks the run folder ``stopped``. Exit code 128+N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fnmatch
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, MutableMapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from fedbus.bus.memory import MemoryBroker
+from fedbus.errors import FedbusError, ManifestError
+from fedbus.log import LogSink
+from fedbus.manifest import BrokerSpec, Manifest, with_broker
+from fedbus.metering import MeteredBus
+from fedbus.node import build_node, make_bus
+from fedbus.progress import DisplayMode, ProgressState, make_display
+from fedbus.runs import BEST_MODEL, FINAL_MODEL, RunRecorder
+from fedbus.services.aggregator import Aggregator, RoundReport
+from fedbus.services.async_aggregator import AsyncAggregator
+
+if TYPE_CHECKING:
+    from fedbus.prom import PromExporter
+
+__all__ = ["RunOptions", "run_federation", "serve_nodes"]
+
+log = structlog.get_logger("fedbus.run")
+
+AnyAggregator = Aggregator | AsyncAggregator
+#: After a stop signal, how long nodes get to unwind before they are cancelled again.
+_GOODBYE_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunOptions:
+    memory: bool = False
+    #: Root of the run folders; None: record nothing.
+    runs_root: Path | None = None
+    display: DisplayMode = "auto"
+    #: Serve the live dashboard on this loopback port (0: any free port) during the run.
+    dashboard_port: int | None = None
+    #: Serve Prometheus metrics of the aggregator on (host, port).
+    metrics: tuple[str, int] | None = None
+    #: Command-line overrides, written into the run folder's manifest.
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Keep this file fresh while every bus is connected (container healthchecks).
+    health_file: str | None = None
+
+
+class _Stop:
+    """Signal handling: the first SIGTERM/SIGINT cancels the main task; later ones wait for
+    the clean-up already under way (it is bounded: the broker is killed after 5 s)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._on_signal, sig, task)
+
+    def _on_signal(self, sig: int, task: asyncio.Task[Any]) -> None:
+        if self.signum is None:
+            self.signum = sig
+            task.cancel()
+            # Nodes say goodbye on the way out; if that hangs (a broker gone), cut it short.
+            asyncio.get_running_loop().call_later(_GOODBYE_S, task.cancel)
+
+
+@contextlib.asynccontextmanager
+async def _broker_for(
+    m: Manifest, memory: bool
+) -> AsyncIterator[tuple[Manifest, MemoryBroker | None]]:
+    if memory:
+        yield m, MemoryBroker()
+        return
+    if m.broker is not None:
+        yield m, None
+        return
+    # No broker named: start a private mosquitto on a free loopback port (see docs/broker.md
+    # for why a real broker beats an embedded pure-Python one).
+    from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto
+
+    proc = await spawn_mosquitto()
+    log.info("broker_started", endpoint=proc.endpoint, pid=proc.pid)
+    try:
+        yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port,
+                                        max_queued_messages=QUEUED_MESSAGES)), None
+    finally:
+        try:
+            await proc.stop()
+        finally:  # a second cancellation cut stop() short: finish synchronously
+            proc.kill_now()
+            shutil.rmtree(proc.workdir, ignore_errors=True)
+
+
+async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) -> int:
+    """Every node of ``m`` in this process; returns the exit code (128+N after signal N)."""
+    return await _execute(m, [n.id for n in m.nodes], opts, sink, serving=False)
+
+
+async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
+                      sink: LogSink | None) -> int:
+    """``fedbus serve``: the nodes matching ``patterns``, until done or SIGTERM/SIGINT (a
+    service manager's stop, so exit 0). A run folder is written only when the aggregator is
+    among them and ``opts.runs_root`` is set."""
+    node_ids = [n.id for n in m.nodes if any(fnmatch.fnmatchcase(n.id, p) for p in patterns)]
+    if not node_ids:
+        raise ManifestError(m.source, "nodes",
+                            f"--node {' '.join(patterns)} matches no node; known: "
+                            f"{', '.join(n.id for n in m.nodes)}")
+    if m.broker is None:
+        raise ManifestError(m.source, "broker",
+                            "`fedbus serve` needs a broker: add broker: {host, port} to the "
+                            "manifest or pass --broker HOST:PORT")
+    if not any(m.node(n).role == "aggregator" for n in node_ids):
+        opts = dataclasses.replace(opts, runs_root=None)
+    return await _execute(m, node_ids, opts, sink, serving=True)
+
+
+async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
+                   sink: LogSink | None, *, serving: bool) -> int:
+    stop = _Stop()
+    stop.install()
+    try:
+        recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
+            if opts.runs_root is not None else None
+    except OSError as exc:
+        raise FedbusError(f"cannot create a run folder under {opts.runs_root}/: {exc}; pass "
+                          "--runs-dir DIR (or set $FEDBUS_RUNS_DIR), or --no-record") from None
+    if recorder is not None:
+        if sink is not None:
+            sink.attach(recorder.path / "logs")
+        print(f"fedbus: job {m.job}, run folder {recorder.path}", file=sys.stderr, flush=True)
+    observer = _Observer(m, recorder, opts.display, sink)
+    status = "failed"
+    if opts.metrics is not None and any(m.node(n).role == "aggregator" for n in node_ids):
+        from fedbus.prom import PromExporter
+
+        observer.exporter = PromExporter(m.job, *opts.metrics)
+        log.info("metrics_serving", url=f"http://{opts.metrics[0]}:{observer.exporter.port}/")
+    try:
+        async with _broker_for(m, opts.memory) as (m, mem):
+            await _run_nodes(m, node_ids, mem, observer, opts)
+        status = "finished" if observer.history_len() else "failed"
+    except asyncio.CancelledError:
+        if stop.signum is None:
+            raise
+        status = "stopped"
+        name = signal.Signals(stop.signum).name
+        observer.display_stop()
+        if serving:
+            log.info("stopped_by_signal", nodes=list(node_ids), signal=name)
+            return 0
+        print(f"fedbus: stopped by {name}; nodes and broker shut down"
+              + (f", partial run in {recorder.path}" if recorder else ""),
+              file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        observer.display_stop()
+        if observer.exporter is not None:
+            observer.exporter.close()
+        if recorder is not None:
+            if observer.agg is not None and observer.history_len() > 0:
+                recorder.save_model(FINAL_MODEL, observer.agg.weights, observer.last_round)
+            recorder.finish(status, observer.final_metrics())
+        if sink is not None:
+            sink.close()
+    if recorder is not None:
+        saved = ", ".join(p.name for p in sorted(recorder.path.iterdir()) if p.is_file())
+        print(f"fedbus: saved {saved} in {recorder.path}; `fedbus show {m.job}` summarizes it",
+              file=sys.stderr, flush=True)
+    return observer.final_line() if observer.agg is not None else 0
+
+
+async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,
+                     observer: _Observer | None, opts: RunOptions) -> None:
+    """Run ``node_ids`` in this process, each on its own bus connection."""
+    # Build every service (importing torch, loading data) before any connection opens:
+    # minutes of set-up on a Pi must not run into the MQTT keepalive.
+    buses: dict[str, Any] = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
+    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
+    _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
+    agg = next((s for s in services.values() if isinstance(s, (Aggregator, AsyncAggregator))),
+               None)
+    if observer is not None and agg is not None:
+        # Swapped in after building, so build_node still sees the real bus (its type matters).
+        agg.bus = observer.meter = MeteredBus(agg.bus)
+    async with contextlib.AsyncExitStack() as stack:
+        for bus in buses.values():
+            await stack.enter_async_context(bus)
+        if opts.health_file:
+            from fedbus.deploy.health import keep_health_file
+
+            health = asyncio.create_task(keep_health_file(opts.health_file, buses.values()))
+            stack.callback(health.cancel)
+        async with asyncio.TaskGroup() as tg:
+            others = [tg.create_task(svc.run(), name=node_id)
+                      for node_id, svc in services.items() if svc is not agg]
+            if opts.dashboard_port is not None:
+                from fedbus.dashboard import serve_dashboard
+
+                others.append(tg.create_task(serve_dashboard(
+                    m, opts.dashboard_port, memory=mem, until_done=True), name="dashboard"))
+            if agg is not None:
+                if observer is not None:
+                    progress = tg.create_task(observer.follow(agg), name="progress")
+                    others.append(progress)
+                await tg.create_task(agg.run(), name=agg.config.node_id)
+                if observer is not None:
+                    # Its last reports are queued already; a job that ended short of its
+                    # rounds (an error) must not leave the display waiting for more.
+                    await asyncio.wait({progress}, timeout=5)
+                # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
+                # could send one) and keep serving: the process that ran the job stops them.
+                stores = [t for t in others if t.get_name() in services
+                          and m.node(t.get_name()).role == "store"]
+                for task in others:
+                    if task not in stores:
+                        task.cancel()
+                if stores:  # a store stops on `done` once it has written what it received
+                    await asyncio.wait(stores, timeout=STORE_GRACE_S)
+                    for task in stores:
+                        task.cancel()
+
+
+#: How long a run lets a store finish writing after the last round.
+STORE_GRACE_S = 60.0
+
+
+def _limit_torch_threads(n_trainers: int) -> None:
+    # Many trainers in one process each train in a worker thread; torch's own intra-op pool
+    # per trainer would oversubscribe the cores (2 on a Pi-class box).
+    torch = sys.modules.get("torch")
+    if torch is not None and n_trainers > 1:
+        torch.set_num_threads(1)
+
+
+class _Observer:
+    """Reads the aggregator's reports; feeds the display, metrics.jsonl and the best model."""
+
+    def __init__(self, m: Manifest, recorder: RunRecorder | None, mode: DisplayMode,
+                 sink: LogSink | None) -> None:
+        self.m = m
+        self.recorder = recorder
+        self.state = ProgressState(job=m.job, rounds=m.rounds,
+                                   trainers=sum(1 for n in m.nodes if n.role == "trainer"))
+        self.display = make_display(self.state, mode)
+        self._display_on = False
+        self.agg: AnyAggregator | None = None
+        self.meter: MeteredBus | None = None
+        self.exporter: PromExporter | None = None
+        self.last_round = 0
+        self._fit_s: list[float] = []
+        self._last_wall = time.monotonic()
+        self._bytes = (0, 0)
+        if sink is not None:
+            sink.taps.append(self._tap)
+
+    def _tap(self, event: MutableMapping[str, Any]) -> None:
+        # Trainers log their fit time with each update; the round-time breakdown uses it.
+        if event.get("event") in ("update_sent", "update_ready") and "seconds" in event:
+            with contextlib.suppress(TypeError, ValueError):
+                self._fit_s.append(float(event["seconds"]))
+
+    async def follow(self, agg: AnyAggregator) -> None:
+        self.agg = agg
+        self.state.online = lambda: len(agg.online & agg.config.trainers)
+        self.display.start()
+        self._display_on = True
+        self._last_wall = time.monotonic()
+        while True:
+            report = await agg.reports.get()
+            await self._on_report(report, agg)
+            if report.round >= self.m.rounds:
+                break
+        self.display_stop()
+
+    async def _on_report(self, report: RoundReport, agg: AnyAggregator) -> None:
+        now = time.monotonic()
+        row = report.as_meta()
+        sent, received = (self.meter.sent, self.meter.received) if self.meter else (0, 0)
+        fit = self._fit_s
+        self._fit_s = []
+        row.update(
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            elapsed_s=round(now - self.state.started, 3),
+            wall_s=round(now - self._last_wall, 4),
+            accepted=list(report.accepted),
+            bytes_sent=sent - self._bytes[0],
+            bytes_received=received - self._bytes[1],
+            fit_s_max=round(max(fit), 4) if fit else None,
+            fit_s_mean=round(sum(fit) / len(fit), 4) if fit else None,
+        )
+        staleness = getattr(report, "staleness", None)
+        if staleness is not None:
+            row["staleness"] = list(staleness)
+        self._bytes = (sent, received)
+        self._last_wall = now
+        self.last_round = report.round
+        self.state.update(row)
+        self.display.round(row)
+        if self.exporter is not None:
+            self.exporter.observe(row)
+        if self.recorder is not None and self.recorder.record(row):
+            snapshot = {k: v.copy() for k, v in agg.weights.items()}
+            await asyncio.to_thread(self.recorder.save_model, BEST_MODEL, snapshot, report.round)
+
+    def display_stop(self) -> None:
+        if self._display_on:
+            self._display_on = False
+            self.display.stop()
+
+    def history_len(self) -> int:
+        return len(self.agg.history) if self.agg is not None else 0
+
+    def final_metrics(self) -> dict[str, Any]:
+        last = self.agg.history[-1] if self.agg is not None and self.agg.history else None
+        if last is None:
+            return {}
+        out: dict[str, Any] = {"round": last.round}
+        if last.eval is not None:
+            out["loss"] = last.eval.loss
+            out.update({k: float(v) for k, v in last.eval.metrics.items()})
+        return out
+
+    def final_line(self) -> int:
+        """Print the machine-readable last line of stdout; the exit code."""
+        last = self.agg.history[-1] if self.agg is not None and self.agg.history else None
+        if last is None:
+            print("final rounds=0", flush=True)
+            return 1
+        if last.eval is not None and "accuracy" in last.eval.metrics:
+            print(f"final accuracy={last.eval.metrics['accuracy']:.4f}", flush=True)
+        elif last.eval is not None:
+            print(f"final loss={last.eval.loss:.6g}", flush=True)
+        else:
+            print(f"final rounds={last.round}", flush=True)
+        return 0
