@@ -158,6 +158,8 @@ class StoreService:
                         await task
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
+                if self.store.redis is not None:
+                    await self.store.redis.close()
         self._log.info("store_stopped", **self.stats, **self.store.stats()["cache"])
         return dict(self.stats)
 
@@ -322,12 +324,13 @@ class StoreService:
             "selected": sender in state.selected,
         }
         info["norm"] = round(size, 8)
-        sketch, written = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
-                                                  delta, info)
+        sketch, frames = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
+                                                 delta, info)
+        await self.store.share(frames)
         state.clients[sender] = info
         state.sketches[sender] = sketch
         self.stats["updates"] += 1
-        self.stats["update_bytes"] += written
+        self.stats["update_bytes"] += sum(len(f) for f in frames.values())
 
     async def _open_update(self, payload: bytes, sender: str) -> Envelope | None:
         """Decode within limits derived from the open round's model (the manifest's before
@@ -355,14 +358,14 @@ class StoreService:
         return env
 
     def _sketch_and_write(self, r: int, sender: str, delta: dict[str, np.ndarray],
-                          info: dict[str, Any]) -> tuple[np.ndarray, int]:
+                          info: dict[str, Any]) -> tuple[np.ndarray, dict[str, bytes]]:
         sketch = self.sketcher.sketch(delta)
         info["full"] = self.config.full_updates
         frames: dict[str, bytes] = {}
         if self.config.full_updates:
             frames.update(self.store.write_update(r, sender, delta))
         frames.update(self.store.write_sketch(r, sender, sketch, {"norm": info["norm"]}))
-        return sketch, sum(len(f) for f in frames.values())
+        return sketch, frames
 
     async def _close(self, state: _Open, next_model: Mapping[str, np.ndarray] | None) -> None:
         """Finish a round's record: the aggregate (exact from the next model when known, else

@@ -266,3 +266,26 @@ async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(
     assert rec["missing"] == ["t0", "t2"] and rec["report"]["participants"] == 1
     assert store.rejections.counts["duplicate"] == 1
     assert rec["aggregate"]["source"] == "fedavg_estimate"
+
+
+async def test_with_redis_a_second_process_reads_what_the_store_wrote(
+        tmp_path: Path, redis_url: str) -> None:
+    # Prepare
+    from fedbus.store import RedisCache, RoundStore
+
+    m = manifest(tmp_path, n=3, rounds=2, redis_url=redis_url)
+    # Execute: the federation, then a store process with an empty folder of its own
+    _, store = await federate(m)
+    other_redis = RedisCache(redis_url, "fedbus:store:toy:agg:")
+    other = RoundStore(tmp_path / "elsewhere", "toy", cache_bytes=0, redis=other_redis)
+    other.records = dict(store.store.records)  # the records are small; the tensors are not
+    try:
+        upd = await other.update(2, "t1")
+        model = await other.model(1)
+    finally:
+        await other_redis.close()
+    # Assert: served from Redis, identical to the store's own copy on disk
+    assert upd is not None and model is not None and other_redis.hits == 2
+    mine = await store.store.update(2, "t1")
+    assert mine is not None
+    np.testing.assert_array_equal(upd["w"], mine["w"])
