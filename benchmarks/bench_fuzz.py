@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -44,11 +45,12 @@ import yaml
 
 from benchmarks.bench_rounds import REPO, Child, Sampler
 from fedbus import topics
-from fedbus.broker import MosquittoProcess, spawn_mosquitto
+from fedbus.broker import spawn_mosquitto
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import decode
 from fedbus.errors import CodecError
 from fedbus.fuzz import Fuzzer
+from fedbus.log import configure_logging
 from fedbus.manifest import load_manifest
 
 MIB = 1 << 20
@@ -66,6 +68,10 @@ class Run:
     sent: dict[str, int] = field(default_factory=dict)
     sent_to_aggregator: int = 0
     seconds: float = 0.0
+    #: When the flood started and ended, and when the last round report came (seconds from
+    #: the start of the run): the flood must fall inside the job.
+    flood: tuple[float, float] = (0.0, 0.0)
+    job_end: float = 0.0
 
 
 @dataclass
@@ -74,18 +80,18 @@ class Result:
     clean: Run
     fuzzed: Run
     same_model: bool
+    secure: bool = False
     machine: str = field(default_factory=lambda: f"{platform.machine()} {platform.system()}, "
                                                  f"Python {platform.python_version()}")
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
 
 
-def write_manifest(folder: Path, proc: MosquittoProcess, *, rounds: int,
-                   size: int, delay_s: float) -> Path:
-    data = {
+def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
+                  delay_s: float) -> dict[str, Any]:
+    return {
         "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
         # updates of `size` float32 params exceed one chunk: grants and reassembly are used
-        "broker": {"host": proc.host, "port": proc.port, "chunk_bytes": 32_768,
-                   "max_queued_messages": 100_000},
+        "broker": {"chunk_bytes": 32_768, "max_queued_messages": 100_000, **broker},
         "codec": {"level": 0},
         "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60,
                   "max_uploads": 2},
@@ -95,23 +101,64 @@ def write_manifest(folder: Path, proc: MosquittoProcess, *, rounds: int,
         "nodes": [{"id": "aggregator", "role": "aggregator"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
     }
+
+
+#: Operator users on a secured broker: the watcher, and the attacker (two connections, since
+#: the broker names a session after its user and a second login would kick the first).
+OPERATORS = ("watcher", "mallory", "mallory-eye")
+
+
+@dataclass
+class Broker:
+    """The broker of one run, and how a client logs in to it (None: anonymous)."""
+
+    host: str
+    port: int
+    stop: Any
+    password: Any = None  # user -> password on a secured broker
+
+    def login(self, user: str) -> dict[str, Any]:
+        if self.password is None:
+            return {}
+        return {"username": user, "password": self.password(user)}
+
+
+async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, Path]:
+    """A fresh mosquitto (secured: every node and operator with its own credentials and
+    rights, from ``fedbus.deploy``) and the manifest file pointing at it."""
+    if not secure:
+        proc = await spawn_mosquitto()
+        broker = Broker(proc.host, proc.port, proc.stop)
+        data = manifest_data({"host": proc.host, "port": proc.port}, **job)
+    else:
+        from fedbus.deploy.local import spawn_secure_mosquitto
+        from fedbus.manifest import parse_manifest
+
+        plain = parse_manifest(manifest_data({"host": "127.0.0.1", "port": 1}, **job))
+        sb = await spawn_secure_mosquitto(plain, operators=OPERATORS)
+        broker = Broker(sb.host, sb.port, sb.stop, sb.password)
+        spec = sb.manifest.broker
+        assert spec is not None
+        data = manifest_data({"host": sb.host, "port": sb.port,
+                              "password_file": spec.password_file}, **job)
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(data))
-    return path
+    return broker, path
 
 
 async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
-                  delay_s: float, seed: int = 0) -> Run:
+                  delay_s: float, seed: int = 0, secure: bool = False) -> Run:
     """One federation on a fresh mosquitto; fuzzed when ``messages`` > 0."""
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
-    proc = await spawn_mosquitto()
+    broker, path = await start_broker(folder, secure, rounds=rounds, size=size,
+                                      delay_s=delay_s)
     children: list[Child] = []
     samplers: dict[str, Sampler] = {}
     run = Run()
     try:
-        path = write_manifest(folder, proc, rounds=rounds, size=size, delay_s=delay_s)
         m = load_manifest(path)
-        async with MqttBus("watcher", proc.host, proc.port) as watch, \
+        async with MqttBus("watcher", broker.host, broker.port, client_id="watcher",
+                           **broker.login("watcher")) as watch, \
                 watch.subscribe(topics.metrics(m.job, "aggregator")) as metrics_sub:
             started = time.monotonic()
             for name, node in (("aggregator", "aggregator"), ("trainers", "t*")):
@@ -123,7 +170,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                 samplers[name].start()
             attack: asyncio.Task[None] | None = None
             if messages:
-                attack = asyncio.create_task(_attack(m, proc, messages, seed, run))
+                attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started))
             agg = children[0]
             seen: set[str] = set()
             while True:
@@ -141,6 +188,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                     seen.add(env.msg_id)
                     run.metrics.append(dict(env.meta))
                     if env.meta.get("round") == rounds:
+                        run.job_end = time.monotonic() - started
                         break
             if attack is not None:
                 await asyncio.wait_for(attack, 120)
@@ -156,7 +204,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
             child.stop()
         for sampler in samplers.values():
             sampler.stop()
-        await proc.stop()
+        await broker.stop()
     for child in children:
         run.exit_codes[child.name] = child.proc.returncode
     run.rejected = _rejections(folder)
@@ -172,24 +220,36 @@ def _serve(manifest: Path, node: str, log: Any) -> Any:
         stderr=log)
 
 
-async def _attack(m: Any, proc: MosquittoProcess, messages: int, seed: int, run: Run) -> None:
+async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
+                  t0: float) -> None:
     model = {"w": np.zeros(m.task.params["size"], np.float32)}
     fuzzer = Fuzzer(m, model, seed=seed)
     agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
+    # What the attacker may read: everything on an open broker; on a secured one it holds
+    # operator credentials (metrics and presence; control on any node), and the broker
+    # refuses the rest of what it sends.
+    readable = ([f"fedbus/v1/{m.job}/#"] if broker.password is None
+                else [topics.metrics_all(m.job), topics.presence_all(m.job)])
     # The attacker speaks raw MQTT: fedbus's own bus would wrap a fake chunk frame into a
     # real one-chunk transfer and so defuse the chunk floods.
-    raw = aiomqtt.Client(proc.host, proc.port, identifier="mallory-raw",
-                         protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=200)
-    async with MqttBus("mallory", proc.host, proc.port) as bus, raw, \
-            bus.subscribe(f"fedbus/v1/{m.job}/#") as spy:
-        # learn from real traffic until the first round order, then flood
+    raw = aiomqtt.Client(broker.host, broker.port, identifier="mallory",
+                         logger=logging.getLogger("fedbus.fuzz.attacker"),
+                         protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=200,
+                         **broker.login("mallory"))
+    raw.pending_calls_threshold = 1 << 30  # a flood is the point, not a warning
+    async with MqttBus("mallory-eye", broker.host, broker.port, client_id="mallory-eye",
+                       **broker.login("mallory-eye")) as bus, raw, \
+            bus.subscribe(*readable) as spy:
+        # learn from real traffic until the job is under way, then flood
         while True:
             msg = await spy.get(timeout=60)
             fuzzer.observe(msg.topic, msg.payload)
-            if msg.topic == topics.model(m.job, m.aggregator.id):
+            if msg.topic in (topics.model(m.job, m.aggregator.id),
+                             topics.metrics(m.job, m.aggregator.id)):
                 break
         sent: Counter[str] = Counter()
         batch: list[Any] = []
+        flood_start = time.monotonic() - t0
         for fm in fuzzer.messages(messages):
             batch.append(raw.publish(fm.topic, fm.payload, qos=1, retain=fm.retain))
             sent[fm.category] += 1
@@ -206,6 +266,7 @@ async def _attack(m: Any, proc: MosquittoProcess, messages: int, seed: int, run:
                     fuzzer.observe(seen.topic, seen.payload)
         await asyncio.gather(*batch)
         run.sent = dict(sent)
+        run.flood = (flood_start, time.monotonic() - t0)
 
 
 def _rejections(folder: Path) -> dict[str, dict[str, int]]:
@@ -228,6 +289,13 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in out.items()}
 
 
+def survived(run: Run, name: str) -> bool:
+    """Exited 0 (the aggregator at the end of its job; trainers on an authenticated
+    broker, which trust its `done`), or still serving when the job ended."""
+    return run.exit_codes.get(name) == 0 or (name != "aggregator"
+                                             and run.alive_at_end.get(name, False))
+
+
 def compare(clean: Run, fuzzed: Run) -> bool:
     """Same final model: every round's loss and distance equal, to the last bit."""
     def key(r: Run) -> list[tuple[Any, ...]]:
@@ -236,28 +304,31 @@ def compare(clean: Run, fuzzed: Run) -> bool:
 
 
 async def fuzz(messages: int = 10_000, *, rounds: int = 6, size: int = 20_000,
-               delay_s: float = 0.5, seed: int = 0, folder: Path | None = None) -> Result:
+               delay_s: float = 0.5, seed: int = 0, secure: bool = False,
+               folder: Path | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="fedbus-fuzz-") as tmp:
         base = folder or Path(tmp)
         clean = await one_run(base / "clean", messages=0, rounds=rounds, size=size,
-                              delay_s=delay_s)
+                              delay_s=delay_s, secure=secure)
         fuzzed = await one_run(base / "fuzzed", messages=messages, rounds=rounds, size=size,
-                               delay_s=delay_s, seed=seed)
-    return Result(messages=messages, clean=clean, fuzzed=fuzzed,
+                               delay_s=delay_s, seed=seed, secure=secure)
+    return Result(messages=messages, clean=clean, fuzzed=fuzzed, secure=secure,
                   same_model=compare(clean, fuzzed))
 
 
 def table(r: Result) -> str:
+    broker = ("authenticated broker, attacker with operator credentials" if r.secure
+              else "open broker")
     lines = [
-        f"Fuzzing a running federation ({r.messages:,} messages; {r.machine}; {r.date})",
+        f"Fuzzing a running federation ({r.messages:,} messages, {broker}; {r.machine}; "
+        f"{r.date})",
         "",
         "| process | survived | peak RSS clean | peak RSS fuzzed | ratio |",
         "|---|---|---|---|---|",
     ]
     for name in ("aggregator", "trainers"):
         c, f = r.clean.peak_rss.get(name, 0), r.fuzzed.peak_rss.get(name, 0)
-        alive = (r.fuzzed.exit_codes.get(name) == 0 if name == "aggregator"
-                 else r.fuzzed.alive_at_end.get(name, False))
+        alive = survived(r.fuzzed, name)
         lines.append(f"| {name} | {'yes' if alive else 'NO'} | {c / MIB:.0f} MiB | "
                      f"{f / MIB:.0f} MiB | {f / c if c else 0:.2f} |")
     lines += ["", "| sent by category | messages |", "|---|---|"]
@@ -267,7 +338,9 @@ def table(r: Result) -> str:
         text = ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items(), key=lambda x: -x[1]))
         lines.append(f"| {node} | {text} |")
     lines += ["", f"final model equal to the clean run's: {'yes' if r.same_model else 'no'}; "
-                  f"rounds {len(r.fuzzed.metrics)}/{len(r.clean.metrics)}; "
+                  f"rounds {len(r.fuzzed.metrics)}/{len(r.clean.metrics)}; flood from "
+                  f"{r.fuzzed.flood[0]:.1f} s to {r.fuzzed.flood[1]:.1f} s, last round report "
+                  f"at {r.fuzzed.job_end:.1f} s; "
                   f"{r.fuzzed.seconds:.1f} s fuzzed vs {r.clean.seconds:.1f} s clean"]
     return "\n".join(lines)
 
@@ -278,9 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--secure", action="store_true",
+                   help="broker with generated users and rights; the attacker is an operator")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed))
+    # The watcher and the attacker's own buses see the flood too: keep their logs quiet.
+    configure_logging(level="error")
+    result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed,
+                              secure=args.secure))
     print(table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(result), indent=1))

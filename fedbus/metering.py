@@ -63,8 +63,10 @@ class MeteredBus:
         await self.inner.publish(topic, payload, retain=retain)
         self.sent += len(payload)
 
-    def subscribe(self, *filters: str, admit: Admit | None = None) -> Subscription:
-        return _MeteredSubscription(self.inner.subscribe(*filters, admit=admit), self)
+    def subscribe(self, *filters: str, admit: Admit | None = None,
+                  max_queued_bytes: int | None = None) -> Subscription:
+        return _MeteredSubscription(
+            self.inner.subscribe(*filters, admit=admit, max_queued_bytes=max_queued_bytes), self)
 
     def __getattr__(self, name: str) -> Any:
         # Anything else a service asks of its bus (statistics, ...) is the real bus's.

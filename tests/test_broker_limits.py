@@ -102,3 +102,4 @@ async def test_the_cli_reports_an_error_inside_a_task_group_as_one_line(
     assert proc.returncode == 1
     assert "Traceback" not in text and "ExceptionGroup" not in text, text
     assert "fedbus: only 0 of the 2 trainers needed" in text
+    assert "anonymous_broker" in text  # and it said loudly that anyone could publish

@@ -5,6 +5,7 @@ Each test is a regression test for a trap a new user hit (issue #13).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ FEDBUS = [sys.executable, "-m", "fedbus.cli"]
 
 
 def fedbus(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # the example tasks import from the repository root, wherever the command runs
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*FEDBUS, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 def toy(tmp_path: Path, **over: Any) -> Path:

@@ -244,9 +244,10 @@ class SpyBus(MemoryBus):
         self.subscribed: set[str] = set()
         self.published: set[str] = set()
 
-    def subscribe(self, *filters: str, admit: Any = None) -> Any:
+    def subscribe(self, *filters: str, admit: Any = None,
+                  max_queued_bytes: int | None = None) -> Any:
         self.subscribed.update(filters)
-        return super().subscribe(*filters, admit=admit)
+        return super().subscribe(*filters, admit=admit, max_queued_bytes=max_queued_bytes)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         self.published.add(topic)
@@ -288,3 +289,19 @@ def _raw(m: Manifest) -> dict[str, Any]:
                       "max_uploads": r.max_uploads},
             "nodes": [{"id": "agg", "role": "aggregator"}],
             "trainers": {"count": 3, "prefix": "t", "parent": "agg"}}
+
+
+async def test_a_bounded_subscription_drops_and_counts_what_it_cannot_hold() -> None:
+    # Prepare: room for two 50-byte messages waiting unread
+    broker = MemoryBroker()
+    async with MemoryBus(broker, "reader") as reader, MemoryBus(broker, "flood") as flood, \
+            reader.subscribe("fedbus/v1/toy/model/agg", max_queued_bytes=100) as sub:
+        # Execute
+        for i in range(5):
+            await flood.publish("fedbus/v1/toy/model/agg", bytes([i]) * 50)
+        # Assert: the first two wait, three were dropped and counted; reading frees room
+        assert reader.stats["dropped_queue_full"] == 3
+        assert (await sub.get(timeout=1)).payload == bytes([0]) * 50
+        await flood.publish("fedbus/v1/toy/model/agg", b"x" * 50)
+        assert (await sub.get(timeout=1)).payload == bytes([1]) * 50
+        assert (await sub.get(timeout=1)).payload == b"x" * 50

@@ -335,4 +335,5 @@ async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
     np.testing.assert_allclose(agg.weights["w"], target * (1 - (1 - LR) ** 2), rtol=1e-5,
                                atol=1e-6)
     assert [len(r.accepted) for r in agg.history] == [5, 5]
-    assert peak == 2
+    # the bound is what matters; whether two overlapped at all depends on the clock
+    assert 1 <= peak <= 2

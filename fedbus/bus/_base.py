@@ -81,7 +81,10 @@ class Bus(Protocol):
         """Publish at QoS 1. Large payloads are chunked transparently."""
         ...
 
-    def subscribe(self, *filters: str, admit: Admit | None = None) -> Subscription:
+    def subscribe(self, *filters: str, admit: Admit | None = None,
+                  max_queued_bytes: int | None = None) -> Subscription:
         """Messages matching ``filters``. ``admit`` (optional) vets chunked transfers on them
-        before any of their bytes are buffered; refused ones are dropped and counted."""
+        before any of their bytes are buffered; refused ones are dropped and counted.
+        ``max_queued_bytes`` (optional) bounds what may wait unread; beyond it messages are
+        dropped and counted (``stats["dropped_queue_full"]``)."""
         ...

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Final
 
+import structlog
+
 from fedbus.bus._base import Admit, Message
 from fedbus.bus._chunking import ChunkLimits, Reassembler
 from fedbus.errors import BusError
@@ -20,17 +22,26 @@ from fedbus.topics import matches, validate_filter
 __all__ = ["Dispatcher", "QueueSubscription"]
 
 _CLOSED: Final = object()
+log = structlog.get_logger(__name__)
 
 Hook = Callable[["QueueSubscription"], Awaitable[None]]
 
 
 class QueueSubscription:
-    """A ``Subscription``: an unbounded queue of messages, opened and closed by its bus."""
+    """A ``Subscription``: a queue of messages, opened and closed by its bus.
+
+    ``max_queued_bytes`` bounds what waits unread: beyond it a message is dropped, counted
+    (``dropped``) and logged, so a flood faster than the reader cannot grow the process
+    without bound. Unbounded by default; a service that knows what it expects sets it.
+    """
 
     def __init__(self, filters: Iterable[str], open_hook: Hook, close_hook: Hook, *,
-                 admit: Admit | None = None) -> None:
+                 admit: Admit | None = None, max_queued_bytes: int | None = None) -> None:
         self.filters: tuple[str, ...] = tuple(validate_filter(f) for f in filters)
         self.admit = admit
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
+        self.dropped = 0
         if not self.filters:
             raise BusError("subscribe() needs at least one topic filter")
         self._open_hook = open_hook
@@ -65,9 +76,19 @@ class QueueSubscription:
             await self._close_hook(self)
 
     def push(self, message: Message) -> None:
-        if self._state == "open":
-            self._queue.put_nowait(message)
-            self.high_water = max(self.high_water, self._queue.qsize())
+        if self._state != "open":
+            return
+        size = len(message.payload)
+        limit = self.max_queued_bytes
+        if limit is not None and self.queued_bytes + size > limit:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("drop_message", reason="queue_full", topic=message.topic,
+                            queued_bytes=self.queued_bytes, limit=limit, dropped=self.dropped)
+            return
+        self.queued_bytes += size
+        self._queue.put_nowait(message)
+        self.high_water = max(self.high_water, self._queue.qsize())
 
     def _end(self) -> None:
         """Stop receiving; readers drain what is queued, then see the end."""
@@ -84,6 +105,7 @@ class QueueSubscription:
             self._queue.put_nowait(_CLOSED)  # every later reader sees the end too
             raise BusError(f"subscription {self.filters} is closed")
         assert isinstance(item, Message)
+        self.queued_bytes -= len(item.payload)
         return item
 
     def __aiter__(self) -> AsyncIterator[Message]:
@@ -191,6 +213,9 @@ class Dispatcher:
             for sub in subs:
                 sub._end()
         self._by_filter.clear()
+
+    def dropped(self) -> int:
+        return sum(s.dropped for subs in self._by_filter.values() for s in subs)
 
     def high_water(self) -> int:
         return max((s.high_water for subs in self._by_filter.values() for s in subs), default=0)

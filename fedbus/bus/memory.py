@@ -146,6 +146,7 @@ class MemoryBus:
             "delivered": self._dispatch.delivered,
             "unrouted": self._dispatch.unrouted,
             "queue_high_water": self._dispatch.high_water(),
+            "dropped_queue_full": self._dispatch.dropped(),
             "buffered_bytes": r.buffered_bytes,
             "partial_transfers": r.partial_transfers,
             **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
@@ -202,8 +203,10 @@ class MemoryBus:
             self._broker._route(topic, part, retain=retain)
         self._published += 1
 
-    def subscribe(self, *filters: str, admit: Admit | None = None) -> QueueSubscription:
-        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit)
+    def subscribe(self, *filters: str, admit: Admit | None = None,
+                  max_queued_bytes: int | None = None) -> QueueSubscription:
+        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit,
+                                 max_queued_bytes=max_queued_bytes)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()

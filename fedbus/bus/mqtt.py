@@ -218,6 +218,7 @@ class MqttBus:
             "unrouted": self._dispatch.unrouted,
             "incoming_queued": len(conn.client.messages) if conn else 0,
             "queue_high_water": self._dispatch.high_water(),
+            "dropped_queue_full": self._dispatch.dropped(),
             "buffered_bytes": r.buffered_bytes,
             "partial_transfers": r.partial_transfers,
             **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
@@ -606,8 +607,10 @@ class MqttBus:
         self._counters["published"] += 1
         self._counters["published_bytes"] += len(data)
 
-    def subscribe(self, *filters: str, admit: Admit | None = None) -> QueueSubscription:
-        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit)
+    def subscribe(self, *filters: str, admit: Admit | None = None,
+                  max_queued_bytes: int | None = None) -> QueueSubscription:
+        return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit,
+                                 max_queued_bytes=max_queued_bytes)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()

@@ -131,7 +131,11 @@ class Trainer:
     async def run(self) -> int:
         """Returns the number of rounds this trainer took part in."""
         filters = (self._model_topic, self._control_topic, self._presence_topic)
-        async with self.bus.subscribe(*filters, admit=self._admit_chunks) as sub:
+        # A trainer expects a model, perhaps a re-broadcast, and small control messages: what
+        # waits unread beyond that is a flood, dropped (and counted) instead of held.
+        backlog = 4 * self._limits.max_frame_bytes + (1 << 20)
+        async with self.bus.subscribe(*filters, admit=self._admit_chunks,
+                                      max_queued_bytes=backlog) as sub:
             await self._publish_presence("online")
             try:
                 async for msg in sub:
