@@ -139,7 +139,10 @@ class StoreService:
         c = self.config
         filters = (topics.updates_for(c.job, c.aggregator), topics.model(c.job, c.aggregator),
                    topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
-        async with self.bus.subscribe(*filters) as sub:
+        # The bus drops (and counts) what would wait unread beyond the backlog, so a store
+        # starved of CPU cannot pile messages up below its own bounded backlog either.
+        async with self.bus.subscribe(*filters, admit=self._admit,
+                                      max_queued_bytes=c.backlog_bytes) as sub:
             await self._publish_presence("online")
             self._log.info("store_started", dir=str(self.store.disk.root),
                            cache_bytes=self.store.cache.capacity, rounds=len(self.store.rounds()))
@@ -162,6 +165,24 @@ class StoreService:
                     await self.store.redis.close()
         self._log.info("store_stopped", **self.stats, **self.store.stats()["cache"])
         return dict(self.stats)
+
+    def _admit(self, topic: str, total: int) -> bool:
+        """Which chunked transfers the bus may buffer for the store: an update from one of the
+        recorded aggregator's trainers (no bigger than an update of the open round's model
+        can be) or that aggregator's model; never a query (they are small)."""
+        c = self.config
+        try:
+            parsed = topics.parse(topic)
+        except FedbusError:
+            return False
+        if parsed.channel == "update":
+            latest = self._latest_open()
+            limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
+            return (parsed.levels[0] == c.aggregator and parsed.sender in c.trainers
+                    and total <= limits.max_frame_bytes)
+        if parsed.channel == "model":
+            return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
+        return False
 
     async def _receive(self, sub: Subscription) -> None:
         """Drain the subscription at once; the writer works from the bounded backlog."""
