@@ -433,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_round = st.get("bytes_in", 0) / max(1, r["store_rounds"])
                 print(f"\nstore: peak RSS {r['store_peak'] / MIB:.0f} MiB (cache 256 MiB + "
                       f"backlog 256 MiB), recorded {r['store_rounds']} rounds, dropped "
-                      f"{st.get('dropped', 0)}, extra broker bytes to the store "
+                      f"{st.get('dropped', 0)} (+{st.get('dropped_by_bus', 0)} by the bus), "
+                      f"extra broker bytes to the store "
                       f"{per_round / 1e6:.1f} MB/round (updates into the aggregator: "
                       f"{a.clients * a.params * 4 / 1e6:.1f} MB/round), CPU "
                       f"{r['store_cpu_s']:.1f}s")

@@ -131,6 +131,8 @@ class StoreService:
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[Message] = asyncio.Queue()
         self._backlog_bytes = 0
+        #: The store's own queue gets what the subscription's half of the backlog leaves.
+        self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
         self._queries: set[asyncio.Task[None]] = set()
         self._log = log.bind(node=config.node_id, role="store", job=config.job)
 
@@ -139,10 +141,10 @@ class StoreService:
         c = self.config
         filters = (topics.updates_for(c.job, c.aggregator), topics.model(c.job, c.aggregator),
                    topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
-        # The bus drops (and counts) what would wait unread beyond the backlog, so a store
-        # starved of CPU cannot pile messages up below its own bounded backlog either.
+        # Half the backlog may wait in the subscription (the bus drops and counts beyond it),
+        # half in the store's own queue: a store starved of CPU holds no more than the backlog.
         async with self.bus.subscribe(*filters, admit=self._admit,
-                                      max_queued_bytes=c.backlog_bytes) as sub:
+                                      max_queued_bytes=c.backlog_bytes // 2) as sub:
             await self._publish_presence("online")
             self._log.info("store_started", dir=str(self.store.disk.root),
                            cache_bytes=self.store.cache.capacity, rounds=len(self.store.rounds()))
@@ -163,6 +165,9 @@ class StoreService:
                     await self._publish_presence("offline")
                 if self.store.redis is not None:
                     await self.store.redis.close()
+        bus_stats = getattr(self.bus, "stats", {})
+        if isinstance(bus_stats, dict):  # what the bus dropped before the store saw it
+            self.stats["dropped_by_bus"] = int(bus_stats.get("dropped_queue_full", 0))
         self._log.info("store_stopped", **self.stats, **self.store.stats()["cache"])
         return dict(self.stats)
 
@@ -196,7 +201,7 @@ class StoreService:
             if is_query:
                 self._spawn_query(msg)
                 continue
-            if self._backlog_bytes + size > self.config.backlog_bytes:
+            if self._backlog_bytes + size > self._own_backlog:
                 self.stats["dropped"] += 1
                 self.stats["dropped_bytes"] += size
                 if self.stats["dropped"] % 100 == 1:
