@@ -129,8 +129,10 @@ class StoreService:
         self._open: dict[int, _Open] = {}
         self._closed_upto = max(store.rounds(), default=0)
         self._early: list[Message] = []
-        self._backlog: asyncio.Queue[Message] = asyncio.Queue()
+        self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
+        #: Bytes of models and reports in the backlog (kept even over budget, up to a bound).
+        self._vital_bytes = 0
         #: The store's own queue gets what the subscription's half of the backlog leaves.
         self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
         self._queries: set[asyncio.Task[None]] = set()
@@ -195,13 +197,21 @@ class StoreService:
             size = len(msg.payload)
             self.stats["bytes_in"] += size
             try:
-                is_query = topics.parse(msg.topic).channel == "query"
+                channel = topics.parse(msg.topic).channel
             except FedbusError:
-                is_query = False  # the writer rejects (and counts) the bad topic
-            if is_query:
+                channel = ""  # the writer rejects (and counts) the bad topic
+            if channel == "query":
                 self._spawn_query(msg)
                 continue
-            if self._backlog_bytes + size > self._own_backlog:
+            # A round's model, report and `done` are kept even over budget (one or two
+            # messages a round, from the one aggregator the bus admits): losing one would
+            # lose the whole round, losing an update loses one client of it.
+            vital = channel in ("model", "metrics") and self._vital_bytes + size <= \
+                self._own_backlog
+            over = self._backlog_bytes + size > self._own_backlog
+            if over and vital:
+                self.stats["kept_over_budget"] += 1
+            if over and not vital:
                 self.stats["dropped"] += 1
                 self.stats["dropped_bytes"] += size
                 if self.stats["dropped"] % 100 == 1:
@@ -209,12 +219,16 @@ class StoreService:
                                       backlog_bytes=self._backlog_bytes)
                 continue
             self._backlog_bytes += size
-            self._backlog.put_nowait(msg)
+            if channel in ("model", "metrics"):
+                self._vital_bytes += size
+            self._backlog.put_nowait((channel, msg))
 
     async def _write_loop(self) -> None:
         while True:
-            msg = await self._backlog.get()
+            channel, msg = await self._backlog.get()
             self._backlog_bytes -= len(msg.payload)
+            if channel in ("model", "metrics"):
+                self._vital_bytes -= len(msg.payload)
             try:
                 await self._handle(msg)
             except FedbusError as exc:
@@ -319,11 +333,15 @@ class StoreService:
             return  # a large update announces itself first; the upload itself follows
         state = self._open.get(env.round)
         if state is None:
-            if env.round > max(self._open, default=self._closed_upto) and \
-                    len(self._early) < 4 * len(c.trainers):
+            if env.round <= max(self._open, default=self._closed_upto):
+                reject("stale", f"update for closed round {env.round}", sender=sender)
+                return
+            early_bytes = sum(len(m.payload) for m in self._early) + len(msg.payload)
+            if len(self._early) < len(c.trainers) and early_bytes <= self._own_backlog:
                 self._early.append(msg)  # sent before the model broadcast reached us
             else:
-                reject("stale", f"update for closed round {env.round}", sender=sender)
+                reject("early_overflow", f"update for round {env.round}, not open yet",
+                       sender=sender)
             return
         if not self._seen.add(env.msg_id):
             reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
