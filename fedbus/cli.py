@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from fedbus.deploy.commands import COMMANDS as DEPLOY_COMMANDS
 
-    for register in (_add_run, _add_serve, _add_validate, _add_watch, _add_query, _add_ls,
-                     _add_show, _add_plot, _add_new, _add_dashboard, *DEPLOY_COMMANDS):
+    for register in (_add_run, _add_worker, _add_serve, _add_validate, _add_watch, _add_query,
+                     _add_ls, _add_show, _add_plot, _add_new, _add_dashboard, *DEPLOY_COMMANDS):
         register(add)
     return p
 
@@ -142,6 +142,24 @@ def _add_run(add: Adder) -> None:
     run.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
                      help="Prometheus /metrics of the aggregator (host default 127.0.0.1; "
                      "needs the 'metrics' extra)")
+    run.add_argument("--workers", type=_positive_int,
+                     help="population manifests: simulation workers in this process "
+                     "(default: population.workers, else one per core)")
+    run.add_argument("--remote-workers", type=int, default=0, metavar="N",
+                     help="population manifests: also wait for N `fedbus worker` processes "
+                     "on the broker")
+
+
+def _add_worker(add: Adder) -> None:
+    worker = add("worker", "host virtual clients of a population manifest (joins a "
+                 "simulation through the broker)", """\
+  fedbus run sim.yaml --broker 127.0.0.1:1883 --remote-workers 2
+  fedbus worker sim.yaml --broker 127.0.0.1:1883     (twice, on any machine)
+""", _cmd_worker)
+    worker.add_argument("manifest")
+    worker.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    worker.add_argument("--workers", type=_positive_int, default=1,
+                        help="worker objects in this process (default 1)")
 
 
 def _add_serve(add: Adder) -> None:
@@ -328,6 +346,14 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
     from fedbus.runs import runs_root
 
     m = _manifest(args)
+    if m.population is not None:
+        from fedbus.sim.cli import simulate
+
+        # A simulation runs on the in-process bus unless a broker is named.
+        memory = args.memory or (m.broker is None and not args.remote_workers)
+        return asyncio.run(simulate(m, rounds=args.rounds, memory=memory,
+                                    workers=args.workers, remote_workers=args.remote_workers,
+                                    quiet=args.quiet))
     overrides: dict[str, Any] = {}
     if args.rounds is not None:
         m = dataclasses.replace(m, rounds=args.rounds)
@@ -344,6 +370,12 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
         overrides=overrides,
     )
     return asyncio.run(run_federation(m, opts, sink))
+
+
+def _cmd_worker(args: argparse.Namespace, sink: LogSink) -> int:
+    from fedbus.sim.cli import worker
+
+    return asyncio.run(worker(_manifest(args), args.workers))
 
 
 def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:

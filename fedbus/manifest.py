@@ -40,6 +40,7 @@ __all__ = [
     "Manifest",
     "NodeSpec",
     "PluginSpec",
+    "PopulationSpec",
     "RoundSpec",
     "StoreSpec",
     "TaskSpec",
@@ -120,6 +121,10 @@ class RoundSpec:
     max_update_norm: float | None = None
     #: Refuse updates that claim more training examples (the weight in every FedAvg).
     max_examples: int = 1 << 40
+    #: A round whose pending trainers were all just reported lost stays open this long for
+    #: a contradiction (a forged or stale offline). None: 0.5 s, or 0 for a simulated
+    #: population, where nothing can forge a presence.
+    loss_grace_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +176,46 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class PopulationSpec:
+    """Virtual clients for a simulation (``fedbus.sim``): a population hosted by a few workers.
+
+    Each client is a partition of the task's data with its own id (``prefix`` + index); only
+    ``per_round`` of them train per round (synchronous) or are in flight (asynchronous).
+    Heterogeneity is drawn per client from the job's seed, so a run is repeatable.
+    """
+
+    clients: int
+    per_round: int
+    prefix: str = "client-"
+    #: How the task splits its data among clients: ``iid`` or ``dirichlet`` (label skew).
+    partition: Literal["iid", "dirichlet"] = "iid"
+    #: Dirichlet concentration (smaller: more skewed); used when partition is dirichlet.
+    alpha: float = 0.5
+    #: Worker objects (one task and one model each) running clients; 0 = one per CPU core.
+    workers: int = 0
+    #: Client speeds are lognormal(0, speed_sigma) (0: all equal); they order asynchronous
+    #: arrivals on the simulation's virtual clock.
+    speed_sigma: float = 0.0
+    #: Probability that a selected client is available in a round (else it drops out).
+    availability: float = 1.0
+    #: Probability that a selected, available client fails during training.
+    dropout: float = 0.0
+    #: Probability that a client's update is stale: asynchronous, it lands ``stale_delay``
+    #: virtual seconds late; synchronous, it was trained from the model of ``ceil(stale_delay)``
+    #: rounds ago and is folded into the current round (FLUTE's stale updates).
+    stale_prob: float = 0.0
+    stale_delay: float = 5.0
+    #: Where per-client strategy state (SCAFFOLD c_i, FedDyn gradients) is kept; None: a
+    #: temporary folder removed at the end.
+    state_dir: str | None = None
+    #: Keep the best model seen by the periodic evaluation (accuracy, else lowest loss).
+    keep_best: bool = True
+    #: Server-side rehearsal: after each aggregation the server task's ``rehearse(weights)``
+    #: takes a training step on server data (the task must provide it).
+    rehearsal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     job: str
     rounds: int
@@ -184,6 +229,8 @@ class Manifest:
     task: TaskSpec
     nodes: tuple[NodeSpec, ...]
     source: str = "<string>"
+    #: Virtual clients (simulation); None for a deployment with real trainers.
+    population: PopulationSpec | None = None
     store: StoreSpec = StoreSpec()
 
     def node(self, node_id: str) -> NodeSpec:
@@ -404,9 +451,17 @@ class _Parser:
         job = self.ident(t["job"], "job")
         rounds = self.integer(t["rounds"], "rounds", lo=1)
         seed = self.integer(t.get("seed", 0), "seed", lo=0, hi=2**63 - 1)
-        nodes = self.nodes(t["nodes"], t.get("trainers"))
+        population = None
+        if t.get("population") is not None:
+            population = self.population(t["population"])
+            if t.get("trainers") is not None:
+                self.fail("trainers", "a manifest with `population:` has virtual clients as its "
+                                      "trainers; remove `trainers:`")
+        nodes = self.nodes(t["nodes"], t.get("trainers"), population)
         n_trainers = sum(1 for n in nodes if n.role == "trainer")
         rnd = self.round(t.get("round"), n_trainers)
+        if population is not None:
+            rnd = self._population_round(t.get("round"), rnd, population)
         return Manifest(
             job=job,
             rounds=rounds,
@@ -420,8 +475,62 @@ class _Parser:
             task=self.task(t["task"]),
             nodes=nodes,
             source=self.src,
+            population=population,
             store=self.store(t.get("store"), nodes),
         )
+
+    def population(self, value: Any) -> PopulationSpec:
+        f = "population"
+        t = self.table(value, f, _fields(PopulationSpec), required=("clients", "per_round"))
+        d = PopulationSpec(clients=1, per_round=1)
+        clients = self.integer(t["clients"], f"{f}.clients", lo=1, hi=1_000_000)
+        per_round = self.integer(t["per_round"], f"{f}.per_round", lo=1)
+        if per_round > clients:
+            self.fail(f"{f}.per_round", f"{per_round} exceeds population.clients={clients}; a "
+                                        "round cannot sample more clients than exist")
+        prefix = self.string(t.get("prefix", d.prefix), f"{f}.prefix")
+        try:
+            topics.validate_id(f"{prefix}{clients - 1}", "client id")
+        except BusError as exc:
+            self.fail(f"{f}.prefix", str(exc))
+        partition = self.choice(t.get("partition", d.partition), f"{f}.partition",
+                                ("iid", "dirichlet"))
+        prob = "in [0, 1] (a probability)"
+        return PopulationSpec(
+            clients=clients,
+            per_round=per_round,
+            prefix=prefix,
+            partition=cast(Literal["iid", "dirichlet"], partition),
+            alpha=self.number(t.get("alpha", d.alpha), f"{f}.alpha", lambda x: x > 0,
+                              "> 0 (Dirichlet concentration; smaller is more skewed)"),
+            workers=self.integer(t.get("workers", d.workers), f"{f}.workers", lo=0, hi=1024),
+            speed_sigma=self.number(t.get("speed_sigma", d.speed_sigma), f"{f}.speed_sigma",
+                                    lambda x: x >= 0, ">= 0 (lognormal spread of speeds)"),
+            availability=self.number(t.get("availability", d.availability),
+                                     f"{f}.availability", lambda x: 0 < x <= 1,
+                                     "in (0, 1] (probability a client is available)"),
+            dropout=self.number(t.get("dropout", d.dropout), f"{f}.dropout",
+                                lambda x: 0 <= x < 1, "in [0, 1) (probability)"),
+            stale_prob=self.number(t.get("stale_prob", d.stale_prob), f"{f}.stale_prob",
+                                   lambda x: 0 <= x <= 1, prob),
+            stale_delay=self.number(t.get("stale_delay", d.stale_delay), f"{f}.stale_delay",
+                                    lambda x: x >= 0, ">= 0 (virtual seconds)"),
+            state_dir=self.opt_string(t.get("state_dir"), f"{f}.state_dir"),
+            keep_best=self.boolean(t.get("keep_best", d.keep_best), f"{f}.keep_best"),
+            rehearsal=self.boolean(t.get("rehearsal", d.rehearsal), f"{f}.rehearsal"),
+        )
+
+    def _population_round(self, raw: Any, rnd: RoundSpec, p: PopulationSpec) -> RoundSpec:
+        """Simulation defaults: wait for the whole population before round 1 (which clients
+        are online must not depend on timing) and a generous wall-clock deadline (dropouts are
+        announced, not waited out)."""
+        given = raw if isinstance(raw, dict) else {}
+        changes: dict[str, Any] = {}
+        if "min_clients" not in given:
+            changes["min_clients"] = p.clients
+        if "deadline_s" not in given:
+            changes["deadline_s"] = 3600.0
+        return dataclasses.replace(rnd, **changes)
 
     def broker(self, value: Any) -> BrokerSpec:
         t = self.table(value, "broker", _fields(BrokerSpec))
@@ -500,6 +609,9 @@ class _Parser:
                 "> 0 (L2 norm of an update's delta), or omit it for no bound"),
             max_examples=self.integer(t.get("max_examples", d.max_examples),
                                       "round.max_examples", lo=1),
+            loss_grace_s=None if t.get("loss_grace_s") is None else self.number(
+                t["loss_grace_s"], "round.loss_grace_s", lambda x: 0 <= x <= 60,
+                "in [0, 60] (seconds)"),
         )
         if spec.min_clients > n_trainers:
             self.fail("round.min_clients",
@@ -585,18 +697,28 @@ class _Parser:
         return [(NodeSpec(id=f"{prefix}{i}", role="trainer", parent=parent_id, partition=i),
                  f"trainers[{i}]") for i in range(count)]
 
-    def nodes(self, value: Any, shorthand: Any) -> tuple[NodeSpec, ...]:
+    def nodes(self, value: Any, shorthand: Any,
+              population: PopulationSpec | None = None) -> tuple[NodeSpec, ...]:
         if not isinstance(value, list):
             self.fail("nodes", f"expected a list of {{id, role, parent, partition}}, "
                                f"got {_kind(value)}")
         found = [(self.node(v, f"nodes[{i}]"), f"nodes[{i}]") for i, v in enumerate(value)]
+        if population is not None:
+            for n, f in found:
+                if n.role == "trainer":
+                    self.fail(f"{f}.role", "a manifest with `population:` has virtual clients "
+                                           "as its trainers; remove the trainer nodes")
+            # Plain ids, one small record each: the clients' data, models and state live in
+            # the simulation's workers and state store, never one object per client.
+            found += [(NodeSpec(id=f"{population.prefix}{i}", role="trainer", partition=i),
+                       "population") for i in range(population.clients)]
         if shorthand is not None:
             found += self.shorthand(shorthand)
 
         where: dict[str, str] = {}
         for n, f in found:
             if n.id in where:
-                self.fail(f"{f}.id" if f.startswith("nodes") else "trainers",
+                self.fail(f"{f}.id" if f.startswith("nodes") else f.split("[")[0],
                           f"duplicate node id {n.id!r} (already used by {where[n.id]}); "
                           "ids must be unique")
             where[n.id] = f
@@ -664,7 +786,8 @@ class _Parser:
 
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
-                    "selector", "round", "evaluate", "task", "nodes", "trainers", "store")
+                    "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
+                    "store")
 
 
 def _fields(cls: type) -> tuple[str, ...]:
@@ -704,7 +827,8 @@ def describe(m: Manifest) -> str:
     for n in m.nodes:
         by_role.setdefault(n.role, []).append(n.id)
     if m.broker is None:
-        broker = "embedded mosquitto"
+        broker = ("in-process memory bus (simulation)" if m.population is not None
+                  else "embedded mosquitto")
     else:
         b = m.broker
         # Names where secrets come from, never a secret itself.
@@ -736,4 +860,10 @@ def describe(m: Manifest) -> str:
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]
+    if m.population is not None:
+        p = m.population
+        lines.append(f"population {p.clients} virtual clients ({p.prefix}0..), {p.per_round} a "
+                     f"round, partition {p.partition}"
+                     + (f" alpha {p.alpha:g}" if p.partition == "dirichlet" else "")
+                     + f", workers {p.workers or 'one per core'}")
     return "\n".join(lines)

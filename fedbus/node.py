@@ -19,13 +19,14 @@ from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
 from fedbus.services._wire import presence
-from fedbus.services.aggregator import Aggregator, AggregatorConfig
+from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.task import EvalResult, Task, load_task
 from strategies import (
     AsyncStrategy,
     InFlightSelector,
+    RandomSelector,
     Selector,
     Strategy,
     make_selector,
@@ -136,6 +137,12 @@ def open_task(m: Manifest, node: NodeSpec | None) -> Task:
 def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Selector]:
     strategy = make_strategy(m.strategy.name, thaw(m.strategy.params))
     params = thaw(m.selector.params)
+    if m.population is not None:
+        # A simulated population trains `per_round` clients a round (or keeps that many in
+        # flight), not all of them: the default "all" samples per_round uniformly.
+        n_trainers = m.population.per_round
+        if m.selector.name == "all" and not params and not isinstance(strategy, AsyncStrategy):
+            return strategy, RandomSelector(count=n_trainers, seed=m.seed)
     if isinstance(strategy, AsyncStrategy):
         # Async keeps C trainers busy. The default selector ("all") means every trainer,
         # i.e. C = number of trainers; "inflight" without a concurrency gets the same C.
@@ -188,7 +195,10 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         if isinstance(strategy, AsyncStrategy):
             return AsyncAggregator(AsyncAggregatorConfig(**common), bus, strategy, selector,
                                    weights, evaluate=evaluate)
-        return Aggregator(AggregatorConfig(quorum=r.quorum, **common), bus, strategy, selector,
+        grace = r.loss_grace_s if r.loss_grace_s is not None else (
+            0.0 if m.population is not None else LOSS_GRACE_S)
+        return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace, **common),
+                          bus, strategy, selector,
                           weights, evaluate=evaluate)
     if node.role == "store":
         from fedbus.services.store import store_from_manifest

@@ -66,8 +66,10 @@ def format_round(meta: Mapping[str, Any], rounds: int) -> str:
     for key in ("train_loss", "loss", "accuracy"):
         if isinstance(meta.get(key), (int, float)):
             parts.append(f"{key} {meta[key]:.4f}")
-    if meta.get("lost"):
-        parts.append(f"lost {','.join(meta['lost'])}")
+    lost = meta.get("lost")
+    if lost:
+        # names for a few, a count for a simulated population's dropouts
+        parts.append(f"lost {','.join(lost)}" if len(lost) <= 5 else f"lost {len(lost)}")
     if meta.get("rejected"):
         parts.append(f"rejected {sum(meta['rejected'].values())}")
     if not meta.get("aggregated", True):

@@ -12,6 +12,8 @@ Channels:
   ``control/<node>``                operator commands to one node (stop, ...)
   ``query/<store>/<sender>``        a request to a store (workload + arguments)
   ``reply/<requester>``             the store's answer, correlated by the request's msg_id
+  ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
+  ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ __all__ = [
     "replies_all",
     "reply",
     "shared",
+    "sim_result",
+    "sim_results",
+    "sim_tasks",
     "state",
     "state_all",
     "strip_share",
@@ -52,7 +57,7 @@ __all__ = [
 
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
-                             "query", "reply"})
+                             "query", "reply", "task", "result"})
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -145,6 +150,19 @@ def model_all(job: str) -> str:
 def state_all(job: str) -> str:
     """Filter for every node's state snapshots: the checkpointer."""
     return _t(job, "state") + "/+"
+
+
+def sim_tasks(job: str, coordinator: str) -> str:
+    """Simulation work items (one virtual client each), read by workers through ``$share``."""
+    return _t(job, "task", coordinator)
+
+
+def sim_result(job: str, coordinator: str, client: str) -> str:
+    return _t(job, "result", coordinator, client)
+
+
+def sim_results(job: str, coordinator: str) -> str:
+    return _t(job, "result", coordinator) + "/+"
 
 
 def shared(group: str, topic_filter: str) -> str:

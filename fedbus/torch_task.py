@@ -81,6 +81,22 @@ class TorchTask:
         state = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in weights.items()}
         self.model.load_state_dict(state, strict=True)
 
+    # --- client state (simulation: one task object serves many virtual clients) -----------
+    def client_state(self) -> dict[str, np.ndarray]:
+        """FedDyn's gradient and SCAFFOLD's c_k as named arrays, for a client-state store."""
+        with self._lock:
+            out = {"feddyn/" + k: v.numpy().copy() for k, v in self._feddyn_grad.items()}
+            out.update({"scaffold/" + k: v.numpy().copy() for k, v in self._scaffold_c.items()})
+            return out
+
+    def load_client_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the client state (empty: a client that never trained)."""
+        with self._lock:
+            self._feddyn_grad = {k[len("feddyn/"):]: torch.from_numpy(np.array(v, copy=True))
+                                 for k, v in state.items() if k.startswith("feddyn/")}
+            self._scaffold_c = {k[len("scaffold/"):]: torch.from_numpy(np.array(v, copy=True))
+                                for k, v in state.items() if k.startswith("scaffold/")}
+
     # --- training ------------------------------------------------------------------------
     def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
         with self._lock:

@@ -18,6 +18,7 @@ from strategies.feddyn import FedDyn
 from strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from strategies.fedprox import FedProx
 from strategies.oort import OortSelector, statistical_utility
+from strategies.qfedavg import QFedAvg
 from strategies.registry import SELECTORS, STRATEGIES, WRAPPERS, make_selector, make_strategy
 from strategies.reliability import ReliabilitySelector
 from strategies.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
@@ -49,6 +50,7 @@ __all__ = [
     "Median",
     "MultiKrum",
     "OortSelector",
+    "QFedAvg",
     "RandomSelector",
     "ReliabilitySelector",
     "Scaffold",

@@ -12,8 +12,14 @@ since fedbus deltas are local - global), per coordinate and with all operations 
 
 Initial state, as Algorithm 2 states its input: m_{-1} = 0 and v_{-1} >= tau²; this module
 uses v_{-1} = tau² (``initial_v=None``). Pass ``initial_v=0.0`` to match implementations that
-start v at zero. There is no bias correction (no 1/(1 - beta^t) factors): the paper omits it
-and so does this module. The paper's Δ_t is the unweighted mean (1/|S|) Σ Δ_i; the default
+start v at zero. By default there is no bias correction (no 1/(1 - beta^t) factors): the paper
+omits it. ``bias_correction=True`` (FedAdam, FedYogi) applies Adam's correction in the step
+size form of Kingma and Ba (2015, Sec. 2):
+
+    eta_t = eta * sqrt(1 - beta2^t) / (1 - beta1^t),   t = rounds with updates so far (1, 2, ...)
+
+which shrinks the first steps that zero-initialised moments would otherwise make too large.
+The paper's Δ_t is the unweighted mean (1/|S|) Σ Δ_i; the default
 here weights by ``num_examples`` like the rest of the FedAvg family, ``weighted=False`` is the
 literal Algorithm 2.
 
@@ -52,11 +58,12 @@ class FedOpt(Strategy):
         tau: adaptivity / numerical floor > 0.
         initial_v: v_{-1}; ``None`` means tau² (Algorithm 2 requires v_{-1} >= tau²).
         weighted: weight the pseudo-gradient by ``num_examples`` (True) or equally.
+        bias_correction: Adam's bias-corrected step size (not for FedAdagrad).
     """
 
     def __init__(self, eta: float = 1e-2, eta_l: float | None = None, beta1: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3, initial_v: float | None = None,
-                 weighted: bool = True) -> None:
+                 weighted: bool = True, bias_correction: bool = False) -> None:
         if not (np.isfinite(eta) and eta > 0):
             raise StrategyError(f"eta must be a finite number > 0, got {eta}")
         if eta_l is not None and not (np.isfinite(eta_l) and eta_l > 0):
@@ -75,6 +82,11 @@ class FedOpt(Strategy):
         self.tau = float(tau)
         self.initial_v = self.tau**2 if initial_v is None else float(initial_v)
         self.weighted = bool(weighted)
+        self.bias_correction = bool(bias_correction)
+        if self.bias_correction and not self._has_beta2:
+            raise StrategyError(f"{type(self).__name__} has no second-moment decay to correct "
+                                "for; bias_correction is for fedadam and fedyogi")
+        self._steps = 0
         self._acc = WeightedDeltaMean()
         self._global: Weights = {}
         self._m: dict[str, np.ndarray] = {}
@@ -104,33 +116,43 @@ class FedOpt(Strategy):
         if self._acc.total_weight <= 0:
             return {k: w.copy() for k, w in self._global.items()}
         delta = self._acc.mean()
+        self._steps += 1
+        eta = self.eta
+        if self.bias_correction:
+            t = self._steps
+            eta *= np.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
         step: dict[str, np.ndarray] = {}
         for k, d in delta.items():
             m, v = self._m[k], self._v[k]
             m *= self.beta1
             m += (1.0 - self.beta1) * d
             self._update_v(v, d * d)
-            step[k] = self.eta * m / (np.sqrt(v) + self.tau)
+            step[k] = eta * m / (np.sqrt(v) + self.tau)
         return apply_step(self._global, step)
+
+    #: Whether the second moment decays with beta2 (Adam, Yogi), so bias correction applies.
+    _has_beta2: ClassVar[bool] = True
 
     @abstractmethod
     def _update_v(self, v: np.ndarray, d2: np.ndarray) -> None:
         """Update the second moment ``v`` in place from the squared pseudo-gradient."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"m": export_tensors(self._m), "v": export_tensors(self._v)}
+        return {"m": export_tensors(self._m), "v": export_tensors(self._v), "t": self._steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         owner = type(self).__name__
         m, v = import_tensors(state, "m", owner), import_tensors(state, "v", owner)
         check_same_layout(m, v, f"{owner} second moment (against the first moment)")
         self._m, self._v = m, v
+        self._steps = int(state.get("t", 0))  # checkpoints from before bias correction: 0
 
 
 class FedAdagrad(FedOpt):
     """FedAdagrad: v_t = v_{t-1} + Δ_t² (``beta2`` is ignored)."""
 
     name: ClassVar[str] = "fedadagrad"
+    _has_beta2: ClassVar[bool] = False
 
     def _update_v(self, v: np.ndarray, d2: np.ndarray) -> None:
         v += d2

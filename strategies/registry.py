@@ -24,6 +24,7 @@ STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.fedavg:FedAvg",
     "fedavgm": "strategies.fedavgm:FedAvgM",
     "fedprox": "strategies.fedprox:FedProx",
+    "qfedavg": "strategies.qfedavg:QFedAvg",
     "fedadam": "strategies.fedopt:FedAdam",
     "fedyogi": "strategies.fedopt:FedYogi",
     "fedadagrad": "strategies.fedopt:FedAdagrad",

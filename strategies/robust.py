@@ -34,6 +34,9 @@ class _RobustBase(Strategy):
         self.max_updates = int(max_updates)
         self._global: Weights = {}
         self._rows: list[tuple[str, np.ndarray]] = []
+        self._examples: dict[str, int] = {}
+        #: ``num_examples`` of the rows handed to ``_aggregate``, in their order.
+        self._row_examples = np.zeros(0)
         self._dtype: np.dtype[Any] = np.dtype(np.float64)
 
     @property
@@ -43,6 +46,7 @@ class _RobustBase(Strategy):
     def begin(self, weights: Weights, round: int) -> None:
         self._global = weights
         self._rows = []
+        self._examples = {}
         # Rows keep float32 for float32 models (half the memory); reductions run in float64.
         floats = [v.dtype for v in weights.values() if v.dtype.kind == "f"]
         self._dtype = np.dtype(np.float64) if any(d.itemsize > 4 for d in floats) \
@@ -64,9 +68,12 @@ class _RobustBase(Strategy):
         if not np.all(np.isfinite(row)):
             raise StrategyError(f"update from {update.sender!r} has non-finite values")
         self._rows.append((update.sender, row))
+        self._examples[update.sender] = int(update.num_examples)
 
     def finish(self) -> Weights:
-        rows = [r for _, r in sorted(self._rows, key=lambda sr: sr[0])]
+        ordered = sorted(self._rows, key=lambda sr: sr[0])
+        rows = [r for _, r in ordered]
+        self._row_examples = np.array([self._examples[s] for s, _ in ordered], dtype=np.float64)
         self._rows = []
         if not rows:
             return {k: w.copy() for k, w in self._global.items()}
@@ -209,19 +216,26 @@ class MultiKrum(Krum):
 
     Needs all updates; more than ``max_updates`` in a round raise ``StrategyError``.
 
+    ``weighted=True`` averages the chosen deltas by ``num_examples`` instead of equally (what
+    Flower's ``MultiKrum`` does); the choice itself never looks at the weights, but a Byzantine
+    client that is chosen can then inflate its say, so the default stays unweighted.
+
     Args:
         f: number of Byzantine clients tolerated.
         m: how many deltas to average; ``None`` means n - f.
         max_updates: most updates held in memory per round.
+        weighted: example-weighted mean of the chosen deltas.
     """
 
     name: ClassVar[str] = "multi_krum"
 
-    def __init__(self, f: int = 1, m: int | None = None, max_updates: int = 256) -> None:
+    def __init__(self, f: int = 1, m: int | None = None, max_updates: int = 256,
+                 weighted: bool = False) -> None:
         super().__init__(f, max_updates)
         if m is not None and int(m) < 1:
             raise StrategyError(f"m must be >= 1 or None (n - f), got {m}")
         self.m = None if m is None else int(m)
+        self.weighted = bool(weighted)
 
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
@@ -230,6 +244,12 @@ class MultiKrum(Krum):
         scores = _krum_scores(_sq_distances(x), self.f)
         # Stable sort: equal scores keep sender order.
         chosen = np.argsort(scores, kind="stable")[:m]
+        if self.weighted:
+            w = self._row_examples[chosen]
+            if w.sum() <= 0:
+                raise StrategyError("weighted MultiKrum: the chosen updates report 0 examples")
+            weighted: np.ndarray = (w @ x[chosen].astype(np.float64)) / w.sum()
+            return weighted
         mean: np.ndarray = x[chosen].astype(np.float64).mean(axis=0)
         return mean
 

@@ -24,28 +24,38 @@ class AllSelector(Selector):
 
 
 class RandomSelector(Selector):
-    """Uniformly ``ceil(fraction * available)`` clients, at least ``min_clients`` (FedAvg's C).
+    """Uniformly ``ceil(fraction * available)`` clients, at least ``min_clients`` (FedAvg's C),
+    or exactly ``count`` clients a round (a simulation's ``per_round``).
 
     Args:
         fraction: share of available clients per round, in (0, 1].
         min_clients: lower bound (capped by how many are available).
         seed: RNG seed; the RNG state is part of ``state_dict`` so a restart picks the same.
+        count: a fixed number a round instead of a fraction (capped by how many are
+            available); ``None`` uses ``fraction``.
     """
 
     name: ClassVar[str] = "random"
 
-    def __init__(self, fraction: float = 0.1, min_clients: int = 1, seed: int = 0) -> None:
+    def __init__(self, fraction: float = 0.1, min_clients: int = 1, seed: int = 0,
+                 count: int | None = None) -> None:
         if not 0 < fraction <= 1:
             raise StrategyError(f"fraction must be in (0, 1], got {fraction}")
         if min_clients < 1:
             raise StrategyError(f"min_clients must be >= 1, got {min_clients}")
+        if count is not None and (isinstance(count, bool) or int(count) != count or count < 1):
+            raise StrategyError(f"count must be an integer >= 1 or omitted, got {count}")
         self.fraction = float(fraction)
         self.min_clients = int(min_clients)
+        self.count = None if count is None else int(count)
         self._rng = np.random.default_rng(seed)
 
     def select(self, available: Sequence[str], round: int) -> list[str]:
         pool = sorted(set(available))
-        k = min(len(pool), max(self.min_clients, math.ceil(self.fraction * len(pool))))
+        if self.count is not None:
+            k = min(len(pool), self.count)
+        else:
+            k = min(len(pool), max(self.min_clients, math.ceil(self.fraction * len(pool))))
         idx = self._rng.choice(len(pool), size=k, replace=False)
         return sorted(pool[i] for i in idx)
 

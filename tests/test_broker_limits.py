@@ -103,3 +103,22 @@ async def test_the_cli_reports_an_error_inside_a_task_group_as_one_line(
     assert "Traceback" not in text and "ExceptionGroup" not in text, text
     assert "fedbus: only 0 of the 2 trainers needed" in text
     assert "anonymous_broker" in text  # and it said loudly that anyone could publish
+
+
+@pytest.mark.broker
+async def test_a_broker_with_a_small_receive_maximum_is_followed_not_fatal() -> None:
+    # Prepare: mosquitto's stock in-flight limit (20) below the bus's window (200)
+    proc = await spawn_mosquitto(config_extra="max_inflight_messages 20")
+    try:
+        async with MqttBus("pub", proc.host, proc.port, chunk_bytes=64_000) as pub, \
+                MqttBus("sub", proc.host, proc.port, chunk_bytes=64_000) as sub_bus, \
+                sub_bus.subscribe("fedbus/v1/toy/model/agg") as sub:
+            payload = bytes(range(256)) * 12_000  # 3 MB: 48 chunks in flight at once
+            # Execute
+            await pub.publish("fedbus/v1/toy/model/agg", payload)
+            got = await sub.get(timeout=30)
+        # Assert: the window followed the broker's limit and the payload arrived whole
+        assert got.payload == payload
+        assert pub.stats["connection_losses"] == 0
+    finally:
+        await proc.stop()

@@ -305,3 +305,11 @@ async def test_a_bounded_subscription_drops_and_counts_what_it_cannot_hold() -> 
         await flood.publish("fedbus/v1/toy/model/agg", b"x" * 50)
         assert (await sub.get(timeout=1)).payload == bytes([1]) * 50
         assert (await sub.get(timeout=1)).payload == b"x" * 50
+
+
+def test_loss_grace_is_a_checked_manifest_setting() -> None:
+    from fedbus.errors import ManifestError
+
+    assert manifest(loss_grace_s=0).round.loss_grace_s == 0.0
+    with pytest.raises(ManifestError, match=r"round\.loss_grace_s"):
+        manifest(loss_grace_s=-1)

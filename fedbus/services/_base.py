@@ -190,7 +190,8 @@ class AggregatorBase(ABC, Generic[C]):
 
     async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.online & self.config.trainers) < needed:
+        # `online` holds only this node's children (the intake ignores other presence)
+        while len(self.online) < needed:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FedbusError(

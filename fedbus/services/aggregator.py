@@ -32,8 +32,8 @@ __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 log = structlog.get_logger(__name__)
 
 #: After the last pending node of a round is reported lost, how long the round stays open
-#: for that report to be contradicted. A real crash costs the round this much; a forged
-#: offline on an open broker no longer ends it.
+#: for that report to be contradicted (manifest ``round.loss_grace_s``). A real crash costs
+#: the round this much; a forged offline on an open broker no longer ends it.
 LOSS_GRACE_S = 0.5
 
 
@@ -43,6 +43,8 @@ class AggregatorConfig(AggregatorSettings):
     quorum: float = 1.0
     #: Deadlines added (with replacement trainers) when a round is below quorum.
     max_extensions: int = 1
+    #: How long a round whose pending nodes were all reported lost waits for a contradiction.
+    loss_grace_s: float = LOSS_GRACE_S
 
 
 @dataclass(slots=True)
@@ -179,7 +181,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                 if not state.pending:
                     # Everyone pending was reported lost: give a contradiction (the node is
                     # alive and says so) a moment to arrive before the round closes.
-                    left = min(left, state.last_loss + LOSS_GRACE_S - now)
+                    left = min(left, state.last_loss + c.loss_grace_s - now)
                 if left <= 0:
                     break
                 try:
@@ -239,7 +241,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         return self._round
 
     def _in_grace(self, state: _Round) -> bool:
-        return bool(state.lost) and time.monotonic() - state.last_loss < LOSS_GRACE_S
+        grace = self.config.loss_grace_s
+        return bool(state.lost) and time.monotonic() - state.last_loss < grace
 
     def _on_lost(self, node: str) -> None:
         state = self._state

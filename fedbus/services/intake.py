@@ -41,6 +41,7 @@ __all__ = [
     "SeenIds",
     "check_update_tensors",
     "checked_num_examples",
+    "is_big",
     "model_limits",
 ]
 
@@ -247,7 +248,7 @@ class Intake:
             self.reject("unknown_sender", "not a child of this node in the manifest",
                         sender=sender)
             return
-        if _big(msg.payload):
+        if is_big(msg.payload):
             await asyncio.to_thread(self._on_update, msg.payload, sender)
         else:
             self._on_update(msg.payload, sender)
@@ -344,7 +345,7 @@ class Intake:
         self._log.debug("update_accepted", peer=sender, round=env.round, examples=n)
 
 
-def _big(payload: bytes) -> bool:
+def is_big(payload: bytes) -> bool:
     """Worth a worker thread: a big frame, or a small one that declares a big data region
     (already bounded by the limits, but inflating it still takes time)."""
     return len(payload) >= OFFLOAD_BYTES or peek_data_size(payload) >= OFFLOAD_BYTES

@@ -146,3 +146,33 @@ def test_registry_and_bad_parameters(variant: str) -> None:
         make_strategy(variant, {"tau": 0})
     with pytest.raises(StrategyError, match="beta2"):
         make_strategy(variant, {"beta2": 1.5})
+
+
+@pytest.mark.parametrize("variant", ["fedadam", "fedyogi"])
+def test_bias_correction_scales_the_step_like_adam(variant: str) -> None:
+    # Prepare: the same rounds with and without the correction, v starting at 0 (Flower).
+    model = small_model()
+    rounds = random_rounds(model, 3, clients=3, seed=5, scale=0.1)
+    params = {"eta": 0.1, "tau": 1e-9, "initial_v": 0.0, "beta1": 0.9, "beta2": 0.99}
+    plain, corrected = VARIANTS[variant](**params), VARIANTS[variant](bias_correction=True,
+                                                                       **params)
+    w_plain = w_corr = model
+    for t, ups in enumerate(rounds, start=1):
+        before_plain, before_corr = w_plain, w_corr
+        w_plain = run_round(plain, w_plain, t, ups)
+        w_corr = run_round(corrected, w_corr, t, ups)
+        if t == 1:
+            # Execute + Assert: same moments, step scaled by sqrt(1 - b2^t) / (1 - b1^t).
+            factor = math.sqrt(1 - 0.99**t) / (1 - 0.9**t)
+            for k in model:
+                np.testing.assert_allclose(w_corr[k] - before_corr[k],
+                                           factor * (w_plain[k] - before_plain[k]), rtol=1e-9)
+    assert corrected.state_dict()["t"] == 3
+
+
+def test_bias_correction_is_refused_for_adagrad_and_survives_a_restart() -> None:
+    with pytest.raises(StrategyError, match="fedadam and fedyogi"):
+        make_strategy("fedadagrad", {"bias_correction": True})
+    model = small_model()
+    assert_sync_resume_identical(lambda: FedAdam(eta=0.05, bias_correction=True), model,
+                                 random_rounds(model, 4, clients=3, seed=2), 2)

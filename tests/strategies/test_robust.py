@@ -249,3 +249,20 @@ def test_large_model_is_processed_in_blocks():
     out = run_round(Median(), model, 0, ups)
     np.testing.assert_allclose(out["big"], np.median([u.delta["big"] for u in ups], axis=0))
     assert list(itertools.islice(out, 1)) == ["big"]
+
+
+def test_weighted_multi_krum_averages_the_chosen_by_examples() -> None:
+    # Prepare: four honest clients near each other with different example counts, one outlier.
+    model = {"w": np.zeros(2)}
+    honest = [("a", [1.0, 0.0], 1), ("b", [1.1, 0.0], 3), ("c", [0.9, 0.1], 6),
+              ("d", [1.0, 0.1], 10)]
+    ups = [upd(s, {"w": np.array(d)}, n) for s, d, n in honest]
+    ups.append(upd("z", {"w": np.array([50.0, -50.0])}, 1000))
+    # Execute
+    weighted = run_round(MultiKrum(f=1, m=4, weighted=True), model, 1, ups)["w"]
+    plain = run_round(MultiKrum(f=1, m=4), model, 1, ups)["w"]
+    # Assert: the outlier is out either way; the weighted mean uses the counts.
+    counts = np.array([n for _, _, n in honest], dtype=float)
+    deltas = np.array([d for _, d, _ in honest])
+    np.testing.assert_allclose(weighted, counts @ deltas / counts.sum(), rtol=1e-12)
+    np.testing.assert_allclose(plain, deltas.mean(axis=0), rtol=1e-12)

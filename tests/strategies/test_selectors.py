@@ -273,3 +273,16 @@ def test_inflight_frees_slots_of_failed_and_vanished_nodes():
     # A node in flight that is no longer available is presumed lost at the next select.
     refill = sel.select([n for n in nodes if n != gone], 2)
     assert len(refill) == 1 and gone not in sel.in_flight and len(sel.in_flight) == 2
+
+
+def test_random_count_picks_exactly_count_reproducibly() -> None:
+    from strategies import RandomSelector
+
+    pool = [f"c{i}" for i in range(1000)]
+    a, b = RandomSelector(count=100, seed=3), RandomSelector(count=100, seed=3)
+    picks = [a.select(pool, r) for r in range(3)]
+    assert all(len(p) == 100 and len(set(p)) == 100 for p in picks)
+    assert picks == [b.select(pool, r) for r in range(3)]
+    assert RandomSelector(count=100).select(pool[:40], 1) == sorted(pool[:40])
+    with pytest.raises(StrategyError, match="count"):
+        RandomSelector(count=0)

@@ -1,0 +1,325 @@
+"""The simulation's coordinator: hosts the virtual clients toward the real aggregator.
+
+It announces the population's presence, turns each round order into one work item per client
+for the workers' ``$share`` group, and hands the workers' updates to the aggregator on each
+client's own ``update/<agg>/<client>`` topic, in an order that depends only on the seed:
+
+* synchronous rounds: the order's clients sorted by id. Dropouts go first, announced as the
+  client going offline (the aggregator stops waiting for it); it is announced online again
+  once the round's metrics are out, so it is back for the round after next whatever the
+  timing (the aggregator reads presence only inside a round, after selecting);
+* asynchronous training: a virtual clock. Each work item finishes at its start time plus the
+  client's drawn duration; the earliest finishing one is released once it is trained, and the
+  next only after the aggregator has answered (its next work order), so every model version
+  sees the same arrivals, whatever the wall-clock speed of workers or processes.
+
+Floating-point sums depend on the order of their terms, so this ordering is what makes a seeded
+simulation bit-identical run to run and with any number of workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Bus, Message, Subscription
+from fedbus.codec import Envelope, Limits, decode, encode
+from fedbus.errors import CodecError, FedbusError
+from fedbus.services._wire import DONE, PRESENCE, ROUND, presence
+from fedbus.sim.population import Population
+from fedbus.sim.worker import TASK
+
+__all__ = ["Coordinator", "CoordinatorConfig", "SimStats"]
+
+#: Rounds of order ids kept for stale synchronous updates (workers cache as many orders).
+_ORDER_HISTORY = 32
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    job: str
+    node_id: str
+    aggregator: str
+    #: Workers (in any process) that must be listening before the clients are announced.
+    workers: int
+    #: Shared folder for per-client state, named in every work item.
+    state_dir: str
+    limits: Limits = Limits()
+    start_timeout_s: float = 120.0
+    #: Asynchronous: how long to wait for the aggregator's answer to a released update
+    #: before releasing the next one anyway (it answers with a work order unless done).
+    response_timeout_s: float = 60.0
+
+
+@dataclass(slots=True)
+class SimStats:
+    items: int = 0
+    updates: int = 0
+    dropouts: int = 0
+    #: Virtual seconds: the sum of each synchronous round's slowest client, or the
+    #: asynchronous clock at the end.
+    virtual_time: float = 0.0
+    no_response: int = 0
+    #: Synchronous updates trained from an older round's model (stale_prob).
+    stale: int = 0
+    #: Work items whose training raised on a worker (counted as dropouts of that work).
+    failures: int = 0
+    workers: list[str] = field(default_factory=list)
+
+
+@dataclass(order=True, slots=True)
+class _Event:
+    at: float
+    seq: int
+    client: str = field(compare=False)
+    drop: bool = field(compare=False)
+
+
+class _Outbox:
+    """Publishes in call order without waiting for each broker acknowledgement: a QoS 1
+    round trip per message (tens of ms on loopback MQTT) would otherwise pace the simulation.
+    Tasks are created in order and the bus sends in creation order (as its chunk pipeline
+    does), so the aggregator still sees the fixed order."""
+
+    def __init__(self, bus: Bus, window: int = 256) -> None:
+        self.bus = bus
+        self.window = window
+        self._pending: deque[asyncio.Task[None]] = deque()
+
+    async def send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self._pending.append(asyncio.create_task(self.bus.publish(topic, payload,
+                                                                  retain=retain)))
+        while self._pending and (len(self._pending) >= self.window or self._pending[0].done()):
+            await self._pending.popleft()
+
+    async def flush(self) -> None:
+        while self._pending:
+            await self._pending.popleft()
+
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        self._pending.clear()
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, bus: Bus, population: Population) -> None:
+        self.config = config
+        self.bus = bus
+        self.out = _Outbox(bus)
+        self.population = population
+        self.stats = SimStats()
+        self._results: dict[str, bytes] = {}
+        self._sync_queue: deque[str] = deque()
+        self._events: list[_Event] = []
+        self._seq = 0
+        self._awaiting: float | None = None  # monotonic time of the last async release
+        #: Synchronous dropouts, announced online again after their round's metrics.
+        self._dropped: list[str] = []
+        #: Synchronous: the first order's id of recent rounds, for stale updates.
+        self._round_orders: dict[int, str] = {}
+        self._log = log.bind(node=config.node_id, role="sim_coordinator", job=config.job)
+
+    async def run(self) -> SimStats:
+        c = self.config
+        filters = (topics.model(c.job, c.aggregator), topics.sim_results(c.job, c.node_id),
+                   topics.presence_all(c.job), topics.metrics(c.job, c.aggregator))
+        async with self.bus.subscribe(*filters) as sub:
+            await self._wait_for_workers(sub)
+            try:
+                await self._announce_clients("online")
+                await self._serve(sub)
+                await self._announce_clients("")  # clear the clients' retained presence
+                await self.out.flush()
+            finally:
+                self.out.cancel()
+        self._log.info("simulation_done", items=self.stats.items, updates=self.stats.updates,
+                       dropouts=self.stats.dropouts, virtual_time=self.stats.virtual_time)
+        return self.stats
+
+    async def _wait_for_workers(self, sub: Subscription) -> None:
+        c = self.config
+        ready: set[str] = set()
+        deadline = time.monotonic() + c.start_timeout_s
+        while len(ready) < c.workers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FedbusError(f"only {len(ready)} of {c.workers} simulation workers came "
+                                  f"online within {c.start_timeout_s}s: {sorted(ready)}; start "
+                                  "them with `fedbus worker MANIFEST --broker HOST:PORT`")
+            try:
+                msg = await sub.get(timeout=left)
+            except TimeoutError:
+                continue
+            env = self._decode(msg)
+            if env is not None and env.kind == PRESENCE and env.meta.get("role") == "sim_worker":
+                if env.meta.get("status") == "online":
+                    ready.add(env.sender)
+                else:
+                    ready.discard(env.sender)
+        self.stats.workers = sorted(ready)
+        self._log.info("workers_ready", workers=sorted(ready))
+
+    async def _announce_clients(self, status: str) -> None:
+        for i in range(len(self.population)):
+            client = self.population.client_id(i)
+            await self._presence(client, status)
+        if status:
+            self._log.info("clients_announced", clients=len(self.population))
+
+    async def _presence(self, client: str, status: str) -> None:
+        c = self.config
+        payload = encode(presence(c.job, client, "trainer", status)) if status else b""
+        await self.out.send(topics.presence(c.job, client), payload, retain=True)
+
+    def _decode(self, msg: Message) -> Envelope | None:
+        try:
+            return decode(msg.payload, self.config.limits)
+        except CodecError as exc:
+            self._log.warning("message_rejected", reason=exc.reason, topic=msg.topic)
+            return None
+
+    async def _serve(self, sub: Subscription) -> None:
+        c = self.config
+        model_topic = topics.model(c.job, c.aggregator)
+        metrics_topic = topics.metrics(c.job, c.aggregator)
+        while True:
+            timeout = None
+            if self._awaiting is not None:
+                timeout = max(0.0, self._awaiting + c.response_timeout_s - time.monotonic())
+            try:
+                msg = await sub.get(timeout=timeout)
+            except TimeoutError:
+                self.stats.no_response += 1
+                self._log.warning("aggregator_silent", waited_s=c.response_timeout_s)
+                self._awaiting = None
+                await self._release_async()
+                continue
+            if msg.topic == model_topic:
+                env = self._decode(msg)
+                if env is None or env.sender != c.aggregator:
+                    continue
+                if env.kind == DONE:
+                    return
+                if env.kind == ROUND:
+                    await self._on_order(env)
+            elif msg.topic == metrics_topic:
+                # A synchronous round is over: its dropouts may be picked again (the
+                # aggregator reads this after it has selected the next round).
+                for client in self._dropped:
+                    await self._presence(client, "online")
+                self._dropped.clear()
+            elif msg.topic.startswith(topics.sim_results(c.job, c.node_id)[:-1]):
+                client = topics.parse(msg.topic).sender
+                self._results[client] = msg.payload
+                if not msg.payload:
+                    self.stats.failures += 1
+                await self._release_sync()
+                await self._release_async()
+
+    # --- orders -------------------------------------------------------------------------
+    async def _on_order(self, env: Envelope) -> None:
+        selected = env.meta.get("selected", [])
+        if not isinstance(selected, list):
+            return
+        if env.meta.get("mode") == "async":
+            config = env.meta.get("config", {})
+            work = int(config.get("round", env.round)) if isinstance(config, Mapping) else 0
+            self._awaiting = None  # the aggregator answered: the next arrival may go
+            now = self.stats.virtual_time
+            for client in sorted(selected):
+                index = self.population.index(client)
+                drop = self.population.drops_out(index, work)
+                self._seq += 1
+                at = now + self.population.duration(index, work)
+                heapq.heappush(self._events, _Event(at, self._seq, client, drop))
+                if not drop:
+                    await self._send_item(env, client)
+            await self._release_async()
+            return
+        slowest = 0.0
+        self._round_orders.setdefault(env.round, env.msg_id)
+        for old in [r for r in self._round_orders if r < env.round - _ORDER_HISTORY]:
+            del self._round_orders[old]
+        for client in sorted(selected):
+            index = self.population.index(client)
+            if self.population.drops_out(index, env.round):
+                # Offline only: an "online" inside the round would make the aggregator count
+                # the client as pending again (it takes a quick return for a reconnect).
+                await self._presence(client, "offline")
+                self._dropped.append(client)
+                self.stats.dropouts += 1
+                continue
+            slowest = max(slowest, self.population.duration(index, env.round))
+            self._sync_queue.append(client)
+            # A stale update: trained from the model of `lag` rounds ago (the oldest kept
+            # if the job is younger), delivered in this round.
+            lag = self.population.stale_rounds(index, env.round)
+            base = min(r for r in self._round_orders if r >= env.round - lag)
+            if base != env.round:
+                self.stats.stale += 1
+            await self._send_item(env, client, order_id=self._round_orders.get(base))
+        self.stats.virtual_time += slowest
+
+    async def _send_item(self, order: Envelope, client: str, *,
+                         order_id: str | None = None) -> None:
+        """One work item: train ``client`` from order ``order_id`` (default: this order) and
+        answer as an update for ``order.round``."""
+        c = self.config
+        item = Envelope(kind=TASK, job=c.job, sender=c.node_id, round=order.round,
+                        meta={"order": order_id or order.msg_id, "client": client,
+                              "state_dir": c.state_dir})
+        await self.out.send(topics.sim_tasks(c.job, c.node_id), encode(item))
+        self.stats.items += 1
+
+    # --- releasing updates to the aggregator ---------------------------------------------
+    async def _drop(self, client: str) -> None:
+        # Asynchronous: offline then online again. The async aggregator frees the client's
+        # slot (its refill answers the release) and may pick it again later, as with a phone
+        # that lost its connection for a while.
+        await self._presence(client, "offline")
+        await self._presence(client, "online")
+        self.stats.dropouts += 1
+
+    async def _deliver(self, client: str) -> None:
+        c = self.config
+        payload = self._results.pop(client)
+        await self.out.send(topics.update(c.job, c.aggregator, client), payload)
+        self.stats.updates += 1
+
+    async def _release_sync(self) -> None:
+        while self._sync_queue and self._sync_queue[0] in self._results:
+            client = self._sync_queue.popleft()
+            if self._results[client]:
+                await self._deliver(client)
+            else:
+                # Its training failed on the worker: lost for the round, like a dropout.
+                del self._results[client]
+                await self._presence(client, "offline")
+                self._dropped.append(client)
+
+    async def _release_async(self) -> None:
+        if self._awaiting is not None or not self._events:
+            return
+        head = self._events[0]
+        if not head.drop and head.client not in self._results:
+            return  # the earliest arrival is still training
+        heapq.heappop(self._events)
+        self.stats.virtual_time = head.at
+        if not head.drop and not self._results[head.client]:
+            del self._results[head.client]  # its training failed: a dropout at that time
+            await self._drop(head.client)
+        elif head.drop:
+            await self._drop(head.client)
+        else:
+            await self._deliver(head.client)
+        self._awaiting = time.monotonic()

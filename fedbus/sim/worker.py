@@ -1,0 +1,199 @@
+"""A simulation worker: one task, one model, running virtual clients one after another.
+
+Work items come from the coordinator on ``task/<coordinator>`` through a ``$share`` group, so
+each goes to one worker, whichever is free (in one process on the memory bus, or in many
+processes and machines through the broker). The global model comes from the aggregator's own
+``model/<agg>`` broadcast, exactly as a trainer receives it. For each item the worker loads the
+client's data partition and saved state, trains from the round's model, saves the state and
+sends the delta back to the coordinator, which hands it to the aggregator in a fixed order.
+
+Training is deterministic per client and round (the task seeds from its partition and the
+round), never from which worker runs it, so any number of workers gives the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Bus
+from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.services._wire import DONE, ROUND, UPDATE, join_tensors, presence, split_tensors
+from fedbus.sim.population import Population
+from fedbus.sim.store import ClientStateStore
+from fedbus.sim.tasks import ClientTasks, StatefulTask
+from strategies import StrategyError
+from strategies.dp import clip_and_noise
+
+__all__ = ["TASK", "VirtualWorker", "WorkerConfig", "share_group"]
+
+log = structlog.get_logger(__name__)
+
+#: Coordinator -> a worker: train one client from one round order.
+TASK = "sim_task"
+
+
+def share_group(job: str, coordinator: str) -> str:
+    return f"{job}.{coordinator}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    job: str
+    node_id: str
+    aggregator: str
+    coordinator: str
+    compression: Compression = Compression()
+    limits: Limits = Limits()
+    #: Round orders kept for work items that arrive later (async: one order per dispatch).
+    order_cache: int = 256
+
+
+class VirtualWorker:
+    """Runs work items until the aggregator says the job is done; returns items trained."""
+
+    def __init__(self, config: WorkerConfig, bus: Bus, tasks: ClientTasks,
+                 population: Population) -> None:
+        self.config = config
+        self.bus = bus
+        self.tasks = tasks
+        self.population = population
+        #: Opened on the first work item, at the folder the coordinator names in it (shared by
+        #: every worker of the run, whatever process it is in).
+        self.store: ClientStateStore | None = None
+        self.trained = 0
+        self.busy_s = 0.0
+        self._orders: OrderedDict[str, bytes] = OrderedDict()
+        self._parked: dict[str, list[Envelope]] = {}
+        self._log = log.bind(node=config.node_id, role="sim_worker", job=config.job)
+
+    async def run(self) -> int:
+        c = self.config
+        work = topics.shared(share_group(c.job, c.coordinator), topics.sim_tasks(c.job,
+                                                                                 c.coordinator))
+        async with self.bus.subscribe(topics.model(c.job, c.aggregator), work) as sub:
+            await self._presence("online")
+            try:
+                async for msg in sub:
+                    try:
+                        env = decode(msg.payload, c.limits)
+                    except CodecError as exc:
+                        self._log.warning("message_rejected", reason=exc.reason, topic=msg.topic)
+                        continue
+                    if env.kind == DONE and env.sender == c.aggregator:
+                        break
+                    if env.kind == ROUND and env.sender == c.aggregator:
+                        self._remember(env.msg_id, msg.payload)
+                        for item in self._parked.pop(env.msg_id, []):
+                            await self._train(item)
+                    elif env.kind == TASK and env.sender == c.coordinator:
+                        await self._train(env)
+            finally:
+                with contextlib.suppress(FedbusError):
+                    await self._presence("offline")
+        self._log.info("worker_done", trained=self.trained, busy_s=round(self.busy_s, 3))
+        return self.trained
+
+    def _remember(self, msg_id: str, payload: bytes) -> None:
+        self._orders[msg_id] = payload
+        while len(self._orders) > self.config.order_cache:
+            self._orders.popitem(last=False)
+
+    async def _train(self, item: Envelope) -> None:
+        order_id = str(item.meta.get("order", ""))
+        client = str(item.meta.get("client", ""))
+        payload = self._orders.get(order_id)
+        if payload is None:
+            # The item overtook its round order (they come from different publishers).
+            self._parked.setdefault(order_id, []).append(item)
+            return
+        state_dir = item.meta.get("state_dir")
+        if isinstance(state_dir, str) and (self.store is None or
+                                           str(self.store.root) != state_dir):
+            self.store = ClientStateStore(state_dir, limits=self.config.limits)
+        started = time.monotonic()
+        try:
+            update = await asyncio.to_thread(self._fit, payload, client, item.round)
+        except Exception as exc:  # often the user's task: report it, go on with the next
+            if isinstance(exc, FedbusError):
+                self._log.error("client_failed", client=client, error=str(exc))
+            else:
+                self._log.exception("task_raised", client=client, error=repr(exc))
+            update = b""  # an empty result: the coordinator counts the client as dropped
+        else:
+            self.trained += 1
+        self.busy_s += time.monotonic() - started
+        c = self.config
+        await self.bus.publish(topics.sim_result(c.job, c.coordinator, client), update)
+
+    def _fit(self, order_payload: bytes, client: str, round: int) -> bytes:
+        """Train ``client`` from the order's model; answer as its update for ``round`` (the
+        order's own round, or a later one for a stale update)."""
+        c = self.config
+        order = decode(order_payload, c.limits)
+        index = self.population.index(client)
+        config: Mapping[str, Any] = order.meta.get("config", {})
+        if not isinstance(config, Mapping):
+            raise FedbusError(f"round order {order.msg_id} has no config mapping")
+        try:
+            weights, extra = split_tensors(order.tensors)
+        except UpdateRejected as exc:
+            raise FedbusError(f"round order {order.msg_id}: {exc}") from None
+        task = self.tasks.for_client(index)
+        task.set_weights(weights)
+        stateful = self.store is not None and isinstance(task, StatefulTask)
+        if stateful:
+            assert self.store is not None and isinstance(task, StatefulTask)
+            task.load_client_state(self.store.get(client))
+        result = task.fit(config, extra)
+        if result.num_examples <= 0:
+            raise FedbusError(f"client {client} trained on 0 examples")
+        if stateful:
+            assert self.store is not None and isinstance(task, StatefulTask)
+            self.store.put(client, task.client_state())
+        local = task.get_weights()
+        delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False) for k in weights}
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        if "dp_clipping_norm" in config:
+            delta, metrics = _local_dp(delta, metrics, config, client)
+        env = Envelope(
+            kind=UPDATE, job=c.job, sender=client, round=round,
+            meta={"num_examples": int(result.num_examples), "metrics": metrics,
+                  "worker": c.node_id},
+            tensors=join_tensors(delta, result.aux),
+        )
+        return encode(env, c.compression)
+
+    async def _presence(self, status: str) -> None:
+        c = self.config
+        env = presence(c.job, c.node_id, "sim_worker", status)
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
+
+
+
+def _local_dp(delta: dict[str, np.ndarray], metrics: dict[str, float],
+              config: Mapping[str, Any], client: str) -> tuple[dict[str, np.ndarray],
+                                                               dict[str, float]]:
+    """Client-side DP (strategy ``dp_client``), as a trainer applies it: clip and noise before
+    the update leaves the client, seeded per (job seed, client, round) like the trainer."""
+    try:
+        clip = float(config["dp_clipping_norm"])
+        noise = float(config.get("dp_noise_multiplier", 0.0))
+        rng = np.random.default_rng([int(config.get("seed", 0)), zlib.crc32(client.encode()),
+                                     int(config.get("round", 0))])
+        noised, report = clip_and_noise(delta, clip, noise, rng)
+    except (StrategyError, TypeError, ValueError) as exc:
+        raise FedbusError(f"bad client-side DP settings from the aggregator: {exc}") from exc
+    return noised, {**metrics, "dp_clipped": float(report["clipped"]),
+                    "dp_noise_multiplier": float(report["noise_multiplier"])}
