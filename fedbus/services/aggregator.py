@@ -20,8 +20,9 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Subscription
+from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
-from fedbus.errors import UpdateRejected
+from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
 from fedbus.task import EvalResult
@@ -62,6 +63,10 @@ class RoundReport:
     bus_loss: dict[str, int] = field(default_factory=dict)
     #: What the strategy says about the round (DP wrappers: clip and noise multiplier used).
     strategy: dict[str, Any] = field(default_factory=dict)
+    #: Seconds until the checkpointer acknowledged this round's state (None: not asked, or
+    #: unacknowledged; then ``durable`` is False).
+    checkpoint_s: float | None = None
+    durable: bool | None = None
 
     def as_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -75,6 +80,10 @@ class RoundReport:
         }
         if self.bus_loss:
             meta["bus_loss"] = self.bus_loss
+        if self.durable is not None:
+            meta["durable"] = self.durable
+            if self.checkpoint_s is not None:
+                meta["checkpoint_s"] = round(self.checkpoint_s, 4)
         if self.train_loss is not None:
             meta["train_loss"] = self.train_loss
         if self.strategy:
@@ -143,9 +152,17 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         c = self.config
         async with self._subscribe() as sub:
             await self._publish_presence("online")
+            restored = await self._restore(sub)
+            if restored is not None:
+                self._apply(restored)
             await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             for number in range(self.start_round, c.rounds + 1):
                 report = await self._run_round(sub, number)
+                if self.durability is not None and self.durability.due(number, c.rounds):
+                    # the round is committed once the checkpointer has it
+                    latency = await self._checkpoint(sub, self._state_after(number, report))
+                    report.checkpoint_s = latency
+                    report.durable = latency is not None
                 self.history.append(report)
                 self.reports.put_nowait(report)
                 await self._publish(topics.metrics(c.job, c.node_id), METRICS, number,
@@ -235,6 +252,27 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         report.seconds = time.monotonic() - started
         self._log.info("round_finished", **report.as_meta())
         return report
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _state_after(self, number: int, report: RoundReport) -> AggregatorState:
+        return AggregatorState(
+            job=self.config.job, node=self.config.node_id, round=number, weights=self.weights,
+            strategy=self.strategy.state_dict(), selector=self.selector.state_dict(),
+            info={"strategy": type(self.strategy).__name__, "aggregated": report.aggregated},
+        )
+
+    def _apply(self, state: AggregatorState) -> None:
+        """Continue from a checkpoint: the model, the strategy's and the selector's state."""
+        if state.weights.keys() != self.weights.keys():
+            raise FedbusError(f"checkpoint of round {state.round} holds tensors "
+                              f"{sorted(state.weights)[:5]}, the model has "
+                              f"{sorted(self.weights)[:5]}: not this job's model")
+        self.weights = {k: np.ascontiguousarray(v) for k, v in state.weights.items()}
+        self.strategy.load_state_dict(state.strategy)
+        self.selector.load_state_dict(state.selector)
+        self.start_round = state.round + 1
+        self._log.warning("restored", round=state.round, next_round=self.start_round,
+                          epoch=self.epoch)
 
     # --- incoming: the intake's hooks -----------------------------------------------------
     def _grant_round(self, node: str) -> int:
