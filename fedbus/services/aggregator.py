@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 #: for that report to be contradicted (manifest ``round.loss_grace_s``). A real crash costs
 #: the round this much; a forged offline on an open broker no longer ends it.
 LOSS_GRACE_S = 0.5
+#: How often a waiting round wakes to check whether the broker connection was re-made.
+_TICK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +192,18 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         await self._broadcast(state)
         self._log.info("round_started", round=number, selected=len(selected), quorum=need)
         extensions = 0
+        reconnects = self._reconnects()
         deadline = started + c.deadline_s
         while True:
             while state.pending or self._in_grace(state):
+                if self._reconnects() > reconnects:
+                    # The broker went away and came back: what was sent to us meanwhile may
+                    # be gone with it. Ask the pending trainers again; those that delivered
+                    # send the same update again (deduplicated if it did arrive).
+                    reconnects = self._reconnects()
+                    self._log.warning("round_reasked", round=number,
+                                      pending=sorted(state.pending))
+                    await self._broadcast(state)
                 now = time.monotonic()
                 left = deadline - now
                 if not state.pending:
@@ -201,9 +212,12 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                     left = min(left, state.last_loss + c.loss_grace_s - now)
                 if left <= 0:
                     break
+                wait = min(left, _TICK_S)  # wake now and then to notice a reconnect
                 try:
-                    msg = await sub.get(timeout=left)
+                    msg = await sub.get(timeout=wait)
                 except TimeoutError:
+                    if wait < left:
+                        continue
                     break
                 await self._dispatch(msg)
             if len(state.accepted) >= need or extensions >= c.max_extensions:
@@ -277,6 +291,10 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
     # --- incoming: the intake's hooks -----------------------------------------------------
     def _grant_round(self, node: str) -> int:
         return self._round
+
+    def _reconnects(self) -> int:
+        stats = getattr(self.bus, "stats", None)
+        return int(stats.get("reconnects", 0)) if isinstance(stats, Mapping) else 0
 
     def _in_grace(self, state: _Round) -> bool:
         grace = self.config.loss_grace_s
