@@ -238,8 +238,19 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
                     await asyncio.wait({progress}, timeout=5)
                 # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
                 # could send one) and keep serving: the process that ran the job stops them.
+                stores = [t for t in others if t.get_name() in services
+                          and m.node(t.get_name()).role == "store"]
                 for task in others:
-                    task.cancel()
+                    if task not in stores:
+                        task.cancel()
+                if stores:  # a store stops on `done` once it has written what it received
+                    await asyncio.wait(stores, timeout=STORE_GRACE_S)
+                    for task in stores:
+                        task.cancel()
+
+
+#: How long a run lets a store finish writing after the last round.
+STORE_GRACE_S = 60.0
 
 
 def _warn_if_anonymous(m: Manifest, node_ids: Sequence[str], memory: bool) -> None:
