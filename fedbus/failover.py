@@ -21,7 +21,7 @@ import structlog
 from fedbus import topics
 from fedbus.codec import Limits, decode
 from fedbus.credentials import node_credentials
-from fedbus.errors import CodecError
+from fedbus.errors import BusError, CodecError
 from fedbus.manifest import Manifest
 
 __all__ = ["await_leadership"]
@@ -41,6 +41,12 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     assert m.broker is not None
     from fedbus.bus.mqtt import MqttBus
 
+    if watch_as is None and node_credentials(m, node).secured:
+        # On a secured broker the client id is the user: watching with the node's own
+        # identity would take the active instance's session. A standby needs its own user.
+        log.info("standby_check_skipped", node=node,
+                 detail="secured broker: pass --watch-as OPERATOR to run a standby")
+        return 0.0
     b = m.broker
     creds = node_credentials(m, watch_as) if watch_as else None
     watcher = MqttBus(
@@ -55,20 +61,30 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     )
     started = time.monotonic()
     limits = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=0, max_tensors=0)
-    async with watcher, watcher.subscribe(topics.presence(m.job, node)) as sub:
-        status = None
-        try:
-            status = _status(decode((await sub.get(timeout=_RETAINED_WAIT_S)).payload, limits))
-        except (TimeoutError, CodecError):
-            pass
-        if status == "online":
-            log.warning("standby_waiting", node=node,
-                        detail="another instance is active; taking over when it goes offline")
-        while status == "online":
+    try:
+        await watcher.__aenter__()
+    except BusError as exc:
+        log.warning("standby_check_failed", node=node, error=str(exc),
+                    detail="could not watch for another active instance; starting anyway")
+        return 0.0
+    try:
+        async with watcher.subscribe(topics.presence(m.job, node)) as sub:
+            status = None
             try:
-                status = _status(decode((await sub.get()).payload, limits))
-            except CodecError:
-                continue
+                status = _status(decode((await sub.get(timeout=_RETAINED_WAIT_S)).payload, limits))
+            except (TimeoutError, CodecError):
+                pass
+            if status == "online":
+                log.warning("standby_waiting", node=node,
+                            detail="another instance is active; taking over when it goes offline")
+            while status == "online":
+                try:
+                    status = _status(decode((await sub.get()).payload, limits))
+                except CodecError:
+                    continue
+
+    finally:
+        await watcher.__aexit__(None, None, None)
     waited = time.monotonic() - started
     if waited > _RETAINED_WAIT_S + 0.5:
         log.warning("standby_taking_over", node=node, waited_s=round(waited, 3))
