@@ -14,13 +14,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
+from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services._base import AggregatorBase, AggregatorSettings
@@ -32,6 +33,8 @@ from strategies import AsyncStrategy, ClientUpdate, Selector, Weights
 __all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]
 
 log = structlog.get_logger(__name__)
+
+_NOT_ASKED: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,8 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job,
                              mode="async")
         self._init_intake(0)
+        #: latency of the last checkpoint's acknowledgement (None: unacknowledged)
+        self._durable: float | object | None = _NOT_ASKED
 
     @property
     def version(self) -> int:
@@ -137,6 +142,9 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         c = self.config
         async with self._subscribe() as sub:
             await self._publish_presence("online")
+            restored = await self._restore(sub)
+            if restored is not None:
+                self._apply(restored)
             await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             self._period = self._new_period()
             await self._refill()
@@ -166,6 +174,11 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         if msg is not None:
             await self._dispatch(msg)
         self._expire()
+        if self.version != before and self.durability is not None \
+                and self.durability.due(self.version, c.rounds):
+            # Before new work goes out: the checkpoint holds the dispatch counter that seeds
+            # the next orders, so a restored aggregator sends exactly the orders this one would.
+            self._durable = await self._checkpoint(sub, self._state_now())
         if self.version < c.rounds:
             await self._refill()
         if self.version != before:
@@ -181,6 +194,26 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             raise FedbusError(f"no trainer took work for {c.start_timeout_s}s "
                               f"(round.start_timeout_s) at model version {self.version}; "
                               f"online: {available}")
+
+    def _state_now(self) -> AggregatorState:
+        return AggregatorState(
+            job=self.config.job, node=self.config.node_id, round=self.version,
+            weights=self.weights, strategy=self.strategy.state_dict(),
+            selector=self.selector.state_dict(),
+            info={"mode": "async", "dispatches": self._dispatches,
+                  "strategy": type(self.strategy).__name__},
+        )
+
+    def _apply(self, state: AggregatorState) -> None:
+        """Continue from a checkpoint: the strategy (model, version, buffer), the selector,
+        and the dispatch counter. Work that was in flight is gone: it is sent out again."""
+        self.strategy.load_state_dict(state.strategy)
+        self.selector.load_state_dict(state.selector)
+        dispatches = state.info.get("dispatches", 0)
+        self._dispatches = dispatches if isinstance(dispatches, int) else 0
+        self.weights = {k: np.array(v) for k, v in self.strategy.weights.items()}
+        self._log.warning("restored", round=self.version, version=self.version,
+                          epoch=self.epoch)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -231,6 +264,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             in_flight=len(self._assigned),
             updates=sum(self.contributions.values()),
         )
+        if self._durable is not _NOT_ASKED:
+            report.checkpoint_s = self._durable if isinstance(self._durable, float) else None
+            report.durable = isinstance(self._durable, float)
+            self._durable = _NOT_ASKED
         if self.evaluate is not None and (number % c.evaluate_every == 0 or number >= c.rounds):
             report.eval = await asyncio.to_thread(self.evaluate, self.weights)
         self.history.append(report)
