@@ -8,7 +8,8 @@ server-side evaluation) runs in this process on the memory bus, exactly as
 ``fedbus run ... --memory`` runs it, with only ``codec.update`` (and ``seed``) changed. Every
 payload a trainer publishes on its update topic is counted (as sent, after zstd level 1, i.e.
 the bytes the broker would carry). Printed: update bytes per round, the ratio to ``none``,
-the wall time per round (after one warm-up run), and the final accuracy with its difference to ``none`` (same seed).
+the wall time per round (after one warm-up run), and the final accuracy with its
+difference to ``none`` (same seeds).
 """
 
 from __future__ import annotations

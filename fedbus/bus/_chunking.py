@@ -64,9 +64,11 @@ __all__ = [
     "HEADER",
     "ChunkLimits",
     "Reassembler",
+    "Transfer",
     "crc32_combine",
     "frames",
     "is_chunk_frame",
+    "plan",
 ]
 
 log = structlog.get_logger(__name__)
@@ -116,30 +118,58 @@ def is_chunk_frame(payload: bytes) -> bool:
     return payload[:2] == CHUNK_MAGIC
 
 
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One chunked payload, ready to frame: any chunk can be (re)built on demand, so a sender
+    can retransmit just the chunks a receiver lost (``fedbus.bus._repair``)."""
+
+    payload: bytes
+    chunk_bytes: int
+    transfer: bytes
+    crcs: tuple[int, ...]
+    whole: int
+
+    @property
+    def count(self) -> int:
+        return len(self.crcs)
+
+    def frame(self, index: int) -> bytes:
+        part = memoryview(self.payload)[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+        header = HEADER.pack(CHUNK_MAGIC, FRAME_VERSION, 0, self.transfer, index, self.count,
+                             len(self.payload), self.crcs[index], self.whole)
+        return header + part
+
+
+def plan(payload: bytes, chunk_bytes: int) -> Transfer | None:
+    """The chunked transfer for ``payload``, or None when it travels whole (it fits, and does
+    not start with the chunk magic)."""
+    if chunk_bytes <= 0:
+        raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    total = len(payload)
+    if total <= chunk_bytes and not is_chunk_frame(payload):
+        return None
+    count = max(1, -(-total // chunk_bytes))
+    view = memoryview(payload)
+    sizes = [min(chunk_bytes, total - i * chunk_bytes) for i in range(count)]
+    # the only pass over the payload's bytes
+    crcs = tuple(zlib.crc32(view[i * chunk_bytes : (i + 1) * chunk_bytes]) for i in range(count))
+    whole = 0
+    for crc, size in zip(crcs, sizes, strict=True):
+        whole = crc32_combine(whole, crc, size)
+    return Transfer(payload, chunk_bytes, os.urandom(16), crcs, whole)
+
+
 def frames(payload: bytes, chunk_bytes: int) -> Iterator[bytes]:
     """Yield what to publish for ``payload``: itself when it fits, else chunk frames in order.
 
     Frames are built lazily, so at most one chunk's copy exists beside the payload.
     """
-    if chunk_bytes <= 0:
-        raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    total = len(payload)
-    if total <= chunk_bytes and not is_chunk_frame(payload):
+    transfer = plan(payload, chunk_bytes)
+    if transfer is None:
         yield payload
         return
-    count = max(1, -(-total // chunk_bytes))
-    transfer = os.urandom(16)
-    view = memoryview(payload)
-    parts = [view[i * chunk_bytes : (i + 1) * chunk_bytes] for i in range(count)]
-    crcs = [zlib.crc32(part) for part in parts]  # the only pass over the payload's bytes
-    whole = 0
-    for part, crc in zip(parts, crcs, strict=True):
-        whole = crc32_combine(whole, crc, len(part))
-    for index, (part, crc) in enumerate(zip(parts, crcs, strict=True)):
-        header = HEADER.pack(
-            CHUNK_MAGIC, FRAME_VERSION, 0, transfer, index, count, total, crc, whole
-        )
-        yield header + part
+    for index in range(transfer.count):
+        yield transfer.frame(index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +181,19 @@ class ChunkLimits:
     max_partial_transfers: int = 64
     max_partials_per_topic: int = 2
     transfer_timeout_s: float = 120.0
+    #: A partial transfer with no new chunk for this long asks its sender for the missing
+    #: ones (a NACK, ``fedbus.bus._repair``), at most ``max_nacks`` times, then waits to expire.
+    nack_after_s: float = 2.0
+    max_nacks: int = 3
 
     def __post_init__(self) -> None:
         if min(self.max_message_bytes, self.max_buffered_bytes, self.max_partial_transfers,
                self.max_partials_per_topic) <= 0:
             raise BusError("chunk limits must be positive")
-        if self.transfer_timeout_s <= 0:
-            raise BusError("transfer_timeout_s must be positive")
+        if self.transfer_timeout_s <= 0 or self.nack_after_s <= 0:
+            raise BusError("transfer_timeout_s and nack_after_s must be positive")
+        if self.max_nacks < 0:
+            raise BusError("max_nacks must be >= 0")
 
 
 _Key = tuple[str, str, bytes]
@@ -172,6 +208,12 @@ class _Partial:
     parts: dict[int, bytes] = field(default_factory=dict)
     crcs: dict[int, int] = field(default_factory=dict)
     size: int = 0
+    progress: float = 0.0  # when the last new chunk arrived
+    nacks: int = 0
+
+
+#: At most this many chunk indices in one NACK; a later one asks for the rest.
+MAX_NACK_INDICES: Final = 4096
 
 
 class Reassembler:
@@ -260,7 +302,8 @@ class Reassembler:
                 self._reject("too_many_transfers", topic, transfer, limit=len(self._partials))
                 self._remember(key)
                 return None
-            part = _Partial(started=self._clock(), count=count, total=total, digest=digest)
+            now = self._clock()
+            part = _Partial(started=now, count=count, total=total, digest=digest, progress=now)
             self._partials[key] = part
         elif (part.count, part.total, part.digest) != (count, total, digest):
             self._reject("inconsistent", topic, transfer, index=index)
@@ -279,6 +322,7 @@ class Reassembler:
             return None
         part.parts[index] = data
         part.crcs[index] = crc
+        part.progress = self._clock()
         part.size += len(data)
         self._buffered += len(data)
         if len(part.parts) < part.count:
@@ -319,6 +363,24 @@ class Reassembler:
                 count=part.count,
             )
         return dropped
+
+    def stalled(self) -> list[tuple[str, bytes, list[int]]]:
+        """Partial transfers that made no progress for ``nack_after_s`` and may still ask for
+        their missing chunks: (topic, transfer id, missing indices), one entry per transfer
+        even when it arrives on several routes. Each call counts as one NACK for them."""
+        now = self._clock()
+        wanted: dict[tuple[str, bytes], set[int]] = {}
+        for (_route, topic, transfer), part in self._partials.items():
+            lim = self.limits
+            if part.nacks >= lim.max_nacks or now - part.progress < lim.nack_after_s:
+                continue
+            part.nacks += 1
+            part.progress = now  # the next NACK waits as long again
+            missing = wanted.setdefault((topic, transfer), set())
+            missing.update(i for i in range(part.count) if i not in part.parts)
+        self.counters["nacks"] += len(wanted)
+        return [(topic, transfer, sorted(missing)[:MAX_NACK_INDICES])
+                for (topic, transfer), missing in wanted.items() if missing]
 
     def _evict_oldest_on(self, route: str, topic: str) -> None:
         """Keep at most ``max_partials_per_topic - 1`` open on this topic before opening one
