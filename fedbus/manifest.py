@@ -37,6 +37,7 @@ from strategies.registry import make_selector, make_strategy
 __all__ = [
     "ROLES",
     "BrokerSpec",
+    "CheckpointSpec",
     "CodecSpec",
     "EvalSpec",
     "Manifest",
@@ -54,9 +55,9 @@ __all__ = [
     "with_broker",
 ]
 
-Role = Literal["aggregator", "trainer"]
-ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer")
-_PLANNED_ROLES: Final = ("relay", "checkpointer", "store")
+Role = Literal["aggregator", "trainer", "checkpointer"]
+ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer", "checkpointer")
+_PLANNED_ROLES: Final = ("relay", "store")
 VERSION: Final = 1
 _MQTT_MAX_PACKET: Final = 268_435_455
 
@@ -153,6 +154,28 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointSpec:
+    """How the checkpointer keeps state and how the aggregator waits for it (docs/
+    architecture.md, "Checkpoints")."""
+
+    #: Folder of the disk store (relative: to the directory the checkpointer runs in).
+    dir: str = "checkpoints"
+    #: Checkpoints kept per aggregator.
+    keep: int = 3
+    #: ``redis://host:port/db``: Redis as the store, the disk backing it up.
+    redis: str | None = None
+    #: Checkpoint after every this many rounds (and always after the last).
+    every: int = 1
+    #: How long the aggregator waits for the checkpointer's acknowledgement.
+    wait_s: float = 10.0
+    #: Unacknowledged after ``wait_s``: ``continue`` (say so, go on without durability) or
+    #: ``wait`` (hold the next round until the checkpointer is back).
+    on_unacked: Literal["continue", "wait"] = "continue"
+    #: At start, how long the aggregator waits for a checkpoint to restore.
+    restore_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class PopulationSpec:
     """Virtual clients for a simulation (``fedbus.sim``): a population hosted by a few workers.
 
@@ -208,6 +231,12 @@ class Manifest:
     source: str = "<string>"
     #: Virtual clients (simulation); None for a deployment with real trainers.
     population: PopulationSpec | None = None
+    checkpoint: CheckpointSpec = CheckpointSpec()
+
+    @property
+    def checkpointer(self) -> NodeSpec | None:
+        """The checkpointer node, if the manifest declares one (at most one)."""
+        return next((n for n in self.nodes if n.role == "checkpointer"), None)
 
     def node(self, node_id: str) -> NodeSpec:
         for n in self.nodes:
@@ -452,6 +481,26 @@ class _Parser:
             nodes=nodes,
             source=self.src,
             population=population,
+            checkpoint=self.checkpoint(t.get("checkpoint")),
+        )
+
+    def checkpoint(self, value: Any) -> CheckpointSpec:
+        d = CheckpointSpec()
+        t = self.table({} if value is None else value, "checkpoint", _fields(CheckpointSpec))
+        positive = "> 0 (seconds)"
+        return CheckpointSpec(
+            dir=self.string(t.get("dir", d.dir), "checkpoint.dir"),
+            keep=self.integer(t.get("keep", d.keep), "checkpoint.keep", lo=1, hi=10_000),
+            redis=self.opt_string(t.get("redis"), "checkpoint.redis"),
+            every=self.integer(t.get("every", d.every), "checkpoint.every", lo=1),
+            wait_s=self.number(t.get("wait_s", d.wait_s), "checkpoint.wait_s",
+                               lambda x: x > 0, positive),
+            on_unacked=cast(Literal["continue", "wait"], self.choice(
+                t.get("on_unacked", d.on_unacked), "checkpoint.on_unacked",
+                ("continue", "wait"))),
+            restore_timeout_s=self.number(t.get("restore_timeout_s", d.restore_timeout_s),
+                                          "checkpoint.restore_timeout_s", lambda x: x > 0,
+                                          positive),
         )
 
     def population(self, value: Any) -> PopulationSpec:
@@ -728,12 +777,20 @@ class _Parser:
                         self.fail(pf, f"partition {n.partition} is already used by "
                                       f"{partitions[n.partition]}; partitions must be unique")
                     partitions[n.partition] = f
+            elif n.role == "checkpointer":
+                if n.parent is not None or n.partition is not None:
+                    self.fail(f"{f}.parent" if n.parent is not None else f"{f}.partition",
+                              "a checkpointer serves every aggregator and holds no data "
+                              "partition; remove it")
+                if any(o.role == "checkpointer" for o in out):
+                    self.fail(f"{f}.role", "at most one checkpointer per manifest")
             out.append(n)
         return tuple(out)
 
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
-                    "selector", "round", "evaluate", "task", "nodes", "trainers", "population")
+                    "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
+                    "checkpoint")
 
 
 def _fields(cls: type) -> tuple[str, ...]:
@@ -761,8 +818,10 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
         if n.parent is not None:
             children.setdefault(n.parent, []).append(n.id)
     # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
+    ckpt = m.checkpointer
     return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
-                              children=children.get(n.id, ()))
+                              children=children.get(n.id, ()),
+                              checkpointer=ckpt.id if ckpt is not None else None)
             for n in m.nodes}
 
 

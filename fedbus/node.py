@@ -14,13 +14,16 @@ import numpy as np
 from fedbus import topics
 from fedbus.bus import Bus, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.checkpoint import CheckpointStore, DiskStore, RedisStore, TieredStore
 from fedbus.codec import Compression, Limits, encode
 from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, thaw
+from fedbus.services._durability import DurabilitySettings
 from fedbus.services._wire import presence
 from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
+from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.task import EvalResult, Task, load_task
 from strategies import (
@@ -187,6 +190,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
             "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
             "max_update_norm": r.max_update_norm, "max_examples": r.max_examples,
+            "durability": _durability(m),
         }
         weights = server_task.get_weights()
         aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
@@ -201,8 +205,33 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace, **common),
                           bus, strategy, selector,
                           weights, evaluate=evaluate)
+    if node.role == "checkpointer":
+        return Checkpointer(
+            CheckpointerConfig(job=m.job, node_id=node.id,
+                               aggregators=frozenset(n.id for n in m.nodes
+                                                     if n.role == "aggregator"),
+                               limits=_limits(m)),
+            bus, _checkpoint_store(m))
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")
+
+
+def _durability(m: Manifest) -> DurabilitySettings | None:
+    node = m.checkpointer
+    if node is None:
+        return None
+    c = m.checkpoint
+    return DurabilitySettings(checkpointer=node.id, every=c.every, wait_s=c.wait_s,
+                              on_unacked=c.on_unacked, restore_timeout_s=c.restore_timeout_s)
+
+
+def _checkpoint_store(m: Manifest) -> CheckpointStore:
+    """Disk by default; with ``checkpoint.redis``, Redis backed up by the disk."""
+    c = m.checkpoint
+    disk = DiskStore(c.dir, keep=c.keep)
+    if c.redis is None:
+        return disk
+    return TieredStore(RedisStore(c.redis, keep=c.keep), disk)
 
 
 def _nbytes(weights: dict[str, np.ndarray]) -> int:

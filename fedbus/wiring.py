@@ -52,7 +52,7 @@ def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[st
 
 
 def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
-                children: Iterable[str] = ()) -> Wiring:
+                children: Iterable[str] = (), checkpointer: str | None = None) -> Wiring:
     """Exactly the topics ``node`` (of ``role``) subscribes to and publishes on.
 
     Aggregator and trainer are what the services do (tests/test_hostile.py spies on them);
@@ -63,6 +63,11 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
     presence = topics.presence(job, node)
     if role == "aggregator":
         sub, pub = _toward_children(job, node, kids)
+        if checkpointer is not None:
+            # state out to the checkpointer, its acks and restores back on its state topic,
+            # restore requests on its control topic
+            sub.append(topics.state(job, checkpointer))
+            pub += [topics.state(job, node), topics.control(job, checkpointer)]
         return Wiring(node, tuple(sub), (pub[0], pub[1], presence, *pub[2:]))
     if role in ("trainer", "relay") and parent is None:
         raise BusError(f"{role} {node!r} has no parent aggregator")
@@ -78,9 +83,10 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
         return Wiring(node, (*down_sub, *up_sub), (*down_pub, *up_pub, presence))
     own_control = topics.control(job, node)
     if role == "checkpointer":
-        # Persists every aggregator's state snapshots; serves them back on its own state topic.
-        return Wiring(node, (topics.state_all(job), topics.presence_all(job), own_control),
-                      (topics.state(job, node), topics.metrics(job, node), presence))
+        # Persists every aggregator's state snapshots; acknowledges them and serves them back
+        # on its own state topic; takes restore requests on its control topic.
+        return Wiring(node, (topics.state_all(job), own_control),
+                      (topics.state(job, node), presence))
     if role == "store":
         # Keeps per-round records: the models and metrics aggregators publish.
         return Wiring(node, (topics.model_all(job), topics.metrics_all(job),

@@ -313,3 +313,83 @@ def test_loss_grace_is_a_checked_manifest_setting() -> None:
     assert manifest(loss_grace_s=0).round.loss_grace_s == 0.0
     with pytest.raises(ManifestError, match=r"round\.loss_grace_s"):
         manifest(loss_grace_s=-1)
+
+
+class LossyBus(MemoryBus):
+    """Loses the first update each listed trainer sends (a broker restart, a dropped chunk)."""
+
+    def __init__(self, *args: Any, lose: set[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lose = set(lose)
+        self.lost: list[str] = []
+
+    def _receive(self, topic: str, payload: bytes, via: str) -> None:
+        sender = topic.rsplit("/", 1)[1]
+        if "/update/" in topic and sender in self.lose:
+            self.lose.discard(sender)
+            self.lost.append(sender)
+            return
+        super()._receive(topic, payload, via)
+
+
+async def test_a_lost_update_is_asked_for_again_and_the_round_completes() -> None:
+    # Prepare: the aggregator never sees t0's first update; a short deadline to notice
+    m = manifest(rounds=2, delay_s=0.0, deadline_s=0.5)
+    expected = await clean_weights(m)
+    broker = MemoryBroker()
+    lossy: list[LossyBus] = []
+
+    def bus_for(node: str) -> Bus:
+        if node == "mallory":
+            return MemoryBus(broker, node)
+        real = make_bus(m, m.node(node), memory=broker)
+        if node != "agg":
+            return real
+        lossy.append(LossyBus(broker, node, will=real.will, birth=real.birth, lose={"t0"}))
+        return lossy[0]
+
+    # Execute
+    with capture_logs() as logs:
+        agg, _, _ = await federate(m, bus_for=bus_for)
+    # Assert: the update was lost, asked for again at the deadline, sent again, and counted
+    assert lossy[0].lost == ["t0"]
+    assert [len(r.accepted) for r in agg.history] == [3, 3]
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
+    assert any(e["event"] == "update_resent" and e.get("node") == "t0" for e in logs)
+
+
+@pytest.mark.broker
+async def test_a_broker_killed_and_restarted_mid_round_loses_nothing() -> None:
+    # Prepare: a broker without persistence (what `fedbus run` starts), long deadlines so
+    # that only the reconnect can repair the round in time
+    import os
+    import signal
+
+    from fedbus.broker import spawn_mosquitto
+
+    first = await spawn_mosquitto()
+    port = first.port
+    brokers = [first]
+    m = with_broker(manifest(rounds=3, delay_s=0.3, deadline_s=30),
+                    BrokerSpec(host="127.0.0.1", port=port, keepalive_s=5))
+    expected = await clean_weights(m)
+
+    async def restart_broker(bus: Bus, order: Envelope) -> None:
+        await asyncio.sleep(0.1)  # the trainers are training round 1 now
+        os.kill(first.pid, signal.SIGKILL)
+        brokers.append(await spawn_mosquitto(port))
+
+    try:
+        # Execute
+        with capture_logs() as logs:
+            agg, _, _ = await federate(m, restart_broker)
+    finally:
+        for b in brokers:
+            await b.stop()
+    # Assert: every round complete with everyone, the clean model, well before any deadline
+    assert [len(r.accepted) for r in agg.history] == [3, 3, 3]
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
+    assert agg.history[0].seconds < 15, agg.history[0].seconds
+    events = [e["event"] for e in logs]
+    assert "lose_broker" in events  # the broker really went away
+    assert "round_reasked" in events  # and the aggregator asked its pending trainers again

@@ -20,8 +20,9 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Subscription
+from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
-from fedbus.errors import UpdateRejected
+from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
 from fedbus.task import EvalResult
@@ -35,6 +36,8 @@ log = structlog.get_logger(__name__)
 #: for that report to be contradicted (manifest ``round.loss_grace_s``). A real crash costs
 #: the round this much; a forged offline on an open broker no longer ends it.
 LOSS_GRACE_S = 0.5
+#: How often a waiting round wakes to check whether the broker connection was re-made.
+_TICK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,10 @@ class RoundReport:
     bus_loss: dict[str, int] = field(default_factory=dict)
     #: What the strategy says about the round (DP wrappers: clip and noise multiplier used).
     strategy: dict[str, Any] = field(default_factory=dict)
+    #: Seconds until the checkpointer acknowledged this round's state (None: not asked, or
+    #: unacknowledged; then ``durable`` is False).
+    checkpoint_s: float | None = None
+    durable: bool | None = None
 
     def as_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -75,6 +82,10 @@ class RoundReport:
         }
         if self.bus_loss:
             meta["bus_loss"] = self.bus_loss
+        if self.durable is not None:
+            meta["durable"] = self.durable
+            if self.checkpoint_s is not None:
+                meta["checkpoint_s"] = round(self.checkpoint_s, 4)
         if self.train_loss is not None:
             meta["train_loss"] = self.train_loss
         if self.strategy:
@@ -143,9 +154,17 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         c = self.config
         async with self._subscribe() as sub:
             await self._publish_presence("online")
+            restored = await self._restore(sub)
+            if restored is not None:
+                self._apply(restored)
             await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             for number in range(self.start_round, c.rounds + 1):
                 report = await self._run_round(sub, number)
+                if self.durability is not None and self.durability.due(number, c.rounds):
+                    # the round is committed once the checkpointer has it
+                    latency = await self._checkpoint(sub, self._state_after(number, report))
+                    report.checkpoint_s = latency
+                    report.durable = latency is not None
                 self.history.append(report)
                 self.reports.put_nowait(report)
                 await self._publish(topics.metrics(c.job, c.node_id), METRICS, number,
@@ -173,9 +192,18 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         await self._broadcast(state)
         self._log.info("round_started", round=number, selected=len(selected), quorum=need)
         extensions = 0
+        reconnects = self._reconnects()
         deadline = started + c.deadline_s
         while True:
             while state.pending or self._in_grace(state):
+                if self._reconnects() > reconnects:
+                    # The broker went away and came back: what was sent to us meanwhile may
+                    # be gone with it. Ask the pending trainers again; those that delivered
+                    # send the same update again (deduplicated if it did arrive).
+                    reconnects = self._reconnects()
+                    self._log.warning("round_reasked", round=number,
+                                      pending=sorted(state.pending))
+                    await self._broadcast(state)
                 now = time.monotonic()
                 left = deadline - now
                 if not state.pending:
@@ -184,9 +212,12 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                     left = min(left, state.last_loss + c.loss_grace_s - now)
                 if left <= 0:
                     break
+                wait = min(left, _TICK_S)  # wake now and then to notice a reconnect
                 try:
-                    msg = await sub.get(timeout=left)
+                    msg = await sub.get(timeout=wait)
                 except TimeoutError:
+                    if wait < left:
+                        continue
                     break
                 await self._dispatch(msg)
             if len(state.accepted) >= need or extensions >= c.max_extensions:
@@ -236,9 +267,34 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._log.info("round_finished", **report.as_meta())
         return report
 
+    # --- checkpoints ------------------------------------------------------------------------
+    def _state_after(self, number: int, report: RoundReport) -> AggregatorState:
+        return AggregatorState(
+            job=self.config.job, node=self.config.node_id, round=number, weights=self.weights,
+            strategy=self.strategy.state_dict(), selector=self.selector.state_dict(),
+            info={"strategy": type(self.strategy).__name__, "aggregated": report.aggregated},
+        )
+
+    def _apply(self, state: AggregatorState) -> None:
+        """Continue from a checkpoint: the model, the strategy's and the selector's state."""
+        if state.weights.keys() != self.weights.keys():
+            raise FedbusError(f"checkpoint of round {state.round} holds tensors "
+                              f"{sorted(state.weights)[:5]}, the model has "
+                              f"{sorted(self.weights)[:5]}: not this job's model")
+        self.weights = {k: np.ascontiguousarray(v) for k, v in state.weights.items()}
+        self.strategy.load_state_dict(state.strategy)
+        self.selector.load_state_dict(state.selector)
+        self.start_round = state.round + 1
+        self._log.warning("restored", round=state.round, next_round=self.start_round,
+                          epoch=self.epoch)
+
     # --- incoming: the intake's hooks -----------------------------------------------------
     def _grant_round(self, node: str) -> int:
         return self._round
+
+    def _reconnects(self) -> int:
+        stats = getattr(self.bus, "stats", None)
+        return int(stats.get("reconnects", 0)) if isinstance(stats, Mapping) else 0
 
     def _in_grace(self, state: _Round) -> bool:
         grace = self.config.loss_grace_s

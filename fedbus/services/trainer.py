@@ -116,6 +116,8 @@ class Trainer:
         self._epoch: str | None = None
         self._done = False
         self._worker: asyncio.Task[None] | None = None
+        #: The last synchronous update sent: (epoch, round, payload), sent again if asked.
+        self._last_sent: tuple[str, int, bytes] | None = None
         self._next: _Order | None = None
         #: (epoch, round) being trained now
         self._current: tuple[str, int] | None = None
@@ -276,6 +278,15 @@ class Trainer:
         if self._current == (epoch, env.round) and env.meta.get("mode") != "async":
             self.rejections.reject("old_round", f"round {env.round} is being trained")
             return
+        last = self._last_sent
+        if last is not None and last[:2] == (epoch, env.round) \
+                and self._orders_seen.add(env.msg_id):
+            # The parent asks again for a round we delivered (a re-broadcast names only those
+            # it is missing): our update was lost on the way — a broker restart without
+            # persistence, a dropped chunk. Send the same update again; it dedupes the rest.
+            self._log.warning("update_resent", round=env.round, bytes=len(last[2]))
+            await self._deliver(env.round, epoch, last[2], env.meta.get("upload_gate_bytes"))
+            return
         if not self._plausible(env, epoch):
             return
         config = env.meta.get("config", {})
@@ -349,19 +360,29 @@ class Trainer:
             rounds.append(env.round)
             del rounds[:-64]  # bounded: a re-broadcast comes within a round or two
         self.rounds_trained += 1
-        gate = env.meta.get("upload_gate_bytes")
+        if env.meta.get("mode") != "async":
+            # kept until the next round: if the parent asks again, this update was lost
+            self._last_sent = (epoch, env.round, payload)
+        gated = await self._deliver(env.round, epoch, payload,
+                                    env.meta.get("upload_gate_bytes"))
+        self._log.info("update_ready" if gated else "update_sent", round=env.round,
+                       examples=result.num_examples, seconds=round(duration, 3),
+                       bytes=len(payload))
+
+    async def _deliver(self, number: int, epoch: str, payload: bytes, gate: Any) -> bool:
+        """Send an update, or announce it (``ready``) when it must wait for an upload slot;
+        True in that case."""
+        c = self.config
+        topic = topics.update(c.job, c.parent, c.node_id)
         if isinstance(gate, int) and not isinstance(gate, bool) and len(payload) > gate:
             # Large: announce it and upload when the aggregator grants a slot (UploadGate).
-            self._pending = (env.round, epoch, payload)
-            ready = Envelope(kind=READY, job=c.job, sender=c.node_id, round=env.round,
+            self._pending = (number, epoch, payload)
+            ready = Envelope(kind=READY, job=c.job, sender=c.node_id, round=number,
                              meta={"bytes": len(payload)})
-            await self.bus.publish(topics.update(c.job, c.parent, c.node_id), encode(ready))
-            self._log.info("update_ready", round=env.round, seconds=round(duration, 3),
-                           bytes=len(payload))
-            return
-        await self.bus.publish(topics.update(c.job, c.parent, c.node_id), payload)
-        self._log.info("update_sent", round=env.round, examples=result.num_examples,
-                       seconds=round(duration, 3), bytes=len(payload))
+            await self.bus.publish(topic, encode(ready))
+            return True
+        await self.bus.publish(topic, payload)
+        return False
 
     async def _on_grant(self, env: Envelope, epoch: str) -> None:
         if self._pending is None or self._pending[:2] != (env.round, epoch):

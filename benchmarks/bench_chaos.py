@@ -1,0 +1,218 @@
+"""Kill -9 a federation's aggregator at random moments; the restarted one must end with exactly
+the model of a run that was never interrupted.
+
+    .venv/bin/python -m benchmarks.bench_chaos                    # 10 trials, FedAvg and FedAdam
+    .venv/bin/python -m benchmarks.bench_chaos --trials 3 --strategy fedavg
+
+Each run is real processes on a fresh local mosquitto, as deployed: ``fedbus serve`` for the
+aggregator, the checkpointer and the trainers (one process). A trial starts the job, kills the
+aggregator with SIGKILL at a random moment (uniform over the clean run's duration), starts a
+new aggregator process with the same manifest, and compares the final model's metrics (every
+round's loss and distance, to the last bit) with the clean run's. It also reports how long
+the restarted aggregator took from its start to its first round (restore included) and the
+checkpoint write latency the aggregator saw.
+
+Every process started here is stopped by pid in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.bench_rounds import REPO, Child
+from fedbus.broker import spawn_mosquitto
+from fedbus.log import configure_logging
+
+STRATEGIES: dict[str, Any] = {
+    "fedavg": "fedavg",
+    "fedadam": {"name": "fedadam", "params": {"eta": 0.1}},
+}
+
+
+@dataclass
+class Trial:
+    strategy: str
+    kill_in_round: int
+    kill_after_s: float
+    killed: bool
+    same_model: bool
+    resumed_from: int | None
+    checkpoint_s: list[float] = field(default_factory=list)
+
+
+def write_manifest(folder: Path, host: str, port: int, strategy: Any, rounds: int) -> Path:
+    data = {
+        "version": 1, "job": "chaos", "seed": 11, "rounds": rounds, "strategy": strategy,
+        "broker": {"host": host, "port": port, "max_queued_messages": 100_000},
+        "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60},
+        "checkpoint": {"dir": str(folder / "checkpoints"), "wait_s": 10},
+        "evaluate": {"where": "server", "every": 1},
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": 10_000, "lr": 0.3, "delay_s": 0.2}},
+        "nodes": [{"id": "aggregator", "role": "aggregator"},
+                  {"id": "ckpt", "role": "checkpointer"}],
+        "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
+    }
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _serve(manifest: Path, node: str, log: Path, cwd: Path) -> Child:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedbus.cli", "serve", str(manifest), "--node", node,
+             "--log-json"], cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=out, env={**_env(), "PYTHONPATH": str(REPO)})
+    return Child(node, proc)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _final_metrics(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Every finished round's (round, loss, distance), the last report of each round winning
+    (a round the killed aggregator finished is finished again by its successor)."""
+    rounds: dict[int, tuple[Any, ...]] = {}
+    for e in events:
+        if e.get("event") == "round_finished":
+            rounds[int(e["round"])] = (e["round"], e.get("loss"), e.get("distance"))
+    return [rounds[r] for r in sorted(rounds)]
+
+
+def _rounds_started(log: Path) -> int:
+    try:
+        return log.read_text(errors="replace").count('"event": "round_started"')
+    except OSError:
+        return 0
+
+
+async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, float] | None,
+                  ) -> tuple[list[tuple[Any, ...]], Trial | None, float]:
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
+    proc = await spawn_mosquitto()
+    children: list[Child] = []
+    log = folder / "aggregator.log"
+    try:
+        path = write_manifest(folder, proc.host, proc.port, STRATEGIES[strategy], rounds)
+        children.append(_serve(path, "ckpt", folder / "ckpt.log", folder))
+        children.append(_serve(path, "t*", folder / "trainers.log", folder))
+        started = time.monotonic()
+        agg = _serve(path, "aggregator", log, folder)
+        children.append(agg)
+        killed = False
+        if kill_at is not None:
+            # kill once round `kill_at[0]` has started, `kill_at[1]` seconds into it
+            while agg.proc.poll() is None and _rounds_started(log) < kill_at[0]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # polling a child's log: no event to await
+            await asyncio.sleep(kill_at[1])
+            if agg.proc.poll() is None:
+                agg.proc.kill()  # SIGKILL: no goodbye, the broker fires its will
+                agg.reap(10)
+                killed = True
+                agg = _serve(path, "aggregator", log, folder)
+                children.append(agg)
+        while agg.proc.poll() is None:
+            if time.monotonic() - started > 300:
+                raise TimeoutError("the job did not finish in 300 s")
+            await asyncio.sleep(0.05)  # polling a child's exit: no event to await
+        elapsed = time.monotonic() - started
+    finally:
+        for child in children:
+            child.stop()
+        await proc.stop()
+    events = _events(log)
+    trial = None
+    if kill_at is not None:
+        restored = [e for e in events if e.get("event") == "restored"]
+        trial = Trial(strategy=strategy, kill_in_round=kill_at[0], kill_after_s=kill_at[1],
+                      killed=killed, same_model=False,
+                      resumed_from=restored[-1]["round"] if restored else None,
+                      checkpoint_s=[float(e["seconds"]) for e in events
+                                    if e.get("event") == "checkpoint_acked"])
+    return _final_metrics(events), trial, elapsed
+
+
+async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int) -> list[Trial]:
+    rng = random.Random(seed)
+    out: list[Trial] = []
+    with tempfile.TemporaryDirectory(prefix="fedbus-chaos-") as tmp:
+        for strategy in strategies:
+            clean, _, _ = await one_run(Path(tmp) / strategy / "clean", strategy, rounds, None)
+            for i in range(trials):
+                # a random round, a random moment in it (a round lasts about 0.3 s here)
+                kill = (rng.randint(1, rounds), rng.uniform(0.0, 0.35))
+                metrics, trial, _ = await one_run(Path(tmp) / strategy / f"trial{i}", strategy,
+                                                  rounds, kill)
+                assert trial is not None
+                trial.same_model = bool(clean) and metrics == clean
+                out.append(trial)
+                print(f"{strategy} trial {i}: kill in round {kill[0]} after {kill[1]:.2f} s, "
+                      f"killed={trial.killed}, "
+                      f"resumed from round {trial.resumed_from}, same model={trial.same_model}",
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def table(trials: list[Trial]) -> str:
+    lines = ["| strategy | trial | SIGKILL in round | s into it | resumed after round | "
+             "same final model |",
+             "|---|---|---|---|---|---|"]
+    for i, t in enumerate(trials):
+        lines.append(f"| {t.strategy} | {i} | {t.kill_in_round if t.killed else 'ended first'} | "
+                     f"{t.kill_after_s:.2f} | "
+                     f"{t.resumed_from if t.resumed_from is not None else 'none (fresh start)'} | "
+                     f"{'yes' if t.same_model else 'NO'} |")
+    acks = [s for t in trials for s in t.checkpoint_s]
+    if acks:
+        acks.sort()
+        lines.append("")
+        lines.append(f"checkpoint acknowledged in median {acks[len(acks) // 2] * 1000:.1f} ms, "
+                     f"max {acks[-1] * 1000:.1f} ms ({len(acks)} checkpoints, 10,000 params)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_chaos",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--strategy", action="append", choices=sorted(STRATEGIES))
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    configure_logging(level="error")
+    trials = asyncio.run(chaos(args.trials, args.strategy or ["fedavg", "fedadam"],
+                               args.rounds, args.seed))
+    print(table(trials))
+    return 0 if all(t.same_model for t in trials) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The aggregator's side of checkpoints: what it sends the checkpointer, and what it takes back.
+
+Only messages on ``state/<checkpointer>`` from the checkpointer itself, about this node, are
+taken: an acknowledgement of a round it sent, or the restore it asked for (by request id).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Message
+from fedbus.checkpoint import AggregatorState, state_envelope, state_from
+from fedbus.codec import Envelope, Limits, decode
+from fedbus.errors import CodecError
+from fedbus.services.checkpointer import CHECKPOINT_ACK, RESTORE, RESTORE_REQUEST
+from fedbus.services.intake import Rejections
+
+__all__ = ["Durability", "DurabilitySettings"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DurabilitySettings:
+    checkpointer: str
+    every: int = 1
+    wait_s: float = 10.0
+    on_unacked: str = "continue"
+    restore_timeout_s: float = 10.0
+
+
+@dataclass(slots=True)
+class Durability:
+    job: str
+    node_id: str
+    settings: DurabilitySettings
+    limits: Limits
+    rejections: Rejections
+    acked: dict[int, float] = field(default_factory=dict)
+    restore_request: str | None = None
+    restored: Envelope | None = None
+    restore_answered: bool = False
+
+    @property
+    def topic(self) -> str:
+        """Where the checkpointer answers (the aggregator subscribes to it)."""
+        return topics.state(self.job, self.settings.checkpointer)
+
+    def due(self, number: int, last: int) -> bool:
+        return number % self.settings.every == 0 or number == last
+
+    def checkpoint_frame_envelope(self, state: AggregatorState) -> Envelope:
+        return state_envelope(state)
+
+    def request(self) -> Envelope:
+        """A restore request; the checkpointer's answer names its message id."""
+        env = Envelope(kind=RESTORE_REQUEST, job=self.job, sender=self.node_id, round=0)
+        self.restore_request = env.msg_id
+        self.restore_answered = False
+        self.restored = None
+        return env
+
+    def on_message(self, msg: Message) -> None:
+        try:
+            env = decode(msg.payload, self.limits)
+        except CodecError as exc:
+            self.rejections.reject(f"checkpointer_{exc.reason}", exc.detail, topic=msg.topic)
+            return
+        meta: dict[str, Any] = dict(env.meta)
+        if env.sender != self.settings.checkpointer or env.job != self.job:
+            self.rejections.reject("checkpointer_spoofed", f"sender {env.sender!r}")
+            return
+        if meta.get("node") != self.node_id:
+            return  # about another aggregator
+        if env.kind == CHECKPOINT_ACK:
+            self.acked[env.round] = time.monotonic()
+        elif env.kind == RESTORE and meta.get("request") == self.restore_request \
+                and self.restore_request is not None:
+            self.restore_answered = True
+            self.restored = None if meta.get("empty") else env
+        else:
+            self.rejections.reject("checkpointer_unexpected", f"{env.kind} round {env.round}")
+
+    def restored_state(self) -> AggregatorState | None:
+        """The state the checkpointer sent back (``None``: it had none)."""
+        env = self.restored
+        if env is None:
+            return None
+        inner = Envelope(kind="checkpoint", job=env.job, sender=self.node_id, round=env.round,
+                         meta=env.meta.get("state", {}), tensors=env.tensors)
+        return state_from(inner)

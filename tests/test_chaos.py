@@ -1,0 +1,22 @@
+"""Kill -9 the aggregator process mid-job, restart it: the final model is the uninterrupted
+run's, to the last bit (the harness is benchmarks/bench_chaos.py; 10 trials there)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from benchmarks.bench_chaos import chaos
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def test_a_killed_aggregator_process_resumes_to_the_same_model() -> None:
+    # seed 0: SIGKILL in round 4, 0.27 s and 0.01 s into it
+    trials = asyncio.run(chaos(2, ["fedavg"], rounds=6, seed=0))
+    for t in trials:
+        assert t.killed and t.same_model, t
+        # it continued from the last checkpoint: the round before, or the round itself if
+        # the kill came after that round was made durable
+        assert t.resumed_from in (t.kill_in_round - 1, t.kill_in_round), t

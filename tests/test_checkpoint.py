@@ -1,0 +1,227 @@
+"""Checkpoints: stores that survive damage, and an aggregator killed at any moment resuming to
+exactly the model of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from fedbus.broker import free_port
+from fedbus.bus.memory import MemoryBroker
+from fedbus.checkpoint import AggregatorState, DiskStore, RedisStore, TieredStore
+from fedbus.checkpoint.state import state_envelope, state_from
+from fedbus.codec import decode, encode
+from fedbus.manifest import Manifest, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services.aggregator import Aggregator
+
+
+def frame(round: int, value: float = 1.0) -> bytes:
+    state = AggregatorState(job="toy", node="agg", round=round,
+                            weights={"w": np.full(8, value, np.float32)},
+                            strategy={"m": np.arange(3.0), "t": 2 ** 70}, selector={})
+    return encode(state_envelope(state))
+
+
+# --- stores ------------------------------------------------------------------------------------
+
+
+def test_a_state_round_trips_through_the_codec() -> None:
+    state = state_from(decode(frame(4, 2.5)))
+    assert state.round == 4 and state.node == "agg"
+    np.testing.assert_array_equal(state.weights["w"], np.full(8, 2.5, np.float32))
+    np.testing.assert_array_equal(state.strategy["m"], np.arange(3.0))
+    assert state.strategy["t"] == 2 ** 70  # numpy RNG states hold such ints
+
+
+def test_disk_store_keeps_the_last_k_and_skips_a_damaged_one(tmp_path: Path) -> None:
+    # Prepare
+    store = DiskStore(tmp_path, keep=3)
+    for r in range(1, 6):
+        store.save("toy", "agg", r, frame(r, float(r)))
+    files = sorted(p.name for p in (tmp_path / "toy" / "agg").iterdir())
+    assert files == ["round-000000003.ckpt", "round-000000004.ckpt", "round-000000005.ckpt"]
+    # Execute: flip a byte of the newest, truncate the one before
+    newest = tmp_path / "toy" / "agg" / "round-000000005.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[-10] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    second = tmp_path / "toy" / "agg" / "round-000000004.ckpt"
+    second.write_bytes(second.read_bytes()[:100])
+    with capture_logs() as logs:
+        found = store.latest("toy", "agg")
+    # Assert: the newest good one, and a log line naming each damaged file
+    assert found is not None and found[0] == 3
+    assert state_from(decode(found[1])).weights["w"][0] == 3.0
+    skipped = [e["path"] for e in logs if e["event"] == "skip_checkpoint"]
+    assert skipped == [str(newest), str(second)]
+    assert store.latest("toy", "other") is None
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Any:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server missing: apt-get install -y redis-server")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                proc.poll()
+                assert proc.returncode is None, "redis-server exited"
+                import time
+
+                time.sleep(0.05)  # waiting for a child's listening port: no event to await
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_redis_store_and_disk_behind_it(redis_url: str, tmp_path: Path) -> None:
+    # Prepare
+    fast = RedisStore(redis_url, keep=2)
+    store = TieredStore(fast, DiskStore(tmp_path / "disk", keep=2))
+    for r in (1, 2, 3):
+        store.save("toy", "agg", r, frame(r, float(r)))
+    assert fast.latest("toy", "agg") is not None
+    assert fast.redis.zcard("fedbus:toy:agg:rounds") == 2  # the last K only
+    # Execute: Redis loses everything (restart without persistence, or a flush)
+    fast.redis.flushall()
+    with capture_logs() as logs:
+        found = store.latest("toy", "agg")
+    # Assert: the disk copy takes over
+    assert found is not None and found[0] == 3
+    assert any(e["event"] == "checkpoint_from_disk" for e in logs)
+    store.close()
+
+
+# --- crash and resume ---------------------------------------------------------------------------
+
+
+def manifest(tmp: Path, strategy: Any, rounds: int = 6) -> Manifest:
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 5, "strategy": strategy,
+        "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 20},
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": 64, "lr": 0.3, "delay_s": 0.05}},
+        "checkpoint": {"dir": str(tmp), "wait_s": 5, "restore_timeout_s": 5},
+        "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "ckpt", "role": "checkpointer"}],
+        "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
+    })
+
+
+async def run_job(m: Manifest, *, kill_after_s: float | None = None,
+                  seed: int = 0) -> tuple[Aggregator, int]:
+    """Every node on one memory broker. With ``kill_after_s``, the aggregator vanishes then
+    (its will fires, nothing said goodbye) and a new one with the same manifest takes over.
+    Returns the aggregator that finished and how many aggregators it took."""
+    broker = MemoryBroker()
+    others: list[asyncio.Task[Any]] = []
+
+    async def start(node: str) -> tuple[Any, Any]:
+        bus = make_bus(m, m.node(node), memory=broker)
+        await bus.__aenter__()
+        return build_node(m, node, bus), bus
+
+    async with asyncio.timeout(60):
+        for node in ("ckpt", "t0", "t1", "t2"):
+            svc, _ = await start(node)
+            others.append(asyncio.create_task(svc.run(), name=node))
+        agg, bus = await start("agg")
+        task = asyncio.create_task(agg.run())
+        starts = 1
+        if kill_after_s is not None:
+            done, _ = await asyncio.wait({task}, timeout=kill_after_s)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await bus.kill()
+                agg, bus = await start("agg")
+                task = asyncio.create_task(agg.run())
+                starts = 2
+        await task
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+    assert isinstance(agg, Aggregator)
+    return agg, starts
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", {"name": "fedadam", "params": {"eta": 0.1}}])
+async def test_an_aggregator_killed_at_random_moments_resumes_to_the_same_model(
+        tmp_path: Path, strategy: Any) -> None:
+    # Prepare: the uninterrupted run
+    clean, _ = await run_job(manifest(tmp_path / "clean", strategy))
+    rng = random.Random(7)
+    kills = resumed = 0
+    for trial in range(4):
+        # Execute: kill the aggregator at a random moment of the job, start a new one
+        m = manifest(tmp_path / f"trial{trial}", strategy)
+        agg, starts = await run_job(m, kill_after_s=rng.uniform(0.02, 0.35), seed=trial)
+        kills += starts - 1
+        resumed += agg.start_round > 1  # it continued from a checkpoint, not from round 1
+        # Assert: the same final model, bit for bit; every round was made durable
+        np.testing.assert_array_equal(agg.weights["w"], clean.weights["w"])
+        assert all(r.durable for r in agg.history)
+        assert agg.history[0].round == agg.start_round
+    assert kills >= 3 and resumed >= 2  # most kills landed inside the job, after a checkpoint
+
+
+async def test_rounds_report_the_checkpoint_latency(tmp_path: Path) -> None:
+    agg, _ = await run_job(manifest(tmp_path, "fedavg", rounds=2))
+    metas = [r.as_meta() for r in agg.history]
+    assert all(m["durable"] and m["checkpoint_s"] >= 0 for m in metas)
+    assert len(list((tmp_path / "toy" / "agg").iterdir())) == 2
+
+
+async def test_without_a_checkpointer_the_aggregator_says_so_and_goes_on(
+        tmp_path: Path) -> None:
+    # Prepare: a job whose checkpointer never runs
+    m = manifest(tmp_path, "fedavg", rounds=2)
+    m = parse_manifest({**_raw(m), "checkpoint": {"dir": str(tmp_path), "wait_s": 0.2,
+                                                  "restore_timeout_s": 0.2}})
+    broker = MemoryBroker()
+    buses = {n: make_bus(m, m.node(n), memory=broker) for n in ("agg", "t0", "t1", "t2")}
+    for b in buses.values():
+        await b.__aenter__()
+    services = {n: build_node(m, n, b) for n, b in buses.items()}
+    # Execute
+    with capture_logs() as logs:
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
+            for n in ("t0", "t1", "t2"):
+                tg.create_task(services[n].run())
+            await services["agg"].run()
+    # Assert: the job finished, each round marked not durable, and it was said loudly
+    agg = services["agg"]
+    assert [r.durable for r in agg.history] == [False, False]
+    events = {e["event"] for e in logs}
+    assert {"restore_unanswered", "checkpoint_unacked"} <= events
+
+
+def _raw(m: Manifest) -> dict[str, Any]:
+    return {"version": 1, "job": m.job, "rounds": m.rounds, "seed": m.seed,
+            "strategy": m.strategy.name,
+            "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3,
+                      "start_timeout_s": 20},
+            "task": {"ref": m.task.ref, "params": dict(m.task.params)},
+            "nodes": [{"id": "agg", "role": "aggregator"},
+                      {"id": "ckpt", "role": "checkpointer"}],
+            "trainers": {"count": 3, "prefix": "t", "parent": "agg"}}
