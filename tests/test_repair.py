@@ -161,6 +161,22 @@ async def test_forged_nacks_cannot_make_a_node_resend_unbounded_data() -> None:
     assert repair.counters["nacks_unknown"] == 1 and repair.counters["nacks_malformed"] == 1
 
 
+async def test_a_big_payload_on_a_nack_topic_is_refused_before_buffering() -> None:
+    # Prepare: the aggregator serves NACKs (it published a chunked model)
+    broker = MemoryBroker()
+    async with MemoryBus(broker, "agg", chunk_bytes=1000) as agg, \
+            MemoryBus(broker, "mallory", chunk_bytes=1000) as mallory:
+        await agg.publish(MODEL, os.urandom(5000))
+        async with asyncio.timeout(2):  # the NACK server subscribes in its own task
+            while topics.nacks_for("j", "agg") not in agg._dispatch.filters:
+                await asyncio.sleep(0.01)
+        # Execute: 1 MB "NACK" in 1 kB chunks
+        await mallory.publish(topics.nack("j", "agg", "mallory"), os.urandom(1_000_000))
+        stats = agg.stats
+    # Assert
+    assert stats["rejected_not_admitted"] == 1 and stats["buffered_bytes"] == 0
+
+
 async def test_a_node_keeps_only_its_own_recent_transfers() -> None:
     async def noop(topic: str, frame: bytes) -> None:
         return None

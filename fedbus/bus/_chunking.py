@@ -38,13 +38,16 @@ transfer older than ``transfer_timeout_s`` is dropped and counted. A subscriber 
 new transfer before anything is buffered (``admit``: who may send it, and how big). A bad
 chunk is dropped, logged and counted by reason; it never raises into the bus.
 
-Retransmission of missing chunks is NOT implemented yet: a transfer that loses a chunk expires
-and is counted (``transfers_expired``); the application protocol must detect and repair the loss.
+A lost chunk is repaired, not fatal: ``stalled()`` names the missing chunks of a transfer
+that made no progress for ``nack_after_s``, and the bus's ``Repair`` (``fedbus.bus._repair``)
+asks the topic's owner to resend just those (at most ``max_nacks`` times); a transfer that
+still misses a chunk expires and is counted (``transfers_expired``) as before.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import struct
 import time
@@ -376,8 +379,10 @@ class Reassembler:
                 continue
             part.nacks += 1
             part.progress = now  # the next NACK waits as long again
-            missing = wanted.setdefault((topic, transfer), set())
-            missing.update(i for i in range(part.count) if i not in part.parts)
+            # the first few missing only: a transfer may claim a million chunks
+            lacking = itertools.islice((i for i in range(part.count) if i not in part.parts),
+                                       MAX_NACK_INDICES)
+            wanted.setdefault((topic, transfer), set()).update(lacking)
         self.counters["nacks"] += len(wanted)
         return [(topic, transfer, sorted(missing)[:MAX_NACK_INDICES])
                 for (topic, transfer), missing in wanted.items() if missing]

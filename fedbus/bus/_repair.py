@@ -84,7 +84,11 @@ class _Kept:
 
 
 SendFrame = Callable[[str, bytes], Awaitable[None]]
-Subscribe = Callable[[str], QueueSubscription]
+Subscribe = Callable[..., QueueSubscription]
+#: The biggest well-formed NACK; a chunked transfer on a NACK topic above it is refused
+#: before anything is buffered, and at most this many bytes of NACKs wait unread.
+_MAX_NACK_BYTES: Final = _NACK.size + 4 * MAX_NACK_INDICES
+_MAX_QUEUED_NACK_BYTES: Final = 1 << 20
 
 
 class Repair:
@@ -144,7 +148,10 @@ class Repair:
 
     async def _serve(self, job: str) -> None:
         try:
-            async with self._subscribe(topics.nacks_for(job, self.node_id)) as sub:
+            # NACK topics are open to anyone the broker lets write them: bounded like any input
+            async with self._subscribe(topics.nacks_for(job, self.node_id),
+                                       admit=lambda _t, total: total <= _MAX_NACK_BYTES,
+                                       max_queued_bytes=_MAX_QUEUED_NACK_BYTES) as sub:
                 async for msg in sub:
                     await self.answer(msg.topic, msg.payload)
         except BusError as exc:  # e.g. an ACL without the nack topics: repair off, bus fine
@@ -163,7 +170,7 @@ class Repair:
         kept = self._kept.get(transfer_id)
         if kept is None:
             self.counters["nacks_unknown"] += 1
-            log.info("drop_nack", reason="not_kept", requester=requester,
+            log.debug("drop_nack", reason="not_kept", requester=requester,
                      transfer=transfer_id.hex())
             return 0
         t = kept.transfer
