@@ -194,7 +194,7 @@ async def test_a_node_keeps_only_its_own_recent_transfers() -> None:
         for t in ts[1:]:
             repair.sent(mine, t)
         assert await repair.answer(topics.nack("j", "t0", "agg"),
-                                   encode_nack(ts[1].transfer, [0])) == 0  # evicted: count
+                                   encode_nack(ts[2].transfer, [0])) == 0  # newest per topic
         assert await repair.answer(topics.nack("j", "t0", "agg"),
                                    encode_nack(ts[3].transfer, [0])) == 1
         clock.now = 11

@@ -8,8 +8,8 @@ Both buses run one ``Repair`` each. Two halves:
   transfer, then it expires as before. Only topics with exactly one publisher are repaired
   (``topics.repair_owner``: model and update topics), so a receiver asks the owner and no one
   else, and on a broker with ACLs no one else could answer on the owner's topic anyway.
-- **Answering** (every sender): the owner keeps its last few chunked payloads on such topics
-  (``RepairLimits``: count, bytes, age) and serves NACKs on ``topics.nacks_for(job, me)``,
+- **Answering** (every sender): the owner keeps its newest chunked payload on each such topic
+  (``RepairLimits``: topics, bytes, age; one model-sized payload for an aggregator) and serves NACKs on ``topics.nacks_for(job, me)``,
   rebuilding only the requested frames and publishing them on the original topic (every
   receiver drops what it already has as a duplicate). A NACK for a transfer it no longer
   keeps is ignored; each kept transfer has a resend budget (``resend_factor`` x its chunk
@@ -132,6 +132,10 @@ class Repair:
         if owner is None or owner[1] != self.node_id or not self._tasks:
             return
         job = owner[0]
+        # Only the newest transfer per topic: receivers drop a sender's older partial
+        # transfers once newer ones arrive, and the aggregator holds one model, not four.
+        for tid in [k for k, kept in self._kept.items() if kept.topic == topic]:
+            self._kept_bytes -= len(self._kept.pop(tid).transfer.payload)
         self._kept[transfer.transfer] = _Kept(topic, transfer, self._clock())
         self._kept_bytes += len(transfer.payload)
         self._forget_old()
