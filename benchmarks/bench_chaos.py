@@ -50,6 +50,8 @@ class Trial:
     killed: bool
     same_model: bool
     resumed_from: int | None
+    #: With a standby: seconds from the SIGKILL to the standby starting its next round.
+    failover_s: float | None = None
     checkpoint_s: list[float] = field(default_factory=list)
 
 
@@ -114,7 +116,14 @@ def _rounds_started(log: Path) -> int:
         return 0
 
 
+def _ts(event: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
 async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, float] | None,
+                  *, standby: bool = False,
                   ) -> tuple[list[tuple[Any, ...]], Trial | None, float]:
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
     proc = await spawn_mosquitto()
@@ -128,6 +137,13 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
         agg = _serve(path, "aggregator", log, folder)
         children.append(agg)
         killed = False
+        killed_at_wall = 0.0
+        standby_log = folder / "standby.log"
+        if standby:
+            # a second instance, started once the first is active: it waits as a standby
+            while agg.proc.poll() is None and _rounds_started(log) < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # polling a child's log: no event to await
+            children.append(_serve(path, "aggregator", standby_log, folder))
         if kill_at is not None:
             # kill once round `kill_at[0]` has started, `kill_at[1]` seconds into it
             while agg.proc.poll() is None and _rounds_started(log) < kill_at[0]:  # noqa: ASYNC110
@@ -135,10 +151,15 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
             await asyncio.sleep(kill_at[1])
             if agg.proc.poll() is None:
                 agg.proc.kill()  # SIGKILL: no goodbye, the broker fires its will
+                killed_at_wall = time.time()
                 agg.reap(10)
                 killed = True
-                agg = _serve(path, "aggregator", log, folder)
-                children.append(agg)
+                if standby:
+                    agg = children[-1]  # nobody types a command: the standby takes over
+                    log = standby_log
+                else:
+                    agg = _serve(path, "aggregator", log, folder)
+                    children.append(agg)
         while agg.proc.poll() is None:
             if time.monotonic() - started > 300:
                 raise TimeoutError("the job did not finish in 300 s")
@@ -148,19 +169,26 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
         for child in children:
             child.stop()
         await proc.stop()
-    events = _events(log)
+    events = _events(folder / "aggregator.log")
+    if standby and standby_log.exists():
+        events += _events(standby_log)
     trial = None
     if kill_at is not None:
         restored = [e for e in events if e.get("event") == "restored"]
+        failover = None
+        if standby and killed:
+            after = [_ts(e) for e in _events(standby_log) if e.get("event") == "round_started"]
+            failover = after[0] - killed_at_wall if after else None
         trial = Trial(strategy=strategy, kill_in_round=kill_at[0], kill_after_s=kill_at[1],
-                      killed=killed, same_model=False,
+                      killed=killed, same_model=False, failover_s=failover,
                       resumed_from=restored[-1]["round"] if restored else None,
                       checkpoint_s=[float(e["seconds"]) for e in events
                                     if e.get("event") == "checkpoint_acked"])
     return _final_metrics(events), trial, elapsed
 
 
-async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int) -> list[Trial]:
+async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int, *,
+                standby: bool = False) -> list[Trial]:
     rng = random.Random(seed)
     out: list[Trial] = []
     with tempfile.TemporaryDirectory(prefix="fedbus-chaos-") as tmp:
@@ -170,7 +198,7 @@ async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int) 
                 # a random round, a random moment in it (a round lasts about 0.3 s here)
                 kill = (rng.randint(1, rounds), rng.uniform(0.0, 0.35))
                 metrics, trial, _ = await one_run(Path(tmp) / strategy / f"trial{i}", strategy,
-                                                  rounds, kill)
+                                                  rounds, kill, standby=standby)
                 assert trial is not None
                 trial.same_model = bool(clean) and metrics == clean
                 out.append(trial)
@@ -190,6 +218,12 @@ def table(trials: list[Trial]) -> str:
                      f"{t.kill_after_s:.2f} | "
                      f"{t.resumed_from if t.resumed_from is not None else 'none (fresh start)'} | "
                      f"{'yes' if t.same_model else 'NO'} |")
+    fails = sorted(t.failover_s for t in trials if t.failover_s is not None)
+    if fails:
+        lines.append("")
+        lines.append(f"standby took over (SIGKILL of the active aggregator to its next round "
+                     f"started): median {fails[len(fails) // 2]:.2f} s, max {fails[-1]:.2f} s "
+                     f"({len(fails)} failovers)")
     acks = [s for t in trials for s in t.checkpoint_s]
     if acks:
         acks.sort()
@@ -206,10 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strategy", action="append", choices=sorted(STRATEGIES))
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--standby", action="store_true",
+                   help="run a standby aggregator that takes over (no restart by the harness)")
     args = p.parse_args(argv)
     configure_logging(level="error")
     trials = asyncio.run(chaos(args.trials, args.strategy or ["fedavg", "fedadam"],
-                               args.rounds, args.seed))
+                               args.rounds, args.seed, standby=args.standby))
     print(table(trials))
     return 0 if all(t.same_model for t in trials) else 1
 

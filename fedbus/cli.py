@@ -107,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from fedbus.deploy.commands import COMMANDS as DEPLOY_COMMANDS
 
-    for register in (_add_run, _add_worker, _add_serve, _add_validate, _add_watch, _add_ls,
-                     _add_show, _add_plot, _add_new, _add_dashboard, *DEPLOY_COMMANDS):
+    for register in (_add_run, _add_worker, _add_serve, _add_validate, _add_watch, _add_query,
+                     _add_ls, _add_show, _add_plot, _add_new, _add_dashboard, *DEPLOY_COMMANDS):
         register(add)
     return p
 
@@ -184,6 +184,10 @@ def _add_serve(add: Adder) -> None:
                        "(e.g. 0.0.0.0:9108 for a remote scraper; needs the 'metrics' extra)")
     serve.add_argument("--health-file", help="keep this file fresh while connected (container "
                        "healthchecks: python -m fedbus.deploy.health FILE)")
+    serve.add_argument("--watch-as", metavar="USER",
+                       help="an aggregator that finds another instance active waits as a "
+                       "standby, watching with this broker user (an operator from `fedbus "
+                       "acl --operator`; needed on a secured broker)")
 
 
 def _add_validate(add: Adder) -> None:
@@ -204,6 +208,33 @@ def _add_watch(add: Adder) -> None:
     watch.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                        help="give up after this long without a round report (default: 60)")
     watch.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
+                       "on a secured broker")
+
+
+def _add_query(add: Adder) -> None:
+    query = add("query", "ask the job's metadata store for a workload (JSON on stdout)", """\
+  fedbus query manifest.yaml summary
+  fedbus query manifest.yaml malicious --arg threshold=2.5
+  fedbus query manifest.yaml contribution --round 5 --arg permutations=64
+  fedbus query manifest.yaml personalization --arg client=trainer-3 --save models/
+  workloads: summary lineage scheduling malicious debugging clustering personalization
+  contribution (docs/store.md)
+""", _cmd_query)
+    query.add_argument("manifest")
+    query.add_argument("workload")
+    query.add_argument("--round", type=_positive_int,
+                       help="the round to look at (default: the last)")
+    query.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="a workload argument, e.g. --arg k=3 --arg by=loss (repeatable)")
+    query.add_argument("--store", help="store node id (default: the manifest's first store)")
+    query.add_argument("--broker", type=_parse_broker, help="HOST:PORT instead of the manifest's")
+    query.add_argument("--offline", action="store_true",
+                       help="read the store's folder here instead of asking the running store "
+                       "(the default when the manifest names no broker)")
+    query.add_argument("--timeout", type=_seconds, default=120.0, metavar="SECONDS",
+                       help="seconds to wait for the store's reply (default: 120)")
+    query.add_argument("--save", metavar="DIR", help="write returned models here")
+    query.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
                        "on a secured broker")
 
 
@@ -358,7 +389,7 @@ def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:
     record = args.runs_dir or os.environ.get(ENV_VAR)
     opts = RunOptions(runs_root=runs_root(record) if record else None, display="plain",
                       dashboard_port=args.dashboard, metrics=args.metrics,
-                      health_file=args.health_file)
+                      health_file=args.health_file, watch_as=args.watch_as)
     return asyncio.run(serve_nodes(_manifest(args), args.node, opts, sink))
 
 
@@ -376,6 +407,30 @@ def _cmd_watch(args: argparse.Namespace, sink: LogSink) -> int:
     from fedbus.watch import watch
 
     return asyncio.run(watch(_manifest(args), args.timeout, user=args.user))
+
+
+def _cmd_query(args: argparse.Namespace, sink: LogSink) -> int:
+    import json
+
+    import yaml
+
+    from fedbus.store import query as q
+
+    wargs: dict[str, Any] = {}
+    for item in args.arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedbusError(f"--arg {item!r}: use KEY=VALUE, e.g. --arg k=3")
+        wargs[key] = yaml.safe_load(value)
+    if args.round is not None:
+        wargs["round"] = args.round
+    meta, tensors = asyncio.run(q.run_query(_manifest(args), args.store, args.workload, wargs,
+                                            offline=args.offline, timeout=args.timeout,
+                                            user=args.user))
+    if args.save and tensors:
+        meta["saved"] = q.save_models(tensors, args.save)
+    print(json.dumps(meta, indent=2, default=str))
+    return 0 if meta.get("ok") else 1
 
 
 def _cmd_ls(args: argparse.Namespace, sink: LogSink) -> int:

@@ -45,6 +45,7 @@ __all__ = [
     "PluginSpec",
     "PopulationSpec",
     "RoundSpec",
+    "StoreSpec",
     "TaskSpec",
     "Wiring",
     "compile_wiring",
@@ -55,9 +56,9 @@ __all__ = [
     "with_broker",
 ]
 
-Role = Literal["aggregator", "trainer", "checkpointer"]
-ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer", "checkpointer")
-_PLANNED_ROLES: Final = ("relay", "store")
+Role = Literal["aggregator", "trainer", "checkpointer", "store"]
+ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer", "checkpointer", "store")
+_PLANNED_ROLES: Final = ("relay",)
 VERSION: Final = 1
 _MQTT_MAX_PACKET: Final = 268_435_455
 
@@ -146,6 +147,32 @@ class TaskSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """The metadata store (``role: store`` nodes): where it keeps rounds, what, how long."""
+
+    #: Folder of the on-disk store; default ``fedbus-store/<job>/<node>`` under the cwd.
+    dir: str | None = None
+    #: In-memory LRU cache in front of the disk, in MiB (bounded by bytes, not entries).
+    cache_mb: int = 256
+    #: Optional shared cache (``redis://host:port/db``) for stores run by several processes.
+    redis_url: str | None = None
+    #: Dimensions of the seeded random projection kept for every update of every round.
+    sketch_dim: int = 2048
+    #: Full per-client updates are kept for the last K rounds only (0: none).
+    full_update_rounds: int = 3
+    #: Global models kept for the last K rounds (0: every round).
+    model_rounds: int = 0
+    #: Rounds kept at all (metrics, sketches); 0: every round.
+    keep_rounds: int = 0
+    #: Messages waiting to be written, in MiB; beyond it the store drops (and counts) them.
+    backlog_mb: int = 512
+    #: Load the task's evaluation copy (as the aggregator does) for leave-one-out / Shapley.
+    evaluate: bool = True
+    #: Stop when the job is done (``fedbus run``); false keeps answering queries.
+    exit_on_done: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSpec:
     id: str
     role: Role
@@ -231,6 +258,7 @@ class Manifest:
     source: str = "<string>"
     #: Virtual clients (simulation); None for a deployment with real trainers.
     population: PopulationSpec | None = None
+    store: StoreSpec = StoreSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
 
     @property
@@ -481,6 +509,7 @@ class _Parser:
             nodes=nodes,
             source=self.src,
             population=population,
+            store=self.store(t.get("store"), nodes),
             checkpoint=self.checkpoint(t.get("checkpoint")),
         )
 
@@ -662,6 +691,37 @@ class _Parser:
                       "declares; lower it or add trainers")
         return spec
 
+    def store(self, value: Any, nodes: Sequence[NodeSpec]) -> StoreSpec:
+        d = StoreSpec()
+        if value is None:
+            return d
+        if not any(n.role == "store" for n in nodes):
+            self.fail("store", "there is no node with role: store to configure; add "
+                               "`- {id: store, role: store}` to nodes or remove this section")
+        t = self.table(value, "store", _fields(StoreSpec))
+
+        def count(key: str, lo: int, hi: int | None = None) -> int:
+            return self.integer(t.get(key, getattr(d, key)), f"store.{key}", lo=lo, hi=hi)
+
+        redis_url = self.opt_string(t.get("redis_url"), "store.redis_url")
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://",
+                                                                "unix://")):
+            self.fail("store.redis_url", f"{redis_url!r} is not a Redis URL; use "
+                                         "redis://host:port/db")
+        return StoreSpec(
+            dir=self.opt_string(t.get("dir"), "store.dir"),
+            cache_mb=count("cache_mb", 1),
+            redis_url=redis_url,
+            sketch_dim=count("sketch_dim", 16, 1 << 20),
+            full_update_rounds=count("full_update_rounds", 0),
+            model_rounds=count("model_rounds", 0),
+            keep_rounds=count("keep_rounds", 0),
+            backlog_mb=count("backlog_mb", 1),
+            evaluate=self.boolean(t.get("evaluate", d.evaluate), "store.evaluate"),
+            exit_on_done=self.boolean(t.get("exit_on_done", d.exit_on_done),
+                                      "store.exit_on_done"),
+        )
+
     def evaluate(self, value: Any) -> EvalSpec:
         d = EvalSpec()
         t = self.table({} if value is None else value, "evaluate", _fields(EvalSpec))
@@ -684,7 +744,8 @@ class _Parser:
     def node(self, value: Any, field: str) -> NodeSpec:
         t = self.table(value, field, ("id", "role", "parent", "partition"),
                        required=("id", "role"))
-        note = f" ({', '.join(_PLANNED_ROLES)} are planned)"
+        verb = "is" if len(_PLANNED_ROLES) == 1 else "are"
+        note = f" ({', '.join(_PLANNED_ROLES)} {verb} planned)"
         role = self.choice(t["role"], f"{field}.role", ROLES, note)
         parent = t.get("parent")
         partition = t.get("partition")
@@ -777,6 +838,8 @@ class _Parser:
                         self.fail(pf, f"partition {n.partition} is already used by "
                                       f"{partitions[n.partition]}; partitions must be unique")
                     partitions[n.partition] = f
+            elif n.role == "store":
+                n = self.store_node(n, f, root.id, roles, aggregators)
             elif n.role == "checkpointer":
                 if n.parent is not None or n.partition is not None:
                     self.fail(f"{f}.parent" if n.parent is not None else f"{f}.partition",
@@ -788,9 +851,23 @@ class _Parser:
         return tuple(out)
 
 
+    def store_node(self, n: NodeSpec, f: str, root: str, roles: Mapping[str, str],
+                   aggregators: str) -> NodeSpec:
+        """A store watches one aggregator (its parent, the root by default) and has no data."""
+        if n.partition is not None:
+            self.fail(f"{f}.partition", "only trainers have a data partition; remove it")
+        if n.parent is None:
+            return dataclasses.replace(n, parent=root)
+        if roles.get(n.parent) != "aggregator":
+            what = "unknown node" if n.parent not in roles else f"a {roles[n.parent]}"
+            self.fail(f"{f}.parent", f"{n.parent!r} is {what}; a store's parent is the "
+                                     f"aggregator it records: {aggregators}")
+        return n
+
+
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
                     "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
-                    "checkpoint")
+                    "checkpoint", "store")
 
 
 def _fields(cls: type) -> tuple[str, ...]:

@@ -205,6 +205,12 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace, **common),
                           bus, strategy, selector,
                           weights, evaluate=evaluate)
+    if node.role == "store":
+        from fedbus.services.store import store_from_manifest
+
+        eval_task = task or (open_task(m, None) if m.store.evaluate else None)
+        return store_from_manifest(m, node, bus, eval_task, limits=_limits(m),
+                                   compression=_compression(m))
     if node.role == "checkpointer":
         return Checkpointer(
             CheckpointerConfig(job=m.job, node_id=node.id,

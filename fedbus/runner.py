@@ -58,6 +58,8 @@ class RunOptions:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Keep this file fresh while every bus is connected (container healthchecks).
     health_file: str | None = None
+    #: The broker user a standby aggregator watches the active one with (secured brokers).
+    watch_as: str | None = None
 
 
 class _Stop:
@@ -131,6 +133,12 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
                             "manifest or pass --broker HOST:PORT")
     if not any(m.node(n).role == "aggregator" for n in node_ids):
         opts = dataclasses.replace(opts, runs_root=None)
+    for n in node_ids:
+        if m.node(n).role == "aggregator":
+            # one active instance: a second one waits here as a standby (fedbus.failover)
+            from fedbus.failover import await_leadership
+
+            await await_leadership(m, n, watch_as=opts.watch_as)
     return await _execute(m, node_ids, opts, sink, serving=True)
 
 
@@ -230,8 +238,19 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
                     await asyncio.wait({progress}, timeout=5)
                 # The job is over. Trainers on an anonymous broker do not trust `done` (anyone
                 # could send one) and keep serving: the process that ran the job stops them.
+                stores = [t for t in others if t.get_name() in services
+                          and m.node(t.get_name()).role == "store"]
                 for task in others:
-                    task.cancel()
+                    if task not in stores:
+                        task.cancel()
+                if stores:  # a store stops on `done` once it has written what it received
+                    await asyncio.wait(stores, timeout=STORE_GRACE_S)
+                    for task in stores:
+                        task.cancel()
+
+
+#: How long a run lets a store finish writing after the last round.
+STORE_GRACE_S = 60.0
 
 
 def _warn_if_anonymous(m: Manifest, node_ids: Sequence[str], memory: bool) -> None:

@@ -10,6 +10,8 @@ Channels:
   ``presence/<node>``               retained "online"; the broker publishes "offline" (last will)
   ``state/<node>``                  checkpoint / state snapshots published for the checkpointer
   ``control/<node>``                operator commands to one node (stop, ...)
+  ``query/<store>/<sender>``        a request to a store (workload + arguments)
+  ``reply/<requester>``             the store's answer, correlated by the request's msg_id
   ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
   ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
   ``nack/<owner>/<requester>``      chunk repair: "resend these chunks of your transfer", from a
@@ -40,7 +42,12 @@ __all__ = [
     "parse",
     "presence",
     "presence_all",
+    "queries_by",
+    "queries_for",
+    "query",
     "repair_owner",
+    "replies_all",
+    "reply",
     "shared",
     "sim_result",
     "sim_results",
@@ -56,7 +63,7 @@ __all__ = [
 
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
-                             "task", "result", "nack"})
+                             "query", "reply", "task", "result", "nack"})
 #: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
 #: level, so a receiver knows whom to ask (and asks no one else).
 REPAIRED_CHANNELS: Final = frozenset({"model", "update"})
@@ -115,6 +122,28 @@ def state(job: str, node: str) -> str:
 
 def control(job: str, node: str) -> str:
     return _t(job, "control", node)
+
+
+def query(job: str, store: str, sender: str) -> str:
+    return _t(job, "query", store, sender)
+
+
+def queries_for(job: str, store: str) -> str:
+    """Filter for every request addressed to ``store``."""
+    return _t(job, "query", store) + "/+"
+
+
+def queries_by(job: str, sender: str) -> str:
+    """Filter for ``sender``'s requests to any store (an operator's publish right)."""
+    return _t(job, "query") + "/+/" + validate_id(sender, "query node id")
+
+
+def reply(job: str, requester: str) -> str:
+    return _t(job, "reply", requester)
+
+
+def replies_all(job: str) -> str:
+    return _t(job, "reply") + "/+"
 
 
 def control_all(job: str) -> str:

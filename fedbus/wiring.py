@@ -88,12 +88,18 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
         return Wiring(node, (topics.state_all(job), own_control),
                       (topics.state(job, node), presence))
     if role == "store":
-        # Keeps per-round records: the models and metrics aggregators publish.
-        return Wiring(node, (topics.model_all(job), topics.metrics_all(job),
-                             topics.presence_all(job), own_control),
-                      (topics.state(job, node), topics.metrics(job, node), presence))
+        # Records one aggregator's rounds from what the broker already carries for it (its
+        # updates, model and metrics: trainers upload once, the aggregator sends nothing
+        # more) and answers workload queries; replies go to whoever asked (reply/<asker>).
+        if parent is None:
+            raise BusError(f"store {node!r} has no aggregator to record (parent)")
+        return Wiring(node, (topics.updates_for(job, parent), topics.model(job, parent),
+                             topics.metrics(job, parent), topics.queries_for(job, node)),
+                      (topics.replies_all(job), presence))
     if role == "operator":
-        # People and dashboards: watch progress and liveness, send commands to any node.
-        return Wiring(node, (topics.metrics_all(job), topics.presence_all(job)),
-                      (topics.control_all(job), presence))
+        # People and dashboards: watch progress and liveness, send commands to any node,
+        # ask stores for workloads (`fedbus query`) and read their own replies.
+        return Wiring(node, (topics.metrics_all(job), topics.presence_all(job),
+                             topics.reply(job, node)),
+                      (topics.control_all(job), topics.queries_by(job, node), presence))
     raise BusError(f"role {role!r} has no wiring; known roles: {', '.join(KNOWN_ROLES)}")

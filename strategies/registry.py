@@ -53,6 +53,7 @@ SELECTORS: dict[str, str] = {
     "tiered": "strategies.tiered:TieredSelector",
     "reliability": "strategies.reliability:ReliabilitySelector",
     "inflight": "strategies.selection:InFlightSelector",
+    "ranked": "strategies.ranked:RankedSelector",
 }
 
 

@@ -20,3 +20,11 @@ def test_a_killed_aggregator_process_resumes_to_the_same_model() -> None:
         # it continued from the last checkpoint: the round before, or the round itself if
         # the kill came after that round was made durable
         assert t.resumed_from in (t.kill_in_round - 1, t.kill_in_round), t
+
+
+def test_a_standby_takes_over_with_no_command_typed() -> None:
+    # seed 0: the active aggregator is SIGKILLed in round 4; the standby was waiting
+    trials = asyncio.run(chaos(1, ["fedavg"], rounds=6, seed=0, standby=True))
+    t = trials[0]
+    assert t.killed and t.same_model, t
+    assert t.failover_s is not None and t.failover_s < 10, t  # docs/benchmarks.md: ~0.2 s

@@ -168,7 +168,7 @@ async def test_a_big_payload_on_a_nack_topic_is_refused_before_buffering() -> No
             MemoryBus(broker, "mallory", chunk_bytes=1000) as mallory:
         await agg.publish(MODEL, os.urandom(5000))
         async with asyncio.timeout(2):  # the NACK server subscribes in its own task
-            while topics.nacks_for("j", "agg") not in agg._dispatch.filters:
+            while topics.nacks_for("j", "agg") not in agg._dispatch.filters:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         # Execute: 1 MB "NACK" in 1 kB chunks
         await mallory.publish(topics.nack("j", "agg", "mallory"), os.urandom(1_000_000))

@@ -9,12 +9,12 @@ Both buses run one ``Repair`` each. Two halves:
   (``topics.repair_owner``: model and update topics), so a receiver asks the owner and no one
   else, and on a broker with ACLs no one else could answer on the owner's topic anyway.
 - **Answering** (every sender): the owner keeps its newest chunked payload on each such topic
-  (``RepairLimits``: topics, bytes, age; one model-sized payload for an aggregator) and serves NACKs on ``topics.nacks_for(job, me)``,
-  rebuilding only the requested frames and publishing them on the original topic (every
-  receiver drops what it already has as a duplicate). A NACK for a transfer it no longer
-  keeps is ignored; each kept transfer has a resend budget (``resend_factor`` x its chunk
-  count, shared by all requesters), so forged or repeated NACKs cannot make a node send more
-  than a bounded multiple of what it published.
+  (``RepairLimits``: topics, bytes, age; one model-sized payload for an aggregator) and
+  serves NACKs on ``topics.nacks_for(job, me)``, rebuilding only the requested frames and
+  publishing them on the original topic (every receiver drops what it already has as a
+  duplicate). A NACK for a transfer it no longer keeps is ignored; each kept transfer has a
+  resend budget (``resend_factor`` x its chunk count, shared by all requesters), so forged
+  or repeated NACKs cannot make a node send more than a bounded multiple of what it published.
 
 NACK payload (big-endian): ``b"FN"``, version 1, the 16-byte transfer id, an index count n
 (<= ``MAX_NACK_INDICES``), then n uint32 chunk indices.

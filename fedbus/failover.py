@@ -1,0 +1,97 @@
+"""One active instance per aggregator: a second instance waits as a standby and takes over
+when the first one's presence goes offline (its last will fires the moment it dies).
+
+The lease is the aggregator's retained presence on the broker: ``online`` means an instance
+is active, and a starting instance that finds it waits. Only one connection can hold the
+node's client id at a time (MQTT session takeover), so two instances never publish as the
+node at once. Not covered: two instances started at the same instant with nothing active,
+or a forged ``offline`` on an anonymous broker — both connect and take the session from each
+other on every reconnect (mosquitto 2.0.11 closes the replaced connection without saying why,
+so a bus cannot tell a takeover from a network drop). The one that takes over restores from
+the checkpointer and continues at the next round.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import structlog
+
+from fedbus import topics
+from fedbus.codec import Limits, decode
+from fedbus.credentials import node_credentials
+from fedbus.errors import BusError, CodecError
+from fedbus.manifest import Manifest
+
+__all__ = ["await_leadership"]
+
+log = structlog.get_logger(__name__)
+
+#: How long to wait for a retained presence: none within this means nobody ever was active.
+_RETAINED_WAIT_S = 1.0
+
+
+async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = None) -> float:
+    """Return once no other instance of ``node`` is active; the seconds spent waiting.
+
+    ``watch_as``: the broker user the standby watches with (an operator, on a secured broker:
+    the node's own identity would take the active instance's session).
+    """
+    assert m.broker is not None
+    from fedbus.bus.mqtt import MqttBus
+
+    if watch_as is None and node_credentials(m, node).secured:
+        # On a secured broker the client id is the user: watching with the node's own
+        # identity would take the active instance's session. A standby needs its own user.
+        log.info("standby_check_skipped", node=node,
+                 detail="secured broker: pass --watch-as OPERATOR to run a standby")
+        return 0.0
+    b = m.broker
+    creds = node_credentials(m, watch_as) if watch_as else None
+    watcher = MqttBus(
+        f"{node}-standby", b.host, b.port,
+        client_id=watch_as or f"fedbus.{m.job}.{node}.standby.{os.getpid()}",
+        username=creds.username if creds else None,
+        password=creds.password if creds else None,
+        tls_ca=creds.tls_ca if creds else None,
+        tls_cert=creds.tls_cert if creds else None,
+        tls_key=creds.tls_key if creds else None,
+        keepalive=b.keepalive_s,
+    )
+    started = time.monotonic()
+    limits = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=0, max_tensors=0)
+    try:
+        await watcher.__aenter__()
+    except BusError as exc:
+        log.warning("standby_check_failed", node=node, error=str(exc),
+                    detail="could not watch for another active instance; starting anyway")
+        return 0.0
+    try:
+        async with watcher.subscribe(topics.presence(m.job, node)) as sub:
+            status = None
+            try:
+                status = _status(decode((await sub.get(timeout=_RETAINED_WAIT_S)).payload, limits))
+            except (TimeoutError, CodecError):
+                pass
+            if status == "online":
+                log.warning("standby_waiting", node=node,
+                            detail="another instance is active; taking over when it goes offline")
+            while status == "online":
+                try:
+                    status = _status(decode((await sub.get()).payload, limits))
+                except CodecError:
+                    continue
+
+    finally:
+        await watcher.__aexit__(None, None, None)
+    waited = time.monotonic() - started
+    if waited > _RETAINED_WAIT_S + 0.5:
+        log.warning("standby_taking_over", node=node, waited_s=round(waited, 3))
+    return waited
+
+
+def _status(env: object) -> str | None:
+    meta = getattr(env, "meta", {})
+    status = meta.get("status") if isinstance(meta, dict) else None
+    return status if isinstance(status, str) else None

@@ -1,0 +1,590 @@
+"""The store service: records every round of one aggregator and answers workload queries.
+
+It subscribes to what the aggregator already receives and sends (``update/<agg>/+``,
+``model/<agg>``, ``metrics/<agg>``): the broker fans each message out once more, so trainers
+upload once and the aggregator does no extra work. Nothing waits for the store: a receiver
+drains the subscription into a backlog bounded by bytes (beyond it messages are dropped and
+counted) and one writer decodes, checks, sketches and writes it, in worker threads. Queries
+arrive on ``query/<store>/<sender>`` and are answered on ``reply/<sender>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import structlog
+
+from fedbus import topics
+from fedbus.bus import Bus, Message, Subscription
+from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.manifest import Manifest, NodeSpec
+from fedbus.services._wire import DONE, METRICS, READY, ROUND, UPDATE, presence, split_tensors
+from fedbus.services.intake import (
+    OFFLOAD_BYTES,
+    Rejections,
+    SeenIds,
+    check_update_tensors,
+    checked_num_examples,
+    model_limits,
+)
+from fedbus.store.cache import RedisCache
+from fedbus.store.repository import Retention, RoundStore
+from fedbus.store.sketch import Sketcher, cosine, dot, norm
+from fedbus.store.workloads import Workloads, digest
+from fedbus.task import Task
+
+__all__ = ["QUERY", "REPLY", "StoreConfig", "StoreService", "TaskUtility",
+           "store_from_manifest"]
+
+log = structlog.get_logger(__name__)
+
+QUERY: Final = "query"  # anyone -> store (query/<store>/<sender>): {workload, args}
+REPLY: Final = "reply"  # store -> requester (reply/<sender>): {request_id, ok, result|error}
+#: Queries are small: a workload name and a few arguments.
+QUERY_LIMITS: Final = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=64 << 10,
+                             max_tensors=0)
+_MAX_METRICS: Final = 64
+_MAX_REJECTION_LOG: Final = 100
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    job: str
+    node_id: str
+    #: The aggregator whose rounds this store records.
+    aggregator: str
+    trainers: frozenset[str]
+    seed: int = 0
+    sketch_dim: int = 2048
+    #: Keep full updates at all (the last ``full_update_rounds`` rounds; 0: sketches only).
+    full_updates: bool = True
+    backlog_bytes: int = 512 << 20
+    exit_on_done: bool = True
+    max_queries: int = 4
+    max_examples: int = 1 << 40
+    limits: Limits = Limits()
+    compression: Compression = Compression()
+
+
+@dataclass(slots=True)
+class _Open:
+    """A round the store has seen start and not yet closed."""
+
+    number: int
+    model: dict[str, np.ndarray]
+    digest: str
+    started: float = field(default_factory=time.monotonic)
+    selected: set[str] = field(default_factory=set)
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sketches: dict[str, np.ndarray] = field(default_factory=dict)
+    rejected: Counter[str] = field(default_factory=Counter)
+    rejections: list[dict[str, str]] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+
+
+class _RoundRejections(Rejections):
+    """The shared rejection counter, also filed under the round being recorded."""
+
+    def __init__(self, node: str, owner: StoreService) -> None:
+        super().__init__(node)
+        self.owner = owner
+
+    def reject(self, reason: str, detail: str, **context: Any) -> None:
+        super().reject(reason, detail, **context)
+        state = self.owner._latest_open()
+        if state is not None:
+            state.rejected[reason] += 1
+            if len(state.rejections) < _MAX_REJECTION_LOG:
+                state.rejections.append({"sender": str(context.get("sender", "")),
+                                         "reason": reason})
+
+
+class StoreService:
+    """Records rounds into ``store`` and serves ``workloads`` until the job is done."""
+
+    def __init__(self, config: StoreConfig, bus: Bus, store: RoundStore, *,
+                 workloads: Workloads | None = None) -> None:
+        self.config = config
+        self.bus = bus
+        self.store = store
+        self.workloads = workloads or Workloads(store, seed=config.seed)
+        self.sketcher = Sketcher(config.sketch_dim, config.seed)
+        self.rejections = _RoundRejections(config.node_id, self)
+        self.stats: Counter[str] = Counter()
+        self.done = asyncio.Event()
+        #: Notified whenever a message has been handled: wait_for(lambda: ...) on counters.
+        self.progress = asyncio.Condition()
+        self._seen = SeenIds()
+        self._open: dict[int, _Open] = {}
+        self._closed_upto = max(store.rounds(), default=0)
+        self._early: list[Message] = []
+        self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
+        self._backlog_bytes = 0
+        #: Bytes of models and reports in the backlog (kept even over budget, up to a bound).
+        self._vital_bytes = 0
+        #: The store's own queue gets what the subscription's half of the backlog leaves.
+        self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
+        self._queries: set[asyncio.Task[None]] = set()
+        self._log = log.bind(node=config.node_id, role="store", job=config.job)
+
+    # --- main loop ------------------------------------------------------------------------
+    async def run(self) -> dict[str, int]:
+        c = self.config
+        filters = (topics.updates_for(c.job, c.aggregator), topics.model(c.job, c.aggregator),
+                   topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
+        # Half the backlog may wait in the subscription (the bus drops and counts beyond it),
+        # half in the store's own queue: a store starved of CPU holds no more than the backlog.
+        async with self.bus.subscribe(*filters, admit=self._admit,
+                                      max_queued_bytes=c.backlog_bytes // 2) as sub:
+            await self._publish_presence("online")
+            self._log.info("store_started", dir=str(self.store.disk.root),
+                           cache_bytes=self.store.cache.capacity, rounds=len(self.store.rounds()))
+            receiver = asyncio.create_task(self._receive(sub), name=f"{c.node_id}.receive")
+            writer = asyncio.create_task(self._write_loop(), name=f"{c.node_id}.write")
+            try:
+                finished, _ = await asyncio.wait({receiver, writer},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    task.result()  # a crash in either loop surfaces here
+            finally:
+                for task in (receiver, writer, *self._queries):
+                    task.cancel()
+                for task in (receiver, writer, *self._queries):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                with contextlib.suppress(FedbusError):
+                    await self._publish_presence("offline")
+                if self.store.redis is not None:
+                    await self.store.redis.close()
+        bus_stats = getattr(self.bus, "stats", {})
+        if isinstance(bus_stats, dict):  # what the bus dropped before the store saw it
+            self.stats["dropped_by_bus"] = int(bus_stats.get("dropped_queue_full", 0))
+        self._log.info("store_stopped", **self.stats, **self.store.stats()["cache"])
+        return dict(self.stats)
+
+    def _admit(self, topic: str, total: int) -> bool:
+        """Which chunked transfers the bus may buffer for the store: an update from one of the
+        recorded aggregator's trainers (no bigger than an update of the open round's model
+        can be) or that aggregator's model; never a query (they are small)."""
+        c = self.config
+        try:
+            parsed = topics.parse(topic)
+        except FedbusError:
+            return False
+        if parsed.channel == "update":
+            latest = self._latest_open()
+            limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
+            return (parsed.levels[0] == c.aggregator and parsed.sender in c.trainers
+                    and total <= limits.max_frame_bytes)
+        if parsed.channel == "model":
+            return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
+        return False
+
+    async def _receive(self, sub: Subscription) -> None:
+        """Drain the subscription at once; the writer works from the bounded backlog."""
+        async for msg in sub:
+            size = len(msg.payload)
+            self.stats["bytes_in"] += size
+            try:
+                channel = topics.parse(msg.topic).channel
+            except FedbusError:
+                channel = ""  # the writer rejects (and counts) the bad topic
+            if channel == "query":
+                self._spawn_query(msg)
+                continue
+            # A round's model, report and `done` are kept even over budget (one or two
+            # messages a round, from the one aggregator the bus admits): losing one would
+            # lose the whole round, losing an update loses one client of it.
+            vital = channel in ("model", "metrics") and self._vital_bytes + size <= \
+                self._own_backlog
+            over = self._backlog_bytes + size > self._own_backlog
+            if over and vital:
+                self.stats["kept_over_budget"] += 1
+            if over and not vital:
+                self.stats["dropped"] += 1
+                self.stats["dropped_bytes"] += size
+                if self.stats["dropped"] % 100 == 1:
+                    self._log.warning("store_backlog_full", dropped=self.stats["dropped"],
+                                      backlog_bytes=self._backlog_bytes)
+                continue
+            self._backlog_bytes += size
+            if channel in ("model", "metrics"):
+                self._vital_bytes += size
+            self._backlog.put_nowait((channel, msg))
+
+    async def _write_loop(self) -> None:
+        while True:
+            channel, msg = await self._backlog.get()
+            self._backlog_bytes -= len(msg.payload)
+            if channel in ("model", "metrics"):
+                self._vital_bytes -= len(msg.payload)
+            try:
+                await self._handle(msg)
+            except FedbusError as exc:
+                self._log.error("store_write_failed", topic=msg.topic, error=str(exc))
+                self.stats["write_errors"] += 1
+            async with self.progress:
+                self.progress.notify_all()
+            if self.done.is_set() and self.config.exit_on_done:
+                return
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog.qsize()
+
+    # --- recording ------------------------------------------------------------------------
+    async def _handle(self, msg: Message) -> None:
+        try:
+            parsed = topics.parse(msg.topic)
+        except FedbusError as exc:
+            self.rejections.reject("bad_topic", str(exc), topic=msg.topic)
+            return
+        if parsed.channel == "update":
+            await self._on_update(msg, parsed.sender)
+        elif parsed.channel in ("model", "metrics"):
+            env = await self._decode_from_aggregator(msg)
+            if env is None:
+                return
+            if env.kind == ROUND:
+                await self._on_round(env)
+            elif env.kind == DONE:
+                for number in sorted(self._open):
+                    await self._close(self._open.pop(number), None)
+                self.done.set()
+                self._log.info("store_job_done", rounds=len(self.store.rounds()))
+            elif env.kind == METRICS:
+                await self._on_metrics(env)
+
+    async def _decode_from_aggregator(self, msg: Message) -> Envelope | None:
+        try:
+            if len(msg.payload) >= OFFLOAD_BYTES:
+                env = await asyncio.to_thread(decode, msg.payload, self.config.limits)
+            else:
+                env = decode(msg.payload, self.config.limits)
+        except CodecError as exc:
+            self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
+            return None
+        if env.sender != self.config.aggregator or env.job != self.config.job:
+            self.rejections.reject("wrong_sender", f"{env.sender}/{env.job}", topic=msg.topic)
+            return None
+        return env
+
+    async def _on_round(self, env: Envelope) -> None:
+        number = env.round
+        selected = env.meta.get("selected", [])
+        selected = {s for s in selected if isinstance(s, str)} if isinstance(selected, list) \
+            else set()
+        if number in self._open:  # a round extension re-broadcasts with replacements
+            self._open[number].selected |= selected
+            return
+        if number <= self._closed_upto:
+            return  # a replay (an aggregator restarted from a checkpoint)
+        try:
+            weights, _ = split_tensors(env.tensors)
+        except UpdateRejected as exc:
+            self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
+            return
+        weights = {k: v for k, v in weights.items()}
+        for prev in sorted(self._open):
+            await self._close(self._open.pop(prev), weights if prev == number - 1 else None)
+        state = _Open(number, weights, await asyncio.to_thread(digest, weights),
+                      selected=selected)
+        self._open[number] = state
+        frames = await asyncio.to_thread(self.store.write_model, number, weights)
+        await self.store.share(frames)
+        early, self._early = self._early, []
+        for msg in early:
+            await self._on_update(msg, topics.parse(msg.topic).sender)
+
+    async def _on_metrics(self, env: Envelope) -> None:
+        report = {k: v for k, v in env.meta.items() if isinstance(k, str)}
+        state = self._open.get(env.round)
+        if state is not None:
+            state.report = report
+        elif env.round in self.store.records:  # late: the round's record is already written
+            record = {**self.store.records[env.round], "report": report}
+            await asyncio.to_thread(self.store.write_record, env.round, record)
+
+    def _latest_open(self) -> _Open | None:
+        return self._open[max(self._open)] if self._open else None
+
+    async def _on_update(self, msg: Message, sender: str) -> None:
+        c = self.config
+        reject = self.rejections.reject
+        if sender not in c.trainers:
+            reject("unknown_sender", f"{sender} is not a trainer of {c.aggregator}",
+                   sender=sender)
+            return
+        # Message ids are remembered only once the round is known: an update that arrives
+        # before its round's model is looked at again when the round opens.
+        env = await self._open_update(msg.payload, sender)
+        if env is None or env.kind == READY:
+            return  # a large update announces itself first; the upload itself follows
+        state = self._open.get(env.round)
+        if state is None:
+            if env.round <= max(self._open, default=self._closed_upto):
+                reject("stale", f"update for closed round {env.round}", sender=sender)
+                return
+            early_bytes = sum(len(m.payload) for m in self._early) + len(msg.payload)
+            if len(self._early) < len(c.trainers) and early_bytes <= self._own_backlog:
+                self._early.append(msg)  # sent before the model broadcast reached us
+            else:
+                reject("early_overflow", f"update for round {env.round}, not open yet",
+                       sender=sender)
+            return
+        if not self._seen.add(env.msg_id):
+            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
+            return
+        if sender in state.clients:
+            reject("duplicate", f"second update in round {env.round}", sender=sender)
+            return
+        try:
+            n = checked_num_examples(env.meta, c.max_examples)
+            delta, _ = split_tensors(env.tensors)
+            size = check_update_tensors(state.model, delta)
+        except UpdateRejected as exc:
+            reject(exc.reason, exc.detail, sender=sender)
+            return
+        metrics = env.meta.get("metrics", {})
+        info: dict[str, Any] = {
+            "num_examples": n,
+            "metrics": _metrics(metrics if isinstance(metrics, dict) else {}),
+            "duration_s": _finite(env.meta.get("duration_s")),
+            "arrival": len(state.clients) + 1,
+            "arrival_s": round(time.monotonic() - state.started, 4),
+            "staleness": max(self._open) - env.round,
+            "bytes": len(msg.payload),
+            "selected": sender in state.selected,
+        }
+        info["norm"] = round(size, 8)
+        sketch, frames = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
+                                                 delta, info)
+        await self.store.share(frames)
+        state.clients[sender] = info
+        state.sketches[sender] = sketch
+        self.stats["updates"] += 1
+        self.stats["update_bytes"] += sum(len(f) for f in frames.values())
+
+    async def _open_update(self, payload: bytes, sender: str) -> Envelope | None:
+        """Decode within limits derived from the open round's model (the manifest's before
+        any model arrived) and check kind, job and sender (the topic's, so a node cannot
+        speak for another), as the aggregator's intake does."""
+        c = self.config
+        latest = self._latest_open()
+        limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
+        try:
+            if len(payload) >= OFFLOAD_BYTES:
+                env = await asyncio.to_thread(decode, payload, limits)
+            else:
+                env = decode(payload, limits)
+        except CodecError as exc:
+            self.rejections.reject(exc.reason, exc.detail, sender=sender)
+            return None
+        if env.kind not in (UPDATE, READY) or env.job != c.job:
+            self.rejections.reject("bad_kind", f"kind={env.kind!r} job={env.job!r}",
+                                   sender=sender)
+            return None
+        if env.sender != sender:
+            self.rejections.reject("spoofed_sender", f"envelope says {env.sender!r}",
+                                   sender=sender)
+            return None
+        return env
+
+    def _sketch_and_write(self, r: int, sender: str, delta: dict[str, np.ndarray],
+                          info: dict[str, Any]) -> tuple[np.ndarray, dict[str, bytes]]:
+        sketch = self.sketcher.sketch(delta)
+        info["full"] = self.config.full_updates
+        frames: dict[str, bytes] = {}
+        if self.config.full_updates:
+            frames.update(self.store.write_update(r, sender, delta))
+        frames.update(self.store.write_sketch(r, sender, sketch, {"norm": info["norm"]}))
+        return sketch, frames
+
+    async def _close(self, state: _Open, next_model: Mapping[str, np.ndarray] | None) -> None:
+        """Finish a round's record: the aggregate (exact from the next model when known, else
+        the example-weighted mean of what arrived) and each update's cosine to it."""
+        r = state.number
+        agg_full: dict[str, np.ndarray] | None = None
+        if next_model is not None and next_model.keys() == state.model.keys():
+            agg_full = {k: next_model[k].astype(np.float64) - state.model[k] for k in state.model}
+            source = "model"
+            agg_sketch = await asyncio.to_thread(self.sketcher.sketch, agg_full)
+        else:
+            source = "fedavg_estimate"
+            total = sum(ci["num_examples"] for ci in state.clients.values()) or 1
+            agg_sketch = np.zeros(self.sketcher.dim, dtype=np.float64)
+            for cid, s in state.sketches.items():
+                agg_sketch += s * (state.clients[cid]["num_examples"] / total)
+        for cid, ci in state.clients.items():
+            full = await self.store.update(r, cid) if agg_full is not None and ci["full"] \
+                else None
+            if full is not None and agg_full is not None:
+                ci["cos"] = round(await asyncio.to_thread(_cos_tensors, full, agg_full), 6)
+                ci["cos_source"] = "exact"
+            else:
+                ci["cos"] = round(cosine(state.sketches[cid], agg_sketch), 6)
+                ci["cos_source"] = "sketch"
+        record: dict[str, Any] = {
+            "round": r,
+            "selected": sorted(state.selected),
+            "model_digest": state.digest,
+            "result_digest": (await asyncio.to_thread(digest, next_model)
+                              if next_model is not None else None),
+            "layers": sorted(state.model),
+            "params": int(sum(v.size for v in state.model.values())),
+            "clients": state.clients,
+            "missing": sorted(state.selected - set(state.clients)),
+            "rejected": dict(state.rejected),
+            "rejections": state.rejections,
+            "report": state.report or {},
+            "aggregate": {"source": source,
+                          "norm": round(float(np.linalg.norm(agg_sketch)), 8)
+                          if agg_full is None else round(norm(agg_full), 8)},
+            "sketch_dim": self.sketcher.dim,
+        }
+        await asyncio.to_thread(self.store.write_record, r, record)
+        self._closed_upto = max(self._closed_upto, r)
+        gone = await asyncio.to_thread(self.store.apply_retention, r)
+        if self.store.redis is not None:
+            for prefix in gone:
+                await self.store.redis.delete_prefix(prefix)
+        self.stats["rounds"] += 1
+        self._log.info("store_round_recorded", round=r, clients=len(state.clients),
+                       aggregate=source, backlog=self.backlog)
+
+    # --- queries --------------------------------------------------------------------------
+    def _spawn_query(self, msg: Message) -> None:
+        if len(self._queries) >= self.config.max_queries:
+            self.stats["queries_refused"] += 1
+            task = asyncio.create_task(self._answer(msg, busy=True))
+        else:
+            task = asyncio.create_task(self._answer(msg))
+        self._queries.add(task)
+        task.add_done_callback(self._queries.discard)
+
+    async def _answer(self, msg: Message, *, busy: bool = False) -> None:
+        c = self.config
+        try:
+            parsed = topics.parse(msg.topic)
+            env = decode(msg.payload, QUERY_LIMITS)
+        except FedbusError as exc:
+            self.rejections.reject("bad_query", str(exc), topic=msg.topic)
+            return
+        requester = parsed.sender
+        if env.kind != QUERY or env.job != c.job or env.sender != requester:
+            self.rejections.reject("bad_query", f"kind={env.kind} sender={env.sender}",
+                                   sender=requester)
+            return
+        name, args = env.meta.get("workload"), env.meta.get("args", {})
+        meta: dict[str, Any] = {"request_id": env.msg_id, "workload": name}
+        tensors: dict[str, np.ndarray] = {}
+        started = time.monotonic()
+        if busy:
+            meta.update(ok=False, error=f"store busy: {c.max_queries} queries running; retry")
+        elif not isinstance(name, str) or not isinstance(args, dict):
+            meta.update(ok=False, error="a query needs meta.workload (str) and meta.args (map)")
+        else:
+            try:
+                result = await self.workloads.run(name, args)
+                meta.update(ok=True, result=result.data)
+                tensors = result.tensors
+            except FedbusError as exc:
+                meta.update(ok=False, error=str(exc))
+        meta["seconds"] = round(time.monotonic() - started, 6)
+        self.stats["queries"] += 1
+        reply = Envelope(kind=REPLY, job=c.job, sender=c.node_id, round=0, meta=meta,
+                         tensors=tensors)
+        try:
+            payload = await asyncio.to_thread(encode, reply, c.compression)
+        except CodecError as exc:
+            payload = encode(Envelope(kind=REPLY, job=c.job, sender=c.node_id, round=0,
+                                      meta={"request_id": env.msg_id, "ok": False,
+                                            "error": f"result not encodable: {exc}"}))
+        await self.bus.publish(topics.reply(c.job, requester), payload)
+        self._log.info("query_answered", workload=name, peer=requester, ok=meta["ok"],
+                       seconds=meta["seconds"])
+
+    async def _publish_presence(self, status: str) -> None:
+        c = self.config
+        env = presence(c.job, c.node_id, "store", status)
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
+
+
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in list(metrics.items())[:_MAX_METRICS]:
+        f = _finite(v)
+        if isinstance(k, str) and len(k) <= 64 and f is not None:
+            out[k] = f
+    return out
+
+
+def _cos_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    ab = na = nb = 0.0
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        ab += dot(x, y)
+        na += dot(x, x)
+        nb += dot(y, y)
+    return ab / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+
+
+class TaskUtility:
+    """Scores a model on the server's validation set (the task's evaluation copy, as the
+    aggregator has): accuracy when the task reports it, else minus the loss. One model at a
+    time: setting weights and evaluating must not interleave between threads."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.name = "accuracy"
+        self._lock = threading.Lock()
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> float:
+        with self._lock:
+            self.task.set_weights(weights)
+            result = self.task.evaluate()
+        acc = result.metrics.get("accuracy")
+        if acc is not None:
+            return float(acc)
+        self.name = "-loss"
+        return -float(result.loss)
+
+
+def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None, *,
+                        limits: Limits, compression: Compression) -> StoreService:
+    """The store service a manifest declares (``task``: the evaluation copy, or None)."""
+    assert node.parent is not None  # validation gives every store a parent
+    spec = m.store
+    root = Path(spec.dir) if spec.dir else Path.cwd() / "fedbus-store" / m.job / node.id
+    redis = (RedisCache(spec.redis_url, f"fedbus:store:{m.job}:{node.parent}:")
+             if spec.redis_url else None)
+    store = RoundStore(root, m.job, cache_bytes=spec.cache_mb << 20, limits=limits,
+                       retention=Retention(spec.full_update_rounds, spec.model_rounds,
+                                           spec.keep_rounds), redis=redis)
+    utility = TaskUtility(task) if task is not None else None
+    config = StoreConfig(
+        job=m.job, node_id=node.id, aggregator=node.parent,
+        trainers=frozenset(t.id for t in m.trainers_of(node.parent)), seed=m.seed,
+        sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
+        backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done,
+        limits=limits, compression=compression)
+    return StoreService(config, bus, store, workloads=Workloads(store, utility, seed=m.seed))

@@ -1,0 +1,119 @@
+"""Asking a store for a workload: over the bus (the running store answers on
+``reply/<requester>``), or offline from the store's folder once a job has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedbus import topics
+from fedbus.codec import Envelope, decode, encode
+from fedbus.errors import CodecError, ManifestError
+from fedbus.manifest import Manifest, NodeSpec
+from fedbus.store.cache import StoreError
+from fedbus.store.repository import Retention, RoundStore
+from fedbus.store.workloads import Workloads
+
+__all__ = ["ask", "ask_offline", "run_query", "save_models", "store_dir", "store_node"]
+
+#: Workloads that evaluate models on the server's validation set (they load the task).
+_EVALUATING = frozenset({"contribution", "debugging", "personalization"})
+
+
+def store_node(m: Manifest, node_id: str | None) -> NodeSpec:
+    stores = [n for n in m.nodes if n.role == "store"]
+    if not stores:
+        raise ManifestError(m.source, "nodes", "no node has role: store; add "
+                                               "`- {id: store, role: store}` and run the job")
+    if node_id is None:
+        return stores[0]
+    node = m.node(node_id)
+    if node.role != "store":
+        raise ManifestError(m.source, "nodes", f"{node_id!r} is a {node.role}, not a store; "
+                            f"stores: {', '.join(n.id for n in stores)}")
+    return node
+
+
+def store_dir(m: Manifest, node: NodeSpec) -> Path:
+    """Where ``node`` keeps its rounds: ``store.dir``, or ``fedbus-store/<job>/<node>``."""
+    return Path(m.store.dir) if m.store.dir else Path.cwd() / "fedbus-store" / m.job / node.id
+
+
+async def ask(bus: Any, m: Manifest, store: str, workload: str, args: Mapping[str, Any],
+              timeout: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Send one query to the running ``store`` and wait for its reply (meta, tensors)."""
+    me = bus.node_id
+    request = Envelope(kind="query", job=m.job, sender=me, round=0,
+                       meta={"workload": workload, "args": dict(args)})
+    async with bus.subscribe(topics.reply(m.job, me)) as sub:
+        await bus.publish(topics.query(m.job, store, me), encode(request))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await sub.get()
+                    try:
+                        env = decode(msg.payload)
+                    except CodecError:
+                        continue
+                    if env.sender == store and env.meta.get("request_id") == request.msg_id:
+                        return dict(env.meta), dict(env.tensors)
+        except TimeoutError:
+            raise StoreError(f"no reply from store {store!r} within {timeout:g}s: is it "
+                             f"running (fedbus serve MANIFEST --node {store})? After a job, "
+                             "use --offline to read its folder") from None
+
+
+async def ask_offline(m: Manifest, node: NodeSpec, workload: str, args: Mapping[str, Any],
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Run ``workload`` on the store's folder in this process (the job may be over)."""
+    root = store_dir(m, node)
+    if not (root / "rounds").is_dir():
+        raise StoreError(f"no store at {root}: run the job with a store node first, or set "
+                         "store.dir to where it wrote")
+    store = RoundStore(root, m.job, cache_bytes=m.store.cache_mb << 20,
+                       retention=Retention(0, 0, 0))
+    utility = None
+    if workload in _EVALUATING and m.store.evaluate:
+        from fedbus.node import open_task
+        from fedbus.services.store import TaskUtility
+
+        utility = TaskUtility(open_task(m, None))
+    result = await Workloads(store, utility, seed=m.seed).run(workload, args)
+    return {"ok": True, "workload": workload, "result": result.data}, result.tensors
+
+
+async def run_query(m: Manifest, store: str | None, workload: str, args: Mapping[str, Any], *,
+                    offline: bool, timeout: float, user: str | None = None,
+                    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """What ``fedbus query`` does: over the bus when the manifest names a broker (as
+    ``user``, an operator, on a secured broker), else from the store's folder."""
+    node = store_node(m, store)
+    if offline or m.broker is None:
+        return await ask_offline(m, node, workload, args)
+    from fedbus.node import make_bus
+
+    me = NodeSpec(id=user or f"query-{os.getpid()}", role="trainer")
+    async with make_bus(m, me) as bus:
+        return await ask(bus, m, node.id, workload, args, timeout)
+
+
+def save_models(tensors: Mapping[str, np.ndarray], folder: str) -> list[str]:
+    """Write returned models (``<model>/<layer>`` tensors) as one codec frame a model."""
+    models: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in tensors.items():
+        model, _, layer = name.partition("/")
+        models.setdefault(model, {})[layer] = arr
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for model, layers in sorted(models.items()):
+        path = os.path.join(folder, f"{model}.fb")
+        with open(path, "wb") as f:
+            f.write(encode(Envelope(kind="model", job="", sender="store", round=0,
+                                    tensors=layers)))
+        paths.append(path)
+    return paths

@@ -1,0 +1,95 @@
+"""The store's workloads on a small digits federation, checked for meaning: a trainer on
+flipped labels is flagged and contributes least; two groups with disjoint labels are found
+by clustering, and their cluster models beat the global model on their own data."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedbus.bus.memory import MemoryBroker
+from fedbus.manifest import Manifest, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services.aggregator import Aggregator
+from fedbus.services.store import StoreService
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+
+TASK = "tests.store.digits_variants:make_task"
+
+
+def manifest(tmp: Path, n: int, rounds: int, params: dict[str, Any]) -> Manifest:
+    return parse_manifest({
+        "version": 1, "job": "digits", "rounds": rounds, "seed": 1, "strategy": "fedavg",
+        "round": {"deadline_s": 30, "min_clients": n, "start_timeout_s": 30},
+        "task": {"ref": TASK, "params": params},
+        "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "store", "role": "store"}],
+        "trainers": {"count": n, "prefix": "t", "parent": "agg"},
+        "store": {"dir": str(tmp / "store"), "sketch_dim": 512, "full_update_rounds": 2},
+    })
+
+
+async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
+    broker = MemoryBroker()
+    services: dict[str, Any] = {}
+    async with asyncio.timeout(120), asyncio.TaskGroup() as tg:
+        for node in m.nodes:
+            bus = make_bus(m, node, memory=broker)
+            await bus.__aenter__()
+            services[node.id] = build_node(m, node.id, bus)
+            tg.create_task(services[node.id].run(), name=node.id)
+    return services["agg"], services["store"]
+
+
+async def test_poisoned_trainer_is_flagged_and_contributes_least(tmp_path: Path) -> None:
+    # Prepare: five trainers on an even split; t4 learns on labels 9 - y
+    torch.set_num_threads(1)
+    m = manifest(tmp_path, n=5, rounds=4,
+                 params={"mode": "flip", "poisoned": [4], "epochs": 2, "lr": 0.5})
+    # Execute
+    agg, store = await federate(m)
+    flagged = (await store.workloads.run("malicious", {})).data
+    contribution = (await store.workloads.run("contribution", {"permutations": 12})).data
+    # Assert
+    assert agg.history[-1].eval is not None and agg.history[-1].eval.metrics["accuracy"] > 0.5
+    assert flagged["flagged"] == ["t4"], flagged["clients"]
+    scores = {c: v["score"] for c, v in flagged["clients"].items()}
+    assert max(scores, key=lambda c: scores[c]) == "t4"
+    assert contribution["lowest"] == "t4", contribution["shapley"]
+    assert min(contribution["leave_one_out"], key=lambda c: contribution["leave_one_out"][c]) \
+        == "t4"
+    assert contribution["tokens"]["t4"] == min(contribution["tokens"].values())
+    assert sum(contribution["tokens"].values()) == pytest.approx(100.0, abs=1e-3)
+
+
+async def test_clusters_are_the_label_groups_and_personalization_helps(tmp_path: Path) -> None:
+    # Prepare: t0-t2 hold labels 0-4 only, t3-t5 labels 5-9 only
+    from tests.store.digits_variants import group_of, make_task
+
+    torch.set_num_threads(1)
+    m = manifest(tmp_path, n=6, rounds=3, params={"mode": "groups", "epochs": 2})
+    # Execute
+    agg, store = await federate(m)
+    clusters = (await store.workloads.run("clustering", {"k": 2})).data
+    personal = await store.workloads.run("personalization", {"k": 2, "with_models": True})
+    # Assert: the clusters are exactly the label groups
+    assert sorted(map(sorted, clusters["members"])) == [["t0", "t1", "t2"], ["t3", "t4", "t5"]]
+    # ...and each group's cluster model beats the global model on every member's local data
+    global_w = agg.weights
+    for p in range(6):
+        local = make_task(partition=p, num_partitions=6, seed=m.seed, mode="groups",
+                          local_test=True)
+        j = personal.data["clusters"][f"t{p}"]
+        cluster_w = {k.split("/", 1)[1]: v for k, v in personal.tensors.items()
+                     if k.startswith(f"cluster{j}/")}
+        local.set_weights(global_w)
+        acc_global = local.evaluate().metrics["accuracy"]
+        local.set_weights(cluster_w)
+        acc_cluster = local.evaluate().metrics["accuracy"]
+        assert acc_cluster > acc_global + 0.05, (p, group_of(p, 6), acc_cluster, acc_global)
+    assert np.isfinite(personal.data["silhouette"])

@@ -1,0 +1,292 @@
+"""The store service on the memory bus with the numpy toy task: what it records, what it
+refuses, and that it never holds up training."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zstandard
+
+from fedbus import topics
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import Compression, Envelope, decode, encode
+from fedbus.manifest import Manifest, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services._wire import ROUND, UPDATE, join_tensors
+from fedbus.services.aggregator import Aggregator
+from fedbus.services.store import StoreService
+from fedbus.store import query as q
+
+SIZE = 32
+
+
+def manifest(tmp: Path, n: int = 4, rounds: int = 3, size: int = SIZE,
+             **store: Any) -> Manifest:
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 3, "strategy": "fedavg",
+        "codec": {"level": 0},  # toy targets repeat: compressed, big models would be tiny
+        "round": {"deadline_s": 10, "min_clients": n, "start_timeout_s": 10},
+        "task": {"ref": "examples.toy.task:make_task", "params": {"size": size, "lr": 0.5}},
+        "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "store", "role": "store"}],
+        "trainers": {"count": n, "prefix": "t", "parent": "agg"},
+        "store": {"dir": str(tmp / "store"), "sketch_dim": 64, **store},
+    })
+
+
+async def start(m: Manifest, broker: MemoryBroker, node: str) -> Any:
+    bus = make_bus(m, m.node(node), memory=broker)
+    await bus.__aenter__()
+    return build_node(m, node, bus)
+
+
+async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
+    broker = MemoryBroker()
+    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        for node_id, s in svc.items():
+            tg.create_task(s.run(), name=node_id)
+    return svc["agg"], svc["store"]
+
+
+async def test_every_round_is_recorded_and_the_updates_rebuild_the_next_model(
+        tmp_path: Path) -> None:
+    # Prepare
+    m = manifest(tmp_path, n=4, rounds=3)
+    # Execute
+    agg, store = await federate(m)
+    # Assert: FedAvg of the stored updates on the stored model is the next stored model
+    rs = store.store
+    assert rs.rounds() == [1, 2, 3]
+    for r in (1, 2):
+        rec = rs.records[r]
+        base, nxt = await rs.model(r), await rs.model(r + 1)
+        assert base is not None and nxt is not None
+        clients = rec["clients"]
+        total = sum(c["num_examples"] for c in clients.values())
+        mean = np.zeros(SIZE)
+        agg_delta = nxt["w"].astype(np.float64) - base["w"]
+        for cid, c in clients.items():
+            upd = await rs.update(r, cid)
+            assert upd is not None
+            mean += c["num_examples"] * np.asarray(upd["w"], np.float64) / total
+            u = upd["w"].astype(np.float64)
+            cos = u @ agg_delta / np.linalg.norm(u) / np.linalg.norm(agg_delta)
+            assert c["cos"] == pytest.approx(cos, abs=1e-5)
+            assert c["norm"] == pytest.approx(np.linalg.norm(u), rel=1e-6)
+        np.testing.assert_allclose(base["w"] + mean, nxt["w"], rtol=1e-5, atol=1e-6)
+        assert rec["result_digest"] == rs.records[r + 1]["model_digest"]
+        assert rec["aggregate"]["source"] == "model"
+        assert sorted(c["arrival"] for c in clients.values()) == [1, 2, 3, 4]
+        assert all(c["staleness"] == 0 and c["cos_source"] == "exact"
+                   and c["metrics"]["train_loss"] > 0 for c in clients.values())
+        assert rec["selected"] == ["t0", "t1", "t2", "t3"]
+        assert rec["report"]["participants"] == 4 and rec["report"]["round"] == r
+    assert rs.records[3]["aggregate"]["source"] == "fedavg_estimate"
+    assert len(agg.history) == 3 and store.stats["dropped"] == 0
+
+
+def _hostile(env: Envelope) -> list[bytes]:
+    w = env.tensors["m/w"]
+
+    def upd(sender: str, delta: np.ndarray, n: Any = 10) -> bytes:
+        return encode(Envelope(kind=UPDATE, job="toy", sender=sender, round=env.round,
+                               meta={"num_examples": n}, tensors=join_tensors({"w": delta})))
+
+    small = encode(Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
+                            meta={"num_examples": 10}, tensors=join_tensors({"w": w})),
+                   Compression(level=1, min_bytes=0))
+    hlen = int.from_bytes(small[4:8], "little")
+    bomb = small[: 8 + hlen] + zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    return [os.urandom(200), bomb, upd("t0", np.full_like(w, np.nan)),
+            upd("t0", np.zeros(SIZE + 1, np.float32)), upd("t0", w, n=-1),
+            upd("mallory", w)]
+
+
+async def test_hostile_updates_are_refused_by_the_store_and_recorded_as_rejections(
+        tmp_path: Path) -> None:
+    # Prepare: an attacker publishes garbage on t0's update topic in round 1
+    m = manifest(tmp_path, n=3, rounds=2)
+    broker = MemoryBroker()
+    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+
+    async def attacker() -> None:
+        async with MemoryBus(broker, "attacker") as bus, \
+                bus.subscribe(topics.model("toy", "agg")) as sub:
+            env = decode((await sub.get(timeout=10)).payload)
+            assert env.kind == ROUND
+            for payload in _hostile(env):
+                await bus.publish(topics.update("toy", "agg", "t0"), payload)
+
+    # Execute
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        tg.create_task(attacker())
+        for node_id, s in svc.items():
+            tg.create_task(s.run(), name=node_id)
+    # Assert: the store refused all of it, for the right reasons, and kept the honest rounds
+    store: StoreService = svc["store"]
+    reasons = set(store.rejections.counts)
+    assert {"bad_magic", "non_finite", "wrong_shape", "bad_num_examples",
+            "spoofed_sender"} <= reasons, reasons
+    assert reasons & {"too_large", "bad_compression"}, reasons
+    rec = store.store.records[1]
+    assert sorted(rec["clients"]) == ["t0", "t1", "t2"]
+    assert sum(rec["rejected"].values()) >= 6
+    assert {r["reason"] for r in rec["rejections"]} >= {"non_finite", "spoofed_sender"}
+
+
+async def test_a_stuck_store_drops_and_counts_and_training_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: 100k-parameter updates (400 KB); a 1 MiB backlog; the writer never finishes
+    m = manifest(tmp_path, n=4, rounds=3, size=100_000, backlog_mb=1)
+    broker = MemoryBroker()
+    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    store: StoreService = svc.pop("store")
+    stuck = asyncio.Event()
+
+    async def never(msg: Any) -> None:
+        await stuck.wait()
+
+    monkeypatch.setattr(store, "_handle", never)
+    store_task = asyncio.create_task(store.run())
+    # Execute
+    try:
+        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+            for node_id, s in svc.items():
+                tg.create_task(s.run(), name=node_id)
+    finally:
+        store_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await store_task
+    # Assert: every round ran; the store dropped (and counted) what did not fit
+    assert [len(r.accepted) for r in svc["agg"].history] == [4, 4, 4]
+    assert store.stats["dropped"] > 0 and store.stats["dropped_bytes"] > 0, store.stats
+    assert store.stats["kept_over_budget"] >= 1  # a round's model is kept, updates go first
+    assert store._backlog_bytes <= 1 << 20
+
+
+async def test_the_store_dying_mid_job_never_blocks_a_round(tmp_path: Path) -> None:
+    # Prepare
+    m = manifest(tmp_path, n=3, rounds=4)
+    broker = MemoryBroker()
+    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    store: StoreService = svc.pop("store")
+
+    async def die_after_round_one() -> None:
+        task = asyncio.create_task(store.run())
+        async with asyncio.timeout(30), store.progress:
+            await store.progress.wait_for(lambda: store.stats["rounds"] >= 1)
+        await store.bus.kill()  # type: ignore[attr-defined]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # Execute
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        tg.create_task(die_after_round_one())
+        for node_id, s in svc.items():
+            tg.create_task(s.run(), name=node_id)
+    # Assert
+    assert len(svc["agg"].history) == 4 and all(r.aggregated for r in svc["agg"].history)
+    assert 1 in store.store.rounds() and 4 not in store.store.rounds()
+
+
+async def test_queries_are_answered_on_the_bus_and_bad_ones_refused(tmp_path: Path) -> None:
+    # Prepare: a store that stays up after the job
+    m = manifest(tmp_path, n=3, rounds=2, exit_on_done=False)
+    broker = MemoryBroker()
+    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    store: StoreService = svc.pop("store")
+    store_task = asyncio.create_task(store.run())
+    try:
+        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+            for node_id, s in svc.items():
+                tg.create_task(s.run(), name=node_id)
+        async with asyncio.timeout(30), store.progress:
+            await store.progress.wait_for(lambda: store.done.is_set() and not store.backlog)
+        # Execute
+        async with MemoryBus(broker, "asker") as bus:
+            await bus.publish(topics.query("toy", "store", "asker"), b"not a frame")
+            ok, _ = await q.ask(bus, m, "store", "lineage", {"round": 2}, 10)
+            unknown, _ = await q.ask(bus, m, "store", "teleport", {}, 10)
+            bad, _ = await q.ask(bus, m, "store", "clustering", {"k": "three"}, 10)
+    finally:
+        store_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await store_task
+    # Assert
+    assert ok["ok"] and ok["result"]["round"] == 2
+    assert [s["round"] for s in ok["result"]["rounds"]] == [1, 2]
+    assert ok["result"]["clients"]["t0"]["rounds"] == [1, 2]
+    assert not unknown["ok"] and "known:" in unknown["error"]
+    assert not bad["ok"] and "'k'" in bad["error"]
+    assert store.rejections.counts["bad_query"] == 1
+
+
+async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(
+        tmp_path: Path) -> None:
+    # Prepare: the test plays the aggregator and one trainer by hand, out of order
+    m = manifest(tmp_path, n=3, rounds=1)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    model = {"w": np.zeros(SIZE, np.float32)}
+    delta = {"w": np.full(SIZE, 0.5, np.float32)}
+    update = encode(Envelope(kind=UPDATE, job="toy", sender="t1", round=1,
+                             meta={"num_examples": 7}, tensors=join_tensors(delta)))
+
+    def from_agg(kind: str, **kw: Any) -> bytes:
+        return encode(Envelope(kind=kind, job="toy", sender="agg", round=1, **kw))
+
+    task = asyncio.create_task(store.run())
+    try:
+        async with MemoryBus(broker, "agg") as agg_bus, MemoryBus(broker, "t1") as t1_bus:
+            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
+                await presence.get(timeout=10)  # the store announces itself once subscribed
+            # Execute: the update first, then the model, a replay, the report and done
+            await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg(
+                ROUND, meta={"selected": ["t0", "t1", "t2"]}, tensors=join_tensors(model)))
+            await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
+            await agg_bus.publish(topics.metrics("toy", "agg"), from_agg(
+                "metrics", meta={"round": 1, "participants": 1}))
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done"))
+            async with asyncio.timeout(10):
+                await task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Assert
+    rec = store.store.records[1]
+    assert list(rec["clients"]) == ["t1"] and rec["clients"]["t1"]["num_examples"] == 7
+    assert rec["missing"] == ["t0", "t2"] and rec["report"]["participants"] == 1
+    assert store.rejections.counts["duplicate"] == 1
+    assert rec["aggregate"]["source"] == "fedavg_estimate"
+
+
+async def test_with_redis_a_second_process_reads_what_the_store_wrote(
+        tmp_path: Path, redis_url: str) -> None:
+    # Prepare
+    from fedbus.store import RedisCache, RoundStore
+
+    m = manifest(tmp_path, n=3, rounds=2, redis_url=redis_url)
+    # Execute: the federation, then a store process with an empty folder of its own
+    _, store = await federate(m)
+    other_redis = RedisCache(redis_url, "fedbus:store:toy:agg:")
+    other = RoundStore(tmp_path / "elsewhere", "toy", cache_bytes=0, redis=other_redis)
+    other.records = dict(store.store.records)  # the records are small; the tensors are not
+    try:
+        upd = await other.update(2, "t1")
+        model = await other.model(1)
+    finally:
+        await other_redis.close()
+    # Assert: served from Redis, identical to the store's own copy on disk
+    assert upd is not None and model is not None and other_redis.hits == 2
+    mine = await store.store.update(2, "t1")
+    assert mine is not None
+    np.testing.assert_array_equal(upd["w"], mine["w"])
