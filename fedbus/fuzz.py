@@ -228,7 +228,7 @@ class Fuzzer:
         total = self.rng.choice([3000, 300_000, 1 << 30])
         data = os.urandom(1024)
         first = HEADER.pack(CHUNK_MAGIC, FRAME_VERSION, 0, os.urandom(16), 0,
-                            -(-total // 1024), total, zlib.crc32(data), os.urandom(16))
+                            -(-total // 1024), total, zlib.crc32(data), zlib.crc32(os.urandom(4)))
         return FuzzMessage("chunk_flood", topic, first + data)
 
     def _replay(self) -> FuzzMessage:

@@ -27,6 +27,8 @@ import yaml
 
 from fedbus import topics
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
+from fedbus.compress import MODES as UPDATE_MODES
+from fedbus.compress import UpdateCodec
 from fedbus.errors import BusError, ManifestError
 from fedbus.wiring import Wiring, role_wiring
 from strategies.base import StrategyError
@@ -95,6 +97,8 @@ class CodecSpec:
     level: int = 1  # zstd level; 0 = no compression
     shuffle: bool = False
     max_message_mb: int = 1024
+    #: How trainers compress their updates (fedbus.compress): none, fp16, int8, topk.
+    update: UpdateCodec = UpdateCodec()
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +628,25 @@ class _Parser:
             shuffle=self.boolean(t.get("shuffle", d.shuffle), "codec.shuffle"),
             max_message_mb=self.integer(t.get("max_message_mb", d.max_message_mb),
                                         "codec.max_message_mb", lo=1),
+            update=self.update_codec(t.get("update")),
+        )
+
+    def update_codec(self, value: Any) -> UpdateCodec:
+        d = UpdateCodec()
+        if value is None:
+            return d
+        if isinstance(value, str):
+            value = {"mode": value}
+        t = self.table(value, "codec.update", _fields(UpdateCodec), required=("mode",))
+        mode = self.string(t["mode"], "codec.update.mode")
+        if mode not in UPDATE_MODES:
+            self.fail("codec.update.mode", f"{mode!r} is not one of {', '.join(UPDATE_MODES)}")
+        return UpdateCodec(
+            mode=mode,
+            block=self.integer(t.get("block", d.block), "codec.update.block", lo=1, hi=1 << 20),
+            stochastic=self.boolean(t.get("stochastic", d.stochastic), "codec.update.stochastic"),
+            fraction=self.number(t.get("fraction", d.fraction), "codec.update.fraction",
+                                 lambda x: 0 < x <= 0.5, "in (0, 0.5]"),
         )
 
     def plugin(self, value: Any, field: str, make: Callable[..., Any]) -> PluginSpec:

@@ -168,7 +168,8 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         return Trainer(
             TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
                           authenticated=authenticated(m, bus), client_aux_models=aux,
-                          compression=_compression(m), limits=_limits(m)),
+                          compression=_compression(m), limits=_limits(m),
+                          update_codec=m.codec.update),
             bus,
             task,
         )

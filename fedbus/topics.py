@@ -14,6 +14,9 @@ Channels:
   ``reply/<requester>``             the store's answer, correlated by the request's msg_id
   ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
   ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
+  ``nack/<owner>/<requester>``      chunk repair: "resend these chunks of your transfer", from a
+                                    receiver to the node that owns (publishes) a model or update
+                                    topic; the bus sends and serves these itself
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ __all__ = [
     "metrics_all",
     "model",
     "model_all",
+    "nack",
+    "nacks_for",
     "parse",
     "presence",
     "presence_all",
     "queries_by",
     "queries_for",
     "query",
+    "repair_owner",
     "replies_all",
     "reply",
     "shared",
@@ -57,7 +63,10 @@ __all__ = [
 
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
-                             "query", "reply", "task", "result"})
+                             "query", "reply", "task", "result", "nack"})
+#: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
+#: level, so a receiver knows whom to ask (and asks no one else).
+REPAIRED_CHANNELS: Final = frozenset({"model", "update"})
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -163,6 +172,26 @@ def sim_result(job: str, coordinator: str, client: str) -> str:
 
 def sim_results(job: str, coordinator: str) -> str:
     return _t(job, "result", coordinator) + "/+"
+
+
+def nack(job: str, owner: str, requester: str) -> str:
+    return _t(job, "nack", owner, requester)
+
+
+def nacks_for(job: str, owner: str) -> str:
+    """Filter for every NACK addressed to ``owner`` (the bus of ``owner`` serves them)."""
+    return _t(job, "nack", owner) + "/+"
+
+
+def repair_owner(topic: str) -> tuple[str, str] | None:
+    """(job, owner) of a topic whose lost chunks may be re-requested, else None."""
+    try:
+        parsed = parse(topic)
+    except BusError:
+        return None
+    if parsed.channel not in REPAIRED_CHANNELS:
+        return None
+    return parsed.job, parsed.sender
 
 
 def shared(group: str, topic_filter: str) -> str:

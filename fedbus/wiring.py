@@ -36,16 +36,19 @@ def _toward_children(job: str, node: str, children: Iterable[str]) -> tuple[list
     # An aggregating node reads the updates addressed to it and everyone's presence (liveness),
     # publishes the model and its per-round metrics, and grants uploads on each child's
     # control topic (the upload gate).
-    sub = [topics.updates_for(job, node), topics.presence_all(job)]
+    # Chunk repair: it serves NACKs for its model and sends NACKs for its children's updates.
+    sub = [topics.updates_for(job, node), topics.presence_all(job), topics.nacks_for(job, node)]
     pub = [topics.model(job, node), topics.metrics(job, node)]
-    return sub, pub + [topics.control(job, c) for c in children]
+    return sub, (pub + [topics.control(job, c) for c in children]
+                 + [topics.nack(job, c, node) for c in children])
 
 
 def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[str]]:
     # A contributing node reads its parent's model and the orders (grants) meant for it, and
     # writes only its own update.
-    sub = [topics.model(job, parent), topics.control(job, node)]
-    return sub, [topics.update(job, parent, node)]
+    # Chunk repair: NACKs to the parent for its model, from the parent for this update.
+    sub = [topics.model(job, parent), topics.control(job, node), topics.nacks_for(job, node)]
+    return sub, [topics.update(job, parent, node), topics.nack(job, parent, node)]
 
 
 def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,

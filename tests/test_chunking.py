@@ -9,7 +9,14 @@ import zlib
 import pytest
 from structlog.testing import capture_logs
 
-from fedbus.bus._chunking import HEADER, ChunkLimits, Reassembler, frames, is_chunk_frame
+from fedbus.bus._chunking import (
+    HEADER,
+    ChunkLimits,
+    Reassembler,
+    crc32_combine,
+    frames,
+    is_chunk_frame,
+)
 from fedbus.errors import BusError
 
 
@@ -91,10 +98,80 @@ def test_forged_digest_is_rejected() -> None:
     forged = []
     for p in parts:
         fields = list(HEADER.unpack_from(p))
-        fields[-1] = b"\x00" * 16
+        fields[-1] ^= 1
         forged.append(HEADER.pack(*fields) + p[HEADER.size :])
     assert feed_all(r, forged) == []
     assert r.rejected["bad_digest"] == 1
+
+
+def _retag(frame: bytes, **change: object) -> bytes:
+    """``frame`` with header fields replaced (names as in the layout), its bytes kept."""
+    names = ("magic", "version", "flags", "transfer", "index", "count", "total", "crc", "whole")
+    fields = dict(zip(names, HEADER.unpack_from(frame), strict=True))
+    fields.update(change)
+    return HEADER.pack(*fields.values()) + frame[HEADER.size :]
+
+
+def test_swapped_chunks_with_valid_crcs_are_caught() -> None:
+    # Prepare: chunks 1 and 2 trade places; each keeps a crc that matches its own bytes
+    parts = list(frames(os.urandom(3000), 1000))
+    swapped = [parts[0], _retag(parts[2], index=1), _retag(parts[1], index=2)]
+    # Execute
+    r = Reassembler()
+    out = feed_all(r, swapped)
+    # Assert: no chunk is bad on its own, the whole payload's crc is
+    assert out == [] and r.rejected["bad_crc"] == 0 and r.rejected["bad_digest"] == 1
+
+
+def test_chunk_spliced_from_another_transfer_is_caught() -> None:
+    # Prepare: a chunk of payload b relabelled as chunk 1 of payload a, crcs and all
+    a, b = os.urandom(3000), os.urandom(3000)
+    pa, pb = list(frames(a, 1000)), list(frames(b, 1000))
+    a_id, a_whole = HEADER.unpack_from(pa[0])[3], HEADER.unpack_from(pa[0])[8]
+    foreign = _retag(pb[1], transfer=a_id)  # keeps b's whole crc: inconsistent
+    disguised = _retag(pb[1], transfer=a_id, whole=a_whole)  # a's whole crc: wrong sum
+    # Execute
+    r1, r2 = Reassembler(), Reassembler()
+    out1 = feed_all(r1, [pa[0], foreign, pa[2]])
+    out2 = feed_all(r2, [pa[0], disguised, pa[2]])
+    # Assert
+    assert out1 == [] and r1.rejected["inconsistent"] == 1
+    assert out2 == [] and r2.rejected["bad_digest"] == 1
+
+
+def test_missing_chunk_never_completes_and_expires() -> None:
+    clock = Clock()
+    r = Reassembler(ChunkLimits(transfer_timeout_s=10), clock=clock)
+    parts = list(frames(os.urandom(5000), 1000))
+    assert feed_all(r, parts[:2] + parts[3:]) == []
+    assert r.partial_transfers == 1
+    clock.now = 11
+    assert r.expire() == 1 and r.counters["transfers_expired"] == 1
+
+
+def test_wrong_total_is_caught() -> None:
+    # every chunk agrees on a total 1 byte short of (or above) what the chunks carry
+    for delta in (-1, 1):
+        parts = list(frames(os.urandom(3000), 1000))
+        lying = [_retag(p, total=3000 + delta) for p in parts]
+        r = Reassembler()
+        assert feed_all(r, lying) == []
+        assert r.rejected["bad_bounds"] + r.rejected["bad_digest"] == 1
+
+
+def test_old_frame_version_is_refused_with_a_reason() -> None:
+    parts = [_retag(p, version=1) for p in frames(os.urandom(3000), 1000)]
+    r = Reassembler()
+    with capture_logs() as logs:
+        assert feed_all(r, parts) == []
+    assert r.rejected["bad_version"] == 3 and r.partial_transfers == 0
+    refusals = [e for e in logs if e["event"] == "refuse_frame_version"]
+    assert len(refusals) == 1 and refusals[0]["version"] == 1 and "release" in refusals[0]["fix"]
+
+
+def test_crc32_combine_matches_zlib() -> None:
+    for a, b in [(b"", b""), (b"abc", b""), (b"", b"xyz"), (os.urandom(999), os.urandom(70_001))]:
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
 
 
 def test_short_and_inconsistent_frames() -> None:

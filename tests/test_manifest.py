@@ -193,7 +193,7 @@ def test_describe_summarises() -> None:
     assert "embedded mosquitto" in text
     assert "fedavg" in text
     assert "1 aggregator" in text and "10 trainers" in text
-    assert "32 subscriptions" in text
+    assert "43 subscriptions" in text  # each node also serves NACKs for its chunks
 
 
 # ----------------------------------------------------------------------------- bad manifests
@@ -444,8 +444,10 @@ def test_wiring_uses_the_topic_grammar() -> None:
     t3 = w["trainer-3"]
     assert t3.subscribe == (topics.model("digits", "aggregator"),
                             topics.control("digits", "trainer-3"),
+                            topics.nacks_for("digits", "trainer-3"),
                             topics.presence("digits", "trainer-3"))
     assert t3.publish == (topics.update("digits", "aggregator", "trainer-3"),
+                          topics.nack("digits", "aggregator", "trainer-3"),
                           topics.presence("digits", "trainer-3"))
     assert set(w) == {n.id for n in _digits().nodes}
 

@@ -86,6 +86,9 @@ def test_acl_gives_each_node_exactly_its_wiring() -> None:
         f"topic read {topics.control(JOB, 't1')}",
         f"topic write {topics.update(JOB, 'aggregator', 't1')}",
         f"topic readwrite {topics.presence(JOB, 't1')}",
+        # chunk repair: NACKs for its update come to it; its NACKs go to its parent only
+        f"topic read {topics.nacks_for(JOB, 't1')}",
+        f"topic write {topics.nack(JOB, 'aggregator', 't1')}",
     ])
     agg = text.split("user aggregator\n", 1)[1].split("\n\n", 1)[0]
     for t in ("t0", "t1", "t2", "t3"):

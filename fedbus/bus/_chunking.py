@@ -2,17 +2,27 @@
 
 Shared by every bus, so the memory bus and the MQTT bus chunk (and fail) the same way.
 
-Frame layout (big-endian, 56-byte header, then the chunk's bytes)::
+Frame layout (big-endian, 44-byte header, then the chunk's bytes)::
 
     magic  b"FK"       2   distinct from the codec's b"FB" frames
-    version            1   FRAME_VERSION
+    version            1   FRAME_VERSION (2; version 1 carried a BLAKE2b digest, refused)
     flags              1   reserved, 0
     transfer id       16   random per payload (os.urandom)
     index              4   0-based chunk index
     count              4   number of chunks in the transfer (>= 1)
     total              8   length of the whole payload in bytes
     chunk crc32        4   zlib.crc32 of this chunk's bytes
-    payload digest    16   blake2b(digest_size=16) of the whole payload
+    payload crc32      4   zlib.crc32 of the whole payload
+
+Integrity is checked at the depth where faults happen, at crc32's speed (TCP already checksums
+the link, the codec validates its own header and sizes): each chunk's crc32 catches a damaged
+chunk; the whole payload's crc32 binds every chunk to its place (a chunk under the wrong index,
+or from another payload with a valid crc of its own, fails it). The sender reads the payload
+once: it computes the per-chunk crcs and combines them into the whole crc (``crc32_combine``,
+arithmetic on 32-bit numbers, no second pass over the bytes). A receiver never hashes the
+joined payload: it already checked every chunk's crc, so it combines the chunk crcs it accepted,
+in index order, and compares with the declared whole crc. Version 1 hashed every payload with
+BLAKE2b on the sender and again on every receiver (a quarter of the aggregator's CPU).
 
 Every chunk is published on the same topic as the whole payload would have been. A payload
 small enough to travel whole is sent untouched, except one that itself starts with the chunk
@@ -28,13 +38,16 @@ transfer older than ``transfer_timeout_s`` is dropped and counted. A subscriber 
 new transfer before anything is buffered (``admit``: who may send it, and how big). A bad
 chunk is dropped, logged and counted by reason; it never raises into the bus.
 
-Retransmission of missing chunks is NOT implemented yet: a transfer that loses a chunk expires
-and is counted (``transfers_expired``); the application protocol must detect and repair the loss.
+A lost chunk is repaired, not fatal: ``stalled()`` names the missing chunks of a transfer
+that made no progress for ``nack_after_s``, and the bus's ``Repair`` (``fedbus.bus._repair``)
+asks the topic's owner to resend just those (at most ``max_nacks`` times); a transfer that
+still misses a chunk expires and is counted (``transfers_expired``) as before.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import itertools
 import os
 import struct
 import time
@@ -54,25 +67,99 @@ __all__ = [
     "HEADER",
     "ChunkLimits",
     "Reassembler",
+    "Transfer",
+    "crc32_combine",
     "frames",
     "is_chunk_frame",
+    "plan",
 ]
 
 log = structlog.get_logger(__name__)
 
 CHUNK_MAGIC: Final = b"FK"
-FRAME_VERSION: Final = 1
-HEADER: Final = struct.Struct("!2sBB16sIIQI16s")
-_DIGEST_SIZE: Final = 16
+FRAME_VERSION: Final = 2
+HEADER: Final = struct.Struct("!2sBB16sIIQII")
 _RECENT_KEYS: Final = 1024  # finished/failed transfers remembered so late duplicates are ignored
+_CRC_POLY: Final = 0xEDB88320  # zlib's crc32, bit-reflected
 
 
-def _digest(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=_DIGEST_SIZE).digest()
+def _mulmod(a: int, b: int) -> int:
+    """a * b modulo the crc32 polynomial, both as bit-reflected 32-bit polynomials."""
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_operator(length: int) -> int:
+    """x^(8 * length) modulo the polynomial: what appending ``length`` bytes does to a crc.
+    Cached because every chunk but the last has the same length."""
+    p = 1 << 31  # x^0
+    square = 1 << 30  # x^1, squared up to x^(2^k) as k goes
+    n = 8 * length
+    while n:
+        if n & 1:
+            p = _mulmod(square, p)
+        n >>= 1
+        square = _mulmod(square, square)
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32(a + b) from crc32(a), crc32(b) and len(b), without reading a or b (zlib's
+    crc32_combine, which Python's zlib module does not expose)."""
+    return _mulmod(_shift_operator(len2), crc1) ^ crc2
 
 
 def is_chunk_frame(payload: bytes) -> bool:
     return payload[:2] == CHUNK_MAGIC
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One chunked payload, ready to frame: any chunk can be (re)built on demand, so a sender
+    can retransmit just the chunks a receiver lost (``fedbus.bus._repair``)."""
+
+    payload: bytes
+    chunk_bytes: int
+    transfer: bytes
+    crcs: tuple[int, ...]
+    whole: int
+
+    @property
+    def count(self) -> int:
+        return len(self.crcs)
+
+    def frame(self, index: int) -> bytes:
+        part = memoryview(self.payload)[index * self.chunk_bytes : (index + 1) * self.chunk_bytes]
+        header = HEADER.pack(CHUNK_MAGIC, FRAME_VERSION, 0, self.transfer, index, self.count,
+                             len(self.payload), self.crcs[index], self.whole)
+        return header + part
+
+
+def plan(payload: bytes, chunk_bytes: int) -> Transfer | None:
+    """The chunked transfer for ``payload``, or None when it travels whole (it fits, and does
+    not start with the chunk magic)."""
+    if chunk_bytes <= 0:
+        raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    total = len(payload)
+    if total <= chunk_bytes and not is_chunk_frame(payload):
+        return None
+    count = max(1, -(-total // chunk_bytes))
+    view = memoryview(payload)
+    sizes = [min(chunk_bytes, total - i * chunk_bytes) for i in range(count)]
+    # the only pass over the payload's bytes
+    crcs = tuple(zlib.crc32(view[i * chunk_bytes : (i + 1) * chunk_bytes]) for i in range(count))
+    whole = 0
+    for crc, size in zip(crcs, sizes, strict=True):
+        whole = crc32_combine(whole, crc, size)
+    return Transfer(payload, chunk_bytes, os.urandom(16), crcs, whole)
 
 
 def frames(payload: bytes, chunk_bytes: int) -> Iterator[bytes]:
@@ -80,22 +167,12 @@ def frames(payload: bytes, chunk_bytes: int) -> Iterator[bytes]:
 
     Frames are built lazily, so at most one chunk's copy exists beside the payload.
     """
-    if chunk_bytes <= 0:
-        raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    total = len(payload)
-    if total <= chunk_bytes and not is_chunk_frame(payload):
+    transfer = plan(payload, chunk_bytes)
+    if transfer is None:
         yield payload
         return
-    count = max(1, -(-total // chunk_bytes))
-    transfer = os.urandom(16)
-    digest = _digest(payload)
-    view = memoryview(payload)
-    for index in range(count):
-        part = view[index * chunk_bytes : (index + 1) * chunk_bytes]
-        header = HEADER.pack(
-            CHUNK_MAGIC, FRAME_VERSION, 0, transfer, index, count, total, zlib.crc32(part), digest
-        )
-        yield header + part
+    for index in range(transfer.count):
+        yield transfer.frame(index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +184,19 @@ class ChunkLimits:
     max_partial_transfers: int = 64
     max_partials_per_topic: int = 2
     transfer_timeout_s: float = 120.0
+    #: A partial transfer with no new chunk for this long asks its sender for the missing
+    #: ones (a NACK, ``fedbus.bus._repair``), at most ``max_nacks`` times, then waits to expire.
+    nack_after_s: float = 2.0
+    max_nacks: int = 3
 
     def __post_init__(self) -> None:
         if min(self.max_message_bytes, self.max_buffered_bytes, self.max_partial_transfers,
                self.max_partials_per_topic) <= 0:
             raise BusError("chunk limits must be positive")
-        if self.transfer_timeout_s <= 0:
-            raise BusError("transfer_timeout_s must be positive")
+        if self.transfer_timeout_s <= 0 or self.nack_after_s <= 0:
+            raise BusError("transfer_timeout_s and nack_after_s must be positive")
+        if self.max_nacks < 0:
+            raise BusError("max_nacks must be >= 0")
 
 
 _Key = tuple[str, str, bytes]
@@ -124,9 +207,16 @@ class _Partial:
     started: float
     count: int
     total: int
-    digest: bytes
+    digest: int  # the declared crc32 of the whole payload
     parts: dict[int, bytes] = field(default_factory=dict)
+    crcs: dict[int, int] = field(default_factory=dict)
     size: int = 0
+    progress: float = 0.0  # when the last new chunk arrived
+    nacks: int = 0
+
+
+#: At most this many chunk indices in one NACK; a later one asks for the rest.
+MAX_NACK_INDICES: Final = 4096
 
 
 class Reassembler:
@@ -179,6 +269,12 @@ class Reassembler:
         data = payload[HEADER.size :]
         key: _Key = (route, topic, transfer)
         if version != FRAME_VERSION:
+            # A sender on another fedbus release: say so once per transfer, not per chunk.
+            if key not in self._recent:
+                log.warning("refuse_frame_version", topic=topic, version=version,
+                            expected=FRAME_VERSION,
+                            fix="run the same fedbus release on every node of the federation")
+                self._remember(key, "bad_version")
             self._reject("bad_version", topic, transfer, version=version)
             return None
         if key in self._recent:
@@ -199,7 +295,7 @@ class Reassembler:
         part = self._partials.get(key)
         if part is None:
             if count == 1:
-                return self._finish_single(key, data, total, digest)
+                return self._finish_single(key, data, total, digest, crc)
             if admit is not None and not admit(topic, total):
                 self._reject("not_admitted", topic, transfer, total=total)
                 self._remember(key)
@@ -209,7 +305,8 @@ class Reassembler:
                 self._reject("too_many_transfers", topic, transfer, limit=len(self._partials))
                 self._remember(key)
                 return None
-            part = _Partial(started=self._clock(), count=count, total=total, digest=digest)
+            now = self._clock()
+            part = _Partial(started=now, count=count, total=total, digest=digest, progress=now)
             self._partials[key] = part
         elif (part.count, part.total, part.digest) != (count, total, digest):
             self._reject("inconsistent", topic, transfer, index=index)
@@ -227,6 +324,8 @@ class Reassembler:
             self._fail(key)
             return None
         part.parts[index] = data
+        part.crcs[index] = crc
+        part.progress = self._clock()
         part.size += len(data)
         self._buffered += len(data)
         if len(part.parts) < part.count:
@@ -234,8 +333,17 @@ class Reassembler:
         del self._partials[key]
         self._buffered -= part.size
         self._remember(key, "duplicate")
-        whole = b"".join(part.parts[i] for i in range(part.count))
-        return self._check_whole(key, whole, total, digest)
+        if part.size != total:
+            self._reject("bad_digest", topic, transfer, size=part.size, total=total)
+            return None
+        combined = 0
+        for i in range(part.count):
+            combined = crc32_combine(combined, part.crcs[i], len(part.parts[i]))
+        if combined != digest:
+            self._reject("bad_digest", topic, transfer, total=total)
+            return None
+        self.counters["transfers_completed"] += 1
+        return b"".join(part.parts[i] for i in range(part.count))
 
     def expire(self) -> int:
         """Drop partial transfers older than the time limit; return how many were dropped."""
@@ -259,6 +367,26 @@ class Reassembler:
             )
         return dropped
 
+    def stalled(self) -> list[tuple[str, bytes, list[int]]]:
+        """Partial transfers that made no progress for ``nack_after_s`` and may still ask for
+        their missing chunks: (topic, transfer id, missing indices), one entry per transfer
+        even when it arrives on several routes. Each call counts as one NACK for them."""
+        now = self._clock()
+        wanted: dict[tuple[str, bytes], set[int]] = {}
+        for (_route, topic, transfer), part in self._partials.items():
+            lim = self.limits
+            if part.nacks >= lim.max_nacks or now - part.progress < lim.nack_after_s:
+                continue
+            part.nacks += 1
+            part.progress = now  # the next NACK waits as long again
+            # the first few missing only: a transfer may claim a million chunks
+            lacking = itertools.islice((i for i in range(part.count) if i not in part.parts),
+                                       MAX_NACK_INDICES)
+            wanted.setdefault((topic, transfer), set()).update(lacking)
+        self.counters["nacks"] += len(wanted)
+        return [(topic, transfer, sorted(missing)[:MAX_NACK_INDICES])
+                for (topic, transfer), missing in wanted.items() if missing]
+
     def _evict_oldest_on(self, route: str, topic: str) -> None:
         """Keep at most ``max_partials_per_topic - 1`` open on this topic before opening one
         more: a sender that starts over (or a flood on its topic) displaces only itself."""
@@ -271,16 +399,16 @@ class Reassembler:
             log.warning("evict_transfer", topic=topic, transfer=key[2].hex(),
                         have=len(part.parts), count=part.count)
 
-    def _finish_single(self, key: _Key, data: bytes, total: int, digest: bytes) -> bytes | None:
+    def _finish_single(
+        self, key: _Key, data: bytes, total: int, digest: int, crc: int
+    ) -> bytes | None:
         self._remember(key, "duplicate")
-        return self._check_whole(key, data, total, digest)
-
-    def _check_whole(self, key: _Key, whole: bytes, total: int, digest: bytes) -> bytes | None:
-        if len(whole) != total or _digest(whole) != digest:
-            self._reject("bad_digest", key[1], key[2], size=len(whole), total=total)
+        # One chunk: its crc (already checked against its bytes) is the whole payload's.
+        if len(data) != total or crc != digest:
+            self._reject("bad_digest", key[1], key[2], size=len(data), total=total)
             return None
         self.counters["transfers_completed"] += 1
-        return whole
+        return data
 
     def _fail(self, key: _Key) -> None:
         part = self._partials.pop(key, None)
@@ -298,8 +426,9 @@ class Reassembler:
     def _reject(self, reason: str, topic: str, transfer: bytes | None, **info: int) -> None:
         self.counters["chunks_rejected"] += 1
         self.rejected[reason] += 1
-        # QoS 1 redelivers: duplicates are routine, everything else is worth a warning.
-        emit = log.debug if reason in ("duplicate", "dead_transfer") else log.warning
+        # QoS 1 redelivers: duplicates are routine, everything else is worth a warning (a wrong
+        # frame version has had its one warning, refuse_frame_version, already).
+        emit = log.debug if reason in ("duplicate", "dead_transfer", "bad_version") else log.warning
         emit(
             "drop_chunk",
             reason=reason,

@@ -6,7 +6,6 @@ one group member (round robin), fires last wills on ``kill()`` and chunks like `
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -14,8 +13,9 @@ from typing import Any, Final
 import structlog
 
 from fedbus.bus._base import Admit, Will
-from fedbus.bus._chunking import ChunkLimits, frames
+from fedbus.bus._chunking import ChunkLimits, plan
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription
+from fedbus.bus._repair import Repair, RepairLimits
 from fedbus.errors import BusError
 from fedbus.topics import strip_share
 
@@ -327,6 +327,7 @@ class MemoryBus:
         client_id: str | None = None,
         chunk_bytes: int = 1_000_000,
         limits: ChunkLimits | None = None,
+        repair_limits: RepairLimits | None = None,
     ) -> None:
         if chunk_bytes <= 0:
             raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -337,6 +338,9 @@ class MemoryBus:
         self.chunk_bytes = chunk_bytes
         self._broker = broker
         self._dispatch = Dispatcher(limits)
+        self._repair = Repair(node_id, self._dispatch.reassembler, send_frame=self._resend,
+                              publish=self.publish, subscribe=self.subscribe,
+                              limits=repair_limits)
         self._state = "new"  # new -> open -> closed
         self._published = 0
         self._received = 0
@@ -355,6 +359,7 @@ class MemoryBus:
             "partial_transfers": r.partial_transfers,
             **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
             **{f"rejected_{k}": v for k, v in r.rejected.items()},
+            **self._repair.counters,
         }
 
     async def __aenter__(self) -> MemoryBus:
@@ -364,6 +369,7 @@ class MemoryBus:
         # A memory bus never reconnects, so its birth message (sent by MqttBus on reconnects
         # only) is never due; services announce themselves once subscribed.
         self._broker._connect(self)
+        self._repair.start()
         return self
 
     async def __aexit__(
@@ -382,10 +388,12 @@ class MemoryBus:
         if self._state == "open":
             self._broker._disconnect(self, fire_will=fire_will)
         self._state = "closed"
+        self._repair.stop()
         self._dispatch.close_all()
 
     def _taken_over(self) -> None:
         self._state = "closed"
+        self._repair.stop()
         self._dispatch.close_all()
 
     def _check_open(self) -> None:
@@ -402,10 +410,22 @@ class MemoryBus:
             raise BusError(f"payload of {len(data)} bytes exceeds max_message_bytes={limit}")
         # A broker keeps one retained message per topic, so retained payloads travel whole.
         size = max(self.chunk_bytes, len(data)) if retain else self.chunk_bytes
-        parts: Iterable[bytes] = frames(data, max(size, 1))
-        for part in parts:
-            self._broker._route(topic, part, retain=retain)
+        transfer = plan(data, max(size, 1))
+        if transfer is None:
+            self._send_frame(topic, data, retain)
+        else:
+            self._repair.sent(topic, transfer)
+            for index in range(transfer.count):
+                self._send_frame(topic, transfer.frame(index), retain)
         self._published += 1
+
+    def _send_frame(self, topic: str, frame: bytes, retain: bool) -> None:
+        """Hand one frame to the broker (the place a lossy test bus drops frames)."""
+        self._broker._route(topic, frame, retain=retain)
+
+    async def _resend(self, topic: str, frame: bytes) -> None:
+        if self._state == "open":
+            self._send_frame(topic, frame, False)
 
     def subscribe(self, *filters: str, admit: Admit | None = None,
                   max_queued_bytes: int | None = None) -> QueueSubscription:

@@ -26,8 +26,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedbus.bus._base import Admit, Will
-from fedbus.bus._chunking import HEADER, ChunkLimits, frames, is_chunk_frame
+from fedbus.bus._chunking import HEADER, ChunkLimits, plan
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription
+from fedbus.bus._repair import Repair, RepairLimits
 from fedbus.errors import (
     BrokerLimitError,
     BusError,
@@ -145,6 +146,7 @@ class MqttBus:
         publish_timeout_s: float = 60.0,
         max_inflight: int = 200,
         receive_maximum: int = 64,
+        repair_limits: RepairLimits | None = None,
     ) -> None:
         if chunk_bytes <= 0:
             raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -180,6 +182,9 @@ class MqttBus:
         self._receive_maximum = receive_maximum
 
         self._dispatch = Dispatcher(lim)
+        self._repair = Repair(node_id, self._dispatch.reassembler, send_frame=self._resend,
+                              publish=self.publish, subscribe=self.subscribe,
+                              limits=repair_limits)
         self._sub_ids: dict[str, int] = {}
         self._filters_by_id: dict[int, str] = {}
         self._stale: set[str] = set()  # unsubscribed while offline; unsubscribe on reconnect
@@ -227,6 +232,7 @@ class MqttBus:
             "partial_transfers": r.partial_transfers,
             **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
             **{f"rejected_{k}": v for k, v in r.rejected.items()},
+            **self._repair.counters,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -237,6 +243,7 @@ class MqttBus:
         self._state = "open"
         self._runner = asyncio.create_task(self._run(), name=f"mqtt-connection-{self.node_id}")
         self._janitor = asyncio.create_task(self._expire_loop(), name=f"mqtt-expiry-{self.node_id}")
+        self._repair.start()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 waits = [asyncio.ensure_future(e.wait()) for e in (self._connected, self._refused)]
@@ -288,6 +295,7 @@ class MqttBus:
     async def _shutdown(self) -> None:
         self._closing = True
         self._state = "closed"
+        self._repair.stop()
         for task in (self._janitor, self._runner):
             if task is not None and not task.done():
                 # Cancelling the runner exits ``async with client`` -> graceful DISCONNECT,
@@ -630,13 +638,18 @@ class MqttBus:
             return send
 
         what = f"publish to {topic}"
-        if len(data) <= size and not is_chunk_frame(data):
+        transfer = plan(data, size)
+        if transfer is None:
             await self._call(sender(data), deadline, what)
         else:
+            self._repair.sent(topic, transfer)  # kept a while, to resend lost chunks on NACK
             # Pipeline chunks: paho sends them in creation order; the window bounds the copies.
             window: deque[asyncio.Task[None]] = deque()
             try:
-                for part in frames(data, size):
+                for index in range(transfer.count):
+                    part = self._frame_out(transfer.frame(index))
+                    if part is None:
+                        continue
                     window.append(asyncio.create_task(self._call(sender(part), deadline, what)))
                     self._counters["chunks_sent"] += 1
                     if len(window) >= self._max_inflight:
@@ -648,6 +661,23 @@ class MqttBus:
                     t.cancel()
         self._counters["published"] += 1
         self._counters["published_bytes"] += len(data)
+
+    def _frame_out(self, frame: bytes) -> bytes | None:
+        """A chunk frame about to be sent (None: do not send it; a lossy test bus's hook)."""
+        return frame
+
+    async def _resend(self, topic: str, frame: bytes) -> None:
+        """Publish one rebuilt chunk frame as it is (a NACK's answer)."""
+        part = self._frame_out(frame)
+        if part is None or self._state != "open":
+            return
+        deadline = asyncio.get_running_loop().time() + self._publish_timeout_s
+
+        async def send(client: aiomqtt.Client) -> None:
+            await self._publish_on(cast(_Client, client), topic, part, retain=False)
+
+        await self._call(send, deadline, f"resend to {topic}")
+        self._counters["chunks_sent"] += 1
 
     def subscribe(self, *filters: str, admit: Admit | None = None,
                   max_queued_bytes: int | None = None) -> QueueSubscription:

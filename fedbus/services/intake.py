@@ -28,6 +28,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Message
 from fedbus.codec import Envelope, Limits, decode, peek_data_size
+from fedbus.compress import decode_update
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import PRESENCE, READY, UPDATE, split_tensors
 from strategies import ClientUpdate, StrategyError
@@ -327,6 +328,7 @@ class Intake:
             staleness = self.host.admit(env, sender)
             n = checked_num_examples(env.meta, s.max_examples)
             delta, aux = split_tensors(env.tensors)
+            delta = decode_update(delta, env.meta, self.host.weights)  # codec.update modes
             check_update_tensors(self.host.weights, delta, s.max_norm)
             metrics = env.meta.get("metrics", {})
             update = ClientUpdate(

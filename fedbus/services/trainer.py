@@ -29,6 +29,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Bus, Message
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.compress import UpdateCodec, UpdateCompressor
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
@@ -68,6 +69,8 @@ class TrainerConfig:
     #: Model-sized tensor sets an order carries besides the model (SCAFFOLD's control: 1).
     client_aux_models: int = 0
     compression: Compression = Compression()
+    #: Lossy update compression (manifest ``codec.update``), decoded by the aggregator's intake.
+    update_codec: UpdateCodec = UpdateCodec()
     #: Outer bounds; an order's own limits are derived from the task's model.
     limits: Limits = Limits()
 
@@ -102,6 +105,9 @@ class Trainer:
         self.bus = bus
         self.task = task
         self.delta_hook = delta_hook
+        # lives as long as the trainer: top-k keeps what it has not sent yet (error feedback)
+        self._compressor = UpdateCompressor(config.update_codec,
+                                            seed=zlib.crc32(config.node_id.encode()))
         self.rounds_trained = 0
         self.rejections = Rejections(config.node_id)
         self._orders_seen = SeenIds(capacity=4096)
@@ -333,6 +339,7 @@ class Trainer:
             self._log.exception("task_raised", round=env.round, error=repr(exc))
             return
         duration = time.monotonic() - started
+        sent, codec_meta = await asyncio.to_thread(self._compressor.encode, delta)
         update = Envelope(
             kind=UPDATE,
             job=c.job,
@@ -342,11 +349,12 @@ class Trainer:
                 "num_examples": int(result.num_examples),
                 "metrics": {k: float(v) for k, v in result.metrics.items()},
                 "duration_s": round(duration, 4),
+                **codec_meta,
             },
-            tensors=join_tensors(delta, result.aux),
+            tensors=join_tensors(sent, result.aux),
         )
         payload = await asyncio.to_thread(encode, update, c.compression)
-        del update, delta, order  # the payload is all that is needed now
+        del update, delta, sent, order  # the payload is all that is needed now
         if env.meta.get("mode") != "async":
             rounds = self._delivered.setdefault(epoch, [])
             rounds.append(env.round)
