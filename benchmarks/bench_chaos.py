@@ -50,6 +50,7 @@ class Trial:
     killed: bool
     same_model: bool
     resumed_from: int | None
+    victim: str = "aggregator"
     #: With a standby: seconds from the SIGKILL to the standby starting its next round.
     failover_s: float | None = None
     checkpoint_s: list[float] = field(default_factory=list)
@@ -59,7 +60,8 @@ def write_manifest(folder: Path, host: str, port: int, strategy: Any, rounds: in
     data = {
         "version": 1, "job": "chaos", "seed": 11, "rounds": rounds, "strategy": strategy,
         "broker": {"host": host, "port": port, "max_queued_messages": 100_000},
-        "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60},
+        # a lost update is asked for again at the deadline at the latest
+        "round": {"deadline_s": 5, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60},
         "checkpoint": {"dir": str(folder / "checkpoints"), "wait_s": 10},
         "evaluate": {"where": "server", "every": 1},
         "task": {"ref": "examples.toy.task:make_task",
@@ -123,16 +125,18 @@ def _ts(event: dict[str, Any]) -> float:
 
 
 async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, float] | None,
-                  *, standby: bool = False,
+                  *, standby: bool = False, victim: str = "aggregator",
                   ) -> tuple[list[tuple[Any, ...]], Trial | None, float]:
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
     proc = await spawn_mosquitto()
+    brokers = [proc]
     children: list[Child] = []
     log = folder / "aggregator.log"
     try:
         path = write_manifest(folder, proc.host, proc.port, STRATEGIES[strategy], rounds)
-        children.append(_serve(path, "ckpt", folder / "ckpt.log", folder))
-        children.append(_serve(path, "t*", folder / "trainers.log", folder))
+        others = {"ckpt": _serve(path, "ckpt", folder / "ckpt.log", folder),
+                  "t*": _serve(path, "t*", folder / "trainers.log", folder)}
+        children += others.values()
         started = time.monotonic()
         agg = _serve(path, "aggregator", log, folder)
         children.append(agg)
@@ -149,7 +153,20 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
             while agg.proc.poll() is None and _rounds_started(log) < kill_at[0]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # polling a child's log: no event to await
             await asyncio.sleep(kill_at[1])
-            if agg.proc.poll() is None:
+            if victim != "aggregator" and agg.proc.poll() is None:
+                # another component dies -9 and comes back; the aggregator lives on
+                killed = True
+                if victim == "broker":
+                    brokers[-1].kill_now()  # SIGKILL; no persistence: its queues are gone
+                    brokers.append(await spawn_mosquitto(proc.port))
+                else:
+                    node = {"checkpointer": "ckpt", "trainers": "t*"}[victim]
+                    others[node].proc.kill()
+                    others[node].reap(10)
+                    name = "ckpt" if node == "ckpt" else "trainers"
+                    others[node] = _serve(path, node, folder / f"{name}.log", folder)
+                    children.append(others[node])
+            elif agg.proc.poll() is None:
                 agg.proc.kill()  # SIGKILL: no goodbye, the broker fires its will
                 killed_at_wall = time.time()
                 agg.reap(10)
@@ -168,7 +185,8 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
     finally:
         for child in children:
             child.stop()
-        await proc.stop()
+        for b in brokers:
+            await b.stop()
     events = _events(folder / "aggregator.log")
     if standby and standby_log.exists():
         events += _events(standby_log)
@@ -188,7 +206,7 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
 
 
 async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int, *,
-                standby: bool = False) -> list[Trial]:
+                standby: bool = False, victim: str = "aggregator") -> list[Trial]:
     rng = random.Random(seed)
     out: list[Trial] = []
     with tempfile.TemporaryDirectory(prefix="fedbus-chaos-") as tmp:
@@ -198,7 +216,8 @@ async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int, 
                 # a random round, a random moment in it (a round lasts about 0.3 s here)
                 kill = (rng.randint(1, rounds), rng.uniform(0.0, 0.35))
                 metrics, trial, _ = await one_run(Path(tmp) / strategy / f"trial{i}", strategy,
-                                                  rounds, kill, standby=standby)
+                                                  rounds, kill, standby=standby, victim=victim)
+                trial.victim = victim
                 assert trial is not None
                 trial.same_model = bool(clean) and metrics == clean
                 out.append(trial)
@@ -210,13 +229,14 @@ async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int, 
 
 
 def table(trials: list[Trial]) -> str:
-    lines = ["| strategy | trial | SIGKILL in round | s into it | resumed after round | "
+    lines = ["| strategy | SIGKILL of | trial | in round | s into it | resumed after round | "
              "same final model |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for i, t in enumerate(trials):
-        lines.append(f"| {t.strategy} | {i} | {t.kill_in_round if t.killed else 'ended first'} | "
+        lines.append(f"| {t.strategy} | {t.victim} | {i} | "
+                     f"{t.kill_in_round if t.killed else 'ended first'} | "
                      f"{t.kill_after_s:.2f} | "
-                     f"{t.resumed_from if t.resumed_from is not None else 'none (fresh start)'} | "
+                     f"{_resumed(t)} | "
                      f"{'yes' if t.same_model else 'NO'} |")
     fails = sorted(t.failover_s for t in trials if t.failover_s is not None)
     if fails:
@@ -233,6 +253,12 @@ def table(trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
+def _resumed(t: Trial) -> str:
+    if t.victim != "aggregator":
+        return "- (it lived on)"
+    return str(t.resumed_from) if t.resumed_from is not None else "none (fresh start)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_chaos",
                                 description=__doc__.splitlines()[0])
@@ -240,12 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strategy", action="append", choices=sorted(STRATEGIES))
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--victim", default="aggregator",
+                   choices=("aggregator", "checkpointer", "trainers", "broker"),
+                   help="what to SIGKILL and restart (the broker: without persistence)")
     p.add_argument("--standby", action="store_true",
                    help="run a standby aggregator that takes over (no restart by the harness)")
     args = p.parse_args(argv)
     configure_logging(level="error")
     trials = asyncio.run(chaos(args.trials, args.strategy or ["fedavg", "fedadam"],
-                               args.rounds, args.seed, standby=args.standby))
+                               args.rounds, args.seed, standby=args.standby,
+                               victim=args.victim))
     print(table(trials))
     return 0 if all(t.same_model for t in trials) else 1
 

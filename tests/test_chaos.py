@@ -28,3 +28,11 @@ def test_a_standby_takes_over_with_no_command_typed() -> None:
     t = trials[0]
     assert t.killed and t.same_model, t
     assert t.failover_s is not None and t.failover_s < 10, t  # docs/benchmarks.md: ~0.2 s
+
+
+@pytest.mark.parametrize("victim", ["checkpointer", "trainers", "broker"])
+def test_killing_any_other_component_leaves_the_final_model_unchanged(victim: str) -> None:
+    # the checkpointer (rounds go on undurable until it is back), the trainers' process
+    # (their updates are asked for again), the broker (no persistence: its queues are lost)
+    trials = asyncio.run(chaos(1, ["fedadam"], rounds=6, seed=0, victim=victim))
+    assert trials[0].killed and trials[0].same_model, trials[0]
