@@ -131,7 +131,7 @@ def manifest(tmp: Path, strategy: Any, rounds: int = 6, selector: Any = "all") -
 
 
 async def run_job(m: Manifest, *, kill_after_s: float | None = None,
-                  seed: int = 0) -> tuple[Any, int]:
+                  seed: int = 0, while_down: Any = None) -> tuple[Any, int]:
     """Every node on one memory broker. With ``kill_after_s``, the aggregator vanishes then
     (its will fires, nothing said goodbye) and a new one with the same manifest takes over.
     Returns the aggregator that finished and how many aggregators it took."""
@@ -156,6 +156,8 @@ async def run_job(m: Manifest, *, kill_after_s: float | None = None,
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 await bus.kill()
+                if while_down is not None:
+                    while_down()
                 agg, bus = await start("agg")
                 task = asyncio.create_task(agg.run())
                 starts = 2
@@ -206,6 +208,31 @@ async def test_an_async_fedbuff_aggregator_resumes_to_the_same_model(tmp_path: P
     assert resumed >= 2
 
 
+async def test_redis_flushed_while_the_aggregator_is_down_recovers_from_disk(
+        tmp_path: Path, redis_url: str) -> None:
+    # Prepare: checkpoints in Redis with the disk behind it
+    import redis
+
+    clean, _ = await run_job(manifest(tmp_path / "clean", "fedavg"))
+    raw = {**_raw(manifest(tmp_path, "fedavg")),
+           "checkpoint": {"dir": str(tmp_path / "disk"), "redis": redis_url, "wait_s": 5}}
+    m = parse_manifest(raw)
+    flushed: list[bool] = []
+
+    def flush() -> None:
+        redis.Redis.from_url(redis_url).flushall()
+        flushed.append(True)
+
+    # Execute: kill the aggregator mid-job, flush Redis while it is down, restart it
+    with capture_logs() as logs:
+        agg, starts = await run_job(m, kill_after_s=0.25, while_down=flush)
+    # Assert: it resumed from the disk copy and ended with the uninterrupted run's model
+    assert starts == 2 and flushed
+    assert agg.start_round > 1
+    assert any(e["event"] == "checkpoint_from_disk" for e in logs)
+    np.testing.assert_array_equal(agg.weights["w"], clean.weights["w"])
+
+
 async def test_rounds_report_the_checkpoint_latency(tmp_path: Path) -> None:
     agg, _ = await run_job(manifest(tmp_path, "fedavg", rounds=2))
     metas = [r.as_meta() for r in agg.history]
@@ -239,7 +266,7 @@ async def test_without_a_checkpointer_the_aggregator_says_so_and_goes_on(
 
 def _raw(m: Manifest) -> dict[str, Any]:
     return {"version": 1, "job": m.job, "rounds": m.rounds, "seed": m.seed,
-            "strategy": m.strategy.name,
+            "strategy": m.strategy.name, "selector": m.selector.name,
             "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3,
                       "start_timeout_s": 20},
             "task": {"ref": m.task.ref, "params": dict(m.task.params)},
