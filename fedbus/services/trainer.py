@@ -328,6 +328,8 @@ class Trainer:
         if self._pending is not None:
             self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
             self._pending = None
+        if env.meta.get("mode") != "async":
+            self._last_sent = None  # the parent has moved on: no need to hold the old update
         started = time.monotonic()
         try:
             delta, result = await asyncio.to_thread(self._train, order.weights, order.extra,
