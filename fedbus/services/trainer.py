@@ -77,6 +77,8 @@ class TrainerConfig:
 
 #: Aggregator runs (epochs) whose last round is remembered.
 _EPOCHS = 8
+#: How often one delivered update is sent again when asked (repairs, not an amplifier).
+_MAX_RESENDS = 3
 
 
 @dataclass(slots=True)
@@ -118,6 +120,7 @@ class Trainer:
         self._worker: asyncio.Task[None] | None = None
         #: The last synchronous update sent: (epoch, round, payload), sent again if asked.
         self._last_sent: tuple[str, int, bytes] | None = None
+        self._resent = 0
         self._next: _Order | None = None
         #: (epoch, round) being trained now
         self._current: tuple[str, int] | None = None
@@ -281,6 +284,11 @@ class Trainer:
         last = self._last_sent
         if last is not None and last[:2] == (epoch, env.round) \
                 and self._orders_seen.add(env.msg_id):
+            if self._resent >= _MAX_RESENDS:
+                # a few resends repair a loss; more is someone replaying orders at us
+                self.rejections.reject("resend_limit", f"round {env.round} asked again")
+                return
+            self._resent += 1
             # The parent asks again for a round we delivered (a re-broadcast names only those
             # it is missing): our update was lost on the way — a broker restart without
             # persistence, a dropped chunk. Send the same update again; it dedupes the rest.
@@ -365,6 +373,7 @@ class Trainer:
         if env.meta.get("mode") != "async":
             # kept until the next round: if the parent asks again, this update was lost
             self._last_sent = (epoch, env.round, payload)
+            self._resent = 0
         gated = await self._deliver(env.round, epoch, payload,
                                     env.meta.get("upload_gate_bytes"))
         self._log.info("update_ready" if gated else "update_sent", round=env.round,
