@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,6 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from fedbus.broker import free_port
 from fedbus.bus.memory import MemoryBroker
 from fedbus.checkpoint import AggregatorState, DiskStore, RedisStore, TieredStore
 from fedbus.checkpoint.state import state_envelope, state_from
@@ -65,35 +62,6 @@ def test_disk_store_keeps_the_last_k_and_skips_a_damaged_one(tmp_path: Path) -> 
     skipped = [e["path"] for e in logs if e["event"] == "skip_checkpoint"]
     assert skipped == [str(newest), str(second)]
     assert store.latest("toy", "other") is None
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Any:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server missing: apt-get install -y redis-server")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                proc.poll()
-                assert proc.returncode is None, "redis-server exited"
-                import time
-
-                time.sleep(0.05)  # waiting for a child's listening port: no event to await
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_redis_store_and_disk_behind_it(redis_url: str, tmp_path: Path) -> None:
