@@ -1,8 +1,0 @@
-"""Fixtures for the store's tests."""
-
-from __future__ import annotations
-
-
-
-
-
