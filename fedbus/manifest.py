@@ -56,9 +56,9 @@ __all__ = [
     "with_broker",
 ]
 
-Role = Literal["aggregator", "trainer", "checkpointer", "store"]
-ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer", "checkpointer", "store")
-_PLANNED_ROLES: Final = ("relay",)
+Role = Literal["aggregator", "trainer", "checkpointer", "store", "relay"]
+ROLES: Final[tuple[str, ...]] = ("aggregator", "trainer", "checkpointer", "store", "relay")
+_PLANNED_ROLES: Final[tuple[str, ...]] = ()
 VERSION: Final = 1
 _MQTT_MAX_PACKET: Final = 268_435_455
 
@@ -277,6 +277,11 @@ class Manifest:
     def aggregator(self) -> NodeSpec:
         """The root aggregator (validation guarantees exactly one)."""
         return next(n for n in self.nodes if n.role == "aggregator" and n.parent is None)
+
+    def children_of(self, node_id: str) -> tuple[NodeSpec, ...]:
+        """The trainers and relays whose parent is ``node_id`` (an aggregator or relay)."""
+        return tuple(n for n in self.nodes
+                     if n.role in ("trainer", "relay") and n.parent == node_id)
 
     def trainers_of(self, aggregator_id: str) -> tuple[NodeSpec, ...]:
         if self.node(aggregator_id).role != "aggregator":
@@ -745,7 +750,7 @@ class _Parser:
         t = self.table(value, field, ("id", "role", "parent", "partition"),
                        required=("id", "role"))
         verb = "is" if len(_PLANNED_ROLES) == 1 else "are"
-        note = f" ({', '.join(_PLANNED_ROLES)} {verb} planned)"
+        note = f" ({', '.join(_PLANNED_ROLES)} {verb} planned)" if _PLANNED_ROLES else ""
         role = self.choice(t["role"], f"{field}.role", ROLES, note)
         parent = t.get("parent")
         partition = t.get("partition")
@@ -811,7 +816,10 @@ class _Parser:
             self.fail(f"{root_field}.partition", "only trainers have a data partition; remove it")
 
         roles = {n.id: n.role for n, _ in found}
-        aggregators = ", ".join(sorted(i for i, r in roles.items() if r == "aggregator"))
+        # trainers and relays hang under the aggregator or a relay (a hierarchy)
+        aggregators = ", ".join(sorted(i for i, r in roles.items()
+                                       if r in ("aggregator", "relay")))
+        parents = {n.id: (n.parent or root.id) for n, _ in found if n.role == "relay"}
         trainers = [(n, f) for n, f in found if n.role == "trainer"]
         if not trainers:
             self.fail("nodes", "no trainers; add `trainers: {count: N}` or trainer nodes")
@@ -824,10 +832,10 @@ class _Parser:
                     n = dataclasses.replace(n, parent=root.id)
                 elif n.parent not in roles:
                     self.fail(pfield, f"unknown node {n.parent!r}; a trainer's parent must be "
-                                      f"an aggregator: {aggregators}")
-                elif roles[n.parent] != "aggregator":
+                                      f"an aggregator or relay: {aggregators}")
+                elif roles[n.parent] not in ("aggregator", "relay"):
                     self.fail(pfield, f"{n.parent!r} is a {roles[n.parent]}; a trainer's parent "
-                                      f"must be an aggregator: {aggregators}")
+                                      f"must be an aggregator or relay: {aggregators}")
                 if n.partition is not None:
                     pf = f"{f}.partition" if f.startswith("nodes") else "trainers"
                     if n.partition >= len(trainers):
@@ -838,6 +846,8 @@ class _Parser:
                         self.fail(pf, f"partition {n.partition} is already used by "
                                       f"{partitions[n.partition]}; partitions must be unique")
                     partitions[n.partition] = f
+            elif n.role == "relay":
+                n = self.relay_node(n, f, root.id, roles, parents, aggregators)
             elif n.role == "store":
                 n = self.store_node(n, f, root.id, roles, aggregators)
             elif n.role == "checkpointer":
@@ -850,6 +860,27 @@ class _Parser:
             out.append(n)
         return tuple(out)
 
+
+    def relay_node(self, n: NodeSpec, f: str, root: str, roles: Mapping[str, str],
+                   parents: Mapping[str, str], aggregators: str) -> NodeSpec:
+        """A relay aggregates its children and is a trainer of its parent (the root by
+        default): an aggregator or another relay, never itself through a loop."""
+        if n.partition is not None:
+            self.fail(f"{f}.partition", "only trainers have a data partition; remove it")
+        parent = n.parent or root
+        if roles.get(parent) not in ("aggregator", "relay"):
+            what = "unknown node" if parent not in roles else f"a {roles[parent]}"
+            self.fail(f"{f}.parent", f"{parent!r} is {what}; a relay's parent is an aggregator "
+                                     f"or relay: {aggregators}")
+        seen = {n.id}
+        up = parent
+        while up in parents:
+            if up in seen:
+                self.fail(f"{f}.parent", f"relays form a loop through {up!r}; every chain of "
+                                         f"parents must end at the aggregator {root!r}")
+            seen.add(up)
+            up = parents[up]
+        return dataclasses.replace(n, parent=parent)
 
     def store_node(self, n: NodeSpec, f: str, root: str, roles: Mapping[str, str],
                    aggregators: str) -> NodeSpec:

@@ -24,10 +24,12 @@ from fedbus.services._wire import presence
 from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
+from fedbus.services.relay import Relay
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.task import EvalResult, Task, load_task
 from strategies import (
     AsyncStrategy,
+    FedAvg,
     InFlightSelector,
     RandomSelector,
     Selector,
@@ -173,8 +175,11 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             bus,
             task,
         )
+    if node.role == "relay":
+        return _relay(m, node, bus, task)
     if node.role == "aggregator":
-        trainers = frozenset(t.id for t in m.trainers_of(node.id))
+        # its children: trainers, and relays that stand for their groups
+        trainers = frozenset(t.id for t in m.children_of(node.id))
         strategy, selector = _plugins(m, len(trainers))
         server_task = task or open_task(m, None)
         evaluate = None
@@ -220,6 +225,32 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             bus, _checkpoint_store(m))
     raise ManifestError(m.source, f"nodes[{node_id}].role",
                         f"role {node.role!r} has no service in this version")
+
+
+def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
+    """A relay: FedAvg over its children (trainers or relays), one update to its parent."""
+    assert node.parent is not None
+    children = frozenset(c.id for c in m.children_of(node.id))
+    weights = (task or open_task(m, None)).get_weights()
+    r = m.round
+    group = Aggregator(
+        AggregatorConfig(
+            job=m.job, node_id=node.id, trainers=children, rounds=m.rounds,
+            deadline_s=r.deadline_s, quorum=r.quorum,
+            # its group must be complete before it says it is ready (min_clients of the
+            # whole job is the root's business)
+            min_clients=len(children), start_timeout_s=r.start_timeout_s, seed=m.seed,
+            compression=_compression(m), limits=_limits(m), max_uploads=r.max_uploads,
+            gate_bytes=m.broker.chunk_bytes if m.broker else 1_000_000,
+            max_update_norm=r.max_update_norm, max_examples=r.max_examples,
+            loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
+        ),
+        bus, FedAvg(), make_selector("all", {}), weights)
+    check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)
+    upward = TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
+                           authenticated=authenticated(m, bus), compression=_compression(m),
+                           limits=_limits(m))
+    return Relay(group, upward, bus)
 
 
 def _durability(m: Manifest) -> DurabilitySettings | None:

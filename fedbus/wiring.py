@@ -80,7 +80,8 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
         assert parent is not None
         down_sub, down_pub = _toward_children(job, node, kids)
         up_sub, up_pub = _toward_parent(job, node, parent)
-        return Wiring(node, (*down_sub, *up_sub), (*down_pub, *up_pub, presence))
+        # as a trainer of its parent it watches its own presence too (fedbus.services.relay)
+        return Wiring(node, (*down_sub, *up_sub, presence), (*down_pub, *up_pub, presence))
     own_control = topics.control(job, node)
     if role == "checkpointer":
         # Persists every aggregator's state snapshots; acknowledges them and serves them back

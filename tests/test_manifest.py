@@ -269,7 +269,7 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("node without role", _set("nodes.1", {"id": "t0"}), "nodes[1].role", "missing"),
     ("bad node id", _set("nodes.1.id", "t 0"), "nodes[1].id", "letters, digits"),
     ("duplicate id", _set("nodes.2.id", "t0"), "nodes[2].id", "duplicate"),
-    ("unknown role", _set("nodes.1.role", "relay"), "nodes[1].role",
+    ("unknown role", _set("nodes.1.role", "relai"), "nodes[1].role",
      "allowed: aggregator, trainer"),
     ("two aggregators", _set("nodes.1", {"id": "agg2", "role": "aggregator"}),
      "nodes[1].role", "exactly one aggregator"),

@@ -69,6 +69,8 @@ class RoundReport:
     #: unacknowledged; then ``durable`` is False).
     checkpoint_s: float | None = None
     durable: bool | None = None
+    #: Training examples behind the accepted updates.
+    examples: int = 0
 
     def as_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -105,6 +107,8 @@ class _Round:
     lost: set[str] = field(default_factory=set)
     loss_sum: float = 0.0
     loss_weight: float = 0.0
+    #: Training examples behind the accepted updates (a relay reports them upward).
+    examples: int = 0
     started: float = field(default_factory=time.monotonic)
     #: When a pending node was last reported lost (``LOSS_GRACE_S``).
     last_loss: float = 0.0
@@ -256,6 +260,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             seconds=time.monotonic() - started,
             aggregated=aggregated,
             train_loss=state.loss_sum / state.loss_weight if state.loss_weight else None,
+            examples=state.examples,
             # everything since the last report: what landed between rounds counts too
             rejected=self.rejections.since_report(),
             bus_loss=self._bus_losses(),
@@ -337,6 +342,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         assert state is not None  # admit() passed
         self.strategy.accumulate(update)
         sender, n = update.sender, update.num_examples
+        state.examples += n
         state.pending.discard(sender)
         state.lost.discard(sender)  # reported offline, yet it delivered: it counts
         state.accepted.add(sender)

@@ -1,0 +1,140 @@
+"""Relays: a two-level hierarchy gives the flat star's model; a relay's death drops its group."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedbus.bus.memory import MemoryBroker
+from fedbus.errors import ManifestError
+from fedbus.manifest import Manifest, compile_wiring, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services.aggregator import Aggregator
+from fedbus.services.relay import Relay
+
+TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
+
+
+def flat(rounds: int = 3) -> Manifest:
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 9, "task": TASK,
+        "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 4, "start_timeout_s": 10},
+        "nodes": [{"id": "agg", "role": "aggregator"},
+                  *({"id": f"t{i}", "role": "trainer", "partition": i} for i in range(4))],
+    })
+
+
+def tree(rounds: int = 3) -> Manifest:
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 9, "task": TASK,
+        "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 2, "start_timeout_s": 10},
+        "nodes": [{"id": "agg", "role": "aggregator"},
+                  {"id": "r0", "role": "relay"}, {"id": "r1", "role": "relay", "parent": "agg"},
+                  {"id": "t0", "role": "trainer", "parent": "r0", "partition": 0},
+                  {"id": "t1", "role": "trainer", "parent": "r0", "partition": 1},
+                  {"id": "t2", "role": "trainer", "parent": "r1", "partition": 2},
+                  {"id": "t3", "role": "trainer", "parent": "r1", "partition": 3}],
+    })
+
+
+async def run(m: Manifest) -> tuple[Aggregator, dict[str, Any]]:
+    broker = MemoryBroker()
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        bus = make_bus(m, n, memory=broker)
+        await bus.__aenter__()
+        services[n.id] = build_node(m, n.id, bus)
+    agg = services.pop("agg")
+    async with asyncio.timeout(30):
+        tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
+        await agg.run()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return agg, services
+
+
+async def test_a_two_level_hierarchy_gives_the_flat_stars_model() -> None:
+    # Prepare / Execute: the same four trainers, flat and under two relays
+    star, _ = await run(flat())
+    hier, services = await run(tree())
+    # Assert: FedAvg of FedAvgs weighted by examples is FedAvg (to float rounding)
+    np.testing.assert_allclose(hier.weights["w"], star.weights["w"], rtol=1e-5, atol=1e-6)
+    assert [sorted(r.accepted) for r in hier.history] == [["r0", "r1"]] * 3
+    relay = services["r0"]
+    assert isinstance(relay, Relay)
+    assert [sorted(r.accepted) for r in relay.history] == [["t0", "t1"]] * 3
+    # each relay reported its group's examples upward (10 + 15 for r0 in the toy task)
+    assert relay.history[0].examples == 25
+
+
+def test_relays_are_wired_like_aggregators_below_and_trainers_above() -> None:
+    w = compile_wiring(tree())
+    assert "fedbus/v1/toy/update/r0/+" in w["r0"].subscribe
+    assert "fedbus/v1/toy/model/agg" in w["r0"].subscribe
+    assert "fedbus/v1/toy/update/agg/r0" in w["r0"].publish
+    assert "fedbus/v1/toy/model/r0" in w["r0"].publish
+    assert "fedbus/v1/toy/model/r0" in w["t0"].subscribe
+
+
+@pytest.mark.parametrize(("nodes", "field"), [
+    ([{"id": "r0", "role": "relay", "parent": "t0"}], "nodes[1].parent"),
+    ([{"id": "r0", "role": "relay", "parent": "r1"},
+      {"id": "r1", "role": "relay", "parent": "r0"}], "nodes[1].parent"),
+    ([{"id": "r0", "role": "relay", "partition": 1}], "nodes[1].partition"),
+])
+def test_bad_relays_are_refused_by_field(nodes: list[dict[str, Any]], field: str) -> None:
+    data = {"version": 1, "job": "toy", "rounds": 1, "task": TASK,
+            "nodes": [{"id": "agg", "role": "aggregator"}, *nodes,
+                      {"id": "t0", "role": "trainer"}]}
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(data)
+    assert err.value.field == field, err.value
+
+
+async def test_a_relay_subscribes_and_publishes_exactly_what_the_wiring_says() -> None:
+    from test_hostile import SpyBus
+
+    m = tree(rounds=2)
+    broker = MemoryBroker()
+    spies: dict[str, SpyBus] = {}
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        real = make_bus(m, n, memory=broker)
+        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
+        await spies[n.id].__aenter__()
+        services[n.id] = build_node(m, n.id, spies[n.id])
+    agg = services.pop("agg")
+    async with asyncio.timeout(30):
+        tasks = [asyncio.create_task(s.run()) for s in services.values()]
+        await agg.run()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    wiring = compile_wiring(m)
+    for node in ("r0", "r1", "t0", "agg"):
+        # NACK filters are the bus's own, taken once it sends a chunked payload (none here)
+        expected = {f for f in wiring[node].subscribe if "/nack/" not in f}
+        assert spies[node].subscribed - {f for f in wiring[node].subscribe} == set(), node
+        assert spies[node].subscribed >= expected, node
+        assert spies[node].published <= set(wiring[node].publish), node
+
+
+@pytest.mark.broker
+def test_the_hierarchy_example_runs_over_mosquitto_to_the_stars_result() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def final(manifest: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "fedbus.cli", "run", manifest,
+                              "--no-record"], cwd=root, capture_output=True, text=True,
+                             timeout=120, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert final("examples/toy/hierarchy-manifest.yaml") == final("examples/toy/manifest.yaml")
