@@ -138,3 +138,53 @@ def test_the_hierarchy_example_runs_over_mosquitto_to_the_stars_result() -> None
         return out.stdout.strip().splitlines()[-1]
 
     assert final("examples/toy/hierarchy-manifest.yaml") == final("examples/toy/manifest.yaml")
+
+
+async def test_a_dead_relay_drops_its_group_at_once_and_it_rejoins() -> None:
+    # Prepare: the tree, quorum 0.5 so the root can finish a round with one relay
+    base = tree(rounds=4)
+    m = parse_manifest({
+        "version": 1, "job": "toy", "rounds": 4, "seed": 9,
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": 64, "lr": 0.4, "delay_s": 0.1}},
+        "round": {"deadline_s": 10, "quorum": 0.5, "min_clients": 2, "start_timeout_s": 10},
+        "nodes": [{"id": n.id, "role": n.role, "parent": n.parent,
+                   **({"partition": n.partition} if n.partition is not None else {})}
+                  for n in base.nodes],
+    })
+    broker = MemoryBroker()
+    buses = {n.id: make_bus(m, n, memory=broker) for n in m.nodes}
+    for b in buses.values():
+        await b.__aenter__()
+    services = {i: build_node(m, i, b) for i, b in buses.items()}
+    agg = services.pop("agg")
+    killed_at: list[float] = []
+
+    async def kill_r1_in_round_2() -> None:
+        while len(agg.history) < 1:
+            await asyncio.sleep(0.01)  # polling the aggregator's progress in this test
+        await asyncio.sleep(0.05)
+        tasks["r1"].cancel()
+        await buses["r1"].kill()  # its will fires: the root drops r1's group at once
+        killed_at.append(asyncio.get_running_loop().time())
+        while len(agg.history) < 2:
+            await asyncio.sleep(0.01)  # restart it once that round is over
+        bus = make_bus(m, m.node("r1"), memory=broker)
+        await bus.__aenter__()
+        tasks["r1"] = asyncio.create_task(build_node(m, "r1", bus).run())
+
+    # Execute
+    async with asyncio.timeout(60):
+        tasks = {i: asyncio.create_task(s.run(), name=i) for i, s in services.items()}
+        killer = asyncio.create_task(kill_r1_in_round_2())
+        await agg.run()
+        await killer
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    # Assert: round 2 lost r1 (and with it t2, t3) without waiting for the deadline; the
+    # restarted relay took part again later
+    second = agg.history[1]
+    assert second.lost == ["r1"] and second.accepted == ["r0"]
+    assert second.seconds < 5
+    assert "r1" in agg.history[-1].accepted
