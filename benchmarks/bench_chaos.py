@@ -39,7 +39,10 @@ from fedbus.log import configure_logging
 STRATEGIES: dict[str, Any] = {
     "fedavg": "fedavg",
     "fedadam": {"name": "fedadam", "params": {"eta": 0.1}},
+    # asynchronous: one trainer in flight at a time, so the arrival order is fixed
+    "fedbuff": {"name": "fedbuff", "params": {"buffer_size": 2}},
 }
+SELECTORS: dict[str, Any] = {"fedbuff": {"name": "inflight", "params": {"concurrency": 1}}}
 
 
 @dataclass
@@ -60,9 +63,10 @@ class Trial:
     checkpoint_s: list[float] = field(default_factory=list)
 
 
-def write_manifest(folder: Path, host: str, port: int, strategy: Any, rounds: int) -> Path:
+def write_manifest(folder: Path, host: str, port: int, strategy: str, rounds: int) -> Path:
     data = {
-        "version": 1, "job": "chaos", "seed": 11, "rounds": rounds, "strategy": strategy,
+        "version": 1, "job": "chaos", "seed": 11, "rounds": rounds,
+        "strategy": STRATEGIES[strategy], "selector": SELECTORS.get(strategy, "all"),
         "broker": {"host": host, "port": port, "max_queued_messages": 100_000},
         # a lost update is asked for again at the deadline at the latest
         "round": {"deadline_s": 5, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60},
@@ -110,14 +114,16 @@ def _final_metrics(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     (a round the killed aggregator finished is finished again by its successor)."""
     rounds: dict[int, tuple[Any, ...]] = {}
     for e in events:
-        if e.get("event") == "round_finished":
+        if e.get("event") in ("round_finished", "version_finished"):
             rounds[int(e["round"])] = (e["round"], e.get("loss"), e.get("distance"))
     return [rounds[r] for r in sorted(rounds)]
 
 
 def _rounds_started(log: Path) -> int:
     try:
-        return log.read_text(errors="replace").count('"event": "round_started"')
+        text = log.read_text(errors="replace")
+        # synchronous rounds start; asynchronous model versions finish
+        return text.count('"event": "round_started"') + text.count('"event": "version_finished"')
     except OSError:
         return 0
 
@@ -137,7 +143,7 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
     children: list[Child] = []
     log = folder / "aggregator.log"
     try:
-        path = write_manifest(folder, proc.host, proc.port, STRATEGIES[strategy], rounds)
+        path = write_manifest(folder, proc.host, proc.port, strategy, rounds)
         others = {"ckpt": _serve(path, "ckpt", folder / "ckpt.log", folder),
                   "t*": _serve(path, "t*", folder / "trainers.log", folder)}
         children += others.values()
@@ -203,8 +209,10 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
             failover = after[0] - killed_at_wall if after else None
         finished: dict[int, int] = {}
         for e in events:
-            if e.get("event") == "round_finished":
-                finished[int(e["round"])] = int(e.get("participants", 0))
+            if e.get("event") in ("round_finished", "version_finished"):
+                # an asynchronous version folds buffer_size updates, not every trainer
+                full = e.get("event") == "version_finished"
+                finished[int(e["round"])] = 3 if full else int(e.get("participants", 0))
         trial = Trial(strategy=strategy, kill_in_round=kill_at[0], kill_after_s=kill_at[1],
                       killed=killed, same_model=False, failover_s=failover,
                       rounds_done=len(finished),
