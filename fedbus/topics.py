@@ -10,6 +10,8 @@ Channels:
   ``presence/<node>``               retained "online"; the broker publishes "offline" (last will)
   ``state/<node>``                  checkpoint / state snapshots published for the checkpointer
   ``control/<node>``                operator commands to one node (stop, ...)
+  ``work/<trainer>/<aggregator>``   asynchronous work order (model + config) for one trainer or
+                                    relay, so a trainer receives only its own orders
   ``query/<store>/<sender>``        a request to a store (workload + arguments)
   ``reply/<requester>``             the store's answer, correlated by the request's msg_id
   ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
@@ -59,14 +61,16 @@ __all__ = [
     "updates_for",
     "validate_filter",
     "validate_id",
+    "work",
+    "work_from",
 ]
 
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
-                             "query", "reply", "task", "result", "nack"})
+                             "query", "reply", "task", "result", "nack", "work"})
 #: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
 #: level, so a receiver knows whom to ask (and asks no one else).
-REPAIRED_CHANNELS: Final = frozenset({"model", "update"})
+REPAIRED_CHANNELS: Final = frozenset({"model", "update", "work"})
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -159,6 +163,17 @@ def model_all(job: str) -> str:
 def state_all(job: str) -> str:
     """Filter for every node's state snapshots: the checkpointer."""
     return _t(job, "state") + "/+"
+
+
+def work(job: str, trainer: str, aggregator: str) -> str:
+    """One asynchronous work order from ``aggregator`` to ``trainer``: published by the
+    aggregator alone (the last level, as on every topic), read by that trainer alone."""
+    return _t(job, "work", trainer, aggregator)
+
+
+def work_from(job: str, aggregator: str) -> str:
+    """Filter for every work order ``aggregator`` sends (a simulation hosting many clients)."""
+    return _t(job, "work") + "/+/" + validate_id(aggregator, "work node id")
 
 
 def sim_tasks(job: str, coordinator: str) -> str:

@@ -38,16 +38,19 @@ def _toward_children(job: str, node: str, children: Iterable[str]) -> tuple[list
     # control topic (the upload gate).
     # Chunk repair: it serves NACKs for its model and sends NACKs for its children's updates.
     sub = [topics.updates_for(job, node), topics.presence_all(job), topics.nacks_for(job, node)]
+    # Asynchronous work orders go to one child each (work/<child>/<node>), never to all.
     pub = [topics.model(job, node), topics.metrics(job, node)]
     return sub, (pub + [topics.control(job, c) for c in children]
-                 + [topics.nack(job, c, node) for c in children])
+                 + [topics.nack(job, c, node) for c in children]
+                 + [topics.work(job, c, node) for c in children])
 
 
 def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[str]]:
-    # A contributing node reads its parent's model and the orders (grants) meant for it, and
-    # writes only its own update.
+    # A contributing node reads its parent's model, the grants and asynchronous work orders
+    # meant for it, and writes only its own update.
     # Chunk repair: NACKs to the parent for its model, from the parent for this update.
-    sub = [topics.model(job, parent), topics.control(job, node), topics.nacks_for(job, node)]
+    sub = [topics.model(job, parent), topics.control(job, node), topics.nacks_for(job, node),
+           topics.work(job, node, parent)]
     return sub, [topics.update(job, parent, node), topics.nack(job, parent, node)]
 
 

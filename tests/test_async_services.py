@@ -148,7 +148,7 @@ async def as_node(broker: MemoryBroker, m: Manifest, node: str,
     assert isinstance(own, MemoryBus)
     will = own.will
     async with MemoryBus(broker, node, will=will) as bus, \
-            bus.subscribe(topics.model(m.job, "agg")) as sub:
+            bus.subscribe(topics.model(m.job, "agg"), topics.work(m.job, node, "agg")) as sub:
         await bus.publish(topics.presence(m.job, node),
                           encode(presence(m.job, node, "trainer", "online")), retain=True)
         async for msg in sub:
@@ -371,7 +371,7 @@ async def test_garbage_is_rejected_counted_and_does_not_cancel_real_work() -> No
 
     async def attacker(broker: MemoryBroker, m: Manifest) -> None:
         async with MemoryBus(broker, "attacker") as bus, \
-                bus.subscribe(topics.model(m.job, "agg")) as sub:
+                bus.subscribe(topics.model(m.job, "agg"), topics.work_from(m.job, "agg")) as sub:
             async for msg in sub:
                 env = decode(msg.payload)
                 if env.kind == DONE:
@@ -431,15 +431,16 @@ async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_num
                                         meta=meta, tensors=w))
                 second = encode(Envelope(kind=ROUND, job="toy", sender="agg", round=1,
                                          meta=meta, tensors=w))
-                topic = topics.model("toy", "agg")
+                # asynchronous orders come on t0's own work topic, synchronous ones broadcast
+                topic = topics.work("toy", "t0", "agg") if mode else topics.model("toy", "agg")
                 for payload in (first, first, second):
                     await agg_bus.publish(topic, payload)
                 got = 0
                 while got < updates:  # the job is over once the expected updates are in
                     env = decode((await sub.get(timeout=5)).payload)
                     got += env.kind == UPDATE
-                await agg_bus.publish(topic, encode(Envelope(kind=DONE, job="toy",
-                                                             sender="agg", round=1)))
+                done = Envelope(kind=DONE, job="toy", sender="agg", round=1)
+                await agg_bus.publish(topics.model("toy", "agg"), encode(done))
             return task.result()
 
     # Execute / Assert: async trains both orders once each; sync trains round 1 once

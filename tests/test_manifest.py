@@ -193,7 +193,7 @@ def test_describe_summarises() -> None:
     assert "embedded mosquitto" in text
     assert "fedavg" in text
     assert "1 aggregator" in text and "10 trainers" in text
-    assert "43 subscriptions" in text  # each node also serves NACKs for its chunks
+    assert "53 subscriptions" in text  # NACKs for its chunks; work orders per trainer
 
 
 # ----------------------------------------------------------------------------- bad manifests
@@ -445,6 +445,7 @@ def test_wiring_uses_the_topic_grammar() -> None:
     assert t3.subscribe == (topics.model("digits", "aggregator"),
                             topics.control("digits", "trainer-3"),
                             topics.nacks_for("digits", "trainer-3"),
+                            topics.work("digits", "trainer-3", "aggregator"),
                             topics.presence("digits", "trainer-3"))
     assert t3.publish == (topics.update("digits", "aggregator", "trainer-3"),
                           topics.nack("digits", "aggregator", "trainer-3"),

@@ -89,10 +89,13 @@ def test_acl_gives_each_node_exactly_its_wiring() -> None:
         # chunk repair: NACKs for its update come to it; its NACKs go to its parent only
         f"topic read {topics.nacks_for(JOB, 't1')}",
         f"topic write {topics.nack(JOB, 'aggregator', 't1')}",
+        # asynchronous work orders: its own, from its parent only
+        f"topic read {topics.work(JOB, 't1', 'aggregator')}",
     ])
     agg = text.split("user aggregator\n", 1)[1].split("\n\n", 1)[0]
     for t in ("t0", "t1", "t2", "t3"):
         assert f"topic write {topics.control(JOB, t)}\n" in agg + "\n"
+        assert f"topic write {topics.work(JOB, t, 'aggregator')}\n" in agg + "\n"
     assert "pattern" not in text  # no rule that applies to users not in the manifest
 
 

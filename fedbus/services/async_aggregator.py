@@ -1,17 +1,24 @@
 """The asynchronous aggregator: keep trainers busy, fold each update into the model as it lands.
 
-There are no rounds. Work goes out as a ``round`` envelope (``meta.mode == "async"``) naming
-only the trainers started now; each update is submitted to an ``AsyncStrategy`` (FedAsync,
-FedBuff) with its staleness, and idle trainers are refilled from the newest model. The job ends
-after ``rounds`` model versions. Lost trainers (last will) and trainers silent past the
-deadline free their slot, so the job never waits on a dead node.
+There are no rounds. Work goes out as a ``round`` envelope (``meta.mode == "async"``) on each
+started trainer's own topic (``work/<trainer>/<me>``), so a trainer receives only its own
+orders and the model bytes it is sent grow with its own work, not everyone's. Each update is
+submitted to an ``AsyncStrategy`` (FedAsync, FedBuff) with its staleness, and idle trainers are
+refilled from the newest model. The job ends after ``rounds`` model versions. Lost trainers
+(last will) and trainers silent past the deadline free their slot, so the job never waits on a
+dead node; the work they were given is remembered, so one that comes back with its update
+within the staleness bound is still counted.
+
+Relays among the children (``config.relays``) stand for whole groups: they are never idle, get
+every new model version, and forward their trainers' updates one by one, each tagged with the
+version it was trained from, so the staleness computed here is exact at any depth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -35,12 +42,17 @@ __all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]
 log = structlog.get_logger(__name__)
 
 _NOT_ASKED: Final = object()
+#: Model versions remembered per relay: a forwarded update must name one of them.
+_RELAY_VERSIONS: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
 class AsyncAggregatorConfig(AggregatorSettings):
     #: Reject (and count) updates trained from a model more than this many versions old.
     max_staleness: int | None = None
+    #: Children that are relays (``fedbus.services.relay.AsyncRelay``): sent every new model
+    #: version, they forward many updates, each tagged with its base version.
+    relays: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -120,6 +132,14 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         #: Accepted updates per trainer over the whole job.
         self.contributions: Counter[str] = Counter()
         self._assigned: dict[str, _Assignment] = {}
+        #: The last work each trainer was given up on (deadline or lost): its update is still
+        #: accepted if it comes within the staleness bound. One entry a trainer at most.
+        self._given_up: dict[str, _Assignment] = {}
+        #: The version a trainer's pending ``ready`` is for (its grant names it).
+        self._ready_round: dict[str, int] = {}
+        #: Per relay, the versions sent to it (bounded) and the newest one (None: to send).
+        self._relay_sent: dict[str, OrderedDict[int, None]] = {}
+        self._relay_version: dict[str, int] = {}
         self._dispatches = 0
         self._idle_since: float | None = None
         self._period = _Period(started=time.monotonic())
@@ -158,10 +178,17 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                        contributions=dict(sorted(self.contributions.items())))
         return self.weights
 
+    @property
+    def _relays_busy(self) -> bool:
+        """Online relays always hold work (their groups train from the newest model)."""
+        return bool(self.online & self.config.relays)
+
     async def _step(self, sub: Subscription) -> None:
         c = self.config
         if self._assigned:
             wait = min(a.sent_at for a in self._assigned.values()) + c.deadline_s
+        elif self._relays_busy:
+            wait = time.monotonic() + c.deadline_s  # wake now and then; presence says more
         else:
             wait = (self._idle_since or time.monotonic()) + c.start_timeout_s
         timeout = max(0.0, wait - time.monotonic())
@@ -183,7 +210,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             await self._refill()
         if self.version != before:
             await self._close_period()
-        if self._assigned or self.version >= c.rounds:
+        if self._assigned or self._relays_busy or self.version >= c.rounds:
             self._idle_since = None
         elif self._idle_since is None:
             self._idle_since = time.monotonic()
@@ -220,6 +247,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         for node, a in sorted(self._assigned.items()):
             if now - a.sent_at >= self.config.deadline_s:
                 del self._assigned[node]
+                self._given_up[node] = a
                 self._gate.release(node)
                 self._period.given_up.add(node)
                 self.selector.report(node, a.version, completed=False, duration_s=now - a.sent_at)
@@ -228,18 +256,25 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
 
     async def _refill(self) -> None:
         """Start work on idle trainers, as many as the selector wants, from the newest model."""
-        live = sorted(self.online & self.config.trainers)
-        if not live:
-            return
-        picked = self.selector.select(live, self.version)
+        c = self.config
+        relays = [r for r in sorted(self.online & c.relays)
+                  if self._relay_version.get(r) != self.version]
+        live = sorted((self.online & c.trainers) - c.relays)
+        picked = self.selector.select(live, self.version) if live else []
         new = sorted(set(picked) & set(live) - set(self._assigned))
-        if not new:
+        if not new and not relays:
             return
         now = time.monotonic()
         for node in new:
             self._assigned[node] = _Assignment(self.version, now)
-        self._period.selected.update(new)
-        await self._send_work(new)
+        for relay in relays:
+            sent = self._relay_sent.setdefault(relay, OrderedDict())
+            sent[self.version] = None
+            while len(sent) > _RELAY_VERSIONS:
+                sent.popitem(last=False)
+            self._relay_version[relay] = self.version
+        self._period.selected.update(new, relays)
+        await self._send_work(sorted([*new, *relays]))
         self._log.debug("work_dispatched", version=self.version, nodes=new,
                         in_flight=len(self._assigned))
 
@@ -280,26 +315,48 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
 
     # --- incoming: the intake's hooks -----------------------------------------------------
     def _grant_round(self, node: str) -> int:
+        ready = self._ready_round.pop(node, None)
+        if ready is not None:
+            return ready
         work = self._assigned.get(node)
         return work.version if work is not None else self.version
 
     def _on_lost(self, node: str) -> None:
+        # A relay that comes back is sent the newest model again (its group's work is gone).
+        self._relay_version.pop(node, None)
         lost = self._assigned.pop(node, None)
         if lost is not None:
+            self._given_up[node] = lost
             self._period.lost.add(node)
             self.selector.report(node, lost.version, completed=False,
                                  duration_s=time.monotonic() - lost.sent_at)
 
-    def expects_ready(self, sender: str, number: int) -> bool:
+    def _work_for(self, sender: str, version: int) -> str | None:
+        """Which work an update from ``version`` answers: ``relay`` (a forwarded update of a
+        version sent to that relay), ``assigned`` (the outstanding work), ``given_up`` (work
+        given up on, come back after all), or None."""
+        if sender in self.config.relays:
+            return "relay" if version in self._relay_sent.get(sender, ()) else None
         work = self._assigned.get(sender)
-        return work is not None and work.version == number
+        if work is not None and work.version == version:
+            return "assigned"
+        late = self._given_up.get(sender)
+        if late is not None and late.version == version:
+            return "given_up"
+        return None
+
+    def expects_ready(self, sender: str, number: int) -> bool:
+        if self._work_for(sender, number) is None:
+            return False
+        self._ready_round[sender] = number  # its grant must name this version
+        return True
 
     def admit(self, env: Envelope, sender: str) -> int:
-        work = self._assigned.get(sender)
-        if work is None:
-            raise UpdateRejected("not_selected",
-                                 f"no work outstanding (update from version {env.round})")
-        if env.round != work.version:
+        if self._work_for(sender, env.round) is None:
+            work = self._assigned.get(sender)
+            if work is None:
+                raise UpdateRejected("not_selected",
+                                     f"no work outstanding (update from version {env.round})")
             raise UpdateRejected("stale", f"update from version {env.round}, work went out "
                                           f"at {work.version}")
         return self.version - env.round
@@ -307,20 +364,33 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     def fold(self, update: ClientUpdate, env: Envelope) -> None:
         # Garbage on a trainer's topic never gets here, so it cannot cancel the work.
         sender, staleness = update.sender, update.staleness
-        work = self._assigned[sender]
+        source = self._work_for(sender, env.round)
         now = time.monotonic()
+        work = self._assigned.get(sender) if source == "assigned" else None
         if self.max_staleness is not None and staleness > self.max_staleness:
-            del self._assigned[sender]
-            self.selector.report(sender, env.round, completed=False,
-                                 duration_s=now - work.sent_at)
+            if work is not None:
+                del self._assigned[sender]
+                self.selector.report(sender, env.round, completed=False,
+                                     duration_s=now - work.sent_at)
+            if source == "given_up":
+                del self._given_up[sender]
             raise UpdateRejected("too_stale", f"staleness {staleness} > max_staleness "
                                               f"{self.max_staleness}")
         moved = self.strategy.submit(update)
-        del self._assigned[sender]
-        self.selector.report(sender, env.round, completed=True, duration_s=now - work.sent_at)
-        self.contributions[sender] += 1
+        if work is not None:
+            del self._assigned[sender]
+            self.selector.report(sender, env.round, completed=True,
+                                 duration_s=now - work.sent_at)
+        elif source == "given_up":
+            del self._given_up[sender]
+            self._log.info("late_update_accepted", node=sender, base_version=env.round,
+                           staleness=staleness)
+        # through a relay: the trainer that did the work is named in the update
+        origin = env.meta.get("origin") if source == "relay" else None
+        who = origin if isinstance(origin, str) and len(origin) <= 64 else sender
+        self.contributions[who] += 1
         p = self._period
-        p.accepted.append(sender)
+        p.accepted.append(who)
         p.staleness.append(staleness)
         loss = update.metrics.get("train_loss")
         if loss is not None:
@@ -331,6 +401,9 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
 
     # --- outgoing ------------------------------------------------------------------------
     async def _send_work(self, nodes: list[str]) -> None:
+        """One order per node, on its own topic: a trainer receives only its own work.
+        ``batch`` says how many orders this dispatch sent (a simulation coordinator hosting
+        many clients waits for all of them before it orders their arrivals)."""
         c = self.config
         self._dispatches += 1
         version = self.version
@@ -338,15 +411,17 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         # given the same model version twice does not replay the same batches.
         config = {"round": self._dispatches, "version": version, "seed": c.seed,
                   **self.strategy.client_config(version)}
-        env = Envelope(
-            kind=ROUND,
-            job=c.job,
-            sender=c.node_id,
-            round=version,
-            meta={"selected": nodes, "mode": "async", "config": config,
-                  "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes,
-                  "epoch": self.epoch},
-            tensors=join_tensors(self.weights),
-        )
-        payload = await self._offload(lambda: encode(env, c.compression))
-        await self.bus.publish(topics.model(c.job, c.node_id), payload)
+        tensors = join_tensors(self.weights)
+        for node in nodes:
+            env = Envelope(
+                kind=ROUND,
+                job=c.job,
+                sender=c.node_id,
+                round=version,
+                meta={"selected": [node], "mode": "async", "config": config,
+                      "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes,
+                      "epoch": self.epoch, "batch": len(nodes)},
+                tensors=tensors,
+            )
+            payload = await self._offload(lambda env=env: encode(env, c.compression))
+            await self.bus.publish(topics.work(c.job, node, c.node_id), payload)

@@ -4,7 +4,8 @@ Training never runs on the event loop, so MQTT keepalives (our heartbeat) keep f
 a slow Raspberry Pi trains. The same class serves every topology: it only knows its parent.
 
 What it takes, and from whom (the wiring): orders and ``done`` only from its parent on
-``model/<parent>``, grants only on ``control/<self>``, each naming the parent as sender; a
+``model/<parent>`` (asynchronous orders on ``work/<self>/<parent>``, for this trainer
+alone), grants only on ``control/<self>``, each naming the parent as sender; a
 round number only if it is plausible (within the job's rounds, newer than the last one of
 the same aggregator run, ``epoch``); a model no bigger than its own task's model. A ``done``
 ends the trainer only when the broker authenticates publishers (``authenticated``): on an
@@ -132,6 +133,8 @@ class Trainer:
         c = config
         self._model_topic = topics.model(c.job, c.parent)
         self._control_topic = topics.control(c.job, c.node_id)
+        # asynchronous orders come to this trainer alone, never on the shared model topic
+        self._work_topic = topics.work(c.job, c.node_id, c.parent)
         self._presence_topic = topics.presence(c.job, c.node_id)
 
     @property
@@ -141,7 +144,8 @@ class Trainer:
 
     async def run(self) -> int:
         """Returns the number of rounds this trainer took part in."""
-        filters = (self._model_topic, self._control_topic, self._presence_topic)
+        filters = (self._model_topic, self._control_topic, self._work_topic,
+                   self._presence_topic)
         # A trainer expects a model, perhaps a re-broadcast, and small control messages: what
         # waits unread beyond that is a flood, dropped (and counted) instead of held.
         backlog = 4 * self._limits.max_frame_bytes + (1 << 20)
@@ -166,8 +170,10 @@ class Trainer:
         return self.rounds_trained
 
     def _admit_chunks(self, topic: str, total: int) -> bool:
-        # Only the parent's model arrives in chunks, and it is no bigger than our own model.
-        return topic == self._model_topic and total <= self._limits.max_frame_bytes
+        # Only the parent's model arrives in chunks (broadcast, or in a work order for us), and
+        # it is no bigger than our own model.
+        return (topic in (self._model_topic, self._work_topic)
+                and total <= self._limits.max_frame_bytes)
 
     async def _handle(self, msg: Message) -> bool:
         """One message; True when the job is over and this trainer should exit."""
@@ -175,7 +181,8 @@ class Trainer:
         if msg.topic == self._presence_topic:
             await self._on_own_presence(msg.payload)
             return False
-        expected = {self._model_topic: (ROUND, DONE), self._control_topic: (GRANT,)}.get(msg.topic)
+        expected = {self._model_topic: (ROUND, DONE), self._control_topic: (GRANT,),
+                    self._work_topic: (ROUND,)}.get(msg.topic)
         if expected is None:
             self.rejections.reject("bad_topic", "not a topic of this trainer", topic=msg.topic)
             return False

@@ -10,8 +10,9 @@ client's own ``update/<agg>/<client>`` topic, in an order that depends only on t
   timing (the aggregator reads presence only inside a round, after selecting);
 * asynchronous training: a virtual clock. Each work item finishes at its start time plus the
   client's drawn duration; the earliest finishing one is released once it is trained, and the
-  next only after the aggregator has answered (its next work order), so every model version
-  sees the same arrivals, whatever the wall-clock speed of workers or processes.
+  next only after the aggregator has answered (its next work orders, one per client on
+  ``work/<client>/<agg>``, all of one dispatch taken together), so every model version sees
+  the same arrivals, whatever the wall-clock speed of workers or processes.
 
 Floating-point sums depend on the order of their terms, so this ordering is what makes a seeded
 simulation bit-identical run to run and with any number of workers.
@@ -123,6 +124,9 @@ class Coordinator:
         self._events: list[_Event] = []
         self._seq = 0
         self._awaiting: float | None = None  # monotonic time of the last async release
+        #: Asynchronous orders of the dispatch being received (one per client), by client.
+        self._batch: dict[str, Envelope] = {}
+        self._batch_key: tuple[str, int] | None = None
         #: Synchronous dropouts, announced online again after their round's metrics.
         self._dropped: list[str] = []
         #: Synchronous: the first order's id of recent rounds, for stale updates.
@@ -131,8 +135,10 @@ class Coordinator:
 
     async def run(self) -> SimStats:
         c = self.config
-        filters = (topics.model(c.job, c.aggregator), topics.sim_results(c.job, c.node_id),
-                   topics.presence_all(c.job), topics.metrics(c.job, c.aggregator))
+        # asynchronous orders come one per client: the coordinator hosts them all
+        filters = (topics.model(c.job, c.aggregator), topics.work_from(c.job, c.aggregator),
+                   topics.sim_results(c.job, c.node_id), topics.presence_all(c.job),
+                   topics.metrics(c.job, c.aggregator))
         async with self.bus.subscribe(*filters) as sub:
             await self._wait_for_workers(sub)
             try:
@@ -191,6 +197,7 @@ class Coordinator:
     async def _serve(self, sub: Subscription) -> None:
         c = self.config
         model_topic = topics.model(c.job, c.aggregator)
+        work_topics = topics.work_from(c.job, c.aggregator)
         metrics_topic = topics.metrics(c.job, c.aggregator)
         while True:
             timeout = None
@@ -204,7 +211,7 @@ class Coordinator:
                 self._awaiting = None
                 await self._release_async()
                 continue
-            if msg.topic == model_topic:
+            if msg.topic == model_topic or topics.matches(work_topics, msg.topic):
                 env = self._decode(msg)
                 if env is None or env.sender != c.aggregator:
                     continue
@@ -232,19 +239,7 @@ class Coordinator:
         if not isinstance(selected, list):
             return
         if env.meta.get("mode") == "async":
-            config = env.meta.get("config", {})
-            work = int(config.get("round", env.round)) if isinstance(config, Mapping) else 0
-            self._awaiting = None  # the aggregator answered: the next arrival may go
-            now = self.stats.virtual_time
-            for client in sorted(selected):
-                index = self.population.index(client)
-                drop = self.population.drops_out(index, work)
-                self._seq += 1
-                at = now + self.population.duration(index, work)
-                heapq.heappush(self._events, _Event(at, self._seq, client, drop))
-                if not drop:
-                    await self._send_item(env, client)
-            await self._release_async()
+            await self._on_async_order(env, selected)
             return
         slowest = 0.0
         self._round_orders.setdefault(env.round, env.msg_id)
@@ -269,6 +264,32 @@ class Coordinator:
                 self.stats.stale += 1
             await self._send_item(env, client, order_id=self._round_orders.get(base))
         self.stats.virtual_time += slowest
+
+    async def _on_async_order(self, env: Envelope, selected: list[str]) -> None:
+        """Collect one dispatch's orders (one a client), then start them in client order."""
+        config = env.meta.get("config", {})
+        work = int(config.get("round", env.round)) if isinstance(config, Mapping) else 0
+        batch = env.meta.get("batch", 1)
+        key = (str(env.meta.get("epoch", "")), work)
+        if key != self._batch_key:
+            self._batch, self._batch_key = {}, key
+        for client in selected:
+            if isinstance(client, str):
+                self._batch[client] = env
+        if isinstance(batch, int) and len(self._batch) < batch:
+            return  # more orders of this dispatch are on their way
+        orders, self._batch, self._batch_key = self._batch, {}, None
+        self._awaiting = None  # the aggregator answered: the next arrival may go
+        now = self.stats.virtual_time
+        for client in sorted(orders):
+            index = self.population.index(client)
+            drop = self.population.drops_out(index, work)
+            self._seq += 1
+            at = now + self.population.duration(index, work)
+            heapq.heappush(self._events, _Event(at, self._seq, client, drop))
+            if not drop:
+                await self._send_item(orders[client], client)
+        await self._release_async()
 
     async def _send_item(self, order: Envelope, client: str, *,
                          order_id: str | None = None) -> None:

@@ -3,7 +3,8 @@
 Work items come from the coordinator on ``task/<coordinator>`` through a ``$share`` group, so
 each goes to one worker, whichever is free (in one process on the memory bus, or in many
 processes and machines through the broker). The global model comes from the aggregator's own
-``model/<agg>`` broadcast, exactly as a trainer receives it. For each item the worker loads the
+``model/<agg>`` broadcast (asynchronous: the per-client ``work/<client>/<agg>`` orders), exactly
+as a trainer receives it. For each item the worker loads the
 client's data partition and saved state, trains from the round's model, saves the state and
 sends the delta back to the coordinator, which hands it to the aggregator in a fixed order.
 
@@ -82,7 +83,9 @@ class VirtualWorker:
         c = self.config
         work = topics.shared(share_group(c.job, c.coordinator), topics.sim_tasks(c.job,
                                                                                  c.coordinator))
-        async with self.bus.subscribe(topics.model(c.job, c.aggregator), work) as sub:
+        # asynchronous orders come one per client on work/<client>/<agg>; workers serve them all
+        async with self.bus.subscribe(topics.model(c.job, c.aggregator),
+                                      topics.work_from(c.job, c.aggregator), work) as sub:
             await self._presence("online")
             try:
                 async for msg in sub:
