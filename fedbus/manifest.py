@@ -31,7 +31,7 @@ from fedbus.compress import MODES as UPDATE_MODES
 from fedbus.compress import UpdateCodec
 from fedbus.errors import BusError, ManifestError
 from fedbus.wiring import Wiring, role_wiring
-from strategies.base import StrategyError
+from strategies.base import AsyncStrategy, StrategyError
 from strategies.registry import make_selector, make_strategy
 
 __all__ = [
@@ -178,6 +178,9 @@ class NodeSpec:
     role: Role
     parent: str | None = None
     partition: int | None = None
+    #: A relay's own group strategy (synchronous roots): how it folds its children's updates
+    #: before forwarding one; None: FedAvg.
+    strategy: PluginSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,13 +503,15 @@ class _Parser:
         rnd = self.round(t.get("round"), n_trainers)
         if population is not None:
             rnd = self._population_round(t.get("round"), rnd, population)
+        strategy = self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy)
+        self.relay_strategies(nodes, strategy)
         return Manifest(
             job=job,
             rounds=rounds,
             seed=seed,
             broker=self.broker(t["broker"]) if t.get("broker") is not None else None,
             codec=self.codec(t.get("codec")),
-            strategy=self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
+            strategy=strategy,
             selector=self.plugin(t.get("selector", "all"), "selector", make_selector),
             round=rnd,
             evaluate=self.evaluate(t.get("evaluate")),
@@ -747,7 +752,7 @@ class _Parser:
     # -- nodes -----------------------------------------------------------------
 
     def node(self, value: Any, field: str) -> NodeSpec:
-        t = self.table(value, field, ("id", "role", "parent", "partition"),
+        t = self.table(value, field, ("id", "role", "parent", "partition", *_NODE_EXTRA_KEYS),
                        required=("id", "role"))
         verb = "is" if len(_PLANNED_ROLES) == 1 else "are"
         note = f" ({', '.join(_PLANNED_ROLES)} {verb} planned)" if _PLANNED_ROLES else ""
@@ -760,7 +765,34 @@ class _Parser:
             parent=None if parent is None else self.ident(parent, f"{field}.parent"),
             partition=None if partition is None else self.integer(partition,
                                                                   f"{field}.partition", lo=0),
+            strategy=self.group_strategy(t, field, role),
         )
+
+    def group_strategy(self, t: Mapping[str, Any], field: str, role: str) -> PluginSpec | None:
+        """A relay's ``strategy``: a synchronous strategy folding its group's updates."""
+        if t.get("strategy") is None:
+            return None
+        if role != "relay":
+            self.fail(f"{field}.strategy", "only a relay folds updates with its own strategy; "
+                                           "the aggregator's is the top-level `strategy:`")
+        spec = self.plugin(t["strategy"], f"{field}.strategy", make_strategy)
+        if isinstance(make_strategy(spec.name, thaw(spec.params)), AsyncStrategy):
+            self.fail(f"{field}.strategy", f"{spec.name!r} is asynchronous; a relay's group "
+                                           "strategy folds one synchronous round (fedavg, "
+                                           "fedavgm, fedadam, ...)")
+        return spec
+
+    def relay_strategies(self, nodes: Sequence[NodeSpec], root: PluginSpec) -> None:
+        """Under an asynchronous root a relay forwards each update on its own (exact
+        staleness): a group strategy there would have nothing to fold."""
+        if not isinstance(make_strategy(root.name, thaw(root.params)), AsyncStrategy):
+            return
+        for i, n in enumerate(nodes):
+            if n.strategy is not None:
+                self.fail(f"nodes[{i}].strategy",
+                          f"the job's strategy {root.name!r} is asynchronous: relay {n.id!r} "
+                          "forwards every update tagged with its model version instead of "
+                          "folding a round; remove its `strategy:`")
 
     def shorthand(self, value: Any) -> list[tuple[NodeSpec, str]]:
         t = self.table(value, "trainers", ("count", "prefix", "parent"), required=("count",))
@@ -895,6 +927,9 @@ class _Parser:
                                      f"aggregator it records: {aggregators}")
         return n
 
+
+#: Node keys beyond id, role, parent and partition (a relay's group ``strategy``).
+_NODE_EXTRA_KEYS: Final = ("strategy",)
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
                     "selector", "round", "evaluate", "task", "nodes", "trainers", "population",

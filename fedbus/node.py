@@ -24,7 +24,7 @@ from fedbus.services._wire import presence
 from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
-from fedbus.services.relay import Relay
+from fedbus.services.relay import AsyncRelay, Relay
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.task import EvalResult, Task, load_task
 from strategies import (
@@ -203,8 +203,9 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         common["max_uploads"] = r.max_uploads
         common["gate_bytes"] = m.broker.chunk_bytes if m.broker else 1_000_000
         if isinstance(strategy, AsyncStrategy):
-            return AsyncAggregator(AsyncAggregatorConfig(**common), bus, strategy, selector,
-                                   weights, evaluate=evaluate)
+            relays = frozenset(t.id for t in m.children_of(node.id) if t.role == "relay")
+            return AsyncAggregator(AsyncAggregatorConfig(relays=relays, **common), bus, strategy,
+                                   selector, weights, evaluate=evaluate)
         grace = r.loss_grace_s if r.loss_grace_s is not None else (
             0.0 if m.population is not None else LOSS_GRACE_S)
         return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace, **common),
@@ -227,12 +228,20 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                         f"role {node.role!r} has no service in this version")
 
 
-def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
-    """A relay: FedAvg over its children (trainers or relays), one update to its parent."""
+def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | AsyncRelay:
+    """A relay: its group's strategy (FedAvg by default) over its children (trainers or
+    relays), one update to its parent; under an asynchronous root, every child update
+    forwarded on its own with the version it was trained from."""
     assert node.parent is not None
     children = frozenset(c.id for c in m.children_of(node.id))
     weights = (task or open_task(m, None)).get_weights()
     r = m.round
+    root = make_strategy(m.strategy.name, thaw(m.strategy.params))
+    if isinstance(root, AsyncStrategy):
+        return _async_relay(m, node, bus, children, weights, root)
+    group_strategy = (FedAvg() if node.strategy is None
+                      else make_strategy(node.strategy.name, thaw(node.strategy.params)))
+    assert isinstance(group_strategy, Strategy)  # the manifest refuses asynchronous ones
     group = Aggregator(
         AggregatorConfig(
             job=m.job, node_id=node.id, trainers=children, rounds=m.rounds,
@@ -245,12 +254,32 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
             max_update_norm=r.max_update_norm, max_examples=r.max_examples,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
         ),
-        bus, FedAvg(), make_selector("all", {}), weights)
+        bus, group_strategy, make_selector("all", {}), weights)
     check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)
     upward = TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
                            authenticated=authenticated(m, bus), compression=_compression(m),
                            limits=_limits(m))
     return Relay(group, upward, bus)
+
+
+def _async_relay(m: Manifest, node: NodeSpec, bus: Bus, children: frozenset[str],
+                 weights: dict[str, np.ndarray], root: AsyncStrategy) -> AsyncRelay:
+    """Keeps every child busy from the newest model its parent sent; forwards each update."""
+    assert node.parent is not None
+    r = m.round
+    config = AsyncAggregatorConfig(
+        job=m.job, node_id=node.id, trainers=children, rounds=m.rounds,
+        deadline_s=r.deadline_s, min_clients=1, start_timeout_s=r.start_timeout_s,
+        seed=m.seed, compression=_compression(m), limits=_limits(m),
+        max_uploads=r.max_uploads, gate_bytes=m.broker.chunk_bytes if m.broker else 1_000_000,
+        max_update_norm=r.max_update_norm, max_examples=r.max_examples,
+        max_staleness=root.max_staleness,
+        relays=frozenset(c.id for c in m.children_of(node.id) if c.role == "relay"),
+    )
+    # the parent's model versions and the children's orders and updates, all at once
+    check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads + 2)
+    return AsyncRelay(config, bus, node.parent,
+                      InFlightSelector(concurrency=len(children), seed=m.seed), weights)
 
 
 def _durability(m: Manifest) -> DurabilitySettings | None:

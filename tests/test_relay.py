@@ -186,3 +186,68 @@ async def test_a_dead_relay_drops_its_group_at_once_and_it_rejoins() -> None:
     assert second.lost == ["r1"] and second.accepted == ["r0"]
     assert second.seconds < 5
     assert "r1" in agg.history[-1].accepted
+
+
+# --- a relay's own group strategy --------------------------------------------------------
+
+def with_group_strategy(m: Manifest, relay: str, strategy: dict[str, Any]) -> Manifest:
+    nodes = [{"id": n.id, "role": n.role, "parent": n.parent,
+              **({"partition": n.partition} if n.partition is not None else {}),
+              **({"strategy": strategy} if n.id == relay else {})} for n in m.nodes]
+    return parse_manifest({
+        "version": 1, "job": m.job, "rounds": m.rounds, "seed": m.seed, "task": TASK,
+        "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 2, "start_timeout_s": 10},
+        "nodes": nodes,
+    })
+
+
+async def test_a_relay_folds_its_group_with_its_own_strategy() -> None:
+    # Prepare: r0 folds t0, t1 with server momentum (FedAvgM); r1 and the root use FedAvg
+    beta, eta = 0.5, 1.5
+    m = with_group_strategy(tree(rounds=3), "r0",
+                            {"name": "fedavgm", "params": {"momentum": beta, "server_lr": eta}})
+    from examples.toy.task import make_task
+    tasks = [make_task(partition=i, num_partitions=4, seed=9, size=64) for i in range(4)]
+    t = np.stack([task.target for task in tasks]).astype(np.float64)
+    n = np.array([task.num_examples for task in tasks], dtype=np.float64)
+    # Execute
+    hier, services = await run(m)
+    # Assert: the model computed by hand, round by round. A trainer's delta is lr (t_i - w);
+    # r0 sends w' - w of its momentum step, r1 its FedAvg; the root weighs both by examples.
+    lr, w, v = 0.4, np.zeros(64), np.zeros(64)
+    for _ in range(3):
+        delta = lr * (t - w)
+        v = beta * v + (n[0] * delta[0] + n[1] * delta[1]) / (n[0] + n[1])
+        group0 = eta * v
+        group1 = (n[2] * delta[2] + n[3] * delta[3]) / (n[2] + n[3])
+        w = w + ((n[0] + n[1]) * group0 + (n[2] + n[3]) * group1) / n.sum()
+    np.testing.assert_allclose(hier.weights["w"], w, rtol=1e-4, atol=1e-5)
+    assert services["r0"].group.strategy.name == "fedavgm"
+    assert [r.examples for r in hier.history] == [70, 70, 70]  # 10 + 15 + 20 + 25
+
+
+async def test_fedavg_relays_named_explicitly_still_give_the_stars_model() -> None:
+    # Prepare / Execute: both relays say `strategy: fedavg`
+    m = with_group_strategy(with_group_strategy(tree(), "r0", {"name": "fedavg"}),
+                            "r1", {"name": "fedavg"})
+    star, _ = await run(flat())
+    hier, _ = await run(m)
+    # Assert
+    np.testing.assert_allclose(hier.weights["w"], star.weights["w"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("node", "strategy", "root", "says"), [
+    ({"id": "t9", "role": "trainer"}, "fedavgm", "fedavg", "only a relay"),
+    ({"id": "r9", "role": "relay"}, "fedbuff", "fedavg", "asynchronous"),
+    ({"id": "r9", "role": "relay"}, "fedavgm", "fedbuff", "forwards every update"),
+    ({"id": "r9", "role": "relay"}, "nosuch", "fedavg", "nosuch"),
+])
+def test_group_strategies_are_checked_by_field(node: dict[str, Any], strategy: str, root: str,
+                                               says: str) -> None:
+    data = {"version": 1, "job": "toy", "rounds": 1, "task": TASK, "strategy": root,
+            "nodes": [{"id": "agg", "role": "aggregator"}, {**node, "strategy": strategy},
+                      {"id": "t0", "role": "trainer"}]}
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(data)
+    assert err.value.field.startswith("nodes[1].strategy"), err.value
+    assert says in str(err.value)

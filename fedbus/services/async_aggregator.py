@@ -17,6 +17,7 @@ version it was trained from, so the staleness computed here is exact at any dept
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -259,7 +260,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         c = self.config
         relays = [r for r in sorted(self.online & c.relays)
                   if self._relay_version.get(r) != self.version]
-        live = sorted((self.online & c.trainers) - c.relays)
+        live = sorted((self.online & c.trainers) - c.relays - self._held_back())
         picked = self.selector.select(live, self.version) if live else []
         new = sorted(set(picked) & set(live) - set(self._assigned))
         if not new and not relays:
@@ -277,6 +278,11 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         await self._send_work(sorted([*new, *relays]))
         self._log.debug("work_dispatched", version=self.version, nodes=new,
                         in_flight=len(self._assigned))
+
+    def _held_back(self) -> set[str]:
+        """Idle trainers not to start yet (a relay holds back those whose last update it has
+        not forwarded: at most one update per trainer waits in its memory)."""
+        return set()
 
     async def _close_period(self) -> None:
         c = self.config
@@ -423,5 +429,5 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                       "epoch": self.epoch, "batch": len(nodes)},
                 tensors=tensors,
             )
-            payload = await self._offload(lambda env=env: encode(env, c.compression))
+            payload = await self._offload(functools.partial(encode, env, c.compression))
             await self.bus.publish(topics.work(c.job, node, c.node_id), payload)
