@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
-from fedbus.manifest import Manifest, parse_manifest
+from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services._wire import (
     DONE,
@@ -483,3 +483,60 @@ async def test_large_async_updates_upload_through_the_gate_a_few_at_a_time() -> 
     assert sum(agg.contributions.values()) >= 8
     assert 1 <= peak <= 2  # the bound is what matters; overlap depends on the clock
     assert agg.rejections.total == 0
+
+
+# --- work orders to one trainer each; given up, then back ------------------------------------
+
+async def test_each_trainer_receives_only_its_own_work_orders() -> None:
+    # Prepare: listen on exactly what each trainer subscribes to (its wiring)
+    m = manifest(rounds=8)
+    wiring = compile_wiring(m)
+    received: dict[str, list[tuple[list[str], int]]] = {t: [] for t in ("t0", "t1", "t2", "t3")}
+
+    def listener(node: str) -> Hook:
+        async def listen(broker: MemoryBroker, m: Manifest) -> None:
+            filters = [f for f in wiring[node].subscribe if "/presence/" not in f]
+            async with MemoryBus(broker, f"ear-{node}") as bus, bus.subscribe(*filters) as sub:
+                async for msg in sub:
+                    env = decode(msg.payload)
+                    if env.kind == DONE:
+                        return
+                    if env.kind == ROUND:
+                        received[node].append((env.meta["selected"], len(msg.payload)))
+        return listen
+
+    # Execute
+    agg = await federate(m, *(listener(t) for t in received))
+    # Assert: every order a trainer could see was for it alone, and it saw one per piece of
+    # work it was given: its model bytes grow with its own work, not with everyone's
+    assert agg.version == 8
+    for node, orders in received.items():
+        assert orders and all(selected == [node] for selected, _ in orders), node
+        assert len(orders) <= agg.contributions[node] + 1  # + the work out at the end
+    assert sum(len(o) for o in received.values()) <= sum(agg.contributions.values()) + 4
+
+
+async def test_a_trainer_given_up_on_is_counted_when_it_comes_back_within_the_bound() -> None:
+    # Prepare: t0 needs 0.6 s a fit, the deadline is 0.3 s: it is given up on every time,
+    # then comes back with its update (FedBuff here keeps any staleness)
+    m = manifest(n=3, rounds=60, deadline_s=0.3, speeds=(0.6, 0.03, 0.03), min_clients=3)
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m)
+    # Assert: given up, and still counted when its update came in
+    assert any("t0" in getattr(r, "given_up", []) for r in agg.history)
+    assert agg.contributions["t0"] >= 1
+    late = [e for e in logs if e["event"] == "late_update_accepted"]
+    assert late and all(e["node"] == "t0" and e["staleness"] >= 0 for e in late)
+
+
+async def test_a_returning_trainer_beyond_the_staleness_bound_is_refused() -> None:
+    # Prepare: the same slow t0, but nothing staler than 1 version is accepted
+    m = manifest(n=3, rounds=60, deadline_s=0.3, speeds=(0.6, 0.03, 0.03), min_clients=3,
+                 strategy={"name": "fedbuff", "params": {"buffer_size": 2,
+                                                         "max_staleness": 1}})
+    # Execute
+    agg = await federate(m)
+    # Assert
+    assert agg.contributions["t0"] == 0
+    assert agg.rejections.counts["too_stale"] >= 1

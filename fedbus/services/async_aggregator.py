@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 _NOT_ASKED: Final = object()
 #: Model versions remembered per relay: a forwarded update must name one of them.
 _RELAY_VERSIONS: Final = 256
+#: Pieces of work given up on remembered per trainer (a slow one may be given up on again
+#: before its first late update lands).
+_GIVEN_UP: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +136,9 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         #: Accepted updates per trainer over the whole job.
         self.contributions: Counter[str] = Counter()
         self._assigned: dict[str, _Assignment] = {}
-        #: The last work each trainer was given up on (deadline or lost): its update is still
-        #: accepted if it comes within the staleness bound. One entry a trainer at most.
-        self._given_up: dict[str, _Assignment] = {}
+        #: The last pieces of work each trainer was given up on (deadline or lost), by model
+        #: version: its update is still accepted if it comes within the staleness bound.
+        self._given_up: dict[str, OrderedDict[int, None]] = {}
         #: The version a trainer's pending ``ready`` is for (its grant names it).
         self._ready_round: dict[str, int] = {}
         #: Per relay, the versions sent to it (bounded) and the newest one (None: to send).
@@ -248,7 +251,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         for node, a in sorted(self._assigned.items()):
             if now - a.sent_at >= self.config.deadline_s:
                 del self._assigned[node]
-                self._given_up[node] = a
+                self._give_up(node, a)
                 self._gate.release(node)
                 self._period.given_up.add(node)
                 self.selector.report(node, a.version, completed=False, duration_s=now - a.sent_at)
@@ -332,10 +335,16 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         self._relay_version.pop(node, None)
         lost = self._assigned.pop(node, None)
         if lost is not None:
-            self._given_up[node] = lost
+            self._give_up(node, lost)
             self._period.lost.add(node)
             self.selector.report(node, lost.version, completed=False,
                                  duration_s=time.monotonic() - lost.sent_at)
+
+    def _give_up(self, node: str, work: _Assignment) -> None:
+        versions = self._given_up.setdefault(node, OrderedDict())
+        versions[work.version] = None
+        while len(versions) > _GIVEN_UP:
+            versions.popitem(last=False)
 
     def _work_for(self, sender: str, version: int) -> str | None:
         """Which work an update from ``version`` answers: ``relay`` (a forwarded update of a
@@ -346,8 +355,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         work = self._assigned.get(sender)
         if work is not None and work.version == version:
             return "assigned"
-        late = self._given_up.get(sender)
-        if late is not None and late.version == version:
+        if version in self._given_up.get(sender, ()):
             return "given_up"
         return None
 
@@ -379,7 +387,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 self.selector.report(sender, env.round, completed=False,
                                      duration_s=now - work.sent_at)
             if source == "given_up":
-                del self._given_up[sender]
+                del self._given_up[sender][env.round]
             raise UpdateRejected("too_stale", f"staleness {staleness} > max_staleness "
                                               f"{self.max_staleness}")
         moved = self.strategy.submit(update)
@@ -388,7 +396,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             self.selector.report(sender, env.round, completed=True,
                                  duration_s=now - work.sent_at)
         elif source == "given_up":
-            del self._given_up[sender]
+            del self._given_up[sender][env.round]
             self._log.info("late_update_accepted", node=sender, base_version=env.round,
                            staleness=staleness)
         # through a relay: the trainer that did the work is named in the update

@@ -1,0 +1,246 @@
+"""Asynchronous federations through relays (issue #9): exact staleness across levels, fast
+trainers never held back by slow ones, bounded forwarding, the upload gate at every level,
+liveness of a relay's subtree and late joiners, and the wiring the services really use."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import numpy as np
+from structlog.testing import capture_logs
+
+from fedbus.bus.memory import MemoryBroker
+from fedbus.manifest import Manifest, compile_wiring, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services.async_aggregator import AsyncAggregator
+from fedbus.services.relay import AsyncRelay
+from strategies import ClientUpdate, FedBuff, Weights
+
+SIZE = 32
+LR = 0.5
+FAST, SLOW = 0.005, 0.05  # seconds a fit takes: ten times apart
+GROUPS = {"r0": ("t0", "t1"), "r1": ("t2", "t3")}
+
+
+def async_tree(rounds: int = 12, *, speeds: Sequence[float] = (FAST, SLOW, FAST, SLOW),
+               size: int = SIZE, **round_kw: Any) -> Manifest:
+    """agg (FedBuff, buffer 2) -> r0 (t0 fast, t1 slow), r1 (t2 fast, t3 slow)."""
+    spec = {"deadline_s": 10, "min_clients": 2, "start_timeout_s": 10, **round_kw}
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 5,
+        "strategy": {"name": "fedbuff", "params": {"buffer_size": 2}},
+        "round": spec, "codec": {"level": 0},
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": size, "lr": LR, "speeds": list(speeds)}},
+        "nodes": [{"id": "agg", "role": "aggregator"},
+                  *({"id": r, "role": "relay"} for r in GROUPS),
+                  *({"id": t, "role": "trainer", "parent": r, "partition": int(t[1:])}
+                    for r, ts in GROUPS.items() for t in ts)],
+    })
+
+
+def targets(m: Manifest) -> np.ndarray:
+    from examples.toy.task import make_task
+    return np.stack([make_task(partition=i, num_partitions=4, seed=m.seed, size=SIZE).target
+                     for i in range(4)])
+
+
+class RecordingFedBuff(FedBuff):
+    """FedBuff that keeps every model version and every update with the version it met."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.models: dict[int, np.ndarray] = {}
+        self.submitted: list[tuple[int, ClientUpdate]] = []
+
+    def init(self, weights: Weights, version: int = 0) -> None:
+        super().init(weights, version)
+        self.models[version] = np.array(weights["w"], copy=True)
+
+    def submit(self, update: ClientUpdate) -> Weights | None:
+        self.submitted.append((self.version, update))
+        moved = super().submit(update)
+        if moved is not None:
+            self.models[self.version] = moved["w"].copy()
+        return moved
+
+
+Hook = Callable[[MemoryBroker, AsyncAggregator, dict[str, Any], dict[str, asyncio.Task[Any]]],
+                Coroutine[Any, Any, None]]
+
+
+async def federate(m: Manifest, *, hook: Hook | None = None, skip: Sequence[str] = (),
+                   strategy: FedBuff | None = None) -> tuple[AsyncAggregator, dict[str, Any]]:
+    """Every node of ``m`` but ``skip`` on one memory broker until the root is done."""
+    broker = MemoryBroker()
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        if n.id in skip:
+            continue
+        bus = make_bus(m, n, memory=broker)
+        await bus.__aenter__()
+        services[n.id] = build_node(m, n.id, bus)
+    agg = services.pop("agg")
+    assert isinstance(agg, AsyncAggregator)
+    if strategy is not None:
+        agg = AsyncAggregator(agg.config, agg.bus, strategy, agg.selector, agg.weights)
+    async with asyncio.timeout(40):
+        tasks = {i: asyncio.create_task(s.run(), name=i) for i, s in services.items()}
+        extra = asyncio.create_task(hook(broker, agg, services, tasks)) if hook else None
+        await agg.run()
+        if extra is not None:
+            await extra
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    return agg, services
+
+
+def origin_of(update: ClientUpdate, base: np.ndarray, t: np.ndarray) -> int:
+    """Which trainer made ``update`` from model ``base``: the one whose step it is exactly."""
+    hits = [i for i in range(len(t))
+            if np.allclose(update.delta["w"], LR * (t[i] - base), rtol=1e-5, atol=1e-6)]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+async def test_staleness_is_exact_through_relays_and_fast_trainers_are_never_held_back() -> None:
+    # Prepare
+    m = async_tree()
+    strategy = RecordingFedBuff(buffer_size=2)
+    # Execute
+    agg, services = await federate(m, strategy=strategy)
+    # Assert: the job produced its versions from updates forwarded one by one by the relays
+    assert agg.version == 12
+    t = targets(m)
+    for version, update in strategy.submitted:
+        assert update.sender in GROUPS
+        # the tagged base version is the model the trainer really trained from, and the
+        # staleness the root used is its version then minus that base: exact across levels
+        i = origin_of(update, strategy.models[update.base_round], t)
+        assert f"t{i}" in GROUPS[update.sender]
+        assert update.staleness == version - update.base_round
+    # the root counts work by the trainer that did it
+    assert sum(agg.contributions.values()) == len(strategy.submitted)
+    assert set(agg.contributions) <= {"t0", "t1", "t2", "t3"}
+    # fast trainers (10x) were restarted as soon as their update was in, never waiting for
+    # their slow siblings: they did several times the work
+    for fast, slow in (("t0", "t1"), ("t2", "t3")):
+        assert agg.contributions[fast] >= 3 * max(1, agg.contributions[slow]), agg.contributions
+    for relay in ("r0", "r1"):
+        r = services[relay]
+        assert isinstance(r, AsyncRelay) and r.forwarded >= 1
+        assert not r.forward.queue  # nothing left behind, nothing piled up
+
+
+async def test_large_updates_pass_the_upload_gate_at_every_level() -> None:
+    # Prepare: 1.2 MB updates, above the 1 MB chunk size: each level grants uploads
+    m = async_tree(rounds=4, size=300_000, speeds=(0.0, 0.0, 0.0, 0.0), max_uploads=1)
+    # Execute
+    with capture_logs() as logs:
+        agg, services = await federate(m)
+    # Assert: every version was made of gated uploads (ready -> grant -> upload) both from
+    # the trainers to their relay and from the relays to the root
+    assert agg.version == 4
+    assert sum(agg.contributions.values()) >= 8
+    assert not any(e["event"] == "message_rejected" and e.get("reason") == "unexpected_grant"
+                   for e in logs), [e for e in logs if e["event"] == "message_rejected"]
+    assert sum(s.forwarded for s in services.values() if isinstance(s, AsyncRelay)) >= 8
+
+
+async def test_a_dead_relay_drops_its_subtree_and_rejoins_with_the_newest_model() -> None:
+    # Prepare: r1 is killed once a few versions exist, and restarted a few versions later
+    m = async_tree(rounds=30, speeds=(0.01,))
+    marks: dict[str, int] = {}
+
+    async def kill_and_restart(broker: MemoryBroker, agg: AsyncAggregator,
+                               services: dict[str, Any],
+                               tasks: dict[str, asyncio.Task[Any]]) -> None:
+        while agg.version < 5:
+            await agg.reports.get()
+        tasks["r1"].cancel()
+        await services["r1"].bus.kill()  # its will: the root drops the whole group at once
+        marks["killed"] = agg.version
+        while agg.version < marks["killed"] + 5:
+            await agg.reports.get()
+        marks["restarted"] = agg.version
+        bus = make_bus(m, m.node("r1"), memory=broker)
+        await bus.__aenter__()
+        services["r1"] = build_node(m, "r1", bus)
+        tasks["r1"] = asyncio.create_task(services["r1"].run())
+
+    # Execute
+    with capture_logs() as logs:
+        agg, _ = await federate(m, hook=kill_and_restart)
+    # Assert
+    assert agg.version == 30
+    assert any(e["event"] == "node_lost" and e.get("peer") == "r1" for e in logs)
+    by_version = {r.round: r.accepted for r in agg.history}
+    # while r1 was gone only r0's trainers fed the root (one version of slack for
+    # updates already on their way)
+    gone = range(marks["killed"] + 2, marks["restarted"] + 1)
+    assert all(set(by_version[v]) <= {"t0", "t1"} for v in gone if v in by_version)
+    # and after the restart r1's trainers took part again
+    after = {who for v, acc in by_version.items() if v > marks["restarted"] for who in acc}
+    assert after & {"t2", "t3"}, by_version
+
+
+async def test_a_late_joiner_under_a_relay_gets_the_current_model_and_contributes() -> None:
+    # Prepare: t3 starts only once the job has made a few versions
+    m = async_tree(rounds=20, speeds=(0.01,))
+    strategy = RecordingFedBuff(buffer_size=2)
+    joined: list[int] = []
+
+    async def late_t3(broker: MemoryBroker, agg: AsyncAggregator, services: dict[str, Any],
+                      tasks: dict[str, asyncio.Task[Any]]) -> None:
+        while agg.version < 5:
+            await agg.reports.get()
+        joined.append(strategy.version)
+        bus = make_bus(m, m.node("t3"), memory=broker)
+        await bus.__aenter__()
+        tasks["t3"] = asyncio.create_task(build_node(m, "t3", bus).run())
+
+    # Execute
+    agg, _ = await federate(m, hook=late_t3, skip=["t3"], strategy=strategy)
+    # Assert: t3 trained from a model at least as new as the one current when it joined
+    t = targets(m)
+    from_t3 = [u.base_round for _, u in strategy.submitted
+               if origin_of(u, strategy.models[u.base_round], t) == 3]
+    assert from_t3, agg.contributions
+    assert min(from_t3) >= joined[0]
+
+
+async def test_async_relays_subscribe_and_publish_exactly_what_the_wiring_says() -> None:
+    from test_hostile import SpyBus
+
+    # Prepare: big updates, so grants and readies flow at both levels
+    m = async_tree(rounds=3, size=300_000, speeds=(0.0,), max_uploads=1)
+    broker = MemoryBroker()
+    spies: dict[str, SpyBus] = {}
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        real = make_bus(m, n, memory=broker)
+        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
+        await spies[n.id].__aenter__()
+        services[n.id] = build_node(m, n.id, spies[n.id])
+    agg = services.pop("agg")
+    # Execute
+    async with asyncio.timeout(30):
+        tasks = [asyncio.create_task(s.run()) for s in services.values()]
+        await agg.run()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # Assert
+    wiring = compile_wiring(m)
+    for node in ("agg", "r0", "r1", "t0", "t3"):
+        expected = {f for f in wiring[node].subscribe if "/nack/" not in f}
+        assert spies[node].subscribed - set(wiring[node].subscribe) == set(), node
+        assert spies[node].subscribed >= expected, node
+        assert spies[node].published <= set(wiring[node].publish), (
+            node, spies[node].published - set(wiring[node].publish))
+    # work orders went to one node each: the shared model topics carried only `done`
+    assert "fedbus/v1/toy/work/t0/r0" in spies["r0"].published
+    assert "fedbus/v1/toy/work/r0/agg" in spies["agg"].published
