@@ -224,9 +224,11 @@ class AsyncRelay(AsyncAggregator):
         if msg is not None:
             await self._dispatch(msg)
         self._expire()
+        # forward first: a child is restarted once its update has left (bounded memory), and
+        # in the same step, so a fast child never waits for the next message to come
+        await self._pump()
         if self._held and not self.done:
             await self._refill()
-        await self._pump()
 
     # --- the parent side ---------------------------------------------------------------
     def _subscribe(self) -> Subscription:
