@@ -1008,6 +1008,9 @@ def describe(m: Manifest) -> str:
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]
+    groups = [f"{n.id} {plugin(n.strategy)}" for n in m.nodes if n.strategy is not None]
+    if groups:
+        lines.append(f"groups    relay strategies: {'; '.join(groups)} (others fedavg)")
     if m.population is not None:
         p = m.population
         lines.append(f"population {p.clients} virtual clients ({p.prefix}0..), {p.per_round} a "
