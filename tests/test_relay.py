@@ -251,3 +251,46 @@ def test_group_strategies_are_checked_by_field(node: dict[str, Any], strategy: s
         parse_manifest(data)
     assert err.value.field.startswith("nodes[1].strategy"), err.value
     assert says in str(err.value)
+
+
+async def test_a_late_trainer_under_a_relay_joins_a_later_round_with_the_current_model() -> None:
+    # Prepare: t3 starts only after round 2; its relay waits 1 s for it, then goes on
+    base = tree(rounds=5)
+    m = parse_manifest({
+        "version": 1, "job": "toy", "rounds": 5, "seed": 9, "task": TASK,
+        "round": {"deadline_s": 10, "quorum": 0.5, "min_clients": 2, "start_timeout_s": 1},
+        "nodes": [{"id": n.id, "role": n.role, "parent": n.parent,
+                   **({"partition": n.partition} if n.partition is not None else {})}
+                  for n in base.nodes],
+    })
+    broker = MemoryBroker()
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        if n.id != "t3":
+            bus = make_bus(m, n, memory=broker)
+            await bus.__aenter__()
+            services[n.id] = build_node(m, n.id, bus)
+    agg = services.pop("agg")
+    late: list[asyncio.Task[Any]] = []
+
+    async def start_t3_after_round_2() -> None:
+        for _ in range(2):
+            await agg.reports.get()
+        bus = make_bus(m, m.node("t3"), memory=broker)
+        await bus.__aenter__()
+        late.append(asyncio.create_task(build_node(m, "t3", bus).run()))
+
+    # Execute
+    async with asyncio.timeout(30):
+        tasks = [asyncio.create_task(s.run()) for s in services.values()]
+        starter = asyncio.create_task(start_t3_after_round_2())
+        await agg.run()
+        await starter
+        for t in tasks + late:
+            t.cancel()
+        await asyncio.gather(*tasks, *late, return_exceptions=True)
+    # Assert: r1 went on without t3 (not stopped by it), and t3 took part once it was there
+    r1 = services["r1"]
+    assert r1.history[0].accepted == ["t2"]
+    assert ["t2", "t3"] in [sorted(r.accepted) for r in r1.history[2:]]
+    assert all(sorted(r.accepted) == ["r0", "r1"] for r in agg.history)

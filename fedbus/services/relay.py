@@ -96,6 +96,7 @@ class Relay:
         self.task = _GroupRound(self)
         self.upward = Trainer(config, bus, self.task)  # type: ignore[arg-type]
         self._sub: Subscription | None = None
+        self._gather_until = 0.0
         self._log = log.bind(node=config.node_id, role="relay", job=config.job)
 
     @property
@@ -106,10 +107,11 @@ class Relay:
         """Serve the parent's rounds until it says the job is done; the rounds taken part in."""
         self.task.loop = asyncio.get_running_loop()
         g = self.group.config
+        # Listen to the parent at once (its first order must not pass unheard while the group
+        # gathers); the first group round waits for the whole group, for a bounded time.
+        self._gather_until = time.monotonic() + g.start_timeout_s
         async with self.group._subscribe() as sub:
             self._sub = sub
-            # announce itself to the parent only once its group can work
-            await self.group._wait_for_clients(sub, g.min_clients, g.start_timeout_s)
             return await self.upward.run()
 
     async def group_round(self, weights: Mapping[str, np.ndarray], number: int) -> RoundReport:
@@ -121,12 +123,32 @@ class Relay:
             except TimeoutError:
                 break
             await self.group._dispatch(msg)
+        await self._gather(sub)
         self.group.weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
         report = await self.group._run_round(sub, number)
         self.group.history.append(report)
         self._log.info("group_round_finished", round=number, participants=len(report.accepted),
                        examples=report.examples)
         return report
+
+
+    async def _gather(self, sub: Subscription) -> None:
+        """Before the first round, wait for the whole group (a hierarchy's first round has
+        every trainer a star's would), but only until ``start_timeout_s`` after the start:
+        a trainer that is late (or never comes) joins a later round instead of stopping the
+        group."""
+        g = self.group.config
+        left = self._gather_until - time.monotonic()
+        if left <= 0 or len(self.group.online) >= g.min_clients:
+            return
+        try:
+            await self.group._wait_for_clients(sub, g.min_clients, left)
+        except FedbusError:
+            self._log.warning("group_incomplete", online=sorted(self.group.online),
+                              expected=sorted(g.trainers),
+                              detail="going on with who is here; late trainers join later")
+        finally:
+            self._gather_until = 0.0
 
 
 # --------------------------------------------------------------------------- asynchronous
