@@ -540,3 +540,26 @@ async def test_a_returning_trainer_beyond_the_staleness_bound_is_refused() -> No
     # Assert
     assert agg.contributions["t0"] == 0
     assert agg.rejections.counts["too_stale"] >= 1
+
+
+async def test_a_trainer_reported_offline_mid_work_is_counted_when_its_update_comes() -> None:
+    # Prepare: t0 (slow) is reported offline (as a will that crossed a reconnect would) while
+    # it trains its first order; it is alive, trains on and delivers
+    m = manifest(n=3, rounds=30, speeds=(0.4, 0.02, 0.02), min_clients=3)
+
+    async def offline_once(broker: MemoryBroker, m: Manifest) -> None:
+        async with MemoryBus(broker, "net") as bus, \
+                bus.subscribe(topics.work(m.job, "t0", "agg")) as sub, \
+                bus.subscribe(topics.metrics(m.job, "agg")) as versions:
+            await sub.get(timeout=10)
+            await versions.get(timeout=10)  # the fast ones moved the model on meanwhile
+            await bus.publish(topics.presence(m.job, "t0"),
+                              encode(presence(m.job, "t0", "trainer", "offline")), retain=True)
+
+    # Execute
+    with capture_logs() as logs:
+        agg = await federate(m, offline_once)
+    # Assert: its work was given up when it was reported lost, and its update still counted
+    assert any("t0" in r.lost for r in agg.history)
+    assert agg.contributions["t0"] >= 1
+    assert any(e["event"] == "late_update_accepted" and e["node"] == "t0" for e in logs)
