@@ -177,6 +177,7 @@ async def test_a_dead_relay_drops_its_subtree_and_rejoins_with_the_newest_model(
     # Assert
     assert agg.version == 30
     assert any(e["event"] == "node_lost" and e.get("peer") == "r1" for e in logs)
+    assert any("r1" in r.lost for r in agg.history)  # reported in the version it was lost
     by_version = {r.round: r.accepted for r in agg.history}
     # while r1 was gone only r0's trainers fed the root (one version of slack for
     # updates already on their way)

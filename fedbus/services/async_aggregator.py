@@ -279,7 +279,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             self._relay_version[relay] = self.version
         self._period.selected.update(new, relays)
         await self._send_work(sorted([*new, *relays]))
-        self._log.debug("work_dispatched", version=self.version, nodes=new,
+        self._log.debug("work_dispatched", version=self.version, nodes=new, relays=relays,
                         in_flight=len(self._assigned))
 
     def _held_back(self) -> set[str]:
@@ -332,7 +332,9 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
 
     def _on_lost(self, node: str) -> None:
         # A relay that comes back is sent the newest model again (its group's work is gone).
-        self._relay_version.pop(node, None)
+        if node in self.config.relays:
+            self._relay_version.pop(node, None)
+            self._period.lost.add(node)
         lost = self._assigned.pop(node, None)
         if lost is not None:
             self._give_up(node, lost)

@@ -211,6 +211,7 @@ class AsyncRelay(AsyncAggregator):
         self._orders_seen = SeenIds(capacity=4096)
         #: A large forwarded update waiting for the parent's grant: (base version, payload).
         self._upload: tuple[int, bytes] | None = None
+        self._upload_since = 0.0
         self._queued: set[str] = set()
         self._order_limits = model_limits(self.weights, 1, c.limits)
         self._up = {
@@ -246,6 +247,12 @@ class AsyncRelay(AsyncAggregator):
         if msg is not None:
             await self._dispatch(msg)
         self._expire()
+        if self._upload is not None and time.monotonic() - self._upload_since > c.deadline_s:
+            # no grant came (the parent refused the ready, or restarted): the rest must not
+            # wait behind it for ever
+            self._log.warning("upload_abandoned", base_version=self._upload[0],
+                              waited_s=c.deadline_s)
+            self._upload = None
         # forward first: a child is restarted once its update has left (bounded memory), and
         # in the same step, so a fast child never waits for the next message to come
         await self._pump()
@@ -372,6 +379,7 @@ class AsyncRelay(AsyncAggregator):
             payload = await self._offload(functools.partial(encode, env, c.compression))
             if len(payload) > c.gate_bytes:
                 self._upload = (update.base_round, payload)
+                self._upload_since = time.monotonic()
                 ready = Envelope(kind=READY, job=c.job, sender=c.node_id,
                                  round=update.base_round, meta={"bytes": len(payload)})
                 await self.bus.publish(topic, encode(ready))
