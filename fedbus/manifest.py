@@ -776,10 +776,15 @@ class _Parser:
             self.fail(f"{field}.strategy", "only a relay folds updates with its own strategy; "
                                            "the aggregator's is the top-level `strategy:`")
         spec = self.plugin(t["strategy"], f"{field}.strategy", make_strategy)
-        if isinstance(make_strategy(spec.name, thaw(spec.params)), AsyncStrategy):
+        made = make_strategy(spec.name, thaw(spec.params))
+        if isinstance(made, AsyncStrategy):
             self.fail(f"{field}.strategy", f"{spec.name!r} is asynchronous; a relay's group "
                                            "strategy folds one synchronous round (fedavg, "
                                            "fedavgm, fedadam, ...)")
+        if made.aux_models or made.client_aux_models:
+            self.fail(f"{field}.strategy", f"{spec.name!r} exchanges extra tensors with its "
+                                           "clients (control variates), which a relay's group "
+                                           "does not carry; use it at the root")
         return spec
 
     def relay_strategies(self, nodes: Sequence[NodeSpec], root: PluginSpec) -> None:

@@ -245,3 +245,33 @@ async def test_async_relays_subscribe_and_publish_exactly_what_the_wiring_says()
     # work orders went to one node each: the shared model topics carried only `done`
     assert "fedbus/v1/toy/work/t0/r0" in spies["r0"].published
     assert "fedbus/v1/toy/work/r0/agg" in spies["agg"].published
+
+
+async def test_three_levels_keep_staleness_exact_and_name_the_trainer() -> None:
+    # Prepare: agg -> region -> site (relay of a relay) -> t0, t1; t2 straight under region
+    m = parse_manifest({
+        "version": 1, "job": "toy", "rounds": 10, "seed": 5,
+        "strategy": {"name": "fedbuff", "params": {"buffer_size": 2}},
+        "round": {"deadline_s": 10, "min_clients": 1, "start_timeout_s": 10},
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": SIZE, "lr": LR, "speeds": [FAST, SLOW, FAST]}},
+        "nodes": [{"id": "agg", "role": "aggregator"},
+                  {"id": "region", "role": "relay"},
+                  {"id": "site", "role": "relay", "parent": "region"},
+                  {"id": "t0", "role": "trainer", "parent": "site", "partition": 0},
+                  {"id": "t1", "role": "trainer", "parent": "site", "partition": 1},
+                  {"id": "t2", "role": "trainer", "parent": "region", "partition": 2}],
+    })
+    strategy = RecordingFedBuff(buffer_size=2)
+    # Execute
+    agg, _ = await federate(m, strategy=strategy)
+    # Assert: every update came up through region, from the model version it names
+    from examples.toy.task import make_task
+    t = np.stack([make_task(partition=i, num_partitions=3, seed=5, size=SIZE).target
+                  for i in range(3)])
+    assert agg.version == 10
+    for version, update in strategy.submitted:
+        assert update.sender == "region"
+        origin_of(update, strategy.models[update.base_round], t)
+        assert update.staleness == version - update.base_round
+    assert set(agg.contributions) <= {"t0", "t1", "t2"} and agg.contributions["t0"] >= 1
