@@ -241,9 +241,10 @@ async def test_fedavg_relays_named_explicitly_still_give_the_stars_model() -> No
     ({"id": "r9", "role": "relay"}, "fedbuff", "fedavg", "asynchronous"),
     ({"id": "r9", "role": "relay"}, "fedavgm", "fedbuff", "forwards every update"),
     ({"id": "r9", "role": "relay"}, "nosuch", "fedavg", "nosuch"),
-    ({"id": "r9", "role": "relay"}, "scaffold", "fedavg", "extra tensors"),
+    ({"id": "r9", "role": "relay"}, {"name": "scaffold", "params": {"num_clients": 1}},
+     "fedavg", "extra tensors"),
 ])
-def test_group_strategies_are_checked_by_field(node: dict[str, Any], strategy: str, root: str,
+def test_group_strategies_are_checked_by_field(node: dict[str, Any], strategy: Any, root: str,
                                                says: str) -> None:
     data = {"version": 1, "job": "toy", "rounds": 1, "task": TASK, "strategy": root,
             "nodes": [{"id": "agg", "role": "aggregator"}, {**node, "strategy": strategy},
