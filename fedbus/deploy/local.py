@@ -150,7 +150,7 @@ async def _bridge_up(proc: MosquittoProcess, connection: str, timeout_s: float) 
     topic = f"$SYS/broker/connection/{connection}/state"
     try:
         async with asyncio.timeout(timeout_s):
-            async with aiomqtt.Client(proc.host, proc.port,
+            async with aiomqtt.Client(proc.host, proc.port, identifier=f"{connection}.probe",
                                       protocol=aiomqtt.ProtocolVersion.V5) as client:
                 await client.subscribe(topic)
                 async for message in client.messages:
