@@ -41,6 +41,23 @@ async def mosquitto() -> AsyncIterator[MosquittoProcess]:
         await proc.stop()
 
 
+@pytest.fixture
+async def ejabberd() -> AsyncIterator[MosquittoProcess]:
+    """ejabberd's MQTT 5 broker (mod_mqtt), a second broker implementation, on a free
+    loopback port; killed at teardown. Skipped with the reason when it is not installed
+    (`make system` installs it)."""
+    from fedbus.broker_ejabberd import ejabberd_installed, spawn_ejabberd
+
+    if not ejabberd_installed():
+        pytest.skip("ejabberd is not installed: apt-get install -y --no-install-recommends "
+                    "ejabberd (or `make system`)")
+    proc = await spawn_ejabberd()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
 SecureBrokerFactory = Callable[..., Awaitable[SecureMosquitto]]
 
 
