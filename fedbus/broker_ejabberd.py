@@ -26,7 +26,6 @@ __all__ = ["ERL", "EjabberdProcess", "ejabberd_installed", "spawn_ejabberd"]
 log = structlog.get_logger(__name__)
 
 ERL: Final = "/usr/bin/erl"
-_LIBS: Final = "/usr/lib/x86_64-linux-gnu"
 _FIX: Final = "install it: `apt-get install -y --no-install-recommends ejabberd` (Debian)"
 
 # mod_mqtt's defaults would bite fedbus like mosquitto's do: max_queue 5000 messages per
@@ -53,9 +52,15 @@ modules:
 """
 
 
+def _libs() -> Path | None:
+    # Debian puts ejabberd's Erlang applications under /usr/lib/<multiarch triplet>/.
+    found = sorted(Path("/usr/lib").glob("*/ejabberd-*/ebin/mod_mqtt.beam"))
+    return found[-1].parents[2] if found else None
+
+
 def ejabberd_installed() -> bool:
     """Is Debian's ejabberd (with its Erlang runtime) on this machine?"""
-    return os.access(ERL, os.X_OK) and any(Path(_LIBS).glob("ejabberd-*/ebin/mod_mqtt.beam"))
+    return os.access(ERL, os.X_OK) and _libs() is not None
 
 
 class EjabberdProcess(MosquittoProcess):
@@ -83,7 +88,8 @@ def _launch(cmd: list[str], work: Path, env: dict[str, str]) -> subprocess.Popen
 
 async def spawn_ejabberd(*, startup_timeout_s: float = 30.0) -> EjabberdProcess:
     """Start ejabberd's MQTT broker on a free loopback port; ``BrokerError`` if it cannot."""
-    if not ejabberd_installed():
+    libs = _libs()
+    if libs is None or not os.access(ERL, os.X_OK):
         raise BrokerError("ejabberd (with mod_mqtt) is not installed", _FIX)
     work = Path(tempfile.mkdtemp(prefix="fedbus-ejabberd-"))
     port = free_port()
@@ -93,7 +99,7 @@ async def spawn_ejabberd(*, startup_timeout_s: float = 30.0) -> EjabberdProcess:
         "HOME": str(work),
         "EJABBERD_CONFIG_PATH": str(work / "ejabberd.yml"),
         "EJABBERD_LOG_PATH": str(work / "ejabberd.log"),
-        "ERL_LIBS": _LIBS,
+        "ERL_LIBS": str(libs),
         "ERL_CRASH_DUMP": str(work / "erl_crash.dump"),
         "ERL_CRASH_DUMP_BYTES": "0",
     }
