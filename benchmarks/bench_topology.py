@@ -30,6 +30,7 @@ import aiomqtt
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 from fedbus.deploy.local import spawn_bridged
+from fedbus.log import configure_logging
 from fedbus.manifest import Manifest, parse_manifest, with_node_broker
 from fedbus.node import build_node, make_bus
 
@@ -153,6 +154,7 @@ def main() -> None:
     p.add_argument("--topologies", default="star,hierarchy",
                    help=f"comma-separated, of: {', '.join(TOPOLOGIES)}")
     args = p.parse_args()
+    configure_logging(level="warning")  # the table on stdout, problems only on stderr
     model_mb = args.params * 4 / 1e6
     print(f"# bench_topology {datetime.date.today()} on {platform.machine()}, "
           f"{os.cpu_count()} CPUs, {platform.python_version()}: {args.trainers} trainers, "
@@ -161,11 +163,17 @@ def main() -> None:
     print("| topology | broker | received MB/round | sent MB/round | total MB/round | "
           "total / model | s/round |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    root: dict[str, float] = {}
     for name in args.topologies.split(","):
         for r in asyncio.run(measure(name.strip(), args)):
             total = r["rx_mb"] + r["tx_mb"]
+            if r["broker"] == "root":
+                root[r["topology"]] = total
             print(f"| {r['topology']} | {r['broker']} | {r['rx_mb']:.1f} | {r['tx_mb']:.1f} | "
                   f"{total:.1f} | {total / model_mb:.1f} | {r['round_s']:.2f} |", flush=True)
+    if "star" in root and "hierarchy" in root:
+        print(f"\nroot broker: star / hierarchy = {root['star'] / root['hierarchy']:.1f}x "
+              f"(fan-in {args.trainers / args.groups:g})")
 
 
 if __name__ == "__main__":
