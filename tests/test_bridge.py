@@ -189,3 +189,30 @@ async def test_a_federation_across_two_chained_bridges_gives_the_one_bus_model()
     assert [len(r.accepted) for r in agg.history] == [1, 1, 1]
     for key, value in alone.weights.items():
         np.testing.assert_allclose(agg.weights[key], value, atol=1e-6)
+
+
+@pytest.mark.broker
+async def test_retained_presence_and_wills_cross_the_bridge() -> None:
+    # Prepare: a trainer on "site" announces itself (retained) before anyone on "root" listens
+    from fedbus.bus import MqttBus, Will
+
+    m = parse_manifest(chain())
+    bridged = await spawn_bridged(m)
+    root, site = bridged.procs["root"], bridged.procs["site"]
+    presence = T + "presence/t0"
+    try:
+        t0 = MqttBus("t0", site.host, site.port, will=Will(presence, b"offline", retain=True))
+        await t0.__aenter__()
+        await t0.publish(presence, b"online", retain=True)
+        async with MqttBus("agg", root.host, root.port) as agg, \
+                agg.subscribe(T + "presence/+") as sub:
+            # Execute: a late subscriber on root, then the trainer dies (no DISCONNECT)
+            first = await sub.get(timeout=10)
+            await t0.kill()
+            second = await sub.get(timeout=10)
+    finally:
+        await bridged.stop()
+
+    # Assert: the retained "online" was kept on root (two bridges up), the will came too
+    assert (first.topic, first.payload, first.retain) == (presence, b"online", True)
+    assert (second.topic, second.payload) == (presence, b"offline")
