@@ -216,3 +216,33 @@ async def test_retained_presence_and_wills_cross_the_bridge() -> None:
     # Assert: the retained "online" was kept on root (two bridges up), the will came too
     assert (first.topic, first.payload, first.retain) == (presence, b"online", True)
     assert (second.topic, second.payload) == (presence, b"offline")
+
+
+def test_fedbus_bridge_and_validate_on_the_bridged_example() -> None:
+    # Prepare
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    example = "examples/topologies/three-level-bridged.yaml"
+
+    def fedbus(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedbus.cli", *args], cwd=root,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    # Execute
+    site = fedbus("bridge", example, "--broker", "site", "--parent-address", "10.0.0.5:1883")
+    rooted = fedbus("bridge", example, "--broker", "root")
+    valid = fedbus("validate", example)
+
+    # Assert
+    assert site.returncode == 0, site.stderr
+    lines = site.stdout.splitlines()
+    assert "address 10.0.0.5:1883" in lines
+    assert "topic fedbus/v1/topo-bridged/update/region/site-a out 1" in lines
+    assert "topic fedbus/v1/topo-bridged/model/region in 1" in lines
+    assert sum(line.startswith("topic ") for line in lines) == 23
+    assert rooted.returncode == 2 and "root broker" in rooted.stderr
+    assert valid.returncode == 0, valid.stderr
+    assert "site (embedded) bridged to root, 12 nodes" in valid.stdout
