@@ -246,3 +246,36 @@ def test_fedbus_bridge_and_validate_on_the_bridged_example() -> None:
     assert rooted.returncode == 2 and "root broker" in rooted.stderr
     assert valid.returncode == 0, valid.stderr
     assert "site (embedded) bridged to root, 12 nodes" in valid.stdout
+
+
+@pytest.mark.broker
+async def test_a_bridge_logs_in_to_a_secured_parent_with_its_generated_user(
+        secure_mosquitto: Any) -> None:
+    # Prepare: root locked down by `fedbus acl`'s users and rights (the bridge user among
+    # them); the site broker's bridge reads its password where the manifest says
+    import dataclasses
+    from types import MappingProxyType
+
+    from fedbus.deploy.bridge import bridge_name
+    from fedbus.manifest import BrokerSpec
+
+    m = parse_manifest(chain(brokers={"root": None, "site": {"parent": "root"}},
+                             nodes=[{**n, "broker": "root" if n["id"] in ("agg", "r1")
+                                     else "site"} for n in chain()["nodes"]]))
+    sb = await secure_mosquitto(m)
+    assert bridge_name(m, "site") in sb.files.users
+    root = dataclasses.replace(m.brokers["root"], spec=BrokerSpec(
+        host=sb.host, port=sb.port, password_file=str(sb.files.password_dir / "{node}")))
+    secured = dataclasses.replace(m, brokers=MappingProxyType({**m.brokers, "root": root}))
+    conf = bridge_config(secured, "site")
+    assert f"remote_username {bridge_name(m, 'site')}" in conf.splitlines()
+
+    # Execute: the site broker comes up only once its bridge is logged in; then the job runs
+    bridged = await spawn_bridged(secured)
+    try:
+        agg = await _federate(bridged.manifest, None)
+    finally:
+        await bridged.stop()
+
+    # Assert: r2's updates crossed into the secured root (r1 folded them every round)
+    assert [len(r.accepted) for r in agg.history] == [1, 1, 1]

@@ -21,9 +21,10 @@ from typing import Final, Literal
 
 from fedbus.errors import ManifestError
 from fedbus.manifest import BrokerNode, BrokerSpec, Manifest, compile_wiring
+from fedbus.wiring import Wiring
 
-__all__ = ["BridgeTopic", "bridge_config", "bridge_name", "bridge_topics", "subtree",
-           "topological"]
+__all__ = ["BridgeTopic", "bridge_config", "bridge_name", "bridge_rights", "bridge_topics",
+           "subtree", "topological"]
 
 Direction = Literal["in", "out", "both"]
 
@@ -112,6 +113,21 @@ def bridge_name(m: Manifest, broker: str) -> str:
     return f"fedbus.{m.job}.bridge.{broker}"
 
 
+def bridge_rights(m: Manifest) -> dict[str, Wiring]:
+    """Per bridge user (``bridge_name``), its rights on its parent broker: it subscribes there
+    to what comes in and publishes what goes out. ``fedbus acl`` adds these users."""
+    out: dict[str, Wiring] = {}
+    for b in m.brokers.values():
+        if b.parent is None:
+            continue
+        lines = bridge_topics(m, b.name)
+        out[bridge_name(m, b.name)] = Wiring(
+            bridge_name(m, b.name),
+            tuple(t.topic for t in lines if t.direction in ("in", "both")),
+            tuple(t.topic for t in lines if t.direction in ("out", "both")))
+    return out
+
+
 def _check(m: Manifest, broker: str) -> BrokerNode:
     if not m.brokers:
         raise ManifestError(m.source, "brokers", "the manifest has one broker and so no bridge; "
@@ -191,8 +207,10 @@ def bridge_config(m: Manifest, broker: str,
         "cleansession false",
         "restart_timeout 1 10",
         "keepalive_interval 30",
-        # $SYS/broker/connection/<name>/state says 1 once up (fedbus run waits on it).
+        # $SYS/broker/connection/<name>/state says 1 once up (fedbus run waits on it), on
+        # this broker only: the parent's ACL grants the bridge user its topics, not $SYS.
         "notifications true",
+        "notifications_local_only true",
         *_remote_login(m, parent.spec or BrokerSpec(), name),
     ]
     topics_ = bridge_topics(m, broker)
