@@ -279,3 +279,18 @@ async def test_a_bridge_logs_in_to_a_secured_parent_with_its_generated_user(
 
     # Assert: r2's updates crossed into the secured root (r1 folded them every round)
     assert [len(r.accepted) for r in agg.history] == [1, 1, 1]
+
+
+def test_validate_checks_each_brokers_files(tmp_path: Any) -> None:
+    # Prepare: the site broker names a CA file that is not there
+    from fedbus.checks import check_files
+
+    m = parse_manifest(chain(brokers={
+        "root": None, "region": {"parent": "root"},
+        "site": {"parent": "region", "host": "10.0.0.7", "port": 8883,
+                 "tls_ca": str(tmp_path / "missing-ca.crt")}}))
+
+    # Execute / Assert
+    with pytest.raises(ManifestError, match="missing-ca.crt' does not exist") as caught:
+        check_files(m)
+    assert caught.value.field == "brokers.site.tls_ca"
