@@ -294,3 +294,13 @@ def test_validate_checks_each_brokers_files(tmp_path: Any) -> None:
     with pytest.raises(ManifestError, match="missing-ca.crt' does not exist") as caught:
         check_files(m)
     assert caught.value.field == "brokers.site.tls_ca"
+
+
+def test_compose_refuses_several_brokers_and_says_what_to_do() -> None:
+    # Prepare
+    from fedbus.deploy.compose import compose_config
+    from fedbus.errors import DeployError
+
+    # Execute / Assert
+    with pytest.raises(DeployError, match="fedbus bridge MANIFEST --broker NAME"):
+        compose_config(parse_manifest(chain()), "manifest.yaml")
