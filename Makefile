@@ -32,7 +32,7 @@ system:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  case "$$missing" in *ejabberd*) \
 	    : "the tests start their own; Debian's service would take port 1883 (mod_mqtt)"; \
-	    $$SUDO systemctl disable --now ejabberd >/dev/null 2>&1 || true;; esac; \
+	    $$SUDO systemctl disable --now ejabberd >/dev/null 2>&1 || $$SUDO service ejabberd stop >/dev/null 2>&1 || true;; esac; \
 	fi
 
 # torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.
