@@ -93,19 +93,19 @@ def bridge_topics(m: Manifest, broker: str) -> list[BridgeTopic]:
     below = subtree(m, broker)
     wiring = compile_wiring(m)
     inside = {n.id for n in m.nodes if n.broker in below}
-    dirs: dict[str, set[str]] = {}
-    for pub_node, w_pub in wiring.items():
-        for sub_node, w_sub in wiring.items():
-            if (pub_node in inside) == (sub_node in inside):
-                continue
-            way = "out" if pub_node in inside else "in"
-            for topic in w_pub.publish:
-                for filt in w_sub.subscribe:
-                    meet = _intersect(topic, filt)
-                    if meet is not None:
-                        dirs.setdefault(meet, set()).add(way)
-    return sorted(BridgeTopic(t, "both" if len(d) == 2 else next(iter(d)))  # type: ignore[arg-type]
-                  for t, d in dirs.items())
+
+    def crossing(pubs: bool, subs: bool) -> set[str]:
+        # distinct topics published on one side x distinct filters subscribed on the other
+        published = {t for n, w in wiring.items() if (n in inside) == pubs for t in w.publish}
+        wanted = {f for n, w in wiring.items() if (n in inside) == subs for f in w.subscribe}
+        return {meet for t in published for f in wanted
+                if (meet := _intersect(t, f)) is not None}
+
+    out, into = crossing(True, False), crossing(False, True)
+    way: dict[str, Direction] = {t: "out" for t in out}
+    for t in into:
+        way[t] = "both" if t in out else "in"
+    return sorted(BridgeTopic(t, d) for t, d in way.items())
 
 
 def bridge_name(m: Manifest, broker: str) -> str:
