@@ -291,7 +291,7 @@ def test_validate_checks_each_brokers_files(tmp_path: Any) -> None:
                  "tls_ca": str(tmp_path / "missing-ca.crt")}}))
 
     # Execute / Assert
-    with pytest.raises(ManifestError, match="missing-ca.crt' does not exist") as caught:
+    with pytest.raises(ManifestError, match=r"missing-ca\.crt' does not exist") as caught:
         check_files(m)
     assert caught.value.field == "brokers.site.tls_ca"
 
