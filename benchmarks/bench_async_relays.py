@@ -120,10 +120,13 @@ async def run_case(m: Manifest, port: int, host: str) -> dict[str, Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
         received = {n: int(buses[n].stats.get("received", 0))  # type: ignore[attr-defined]
                     for n in timed}
+        root_out = int(buses["aggregator"].stats.get("published_bytes", 0))  # type: ignore[attr-defined]
     finally:
         for bus in buses.values():
             await bus.__aexit__(None, None, None)
-    return summarize(m, root, timed, wall, received)
+    result = summarize(m, root, timed, wall, received)
+    result["root_out_mb"] = round(root_out / 1e6, 1)
+    return result
 
 
 def summarize(m: Manifest, root: AsyncAggregator, timed: Mapping[str, TimedTask],
@@ -190,8 +193,8 @@ def table(results: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str
         "",
         "| topology | updates/s | staleness mean / p50 / p95 / max | fast / slow staleness "
         "| fast share of updates | fast trainer idle gap p50 / p95 / max | fast fits/s "
-        "| msgs a trainer received (max) / orders in the job |",
-        "|---|---|---|---|---|---|---|---|",
+        "| msgs a trainer received (max) / orders in the job | root published MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, g = r["staleness"], r["fast_gap_ms"]
@@ -200,7 +203,7 @@ def table(results: Sequence[Mapping[str, Any]], args: argparse.Namespace) -> str
             f"| {s['mean']} / {s['p50']} / {s['p95']} / {s['max']} "
             f"| {r['staleness_fast_mean']} / {r['staleness_slow_mean']} | {r['fast_share']} "
             f"| {g['p50']} / {g['p95']} / {g['max']} ms | {r['fast_fits_per_s']} "
-            f"| {r['received_msgs_max']} / {r['orders_trained']} |")
+            f"| {r['received_msgs_max']} / {r['orders_trained']} | {r['root_out_mb']} |")
     return "\n".join(lines)
 
 
