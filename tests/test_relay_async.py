@@ -275,3 +275,35 @@ async def test_three_levels_keep_staleness_exact_and_name_the_trainer() -> None:
         origin_of(update, strategy.models[update.base_round], t)
         assert update.staleness == version - update.base_round
     assert set(agg.contributions) <= {"t0", "t1", "t2"} and agg.contributions["t0"] >= 1
+
+
+async def test_relays_follow_a_restarted_root() -> None:
+    # Prepare: the root dies after a few versions and a fresh one (no checkpoint) takes over
+    m = async_tree(rounds=10, speeds=(0.01,))
+    broker = MemoryBroker()
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        bus = make_bus(m, n, memory=broker)
+        await bus.__aenter__()
+        services[n.id] = build_node(m, n.id, bus)
+    first = services.pop("agg")
+    # Execute
+    with capture_logs() as logs:
+        async with asyncio.timeout(30):
+            tasks = [asyncio.create_task(s.run()) for s in services.values()]
+            run1 = asyncio.create_task(first.run())
+            while first.version < 3:
+                await first.reports.get()
+            run1.cancel()
+            await first.bus.kill()
+            bus = make_bus(m, m.node("agg"), memory=broker)
+            await bus.__aenter__()
+            second = build_node(m, "agg", bus)
+            await second.run()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(run1, *tasks, return_exceptions=True)
+    # Assert: the new run finished its versions with both groups; the relays started over
+    assert second.version == 10
+    assert {"t0", "t2"} <= set(second.contributions)
+    assert {e.get("node") for e in logs if e["event"] == "parent_restarted"} == {"r0", "r1"}

@@ -316,10 +316,16 @@ class AsyncRelay(AsyncAggregator):
             if self._parent_epoch is not None:
                 # The parent restarted: its versions start over, so what waits here, tagged
                 # with the old run's versions, would be misread there.
-                self._log.warning("parent_restarted", epoch=epoch, dropped=len(self.forward.queue))
+                self._log.warning("parent_restarted", epoch=epoch, dropped=len(self.forward.queue),
+                                  restarted=sorted(self._assigned))
                 self.forward.queue.clear()
                 self._queued.clear()
                 self._upload = None
+                # work in flight was given from the old run's versions: start it over
+                for node, work in sorted(self._assigned.items()):
+                    self.selector.report(node, work.version, completed=False)
+                self._assigned.clear()
+                self._given_up.clear()
             self._parent_epoch = epoch
         elif self._held and env.round < self.version:
             self.rejections.reject("old_round", f"version {env.round}, holding {self.version}")
