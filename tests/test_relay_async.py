@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 from structlog.testing import capture_logs
 
-from fedbus.bus.memory import MemoryBroker
+from fedbus import topics
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import decode
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
+from fedbus.services._wire import DONE, GRANT
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.services.relay import AsyncRelay
 from strategies import ClientUpdate, FedBuff, Weights
@@ -138,11 +141,25 @@ async def test_staleness_is_exact_through_relays_and_fast_trainers_are_never_hel
 async def test_large_updates_pass_the_upload_gate_at_every_level() -> None:
     # Prepare: 1.2 MB updates, above the 1 MB chunk size: each level grants uploads
     m = async_tree(rounds=4, size=300_000, speeds=(0.0, 0.0, 0.0, 0.0), max_uploads=1)
+    grants: set[tuple[str, str]] = set()  # (granting node, granted node)
+
+    async def watch_grants(broker: MemoryBroker, agg: AsyncAggregator, services: dict[str, Any],
+                           tasks: dict[str, asyncio.Task[Any]]) -> None:
+        async with MemoryBus(broker, "watcher") as bus, \
+                bus.subscribe("fedbus/v1/toy/control/+", topics.model("toy", "agg")) as sub:
+            async for msg in sub:
+                env = decode(msg.payload)
+                if env.kind == DONE:
+                    return
+                if env.kind == GRANT:
+                    grants.add((env.sender, topics.parse(msg.topic).sender))
+
     # Execute
     with capture_logs() as logs:
-        agg, services = await federate(m)
+        agg, services = await federate(m, hook=watch_grants)
     # Assert: every version was made of gated uploads (ready -> grant -> upload) both from
     # the trainers to their relay and from the relays to the root
+    assert {("agg", "r0"), ("agg", "r1"), ("r0", "t0"), ("r1", "t2")} <= grants, grants
     assert agg.version == 4
     assert sum(agg.contributions.values()) >= 8
     assert not any(e["event"] == "message_rejected" and e.get("reason") == "unexpected_grant"
