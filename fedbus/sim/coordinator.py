@@ -271,6 +271,10 @@ class Coordinator:
         work = int(config.get("round", env.round)) if isinstance(config, Mapping) else 0
         batch = env.meta.get("batch", 1)
         key = (str(env.meta.get("epoch", "")), work)
+        if key != self._batch_key and self._batch:
+            # a dispatch whose orders did not all come: start what did rather than lose it
+            self._log.warning("orders_missing", dispatch=self._batch_key, got=len(self._batch))
+            await self._start_async(self._batch, self._batch_key)
         if key != self._batch_key:
             self._batch, self._batch_key = {}, key
         for client in selected:
@@ -278,7 +282,13 @@ class Coordinator:
                 self._batch[client] = env
         if isinstance(batch, int) and len(self._batch) < batch:
             return  # more orders of this dispatch are on their way
-        orders, self._batch, self._batch_key = self._batch, {}, None
+        await self._start_async(self._batch, key)
+        await self._release_async()
+
+    async def _start_async(self, orders: dict[str, Envelope],
+                           key: tuple[str, int] | None) -> None:
+        self._batch, self._batch_key = {}, None
+        work = key[1] if key is not None else 0
         self._awaiting = None  # the aggregator answered: the next arrival may go
         now = self.stats.virtual_time
         for client in sorted(orders):
@@ -289,7 +299,6 @@ class Coordinator:
             heapq.heappush(self._events, _Event(at, self._seq, client, drop))
             if not drop:
                 await self._send_item(orders[client], client)
-        await self._release_async()
 
     async def _send_item(self, order: Envelope, client: str, *,
                          order_id: str | None = None) -> None:
