@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, NoReturn, cast
 import yaml
 
 from fedbus import topics
+from fedbus._manifest_groups import GroupSpec, parse_groups
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.compress import MODES as UPDATE_MODES
 from fedbus.compress import UpdateCodec
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointSpec",
     "CodecSpec",
     "EvalSpec",
+    "GroupSpec",
     "Manifest",
     "NodeSpec",
     "PluginSpec",
@@ -260,6 +262,12 @@ class Manifest:
     population: PopulationSpec | None = None
     store: StoreSpec = StoreSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    #: Hybrid ring groups of trainers (``groups:``, fedbus.services.ring).
+    groups: tuple[GroupSpec, ...] = ()
+
+    def group_of(self, node_id: str) -> GroupSpec | None:
+        """The ring group ``node_id`` is a member of, if any."""
+        return next((g for g in self.groups if node_id in g.members), None)
 
     @property
     def checkpointer(self) -> NodeSpec | None:
@@ -500,13 +508,15 @@ class _Parser:
         rnd = self.round(t.get("round"), n_trainers)
         if population is not None:
             rnd = self._population_round(t.get("round"), rnd, population)
+        strategy = self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy)
+        codec = self.codec(t.get("codec"))
         return Manifest(
             job=job,
             rounds=rounds,
             seed=seed,
             broker=self.broker(t["broker"]) if t.get("broker") is not None else None,
-            codec=self.codec(t.get("codec")),
-            strategy=self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
+            codec=codec,
+            strategy=strategy,
             selector=self.plugin(t.get("selector", "all"), "selector", make_selector),
             round=rnd,
             evaluate=self.evaluate(t.get("evaluate")),
@@ -516,6 +526,7 @@ class _Parser:
             population=population,
             store=self.store(t.get("store"), nodes),
             checkpoint=self.checkpoint(t.get("checkpoint")),
+            groups=parse_groups(self, t.get("groups"), nodes, rnd, strategy, codec, population),
         )
 
     def checkpoint(self, value: Any) -> CheckpointSpec:
@@ -898,7 +909,7 @@ class _Parser:
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
                     "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
-                    "checkpoint", "store")
+                    "checkpoint", "store", "groups")
 
 
 def _fields(cls: type) -> tuple[str, ...]:
@@ -927,9 +938,11 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
             children.setdefault(n.parent, []).append(n.id)
     # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
     ckpt = m.checkpointer
+    rings = {member: (g.id, g.members) for g in m.groups for member in g.members}
     return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
-                              checkpointer=ckpt.id if ckpt is not None else None)
+                              checkpointer=ckpt.id if ckpt is not None else None,
+                              ring=rings.get(n.id))
             for n in m.nodes}
 
 
@@ -973,6 +986,9 @@ def describe(m: Manifest) -> str:
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]
+    for g in m.groups:
+        lines.append(f"group     {g.id}: {g.mode} of {len(g.members)} under {g.parent} "
+                     f"({_preview(g.members, 4)}), step timeout {g.step_timeout_s:g}s")
     if m.population is not None:
         p = m.population
         lines.append(f"population {p.clients} virtual clients ({p.prefix}0..), {p.per_round} a "

@@ -1,0 +1,199 @@
+"""Hybrid ring groups on the memory bus: the star's model, the manifest and the wiring, and
+hostile ring messages."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedbus import topics
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import Envelope, encode
+from fedbus.errors import ManifestError
+from fedbus.manifest import Manifest, compile_wiring, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services.aggregator import Aggregator
+from fedbus.services.ring import RING, RingMember
+
+TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
+GROUPS = [{"id": "ring-a", "members": ["t0", "t1", "t2"]},
+          {"id": "ring-b", "mode": "ring", "members": ["t4", "t3"], "step_timeout_s": 5}]
+
+
+def manifest(groups: list[dict[str, Any]] | None = None, rounds: int = 3,
+             task: dict[str, Any] | None = None, **extra: Any) -> Manifest:
+    data: dict[str, Any] = {
+        "version": 1, "job": "toy", "rounds": rounds, "seed": 9, "task": task or TASK,
+        "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 6, "start_timeout_s": 10},
+        "nodes": [{"id": "agg", "role": "aggregator"}],
+        "trainers": {"count": 6, "prefix": "t"}, **extra,
+    }
+    if groups is not None:
+        data["groups"] = groups
+    return parse_manifest(data)
+
+
+async def federate(m: Manifest, *, broker: MemoryBroker | None = None,
+                   buses: dict[str, Any] | None = None) -> tuple[Aggregator, dict[str, Any]]:
+    broker = broker or MemoryBroker()
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        bus = (buses or {}).get(n.id) or make_bus(m, n, memory=broker)
+        await bus.__aenter__()
+        services[n.id] = build_node(m, n.id, bus)
+    agg = services.pop("agg")
+    async with asyncio.timeout(30):
+        tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
+        await agg.run()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return agg, services
+
+
+async def test_fedavg_with_ring_groups_gives_the_flat_stars_model() -> None:
+    # Prepare / Execute: the same six trainers, flat and with two ring groups
+    star, _ = await federate(manifest())
+    hybrid, services = await federate(manifest(GROUPS))
+    # Assert: the groups' summed updates are FedAvg's (to float rounding)
+    np.testing.assert_allclose(hybrid.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
+    assert [r.accepted for r in hybrid.history] == [[f"t{i}" for i in range(6)]] * 3
+    assert [r.examples for r in hybrid.history] == [r.examples for r in star.history]
+    # every ring committed by its first member, the others covered, nobody fell back
+    a0, a1, b4 = services["t0"], services["t1"], services["t4"]
+    assert isinstance(a0, RingMember) and isinstance(a1, RingMember)
+    assert a0.outcomes == {"committed": 3} and a1.outcomes == {"covered": 3}
+    assert b4.outcomes == {"committed": 3}  # rank is the manifest's order, not the id's
+    assert all(s.rejections.total == 0 for s in services.values())
+    assert hybrid.rejections.total == 0
+
+
+async def test_a_member_lost_mid_ring_makes_its_group_fall_back_and_the_round_completes()\
+        -> None:
+    # Prepare: t1 trains slowly; t2 (after t1 in the ring) dies after its first ring step
+    m = manifest(GROUPS, rounds=2, task={**TASK, "params": {
+        **TASK["params"], "speeds": [0.0, 0.5, 0.0, 0.0, 0.0, 0.0]}},
+        round={"deadline_s": 10, "quorum": 0.5, "min_clients": 6, "start_timeout_s": 10})
+    broker = MemoryBroker()
+    buses = {n.id: make_bus(m, n, memory=broker) for n in m.nodes}
+
+    async def kill_t2_after_its_first_step() -> None:
+        async with MemoryBus(broker, "watcher") as watch, watch.subscribe(
+                topics.ring("toy", "ring-a", "t0", "t2")) as sub:
+            await sub.get(timeout=20)
+            await buses["t2"].kill()  # its will: t0 and t1 hear it at once
+
+    # Execute
+    killer = asyncio.create_task(kill_t2_after_its_first_step())
+    agg, services = await federate(m, broker=broker, buses=buses)
+    await killer
+    # Assert: round 1 completed with the survivors uploading one by one, well before the
+    # deadline, and nobody counted twice
+    first = agg.history[0]
+    assert first.accepted == ["t0", "t1", "t3", "t4", "t5"] and first.lost == ["t2"]
+    assert first.seconds < 5
+    assert services["t0"].outcomes == {"fallback": 1, "committed": 1}  # then a ring of two
+    assert services["t1"].outcomes == {"fallback": 1, "covered": 1}
+    assert services["t4"].outcomes["committed"] == 2  # the other group was untouched
+    assert agg.history[1].accepted == ["t0", "t1", "t3", "t4", "t5"]
+
+
+async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None:
+    # Prepare: one member listening; mallory (a stranger) and t1 (a member) send garbage
+    m = manifest(GROUPS)
+    broker = MemoryBroker()
+    t0 = build_node(m, "t0", make_bus(m, m.node("t0"), memory=broker))
+    assert isinstance(t0, RingMember)
+    await t0.bus.__aenter__()
+
+    def ring_msg(sender: str, **meta: Any) -> bytes:
+        return encode(Envelope(kind=RING, job="toy", sender=sender, round=1,
+                               meta={"epoch": "e1", "group": "ring-a", "phase": "rs",
+                                     "step": 0, "chunk": 0, **meta},
+                               tensors={"c": np.ones(32, np.float32)}))
+
+    async with MemoryBus(broker, "mallory") as mallory, mallory.subscribe(
+            topics.presence("toy", "t0")) as presence:
+        task = asyncio.create_task(t0.run())
+        try:
+            await presence.get(timeout=5)  # the trainer's online: both subscriptions are open
+            # Execute
+            forged = [
+                (topics.ring("toy", "ring-a", "t0", "t5"), ring_msg("t5")),  # not a member
+                (topics.ring("toy", "ring-a", "t0", "t1"), ring_msg("t2")),  # says it is t2
+                (topics.ring("toy", "ring-a", "t0", "t1"), ring_msg("t1", group="ring-b")),
+                (topics.ring("toy", "ring-a", "t0", "t1"), b"\x00garbage"),
+                (topics.ring("toy", "ring-a", "t0", "t1"), ring_msg("t1", phase="steal")),
+            ]
+            for topic, payload in forged:
+                await mallory.publish(topic, payload)
+            async with asyncio.timeout(5):
+                while t0.rejections.total < len(forged):
+                    await asyncio.sleep(0.01)
+            # a well-formed message for a round is held for that round's ring, and once
+            # the member's ring of that round has ended a message for it is stale
+            t0._last = ("e1", 1)
+            await mallory.publish(topics.ring("toy", "ring-a", "t0", "t1"), ring_msg("t1"))
+            async with asyncio.timeout(5):
+                while t0.rejections.total < len(forged) + 1:
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    # Assert: each refused and counted by reason, nothing held for a ring
+    counts = t0.rejections.counts
+    assert counts["ring_not_member"] == 1 and counts["ring_spoofed_sender"] == 2
+    assert counts["ring_bad_kind"] == 1 and counts["ring_stale"] == 1
+    assert sum(v for k, v in counts.items() if k.startswith("ring_")) == 6
+    assert not t0._early
+
+
+def test_ring_groups_are_wired_to_exactly_their_members() -> None:
+    w = compile_wiring(manifest(GROUPS))
+    assert topics.ring_inbox("toy", "ring-a", "t1") in w["t1"].subscribe
+    assert {topics.presence("toy", "t0"), topics.presence("toy", "t2")} <= set(w["t1"].subscribe)
+    ring_pub = {t for t in w["t1"].publish if "/ring/" in t}
+    assert ring_pub == {topics.ring("toy", "ring-a", "t0", "t1"),
+                        topics.ring("toy", "ring-a", "t2", "t1")}
+    assert not any("/ring/" in t for t in w["t5"].subscribe + w["t5"].publish)
+
+
+async def test_ring_members_subscribe_and_publish_exactly_what_the_wiring_says() -> None:
+    from test_hostile import SpyBus
+
+    m = manifest(GROUPS, rounds=2)
+    broker = MemoryBroker()
+    spies = {}
+    for n in m.nodes:
+        real = make_bus(m, n, memory=broker)
+        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
+    await federate(m, broker=broker, buses=spies)
+    wiring = compile_wiring(m)
+    for node, spy in spies.items():
+        expected = {f for f in wiring[node].subscribe if "/nack/" not in f}
+        assert spy.subscribed - set(wiring[node].subscribe) == set(), node
+        assert spy.subscribed >= expected, node
+        assert spy.published <= set(wiring[node].publish), node
+    assert topics.ring("toy", "ring-a", "t1", "t0") in spies["t0"].published
+
+
+@pytest.mark.parametrize(("groups", "extra", "field"), [
+    ([{"id": "g", "members": ["t0"]}], {}, "groups[0].members"),
+    ([{"id": "g", "members": ["t0", "agg"]}], {}, "groups[0].members[1]"),
+    ([{"id": "g", "members": ["t0", "t9"]}], {}, "groups[0].members[1]"),
+    ([{"id": "g", "members": ["t0", "t1"]}, {"id": "h", "members": ["t2", "t1"]}], {},
+     "groups[1].members[1]"),
+    ([{"id": "t3", "members": ["t0", "t1"]}], {}, "groups[0].id"),
+    ([{"id": "g", "members": ["t0", "t1"], "mode": "tree"}], {}, "groups[0].mode"),
+    ([{"id": "g", "members": ["t0", "t1"], "step_timeout_s": 10}], {}, "groups[0].step_timeout_s"),
+    ([{"id": "g", "members": ["t0", "t1"]}], {"strategy": "median"}, "groups"),
+    ([{"id": "g", "members": ["t0", "t1"]}], {"codec": {"update": {"mode": "fp16"}}}, "groups"),
+])
+def test_bad_ring_groups_are_refused_by_field(groups: list[dict[str, Any]],
+                                              extra: dict[str, Any], field: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        manifest(groups, **extra)
+    assert err.value.field == field, err.value
