@@ -13,11 +13,11 @@ from fedbus import topics
 from fedbus.bus import Message
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Envelope, encode
-from fedbus.errors import ManifestError
+from fedbus.errors import ManifestError, UpdateRejected
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator
-from fedbus.services.ring import RING, RingMember
+from fedbus.services.ring import RING, RingMember, check_covers, covered
 
 TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
 GROUPS = [{"id": "ring-a", "members": ["t0", "t1", "t2"]},
@@ -187,3 +187,31 @@ def test_bad_ring_groups_are_refused_by_field(groups: list[dict[str, Any]],
     with pytest.raises(ManifestError) as err:
         manifest(groups, **extra)
     assert err.value.field == field, err.value
+
+
+GROUPS_OF_AGG = {m: frozenset({"t0", "t1", "t2"}) for m in ("t0", "t1", "t2")}
+
+
+@pytest.mark.parametrize(("sender", "meta", "accepted", "reason"), [
+    ("t5", {"covers": {"t5": 10}, "num_examples": 10}, set(), "not_in_group"),
+    ("t0", {"covers": {"t0": 10, "t3": 5}, "num_examples": 15}, set(), "ring_not_member"),
+    ("t0", {"covers": {"t1": 10}, "num_examples": 10}, set(), "bad_covers"),
+    ("t0", {"covers": {"t0": 10, "t1": 5}, "num_examples": 99}, set(), "bad_covers"),
+    ("t0", {"covers": {"t0": 10, "t1": -5}, "num_examples": 5}, set(), "bad_covers"),
+    ("t0", {"covers": ["t0"], "num_examples": 10}, set(), "bad_covers"),
+    ("t0", {"covers": {"t0": 10, "t1": 5}, "num_examples": 15}, {"t1"}, "double_count"),
+    ("t0", {"covers": {"t0": 10, "t2": 5}, "num_examples": 15}, set(), "not_selected"),
+])
+def test_the_aggregator_refuses_a_group_update_that_covers_wrongly(
+        sender: str, meta: dict[str, Any], accepted: set[str], reason: str) -> None:
+    # Execute / Assert: selected this round are t0, t1 (t2 was not), t5
+    with pytest.raises(UpdateRejected) as err:
+        check_covers(meta, sender, GROUPS_OF_AGG, {"t0", "t1", "t5"}, accepted)
+    assert err.value.reason == reason
+
+
+def test_a_right_group_update_covers_its_members() -> None:
+    meta = {"covers": {"t0": 10, "t1": 5}, "num_examples": 15}
+    check_covers(meta, "t0", GROUPS_OF_AGG, {"t0", "t1"}, set())
+    assert covered(meta, "t0", 15) == {"t0": 10, "t1": 5}
+    assert covered({"num_examples": 7}, "t5", 7) == {"t5": 7}
