@@ -13,7 +13,7 @@ from fedbus import topics
 from fedbus.bus import Message
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Envelope, encode
-from fedbus.errors import ManifestError, UpdateRejected
+from fedbus.errors import BusError, ManifestError, UpdateRejected
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator
@@ -100,6 +100,32 @@ async def test_a_member_lost_mid_ring_makes_its_group_fall_back_and_the_round_co
     assert services["t1"].outcomes == {"fallback": 1, "covered": 1}
     assert services["t4"].outcomes["committed"] == 2  # the other group was untouched
     assert agg.history[1].accepted == ["t0", "t1", "t3", "t4", "t5"]
+
+
+class DiesBeforeUploading(MemoryBus):
+    """A node that crashes the moment it would upload (its will fires)."""
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if "/update/" in topic:
+            await self.kill()
+            raise BusError("crashed")
+        await super().publish(topic, payload, retain=retain)
+
+
+async def test_a_committer_lost_after_the_ring_is_replaced_by_the_next_member_by_rank() -> None:
+    # Prepare: t0 (ring-a's committer) crashes once the ring is done, before it uploads
+    m = manifest(GROUPS, rounds=1)
+    broker = MemoryBroker()
+    real = make_bus(m, m.node("t0"), memory=broker)
+    buses = {"t0": DiesBeforeUploading(broker, "t0", will=real.will, birth=real.birth)}
+    # Execute
+    star, _ = await federate(manifest(rounds=1))
+    agg, services = await federate(m, broker=broker, buses=buses)
+    # Assert: t1 held the whole sum too and committed it, t0's contribution included
+    assert agg.history[0].accepted == [f"t{i}" for i in range(6)]
+    assert services["t1"].outcomes == {"committed": 1}
+    assert services["t2"].outcomes == {"covered": 1}
+    np.testing.assert_allclose(agg.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
 
 
 async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None:

@@ -235,8 +235,8 @@ class RingMember:
                     vec[cut[into]] += got
                 else:
                     vec[cut[into]] = got
-                _merge(examples, env.meta.get("examples"), r.ring)
-                _merge(losses, env.meta.get("losses"), r.ring)
+                _merge(examples, env.meta.get("examples"), r.ring, int)
+                _merge(losses, env.meta.get("losses"), r.ring, float)
         if set(examples) != set(r.ring):
             raise _Abandon(f"example counts missing for {sorted(set(r.ring) - set(examples))}")
         # Everyone holds the sum now: the first member commits, or the first live one by
@@ -319,10 +319,8 @@ class RingMember:
                 raise _Abandon(f"{who} abandoned the ring: {env.meta.get('reason', '')}",
                                tell=False)
             if got == _COMMIT:
-                if who != self._committer(r):
-                    self.rejections.reject("ring_bad_commit", "commit from a member that is "
-                                           "not the committer", sender=who, round=r.number)
-                    continue
+                # from the committer, or from the member that took over when it went offline
+                # (perhaps before this member heard of that): the group's update is up
                 r.committed = True
                 if sender is None:
                     return env
@@ -450,14 +448,14 @@ class RingMember:
         return levels[2]
 
 
-def _merge(into: dict[Any, Any], more: Any, ring: tuple[str, ...]) -> None:
+def _merge(into: dict[str, Any], more: Any, ring: tuple[str, ...], kind: type) -> None:
     """Fold a message's known per-member numbers into ours (members of the ring only)."""
     if not isinstance(more, dict):
         return
     for k, v in more.items():
         if k in ring and isinstance(v, (int, float)) and not isinstance(v, bool) \
-                and math.isfinite(v) and v >= 0:
-            into.setdefault(k, v)
+                and math.isfinite(v) and v >= 0 and (kind is float or isinstance(v, int)):
+            into.setdefault(k, kind(v))
 
 
 # --- the aggregator's side -------------------------------------------------------------------
