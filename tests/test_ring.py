@@ -134,11 +134,11 @@ async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None
     t0 = build_node(m, "t0", make_bus(m, m.node("t0"), memory=MemoryBroker()))
     assert isinstance(t0, RingMember)
 
-    def ring_msg(sender: str, round: int = 1, **meta: Any) -> bytes:
+    def ring_msg(sender: str, round: int = 1, size: int = 32, **meta: Any) -> bytes:
         return encode(Envelope(kind=RING, job="toy", sender=sender, round=round,
                                meta={"epoch": "e1", "group": "ring-a", "phase": "rs",
                                      "step": 0, "chunk": 0, **meta},
-                               tensors={"c": np.ones(32, np.float32)}))
+                               tensors={"c": np.ones(size, np.float32)}))
 
     from_t1 = topics.ring("toy", "ring-a", "t0", "t1")
     forged = [
@@ -149,6 +149,7 @@ async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None
         (from_t1, ring_msg("t1", phase="steal")),
         (topics.ring("toy", "ring-a", "t2", "t1"), ring_msg("t1")),  # another member's inbox
         (from_t1, ring_msg("t1", round=99)),  # beyond the job's rounds
+        (from_t1, ring_msg("t1", size=1 << 20)),  # bigger than half the model: never a chunk
     ]
     # Execute
     for topic, payload in forged:
@@ -163,6 +164,7 @@ async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None
     assert counts["ring_not_member"] == 1 and counts["ring_spoofed_sender"] == 2
     assert counts["ring_bad_kind"] == 1 and counts["ring_bad_topic"] == 1
     assert counts["ring_stale"] == 2 and counts["ring_duplicate"] == 1
+    assert sum(v for k, v in counts.items() if k.startswith("ring_too")) == 1, counts
     assert t0.rejections.total == len(forged) + 2
     assert len(t0._early) == 1
 
