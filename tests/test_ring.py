@@ -128,6 +128,37 @@ async def test_a_committer_lost_after_the_ring_is_replaced_by_the_next_member_by
     np.testing.assert_allclose(agg.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
 
 
+class LosesItsFirstUpload(MemoryBus):
+    """A node whose first update vanishes on the way (a broker restart, a lost message)."""
+
+    lost = 0
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if "/update/" in topic and not self.lost:
+            self.lost += 1
+            return
+        await super().publish(topic, payload, retain=retain)
+
+
+async def test_a_lost_group_update_is_repaired_by_the_members_own_updates() -> None:
+    # Prepare: t0's committed update for ring-a is lost; the deadline is short
+    groups = [{"id": "ring-a", "members": ["t0", "t1", "t2"]}]
+    m = manifest(groups, rounds=2, round={"deadline_s": 1.5, "quorum": 1.0, "min_clients": 6,
+                                          "start_timeout_s": 10, "loss_grace_s": 0})
+    broker = MemoryBroker()
+    real = make_bus(m, m.node("t0"), memory=broker)
+    buses = {"t0": LosesItsFirstUpload(broker, "t0", will=real.will, birth=real.birth)}
+    # Execute
+    star, _ = await federate(manifest(rounds=2))
+    agg, services = await federate(m, broker=broker, buses=buses)
+    # Assert: at the deadline the round re-asked the missing members, each sent its own
+    # update, and the round ended with everyone and the star's model
+    assert agg.history[0].accepted == [f"t{i}" for i in range(6)]
+    assert agg.history[0].seconds > 1.5
+    np.testing.assert_allclose(agg.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
+    assert services["t0"].outcomes == {"committed": 2}
+
+
 async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None:
     # Prepare: one member's ring intake; a stranger (t5) and a member (t1) send garbage
     m = manifest(GROUPS)
