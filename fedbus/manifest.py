@@ -260,14 +260,10 @@ class Manifest:
     source: str = "<string>"
     #: Virtual clients (simulation); None for a deployment with real trainers.
     population: PopulationSpec | None = None
-    store: StoreSpec = StoreSpec()
-    checkpoint: CheckpointSpec = CheckpointSpec()
     #: Hybrid ring groups of trainers (``groups:``, fedbus.services.ring).
     groups: tuple[GroupSpec, ...] = ()
-
-    def group_of(self, node_id: str) -> GroupSpec | None:
-        """The ring group ``node_id`` is a member of, if any."""
-        return next((g for g in self.groups if node_id in g.members), None)
+    store: StoreSpec = StoreSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
 
     @property
     def checkpointer(self) -> NodeSpec | None:
@@ -302,6 +298,10 @@ class Manifest:
     def num_partitions(self) -> int:
         """How many data partitions the job is split into: one per trainer."""
         return sum(1 for n in self.nodes if n.role == "trainer")
+
+    def group_of(self, node_id: str) -> GroupSpec | None:
+        """The ring group ``node_id`` is a member of, if any."""
+        return next((g for g in self.groups if node_id in g.members), None)
 
 
 def with_broker(m: Manifest, broker: BrokerSpec) -> Manifest:
@@ -489,7 +489,8 @@ class _Parser:
     # -- sections ------------------------------------------------------------
 
     def manifest(self, data: Any) -> Manifest:
-        t = self.table(data, "", _TOP_KEYS, required=("version", "job", "rounds", "task", "nodes"))
+        t = self.table(data, "", (*_TOP_KEYS, "groups"),
+                       required=("version", "job", "rounds", "task", "nodes"))
         version = t["version"]
         if isinstance(version, bool) or version != VERSION:
             self.fail("version", f"unsupported manifest version {version!r}; this fedbus reads "
@@ -508,15 +509,16 @@ class _Parser:
         rnd = self.round(t.get("round"), n_trainers)
         if population is not None:
             rnd = self._population_round(t.get("round"), rnd, population)
-        strategy = self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy)
-        codec = self.codec(t.get("codec"))
-        return Manifest(
+        groups = parse_groups(self, t.get("groups"), nodes, rnd,
+                              self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
+                              self.codec(t.get("codec")), population)
+        m = Manifest(
             job=job,
             rounds=rounds,
             seed=seed,
             broker=self.broker(t["broker"]) if t.get("broker") is not None else None,
-            codec=codec,
-            strategy=strategy,
+            codec=self.codec(t.get("codec")),
+            strategy=self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
             selector=self.plugin(t.get("selector", "all"), "selector", make_selector),
             round=rnd,
             evaluate=self.evaluate(t.get("evaluate")),
@@ -526,8 +528,8 @@ class _Parser:
             population=population,
             store=self.store(t.get("store"), nodes),
             checkpoint=self.checkpoint(t.get("checkpoint")),
-            groups=parse_groups(self, t.get("groups"), nodes, rnd, strategy, codec, population),
         )
+        return dataclasses.replace(m, groups=groups) if groups else m
 
     def checkpoint(self, value: Any) -> CheckpointSpec:
         d = CheckpointSpec()
@@ -909,7 +911,7 @@ class _Parser:
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
                     "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
-                    "checkpoint", "store", "groups")
+                    "checkpoint", "store")
 
 
 def _fields(cls: type) -> tuple[str, ...]:
