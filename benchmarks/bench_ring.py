@@ -55,6 +55,24 @@ def manifest(name: str, args: argparse.Namespace, proc: MosquittoProcess) -> Man
     return parse_manifest(data, f"<{name}>")
 
 
+def site_hybrid(args: argparse.Namespace) -> dict[str, Any]:
+    """Ring groups of ``args.group_size`` (default 5) under the root aggregator, spread over
+    ``args.groups`` site brokers bridged to the root (``brokers:``, fedbus.deploy.bridge): the
+    manifest body for bench_topology.py's ``TOPOLOGIES["hybrid"]`` (its ``_base`` added)."""
+    size, sites = getattr(args, "group_size", 5), args.groups
+    brokers: dict[str, Any] = {"root": None, **{f"site{g}": {"parent": "root"}
+                                                 for g in range(sites)}}
+    nodes: list[dict[str, Any]] = [{"id": "aggregator", "role": "aggregator", "broker": "root"}]
+    nodes += [{"id": f"t{i}", "role": "trainer", "parent": "aggregator", "partition": i,
+               "broker": f"site{i * sites // args.trainers}"} for i in range(args.trainers)]
+    rings = [{"id": f"ring{r}", "step_timeout_s": 120,
+              "members": [f"t{i}" for i in range(r * size, min(args.trainers, (r + 1) * size))]}
+             for r in range(-(-args.trainers // size))]
+    return {"brokers": brokers, "nodes": nodes, "groups": rings,
+            "round": {"deadline_s": 600, "quorum": 1.0, "min_clients": args.trainers,
+                      "start_timeout_s": 120}}
+
+
 async def _counters(proc: MosquittoProcess) -> tuple[int, int]:
     """(received, sent) bytes since the broker started, from its retained $SYS topics."""
     want = {"$SYS/broker/bytes/received": -1, "$SYS/broker/bytes/sent": -1}
