@@ -414,6 +414,10 @@ class RingMember:
                 self.rejections.reject("ring_not_member", f"{sender} is not in round "
                                        f"{r.number}'s ring", sender=sender)
                 return
+            if r.inbox.qsize() >= 2 * len(r.ring):  # a lap, aborts and commits: no more
+                self.rejections.reject("ring_flood", "more than a lap of messages waiting",
+                                       sender=sender)
+                return
             r.inbox.put_nowait((sender, env))
             return
         last = self._last
