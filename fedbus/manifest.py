@@ -31,7 +31,7 @@ from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.compress import MODES as UPDATE_MODES
 from fedbus.compress import UpdateCodec
 from fedbus.errors import BusError, ManifestError
-from fedbus.wiring import Wiring, role_wiring
+from fedbus.wiring import Wiring, role_wiring, with_ring
 from strategies.base import StrategyError
 from strategies.registry import make_selector, make_strategy
 
@@ -509,10 +509,7 @@ class _Parser:
         rnd = self.round(t.get("round"), n_trainers)
         if population is not None:
             rnd = self._population_round(t.get("round"), rnd, population)
-        groups = parse_groups(self, t.get("groups"), nodes, rnd,
-                              self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
-                              self.codec(t.get("codec")), population)
-        m = Manifest(
+        return Manifest(
             job=job,
             rounds=rounds,
             seed=seed,
@@ -526,10 +523,13 @@ class _Parser:
             nodes=nodes,
             source=self.src,
             population=population,
+            groups=parse_groups(self, t.get("groups"), nodes, rnd,
+                                self.plugin(t.get("strategy", "fedavg"), "strategy",
+                                            make_strategy),
+                                self.codec(t.get("codec")), population),
             store=self.store(t.get("store"), nodes),
             checkpoint=self.checkpoint(t.get("checkpoint")),
         )
-        return dataclasses.replace(m, groups=groups) if groups else m
 
     def checkpoint(self, value: Any) -> CheckpointSpec:
         d = CheckpointSpec()
@@ -940,12 +940,13 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
             children.setdefault(n.parent, []).append(n.id)
     # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
     ckpt = m.checkpointer
-    rings = {member: (g.id, g.members) for g in m.groups for member in g.members}
-    return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
+    wire = {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
-                              checkpointer=ckpt.id if ckpt is not None else None,
-                              ring=rings.get(n.id))
+                              checkpointer=ckpt.id if ckpt is not None else None)
             for n in m.nodes}
+    for g in m.groups:  # hybrid ring groups: their members talk among themselves too
+        wire.update((i, with_ring(wire[i], m.job, g.id, g.members)) for i in g.members)
+    return wire
 
 
 def describe(m: Manifest) -> str:

@@ -234,6 +234,10 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                         f"role {node.role!r} has no service in this version")
 
 
+def _ring_groups(m: Manifest, parent: str) -> tuple[tuple[str, ...], ...]:
+    return tuple(g.members for g in m.groups if g.parent == parent)
+
+
 def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
     """A relay: FedAvg over its children (trainers or relays), one update to its parent."""
     assert node.parent is not None
@@ -259,10 +263,6 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
                            authenticated=authenticated(m, bus), compression=_compression(m),
                            limits=_limits(m))
     return Relay(group, upward, bus)
-
-
-def _ring_groups(m: Manifest, parent: str) -> tuple[tuple[str, ...], ...]:
-    return tuple(g.members for g in m.groups if g.parent == parent)
 
 
 def _durability(m: Manifest) -> DurabilitySettings | None:

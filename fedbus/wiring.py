@@ -14,7 +14,7 @@ from typing import Final
 from fedbus import topics
 from fedbus.errors import BusError
 
-__all__ = ["KNOWN_ROLES", "Wiring", "role_wiring"]
+__all__ = ["KNOWN_ROLES", "Wiring", "role_wiring", "with_ring"]
 
 KNOWN_ROLES: Final = ("aggregator", "trainer", "relay", "checkpointer", "store", "operator")
 
@@ -51,28 +51,13 @@ def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[st
     return sub, [topics.update(job, parent, node), topics.nack(job, parent, node)]
 
 
-def _ring(job: str, node: str, ring: tuple[str, Iterable[str]] | None) -> tuple[list[str],
-                                                                           list[str]]:
-    # A ring group member (fedbus.services.ring) reads the reduce steps addressed to it and
-    # the other members' presence (a will makes the group fall back at once), and writes
-    # only to the other members of its own group.
-    if ring is None:
-        return [], []
-    group, members = ring
-    others = [m for m in members if m != node]
-    return ([topics.ring_inbox(job, group, node), *(topics.presence(job, m) for m in others)],
-            [topics.ring(job, group, m, node) for m in others])
-
-
 def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
-                children: Iterable[str] = (), checkpointer: str | None = None,
-                ring: tuple[str, Iterable[str]] | None = None) -> Wiring:
+                children: Iterable[str] = (), checkpointer: str | None = None) -> Wiring:
     """Exactly the topics ``node`` (of ``role``) subscribes to and publishes on.
 
     Aggregator and trainer are what the services do (tests/test_hostile.py spies on them);
-    the planned roles are what they will need. Every node writes its own presence. ``ring``
-    is a trainer's ring group (id, members) when it has one. Raises ``BusError`` for a role
-    this version does not know.
+    the planned roles are what they will need. Every node writes its own presence. Raises
+    ``BusError`` for a role this version does not know.
     """
     kids = tuple(children)
     presence = topics.presence(job, node)
@@ -89,9 +74,8 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
     if role == "trainer":
         assert parent is not None
         sub, pub = _toward_parent(job, node, parent)
-        ring_sub, ring_pub = _ring(job, node, ring)
         # its own presence too: a trainer contradicts a forged "offline" about itself
-        return Wiring(node, (*sub, presence, *ring_sub), (*pub, presence, *ring_pub))
+        return Wiring(node, (*sub, presence), (*pub, presence))
     if role == "relay":
         assert parent is not None
         down_sub, down_pub = _toward_children(job, node, kids)
@@ -120,3 +104,16 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
                              topics.reply(job, node)),
                       (topics.control_all(job), topics.queries_by(job, node), presence))
     raise BusError(f"role {role!r} has no wiring; known roles: {', '.join(KNOWN_ROLES)}")
+
+
+def with_ring(w: Wiring, job: str, group: str, members: Iterable[str]) -> Wiring:
+    """A trainer's wiring with what its ring group needs (fedbus.services.ring).
+
+    A member reads the reduce steps addressed to it and the other members' presence (a will
+    makes the group fall back at once), and writes only to the other members of its group.
+    """
+    others = [m for m in members if m != w.node]
+    return Wiring(w.node,
+                  (*w.subscribe, topics.ring_inbox(job, group, w.node),
+                   *(topics.presence(job, m) for m in others)),
+                  (*w.publish, *(topics.ring(job, group, m, w.node) for m in others)))

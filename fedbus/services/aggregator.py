@@ -23,9 +23,9 @@ from fedbus.bus import Bus, Subscription
 from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
+from fedbus.services import ring
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
-from fedbus.services.ring import check_covers, covered
 from fedbus.task import EvalResult
 from strategies import ClientUpdate, Selector, Strategy, Weights
 
@@ -341,7 +341,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         if sender in state.accepted:
             raise UpdateRejected("duplicate", f"second update in round {env.round}")
         if "covers" in env.meta:  # a ring group's update, for several members
-            check_covers(env.meta, sender, self._groups, state.selected, state.accepted)
+            ring.check_covers(env.meta, sender, self._groups, state.selected, state.accepted)
         return 0
 
     def fold(self, update: ClientUpdate, env: Envelope) -> None:
@@ -350,7 +350,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self.strategy.accumulate(update)
         sender, n = update.sender, update.num_examples
         state.examples += n
-        for member in covered(env.meta, sender, n):  # a ring group's update covers several
+        for member in ring.covered(env.meta, sender, n):  # a ring group's update covers several
             state.pending.discard(member)
             state.lost.discard(member)  # reported offline, yet it delivered: it counts
             state.accepted.add(member)
