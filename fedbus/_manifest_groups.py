@@ -15,10 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from fedbus.wiring import Wiring, with_ring
+
 if TYPE_CHECKING:
     from fedbus.manifest import CodecSpec, NodeSpec, PluginSpec, RoundSpec, _Parser
 
-__all__ = ["RING_STRATEGIES", "GroupSpec", "parse_groups"]
+__all__ = ["RING_STRATEGIES", "GroupSpec", "parse_groups", "ring_wiring"]
 
 #: Synchronous strategies whose aggregate is the example-weighted mean of the deltas (then perhaps a
 #: server optimiser step): a group's one update of sum(n_i * delta_i) / sum(n_i) carrying
@@ -99,3 +101,10 @@ def parse_groups(p: _Parser, value: Any, nodes: Sequence[NodeSpec], rnd: RoundSp
         out.append(GroupSpec(id=gid, members=ids, parent=parent, step_timeout_s=timeout))
     return tuple(out)
 
+
+def ring_wiring(job: str, groups: Sequence[GroupSpec],
+                wiring: dict[str, Wiring]) -> dict[str, Wiring]:
+    """``compile_wiring``'s table with each group member's ring topics added to its own."""
+    for g in groups:
+        wiring.update((m, with_ring(wiring[m], job, g.id, g.members)) for m in g.members)
+    return wiring

@@ -26,12 +26,12 @@ from typing import Any, Final, Literal, NoReturn, cast
 import yaml
 
 from fedbus import topics
-from fedbus._manifest_groups import GroupSpec, parse_groups
+from fedbus._manifest_groups import GroupSpec, parse_groups, ring_wiring
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.compress import MODES as UPDATE_MODES
 from fedbus.compress import UpdateCodec
 from fedbus.errors import BusError, ManifestError
-from fedbus.wiring import Wiring, role_wiring, with_ring
+from fedbus.wiring import Wiring, role_wiring
 from strategies.base import StrategyError
 from strategies.registry import make_selector, make_strategy
 
@@ -302,6 +302,10 @@ class Manifest:
     def group_of(self, node_id: str) -> GroupSpec | None:
         """The ring group ``node_id`` is a member of, if any."""
         return next((g for g in self.groups if node_id in g.members), None)
+
+    def groups_under(self, parent: str) -> tuple[tuple[str, ...], ...]:
+        """The members (by rank) of each ring group whose parent is ``parent``."""
+        return tuple(g.members for g in self.groups if g.parent == parent)
 
 
 def with_broker(m: Manifest, broker: BrokerSpec) -> Manifest:
@@ -944,9 +948,7 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
                               children=children.get(n.id, ()),
                               checkpointer=ckpt.id if ckpt is not None else None)
             for n in m.nodes}
-    for g in m.groups:  # hybrid ring groups: their members talk among themselves too
-        wire.update((i, with_ring(wire[i], m.job, g.id, g.members)) for i in g.members)
-    return wire
+    return ring_wiring(m.job, m.groups, wire)
 
 
 def describe(m: Manifest) -> str:

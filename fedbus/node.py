@@ -214,7 +214,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         grace = r.loss_grace_s if r.loss_grace_s is not None else (
             0.0 if m.population is not None else LOSS_GRACE_S)
         return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
-                                           ring_groups=_ring_groups(m, node.id), **common),
+                                           ring_groups=m.groups_under(node.id), **common),
                           bus, strategy, selector,
                           weights, evaluate=evaluate)
     if node.role == "store":
@@ -234,10 +234,6 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                         f"role {node.role!r} has no service in this version")
 
 
-def _ring_groups(m: Manifest, parent: str) -> tuple[tuple[str, ...], ...]:
-    return tuple(g.members for g in m.groups if g.parent == parent)
-
-
 def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
     """A relay: FedAvg over its children (trainers or relays), one update to its parent."""
     assert node.parent is not None
@@ -255,7 +251,7 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
             gate_bytes=m.broker.chunk_bytes if m.broker else 1_000_000,
             max_update_norm=r.max_update_norm, max_examples=r.max_examples,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
-            ring_groups=_ring_groups(m, node.id),
+            ring_groups=m.groups_under(node.id),
         ),
         bus, FedAvg(), make_selector("all", {}), weights)
     check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)
