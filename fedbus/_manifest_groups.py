@@ -54,9 +54,10 @@ def parse_groups(p: _Parser, value: Any, nodes: Sequence[NodeSpec], rnd: RoundSp
         p.fail("groups", "expected a list of {id, mode, members, step_timeout_s}")
     if value and population is not None:
         p.fail("groups", "a simulated population has no ring groups; remove `groups:`")
-    if value and strategy.name not in RING_STRATEGIES:
-        p.fail("groups", f"strategy {strategy.name!r} does not fold a group's summed update "
-                         f"as its members' updates; ring groups work with "
+    why = _not_for_rings(strategy.name, strategy.params) if value else None
+    if why is not None:
+        p.fail("groups", f"{why}: a group's one summed update would not count as its "
+                         f"members' updates; ring groups work with the example-weighted "
                          f"{', '.join(sorted(RING_STRATEGIES))}")
     if value and codec.update.mode != "none":
         p.fail("groups", f"codec.update {codec.update.mode!r} is lossy per trainer; a ring sums "
@@ -108,3 +109,18 @@ def ring_wiring(job: str, groups: Sequence[GroupSpec],
     for g in groups:
         wiring.update((m, with_ring(wiring[m], job, g.id, g.members)) for m in g.members)
     return wiring
+
+
+def _not_for_rings(name: str, params: Mapping[str, Any]) -> str | None:
+    """Why a strategy cannot take ring groups' updates; None when it can."""
+    if name not in RING_STRATEGIES:
+        return f"strategy {name!r}"
+    if params.get("weighted", True) is False:
+        return f"strategy {name!r} with weighted: false (one vote per update)"
+    if name == "dp_client":  # the server side is the wrapped strategy's
+        inner = params.get("strategy")
+        if isinstance(inner, str):
+            return _not_for_rings(inner, {})
+        if isinstance(inner, Mapping):
+            return _not_for_rings(str(inner.get("name")), inner.get("params") or {})
+    return None

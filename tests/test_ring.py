@@ -72,6 +72,26 @@ async def test_fedavg_with_ring_groups_gives_the_flat_stars_model() -> None:
     assert hybrid.rejections.total == 0
 
 
+async def test_a_ring_group_under_a_relay_gives_the_flat_stars_model() -> None:
+    # Prepare: t0..t2 in a ring under relay r0, t3..t5 plain under relay r1
+    m = parse_manifest({
+        "version": 1, "job": "toy", "rounds": 3, "seed": 9, "task": TASK,
+        "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 2, "start_timeout_s": 10},
+        "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "r0", "role": "relay"},
+                  {"id": "r1", "role": "relay"},
+                  *({"id": f"t{i}", "role": "trainer", "parent": f"r{i // 3}", "partition": i}
+                    for i in range(6))],
+        "groups": [{"id": "ring-a", "members": ["t0", "t1", "t2"]}],
+    })
+    # Execute
+    star, _ = await federate(manifest())
+    tree, services = await federate(m)
+    # Assert: the relay counted the covered members and the root's model is the star's
+    np.testing.assert_allclose(tree.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
+    assert [r.accepted for r in services["r0"].history] == [["t0", "t1", "t2"]] * 3
+    assert services["t0"].outcomes == {"committed": 3}
+
+
 async def test_a_member_lost_mid_ring_makes_its_group_fall_back_and_the_round_completes()\
         -> None:
     # Prepare: t1 trains slowly; t2 (after t1 in the ring) dies after its first ring step
@@ -239,6 +259,12 @@ async def test_ring_members_subscribe_and_publish_exactly_what_the_wiring_says()
     ([{"id": "g", "members": ["t0", "t1"], "mode": "tree"}], {}, "groups[0].mode"),
     ([{"id": "g", "members": ["t0", "t1"], "step_timeout_s": 10}], {}, "groups[0].step_timeout_s"),
     ([{"id": "g", "members": ["t0", "t1"]}], {"strategy": "median"}, "groups"),
+    ([{"id": "g", "members": ["t0", "t1"]}],
+     {"strategy": {"name": "fedavg", "params": {"weighted": False}}}, "groups"),
+    ([{"id": "g", "members": ["t0", "t1"]}],
+     {"strategy": {"name": "dp_client", "params": {
+         "strategy": {"name": "trimmed_mean", "params": {}}, "noise_multiplier": 0.1,
+         "clipping_norm": 1.0}}}, "groups"),
     ([{"id": "g", "members": ["t0", "t1"]}], {"codec": {"update": {"mode": "fp16"}}}, "groups"),
 ])
 def test_bad_ring_groups_are_refused_by_field(groups: list[dict[str, Any]],
