@@ -391,6 +391,8 @@ class Trainer:
             self._resent = 0
         if ring is not None and vec is not None:
             # summed with the ring group; if the ring fails, this payload is delivered alone
+            self._log.info("update_to_ring", round=env.round, examples=result.num_examples,
+                           seconds=round(duration, 3), bytes=len(payload))
             await ring.reduce(env, epoch, vec, result, payload)
             return
         gated = await self._deliver(env.round, epoch, payload,
