@@ -1,6 +1,6 @@
 """Bytes through the broker per round: the star vs hybrid ring groups on the same one broker.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_ring.py [--trainers 50] [--params 1000000]
+    .venv/bin/python -m benchmarks.bench_ring [--trainers 50] [--params 1000000]
         [--group-size 5] [--rounds 3] [--topologies star,hybrid]
 
 star: one mosquitto, the aggregator and every trainer on it. hybrid: the same, with the
