@@ -1,18 +1,20 @@
-"""Bytes through each broker per round: a star vs a two-level hierarchy over bridged brokers.
+"""Bytes through each broker per round: star vs two-level hierarchy vs hybrid ring groups.
 
-    .venv/bin/python benchmarks/bench_topology.py [--trainers 50] [--params 1000000]
-        [--groups 5] [--rounds 3] [--topologies star,hierarchy]
+    .venv/bin/python -m benchmarks.bench_topology [--trainers 50] [--params 1000000]
+        [--groups 5] [--rounds 3] [--topologies star,hierarchy,hybrid]
 
 star: one mosquitto, the aggregator and every trainer on it. hierarchy: the aggregator on a
 root mosquitto; ``--groups`` site mosquittos, each bridged to the root (bridge generated from
-the manifest, fedbus.deploy.bridge) and holding one relay with its share of the trainers. Every
+the manifest, fedbus.deploy.bridge) and holding one relay with its share of the trainers.
+hybrid: the aggregator on the root mosquitto, trainers spread over the ``--groups`` bridged site
+brokers in ring groups of 5 (benchmarks/bench_ring.py ``site_hybrid``): the ring's reduce
+traffic stays on each site broker and one group update a ring crosses to the root. Every
 node runs in this process on its own connection; the model is the numpy toy task with
 ``--params`` float32 parameters, uncompressed (codec level 0: the bytes are the model's).
 
 Each broker's own counters are read: mosquitto's ``$SYS/broker/bytes/received`` and ``/sent``
 (every byte of every MQTT packet, bridges included), before the nodes connect and after the
-job, divided by the rounds. (A hybrid ring topology can be added to ``TOPOLOGIES`` once ring
-groups exist in the manifest.) Every broker started here is stopped in a ``finally``.
+job, divided by the rounds. Every broker started here is stopped in a ``finally``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import aiomqtt
 
+from benchmarks.bench_ring import site_hybrid
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 from fedbus.deploy.local import spawn_bridged
 from fedbus.log import configure_logging
@@ -71,8 +74,12 @@ def hierarchy(args: argparse.Namespace) -> dict[str, Any]:
                       "start_timeout_s": 120}}
 
 
+def hybrid(args: argparse.Namespace) -> dict[str, Any]:
+    return {**_base(args), **site_hybrid(args)}
+
+
 TOPOLOGIES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "star": star, "hierarchy": hierarchy}
+    "star": star, "hierarchy": hierarchy, "hybrid": hybrid}
 
 
 async def _counters(proc: MosquittoProcess) -> tuple[int, int]:
@@ -151,7 +158,7 @@ def main() -> None:
     p.add_argument("--params", type=int, default=1_000_000)
     p.add_argument("--groups", type=int, default=5, help="site brokers (relays) of the hierarchy")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--topologies", default="star,hierarchy",
+    p.add_argument("--topologies", default="star,hierarchy,hybrid",
                    help=f"comma-separated, of: {', '.join(TOPOLOGIES)}")
     args = p.parse_args()
     configure_logging(level="warning")  # the table on stdout, problems only on stderr
@@ -174,6 +181,9 @@ def main() -> None:
     if "star" in root and "hierarchy" in root:
         print(f"\nroot broker: star / hierarchy = {root['star'] / root['hierarchy']:.1f}x "
               f"(fan-in {args.trainers / args.groups:g})")
+    if "star" in root and "hybrid" in root:
+        print(f"root broker: star / hybrid = {root['star'] / root['hybrid']:.1f}x "
+              f"(ring groups of 5: {-(-args.trainers // 5)} group updates a round)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, NoReturn, cast
 import yaml
 
 from fedbus import topics
+from fedbus._manifest_groups import GroupSpec, parse_groups, ring_wiring
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.compress import MODES as UPDATE_MODES
 from fedbus.compress import UpdateCodec
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointSpec",
     "CodecSpec",
     "EvalSpec",
+    "GroupSpec",
     "Manifest",
     "NodeSpec",
     "PluginSpec",
@@ -279,6 +281,8 @@ class Manifest:
     source: str = "<string>"
     #: Virtual clients (simulation); None for a deployment with real trainers.
     population: PopulationSpec | None = None
+    #: Hybrid ring groups of trainers (``groups:``, fedbus.services.ring).
+    groups: tuple[GroupSpec, ...] = ()
     store: StoreSpec = StoreSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     #: Several brokers bridged into a tree (``brokers:``), by name; empty with one broker.
@@ -318,6 +322,14 @@ class Manifest:
     def num_partitions(self) -> int:
         """How many data partitions the job is split into: one per trainer."""
         return sum(1 for n in self.nodes if n.role == "trainer")
+
+    def group_of(self, node_id: str) -> GroupSpec | None:
+        """The ring group ``node_id`` is a member of, if any."""
+        return next((g for g in self.groups if node_id in g.members), None)
+
+    def groups_under(self, parent: str) -> tuple[tuple[str, ...], ...]:
+        """The members (by rank) of each ring group whose parent is ``parent``."""
+        return tuple(g.members for g in self.groups if g.parent == parent)
 
 
 def with_broker(m: Manifest, broker: BrokerSpec) -> Manifest:
@@ -514,7 +526,8 @@ class _Parser:
     # -- sections ------------------------------------------------------------
 
     def manifest(self, data: Any) -> Manifest:
-        t = self.table(data, "", _TOP_KEYS, required=("version", "job", "rounds", "task", "nodes"))
+        t = self.table(data, "", (*_TOP_KEYS, "groups"),
+                       required=("version", "job", "rounds", "task", "nodes"))
         version = t["version"]
         if isinstance(version, bool) or version != VERSION:
             self.fail("version", f"unsupported manifest version {version!r}; this fedbus reads "
@@ -565,6 +578,10 @@ class _Parser:
             nodes=nodes,
             source=self.src,
             population=population,
+            groups=parse_groups(self, t.get("groups"), nodes, rnd,
+                                self.plugin(t.get("strategy", "fedavg"), "strategy",
+                                            make_strategy),
+                                self.codec(t.get("codec")), population),
             store=self.store(t.get("store"), nodes),
             checkpoint=self.checkpoint(t.get("checkpoint")),
             brokers=brokers,
@@ -1086,10 +1103,11 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
             children.setdefault(n.parent, []).append(n.id)
     # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
     ckpt = m.checkpointer
-    return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
+    wire = {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
                               checkpointer=ckpt.id if ckpt is not None else None)
             for n in m.nodes}
+    return ring_wiring(m.job, m.groups, wire)
 
 
 def describe(m: Manifest) -> str:
@@ -1140,9 +1158,12 @@ def describe(m: Manifest) -> str:
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]
+    for g in m.groups:
+        lines.append(f"group     {g.id}: {g.mode} of {len(g.members)} under {g.parent} "
+                     f"({_preview(g.members, 4)}), step timeout {g.step_timeout_s:g}s")
     groups = [f"{n.id} {plugin(n.strategy)}" for n in m.nodes if n.strategy is not None]
     if groups:
-        lines.append(f"groups    relay strategies: {'; '.join(groups)} (others fedavg)")
+        lines.append(f"relays    group strategies: {'; '.join(groups)} (others fedavg)")
     if m.population is not None:
         p = m.population
         lines.append(f"population {p.clients} virtual clients ({p.prefix}0..), {p.per_round} a "

@@ -323,7 +323,8 @@ class _Observer:
 
     def _tap(self, event: MutableMapping[str, Any]) -> None:
         # Trainers log their fit time with each update; the round-time breakdown uses it.
-        if event.get("event") in ("update_sent", "update_ready") and "seconds" in event:
+        if event.get("event") in ("update_sent", "update_ready", "update_to_ring") \
+                and "seconds" in event:
             with contextlib.suppress(TypeError, ValueError):
                 self._fit_s.append(float(event["seconds"]))
 
