@@ -324,3 +324,44 @@ async def test_relays_follow_a_restarted_root() -> None:
     assert second.version == 10
     assert {"t0", "t2"} <= set(second.contributions)
     assert {e.get("node") for e in logs if e["event"] == "parent_restarted"} == {"r0", "r1"}
+
+
+async def test_compressed_updates_stay_compressed_on_the_way_up() -> None:
+    # Prepare: trainers send int8 updates (codec.update); watch what the relays forward
+    m = async_tree(rounds=4, size=20_000, speeds=(0.0,))
+    m = parse_manifest({**raw(m), "codec": {"level": 0, "update": "int8"}})
+    sizes: dict[str, list[int]] = {}
+
+    async def watch_updates(broker: MemoryBroker, agg: AsyncAggregator,
+                            services: dict[str, Any],
+                            tasks: dict[str, asyncio.Task[Any]]) -> None:
+        async with MemoryBus(broker, "watcher") as bus, \
+                bus.subscribe("fedbus/v1/toy/update/+/+", topics.model("toy", "agg")) as sub:
+            async for msg in sub:
+                env = decode(msg.payload)
+                if env.kind == DONE:
+                    return
+                sizes.setdefault(topics.parse(msg.topic).levels[0], []).append(len(msg.payload))
+
+    # Execute
+    agg, _ = await federate(m, hook=watch_updates)
+    # Assert: a float32 update would be 80 kB; int8 ones are about a quarter, at both levels
+    assert agg.version == 4 and sum(agg.contributions.values()) >= 8
+    for level in ("r0", "r1", "agg"):
+        assert sizes[level] and max(sizes[level]) < 30_000, (level, sizes[level])
+
+
+def raw(m: Manifest) -> dict[str, Any]:
+    """The manifest's data again (to change a section)."""
+    return {
+        "version": 1, "job": m.job, "rounds": m.rounds, "seed": m.seed,
+        "strategy": {"name": m.strategy.name, "params": dict(m.strategy.params)},
+        "round": {"deadline_s": m.round.deadline_s, "min_clients": m.round.min_clients,
+                  "start_timeout_s": m.round.start_timeout_s},
+        "task": {"ref": m.task.ref, "params": {k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in m.task.params.items()}},
+        "nodes": [{"id": n.id, "role": n.role,
+                   **({"parent": n.parent} if n.parent else {}),
+                   **({"partition": n.partition} if n.partition is not None else {})}
+                  for n in m.nodes],
+    }

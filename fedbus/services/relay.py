@@ -25,6 +25,7 @@ import functools
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,6 +34,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Envelope, decode, encode
+from fedbus.compress import META_KEY
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
@@ -40,7 +42,6 @@ from fedbus.services._wire import (
     READY,
     ROUND,
     UPDATE,
-    join_tensors,
     presence,
     split_tensors,
 )
@@ -154,6 +155,20 @@ class Relay:
 # --------------------------------------------------------------------------- asynchronous
 
 
+@dataclass(frozen=True, slots=True)
+class _Forwarded:
+    """A checked child update waiting to go upward: its tensors as the child packed them (an
+    fp16/int8/top-k update stays that small on the way up, and is not quantized twice)."""
+
+    sender: str
+    origin: str
+    base: int
+    num_examples: int
+    metrics: dict[str, float]
+    tensors: dict[str, np.ndarray]
+    codec: Any
+
+
 class _Forward(AsyncStrategy):
     """The asynchronous relay's "strategy": it holds the parent's newest model and version
     (set by the relay when an order comes) and queues every update for forwarding; it never
@@ -166,9 +181,11 @@ class _Forward(AsyncStrategy):
         self._version = 0
         #: The parent's order config, passed on to the children (strategy knobs).
         self.config: dict[str, Any] = {}
-        #: (update, origin): child updates waiting to go upward, oldest first.
-        self.queue: deque[tuple[ClientUpdate, str]] = deque()
+        #: Child updates waiting to go upward, oldest first.
+        self.queue: deque[_Forwarded] = deque()
+        #: Set by the relay for the update being submitted: who made it, as it came.
         self.origin = ""
+        self.packed: tuple[dict[str, np.ndarray], Any] = ({}, None)
 
     def init(self, weights: Weights, version: int = 0) -> None:
         self._weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
@@ -186,7 +203,10 @@ class _Forward(AsyncStrategy):
         return dict(self.config)
 
     def submit(self, update: ClientUpdate) -> Weights | None:
-        self.queue.append((update, self.origin or update.sender))
+        tensors, codec = self.packed
+        self.queue.append(_Forwarded(update.sender, self.origin or update.sender,
+                                     update.base_round, update.num_examples,
+                                     dict(update.metrics), tensors, codec))
         return None
 
 
@@ -362,6 +382,8 @@ class AsyncRelay(AsyncAggregator):
     def fold(self, update: ClientUpdate, env: Envelope) -> None:
         origin = env.meta.get("origin") if update.sender in self.config.relays else None
         self.forward.origin = origin if isinstance(origin, str) and len(origin) <= 64 else ""
+        # the intake has decoded and checked it; what goes up is what came in
+        self.forward.packed = (dict(env.tensors), env.meta.get(META_KEY))
         super().fold(update, env)
         self._queued.add(update.sender)
 
@@ -374,20 +396,20 @@ class AsyncRelay(AsyncAggregator):
         c = self.config
         topic = topics.update(c.job, self.parent, c.node_id)
         while self._upload is None and self.forward.queue:
-            update, origin = self.forward.queue.popleft()
-            self._queued.discard(update.sender)
-            env = Envelope(
-                kind=UPDATE, job=c.job, sender=c.node_id, round=update.base_round,
-                meta={"num_examples": update.num_examples, "metrics": update.metrics,
-                      "origin": origin, "via": c.node_id},
-                tensors=join_tensors(update.delta, update.aux),
-            )
+            item = self.forward.queue.popleft()
+            self._queued.discard(item.sender)
+            meta: dict[str, Any] = {"num_examples": item.num_examples, "metrics": item.metrics,
+                                    "origin": item.origin, "via": c.node_id}
+            if item.codec is not None:
+                meta[META_KEY] = item.codec
+            env = Envelope(kind=UPDATE, job=c.job, sender=c.node_id, round=item.base,
+                           meta=meta, tensors=item.tensors)
             payload = await self._offload(functools.partial(encode, env, c.compression))
             if len(payload) > c.gate_bytes:
-                self._upload = (update.base_round, payload)
+                self._upload = (item.base, payload)
                 self._upload_since = time.monotonic()
                 ready = Envelope(kind=READY, job=c.job, sender=c.node_id,
-                                 round=update.base_round, meta={"bytes": len(payload)})
+                                 round=item.base, meta={"bytes": len(payload)})
                 await self.bus.publish(topic, encode(ready))
                 return
             await self.bus.publish(topic, payload)
