@@ -13,10 +13,10 @@ from structlog.testing import capture_logs
 
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
-from fedbus.codec import decode
+from fedbus.codec import decode, encode
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import DONE, GRANT
+from fedbus.services._wire import DONE, GRANT, presence
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.services.relay import AsyncRelay
 from strategies import ClientUpdate, FedBuff, Weights
@@ -365,3 +365,38 @@ def raw(m: Manifest) -> dict[str, Any]:
                    **({"partition": n.partition} if n.partition is not None else {})}
                   for n in m.nodes],
     }
+
+
+async def test_a_relay_that_missed_its_model_is_sent_it_again() -> None:
+    # Prepare: only r1's group can train (r0 has no trainers running); r1 is online but
+    # starts listening only after the root sent it the model, which is lost
+    m = async_tree(rounds=6, speeds=(0.01,), deadline_s=0.5, min_clients=1)
+    broker = MemoryBroker()
+    services: dict[str, Any] = {}
+    for n in m.nodes:
+        if n.id in ("t0", "t1", "r0"):
+            continue
+        bus = make_bus(m, n, memory=broker)
+        await bus.__aenter__()
+        services[n.id] = build_node(m, n.id, bus)
+    agg = services.pop("agg")
+    r1 = services.pop("r1")
+    await r1.bus.publish(topics.presence("toy", "r1"),
+                         encode(presence("toy", "r1", "relay", "online")), retain=True)
+    # Execute
+    with capture_logs() as logs:
+        async with asyncio.timeout(30), MemoryBus(broker, "ear") as ear, \
+                ear.subscribe(topics.work("toy", "r1", "agg")) as orders:
+            tasks = [asyncio.create_task(s.run()) for s in services.values()]
+            run = asyncio.create_task(agg.run())
+            await orders.get(timeout=10)  # the root sent r1 its model: nobody there heard it
+            tasks.append(asyncio.create_task(r1.run()))
+            await run
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    # Assert: silent for a deadline, r1 was sent the model again and its group did the job
+    assert agg.version == 6
+    assert agg.contributions["t2"] >= 1, agg.contributions
+    sent = [e for e in logs if e["event"] == "work_dispatched" and e.get("relays") == ["r1"]]
+    assert sent[1]["version"] == 0  # the same version, once more

@@ -144,6 +144,9 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         #: Per relay, the versions sent to it (bounded) and the newest one (None: to send).
         self._relay_sent: dict[str, OrderedDict[int, None]] = {}
         self._relay_version: dict[str, int] = {}
+        #: When each relay was last sent a model or last forwarded an update: silent for a
+        #: deadline, it is sent the newest model again (the last one may have been lost).
+        self._relay_active: dict[str, float] = {}
         self._dispatches = 0
         self._idle_since: float | None = None
         self._period = _Period(started=time.monotonic())
@@ -189,10 +192,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
 
     async def _step(self, sub: Subscription) -> None:
         c = self.config
-        if self._assigned:
-            wait = min(a.sent_at for a in self._assigned.values()) + c.deadline_s
-        elif self._relays_busy:
-            wait = time.monotonic() + c.deadline_s  # wake now and then; presence says more
+        if self._assigned or self._relays_busy:
+            wait = min([a.sent_at + c.deadline_s for a in self._assigned.values()]
+                       + [t + c.deadline_s for r, t in self._relay_active.items()
+                          if r in self.online])
         else:
             wait = (self._idle_since or time.monotonic()) + c.start_timeout_s
         timeout = max(0.0, wait - time.monotonic())
@@ -261,14 +264,15 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     async def _refill(self) -> None:
         """Start work on idle trainers, as many as the selector wants, from the newest model."""
         c = self.config
+        now = time.monotonic()
         relays = [r for r in sorted(self.online & c.relays)
-                  if self._relay_version.get(r) != self.version]
+                  if self._relay_version.get(r) != self.version
+                  or now - self._relay_active.get(r, now) >= c.deadline_s]
         live = sorted((self.online & c.trainers) - c.relays - self._held_back())
         picked = self.selector.select(live, self.version) if live else []
         new = sorted(set(picked) & set(live) - set(self._assigned))
         if not new and not relays:
             return
-        now = time.monotonic()
         for node in new:
             self._assigned[node] = _Assignment(self.version, now)
         for relay in relays:
@@ -277,6 +281,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             while len(sent) > _RELAY_VERSIONS:
                 sent.popitem(last=False)
             self._relay_version[relay] = self.version
+            self._relay_active[relay] = now
         self._period.selected.update(new, relays)
         await self._send_work(sorted([*new, *relays]))
         self._log.debug("work_dispatched", version=self.version, nodes=new, relays=relays,
@@ -401,6 +406,8 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             del self._given_up[sender][env.round]
             self._log.info("late_update_accepted", node=sender, base_version=env.round,
                            staleness=staleness)
+        if source == "relay":
+            self._relay_active[sender] = now
         # through a relay: the trainer that did the work is named in the update
         origin = env.meta.get("origin") if source == "relay" else None
         who = origin if isinstance(origin, str) and len(origin) <= 64 else sender
