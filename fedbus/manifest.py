@@ -170,6 +170,12 @@ class StoreSpec:
     evaluate: bool = True
     #: Stop when the job is done (``fedbus run``); false keeps answering queries.
     exit_on_done: bool = True
+    #: Nice value (0-19) of the store's recording thread: it yields the CPU to training.
+    work_nice: int = 10
+    #: Leave-one-out and Shapley values of each closed round computed in idle time.
+    precompute: bool = True
+    #: Shapley permutations of that precomputation (the contribution query's default).
+    precompute_permutations: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -725,6 +731,9 @@ class _Parser:
             evaluate=self.boolean(t.get("evaluate", d.evaluate), "store.evaluate"),
             exit_on_done=self.boolean(t.get("exit_on_done", d.exit_on_done),
                                       "store.exit_on_done"),
+            work_nice=count("work_nice", 0, 19),
+            precompute=self.boolean(t.get("precompute", d.precompute), "store.precompute"),
+            precompute_permutations=count("precompute_permutations", 1, 10_000),
         )
 
     def evaluate(self, value: Any) -> EvalSpec:

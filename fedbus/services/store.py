@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import structlog
@@ -40,7 +43,7 @@ from fedbus.services.intake import (
 )
 from fedbus.store.cache import RedisCache
 from fedbus.store.repository import Retention, RoundStore
-from fedbus.store.sketch import Sketcher, cosine, dot, norm
+from fedbus.store.sketch import Sketcher, cosine, dot, dot32, norm
 from fedbus.store.workloads import Workloads, digest
 from fedbus.task import Task
 
@@ -48,6 +51,7 @@ __all__ = ["QUERY", "REPLY", "StoreConfig", "StoreService", "TaskUtility",
            "store_from_manifest"]
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 QUERY: Final = "query"  # anyone -> store (query/<store>/<sender>): {workload, args}
 REPLY: Final = "reply"  # store -> requester (reply/<sender>): {request_id, ok, result|error}
@@ -72,6 +76,13 @@ class StoreConfig:
     backlog_bytes: int = 512 << 20
     exit_on_done: bool = True
     max_queries: int = 4
+    #: Nice value of the thread that decodes, sketches and writes (Linux: per thread), so
+    #: that on a shared host the store yields the CPU to the aggregator and the trainers.
+    work_nice: int = 10
+    #: After each round closes, compute its leave-one-out and Shapley values in idle time
+    #: (a thread at nice 19), so that debugging and contribution queries are lookups.
+    precompute: bool = True
+    precompute_permutations: int = 32
     max_examples: int = 1 << 40
     limits: Limits = Limits()
     compression: Compression = Compression()
@@ -137,6 +148,21 @@ class StoreService:
         self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
         self._queries: set[asyncio.Task[None]] = set()
         self._log = log.bind(node=config.node_id, role="store", job=config.job)
+        # Disk writes fsync at the round's record (its commit point), not per file.
+        store.disk.deferred = True
+        # One worker for the recording (in order, at lower priority), one for idle work.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-work",
+                                        initializer=lower_priority, initargs=(config.work_nice,))
+        self._idle_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-idle",
+                                             initializer=lower_priority, initargs=(19,))
+        #: Closed rounds waiting for their precomputed values (newest first; bounded).
+        self._precompute_due: deque[int] = deque(maxlen=2)
+        self._precompute_task: asyncio.Task[None] | None = None
+
+    async def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn`` on the store's own low-priority worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                functools.partial(fn, *args))
 
     # --- main loop ------------------------------------------------------------------------
     async def run(self) -> dict[str, int]:
@@ -158,11 +184,16 @@ class StoreService:
                 for task in finished:
                     task.result()  # a crash in either loop surfaces here
             finally:
-                for task in (receiver, writer, *self._queries):
+                tasks = [receiver, writer, *self._queries]
+                if self._precompute_task is not None:
+                    tasks.append(self._precompute_task)
+                for task in tasks:
                     task.cancel()
-                for task in (receiver, writer, *self._queries):
+                for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._idle_pool.shutdown(wait=False, cancel_futures=True)
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
                 if self.store.redis is not None:
@@ -269,7 +300,7 @@ class StoreService:
     async def _decode_from_aggregator(self, msg: Message) -> Envelope | None:
         try:
             if len(msg.payload) >= OFFLOAD_BYTES:
-                env = await asyncio.to_thread(decode, msg.payload, self.config.limits)
+                env = await self._work(decode, msg.payload, self.config.limits)
             else:
                 env = decode(msg.payload, self.config.limits)
         except CodecError as exc:
@@ -298,10 +329,10 @@ class StoreService:
         weights = {k: v for k, v in weights.items()}
         for prev in sorted(self._open):
             await self._close(self._open.pop(prev), weights if prev == number - 1 else None)
-        state = _Open(number, weights, await asyncio.to_thread(digest, weights),
+        state = _Open(number, weights, await self._work(digest, weights),
                       selected=selected)
         self._open[number] = state
-        frames = await asyncio.to_thread(self.store.write_model, number, weights)
+        frames = await self._work(self.store.write_model, number, weights)
         await self.store.share(frames)
         early, self._early = self._early, []
         for msg in early:
@@ -314,7 +345,7 @@ class StoreService:
             state.report = report
         elif env.round in self.store.records:  # late: the round's record is already written
             record = {**self.store.records[env.round], "report": report}
-            await asyncio.to_thread(self.store.write_record, env.round, record)
+            await self._work(self.store.write_record, env.round, record)
 
     def _latest_open(self) -> _Open | None:
         return self._open[max(self._open)] if self._open else None
@@ -368,7 +399,7 @@ class StoreService:
             "selected": sender in state.selected,
         }
         info["norm"] = round(size, 8)
-        sketch, frames = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
+        sketch, frames = await self._work(self._sketch_and_write, state.number, sender,
                                                  delta, info)
         await self.store.share(frames)
         state.clients[sender] = info
@@ -385,7 +416,7 @@ class StoreService:
         limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
         try:
             if len(payload) >= OFFLOAD_BYTES:
-                env = await asyncio.to_thread(decode, payload, limits)
+                env = await self._work(decode, payload, limits)
             else:
                 env = decode(payload, limits)
         except CodecError as exc:
@@ -417,20 +448,26 @@ class StoreService:
         r = state.number
         agg_full: dict[str, np.ndarray] | None = None
         if next_model is not None and next_model.keys() == state.model.keys():
-            agg_full = {k: next_model[k].astype(np.float64) - state.model[k] for k in state.model}
+            # float32 like the models: no model-sized float64 copy
+            agg_full = {k: np.subtract(next_model[k], state.model[k], dtype=np.float32)
+                        for k in state.model}
             source = "model"
-            agg_sketch = await asyncio.to_thread(self.sketcher.sketch, agg_full)
+            agg_sketch = await self._work(self.sketcher.sketch, agg_full)
         else:
             source = "fedavg_estimate"
             total = sum(ci["num_examples"] for ci in state.clients.values()) or 1
             agg_sketch = np.zeros(self.sketcher.dim, dtype=np.float64)
             for cid, s in state.sketches.items():
                 agg_sketch += s * (state.clients[cid]["num_examples"] / total)
+        agg_norm = (await self._work(norm, agg_full) if agg_full is not None
+                    else float(np.linalg.norm(agg_sketch)))
         for cid, ci in state.clients.items():
             full = await self.store.update(r, cid) if agg_full is not None and ci["full"] \
                 else None
             if full is not None and agg_full is not None:
-                ci["cos"] = round(await asyncio.to_thread(_cos_tensors, full, agg_full), 6)
+                # the update's norm is known: one dot product per update, not three
+                ci["cos"] = round(await self._work(_cos_known, full, agg_full, ci["norm"],
+                                                   agg_norm), 6)
                 ci["cos_source"] = "exact"
             else:
                 ci["cos"] = round(cosine(state.sketches[cid], agg_sketch), 6)
@@ -439,7 +476,7 @@ class StoreService:
             "round": r,
             "selected": sorted(state.selected),
             "model_digest": state.digest,
-            "result_digest": (await asyncio.to_thread(digest, next_model)
+            "result_digest": (await self._work(digest, next_model)
                               if next_model is not None else None),
             "layers": sorted(state.model),
             "params": int(sum(v.size for v in state.model.values())),
@@ -448,20 +485,50 @@ class StoreService:
             "rejected": dict(state.rejected),
             "rejections": state.rejections,
             "report": state.report or {},
-            "aggregate": {"source": source,
-                          "norm": round(float(np.linalg.norm(agg_sketch)), 8)
-                          if agg_full is None else round(norm(agg_full), 8)},
+            "aggregate": {"source": source, "norm": round(agg_norm, 8)},
             "sketch_dim": self.sketcher.dim,
         }
-        await asyncio.to_thread(self.store.write_record, r, record)
+        await self._work(self.store.write_record, r, record)
         self._closed_upto = max(self._closed_upto, r)
-        gone = await asyncio.to_thread(self.store.apply_retention, r)
+        gone = await self._work(self.store.apply_retention, r)
         if self.store.redis is not None:
             for prefix in gone:
                 await self.store.redis.delete_prefix(prefix)
         self.stats["rounds"] += 1
         self._log.info("store_round_recorded", round=r, clients=len(state.clients),
                        aggregate=source, backlog=self.backlog)
+        self._schedule_precompute(r)
+
+    # --- idle work: per-round values, so that evaluating queries are lookups ----------------
+    def _schedule_precompute(self, r: int) -> None:
+        if not self.config.precompute or self.workloads.utility is None:
+            return
+        if not any(c.get("full") for c in self.store.records[r].get("clients", {}).values()):
+            return
+        if len(self._precompute_due) == self._precompute_due.maxlen:
+            self.stats["precompute_skipped"] += 1  # behind: the oldest waiting round goes
+        self._precompute_due.append(r)
+        if self._precompute_task is None or self._precompute_task.done():
+            self._precompute_task = asyncio.create_task(self._precompute_loop(),
+                                                        name=f"{self.config.node_id}.idle")
+
+    async def _precompute_loop(self) -> None:
+        while self._precompute_due:
+            r = self._precompute_due.pop()
+            started = time.monotonic()
+            try:
+                evaluations = await self.workloads.precompute(
+                    r, permutations=self.config.precompute_permutations,
+                    executor=self._idle_pool)
+            except FedbusError as exc:  # e.g. retention dropped the round's updates meanwhile
+                self.stats["precompute_failed"] += 1
+                self._log.warning("store_precompute_failed", round=r, error=str(exc))
+                continue
+            self.stats["precomputed"] += 1
+            self._log.info("store_round_precomputed", round=r, evaluations=evaluations,
+                           seconds=round(time.monotonic() - started, 3))
+            async with self.progress:
+                self.progress.notify_all()
 
     # --- queries --------------------------------------------------------------------------
     def _spawn_query(self, msg: Message) -> None:
@@ -523,6 +590,16 @@ class StoreService:
 
 
 
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux applies it per thread; where
+    that is not possible the thread keeps its priority)."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
 def _finite(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
@@ -538,14 +615,16 @@ def _metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _cos_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    ab = na = nb = 0.0
+def _cos_known(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], norm_a: float,
+               norm_b: float) -> float:
+    """Cosine of two updates whose norms are already known."""
+    if norm_a <= 0 or norm_b <= 0:
+        return 0.0
+    ab = 0.0
     for k in a:
         x, y = np.asarray(a[k]), np.asarray(b[k])
-        ab += dot(x, y)
-        na += dot(x, x)
-        nb += dot(y, y)
-    return ab / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+        ab += dot32(x, y) if x.dtype == y.dtype == np.float32 else dot(x, y)
+    return max(-1.0, min(1.0, ab / (norm_a * norm_b)))
 
 
 class TaskUtility:
@@ -586,5 +665,7 @@ def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None
         trainers=frozenset(t.id for t in m.trainers_of(node.parent)), seed=m.seed,
         sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
         backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done,
+        work_nice=spec.work_nice, precompute=spec.precompute,
+        precompute_permutations=spec.precompute_permutations,
         limits=limits, compression=compression)
     return StoreService(config, bus, store, workloads=Workloads(store, utility, seed=m.seed))
