@@ -938,8 +938,15 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
     ckpt = m.checkpointer
     return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
-                              checkpointer=ckpt.id if ckpt is not None else None)
+                              checkpointer=ckpt.id if ckpt is not None else None,
+                              asks_store=_ranking_store(m) if n.role == "aggregator" else None)
             for n in m.nodes}
+
+
+def _ranking_store(m: Manifest) -> str | None:
+    """The store a ``ranked`` selector asks before every round (its ``store`` parameter)."""
+    store = m.selector.params.get("store") if m.selector.name == "ranked" else None
+    return store if isinstance(store, str) else None
 
 
 def describe(m: Manifest) -> str:

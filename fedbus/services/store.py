@@ -58,6 +58,8 @@ REPLY: Final = "reply"  # store -> requester (reply/<sender>): {request_id, ok, 
 #: Queries are small: a workload name and a few arguments.
 QUERY_LIMITS: Final = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=64 << 10,
                              max_tensors=0)
+#: How long a query waits for the backlog that arrived before it to be recorded.
+QUERY_CATCH_UP_S: Final = 10.0
 _MAX_METRICS: Final = 64
 _MAX_REJECTION_LOG: Final = 100
 
@@ -147,6 +149,10 @@ class StoreService:
         #: The store's own queue gets what the subscription's half of the backlog leaves.
         self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
         self._queries: set[asyncio.Task[None]] = set()
+        #: Messages put into the backlog, and taken out and handled: a query waits until
+        #: what arrived before it is recorded (what it asks about is in the store).
+        self._enqueued = 0
+        self._handled = 0
         self._log = log.bind(node=config.node_id, role="store", job=config.job)
         # Disk writes fsync at the round's record (its commit point), not per file.
         store.disk.deferred = True
@@ -192,6 +198,7 @@ class StoreService:
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                self.workloads.stopping.set()  # a running precomputation ends at its next model
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._idle_pool.shutdown(wait=False, cancel_futures=True)
                 with contextlib.suppress(FedbusError):
@@ -252,6 +259,7 @@ class StoreService:
             self._backlog_bytes += size
             if channel in ("model", "metrics"):
                 self._vital_bytes += size
+            self._enqueued += 1
             self._backlog.put_nowait((channel, msg))
 
     async def _write_loop(self) -> None:
@@ -265,6 +273,7 @@ class StoreService:
             except FedbusError as exc:
                 self._log.error("store_write_failed", topic=msg.topic, error=str(exc))
                 self.stats["write_errors"] += 1
+            self._handled += 1
             async with self.progress:
                 self.progress.notify_all()
             if self.done.is_set() and self.config.exit_on_done:
@@ -563,6 +572,7 @@ class StoreService:
             meta.update(ok=False, error="a query needs meta.workload (str) and meta.args (map)")
         else:
             try:
+                await self._caught_up(self._enqueued)
                 result = await self.workloads.run(name, args)
                 meta.update(ok=True, result=result.data)
                 tensors = result.tensors
@@ -581,6 +591,13 @@ class StoreService:
         await self.bus.publish(topics.reply(c.job, requester), payload)
         self._log.info("query_answered", workload=name, peer=requester, ok=meta["ok"],
                        seconds=meta["seconds"])
+
+    async def _caught_up(self, upto: int) -> None:
+        """Wait (at most ``QUERY_CATCH_UP_S``) until the first ``upto`` backlog messages are
+        handled; a store far behind answers from what it has."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(QUERY_CATCH_UP_S), self.progress:
+                await self.progress.wait_for(lambda: self._handled >= upto)
 
     async def _publish_presence(self, status: str) -> None:
         c = self.config

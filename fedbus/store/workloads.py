@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
@@ -92,10 +93,14 @@ class Workloads:
         #: Per-round values already computed (idle-time precomputation or an earlier query),
         #: by (kind, round, parameters); a closed round's updates never change.
         self.derived: OrderedDict[tuple[Any, ...], RoundValues] = OrderedDict()
+        #: Set to stop a precomputation between two evaluations (the store is stopping);
+        #: queries are not affected.
+        self.stopping = threading.Event()
 
     async def round_values(self, r: int, shapley: tuple[int, float] | None = None, *,
-                           executor: Executor | None = None) -> tuple[RoundValues, RoundValues
-                                                                      | None, bool]:
+                           executor: Executor | None = None,
+                           stop: threading.Event | None = None,
+                           ) -> tuple[RoundValues, RoundValues | None, bool]:
         """Leave-one-out (and with ``shapley`` = (permutations, tolerance), truncated Monte-
         Carlo Shapley) values of round ``r``: from ``derived`` when there, else computed
         from the round's full updates (in ``executor``) and kept. Also says whether all of
@@ -107,7 +112,14 @@ class Workloads:
         if loo is not None and (sh_key is None or sh is not None):
             return loo, sh, True
         base, clients, deltas, examples = await self._round_updates(r)
-        game = analysis.FedAvgGame(base, deltas, examples, self._need_utility())
+        utility = self._need_utility()
+
+        def checked(weights: Weights) -> float:
+            if stop is not None and stop.is_set():
+                raise StoreError("the store is stopping: evaluation abandoned")
+            return utility(weights)
+
+        game = analysis.FedAvgGame(base, deltas, examples, checked)
         seed = self.seed + r
 
         def compute() -> tuple[RoundValues, RoundValues | None]:
@@ -142,7 +154,8 @@ class Workloads:
                          executor: Executor | None = None) -> int:
         """What a debugging or contribution query of round ``r`` with these parameters will
         look up; returns how many models were evaluated."""
-        loo, sh, _ = await self.round_values(r, (permutations, tolerance), executor=executor)
+        loo, sh, _ = await self.round_values(r, (permutations, tolerance), executor=executor,
+                                             stop=self.stopping)
         return loo.evaluations + (sh.evaluations if sh is not None else 0)
 
     @property
