@@ -71,6 +71,9 @@ class StoreConfig:
     #: The aggregator whose rounds this store records.
     aggregator: str
     trainers: frozenset[str]
+    #: A simulated population's clients (``<prefix>0`` .. ``<prefix><count - 1>``), which
+    #: are not manifest nodes: (prefix, count), or None.
+    population: tuple[str, int] | None = None
     seed: int = 0
     sketch_dim: int = 2048
     #: Keep full updates at all (the last ``full_update_rounds`` rounds; 0: sketches only).
@@ -104,6 +107,8 @@ class _Open:
     rejected: Counter[str] = field(default_factory=Counter)
     rejections: list[dict[str, str]] = field(default_factory=list)
     report: dict[str, Any] | None = None
+    #: The model the round (version) produced, once broadcast.
+    next_model: dict[str, np.ndarray] | None = None
 
 
 class _RoundRejections(Rejections):
@@ -140,7 +145,7 @@ class StoreService:
         self.progress = asyncio.Condition()
         self._seen = SeenIds()
         self._open: dict[int, _Open] = {}
-        self._closed_upto = max(store.rounds(), default=0)
+        self._closed_upto = max(store.rounds(), default=-1)  # async versions start at 0
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
@@ -153,6 +158,8 @@ class StoreService:
         #: what arrived before it is recorded (what it asks about is in the store).
         self._enqueued = 0
         self._handled = 0
+        #: Recording an asynchronous aggregator (its model broadcasts say mode: async).
+        self._async = False
         self._log = log.bind(node=config.node_id, role="store", job=config.job)
         # Disk writes fsync at the round's record (its commit point), not per file.
         store.disk.deferred = True
@@ -164,6 +171,22 @@ class StoreService:
         #: Closed rounds waiting for their precomputed values (newest first; bounded).
         self._precompute_due: deque[int] = deque(maxlen=2)
         self._precompute_task: asyncio.Task[None] | None = None
+
+    def _is_trainer(self, sender: str) -> bool:
+        """One of the recorded aggregator's trainers (or simulated clients)?"""
+        if sender in self.config.trainers:
+            return True
+        pop = self.config.population
+        if pop is None or not sender.startswith(pop[0]):
+            return False
+        tail = sender[len(pop[0]):]
+        return tail.isdigit() and str(int(tail)) == tail and int(tail) < pop[1]
+
+    @property
+    def _max_early(self) -> int:
+        """Updates kept while their round's model has not arrived: one per trainer."""
+        pop = self.config.population
+        return len(self.config.trainers) + (pop[1] if pop is not None else 0)
 
     async def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn`` on the store's own low-priority worker thread."""
@@ -223,7 +246,7 @@ class StoreService:
         if parsed.channel == "update":
             latest = self._latest_open()
             limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
-            return (parsed.levels[0] == c.aggregator and parsed.sender in c.trainers
+            return (parsed.levels[0] == c.aggregator and self._is_trainer(parsed.sender)
                     and total <= limits.max_frame_bytes)
         if parsed.channel == "model":
             return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
@@ -300,7 +323,8 @@ class StoreService:
                 await self._on_round(env)
             elif env.kind == DONE:
                 for number in sorted(self._open):
-                    await self._close(self._open.pop(number), None)
+                    old = self._open.pop(number)
+                    await self._close(old, old.next_model)
                 self.done.set()
                 self._log.info("store_job_done", rounds=len(self.store.rounds()))
             elif env.kind == METRICS:
@@ -336,8 +360,12 @@ class StoreService:
             self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
             return
         weights = {k: v for k, v in weights.items()}
+        if number - 1 in self._open:
+            self._open[number - 1].next_model = weights
+        self._async = self._async or env.meta.get("mode") == "async"
         for prev in sorted(self._open):
-            await self._close(self._open.pop(prev), weights if prev == number - 1 else None)
+            old = self._open.pop(prev)
+            await self._close(old, old.next_model)
         state = _Open(number, weights, await self._work(digest, weights),
                       selected=selected)
         self._open[number] = state
@@ -362,7 +390,7 @@ class StoreService:
     async def _on_update(self, msg: Message, sender: str) -> None:
         c = self.config
         reject = self.rejections.reject
-        if sender not in c.trainers:
+        if not self._is_trainer(sender):
             reject("unknown_sender", f"{sender} is not a trainer of {c.aggregator}",
                    sender=sender)
             return
@@ -372,12 +400,17 @@ class StoreService:
         if env is None or env.kind == READY:
             return  # a large update announces itself first; the upload itself follows
         state = self._open.get(env.round)
+        if self._async and self._open and env.round < max(self._open):
+            # Asynchronous (FedBuff, FedAsync): an update is applied to the version being
+            # built when it arrives, whatever version it started from; it is filed there,
+            # and its staleness says how far behind its start was.
+            state = self._open[max(self._open)]
         if state is None:
             if env.round <= max(self._open, default=self._closed_upto):
                 reject("stale", f"update for closed round {env.round}", sender=sender)
                 return
             early_bytes = sum(len(m.payload) for m in self._early) + len(msg.payload)
-            if len(self._early) < len(c.trainers) and early_bytes <= self._own_backlog:
+            if len(self._early) < self._max_early and early_bytes <= self._own_backlog:
                 self._early.append(msg)  # sent before the model broadcast reached us
             else:
                 reject("early_overflow", f"update for round {env.round}, not open yet",
@@ -387,7 +420,11 @@ class StoreService:
             reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
             return
         if sender in state.clients:
-            reject("duplicate", f"second update in round {env.round}", sender=sender)
+            if self._async:  # a fast trainer's second update while one version is built
+                reject("repeat_in_version", f"second update in version {state.number}",
+                       sender=sender)
+            else:
+                reject("duplicate", f"second update in round {env.round}", sender=sender)
             return
         try:
             n = checked_num_examples(env.meta, c.max_examples)
@@ -404,6 +441,7 @@ class StoreService:
             "arrival": len(state.clients) + 1,
             "arrival_s": round(time.monotonic() - state.started, 4),
             "staleness": max(self._open) - env.round,
+            "base_round": env.round,
             "bytes": len(msg.payload),
             "selected": sender in state.selected,
         }
@@ -680,6 +718,8 @@ def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None
     config = StoreConfig(
         job=m.job, node_id=node.id, aggregator=node.parent,
         trainers=frozenset(t.id for t in m.trainers_of(node.parent)), seed=m.seed,
+        population=((m.population.prefix, m.population.clients)
+                    if m.population is not None and node.parent == m.aggregator.id else None),
         sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
         backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done,
         work_nice=spec.work_nice, precompute=spec.precompute,
