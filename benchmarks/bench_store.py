@@ -291,7 +291,8 @@ trainers: {{count: {n}, prefix: "t", parent: aggregator}}
 
 
 def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int,
-               backlog_mb: int, timeout_s: float, nice: int = 0) -> dict[str, Any]:
+               backlog_mb: int, timeout_s: float, nice: int = 0,
+               work_nice: int = 0) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fedbus-bench-store-rounds-"))
     broker = asyncio.run(spawn_mosquitto())
     children: list[Child] = []
@@ -302,7 +303,8 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
             store_node="  - {id: store, role: store}" if with_store else "",
             store_section=(f"store: {{dir: \"{work / 'store'}\", cache_mb: {cache_mb}, "
                            f"backlog_mb: {backlog_mb}, full_update_rounds: 2, "
-                           "evaluate: false}") if with_store else ""))
+                           f"work_nice: {work_nice}, evaluate: false}}") if with_store
+                          else ""))
         agg = Child("aggregator", _serve(manifest, "aggregator", json_log=True,
                                          stderr=subprocess.PIPE, log_level="info"))
         children.append(agg)
@@ -410,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--store-nice", type=int, default=0,
                    help="run the store process at this nice value (19: lowest priority)")
+    p.add_argument("--work-nice", type=int, default=0,
+                   help="store.work_nice: nice value of the store's recording thread")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if a.quick:
@@ -427,14 +431,15 @@ def main(argv: list[str] | None = None) -> int:
                 _eprint(f"rounds: trial {trial + 1}, store={with_store}")
                 row = run_rounds(a.clients, a.params, a.round_rounds, with_store,
                                  cache_mb=256, backlog_mb=256, timeout_s=900,
-                                 nice=a.store_nice)
+                                 nice=a.store_nice, work_nice=a.work_nice)
                 _eprint(f"  median round {row['median_s']:.3f}s")
                 rounds.append(row)
         results["rounds"] = rounds
         base = [r["median_s"] for r in rounds if not r["store"]]
         withs = [r["median_s"] for r in rounds if r["store"]]
         print(f"\n### Aggregator round time, {a.clients} trainers x {a.params:,} params, "
-              f"mosquitto, {a.round_rounds} rounds a run, store nice {a.store_nice}\n")
+              f"mosquitto, {a.round_rounds} rounds a run, store nice {a.store_nice}, "
+              f"work_nice {a.work_nice}\n")
         cpu_b = [r["agg_cpu_s"] for r in rounds if not r["store"]]
         cpu_w = [r["agg_cpu_s"] for r in rounds if r["store"]]
         print("| trial | round without store (s) | with store (s) | ratio | aggregator CPU "

@@ -170,8 +170,8 @@ class StoreSpec:
     evaluate: bool = True
     #: Stop when the job is done (``fedbus run``); false keeps answering queries.
     exit_on_done: bool = True
-    #: Nice value (0-19) of the store's recording thread: it yields the CPU to training.
-    work_nice: int = 10
+    #: Nice value (0-19) of the store's recording thread (0: see docs/store.md before raising).
+    work_nice: int = 0
     #: Leave-one-out and Shapley values of each closed round computed in idle time.
     precompute: bool = True
     #: Shapley permutations of that precomputation (the contribution query's default).

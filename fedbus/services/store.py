@@ -81,9 +81,10 @@ class StoreConfig:
     backlog_bytes: int = 512 << 20
     exit_on_done: bool = True
     max_queries: int = 4
-    #: Nice value of the thread that decodes, sketches and writes (Linux: per thread), so
-    #: that on a shared host the store yields the CPU to the aggregator and the trainers.
-    work_nice: int = 10
+    #: Nice value of the thread that decodes, sketches and writes (Linux: per thread). 0 by
+    #: default: measured, a niced thread that holds the GIL when the kernel preempts it
+    #: stalls the store's receiver too, the store falls behind, and rounds got slower.
+    work_nice: int = 0
     #: After each round closes, compute its leave-one-out and Shapley values in idle time
     #: (a thread at nice 19), so that debugging and contribution queries are lookups.
     precompute: bool = True
