@@ -58,6 +58,8 @@ REPLY: Final = "reply"  # store -> requester (reply/<sender>): {request_id, ok, 
 #: Queries are small: a workload name and a few arguments.
 QUERY_LIMITS: Final = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=64 << 10,
                              max_tensors=0)
+#: Share of one core the idle-time precomputation may use (it rests between evaluations).
+PRECOMPUTE_DUTY: Final = 0.5
 #: How long a query waits for the backlog that arrived before it to be recorded.
 QUERY_CATCH_UP_S: Final = 10.0
 _MAX_METRICS: Final = 64
@@ -86,7 +88,8 @@ class StoreConfig:
     #: stalls the store's receiver too, the store falls behind, and rounds got slower.
     work_nice: int = 0
     #: After each round closes, compute its leave-one-out and Shapley values in idle time
-    #: (a thread at nice 19), so that debugging and contribution queries are lookups.
+    #: (one thread, at most half a core), so that debugging and contribution queries are
+    #: lookups.
     precompute: bool = True
     precompute_permutations: int = 32
     max_examples: int = 1 << 40
@@ -167,8 +170,9 @@ class StoreService:
         # One worker for the recording (in order, at lower priority), one for idle work.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-work",
                                         initializer=lower_priority, initargs=(config.work_nice,))
-        self._idle_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-idle",
-                                             initializer=lower_priority, initargs=(19,))
+        # Idle work is throttled (PRECOMPUTE_DUTY), not niced: a niced thread preempted while
+        # holding the GIL stalls the receiver (see work_nice).
+        self._idle_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-idle")
         #: Closed rounds waiting for their precomputed values (newest first; bounded).
         self._precompute_due: deque[int] = deque(maxlen=2)
         self._precompute_task: asyncio.Task[None] | None = None
@@ -567,7 +571,7 @@ class StoreService:
             try:
                 evaluations = await self.workloads.precompute(
                     r, permutations=self.config.precompute_permutations,
-                    executor=self._idle_pool)
+                    executor=self._idle_pool, duty=PRECOMPUTE_DUTY)
             except FedbusError as exc:  # e.g. retention dropped the round's updates meanwhile
                 self.stats["precompute_failed"] += 1
                 self._log.warning("store_precompute_failed", round=r, error=str(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
@@ -99,7 +100,7 @@ class Workloads:
 
     async def round_values(self, r: int, shapley: tuple[int, float] | None = None, *,
                            executor: Executor | None = None,
-                           stop: threading.Event | None = None,
+                           stop: threading.Event | None = None, duty: float = 1.0,
                            ) -> tuple[RoundValues, RoundValues | None, bool]:
         """Leave-one-out (and with ``shapley`` = (permutations, tolerance), truncated Monte-
         Carlo Shapley) values of round ``r``: from ``derived`` when there, else computed
@@ -117,7 +118,11 @@ class Workloads:
         def checked(weights: Weights) -> float:
             if stop is not None and stop.is_set():
                 raise StoreError("the store is stopping: evaluation abandoned")
-            return utility(weights)
+            started = time.perf_counter()
+            value = utility(weights)
+            if duty < 1.0:  # idle work: rest (GIL released) so it uses at most `duty` of a core
+                time.sleep((time.perf_counter() - started) * (1.0 - duty) / duty)
+            return value
 
         game = analysis.FedAvgGame(base, deltas, examples, checked)
         seed = self.seed + r
@@ -151,11 +156,11 @@ class Workloads:
             self.derived.popitem(last=False)
 
     async def precompute(self, r: int, *, permutations: int, tolerance: float = 0.01,
-                         executor: Executor | None = None) -> int:
+                         executor: Executor | None = None, duty: float = 1.0) -> int:
         """What a debugging or contribution query of round ``r`` with these parameters will
         look up; returns how many models were evaluated."""
         loo, sh, _ = await self.round_values(r, (permutations, tolerance), executor=executor,
-                                             stop=self.stopping)
+                                             stop=self.stopping, duty=duty)
         return loo.evaluations + (sh.evaluations if sh is not None else 0)
 
     @property
