@@ -101,17 +101,17 @@ class Workloads:
     async def round_values(self, r: int, shapley: tuple[int, float] | None = None, *,
                            executor: Executor | None = None,
                            stop: threading.Event | None = None, duty: float = 1.0,
-                           ) -> tuple[RoundValues, RoundValues | None, bool]:
+                           ) -> tuple[RoundValues, RoundValues | None, int]:
         """Leave-one-out (and with ``shapley`` = (permutations, tolerance), truncated Monte-
         Carlo Shapley) values of round ``r``: from ``derived`` when there, else computed
-        from the round's full updates (in ``executor``) and kept. Also says whether all of
-        it was already there."""
+        from the round's full updates (in ``executor``) and kept. Also says how many models
+        this call evaluated (0: all of it was already there)."""
         loo_key = ("loo", r)
         sh_key = ("shapley", r, *shapley) if shapley is not None else None
         loo = self.derived.get(loo_key)
         sh = self.derived.get(sh_key) if sh_key is not None else None
         if loo is not None and (sh_key is None or sh is not None):
-            return loo, sh, True
+            return loo, sh, 0
         base, clients, deltas, examples = await self._round_updates(r)
         utility = self._need_utility()
 
@@ -147,7 +147,7 @@ class Workloads:
         self._keep(loo_key, new_loo)
         if sh_key is not None and new_sh is not None:
             self._keep(sh_key, new_sh)
-        return new_loo, new_sh, False
+        return new_loo, new_sh, game.evaluations
 
     def _keep(self, key: tuple[Any, ...], value: RoundValues) -> None:
         self.derived[key] = value
@@ -159,9 +159,10 @@ class Workloads:
                          executor: Executor | None = None, duty: float = 1.0) -> int:
         """What a debugging or contribution query of round ``r`` with these parameters will
         look up; returns how many models were evaluated."""
-        loo, sh, _ = await self.round_values(r, (permutations, tolerance), executor=executor,
-                                             stop=self.stopping, duty=duty)
-        return loo.evaluations + (sh.evaluations if sh is not None else 0)
+        _, _, evaluated = await self.round_values(r, (permutations, tolerance),
+                                                  executor=executor, stop=self.stopping,
+                                                  duty=duty)
+        return evaluated
 
     @property
     def utility_name(self) -> str:
@@ -387,11 +388,11 @@ async def _debugging(w: Workloads, args: Mapping[str, Any]) -> Result:
     if w.utility is None:
         out["note"] = "no task to evaluate with: leave-one-out skipped"
         return Result(out)
-    values, _, cached = await w.round_values(target)
+    values, _, evaluated = await w.round_values(target)
     clients, loo, full = values.clients, values.values, values.full
     # loo[i] = v(N) - v(N without i): negative means the round is better without client i.
-    out["values"] = "precomputed" if cached else "computed"
-    out["evaluations"] = 0 if cached else values.evaluations
+    out["values"] = "computed" if evaluated else "precomputed"
+    out["evaluations"] = evaluated
     out["utility_all"] = _f(full)
     out["leave_one_out"] = {c: {"utility_without": _f(full - loo[i]), "gain_if_removed":
                                 _f(-loo[i])} for i, c in enumerate(clients)}
@@ -503,13 +504,12 @@ async def _contribution(w: Workloads, args: Mapping[str, Any]) -> Result:
     evaluations = 0
     looked_up = 0
     for r in rounds:
-        loo_v, sh_v, cached = await w.round_values(r, (permutations, tolerance))
+        loo_v, sh_v, evaluated = await w.round_values(r, (permutations, tolerance))
         assert sh_v is not None
         clients, loo, phi, se = loo_v.clients, loo_v.values, sh_v.values, sh_v.stderr
         assert se is not None
-        looked_up += cached
-        if not cached:
-            evaluations += loo_v.evaluations + sh_v.evaluations
+        looked_up += evaluated == 0
+        evaluations += evaluated
         for i, c in enumerate(clients):
             loo_sum[c] = loo_sum.get(c, 0.0) + float(loo[i])
             phi_sum[c] = phi_sum.get(c, 0.0) + float(phi[i])
