@@ -6,7 +6,7 @@ then ``decode_publish`` peels the topic, packet id and properties off with ``str
 and slices, each of which copies the whole remaining packet: about seven copies of every
 1 MB chunk before fedbus sees it (FACTS.md, docs/benchmarks.md "The wire").
 
-``install(paho_client)`` replaces two methods on one client instance (nothing global):
+``install(paho_client)`` replaces three methods on one client instance (nothing global):
 
 - ``_packet_read``: the fixed header as paho reads it, then the body ``recv_into`` one
   bytearray of exactly the announced length: the kernel's copy is the only one;
@@ -14,6 +14,9 @@ and slices, each of which copies the whole remaining packet: about seven copies 
   only those few bytes) and hands the payload on as a read-only memoryview of the packet,
   no copy at all. Its consumer (``MqttBus._on_message``) owns turning it into bytes when it
   must; chunk frames are kept as views until the transfer is joined.
+
+- ``_packet_queue``: queues every outgoing packet as a memoryview, so that paho's
+  ``packet[pos:]`` after a partial send no longer copies the rest of a 1 MB packet.
 
 What stays paho's: every other packet type's handler, QoS 2, keepalive bookkeeping, errors
 (a malformed packet is the same ``MQTT_ERR_PROTOCOL``), and sockets without ``recv_into``
@@ -184,6 +187,15 @@ def install(paho: Any) -> bool:
     if getattr(paho, "_transport", "tcp") != "tcp":
         return False
     original = paho._handle_publish
+    queue = paho._packet_queue
+
+    def packet_queue(self: Any, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                     info: Any = None) -> MQTTErrorCode:
+        # paho sends ``packet[pos:]`` after each partial send: on a view that slice is free.
+        rc: MQTTErrorCode = queue(command, memoryview(packet), mid, qos, info)
+        return rc
+
+    paho._packet_queue = types.MethodType(packet_queue, paho)
     paho._packet_read = types.MethodType(_packet_read, paho)
     paho._handle_publish = types.MethodType(
         lambda self: _handle_publish(self, original), paho)
