@@ -44,7 +44,7 @@ import numpy as np
 from fedbus import topics
 from fedbus.broker import spawn_mosquitto
 from fedbus.bus._chunking import plan
-from fedbus.codec import Envelope, Limits, encode
+from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.log import configure_logging
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,13 +61,14 @@ def frames_for(params: int, clients: int) -> list[tuple[str, bytes]]:
     """(topic, frame) for N updates as trainers publish them (chunked, in order)."""
     from fedbus.services._wire import UPDATE
 
-    delta = np.full(params, 0.01, dtype=np.float32)
+    # random values: nothing for any compressor to find, as with a real update
+    delta = np.random.default_rng(0).standard_normal(params, dtype=np.float32)
     out: list[tuple[str, bytes]] = []
     for i in range(clients):
         sender = f"t{i}"
-        env = Envelope(kind=UPDATE, job=JOB, sender=sender, round=1, tensors={"w": delta},
+        env = Envelope(kind=UPDATE, job=JOB, sender=sender, round=1, tensors={"m/w": delta},
                        meta={"num_examples": 1})
-        payload = encode(env)
+        payload = encode(env, Compression(level=0))  # codec.level 0, as bench_wire runs
         topic = topics.update(JOB, AGG, sender)
         transfer = plan(payload, CHUNK)
         if transfer is None:
@@ -156,12 +157,15 @@ class _Host:
     def ready(self, node: str) -> None: ...
 
 
-async def consume(host: str, port: int, params: int, clients: int, timeout_s: float) -> dict[
-        str, Any]:
+async def consume(host: str, port: int, params: int, clients: int, timeout_s: float, *,
+                  paho_reader: bool = False) -> dict[str, Any]:
+    from fedbus.bus import _paho_fast
     from fedbus.bus._chunking import ChunkLimits
     from fedbus.bus.mqtt import MqttBus
     from fedbus.services.intake import Intake, IntakeSettings, model_limits
 
+    if paho_reader:  # before/after: paho's own receive path (fedbus before _paho_fast)
+        _paho_fast.install = lambda paho: False  # type: ignore[assignment]
     weights = {"w": np.zeros(params, dtype=np.float32)}
     ingest = _Host(weights)
     ingest.expected = clients
@@ -178,6 +182,7 @@ async def consume(host: str, port: int, params: int, clients: int, timeout_s: fl
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)  # the broker holds every frame now
         started = time.perf_counter()
+        cpu0 = time.process_time()
         bus._resume()
 
         async def drain() -> None:
@@ -188,15 +193,19 @@ async def consume(host: str, port: int, params: int, clients: int, timeout_s: fl
         async with asyncio.timeout(timeout_s):
             await drain()
         seconds = time.perf_counter() - started
-    return {"seconds": seconds, "folded": ingest.folded,
+        cpu = time.process_time() - cpu0
+    return {"seconds": seconds, "cpu_s": cpu, "folded": ingest.folded,
             "rejected": dict(intake.rejections.counts)}
 
 
 def run_fedbus(host: str, port: int, params: int, clients: int,
-               frames: Sequence[tuple[str, bytes]], timeout_s: float) -> float:
+               frames: Sequence[tuple[str, bytes]], timeout_s: float, *,
+               paho_reader: bool = False) -> tuple[float, float]:
+    """(seconds, consumer CPU seconds) to drain and fold every update."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bench_ingest", "--consume", f"{host}:{port}",
-         "--params", str(params), "--clients", str(clients), "--timeout", str(timeout_s)],
+         "--params", str(params), "--clients", str(clients), "--timeout", str(timeout_s),
+         *(["--paho-reader"] if paho_reader else [])],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -213,45 +222,62 @@ def run_fedbus(host: str, port: int, params: int, clients: int,
         result = json.loads(out.decode().strip().splitlines()[-1])
         if result["folded"] != clients:
             raise RuntimeError(f"folded {result['folded']} of {clients}: {result}")
-        return float(result["seconds"])
+        return float(result["seconds"]), float(result["cpu_s"])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
 
 
-def measure(params: int, clients: int, trials: int, timeout_s: float) -> dict[str, Any]:
+def measure(params: int, clients: int, trials: int, timeout_s: float, *,
+            paho_reader: bool = False) -> dict[str, Any]:
     frames = frames_for(params, clients)
     raw_s: list[float] = []
     fb_s: list[float] = []
+    fb_cpu: list[float] = []
+    old_s: list[float] = []
+    old_cpu: list[float] = []
+    engines = ("raw", "fedbus", "paho") if paho_reader else ("raw", "fedbus")
     for _ in range(trials):
-        for engine in ("raw", "fedbus"):
+        for engine in engines:
             broker = asyncio.run(spawn_mosquitto())
             try:
                 if engine == "raw":
                     raw_s.append(run_raw(broker.host, broker.port, frames, timeout_s))
                 else:
-                    fb_s.append(run_fedbus(broker.host, broker.port, params, clients, frames,
-                                           timeout_s))
+                    s, cpu = run_fedbus(broker.host, broker.port, params, clients, frames,
+                                        timeout_s, paho_reader=engine == "paho")
+                    (fb_s if engine == "fedbus" else old_s).append(s)
+                    (fb_cpu if engine == "fedbus" else old_cpu).append(cpu)
             finally:
                 asyncio.run(broker.stop())
     mb = clients * params * 4 / 1e6
     raw, fb = statistics.median(raw_s), statistics.median(fb_s)
-    return {"params": params, "clients": clients, "messages": len(frames),
-            "frame_bytes": max(len(f) for _, f in frames), "update_mb": mb,
-            "raw_s": raw_s, "fedbus_s": fb_s, "raw_mb_s": mb / raw, "fedbus_mb_s": mb / fb,
-            "ratio": raw / fb}
+    row = {"params": params, "clients": clients, "messages": len(frames),
+           "frame_bytes": max(len(f) for _, f in frames), "update_mb": mb,
+           "raw_s": raw_s, "fedbus_s": fb_s, "fedbus_cpu_s": fb_cpu, "raw_mb_s": mb / raw,
+           "fedbus_mb_s": mb / fb, "fedbus_mb_per_cpu_s": mb / statistics.median(fb_cpu),
+           "ratio": raw / fb}
+    if old_s:
+        row |= {"paho_s": old_s, "paho_cpu_s": old_cpu,
+                "paho_mb_s": mb / statistics.median(old_s),
+                "paho_mb_per_cpu_s": mb / statistics.median(old_cpu)}
+    return row
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| P x N | messages (bytes each) | update MB | mosquitto_sub MB/s "
-             "| fedbus aggregator ingest MB/s | fedbus / raw | trials |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| fedbus aggregator ingest MB/s | fedbus / raw | fedbus MB per CPU s "
+             "| paho's reader: MB/s, MB per CPU s | trials |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        old = (f"{r['paho_mb_s']:,.0f}, {r['paho_mb_per_cpu_s']:,.0f}" if "paho_s" in r
+               else "")
         lines.append(
             f"| {r['params'] / 1e6:g}M x {r['clients']} | {r['messages']} "
             f"({r['frame_bytes']:,}) | {r['update_mb']:,.0f} | {r['raw_mb_s']:,.0f} "
-            f"| {r['fedbus_mb_s']:,.0f} | **{r['ratio']:.0%}** | {len(r['raw_s'])} |")
+            f"| {r['fedbus_mb_s']:,.0f} | **{r['ratio']:.0%}** "
+            f"| {r['fedbus_mb_per_cpu_s']:,.0f} | {old} | {len(r['raw_s'])} |")
     return "\n".join(lines)
 
 
@@ -261,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", type=Path)
+    p.add_argument("--paho-reader", action="store_true",
+                   help="also run the consumer on paho's own receive path (before/after)")
     p.add_argument("--consume", help=argparse.SUPPRESS)
     p.add_argument("--params", type=int, help=argparse.SUPPRESS)
     p.add_argument("--clients", type=int, help=argparse.SUPPRESS)
@@ -268,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level="warning")
     if args.consume:
         host, port = args.consume.rsplit(":", 1)
-        result = asyncio.run(consume(host, int(port), args.params, args.clients, args.timeout))
+        result = asyncio.run(consume(host, int(port), args.params, args.clients, args.timeout,
+                                     paho_reader=args.paho_reader))
         print(json.dumps(result), flush=True)
         return 0
     from benchmarks.bench_wire import parse_sizes
@@ -276,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = parse_sizes(args.sizes) if args.sizes else SIZES
     rows = []
     for params, clients in sizes:
-        row = measure(params, clients, args.trials, args.timeout)
+        row = measure(params, clients, args.trials, args.timeout,
+                      paho_reader=args.paho_reader)
         _eprint(f"P={params / 1e6:g}M N={clients}: raw {row['raw_s']} s, fedbus "
                 f"{row['fedbus_s']} s -> {row['ratio']:.0%}")
         rows.append(row)
