@@ -85,6 +85,7 @@ async def preload(host: str, port: int, frames: Sequence[tuple[str, bytes]]) -> 
     async with aiomqtt.Client(host, port, identifier="ingest-loader",
                               protocol=aiomqtt.ProtocolVersion.V5,
                               max_inflight_messages=200, timeout=120) as client:
+        client.pending_calls_threshold = 1 << 30  # a burst of publishes is the point here
         window: list[asyncio.Task[None]] = []
         for topic, frame in frames:
             window.append(asyncio.create_task(client.publish(topic, frame, qos=1,
