@@ -91,9 +91,10 @@ class Cell:
 
 
 def run_fedbus(params: int, clients: int, rounds: int, *, update: str, trial: int,
-               idle: int, timeout_s: float) -> Run:
+               idle: int, timeout_s: float, chunk_bytes: int = 1_000_000) -> Run:
     row = run_one(clients, params, rounds, level=0, idle_rss=idle, trainer_cores=2,
-                  timeout_s=timeout_s, update=update, task_ref=ADD_TASK, trainer_grace_s=2.0)
+                  timeout_s=timeout_s, update=update, task_ref=ADD_TASK, trainer_grace_s=2.0,
+                  chunk_bytes=chunk_bytes)
     engine = "fedbus" if update == "none" else f"fedbus+{update}"
     return Run(engine, params, clients, trial, row.round_s, row.agg_peak, row.seconds)
 
@@ -200,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lossy", default="int8", help="codec.update mode for the lossy column "
                    "(int8, fp16, topk; 'none' skips it)")
     p.add_argument("--quick", action="store_true", help="1M x 10, one trial")
+    p.add_argument("--chunk-bytes", type=int, default=1_000_000,
+                   help="fedbus's broker.chunk_bytes (default 1 MB, fedbus's default)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     p.add_argument("--json", type=Path, help="also write every run here")
     args = p.parse_args(argv)
@@ -228,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     run = run_fedbus(params, clients, args.rounds,
                                      update="none" if engine == "fedbus" else engine,
-                                     trial=trial, idle=idle, timeout_s=args.timeout)
+                                     trial=trial, idle=idle, timeout_s=args.timeout,
+                                     chunk_bytes=args.chunk_bytes)
                 cell.runs.setdefault(run.engine, []).append(run)
                 _eprint(f"P={params / 1e6:g}M N={clients} trial {trial + 1}/{trials} "
                         f"{run.engine:12s} rounds {[round(s, 3) for s in run.round_s]} "
@@ -246,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             args.json.write_text(json.dumps({
                 "machine": info, "rounds": args.rounds, "trials": trials, "lossy": args.lossy,
+                "chunk_bytes": args.chunk_bytes,
                 "runs": [asdict(r) | {"median_s": r.median_s}
                          for c in cells for rs in c.runs.values() for r in rs],
             }, indent=1))
