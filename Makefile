@@ -7,7 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # docker-compose: only `docker-compose config` (validates generated compose files; no daemon).
 # chromium: the dashboard test drives a headless browser.
-APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck docker-compose chromium
+# ejabberd: a second MQTT 5 broker (mod_mqtt) the bus contract also runs on (docs/broker.md);
+# about 10 s to install (43 packages, measured on bookworm).
+APT_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck docker-compose chromium ejabberd
 STAMP := $(VENV)/.installed
 
 .PHONY: setup system venv demo test lint typecheck pytest bench clean
@@ -23,10 +25,14 @@ system:
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/*/ejabberd-*/ebin/mod_mqtt.beam >/dev/null 2>&1 || missing="$$missing ejabberd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  case "$$missing" in *ejabberd*) \
+	    : "the tests start their own; Debian's service would take port 1883 (mod_mqtt)"; \
+	    $$SUDO systemctl disable --now ejabberd >/dev/null 2>&1 || $$SUDO service ejabberd stop >/dev/null 2>&1 || true;; esac; \
 	fi
 
 # torch is pinned (CPU wheel) by constraints.txt: an unpinned torch pulls GBs of CUDA wheels.

@@ -97,12 +97,19 @@ def _start_amqtt(python: str, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-async def measure_bus(port: int, size: int, count: int, chunk_bytes: int, limit_s: float) -> float:
-    """MB/s of whole payloads through two MqttBus instances (chunking + reassembly included)."""
+async def measure_bus(port: int, size: int, count: int, chunk_bytes: int, limit_s: float,
+                      password: str | None = None) -> float:
+    """MB/s of whole payloads through two MqttBus instances (chunking + reassembly included).
+    ``password``: log in as the node id with it (ejabberd refuses nameless clients)."""
     payload = os.urandom(size)
+
+    def login(user: str) -> dict[str, str]:
+        return {"username": user, "password": password} if password else {}
+
     async with (
-        MqttBus("bench-pub", "127.0.0.1", port, chunk_bytes=chunk_bytes) as pub,
-        MqttBus("bench-sub", "127.0.0.1", port) as sub_bus,
+        MqttBus("bench-pub", "127.0.0.1", port, chunk_bytes=chunk_bytes,
+                **login("bench-pub")) as pub,
+        MqttBus("bench-sub", "127.0.0.1", port, **login("bench-sub")) as sub_bus,
         sub_bus.subscribe("bench/bus") as sub,
     ):
         start = time.perf_counter()
@@ -121,6 +128,8 @@ async def main() -> None:
     ap.add_argument("--count", type=int, default=40)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--amqtt-python", default=None)
+    ap.add_argument("--ejabberd", action="store_true",
+                    help="also ejabberd's mod_mqtt (Debian package), the second MQTT 5 broker")
     args = ap.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} {os.cpu_count()} cores "
           f"python {platform.python_version()}; {args.count} x {args.size} B, QoS 1")  # fmt: skip
@@ -132,6 +141,18 @@ async def main() -> None:
         for chunk in (256 * 1024, 1_000_000, 4_000_000):
             rate = await measure_bus(mosq.port, 16_000_000, 5, chunk, args.timeout)
             print(f"mosquitto  MqttBus 16 MB payloads, chunk_bytes={chunk:>9}  {rate:8.1f} MB/s")
+
+    if args.ejabberd:
+        from fedbus.broker_ejabberd import spawn_ejabberd
+
+        ej = await spawn_ejabberd()
+        try:
+            for chunk in (256 * 1024, 1_000_000, 4_000_000):
+                rate = await measure_bus(ej.port, 16_000_000, 5, chunk, args.timeout, "anonymous")
+                print(f"ejabberd   MqttBus 16 MB payloads, chunk_bytes={chunk:>9}  "
+                      f"{rate:8.1f} MB/s")
+        finally:
+            await ej.stop()
 
     if args.amqtt_python:
         port = free_port()

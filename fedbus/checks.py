@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedbus.errors import ManifestError, TaskError
-from fedbus.manifest import Manifest, thaw
+from fedbus.manifest import BrokerSpec, Manifest, thaw
 from fedbus.task import param_problems, resolve_factory
 
 __all__ = ["check_files", "check_manifest", "check_task", "search_paths"]
@@ -52,18 +52,27 @@ def check_files(m: Manifest, nodes: Sequence[str] = ()) -> None:
     """Every certificate, key or password file the broker section names must exist and be
     readable. A per-node path (with ``{node}``) is checked for ``nodes`` only: on a real
     deployment each machine holds its own node's files, so ``validate`` cannot demand all."""
-    if m.broker is None:
-        return
-    for f in dataclasses.fields(m.broker):
+    specs = [("broker", m.broker, list(nodes))] if not m.brokers else [
+        # several brokers: each entry's files, per-node ones for the nodes on that broker
+        (f"brokers.{b.name}", b.spec, [n for n in nodes if m.node(n).broker == b.name])
+        for b in m.brokers.values()]
+    for field_name, spec, on_it in specs:
+        if spec is not None:
+            _check_spec_files(m, field_name, spec, on_it)
+
+
+def _check_spec_files(m: Manifest, field_name: str, spec: BrokerSpec,
+                      nodes: Sequence[str]) -> None:
+    for f in dataclasses.fields(spec):
         if not (f.name.startswith("tls") or f.name.endswith(("_file", "_cert", "_key"))):
             continue
-        value = getattr(m.broker, f.name)
+        value = getattr(spec, f.name)
         if not isinstance(value, str) or not value:
             continue
         values = [value.replace("{node}", n) for n in nodes] if "{node}" in value else [value]
         for v in values:
             found = [p for p in _candidates(m, v) if p.is_file()]
-            where = f"broker.{f.name}"
+            where = f"{field_name}.{f.name}"
             if not found:
                 raise ManifestError(m.source, where,
                                     f"file {v!r} does not exist (looked in "

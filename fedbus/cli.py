@@ -341,6 +341,9 @@ def _manifest(args: argparse.Namespace) -> Manifest:
         base = m.broker or BrokerSpec()
         m = with_broker(m, dataclasses.replace(base, host=args.broker.host,
                                                port=args.broker.port))
+        if m.brokers:  # several brokers declared: --broker puts every node on that one
+            m = dataclasses.replace(m, brokers={}, nodes=tuple(
+                dataclasses.replace(n, broker=None) for n in m.nodes))
     return m
 
 

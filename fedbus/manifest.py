@@ -26,6 +26,7 @@ from typing import Any, Final, Literal, NoReturn, cast
 import yaml
 
 from fedbus import topics
+from fedbus._manifest_groups import GroupSpec, parse_groups, ring_wiring
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
 from fedbus.compress import MODES as UPDATE_MODES
 from fedbus.compress import UpdateCodec
@@ -36,10 +37,12 @@ from strategies.registry import make_selector, make_strategy
 
 __all__ = [
     "ROLES",
+    "BrokerNode",
     "BrokerSpec",
     "CheckpointSpec",
     "CodecSpec",
     "EvalSpec",
+    "GroupSpec",
     "Manifest",
     "NodeSpec",
     "PluginSpec",
@@ -54,6 +57,7 @@ __all__ = [
     "parse_manifest",
     "thaw",
     "with_broker",
+    "with_node_broker",
 ]
 
 Role = Literal["aggregator", "trainer", "checkpointer", "store", "relay"]
@@ -90,6 +94,19 @@ class BrokerSpec:
     #: 1000, the configs in brokers/ set 100000). Checked at start against the chunking: a
     #: queue that cannot hold one model's chunks loses them silently.
     max_queued_messages: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerNode:
+    """One broker of a multi-broker manifest (``brokers:``), bridged to its ``parent``'s.
+
+    ``spec`` is None for a broker that ``fedbus run`` starts itself (embedded, a free loopback
+    port); otherwise where it listens and how nodes log in, as for ``broker:``.
+    """
+
+    name: str
+    parent: str | None = None
+    spec: BrokerSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +195,9 @@ class NodeSpec:
     role: Role
     parent: str | None = None
     partition: int | None = None
+    #: The broker (a ``brokers:`` name) this node connects to; None with a single broker.
+    #: Unset in the file, it is the parent's (a relay's subtree shares its broker).
+    broker: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +278,13 @@ class Manifest:
     source: str = "<string>"
     #: Virtual clients (simulation); None for a deployment with real trainers.
     population: PopulationSpec | None = None
+    #: Hybrid ring groups of trainers (``groups:``, fedbus.services.ring).
+    groups: tuple[GroupSpec, ...] = ()
     store: StoreSpec = StoreSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    #: Several brokers bridged into a tree (``brokers:``), by name; empty with one broker.
+    brokers: Mapping[str, BrokerNode] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
 
     @property
     def checkpointer(self) -> NodeSpec | None:
@@ -295,10 +320,27 @@ class Manifest:
         """How many data partitions the job is split into: one per trainer."""
         return sum(1 for n in self.nodes if n.role == "trainer")
 
+    def group_of(self, node_id: str) -> GroupSpec | None:
+        """The ring group ``node_id`` is a member of, if any."""
+        return next((g for g in self.groups if node_id in g.members), None)
+
+    def groups_under(self, parent: str) -> tuple[tuple[str, ...], ...]:
+        """The members (by rank) of each ring group whose parent is ``parent``."""
+        return tuple(g.members for g in self.groups if g.parent == parent)
+
 
 def with_broker(m: Manifest, broker: BrokerSpec) -> Manifest:
     """The same manifest pointed at ``broker`` (e.g. the embedded broker once it is up)."""
     return dataclasses.replace(m, broker=broker)
+
+
+def with_node_broker(m: Manifest, node_id: str) -> Manifest:
+    """``m`` as ``node_id`` sees it: ``broker`` is the broker it connects to (its own one of
+    ``brokers:``). Unchanged for a single-broker manifest or a broker not yet started."""
+    name = m.node(node_id).broker
+    if name is None or name not in m.brokers or m.brokers[name].spec is None:
+        return m
+    return dataclasses.replace(m, broker=m.brokers[name].spec)
 
 
 def thaw(value: Any) -> Any:
@@ -481,7 +523,8 @@ class _Parser:
     # -- sections ------------------------------------------------------------
 
     def manifest(self, data: Any) -> Manifest:
-        t = self.table(data, "", _TOP_KEYS, required=("version", "job", "rounds", "task", "nodes"))
+        t = self.table(data, "", (*_TOP_KEYS, "groups"),
+                       required=("version", "job", "rounds", "task", "nodes"))
         version = t["version"]
         if isinstance(version, bool) or version != VERSION:
             self.fail("version", f"unsupported manifest version {version!r}; this fedbus reads "
@@ -496,6 +539,21 @@ class _Parser:
                 self.fail("trainers", "a manifest with `population:` has virtual clients as its "
                                       "trainers; remove `trainers:`")
         nodes = self.nodes(t["nodes"], t.get("trainers"), population)
+        brokers: Mapping[str, BrokerNode] = MappingProxyType({})
+        if t.get("brokers") is not None:
+            if t.get("broker") is not None:
+                self.fail("brokers", "`broker:` and `brokers:` exclude each other: with several "
+                                     "brokers, give each one's host/port (and credentials) "
+                                     "under `brokers:`")
+            if population is not None:
+                self.fail("brokers", "a simulation (`population:`) runs on one broker")
+            brokers = self.brokers(t["brokers"])
+            nodes = self.node_brokers(nodes, brokers)
+        else:
+            for i, n in enumerate(nodes):
+                if n.broker is not None:
+                    self.fail(f"nodes[{i}].broker", f"{n.id!r} names broker {n.broker!r} but the "
+                              "manifest has no `brokers:` section; add one or remove the key")
         n_trainers = sum(1 for n in nodes if n.role == "trainer")
         rnd = self.round(t.get("round"), n_trainers)
         if population is not None:
@@ -504,7 +562,8 @@ class _Parser:
             job=job,
             rounds=rounds,
             seed=seed,
-            broker=self.broker(t["broker"]) if t.get("broker") is not None else None,
+            broker=(self.broker(t["broker"]) if t.get("broker") is not None
+                    else _root_spec(brokers)),
             codec=self.codec(t.get("codec")),
             strategy=self.plugin(t.get("strategy", "fedavg"), "strategy", make_strategy),
             selector=self.plugin(t.get("selector", "all"), "selector", make_selector),
@@ -514,8 +573,13 @@ class _Parser:
             nodes=nodes,
             source=self.src,
             population=population,
+            groups=parse_groups(self, t.get("groups"), nodes, rnd,
+                                self.plugin(t.get("strategy", "fedavg"), "strategy",
+                                            make_strategy),
+                                self.codec(t.get("codec")), population),
             store=self.store(t.get("store"), nodes),
             checkpoint=self.checkpoint(t.get("checkpoint")),
+            brokers=brokers,
         )
 
     def checkpoint(self, value: Any) -> CheckpointSpec:
@@ -590,39 +654,102 @@ class _Parser:
             changes["deadline_s"] = 3600.0
         return dataclasses.replace(rnd, **changes)
 
-    def broker(self, value: Any) -> BrokerSpec:
-        t = self.table(value, "broker", _fields(BrokerSpec))
+    def brokers(self, value: Any) -> Mapping[str, BrokerNode]:
+        """``brokers: {NAME: {parent: NAME, host, port, ...broker keys}}``: a tree of brokers,
+        each bridged to its parent's; exactly one (the root) has no parent. A broker without
+        host and port is started by ``fedbus run``."""
+        if not isinstance(value, dict) or not value:
+            self.fail("brokers", "expected a mapping of broker names to {parent, host, port, "
+                                 f"...}}, got {_kind(value)}")
+        out: dict[str, BrokerNode] = {}
+        for key, raw in value.items():
+            name = self.ident(key, "brokers")
+            f = f"brokers.{name}"
+            t = self.table({} if raw is None else raw, f, ("parent", *_fields(BrokerSpec)))
+            parent = None if t.get("parent") is None else self.ident(t["parent"], f"{f}.parent")
+            spec_keys = {k: v for k, v in t.items() if k != "parent"}
+            spec = None
+            if "host" in spec_keys or "port" in spec_keys:
+                spec = self.broker(spec_keys, f)
+            elif spec_keys:
+                self.fail(f, f"{', '.join(sorted(spec_keys))} set but no host/port: a broker "
+                             "that `fedbus run` starts takes no settings; give host and port "
+                             "of a running broker or remove them")
+            out[name] = BrokerNode(name=name, parent=parent, spec=spec)
+        roots = [b.name for b in out.values() if b.parent is None]
+        if len(roots) != 1:
+            self.fail("brokers", f"exactly one broker (the root) has no parent, found "
+                                 f"{len(roots)}: {', '.join(roots) or 'none'}; give every other "
+                                 "broker `parent: NAME` (the broker it bridges to)")
+        for b in out.values():
+            seen = {b.name}
+            up = b.parent
+            while up is not None:
+                if up not in out:
+                    self.fail(f"brokers.{b.name}.parent",
+                              f"unknown broker {up!r}; known: {', '.join(out)}")
+                if up in seen:
+                    self.fail(f"brokers.{b.name}.parent",
+                              f"brokers bridge in a loop through {up!r}; every chain of parents "
+                              f"must end at the root broker {roots[0]!r}")
+                seen.add(up)
+                up = out[up].parent
+        return MappingProxyType(out)
+
+    def node_brokers(self, nodes: tuple[NodeSpec, ...],
+                     brokers: Mapping[str, BrokerNode]) -> tuple[NodeSpec, ...]:
+        """Give every node its broker: its own ``broker:``, else its parent's, else the root
+        broker. Bridges connect every broker of the tree, so a parent on another broker is
+        reachable; what crosses is derived from the wiring (``fedbus bridge``)."""
+        root = next(b.name for b in brokers.values() if b.parent is None)
+        by_id = {n.id: n for n in nodes}
+        for i, n in enumerate(nodes):
+            if n.broker is not None and n.broker not in brokers:
+                self.fail(f"nodes[{i}].broker", f"{n.id!r} uses unknown broker {n.broker!r}; "
+                                                f"known: {', '.join(brokers)}")
+
+        def resolve(n: NodeSpec) -> str:
+            seen: set[str] = set()
+            while n.broker is None and n.parent is not None and n.parent not in seen:
+                seen.add(n.id)
+                n = by_id[n.parent]
+            return n.broker or root
+
+        return tuple(dataclasses.replace(n, broker=resolve(n)) for n in nodes)
+
+    def broker(self, value: Any, field: str = "broker") -> BrokerSpec:
+        t = self.table(value, field, _fields(BrokerSpec))
         d = BrokerSpec()
-        password_env = self.opt_string(t.get("password_env"), "broker.password_env")
+        password_env = self.opt_string(t.get("password_env"), f"{field}.password_env")
         if password_env is not None and not VAR_NAME.match(password_env):
-            self.fail("broker.password_env",
+            self.fail(f"{field}.password_env",
                       f"{password_env!r} is not an environment variable name; name the variable "
                       "that holds the password (e.g. FEDBUS_BROKER_PASSWORD), not the password")
-        host = self.string(t.get("host", d.host), "broker.host")
+        host = self.string(t.get("host", d.host), f"{field}.host")
         if any(c.isspace() or c in "/" for c in host):
-            self.fail("broker.host", f"{host!r} is not a host name or address")
-        tls_cert = self.opt_string(t.get("tls_cert"), "broker.tls_cert")
-        tls_key = self.opt_string(t.get("tls_key"), "broker.tls_key")
+            self.fail(f"{field}.host", f"{host!r} is not a host name or address")
+        tls_cert = self.opt_string(t.get("tls_cert"), f"{field}.tls_cert")
+        tls_key = self.opt_string(t.get("tls_key"), f"{field}.tls_key")
         if (tls_cert is None) != (tls_key is None):
-            self.fail("broker.tls_cert" if tls_cert is None else "broker.tls_key",
+            self.fail(f"{field}.tls_cert" if tls_cert is None else f"{field}.tls_key",
                       "tls_cert and tls_key go together: set both (client certificate and its "
                       "key, e.g. from `fedbus certs`) or neither")
         return BrokerSpec(
             host=host,
-            port=self.integer(t.get("port", d.port), "broker.port", lo=1, hi=65535),
-            username=self.opt_string(t.get("username"), "broker.username"),
+            port=self.integer(t.get("port", d.port), f"{field}.port", lo=1, hi=65535),
+            username=self.opt_string(t.get("username"), f"{field}.username"),
             password_env=password_env,
-            password_file=self.opt_string(t.get("password_file"), "broker.password_file"),
-            tls_ca=self.opt_string(t.get("tls_ca"), "broker.tls_ca"),
+            password_file=self.opt_string(t.get("password_file"), f"{field}.password_file"),
+            tls_ca=self.opt_string(t.get("tls_ca"), f"{field}.tls_ca"),
             tls_cert=tls_cert,
             tls_key=tls_key,
-            chunk_bytes=self.integer(t.get("chunk_bytes", d.chunk_bytes), "broker.chunk_bytes",
+            chunk_bytes=self.integer(t.get("chunk_bytes", d.chunk_bytes), f"{field}.chunk_bytes",
                                      lo=1024, hi=_MQTT_MAX_PACKET - 65536),
-            keepalive_s=self.integer(t.get("keepalive_s", d.keepalive_s), "broker.keepalive_s",
+            keepalive_s=self.integer(t.get("keepalive_s", d.keepalive_s), f"{field}.keepalive_s",
                                      lo=1, hi=65535),
             max_queued_messages=self.integer(
                 t.get("max_queued_messages", d.max_queued_messages),
-                "broker.max_queued_messages", lo=1),
+                f"{field}.max_queued_messages", lo=1),
         )
 
     def codec(self, value: Any) -> CodecSpec:
@@ -747,7 +874,7 @@ class _Parser:
     # -- nodes -----------------------------------------------------------------
 
     def node(self, value: Any, field: str) -> NodeSpec:
-        t = self.table(value, field, ("id", "role", "parent", "partition"),
+        t = self.table(value, field, ("id", "role", "parent", "partition", "broker"),
                        required=("id", "role"))
         verb = "is" if len(_PLANNED_ROLES) == 1 else "are"
         note = f" ({', '.join(_PLANNED_ROLES)} {verb} planned)" if _PLANNED_ROLES else ""
@@ -760,6 +887,8 @@ class _Parser:
             parent=None if parent is None else self.ident(parent, f"{field}.parent"),
             partition=None if partition is None else self.integer(partition,
                                                                   f"{field}.partition", lo=0),
+            broker=None if t.get("broker") is None else self.ident(t["broker"],
+                                                                    f"{field}.broker"),
         )
 
     def shorthand(self, value: Any) -> list[tuple[NodeSpec, str]]:
@@ -898,7 +1027,13 @@ class _Parser:
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
                     "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
-                    "checkpoint", "store")
+                    "checkpoint", "store", "brokers")
+
+
+def _root_spec(brokers: Mapping[str, BrokerNode]) -> BrokerSpec | None:
+    # With several brokers, ``Manifest.broker`` is the root's (the aggregator's, usually):
+    # settings such as chunk_bytes are read from it; None while fedbus run has to start it.
+    return next((b.spec for b in brokers.values() if b.parent is None), None)
 
 
 def _fields(cls: type) -> tuple[str, ...]:
@@ -927,10 +1062,11 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
             children.setdefault(n.parent, []).append(n.id)
     # The role table is fedbus.wiring's, shared with the ACL generator (fedbus.deploy).
     ckpt = m.checkpointer
-    return {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
+    wire = {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
                               checkpointer=ckpt.id if ckpt is not None else None)
             for n in m.nodes}
+    return ring_wiring(m.job, m.groups, wire)
 
 
 def describe(m: Manifest) -> str:
@@ -939,7 +1075,15 @@ def describe(m: Manifest) -> str:
     by_role: dict[str, list[str]] = {}
     for n in m.nodes:
         by_role.setdefault(n.role, []).append(n.id)
-    if m.broker is None:
+    if m.brokers:
+        used: dict[str, int] = {}
+        for n in m.nodes:
+            used[n.broker or ""] = used.get(n.broker or "", 0) + 1
+        broker = "; ".join(
+            f"{b.name}" + (f" ({b.spec.host}:{b.spec.port})" if b.spec else " (embedded)")
+            + (f" bridged to {b.parent}" if b.parent else " (root)")
+            + f", {used.get(b.name, 0)} nodes" for b in m.brokers.values())
+    elif m.broker is None:
         broker = ("in-process memory bus (simulation)" if m.population is not None
                   else "embedded mosquitto")
     else:
@@ -973,6 +1117,9 @@ def describe(m: Manifest) -> str:
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]
+    for g in m.groups:
+        lines.append(f"group     {g.id}: {g.mode} of {len(g.members)} under {g.parent} "
+                     f"({_preview(g.members, 4)}), step timeout {g.step_timeout_s:g}s")
     if m.population is not None:
         p = m.population
         lines.append(f"population {p.clients} virtual clients ({p.prefix}0..), {p.per_round} a "

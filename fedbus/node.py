@@ -178,7 +178,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         plugin = make_strategy(m.strategy.name, thaw(m.strategy.params))
         aux = plugin.client_aux_models if isinstance(plugin, Strategy) else 0
         check_queue_fit(m, node, _nbytes(task.get_weights()), 1 + aux, concurrent=2)
-        return Trainer(
+        trainer = Trainer(
             TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
                           authenticated=authenticated(m, bus), client_aux_models=aux,
                           compression=_compression(m), limits=_limits(m),
@@ -186,6 +186,12 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             bus,
             task,
         )
+        group = m.group_of(node.id)
+        if group is None:
+            return trainer
+        from fedbus.services.ring import RingConfig, RingMember
+
+        return RingMember(trainer, RingConfig(group.id, group.members, group.step_timeout_s))
     if node.role == "relay":
         return _relay(m, node, bus, task)
     if node.role == "aggregator":
@@ -218,7 +224,8 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                                    weights, evaluate=evaluate)
         grace = r.loss_grace_s if r.loss_grace_s is not None else (
             0.0 if m.population is not None else LOSS_GRACE_S)
-        return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace, **common),
+        return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
+                                           ring_groups=m.groups_under(node.id), **common),
                           bus, strategy, selector,
                           weights, evaluate=evaluate)
     if node.role == "store":
@@ -255,6 +262,7 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay:
             gate_bytes=upload_gate_bytes(m),
             max_update_norm=r.max_update_norm, max_examples=r.max_examples,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
+            ring_groups=m.groups_under(node.id),
         ),
         bus, FedAvg(), make_selector("all", {}), weights)
     check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)

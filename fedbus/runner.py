@@ -24,7 +24,7 @@ import structlog
 from fedbus.bus.memory import MemoryBroker
 from fedbus.errors import FedbusError, ManifestError
 from fedbus.log import LogSink
-from fedbus.manifest import BrokerSpec, Manifest, with_broker
+from fedbus.manifest import BrokerSpec, Manifest, with_broker, with_node_broker
 from fedbus.metering import MeteredBus
 from fedbus.node import build_node, make_bus
 from fedbus.progress import DisplayMode, ProgressState, make_display
@@ -92,6 +92,19 @@ async def _broker_for(
     if memory:
         yield m, MemoryBroker()
         return
+    if m.brokers and any(b.spec is None for b in m.brokers.values()):
+        # Several brokers: start those without host/port, each bridged to its parent's.
+        from fedbus.deploy.local import spawn_bridged
+
+        bridged = await spawn_bridged(m)
+        try:
+            yield bridged.manifest, None
+        finally:
+            try:
+                await bridged.stop()
+            finally:
+                bridged.kill_now()
+        return
     if m.broker is not None:
         yield m, None
         return
@@ -131,6 +144,12 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
         raise ManifestError(m.source, "broker",
                             "`fedbus serve` needs a broker: add broker: {host, port} to the "
                             "manifest or pass --broker HOST:PORT")
+    for n in node_ids:
+        name = m.node(n).broker
+        if name is not None and name in m.brokers and m.brokers[name].spec is None:
+            raise ManifestError(m.source, f"brokers.{name}",
+                                f"`fedbus serve` needs every broker running: give {name!r} "
+                                "host and port (and deploy it with `fedbus bridge`'s config)")
     if not any(m.node(n).role == "aggregator" for n in node_ids):
         opts = dataclasses.replace(opts, runs_root=None)
     for n in node_ids:
@@ -203,7 +222,9 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
     """Run ``node_ids`` in this process, each on its own bus connection."""
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
-    buses: dict[str, Any] = {n: make_bus(m, m.node(n), memory=mem) for n in node_ids}
+    # Each node on its own broker (several, bridged, with `brokers:`; else the one).
+    buses: dict[str, Any] = {n: make_bus(with_node_broker(m, n), m.node(n), memory=mem)
+                             for n in node_ids}
     services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
     _limit_torch_threads(sum(1 for n in node_ids if m.node(n).role == "trainer"))
     agg = next((s for s in services.values() if isinstance(s, (Aggregator, AsyncAggregator))),
@@ -302,7 +323,8 @@ class _Observer:
 
     def _tap(self, event: MutableMapping[str, Any]) -> None:
         # Trainers log their fit time with each update; the round-time breakdown uses it.
-        if event.get("event") in ("update_sent", "update_ready") and "seconds" in event:
+        if event.get("event") in ("update_sent", "update_ready", "update_to_ring") \
+                and "seconds" in event:
             with contextlib.suppress(TypeError, ValueError):
                 self._fit_s.append(float(event["seconds"]))
 

@@ -14,6 +14,8 @@ Channels:
   ``reply/<requester>``             the store's answer, correlated by the request's msg_id
   ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
   ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
+  ``ring/<group>/<to>/<sender>``    hybrid ring groups: one member's reduce step (or abort,
+                                    commit) to another member of its group (fedbus.services.ring)
   ``nack/<owner>/<requester>``      chunk repair: "resend these chunks of your transfer", from a
                                     receiver to the node that owns (publishes) a model or update
                                     topic; the bus sends and serves these itself
@@ -48,6 +50,8 @@ __all__ = [
     "repair_owner",
     "replies_all",
     "reply",
+    "ring",
+    "ring_inbox",
     "shared",
     "sim_result",
     "sim_results",
@@ -63,7 +67,7 @@ __all__ = [
 
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
-                             "query", "reply", "task", "result", "nack"})
+                             "query", "reply", "task", "result", "nack", "ring"})
 #: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
 #: level, so a receiver knows whom to ask (and asks no one else).
 REPAIRED_CHANNELS: Final = frozenset({"model", "update"})
@@ -192,6 +196,16 @@ def repair_owner(topic: str) -> tuple[str, str] | None:
     if parsed.channel not in REPAIRED_CHANNELS:
         return None
     return parsed.job, parsed.sender
+
+
+def ring(job: str, group: str, to: str, sender: str) -> str:
+    """A ring group member's message to another member of its group."""
+    return _t(job, "ring", group, to, sender)
+
+
+def ring_inbox(job: str, group: str, member: str) -> str:
+    """Filter for every ring message addressed to ``member`` in ``group``."""
+    return _t(job, "ring", group, member) + "/+"
 
 
 def shared(group: str, topic_filter: str) -> str:

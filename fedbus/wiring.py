@@ -14,7 +14,7 @@ from typing import Final
 from fedbus import topics
 from fedbus.errors import BusError
 
-__all__ = ["KNOWN_ROLES", "Wiring", "role_wiring"]
+__all__ = ["KNOWN_ROLES", "Wiring", "role_wiring", "with_ring"]
 
 KNOWN_ROLES: Final = ("aggregator", "trainer", "relay", "checkpointer", "store", "operator")
 
@@ -104,3 +104,16 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
                              topics.reply(job, node)),
                       (topics.control_all(job), topics.queries_by(job, node), presence))
     raise BusError(f"role {role!r} has no wiring; known roles: {', '.join(KNOWN_ROLES)}")
+
+
+def with_ring(w: Wiring, job: str, group: str, members: Iterable[str]) -> Wiring:
+    """A trainer's wiring with what its ring group needs (fedbus.services.ring).
+
+    A member reads the reduce steps addressed to it and the other members' presence (a will
+    makes the group fall back at once), and writes only to the other members of its group.
+    """
+    others = [m for m in members if m != w.node]
+    return Wiring(w.node,
+                  (*w.subscribe, topics.ring_inbox(job, group, w.node),
+                   *(topics.presence(job, m) for m in others)),
+                  (*w.publish, *(topics.ring(job, group, m, w.node) for m in others)))

@@ -41,6 +41,25 @@ async def mosquitto() -> AsyncIterator[MosquittoProcess]:
         await proc.stop()
 
 
+@pytest.fixture
+async def ejabberd() -> AsyncIterator[MosquittoProcess]:
+    """ejabberd's MQTT 5 broker (mod_mqtt), a second broker implementation, on a free
+    loopback port; killed at teardown. Skipped with the reason when it is not installed on a
+    dev box; in CI, where `make system` installs it, its absence fails."""
+    from fedbus.broker_ejabberd import ejabberd_installed, spawn_ejabberd
+
+    if not ejabberd_installed():
+        why = "ejabberd is not installed: apt-get install -y --no-install-recommends ejabberd"
+        if os.environ.get("CI"):
+            pytest.fail(why + " (`make system` does)")
+        pytest.skip(why + " (or `make system`)")
+    proc = await spawn_ejabberd()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
 SecureBrokerFactory = Callable[..., Awaitable[SecureMosquitto]]
 
 

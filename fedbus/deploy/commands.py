@@ -1,4 +1,4 @@
-"""The deployment commands of ``fedbus``: ``acl``, ``certs``, ``compose``, ``units``.
+"""The deployment commands of ``fedbus``: ``acl``, ``certs``, ``compose``, ``units``, ``bridge``.
 
 Each generates files from a manifest (``fedbus.deploy``); ``fedbus.cli`` registers them.
 """
@@ -173,4 +173,29 @@ def _cmd_units(args: argparse.Namespace, sink: Any) -> int:
     return 0
 
 
-COMMANDS = (_add_acl, _add_certs, _add_compose, _add_units)
+def _add_bridge(add: Adder) -> None:
+    bridge = add("bridge", "print the mosquitto bridge from one broker of `brokers:` to its parent",
+                 """\
+  fedbus bridge examples/topologies/three-level-bridged.yaml --broker site >> site.conf
+""", _cmd_bridge)
+    bridge.add_argument("manifest")
+    bridge.add_argument("--broker", required=True, metavar="NAME",
+                        help="the bridging broker (a name under `brokers:`, not the root)")
+    bridge.add_argument("--parent-address", metavar="HOST:PORT", type=_parse_broker,
+                        help="where the parent broker listens (default: the manifest's)")
+
+
+def _cmd_bridge(args: argparse.Namespace, sink: Any) -> int:
+    from fedbus.deploy.bridge import bridge_config
+
+    m = load_manifest(args.manifest)
+    addresses = None
+    if args.parent_address is not None and args.broker in m.brokers:
+        parent = m.brokers[args.broker].parent
+        if parent is not None:
+            addresses = {parent: (args.parent_address.host, args.parent_address.port)}
+    print(bridge_config(m, args.broker, addresses), end="")
+    return 0
+
+
+COMMANDS = (_add_acl, _add_certs, _add_compose, _add_units, _add_bridge)

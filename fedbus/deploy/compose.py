@@ -70,6 +70,10 @@ def compose_config(
     ``write_broker_security``; ``certs_dir`` is a ``fedbus certs`` folder (mTLS).
     ``redis=None`` adds redis only when a node's role keeps data there.
     """
+    if m.brokers:
+        raise DeployError(f"{m.source} declares several brokers (brokers:); a compose file "
+                          "here runs one. Deploy each broker with `fedbus bridge MANIFEST "
+                          "--broker NAME` appended to its config, or use `fedbus run`")
     broker_name, tell_broker = _broker_service_name(m)
     port = m.broker.port if m.broker else 1883
     b = m.broker

@@ -104,6 +104,12 @@ def node_rights(m: Manifest, operators: Iterable[str] = (),
     trainer's rights that does not kick the real trainer's session off the broker).
     """
     rights = dict(compile_wiring(m))
+    if m.brokers:
+        # Each bridge logs in to its parent broker as its own user (fedbus.deploy.bridge):
+        # it publishes there what goes out and subscribes to what comes in, nothing more.
+        from fedbus.deploy.bridge import bridge_rights
+
+        rights.update(bridge_rights(m))
     for op in operators:
         topics.validate_id(op, "operator id")
         if op in rights:

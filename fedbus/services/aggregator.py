@@ -23,6 +23,7 @@ from fedbus.bus import Bus, Subscription
 from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
+from fedbus.services import ring
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
 from fedbus.task import EvalResult
@@ -48,6 +49,9 @@ class AggregatorConfig(AggregatorSettings):
     max_extensions: int = 1
     #: How long a round whose pending nodes were all reported lost waits for a contradiction.
     loss_grace_s: float = LOSS_GRACE_S
+    #: Hybrid ring groups among the trainers (members by rank): one member's update may
+    #: cover the others of its group (fedbus.services.ring).
+    ring_groups: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(slots=True)
@@ -151,6 +155,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._round = 0
         self._state: _Round | None = None
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
+        self._groups = {m: frozenset(g) for g in config.ring_groups for m in g}
         self._init_intake(strategy.aux_models)
 
     # --- main loop -------------------------------------------------------------------------
@@ -335,6 +340,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             raise UpdateRejected("not_selected", f"round {env.round}")
         if sender in state.accepted:
             raise UpdateRejected("duplicate", f"second update in round {env.round}")
+        if "covers" in env.meta:  # a ring group's update, for several members
+            ring.check_covers(env.meta, sender, self._groups, state.selected, state.accepted)
         return 0
 
     def fold(self, update: ClientUpdate, env: Envelope) -> None:
@@ -343,10 +350,11 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self.strategy.accumulate(update)
         sender, n = update.sender, update.num_examples
         state.examples += n
-        state.pending.discard(sender)
-        state.lost.discard(sender)  # reported offline, yet it delivered: it counts
-        state.accepted.add(sender)
-        state.arrivals[sender] = time.monotonic() - state.started
+        for member in ring.covered(env.meta, sender, n):  # a ring group's update covers several
+            state.pending.discard(member)
+            state.lost.discard(member)  # reported offline, yet it delivered: it counts
+            state.accepted.add(member)
+            state.arrivals[member] = time.monotonic() - state.started
         loss = update.metrics.get("train_loss")
         if loss is not None:
             state.loss_sum += float(loss) * n

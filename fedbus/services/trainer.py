@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -53,6 +53,17 @@ log = structlog.get_logger(__name__)
 
 #: A hook applied to (delta, config) before sending, e.g. client-side DP clipping + noise.
 DeltaHook = Callable[[dict[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
+
+
+class RingHook(Protocol):
+    """A hybrid ring group's say in delivery (``fedbus.services.ring.RingMember``)."""
+
+    def joins(self, order: Envelope, result: FitResult) -> bool: ...
+
+    def flatten(self, delta: Mapping[str, np.ndarray], result: FitResult) -> np.ndarray: ...
+
+    async def reduce(self, order: Envelope, epoch: str, vec: np.ndarray, result: FitResult,
+                     own: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,8 @@ class Trainer:
         self.bus = bus
         self.task = task
         self.delta_hook = delta_hook
+        #: Set by a ring group member wrapping this trainer: its updates go through the ring.
+        self.ring: RingHook | None = None
         # lives as long as the trainer: top-k keeps what it has not sent yet (error feedback)
         self._compressor = UpdateCompressor(config.update_codec,
                                             seed=zlib.crc32(config.node_id.encode()))
@@ -364,7 +377,9 @@ class Trainer:
             tensors=join_tensors(sent, result.aux),
         )
         payload = await asyncio.to_thread(encode, update, c.compression)
-        del update, delta, sent, order  # the payload is all that is needed now
+        ring = self.ring if self.ring is not None and self.ring.joins(env, result) else None
+        vec = None if ring is None else await asyncio.to_thread(ring.flatten, delta, result)
+        del update, delta, sent, order  # the payload (and a ring's vector) is all that is needed
         if env.meta.get("mode") != "async":
             rounds = self._delivered.setdefault(epoch, [])
             rounds.append(env.round)
@@ -374,6 +389,12 @@ class Trainer:
             # kept until the next round: if the parent asks again, this update was lost
             self._last_sent = (epoch, env.round, payload)
             self._resent = 0
+        if ring is not None and vec is not None:
+            # summed with the ring group; if the ring fails, this payload is delivered alone
+            self._log.info("update_to_ring", round=env.round, examples=result.num_examples,
+                           seconds=round(duration, 3), bytes=len(payload))
+            await ring.reduce(env, epoch, vec, result, payload)
+            return
         gated = await self._deliver(env.round, epoch, payload,
                                     env.meta.get("upload_gate_bytes"))
         self._log.info("update_ready" if gated else "update_sent", round=env.round,

@@ -1,0 +1,66 @@
+"""A second, independent MQTT 5 broker (ejabberd's mod_mqtt): a whole federation on it gives
+the in-process bus's model. The bus contract runs on it too (tests/test_bus_contract.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedbus.broker import MosquittoProcess
+from fedbus.bus.memory import MemoryBroker
+from fedbus.manifest import Manifest, parse_manifest
+from fedbus.node import build_node, make_bus
+from fedbus.services.aggregator import Aggregator
+
+pytestmark = pytest.mark.broker
+
+
+def star(broker: dict[str, Any] | None) -> Manifest:
+    return parse_manifest({
+        "version": 1, "job": "toy", "rounds": 3, "seed": 4,
+        "task": {"ref": "examples.toy.task:make_task", "params": {"size": 20_000, "lr": 0.4}},
+        # chunks of 64 kB: each model and update crosses the broker in several pieces
+        **({"broker": {**broker, "chunk_bytes": 65_536}} if broker else {}),
+        "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 20},
+        "nodes": [{"id": "agg", "role": "aggregator"}],
+        "trainers": {"count": 3, "prefix": "t"},
+    })
+
+
+async def federate(m: Manifest, memory: MemoryBroker | None) -> Aggregator:
+    buses = {n.id: make_bus(m, n, memory=memory) for n in m.nodes}
+    services = {n: build_node(m, n, bus) for n, bus in buses.items()}
+    agg = services.pop("agg")
+    for bus in buses.values():
+        await bus.__aenter__()
+    try:
+        async with asyncio.timeout(60):
+            tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
+            await agg.run()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for bus in buses.values():
+            await bus.__aexit__(None, None, None)
+    return agg
+
+
+async def test_a_federation_on_ejabberd_gives_the_one_bus_model(
+        ejabberd: MosquittoProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: every node logs in as itself (ejabberd's anonymous mode takes any password)
+    monkeypatch.setenv("FEDBUS_TEST_EJABBERD_PW", "anonymous")
+    m = star({"host": ejabberd.host, "port": ejabberd.port,
+              "password_env": "FEDBUS_TEST_EJABBERD_PW"})
+
+    # Execute
+    agg = await federate(m, None)
+    alone = await federate(star(None), MemoryBroker())
+
+    # Assert
+    assert [sorted(r.accepted) for r in agg.history] == [["t0", "t1", "t2"]] * 3
+    for key, value in alone.weights.items():
+        np.testing.assert_allclose(agg.weights[key], value, atol=1e-6)
