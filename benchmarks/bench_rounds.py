@@ -68,13 +68,14 @@ job: bench
 seed: 0
 rounds: {rounds}
 strategy: fedavg
-round: {{deadline_s: 600, quorum: 1.0, min_clients: {n}, start_timeout_s: 180}}
+round: {{deadline_s: 600, quorum: 1.0, min_clients: {n}, start_timeout_s: 180,
+        max_uploads: {uploads}}}
 evaluate: {{where: none}}
-codec: {{level: {level}}}
-broker: {{host: "{host}", port: {port}, keepalive_s: {keepalive}}}
+codec: {{level: {level}, update: {{mode: {update}}}}}
+broker: {{host: "{host}", port: {port}, keepalive_s: {keepalive}, chunk_bytes: {chunk}}}
 task:
-  ref: "examples.toy.task:make_task"
-  params: {{size: {size}, lr: 0.5}}
+  ref: "{task_ref}"
+  params: {{size: {size}{task_extra}}}
 nodes:
   - {{id: aggregator, role: aggregator}}
 trainers: {{count: {n}, prefix: "t", parent: aggregator}}
@@ -278,9 +279,17 @@ async def _stop_broker(broker: MosquittoProcess) -> None:
     await broker.stop()
 
 
+#: The default task: numpy toy (one step toward a target per round).
+TOY_TASK = "examples.toy.task:make_task"
+#: bench_wire's task: the model plus a constant, as the Flower side does.
+ADD_TASK = "benchmarks.wire_task:make_task"
+
+
 def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             trainer_cores: int, timeout_s: float, keepalive: int = 30,
-            probe: bool = False) -> Row:
+            probe: bool = False, update: str = "none", task_ref: str = TOY_TASK,
+            trainer_grace_s: float = 30.0, chunk_bytes: int = 1_000_000,
+            max_uploads: int = 4) -> Row:
     started = time.monotonic()
     broker: MosquittoProcess | None = None
     children: list[Child] = []
@@ -292,7 +301,11 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
         manifest = workdir / "manifest.yaml"
         manifest.write_text(_MANIFEST.format(rounds=rounds, n=n, level=level, host=broker.host,
                                              port=broker.port, size=params,
-                                             keepalive=keepalive))
+                                             keepalive=keepalive, update=update,
+                                             chunk=chunk_bytes, uploads=max_uploads,
+                                             task_ref=task_ref,
+                                             task_extra=", lr: 0.5" if task_ref == TOY_TASK
+                                             else ""))
         probe_out = workdir / "probe.jsonl"
         parent_rss = (read_mem(os.getpid()) or (0, 0))[0]
         if probe:
@@ -340,7 +353,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
         mem = read_mem(trainers.pid)
         if mem is not None:
             trainer_hwm = max(trainer_hwm, mem[1])
-        trainers.reap(30.0)
+        trainers.reap(trainer_grace_s)  # then stopped in the finally
         mem = read_mem(broker.pid)
         if mem is not None:
             broker_hwm = max(broker_hwm, mem[1])
@@ -533,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per job (default 3)")
     p.add_argument("--codec-level", type=int, default=0, help="zstd level (0 = raw)")
+    p.add_argument("--update", default="none", help="codec.update mode (none, fp16, int8, topk)")
+    p.add_argument("--task", choices=("toy", "add"), default="toy",
+                   help="toy: one step toward a target; add: model + constant (bench_wire's)")
+    p.add_argument("--chunk-bytes", type=int, default=1_000_000, help="broker.chunk_bytes")
+    p.add_argument("--max-uploads", type=int, default=4, help="round.max_uploads")
     p.add_argument("--trainer-cores", type=int, default=2, help="cores for the trainer process")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per configuration")
     p.add_argument("--keepalive", type=int, default=30,
@@ -563,7 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _eprint(f"N={n} P={params / MB:g}M: {rounds} rounds ...")
         row = run_one(n, params, rounds, level=args.codec_level, idle_rss=idle,
                       trainer_cores=args.trainer_cores, timeout_s=args.timeout,
-                      keepalive=args.keepalive, probe=args.probe)
+                      keepalive=args.keepalive, probe=args.probe, update=args.update,
+                      task_ref=ADD_TASK if args.task == "add" else TOY_TASK,
+                      chunk_bytes=args.chunk_bytes, max_uploads=args.max_uploads)
         _eprint(f"  rounds {[round(s, 2) for s in row.round_s]} s, agg peak "
                 f"{_mib(row.agg_peak)} MiB (ru_maxrss "
                 f"{_mib(row.agg_maxrss) if row.agg_maxrss else 'n/a'}), trainers "

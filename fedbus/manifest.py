@@ -187,6 +187,12 @@ class StoreSpec:
     evaluate: bool = True
     #: Stop when the job is done (``fedbus run``); false keeps answering queries.
     exit_on_done: bool = True
+    #: Nice value (0-19) of the store's recording thread (0: see docs/store.md before raising).
+    work_nice: int = 0
+    #: Leave-one-out and Shapley values of each closed round computed in idle time.
+    precompute: bool = True
+    #: Shapley permutations of that precomputation (the contribution query's default).
+    precompute_permutations: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -857,6 +863,9 @@ class _Parser:
             evaluate=self.boolean(t.get("evaluate", d.evaluate), "store.evaluate"),
             exit_on_done=self.boolean(t.get("exit_on_done", d.exit_on_done),
                                       "store.exit_on_done"),
+            work_nice=count("work_nice", 0, 19),
+            precompute=self.boolean(t.get("precompute", d.precompute), "store.precompute"),
+            precompute_permutations=count("precompute_permutations", 1, 10_000),
         )
 
     def evaluate(self, value: Any) -> EvalSpec:
@@ -1105,9 +1114,16 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
     ckpt = m.checkpointer
     wire = {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
-                              checkpointer=ckpt.id if ckpt is not None else None)
+                              checkpointer=ckpt.id if ckpt is not None else None,
+                              asks_store=_ranking_store(m) if n.role == "aggregator" else None)
             for n in m.nodes}
     return ring_wiring(m.job, m.groups, wire)
+
+
+def _ranking_store(m: Manifest) -> str | None:
+    """The store a ``ranked`` selector asks before every round (its ``store`` parameter)."""
+    store = m.selector.params.get("store") if m.selector.name == "ranked" else None
+    return store if isinstance(store, str) else None
 
 
 def describe(m: Manifest) -> str:

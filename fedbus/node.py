@@ -103,6 +103,17 @@ def authenticated(m: Manifest, bus: Bus) -> bool:
     return node_credentials(m, bus.node_id).secured
 
 
+#: Updates above this size wait for an upload slot (UploadGate), whatever the chunk size:
+#: the gate is what keeps the aggregator's memory flat in N, chunks are only how bytes travel.
+UPLOAD_GATE_BYTES = 1_000_000
+
+
+def upload_gate_bytes(m: Manifest) -> int:
+    """The update size above which trainers ask for an upload slot: one chunk, at most
+    ``UPLOAD_GATE_BYTES`` (bigger chunks send a gated update whole, in fewer messages)."""
+    return min(m.broker.chunk_bytes, UPLOAD_GATE_BYTES) if m.broker else UPLOAD_GATE_BYTES
+
+
 def check_queue_fit(m: Manifest, node: NodeSpec, model_bytes: int, copies: int,
                     concurrent: int) -> None:
     """Refuse at start a broker queue that cannot hold what this node will be sent at once
@@ -207,7 +218,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
         check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
         common["max_uploads"] = r.max_uploads
-        common["gate_bytes"] = m.broker.chunk_bytes if m.broker else 1_000_000
+        common["gate_bytes"] = upload_gate_bytes(m)
         if isinstance(strategy, AsyncStrategy):
             relays = frozenset(t.id for t in m.children_of(node.id) if t.role == "relay")
             return AsyncAggregator(AsyncAggregatorConfig(relays=relays, **common), bus, strategy,
@@ -257,7 +268,7 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
             # whole job is the root's business)
             min_clients=len(children), start_timeout_s=r.start_timeout_s, seed=m.seed,
             compression=_compression(m), limits=_limits(m), max_uploads=r.max_uploads,
-            gate_bytes=m.broker.chunk_bytes if m.broker else 1_000_000,
+            gate_bytes=upload_gate_bytes(m),
             max_update_norm=r.max_update_norm, max_examples=r.max_examples,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
             ring_groups=m.groups_under(node.id),

@@ -55,7 +55,8 @@ def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[st
 
 
 def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
-                children: Iterable[str] = (), checkpointer: str | None = None) -> Wiring:
+                children: Iterable[str] = (), checkpointer: str | None = None,
+                asks_store: str | None = None) -> Wiring:
     """Exactly the topics ``node`` (of ``role``) subscribes to and publishes on.
 
     Aggregator and trainer are what the services do (tests/test_hostile.py spies on them);
@@ -71,6 +72,10 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
             # restore requests on its control topic
             sub.append(topics.state(job, checkpointer))
             pub += [topics.state(job, node), topics.control(job, checkpointer)]
+        if asks_store is not None:
+            # a ranked selector's live ranking: ask the store, read its reply
+            sub.append(topics.reply(job, node))
+            pub.append(topics.query(job, asks_store, node))
         return Wiring(node, tuple(sub), (pub[0], pub[1], presence, *pub[2:]))
     if role in ("trainer", "relay") and parent is None:
         raise BusError(f"{role} {node!r} has no parent aggregator")

@@ -16,6 +16,26 @@ from strategies.base import ClientUpdate, Strategy, StrategyError, Weights, chec
 __all__ = ["FedAvg", "WeightedDeltaMean"]
 
 
+#: Elements folded at a time: the float64 scratch (512 KiB) stays in cache, where a whole-tensor
+#: ``np.multiply(..., dtype=float64)`` would allocate and stream a model-sized temporary.
+_BLOCK = 1 << 16
+
+
+def _fold(acc: np.ndarray, delta: np.ndarray, weight: float) -> None:
+    """``acc += weight * delta`` in float64, in cache-sized blocks, no model-sized temporary."""
+    if acc.size <= _BLOCK:
+        acc += np.multiply(delta, weight, dtype=np.float64)
+        return
+    flat_acc = acc.reshape(-1)  # acc is ours and contiguous: a view
+    flat_delta = np.ascontiguousarray(delta).reshape(-1)
+    scratch = np.empty(_BLOCK, dtype=np.float64)
+    for start in range(0, flat_acc.size, _BLOCK):
+        stop = min(start + _BLOCK, flat_acc.size)
+        part = scratch[: stop - start]
+        np.multiply(flat_delta[start:stop], weight, out=part, dtype=np.float64)
+        flat_acc[start:stop] += part
+
+
 class WeightedDeltaMean:
     """Running example-weighted mean of deltas; the building block of the FedAvg family."""
 
@@ -36,8 +56,7 @@ class WeightedDeltaMean:
             raise StrategyError(f"update weight must be finite and >= 0, got {weight}")
         check_compatible(self._weights, delta)
         for k, acc in self._sum.items():
-            # out= avoids a temporary model-sized array per tensor per client.
-            np.add(acc, np.multiply(delta[k], weight, dtype=np.float64), out=acc)
+            _fold(acc, delta[k], weight)
         self.total_weight += weight
         self.count += 1
 

@@ -25,16 +25,36 @@ class RankedSelector(Selector):
         num_clients: clients per round (fewer when fewer are available).
         explore: share of the slots drawn at random among the rest, in [0, 1].
         seed: RNG seed; the RNG state and the ranking are in ``state_dict``.
+        store: a store node to ask for a fresh ranking before every round (its
+            ``scheduling`` workload ``by`` ``by`` over ``window`` rounds), waiting at most
+            ``timeout_s``; when it does not answer in time the previous ranking stays
+            (counted in ``fallbacks``). The asking is the aggregator's (a selector is pure).
     """
 
     name: ClassVar[str] = "ranked"
 
     def __init__(self, ranking: Mapping[str, float] | Sequence[str] = (), num_clients: int = 10,
-                 explore: float = 0.1, seed: int = 0) -> None:
+                 explore: float = 0.1, seed: int = 0, store: str | None = None,
+                 by: str = "similarity", window: int = 3, timeout_s: float = 1.0) -> None:
         if int(num_clients) < 1:
             raise StrategyError(f"num_clients must be >= 1, got {num_clients}")
         if not 0 <= explore <= 1:
             raise StrategyError(f"explore must be in [0, 1], got {explore}")
+        if store is not None and not isinstance(store, str):
+            raise StrategyError(f"store must be a store node id, got {store!r}")
+        if by not in ("similarity", "loss", "accuracy"):
+            raise StrategyError(f"by must be similarity, loss or accuracy, got {by!r}")
+        if int(window) < 1 or not 0 < float(timeout_s) <= 60:
+            raise StrategyError(f"window must be >= 1 and timeout_s in (0, 60], got "
+                                f"{window}, {timeout_s}")
+        self.store = store
+        self.by = by
+        self.window = int(window)
+        self.timeout_s = float(timeout_s)
+        #: Fresh rankings taken from the store; rounds that went on without one (the store
+        #: slow, dead or with nothing yet), by reason.
+        self.refreshes = 0
+        self.fallbacks: dict[str, int] = {}
         self.num_clients = int(num_clients)
         self.explore = float(explore)
         self._rng = np.random.default_rng(seed)
@@ -53,6 +73,13 @@ class RankedSelector(Selector):
         if not all(np.isfinite(v) for v in scores.values()):
             raise StrategyError("ranking scores must be finite numbers")
         self.scores = scores
+
+    def store_query(self) -> dict[str, Any] | None:
+        """The ``scheduling`` arguments to ask ``store`` with (None: no store to ask)."""
+        if self.store is None:
+            return None
+        # higher scores are preferred: by loss, the clients with the most left to learn
+        return {"by": self.by, "window": self.window, "order": "desc"}
 
     def select(self, available: Sequence[str], round: int) -> list[str]:
         pool = sorted(set(available))

@@ -117,7 +117,7 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     return _mulmod(_shift_operator(len2), crc1) ^ crc2
 
 
-def is_chunk_frame(payload: bytes) -> bool:
+def is_chunk_frame(payload: bytes | memoryview) -> bool:
     return payload[:2] == CHUNK_MAGIC
 
 
@@ -208,7 +208,7 @@ class _Partial:
     count: int
     total: int
     digest: int  # the declared crc32 of the whole payload
-    parts: dict[int, bytes] = field(default_factory=dict)
+    parts: dict[int, bytes | memoryview] = field(default_factory=dict)
     crcs: dict[int, int] = field(default_factory=dict)
     size: int = 0
     progress: float = 0.0  # when the last new chunk arrived
@@ -243,7 +243,7 @@ class Reassembler:
         return len(self._partials)
 
     def feed(
-        self, topic: str, payload: bytes, *, route: str = "",
+        self, topic: str, payload: bytes | memoryview, *, route: str = "",
         admit: Callable[[str, int], bool] | None = None,
     ) -> bytes | None:
         """Accept one delivered payload; return a whole payload when one is complete.
@@ -251,13 +251,16 @@ class Reassembler:
         ``route`` separates independent delivery streams of the same topic (two overlapping
         subscriptions each get their own copy of every frame). ``admit(topic, total)`` is asked
         before a new multi-chunk transfer is buffered.
+
+        A chunk frame may come as a memoryview (the MQTT bus's receive buffer): its data is
+        kept as a view, not copied, until the transfer is joined into bytes.
         """
         self.expire()
         if not is_chunk_frame(payload):
             if len(payload) > self.limits.max_message_bytes:
                 self._reject("too_large", topic, None, size=len(payload))
                 return None
-            return payload
+            return bytes(payload) if isinstance(payload, memoryview) else payload
         self.counters["chunks_received"] += 1
         if len(payload) < HEADER.size:
             self._reject("short_header", topic, None, size=len(payload))
@@ -400,7 +403,7 @@ class Reassembler:
                         have=len(part.parts), count=part.count)
 
     def _finish_single(
-        self, key: _Key, data: bytes, total: int, digest: int, crc: int
+        self, key: _Key, data: bytes | memoryview, total: int, digest: int, crc: int
     ) -> bytes | None:
         self._remember(key, "duplicate")
         # One chunk: its crc (already checked against its bytes) is the whole payload's.
@@ -408,7 +411,7 @@ class Reassembler:
             self._reject("bad_digest", key[1], key[2], size=len(data), total=total)
             return None
         self.counters["transfers_completed"] += 1
-        return data
+        return bytes(data)
 
     def _fail(self, key: _Key) -> None:
         part = self._partials.pop(key, None)

@@ -156,7 +156,7 @@ class Dispatcher:
     def deliver(
         self,
         topic: str,
-        payload: bytes,
+        payload: bytes | memoryview,
         *,
         retain: bool = False,
         via: Iterable[str] | None = None,

@@ -26,8 +26,10 @@ from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services import ring
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
+from fedbus.store.live import refresh_ranking
 from fedbus.task import EvalResult
 from strategies import ClientUpdate, Selector, Strategy, Weights
+from strategies.ranked import RankedSelector
 
 __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 
@@ -190,6 +192,9 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             # min_clients gates the first round only: a federation that lost a trainer goes
             # on with who is left, but never runs a round with nobody at all.
             await self._wait_for_clients(sub, 1, c.start_timeout_s)
+        if isinstance(self.selector, RankedSelector) and self.selector.store is not None:
+            # a fresh ranking from the store; it never holds the round up beyond timeout_s
+            await refresh_ranking(self.bus, c.job, c.node_id, self.selector, number, self._log)
         available = sorted(self.online & c.trainers)
         selected = set(self.selector.select(available, number)) if available else set()
         state = _Round(number, selected=set(selected), pending=set(selected), started=started)

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import structlog
@@ -40,7 +43,7 @@ from fedbus.services.intake import (
 )
 from fedbus.store.cache import RedisCache
 from fedbus.store.repository import Retention, RoundStore
-from fedbus.store.sketch import Sketcher, cosine, dot, norm
+from fedbus.store.sketch import Sketcher, cosine, dot, dot32, norm
 from fedbus.store.workloads import Workloads, digest
 from fedbus.task import Task
 
@@ -48,12 +51,17 @@ __all__ = ["QUERY", "REPLY", "StoreConfig", "StoreService", "TaskUtility",
            "store_from_manifest"]
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 QUERY: Final = "query"  # anyone -> store (query/<store>/<sender>): {workload, args}
 REPLY: Final = "reply"  # store -> requester (reply/<sender>): {request_id, ok, result|error}
 #: Queries are small: a workload name and a few arguments.
 QUERY_LIMITS: Final = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=64 << 10,
                              max_tensors=0)
+#: Share of one core the idle-time precomputation may use (it rests between evaluations).
+PRECOMPUTE_DUTY: Final = 0.5
+#: How long a query waits for the backlog that arrived before it to be recorded.
+QUERY_CATCH_UP_S: Final = 10.0
 _MAX_METRICS: Final = 64
 _MAX_REJECTION_LOG: Final = 100
 
@@ -65,6 +73,9 @@ class StoreConfig:
     #: The aggregator whose rounds this store records.
     aggregator: str
     trainers: frozenset[str]
+    #: A simulated population's clients (``<prefix>0`` .. ``<prefix><count - 1>``), which
+    #: are not manifest nodes: (prefix, count), or None.
+    population: tuple[str, int] | None = None
     seed: int = 0
     sketch_dim: int = 2048
     #: Keep full updates at all (the last ``full_update_rounds`` rounds; 0: sketches only).
@@ -72,6 +83,15 @@ class StoreConfig:
     backlog_bytes: int = 512 << 20
     exit_on_done: bool = True
     max_queries: int = 4
+    #: Nice value of the thread that decodes, sketches and writes (Linux: per thread). 0 by
+    #: default: measured, a niced thread that holds the GIL when the kernel preempts it
+    #: stalls the store's receiver too, the store falls behind, and rounds got slower.
+    work_nice: int = 0
+    #: After each round closes, compute its leave-one-out and Shapley values in idle time
+    #: (one thread, at most half a core), so that debugging and contribution queries are
+    #: lookups.
+    precompute: bool = True
+    precompute_permutations: int = 32
     max_examples: int = 1 << 40
     limits: Limits = Limits()
     compression: Compression = Compression()
@@ -91,6 +111,8 @@ class _Open:
     rejected: Counter[str] = field(default_factory=Counter)
     rejections: list[dict[str, str]] = field(default_factory=list)
     report: dict[str, Any] | None = None
+    #: The model the round (version) produced, once broadcast.
+    next_model: dict[str, np.ndarray] | None = None
 
 
 class _RoundRejections(Rejections):
@@ -127,7 +149,7 @@ class StoreService:
         self.progress = asyncio.Condition()
         self._seen = SeenIds()
         self._open: dict[int, _Open] = {}
-        self._closed_upto = max(store.rounds(), default=0)
+        self._closed_upto = max(store.rounds(), default=-1)  # async versions start at 0
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
@@ -136,7 +158,45 @@ class StoreService:
         #: The store's own queue gets what the subscription's half of the backlog leaves.
         self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
         self._queries: set[asyncio.Task[None]] = set()
+        #: Messages put into the backlog, and taken out and handled: a query waits until
+        #: what arrived before it is recorded (what it asks about is in the store).
+        self._enqueued = 0
+        self._handled = 0
+        #: Recording an asynchronous aggregator (its model broadcasts say mode: async).
+        self._async = False
         self._log = log.bind(node=config.node_id, role="store", job=config.job)
+        # Disk writes fsync at the round's record (its commit point), not per file.
+        store.disk.deferred = True
+        # One worker for the recording (in order, at lower priority), one for idle work.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-work",
+                                        initializer=lower_priority, initargs=(config.work_nice,))
+        # Idle work is throttled (PRECOMPUTE_DUTY), not niced: a niced thread preempted while
+        # holding the GIL stalls the receiver (see work_nice).
+        self._idle_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-idle")
+        #: Closed rounds waiting for their precomputed values (newest first; bounded).
+        self._precompute_due: deque[int] = deque(maxlen=2)
+        self._precompute_task: asyncio.Task[None] | None = None
+
+    def _is_trainer(self, sender: str) -> bool:
+        """One of the recorded aggregator's trainers (or simulated clients)?"""
+        if sender in self.config.trainers:
+            return True
+        pop = self.config.population
+        if pop is None or not sender.startswith(pop[0]):
+            return False
+        tail = sender[len(pop[0]):]
+        return tail.isdigit() and str(int(tail)) == tail and int(tail) < pop[1]
+
+    @property
+    def _max_early(self) -> int:
+        """Updates kept while their round's model has not arrived: one per trainer."""
+        pop = self.config.population
+        return len(self.config.trainers) + (pop[1] if pop is not None else 0)
+
+    async def _work(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn`` on the store's own low-priority worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                functools.partial(fn, *args))
 
     # --- main loop ------------------------------------------------------------------------
     async def run(self) -> dict[str, int]:
@@ -158,11 +218,17 @@ class StoreService:
                 for task in finished:
                     task.result()  # a crash in either loop surfaces here
             finally:
-                for task in (receiver, writer, *self._queries):
+                tasks = [receiver, writer, *self._queries]
+                if self._precompute_task is not None:
+                    tasks.append(self._precompute_task)
+                for task in tasks:
                     task.cancel()
-                for task in (receiver, writer, *self._queries):
+                for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                self.workloads.stopping.set()  # a running precomputation ends at its next model
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._idle_pool.shutdown(wait=False, cancel_futures=True)
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
                 if self.store.redis is not None:
@@ -185,7 +251,7 @@ class StoreService:
         if parsed.channel == "update":
             latest = self._latest_open()
             limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
-            return (parsed.levels[0] == c.aggregator and parsed.sender in c.trainers
+            return (parsed.levels[0] == c.aggregator and self._is_trainer(parsed.sender)
                     and total <= limits.max_frame_bytes)
         if parsed.channel == "model":
             return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
@@ -221,6 +287,7 @@ class StoreService:
             self._backlog_bytes += size
             if channel in ("model", "metrics"):
                 self._vital_bytes += size
+            self._enqueued += 1
             self._backlog.put_nowait((channel, msg))
 
     async def _write_loop(self) -> None:
@@ -234,6 +301,7 @@ class StoreService:
             except FedbusError as exc:
                 self._log.error("store_write_failed", topic=msg.topic, error=str(exc))
                 self.stats["write_errors"] += 1
+            self._handled += 1
             async with self.progress:
                 self.progress.notify_all()
             if self.done.is_set() and self.config.exit_on_done:
@@ -260,7 +328,8 @@ class StoreService:
                 await self._on_round(env)
             elif env.kind == DONE:
                 for number in sorted(self._open):
-                    await self._close(self._open.pop(number), None)
+                    old = self._open.pop(number)
+                    await self._close(old, old.next_model)
                 self.done.set()
                 self._log.info("store_job_done", rounds=len(self.store.rounds()))
             elif env.kind == METRICS:
@@ -269,7 +338,7 @@ class StoreService:
     async def _decode_from_aggregator(self, msg: Message) -> Envelope | None:
         try:
             if len(msg.payload) >= OFFLOAD_BYTES:
-                env = await asyncio.to_thread(decode, msg.payload, self.config.limits)
+                env = await self._work(decode, msg.payload, self.config.limits)
             else:
                 env = decode(msg.payload, self.config.limits)
         except CodecError as exc:
@@ -296,12 +365,16 @@ class StoreService:
             self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
             return
         weights = {k: v for k, v in weights.items()}
+        if number - 1 in self._open:
+            self._open[number - 1].next_model = weights
+        self._async = self._async or env.meta.get("mode") == "async"
         for prev in sorted(self._open):
-            await self._close(self._open.pop(prev), weights if prev == number - 1 else None)
-        state = _Open(number, weights, await asyncio.to_thread(digest, weights),
+            old = self._open.pop(prev)
+            await self._close(old, old.next_model)
+        state = _Open(number, weights, await self._work(digest, weights),
                       selected=selected)
         self._open[number] = state
-        frames = await asyncio.to_thread(self.store.write_model, number, weights)
+        frames = await self._work(self.store.write_model, number, weights)
         await self.store.share(frames)
         early, self._early = self._early, []
         for msg in early:
@@ -314,7 +387,7 @@ class StoreService:
             state.report = report
         elif env.round in self.store.records:  # late: the round's record is already written
             record = {**self.store.records[env.round], "report": report}
-            await asyncio.to_thread(self.store.write_record, env.round, record)
+            await self._work(self.store.write_record, env.round, record)
 
     def _latest_open(self) -> _Open | None:
         return self._open[max(self._open)] if self._open else None
@@ -322,7 +395,7 @@ class StoreService:
     async def _on_update(self, msg: Message, sender: str) -> None:
         c = self.config
         reject = self.rejections.reject
-        if sender not in c.trainers:
+        if not self._is_trainer(sender):
             reject("unknown_sender", f"{sender} is not a trainer of {c.aggregator}",
                    sender=sender)
             return
@@ -332,12 +405,17 @@ class StoreService:
         if env is None or env.kind == READY:
             return  # a large update announces itself first; the upload itself follows
         state = self._open.get(env.round)
+        if self._async and self._open and env.round < max(self._open):
+            # Asynchronous (FedBuff, FedAsync): an update is applied to the version being
+            # built when it arrives, whatever version it started from; it is filed there,
+            # and its staleness says how far behind its start was.
+            state = self._open[max(self._open)]
         if state is None:
             if env.round <= max(self._open, default=self._closed_upto):
                 reject("stale", f"update for closed round {env.round}", sender=sender)
                 return
             early_bytes = sum(len(m.payload) for m in self._early) + len(msg.payload)
-            if len(self._early) < len(c.trainers) and early_bytes <= self._own_backlog:
+            if len(self._early) < self._max_early and early_bytes <= self._own_backlog:
                 self._early.append(msg)  # sent before the model broadcast reached us
             else:
                 reject("early_overflow", f"update for round {env.round}, not open yet",
@@ -347,7 +425,11 @@ class StoreService:
             reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
             return
         if sender in state.clients:
-            reject("duplicate", f"second update in round {env.round}", sender=sender)
+            if self._async:  # a fast trainer's second update while one version is built
+                reject("repeat_in_version", f"second update in version {state.number}",
+                       sender=sender)
+            else:
+                reject("duplicate", f"second update in round {env.round}", sender=sender)
             return
         try:
             n = checked_num_examples(env.meta, c.max_examples)
@@ -364,11 +446,12 @@ class StoreService:
             "arrival": len(state.clients) + 1,
             "arrival_s": round(time.monotonic() - state.started, 4),
             "staleness": max(self._open) - env.round,
+            "base_round": env.round,
             "bytes": len(msg.payload),
             "selected": sender in state.selected,
         }
         info["norm"] = round(size, 8)
-        sketch, frames = await asyncio.to_thread(self._sketch_and_write, state.number, sender,
+        sketch, frames = await self._work(self._sketch_and_write, state.number, sender,
                                                  delta, info)
         await self.store.share(frames)
         state.clients[sender] = info
@@ -385,7 +468,7 @@ class StoreService:
         limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
         try:
             if len(payload) >= OFFLOAD_BYTES:
-                env = await asyncio.to_thread(decode, payload, limits)
+                env = await self._work(decode, payload, limits)
             else:
                 env = decode(payload, limits)
         except CodecError as exc:
@@ -417,20 +500,26 @@ class StoreService:
         r = state.number
         agg_full: dict[str, np.ndarray] | None = None
         if next_model is not None and next_model.keys() == state.model.keys():
-            agg_full = {k: next_model[k].astype(np.float64) - state.model[k] for k in state.model}
+            # float32 like the models: no model-sized float64 copy
+            agg_full = {k: np.subtract(next_model[k], state.model[k], dtype=np.float32)
+                        for k in state.model}
             source = "model"
-            agg_sketch = await asyncio.to_thread(self.sketcher.sketch, agg_full)
+            agg_sketch = await self._work(self.sketcher.sketch, agg_full)
         else:
             source = "fedavg_estimate"
             total = sum(ci["num_examples"] for ci in state.clients.values()) or 1
             agg_sketch = np.zeros(self.sketcher.dim, dtype=np.float64)
             for cid, s in state.sketches.items():
                 agg_sketch += s * (state.clients[cid]["num_examples"] / total)
+        agg_norm = (await self._work(norm, agg_full) if agg_full is not None
+                    else float(np.linalg.norm(agg_sketch)))
         for cid, ci in state.clients.items():
             full = await self.store.update(r, cid) if agg_full is not None and ci["full"] \
                 else None
             if full is not None and agg_full is not None:
-                ci["cos"] = round(await asyncio.to_thread(_cos_tensors, full, agg_full), 6)
+                # the update's norm is known: one dot product per update, not three
+                ci["cos"] = round(await self._work(_cos_known, full, agg_full, ci["norm"],
+                                                   agg_norm), 6)
                 ci["cos_source"] = "exact"
             else:
                 ci["cos"] = round(cosine(state.sketches[cid], agg_sketch), 6)
@@ -439,7 +528,7 @@ class StoreService:
             "round": r,
             "selected": sorted(state.selected),
             "model_digest": state.digest,
-            "result_digest": (await asyncio.to_thread(digest, next_model)
+            "result_digest": (await self._work(digest, next_model)
                               if next_model is not None else None),
             "layers": sorted(state.model),
             "params": int(sum(v.size for v in state.model.values())),
@@ -448,20 +537,50 @@ class StoreService:
             "rejected": dict(state.rejected),
             "rejections": state.rejections,
             "report": state.report or {},
-            "aggregate": {"source": source,
-                          "norm": round(float(np.linalg.norm(agg_sketch)), 8)
-                          if agg_full is None else round(norm(agg_full), 8)},
+            "aggregate": {"source": source, "norm": round(agg_norm, 8)},
             "sketch_dim": self.sketcher.dim,
         }
-        await asyncio.to_thread(self.store.write_record, r, record)
+        await self._work(self.store.write_record, r, record)
         self._closed_upto = max(self._closed_upto, r)
-        gone = await asyncio.to_thread(self.store.apply_retention, r)
+        gone = await self._work(self.store.apply_retention, r)
         if self.store.redis is not None:
             for prefix in gone:
                 await self.store.redis.delete_prefix(prefix)
         self.stats["rounds"] += 1
         self._log.info("store_round_recorded", round=r, clients=len(state.clients),
                        aggregate=source, backlog=self.backlog)
+        self._schedule_precompute(r)
+
+    # --- idle work: per-round values, so that evaluating queries are lookups ----------------
+    def _schedule_precompute(self, r: int) -> None:
+        if not self.config.precompute or self.workloads.utility is None:
+            return
+        if not any(c.get("full") for c in self.store.records[r].get("clients", {}).values()):
+            return
+        if len(self._precompute_due) == self._precompute_due.maxlen:
+            self.stats["precompute_skipped"] += 1  # behind: the oldest waiting round goes
+        self._precompute_due.append(r)
+        if self._precompute_task is None or self._precompute_task.done():
+            self._precompute_task = asyncio.create_task(self._precompute_loop(),
+                                                        name=f"{self.config.node_id}.idle")
+
+    async def _precompute_loop(self) -> None:
+        while self._precompute_due:
+            r = self._precompute_due.pop()
+            started = time.monotonic()
+            try:
+                evaluations = await self.workloads.precompute(
+                    r, permutations=self.config.precompute_permutations,
+                    executor=self._idle_pool, duty=PRECOMPUTE_DUTY)
+            except FedbusError as exc:  # e.g. retention dropped the round's updates meanwhile
+                self.stats["precompute_failed"] += 1
+                self._log.warning("store_precompute_failed", round=r, error=str(exc))
+                continue
+            self.stats["precomputed"] += 1
+            self._log.info("store_round_precomputed", round=r, evaluations=evaluations,
+                           seconds=round(time.monotonic() - started, 3))
+            async with self.progress:
+                self.progress.notify_all()
 
     # --- queries --------------------------------------------------------------------------
     def _spawn_query(self, msg: Message) -> None:
@@ -496,6 +615,7 @@ class StoreService:
             meta.update(ok=False, error="a query needs meta.workload (str) and meta.args (map)")
         else:
             try:
+                await self._caught_up(self._enqueued)
                 result = await self.workloads.run(name, args)
                 meta.update(ok=True, result=result.data)
                 tensors = result.tensors
@@ -515,12 +635,29 @@ class StoreService:
         self._log.info("query_answered", workload=name, peer=requester, ok=meta["ok"],
                        seconds=meta["seconds"])
 
+    async def _caught_up(self, upto: int) -> None:
+        """Wait (at most ``QUERY_CATCH_UP_S``) until the first ``upto`` backlog messages are
+        handled; a store far behind answers from what it has."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(QUERY_CATCH_UP_S), self.progress:
+                await self.progress.wait_for(lambda: self._handled >= upto)
+
     async def _publish_presence(self, status: str) -> None:
         c = self.config
         env = presence(c.job, c.node_id, "store", status)
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
 
 
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value to ``nice`` (Linux applies it per thread; where
+    that is not possible the thread keeps its priority)."""
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def _finite(value: Any) -> float | None:
@@ -538,14 +675,16 @@ def _metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _cos_tensors(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    ab = na = nb = 0.0
+def _cos_known(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], norm_a: float,
+               norm_b: float) -> float:
+    """Cosine of two updates whose norms are already known."""
+    if norm_a <= 0 or norm_b <= 0:
+        return 0.0
+    ab = 0.0
     for k in a:
         x, y = np.asarray(a[k]), np.asarray(b[k])
-        ab += dot(x, y)
-        na += dot(x, x)
-        nb += dot(y, y)
-    return ab / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+        ab += dot32(x, y) if x.dtype == y.dtype == np.float32 else dot(x, y)
+    return max(-1.0, min(1.0, ab / (norm_a * norm_b)))
 
 
 class TaskUtility:
@@ -584,7 +723,11 @@ def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None
     config = StoreConfig(
         job=m.job, node_id=node.id, aggregator=node.parent,
         trainers=frozenset(t.id for t in m.trainers_of(node.parent)), seed=m.seed,
+        population=((m.population.prefix, m.population.clients)
+                    if m.population is not None and node.parent == m.aggregator.id else None),
         sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
         backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done,
+        work_nice=spec.work_nice, precompute=spec.precompute,
+        precompute_permutations=spec.precompute_permutations,
         limits=limits, compression=compression)
     return StoreService(config, bus, store, workloads=Workloads(store, utility, seed=m.seed))

@@ -176,6 +176,8 @@ class FedAvgGame:
         self._acc: dict[str, np.ndarray] = {}
         self._w = 0.0
         self._full: tuple[dict[str, np.ndarray], float] | None = None
+        #: v(N) and v(empty), evaluated once: leave-one-out and Shapley both need them.
+        self._values: dict[str, float] = {}
         self.evaluations = 0
 
     def _model(self, acc: Mapping[str, np.ndarray], w: float) -> Weights:
@@ -198,10 +200,16 @@ class FedAvgGame:
         return self._model(*self._sum(members))
 
     def value_empty(self) -> float:
-        return self.utility(self._model({}, 0.0))
+        if "empty" not in self._values:
+            self._values["empty"] = self.utility(self._model({}, 0.0))
+        return self._values["empty"]
 
     def value_full(self) -> float:
-        return self.utility(self._model(*self._sum(range(self.n))))
+        if "full" not in self._values:
+            if self._full is None:
+                self._full = self._sum(range(self.n))
+            self._values["full"] = self.utility(self._model(*self._full))
+        return self._values["full"]
 
     def value_without(self, i: int) -> float:
         # The full sum once, then minus one update: n model additions for all of LOO, not n^2.

@@ -86,6 +86,11 @@ class DiskStore:
         self.job = job
         self.limits = limits
         self.fsync = fsync
+        #: With ``deferred``, layer and sketch files are not fsynced one by one: the next
+        #: ``write_record`` fsyncs them all first (the record is the round's commit point, so
+        #: a round whose record is on disk has all its files on disk), off the update path.
+        self.deferred = False
+        self._unsynced: list[Path] = []
         try:
             (self.root / "rounds").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -94,18 +99,36 @@ class DiskStore:
         self.bytes_written = 0
 
     # --- frames -------------------------------------------------------------------------
-    def _write(self, path: Path, frame: bytes) -> None:
+    def _write(self, path: Path, frame: bytes, *, commit: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        defer = self.fsync and self.deferred and not commit
         with open(tmp, "wb") as f:
             f.write(frame)
-            if self.fsync:
+            if self.fsync and not defer:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        if self.fsync:
+        if defer:
+            self._unsynced += [path, path.parent]
+        elif self.fsync:
             _fsync_dir(path.parent)
         self.bytes_written += len(frame)
+
+    def flush(self) -> int:
+        """fsync every file and folder written since the last flush (deferred mode); returns
+        how many. A file deleted meanwhile (retention) needs nothing."""
+        pending, self._unsynced = list(dict.fromkeys(self._unsynced)), []
+        for path in pending:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return len(pending)
 
     def read_frame(self, key: str) -> bytes | None:
         try:
@@ -153,7 +176,7 @@ class DiskStore:
                 path = tmp / layer_file(name)
                 with open(path, "wb") as f:
                     f.write(frame)
-                    if self.fsync:
+                    if self.fsync and not self.deferred:
                         f.flush()
                         os.fsync(f.fileno())
                 frames[keys[name]] = frame
@@ -161,7 +184,10 @@ class DiskStore:
             if final.exists():
                 shutil.rmtree(final)  # a re-sent update replaces the older copy
             os.replace(tmp, final)
-            if self.fsync:
+            if self.fsync and self.deferred:
+                self._unsynced += [final / layer_file(n) for n in tensors]
+                self._unsynced += [final, final.parent]
+            elif self.fsync:
                 _fsync_dir(final.parent)
         finally:
             if tmp.exists():
@@ -179,7 +205,9 @@ class DiskStore:
     def write_record(self, r: int, record: Mapping[str, Any]) -> None:
         frame = encode(Envelope(kind=_RECORD, job=self.job, sender="store", round=r,
                                 meta=dict(record)))
-        self._write(self.root / record_key(r), frame)
+        if self.fsync:
+            self.flush()
+        self._write(self.root / record_key(r), frame, commit=True)
 
     # --- reads ----------------------------------------------------------------------------
     def read_record(self, r: int) -> dict[str, Any] | None:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +23,26 @@ from fedbus.store import analysis
 from fedbus.store.cache import StoreError
 from fedbus.store.repository import RoundStore
 
-__all__ = ["WORKLOADS", "Result", "Workloads", "digest"]
+__all__ = ["WORKLOADS", "Result", "RoundValues", "Workloads", "digest"]
 
 Weights = dict[str, np.ndarray]
 Utility = Callable[[Weights], float]
+
+
+#: Per-round values kept (each a few floats per client).
+_MAX_DERIVED = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RoundValues:
+    """One round's per-client values (leave-one-out: v(N) - v(N minus i); Shapley: phi),
+    with standard errors for Shapley, v(N), and the models evaluated to get them."""
+
+    clients: list[str]
+    values: np.ndarray
+    stderr: np.ndarray | None
+    full: float
+    evaluations: int
 
 
 @dataclass(slots=True)
@@ -71,6 +91,78 @@ class Workloads:
         self.store = store
         self.utility = utility
         self.seed = seed
+        #: Per-round values already computed (idle-time precomputation or an earlier query),
+        #: by (kind, round, parameters); a closed round's updates never change.
+        self.derived: OrderedDict[tuple[Any, ...], RoundValues] = OrderedDict()
+        #: Set to stop a precomputation between two evaluations (the store is stopping);
+        #: queries are not affected.
+        self.stopping = threading.Event()
+
+    async def round_values(self, r: int, shapley: tuple[int, float] | None = None, *,
+                           executor: Executor | None = None,
+                           stop: threading.Event | None = None, duty: float = 1.0,
+                           ) -> tuple[RoundValues, RoundValues | None, int]:
+        """Leave-one-out (and with ``shapley`` = (permutations, tolerance), truncated Monte-
+        Carlo Shapley) values of round ``r``: from ``derived`` when there, else computed
+        from the round's full updates (in ``executor``) and kept. Also says how many models
+        this call evaluated (0: all of it was already there)."""
+        loo_key = ("loo", r)
+        sh_key = ("shapley", r, *shapley) if shapley is not None else None
+        loo = self.derived.get(loo_key)
+        sh = self.derived.get(sh_key) if sh_key is not None else None
+        if loo is not None and (sh_key is None or sh is not None):
+            return loo, sh, 0
+        base, clients, deltas, examples = await self._round_updates(r)
+        utility = self._need_utility()
+
+        def checked(weights: Weights) -> float:
+            if stop is not None and stop.is_set():
+                raise StoreError("the store is stopping: evaluation abandoned")
+            started = time.perf_counter()
+            value = utility(weights)
+            if duty < 1.0:  # idle work: rest (GIL released) so it uses at most `duty` of a core
+                time.sleep((time.perf_counter() - started) * (1.0 - duty) / duty)
+            return value
+
+        game = analysis.FedAvgGame(base, deltas, examples, checked)
+        seed = self.seed + r
+
+        def compute() -> tuple[RoundValues, RoundValues | None]:
+            out_loo = loo
+            if out_loo is None:
+                values = analysis.leave_one_out(game)
+                out_loo = RoundValues(clients, values, None, game.value_full(),
+                                      game.evaluations)
+            out_sh = sh
+            if shapley is not None and out_sh is None:
+                before = game.evaluations
+                phi, se = analysis.tmc_shapley(game, permutations=shapley[0],
+                                               tolerance=shapley[1], seed=seed)
+                out_sh = RoundValues(clients, phi, se, game.value_full(),
+                                     game.evaluations - before)
+            return out_loo, out_sh
+
+        loop = asyncio.get_running_loop()
+        new_loo, new_sh = await loop.run_in_executor(executor, compute)
+        self._keep(loo_key, new_loo)
+        if sh_key is not None and new_sh is not None:
+            self._keep(sh_key, new_sh)
+        return new_loo, new_sh, game.evaluations
+
+    def _keep(self, key: tuple[Any, ...], value: RoundValues) -> None:
+        self.derived[key] = value
+        self.derived.move_to_end(key)
+        while len(self.derived) > _MAX_DERIVED:
+            self.derived.popitem(last=False)
+
+    async def precompute(self, r: int, *, permutations: int, tolerance: float = 0.01,
+                         executor: Executor | None = None, duty: float = 1.0) -> int:
+        """What a debugging or contribution query of round ``r`` with these parameters will
+        look up; returns how many models were evaluated."""
+        _, _, evaluated = await self.round_values(r, (permutations, tolerance),
+                                                  executor=executor, stop=self.stopping,
+                                                  duty=duty)
+        return evaluated
 
     @property
     def utility_name(self) -> str:
@@ -296,11 +388,11 @@ async def _debugging(w: Workloads, args: Mapping[str, Any]) -> Result:
     if w.utility is None:
         out["note"] = "no task to evaluate with: leave-one-out skipped"
         return Result(out)
-    base, clients, deltas, examples = await w._round_updates(target)
-    game = analysis.FedAvgGame(base, deltas, examples, w._need_utility())
-    full = await asyncio.to_thread(game.value_full)
-    loo = await asyncio.to_thread(analysis.leave_one_out, game)
+    values, _, evaluated = await w.round_values(target)
+    clients, loo, full = values.clients, values.values, values.full
     # loo[i] = v(N) - v(N without i): negative means the round is better without client i.
+    out["values"] = "computed" if evaluated else "precomputed"
+    out["evaluations"] = evaluated
     out["utility_all"] = _f(full)
     out["leave_one_out"] = {c: {"utility_without": _f(full - loo[i]), "gain_if_removed":
                                 _f(-loo[i])} for i, c in enumerate(clients)}
@@ -396,7 +488,7 @@ async def _contribution(w: Workloads, args: Mapping[str, Any]) -> Result:
     permutations = _arg(args, "permutations", int, 32, lo=1, hi=10_000)
     tolerance = _arg(args, "tolerance", float, 0.01, lo=0.0, hi=1.0)
     budget = _arg(args, "budget", float, 100.0, lo=0.0)
-    utility = w._need_utility()
+    w._need_utility()
     if args.get("round") is not None:
         rounds = w._rounds(args, 1)
     else:
@@ -410,13 +502,14 @@ async def _contribution(w: Workloads, args: Mapping[str, Any]) -> Result:
     var_sum: dict[str, float] = {}
     per_round = []
     evaluations = 0
+    looked_up = 0
     for r in rounds:
-        base, clients, deltas, examples = await w._round_updates(r)
-        game = analysis.FedAvgGame(base, deltas, examples, utility)
-        loo = await asyncio.to_thread(analysis.leave_one_out, game)
-        phi, se = await asyncio.to_thread(analysis.tmc_shapley, game, permutations=permutations,
-                                          tolerance=tolerance, seed=w.seed + r)
-        evaluations += game.evaluations
+        loo_v, sh_v, evaluated = await w.round_values(r, (permutations, tolerance))
+        assert sh_v is not None
+        clients, loo, phi, se = loo_v.clients, loo_v.values, sh_v.values, sh_v.stderr
+        assert se is not None
+        looked_up += evaluated == 0
+        evaluations += evaluated
         for i, c in enumerate(clients):
             loo_sum[c] = loo_sum.get(c, 0.0) + float(loo[i])
             phi_sum[c] = phi_sum.get(c, 0.0) + float(phi[i])
@@ -427,6 +520,7 @@ async def _contribution(w: Workloads, args: Mapping[str, Any]) -> Result:
     tokens = analysis.token_split(phi_sum, budget)
     return Result({"utility": w.utility_name, "rounds": rounds, "permutations": permutations,
                    "tolerance": tolerance, "evaluations": evaluations,
+                   "precomputed_rounds": looked_up,
                    "shapley": {c: _f(phi_sum[c]) for c in ranked},
                    "shapley_stderr": {c: _f(np.sqrt(var_sum[c])) for c in ranked},
                    "leave_one_out": {c: _f(loo_sum[c]) for c in ranked},

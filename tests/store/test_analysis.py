@@ -29,6 +29,22 @@ def test_count_sketch_preserves_inner_products_and_is_seeded() -> None:
     assert not np.array_equal(Sketcher(4096, seed=8).sketch(a), sa)
 
 
+def test_sketch_spreads_a_matrix_column_instead_of_piling_it_into_one_bucket() -> None:
+    # Prepare: all the mass in one column of a layer whose row length divides 2048 (a
+    # power-of-two fold would put the whole column into a single bucket)
+    x = np.zeros((3000, 1024), dtype=np.float32)
+    x[:, 5] = np.random.default_rng(3).normal(size=3000)
+    y = x.copy()
+    y[:, 5] += np.random.default_rng(4).normal(size=3000).astype(np.float32)
+    sk = Sketcher(2048, seed=1)
+    # Execute
+    sx, sy = sk.sketch({"w": x}), sk.sketch({"w": y})
+    # Assert: the dimension is a prime, norm and cosine survive
+    assert sk.dim == 2039 and sx.shape == (2039,)
+    assert np.linalg.norm(sx) == pytest.approx(np.linalg.norm(x), rel=0.1)
+    assert abs(cosine(sx, sy) - cosine(x.ravel(), y.ravel())) < 0.1
+
+
 def test_robust_z_floors_the_spread_and_flags_the_odd_one() -> None:
     # Prepare: four identical values and one far away
     x = np.array([0.9, 0.9, 0.9, 0.9, -0.5])

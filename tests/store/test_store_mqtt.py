@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
@@ -21,6 +26,7 @@ from fedbus.store import query as q
 
 pytestmark = [pytest.mark.broker]
 
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 300_000  # 1.2 MB float32 updates: above the 1 MB chunk size, so they use the gate
 
 
@@ -77,3 +83,55 @@ async def test_gated_updates_reach_the_store_and_queries_work_over_mqtt(
     j = personal["result"]["clusters"]["t1"]
     assert list(tensors) == [f"cluster{j}/w"] and tensors[f"cluster{j}/w"].shape == (SIZE,)
     assert np.isfinite(tensors[f"cluster{j}/w"]).all()
+
+
+async def test_a_stopped_then_killed_store_process_never_holds_up_a_round(
+        mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    # Prepare: the store as its own process (fedbus serve), frozen with SIGSTOP before round 1
+    data = {
+        "version": 1, "job": "toy", "rounds": 3, "seed": 1, "strategy": "fedavg",
+        "broker": {"host": mosquitto.host, "port": mosquitto.port},
+        "codec": {"level": 0},
+        "round": {"deadline_s": 30, "min_clients": 3, "start_timeout_s": 30},
+        "task": {"ref": "examples.toy.task:make_task", "params": {"size": SIZE, "lr": 0.5}},
+        "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "store", "role": "store"}],
+        "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
+        "store": {"dir": str(tmp_path / "store"), "sketch_dim": 256},
+    }
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    m = parse_manifest(data)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedbus.cli", "serve", str(path), "--node", "store", cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    buses = {n: make_bus(m, m.node(n)) for n in ("agg", "t0", "t1", "t2")}
+    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
+    agg: Aggregator = services["agg"]
+    tasks = []
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for bus in buses.values():
+                await stack.enter_async_context(bus)
+            async with buses["agg"].subscribe(topics.presence("toy", "store")) as presence:
+                await presence.get(timeout=60)  # online: subscribed
+            os.kill(proc.pid, signal.SIGSTOP)
+            # Execute: three rounds; the frozen store is killed once round 1 is over
+            tasks = [asyncio.create_task(services[t].run()) for t in ("t0", "t1", "t2")]
+            run = asyncio.create_task(agg.run())
+            async with asyncio.timeout(120):
+                first = await agg.reports.get()
+                os.kill(proc.pid, signal.SIGKILL)
+                await run
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            await proc.wait()
+    # Assert: every round aggregated every trainer, with the store frozen and then dead
+    assert first.round == 1 and proc.returncode == -signal.SIGKILL
+    assert [(r.aggregated, len(r.accepted)) for r in agg.history] == [(True, 3)] * 3

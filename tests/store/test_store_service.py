@@ -22,6 +22,7 @@ from fedbus.services._wire import ROUND, UPDATE, join_tensors
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreService
 from fedbus.store import query as q
+from fedbus.store.workloads import Workloads
 
 SIZE = 32
 
@@ -290,3 +291,40 @@ async def test_with_redis_a_second_process_reads_what_the_store_wrote(
     mine = await store.store.update(2, "t1")
     assert mine is not None
     np.testing.assert_array_equal(upd["w"], mine["w"])
+
+
+async def test_closed_rounds_are_valued_in_idle_time_and_queries_look_them_up(
+        tmp_path: Path) -> None:
+    # Prepare: a store that stays up after the job, precomputing 8 Shapley permutations
+    m = manifest(tmp_path, n=4, rounds=3, exit_on_done=False, precompute_permutations=8)
+    broker = MemoryBroker()
+    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    store: StoreService = svc.pop("store")
+    store_task = asyncio.create_task(store.run())
+    try:
+        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+            for node_id, s in svc.items():
+                tg.create_task(s.run(), name=node_id)
+        async with asyncio.timeout(60), store.progress:
+            await store.progress.wait_for(lambda: store.done.is_set()
+                                          and store.stats["precomputed"] >= 2)
+        # Execute: the same queries on the warm store, and on request by a fresh instance
+        debug = (await store.workloads.run("debugging", {"round": 2})).data
+        contrib = (await store.workloads.run("contribution", {"round": 2,
+                                                               "permutations": 8})).data
+        other = (await store.workloads.run("contribution", {"round": 2,
+                                                             "permutations": 9})).data
+        fresh = Workloads(store.store, store.workloads.utility, seed=m.seed)
+        again = (await fresh.run("contribution", {"round": 2, "permutations": 8})).data
+    finally:
+        store_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await store_task
+    # Assert: looked up (no model evaluated), and the same numbers as computed on request
+    assert debug["values"] == "precomputed" and debug["evaluations"] == 0
+    assert contrib["precomputed_rounds"] == 1 and contrib["evaluations"] == 0
+    assert other["precomputed_rounds"] == 0 and other["evaluations"] > 0  # other parameters
+    assert again["precomputed_rounds"] == 0 and again["evaluations"] > 0
+    assert contrib["shapley"] == again["shapley"]
+    assert contrib["leave_one_out"] == again["leave_one_out"]
+    assert set(contrib["shapley"]) == {"t0", "t1", "t2", "t3"}
