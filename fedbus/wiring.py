@@ -103,6 +103,7 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
         if parent is None:
             raise BusError(f"store {node!r} has no aggregator to record (parent)")
         return Wiring(node, (topics.updates_for(job, parent), topics.model(job, parent),
+                             topics.work_from(job, parent),
                              topics.metrics(job, parent), topics.queries_for(job, node)),
                       (topics.replies_all(job), presence))
     if role == "operator":

@@ -201,7 +201,9 @@ class StoreService:
     # --- main loop ------------------------------------------------------------------------
     async def run(self) -> dict[str, int]:
         c = self.config
+        # asynchronous work orders (the model of each version) go to one trainer each
         filters = (topics.updates_for(c.job, c.aggregator), topics.model(c.job, c.aggregator),
+                   topics.work_from(c.job, c.aggregator),
                    topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
         # Half the backlog may wait in the subscription (the bus drops and counts beyond it),
         # half in the store's own queue: a store starved of CPU holds no more than the backlog.
@@ -253,7 +255,7 @@ class StoreService:
             limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
             return (parsed.levels[0] == c.aggregator and self._is_trainer(parsed.sender)
                     and total <= limits.max_frame_bytes)
-        if parsed.channel == "model":
+        if parsed.channel in ("model", "work"):
             return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
         return False
 
@@ -266,6 +268,8 @@ class StoreService:
                 channel = topics.parse(msg.topic).channel
             except FedbusError:
                 channel = ""  # the writer rejects (and counts) the bad topic
+            if channel == "work":
+                channel = "model"  # an asynchronous order: the model of a version
             if channel == "query":
                 self._spawn_query(msg)
                 continue
@@ -320,7 +324,7 @@ class StoreService:
             return
         if parsed.channel == "update":
             await self._on_update(msg, parsed.sender)
-        elif parsed.channel in ("model", "metrics"):
+        elif parsed.channel in ("model", "work", "metrics"):
             env = await self._decode_from_aggregator(msg)
             if env is None:
                 return

@@ -36,6 +36,7 @@ def test_a_store_node_defaults_to_the_aggregator_and_subscribes_to_what_it_sends
     assert m.node("store").parent == "agg" and m.num_partitions == 3
     assert m.store.cache_mb == 64 and m.store.full_update_rounds == 5
     assert set(wiring.subscribe) == {topics.updates_for("toy", "agg"), topics.model("toy", "agg"),
+                                     topics.work_from("toy", "agg"),  # asynchronous orders
                                      topics.metrics("toy", "agg"),
                                      topics.queries_for("toy", "store")}
     assert topics.replies_all("toy") in wiring.publish
