@@ -36,7 +36,10 @@ from fedbus.services.intake import (
 __all__ = ["OFFLOAD_BYTES", "AggregatorBase", "AggregatorSettings"]
 
 # Bus counters that mean data was lost or refused on the way in; reported per round.
-_LOSS_COUNTERS = ("transfers_expired", "transfers_dropped", "chunks_rejected")
+#: The bus's counters of what it lost or refused on the way in; each round report carries
+#: their increase (``bus_loss``), a full subscription queue included.
+_LOSS_COUNTERS = ("transfers_expired", "transfers_dropped", "chunks_rejected",
+                  "dropped_queue_full")
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,8 +286,9 @@ class AggregatorBase(ABC, Generic[C]):
         self._log.info("clients_ready", online=len(self.online))
 
     def _bus_losses(self) -> dict[str, int]:
-        """Loss on the way in since the last call (expired or refused chunked transfers):
-        what used to vanish as one log line now lands in the round's report."""
+        """Loss on the way in since the last call (expired or refused chunked transfers,
+        messages dropped by a full subscription queue): what used to vanish as one log line
+        now lands in the round's report."""
         stats = getattr(self.bus, "stats", None)
         if not isinstance(stats, Mapping):
             return {}
