@@ -4,6 +4,7 @@ federation whose trainers reach the root only through two chained bridges."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from typing import Any
 
@@ -193,6 +194,18 @@ async def test_a_federation_across_two_chained_bridges_gives_the_one_bus_model()
 
 
 @pytest.mark.broker
+async def _until_retained(host: str, port: int, topic: str, timeout: float = 10) -> None:
+    from fedbus.bus import MqttBus
+
+    async with asyncio.timeout(timeout):
+        for attempt in range(10_000):  # a fresh client id each time: no session carries over
+            async with MqttBus(f"probe{attempt}", host, port) as probe, \
+                    probe.subscribe(topic) as sub:
+                with contextlib.suppress(TimeoutError):
+                    if (await sub.get(timeout=0.5)).retain:
+                        return
+
+
 async def test_retained_presence_and_wills_cross_the_bridge() -> None:
     # Prepare: a trainer on "site" announces itself (retained) before anyone on "root" listens
     from fedbus.bus import MqttBus, Will
@@ -205,6 +218,9 @@ async def test_retained_presence_and_wills_cross_the_bridge() -> None:
         t0 = MqttBus("t0", site.host, site.port, will=Will(presence, b"offline", retain=True))
         await t0.__aenter__()
         await t0.publish(presence, b"online", retain=True)
+        # the bridge forwards asynchronously: wait until root holds it, or a subscriber that
+        # came first would get it live (retain flag off) and the assertion would race
+        await _until_retained(root.host, root.port, presence)
         async with MqttBus("agg", root.host, root.port) as agg, \
                 agg.subscribe(T + "presence/+") as sub:
             # Execute: a late subscriber on root, then the trainer dies (no DISCONNECT)
