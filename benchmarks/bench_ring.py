@@ -23,8 +23,7 @@ import platform
 import time
 from typing import Any
 
-import aiomqtt
-
+from benchmarks._broker_bytes import broker_bytes
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 from fedbus.log import configure_logging
 from fedbus.manifest import Manifest, parse_manifest
@@ -74,17 +73,7 @@ def site_hybrid(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _counters(proc: MosquittoProcess) -> tuple[int, int]:
-    """(received, sent) bytes since the broker started, from its retained $SYS topics."""
-    want = {"$SYS/broker/bytes/received": -1, "$SYS/broker/bytes/sent": -1}
-    async with asyncio.timeout(10), aiomqtt.Client(proc.host, proc.port,
-                                                   identifier="bench-ring.sys") as client:
-        for topic in want:
-            await client.subscribe(topic)
-        async for message in client.messages:
-            want[str(message.topic)] = int(bytes(message.payload))  # type: ignore[arg-type]
-            if all(v >= 0 for v in want.values()):
-                break
-    return want["$SYS/broker/bytes/received"], want["$SYS/broker/bytes/sent"]
+    return await broker_bytes(proc, "bench-ring.sys")
 
 
 async def _federate(m: Manifest) -> tuple[float, int]:

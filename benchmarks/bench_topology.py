@@ -28,8 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import aiomqtt
-
+from benchmarks._broker_bytes import broker_bytes
 from benchmarks.bench_ring import site_hybrid
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 from fedbus.deploy.local import spawn_bridged
@@ -83,17 +82,7 @@ TOPOLOGIES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 
 async def _counters(proc: MosquittoProcess) -> tuple[int, int]:
-    """(received, sent) bytes since the broker started, from its retained $SYS topics."""
-    want = {"$SYS/broker/bytes/received": -1, "$SYS/broker/bytes/sent": -1}
-    async with asyncio.timeout(10), aiomqtt.Client(proc.host, proc.port,
-                                                   identifier="bench-topo.sys") as client:
-        for topic in want:
-            await client.subscribe(topic)
-        async for message in client.messages:
-            want[str(message.topic)] = int(bytes(message.payload))  # type: ignore[arg-type]
-            if all(v >= 0 for v in want.values()):
-                break
-    return want["$SYS/broker/bytes/received"], want["$SYS/broker/bytes/sent"]
+    return await broker_bytes(proc, "bench-topo.sys")
 
 
 async def _federate(m: Manifest) -> float:

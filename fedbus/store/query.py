@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from fedbus import topics
-from fedbus.codec import Envelope, decode, encode
-from fedbus.errors import CodecError, ManifestError
+from fedbus.codec import Envelope, encode
+from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec
 from fedbus.store.cache import StoreError
+from fedbus.store.live import ask_store
 from fedbus.store.repository import Retention, RoundStore
 from fedbus.store.workloads import Workloads
 
@@ -47,25 +46,12 @@ def store_dir(m: Manifest, node: NodeSpec) -> Path:
 async def ask(bus: Any, m: Manifest, store: str, workload: str, args: Mapping[str, Any],
               timeout: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Send one query to the running ``store`` and wait for its reply (meta, tensors)."""
-    me = bus.node_id
-    request = Envelope(kind="query", job=m.job, sender=me, round=0,
-                       meta={"workload": workload, "args": dict(args)})
-    async with bus.subscribe(topics.reply(m.job, me)) as sub:
-        await bus.publish(topics.query(m.job, store, me), encode(request))
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    msg = await sub.get()
-                    try:
-                        env = decode(msg.payload)
-                    except CodecError:
-                        continue
-                    if env.sender == store and env.meta.get("request_id") == request.msg_id:
-                        return dict(env.meta), dict(env.tensors)
-        except TimeoutError:
-            raise StoreError(f"no reply from store {store!r} within {timeout:g}s: is it "
-                             f"running (fedbus serve MANIFEST --node {store})? After a job, "
-                             "use --offline to read its folder") from None
+    reply = await ask_store(bus, m.job, bus.node_id, store, workload, args, timeout)
+    if reply is None:
+        raise StoreError(f"no reply from store {store!r} within {timeout:g}s: is it "
+                         f"running (fedbus serve MANIFEST --node {store})? After a job, "
+                         "use --offline to read its folder")
+    return reply
 
 
 async def ask_offline(m: Manifest, node: NodeSpec, workload: str, args: Mapping[str, Any],
