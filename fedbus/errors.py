@@ -101,10 +101,11 @@ class PublishDenied(BusError):
 class SubscribeDenied(BusError):
     """The broker refused a subscription: SUBACK reason ``code`` >= 0x80."""
 
-    def __init__(self, node: str, topic_filter: str, code: int, reason: str) -> None:
+    def __init__(self, node: str, topic_filter: str, code: int, reason: str,
+                 fix: str = "check the broker ACL for this node") -> None:
         super().__init__(
             f"broker refused subscription by {node} to {topic_filter!r}: {reason} "
-            f"(0x{code:02X}); check the broker ACL for this node"
+            f"(0x{code:02X}); {fix}"
         )
         self.node = node
         self.topic_filter = topic_filter

@@ -33,8 +33,9 @@ def make_bus(request: pytest.FixtureRequest) -> Iterator[Factory]:
         proc = request.getfixturevalue("mosquitto" if request.param == "mqtt" else "ejabberd")
 
         if request.param == "ejabberd" and request.node.name.startswith("test_share_group"):
-            # docs/broker.md: ejabberd 23.01 has no shared subscriptions (it drops the
-            # connection); fedbus needs them only for a simulation's remote workers
+            # docs/broker.md: ejabberd 23.01 has no shared subscriptions (the bus refuses a
+            # $share filter itself, SubscribeDenied 0x9E); fedbus needs them only for a
+            # simulation's remote workers
             request.applymarker(pytest.mark.xfail(strict=True, reason="ejabberd 23.01 has no "
                                                   "$share subscriptions"))
         # ejabberd refuses a login without a user name; its anonymous mode takes any pair

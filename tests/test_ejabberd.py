@@ -64,3 +64,27 @@ async def test_a_federation_on_ejabberd_gives_the_one_bus_model(
     assert [sorted(r.accepted) for r in agg.history] == [["t0", "t1", "t2"]] * 3
     for key, value in alone.weights.items():
         np.testing.assert_allclose(agg.weights[key], value, atol=1e-6)
+
+
+async def test_a_share_subscription_is_refused_with_a_reason_and_the_bus_goes_on(
+        ejabberd: MosquittoProcess) -> None:
+    # Prepare: ejabberd's CONNACK says it has no shared subscriptions; sending one anyway
+    # would make it drop the whole connection
+    from fedbus.bus import MqttBus
+    from fedbus.errors import SubscribeDenied
+
+    topic = "fedbus/v1/toy/metrics/agg"
+    async with MqttBus("worker", ejabberd.host, ejabberd.port, username="worker",
+                       password="anonymous", connect_timeout_s=10, publish_timeout_s=10) as bus:
+        # Execute
+        with pytest.raises(SubscribeDenied) as refused:
+            async with bus.subscribe("$share/workers/" + topic):
+                pass
+        async with bus.subscribe(topic) as sub:
+            await bus.publish(topic, b"still connected")
+            got = await sub.get(timeout=10)
+
+    # Assert: refused by the client, with the MQTT 5 reason; the connection stayed usable
+    assert refused.value.code == 0x9E
+    assert "$share" in str(refused.value) and "Shared Subscriptions" in str(refused.value)
+    assert got.payload == b"still connected"

@@ -387,6 +387,12 @@ class MqttBus:
         paho.on_connect = on_connect
         return client
 
+    def _shared_unavailable(self) -> bool:
+        """The broker's CONNACK said it has no ``$share`` subscriptions (MQTT 5 property
+        Shared Subscription Available = 0; absent means available)."""
+        props = self._connack
+        return getattr(props, "SharedSubscriptionAvailable", 1) == 0 if props else False
+
     def _check_broker_limits(self, client: aiomqtt.Client) -> None:
         """Compare what the broker announced in its CONNACK with what this bus will send."""
         props = self._connack
@@ -523,6 +529,16 @@ class MqttBus:
             sid = len(self._sub_ids) + 1
             self._sub_ids[topic_filter] = sid
             self._filters_by_id[sid] = topic_filter
+        if topic_filter.startswith("$share/") and self._shared_unavailable():
+            # Refused here, with a reason, rather than sent: a broker without shared
+            # subscriptions (ejabberd 23.01) drops the whole connection on one.
+            self._counters["subscribe_denied"] += 1
+            log.warning("deny_subscribe", node=self.node_id, filter=topic_filter,
+                        reason="shared subscriptions not available", code=0x9E)
+            raise SubscribeDenied(self.node_id, topic_filter, 0x9E,
+                                  "Shared Subscriptions not supported (the broker's CONNACK "
+                                  "says so)", "use a broker with $share subscriptions "
+                                  "(mosquitto) for simulation workers")
         props = _properties(PacketTypes.SUBSCRIBE)
         props.SubscriptionIdentifier = sid
         opts = SubscribeOptions(qos=1, retainHandling=retain_handling)
