@@ -145,6 +145,8 @@ class StoreService:
         self.rejections = _RoundRejections(config.node_id, self)
         self.stats: Counter[str] = Counter()
         self.done = asyncio.Event()
+        #: Set once the store is subscribed: what it records from then on is complete.
+        self.started = asyncio.Event()
         #: Notified whenever a message has been handled: wait_for(lambda: ...) on counters.
         self.progress = asyncio.Condition()
         self._seen = SeenIds()
@@ -210,6 +212,7 @@ class StoreService:
         async with self.bus.subscribe(*filters, admit=self._admit,
                                       max_queued_bytes=c.backlog_bytes // 2) as sub:
             await self._publish_presence("online")
+            self.started.set()
             self._log.info("store_started", dir=str(self.store.disk.root),
                            cache_bytes=self.store.cache.capacity, rounds=len(self.store.rounds()))
             receiver = asyncio.create_task(self._receive(sub), name=f"{c.node_id}.receive")

@@ -23,7 +23,7 @@ import structlog
 
 from fedbus.bus import Bus
 from fedbus.bus.memory import MemoryBroker
-from fedbus.errors import ManifestError
+from fedbus.errors import FedbusError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec
 from fedbus.node import _compression, _limits, build_node, make_bus
 from fedbus.services.aggregator import Aggregator, RoundReport
@@ -181,16 +181,28 @@ async def _run(m: Manifest, population: Population, local: int, remote: int,
             if report.round >= m.rounds:
                 return
 
+    # The manifest's metadata stores record the simulation as they would a deployment.
+    store_buses = {n.id: make_bus(m, n, memory=memory) for n in m.nodes if n.role == "store"}
+    stores = {i: build_node(m, i, bus) for i, bus in store_buses.items()}
+
     async with contextlib.AsyncExitStack() as stack:
         for bus, _ in pool:
             await stack.enter_async_context(bus)
+        for bus in store_buses.values():
+            await stack.enter_async_context(bus)
         await stack.enter_async_context(coord_bus)
         await stack.enter_async_context(agg_bus)
-        async with asyncio.TaskGroup() as tg:
-            jobs = [tg.create_task(w.run(), name=w.config.node_id) for _, w in pool]
-            coord_job = tg.create_task(coordinator.run(), name="sim-coordinator")
-            agg_job = tg.create_task(agg.run(), name=agg_id)
-            tg.create_task(follow(), name="sim-reports")
+        store_jobs = await _start_stores(stores, m.round.start_timeout_s)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                jobs = [tg.create_task(w.run(), name=w.config.node_id) for _, w in pool]
+                coord_job = tg.create_task(coordinator.run(), name="sim-coordinator")
+                agg_job = tg.create_task(agg.run(), name=agg_id)
+                tg.create_task(follow(), name="sim-reports")
+            if store_jobs:  # the aggregator's `done` ends them; a bounded wait for their flush
+                await asyncio.wait(store_jobs, timeout=_STORE_FLUSH_S)
+        finally:
+            await _stop(store_jobs)
     return SimResult(
         weights=agg_job.result(),
         history=list(agg.history),
@@ -200,6 +212,36 @@ async def _run(m: Manifest, population: Population, local: int, remote: int,
         best_score=best.get("score"),
         worker_items={w.config.node_id: j.result() for (_, w), j in zip(pool, jobs, strict=True)},
     )
+
+
+#: How long a store may take to write its last round once the simulation is done.
+_STORE_FLUSH_S = 30.0
+
+
+async def _start_stores(stores: dict[str, Any], timeout: float) -> list[asyncio.Task[Any]]:
+    """Run the stores and wait until each is subscribed (else it would miss round 1)."""
+    jobs = [asyncio.create_task(s.run(), name=i) for i, s in stores.items()]
+    try:
+        for job, store in zip(jobs, stores.values(), strict=True):
+            started = asyncio.ensure_future(store.started.wait())
+            await asyncio.wait({started, job}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if job.done():
+                job.result()  # it failed to start: say why
+                raise FedbusError(f"store {job.get_name()!r} stopped as it started")
+            if not store.started.is_set():
+                raise TimeoutError(f"store {job.get_name()!r} did not start in {timeout:g}s")
+    except BaseException:
+        await _stop(jobs)
+        raise
+    return jobs
+
+
+async def _stop(jobs: list[asyncio.Task[Any]]) -> None:
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
 
 
 async def run_workers(m: Manifest, count: int, *, prefix: str | None = None) -> dict[str, int]:

@@ -7,12 +7,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from fedbus import topics
-from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.bus.memory import MemoryBroker
 from fedbus.manifest import parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services.store import StoreService
 from fedbus.sim import run_simulation
+from fedbus.store.repository import Retention, RoundStore
+from fedbus.store.workloads import Workloads
 
 
 async def test_an_async_fedbuff_federation_is_recorded_by_model_version(tmp_path: Path) -> None:
@@ -62,7 +63,8 @@ async def test_an_async_fedbuff_federation_is_recorded_by_model_version(tmp_path
 
 
 async def test_a_simulated_population_is_recorded_and_clustered(tmp_path: Path) -> None:
-    # Prepare: 40 virtual clients, 8 a round, on the memory bus; the store subscribes first
+    # Prepare: 40 virtual clients, 8 a round, on the memory bus; the store is only declared:
+    # the simulation starts it (as `fedbus run` does) before the first round
     m = parse_manifest({
         "version": 1, "job": "sim", "seed": 3, "rounds": 3, "strategy": "fedavg",
         "evaluate": {"where": "none"},
@@ -71,25 +73,20 @@ async def test_a_simulated_population_is_recorded_and_clustered(tmp_path: Path) 
         "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "store": {"dir": str(tmp_path / "store"), "sketch_dim": 64},
     })
-    broker = MemoryBroker()
-    bus = make_bus(m, m.node("store"), memory=broker)
-    await bus.__aenter__()
-    store = build_node(m, "store", bus)
-    assert isinstance(store, StoreService)
+
+    # Execute
     async with asyncio.timeout(60):
-        task = asyncio.create_task(store.run())
-        async with MemoryBus(broker, "watcher") as watcher, \
-                watcher.subscribe(topics.presence("sim", "store")) as presence:
-            await presence.get(timeout=10)  # online: subscribed
-        # Execute
-        result = await run_simulation(m, workers=2, memory=broker)
-        await task
-    clusters = (await store.workloads.run("clustering", {"k": 2})).data
-    # Assert: each round's eight virtual clients, as the aggregator accepted them
-    records = store.store.records
+        result = await run_simulation(m, workers=2)
+
+    store = RoundStore(tmp_path / "store", "sim", cache_bytes=8 << 20,
+                       retention=Retention(0, 0, 0))
+    clusters = (await Workloads(store, None, seed=3).run("clustering", {"k": 2})).data
+
+    # Assert: each round's eight virtual clients on disk, as the aggregator accepted them
+    records = store.records
     assert sorted(records) == [1, 2, 3]
     for report in result.history:
         assert sorted(records[report.round]["clients"]) == sorted(report.accepted)
         assert all(c.startswith("client-") for c in records[report.round]["clients"])
-    assert "unknown_sender" not in store.rejections.counts
+        assert "unknown_sender" not in records[report.round]["rejected"]
     assert set(clusters["clusters"]) == {c for r in records.values() for c in r["clients"]}
