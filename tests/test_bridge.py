@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federation import federate
 
 from fedbus.bus.memory import MemoryBroker
 from fedbus.deploy.bridge import bridge_config, bridge_topics
 from fedbus.deploy.local import spawn_bridged
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, describe, parse_manifest, with_node_broker
-from fedbus.node import build_node, make_bus
+from fedbus.node import make_bus
 from fedbus.services.aggregator import Aggregator
 
 TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
@@ -144,21 +145,8 @@ def test_the_root_and_single_broker_manifests_have_no_bridge() -> None:
 
 
 async def _federate(m: Manifest, memory: MemoryBroker | None) -> Aggregator:
-    buses = {n.id: make_bus(with_node_broker(m, n.id), n, memory=memory) for n in m.nodes}
-    services = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    agg = services.pop("agg")
-    for bus in buses.values():
-        await bus.__aenter__()
-    try:
-        async with asyncio.timeout(60):
-            tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
-            await agg.run()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        for bus in buses.values():
-            await bus.__aexit__(None, None, None)
+    agg: Aggregator = await federate(
+        m, lambda n: make_bus(with_node_broker(m, n.id), n, memory=memory))
     return agg
 
 

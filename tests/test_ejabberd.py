@@ -3,16 +3,16 @@ the in-process bus's model. The bus contract runs on it too (tests/test_bus_cont
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
 import pytest
+from federation import federate
 
 from fedbus.broker import MosquittoProcess
 from fedbus.bus.memory import MemoryBroker
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import make_bus
 from fedbus.services.aggregator import Aggregator
 
 pytestmark = pytest.mark.broker
@@ -30,22 +30,8 @@ def star(broker: dict[str, Any] | None) -> Manifest:
     })
 
 
-async def federate(m: Manifest, memory: MemoryBroker | None) -> Aggregator:
-    buses = {n.id: make_bus(m, n, memory=memory) for n in m.nodes}
-    services = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    agg = services.pop("agg")
-    for bus in buses.values():
-        await bus.__aenter__()
-    try:
-        async with asyncio.timeout(60):
-            tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
-            await agg.run()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        for bus in buses.values():
-            await bus.__aexit__(None, None, None)
+async def run_star(m: Manifest, memory: MemoryBroker | None) -> Aggregator:
+    agg: Aggregator = await federate(m, lambda n: make_bus(m, n, memory=memory))
     return agg
 
 
@@ -57,8 +43,8 @@ async def test_a_federation_on_ejabberd_gives_the_one_bus_model(
               "password_env": "FEDBUS_TEST_EJABBERD_PW"})
 
     # Execute
-    agg = await federate(m, None)
-    alone = await federate(star(None), MemoryBroker())
+    agg = await run_star(m, None)
+    alone = await run_star(star(None), MemoryBroker())
 
     # Assert
     assert [sorted(r.accepted) for r in agg.history] == [["t0", "t1", "t2"]] * 3

@@ -7,10 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federation import federate
 
 from fedbus.bus.memory import MemoryBroker
 from fedbus.errors import ManifestError
-from fedbus.manifest import Manifest, compile_wiring, parse_manifest
+from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.relay import Relay
@@ -101,19 +102,13 @@ async def test_a_relay_subscribes_and_publishes_exactly_what_the_wiring_says() -
     m = tree(rounds=2)
     broker = MemoryBroker()
     spies: dict[str, SpyBus] = {}
-    services: dict[str, Any] = {}
-    for n in m.nodes:
+
+    def spy(n: NodeSpec) -> SpyBus:
         real = make_bus(m, n, memory=broker)
         spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
-        await spies[n.id].__aenter__()
-        services[n.id] = build_node(m, n.id, spies[n.id])
-    agg = services.pop("agg")
-    async with asyncio.timeout(30):
-        tasks = [asyncio.create_task(s.run()) for s in services.values()]
-        await agg.run()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        return spies[n.id]
+
+    await federate(m, spy, timeout=30)
     wiring = compile_wiring(m)
     for node in ("r0", "r1", "t0", "agg"):
         # NACK filters are the bus's own, taken once it sends a chunked payload (none here)

@@ -9,12 +9,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
+from federation import federate as run_all
 from structlog.testing import capture_logs
 
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import decode, encode
-from fedbus.manifest import Manifest, compile_wiring, parse_manifest
+from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services._wire import DONE, GRANT, presence
 from fedbus.services.async_aggregator import AsyncAggregator
@@ -237,20 +238,14 @@ async def test_async_relays_subscribe_and_publish_exactly_what_the_wiring_says()
     m = async_tree(rounds=3, size=300_000, speeds=(0.0,), max_uploads=1)
     broker = MemoryBroker()
     spies: dict[str, SpyBus] = {}
-    services: dict[str, Any] = {}
-    for n in m.nodes:
+
+    def spy(n: NodeSpec) -> SpyBus:
         real = make_bus(m, n, memory=broker)
         spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
-        await spies[n.id].__aenter__()
-        services[n.id] = build_node(m, n.id, spies[n.id])
-    agg = services.pop("agg")
+        return spies[n.id]
+
     # Execute
-    async with asyncio.timeout(30):
-        tasks = [asyncio.create_task(s.run()) for s in services.values()]
-        await agg.run()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await run_all(m, spy, timeout=30)
     # Assert
     wiring = compile_wiring(m)
     for node in ("agg", "r0", "r1", "t0", "t3"):
