@@ -53,8 +53,10 @@ __all__ = [
     "Wiring",
     "compile_wiring",
     "describe",
+    "feeds_sketches",
     "load_manifest",
     "parse_manifest",
+    "store_feed",
     "thaw",
     "with_broker",
     "with_node_broker",
@@ -193,6 +195,11 @@ class StoreSpec:
     precompute: bool = True
     #: Shapley permutations of that precomputation (the contribution query's default).
     precompute_permutations: int = 32
+    #: How the store gets each update: ``updates`` (a second copy of every update from the
+    #: broker), ``sketches`` (the aggregator's per-round sketch record, ``sketch/<agg>``; no
+    #: full updates), or ``auto``: sketches when it keeps none (``full_update_rounds: 0``)
+    #: and the aggregator is synchronous. See docs/store.md, "How it gets the data".
+    feed: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,7 +595,8 @@ class _Parser:
                                 self.plugin(t.get("strategy", "fedavg"), "strategy",
                                             make_strategy),
                                 self.codec(t.get("codec")), population),
-            store=self.store(t.get("store"), nodes),
+            store=self.store(t.get("store"), nodes, isinstance(
+                make_strategy(strategy.name, thaw(strategy.params)), AsyncStrategy)),
             checkpoint=self.checkpoint(t.get("checkpoint")),
             brokers=brokers,
         )
@@ -834,7 +842,8 @@ class _Parser:
                       "declares; lower it or add trainers")
         return spec
 
-    def store(self, value: Any, nodes: Sequence[NodeSpec]) -> StoreSpec:
+    def store(self, value: Any, nodes: Sequence[NodeSpec], asynchronous: bool = False,
+              ) -> StoreSpec:
         d = StoreSpec()
         if value is None:
             return d
@@ -866,7 +875,20 @@ class _Parser:
             work_nice=count("work_nice", 0, 19),
             precompute=self.boolean(t.get("precompute", d.precompute), "store.precompute"),
             precompute_permutations=count("precompute_permutations", 1, 10_000),
+            feed=self.store_feed(t, count("full_update_rounds", 0), asynchronous),
         )
+
+    def store_feed(self, t: Mapping[str, Any], full_update_rounds: int,
+                   asynchronous: bool) -> str:
+        feed = self.choice(t.get("feed", "auto"), "store.feed", ("auto", "updates", "sketches"))
+        if feed == "sketches" and full_update_rounds > 0:
+            self.fail("store.feed", f"sketches carry no full updates, but store."
+                      f"full_update_rounds is {full_update_rounds}; set it to 0 or use "
+                      "feed: updates")
+        if feed == "sketches" and asynchronous:
+            self.fail("store.feed", "an asynchronous aggregator publishes no sketch records "
+                                    "yet; use feed: updates (or auto)")
+        return feed
 
     def evaluate(self, value: Any) -> EvalSpec:
         d = EvalSpec()
@@ -1115,9 +1137,29 @@ def compile_wiring(m: Manifest) -> dict[str, Wiring]:
     wire = {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
                               children=children.get(n.id, ()),
                               checkpointer=ckpt.id if ckpt is not None else None,
-                              asks_store=_ranking_store(m) if n.role == "aggregator" else None)
+                              asks_store=_ranking_store(m) if n.role == "aggregator" else None,
+                              sketch_feed=(feeds_sketches(m, n.id) if n.role == "aggregator"
+                                           else n.role == "store" and store_feed(m) == "sketches"))
             for n in m.nodes}
     return ring_wiring(m.job, m.groups, wire)
+
+
+def store_feed(m: Manifest) -> str:
+    """How the manifest's stores get each update: ``updates`` or ``sketches`` (``auto``
+    resolved: sketches when no full update is kept and the aggregator is synchronous)."""
+    feed = m.store.feed
+    if feed != "auto":
+        return feed
+    if m.store.full_update_rounds > 0 or isinstance(
+            make_strategy(m.strategy.name, thaw(m.strategy.params)), AsyncStrategy):
+        return "updates"
+    return "sketches"
+
+
+def feeds_sketches(m: Manifest, node_id: str) -> bool:
+    """Does aggregator ``node_id`` publish sketch records (a store recording it wants them)?"""
+    return store_feed(m) == "sketches" and any(
+        n.role == "store" and n.parent == node_id for n in m.nodes)
 
 
 def _ranking_store(m: Manifest) -> str | None:

@@ -18,7 +18,7 @@ from fedbus.checkpoint import CheckpointStore, DiskStore, RedisStore, TieredStor
 from fedbus.codec import Compression, Limits, encode
 from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
-from fedbus.manifest import Manifest, NodeSpec, thaw
+from fedbus.manifest import Manifest, NodeSpec, feeds_sketches, thaw
 from fedbus.services._durability import DurabilitySettings
 from fedbus.services._wire import presence
 from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
@@ -26,6 +26,7 @@ from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorCon
 from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
 from fedbus.services.relay import AsyncRelay, Relay
 from fedbus.services.trainer import Trainer, TrainerConfig
+from fedbus.store.feed import FeedSettings
 from fedbus.task import EvalResult, Task, load_task
 from strategies import (
     AsyncStrategy,
@@ -225,8 +226,11 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
                                    selector, weights, evaluate=evaluate)
         grace = r.loss_grace_s if r.loss_grace_s is not None else (
             0.0 if m.population is not None else LOSS_GRACE_S)
+        sketch = (FeedSettings(m.store.sketch_dim, m.seed) if feeds_sketches(m, node.id)
+                  else None)
         return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
-                                           ring_groups=m.groups_under(node.id), **common),
+                                           ring_groups=m.groups_under(node.id),
+                                           store_sketch=sketch, **common),
                           bus, strategy, selector,
                           weights, evaluate=evaluate)
     if node.role == "store":

@@ -14,6 +14,8 @@ Channels:
                                     relay, so a trainer receives only its own orders
   ``query/<store>/<sender>``        a request to a store (workload + arguments)
   ``reply/<requester>``             the store's answer, correlated by the request's msg_id
+  ``sketch/<aggregator>``           per round, the sketch of every update the aggregator
+                                    accepted, for the stores that keep no full updates
   ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
   ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
   ``ring/<group>/<to>/<sender>``    hybrid ring groups: one member's reduce step (or abort,
@@ -58,6 +60,7 @@ __all__ = [
     "sim_result",
     "sim_results",
     "sim_tasks",
+    "sketch",
     "state",
     "state_all",
     "strip_share",
@@ -72,7 +75,7 @@ __all__ = [
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
                              "query", "reply", "task", "result", "nack", "work",
-                             "ring"})
+                             "ring", "sketch"})
 #: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
 #: level, so a receiver knows whom to ask (and asks no one else).
 REPAIRED_CHANNELS: Final = frozenset({"model", "update", "work"})
@@ -179,6 +182,12 @@ def work(job: str, trainer: str, aggregator: str) -> str:
 def work_from(job: str, aggregator: str) -> str:
     """Filter for every work order ``aggregator`` sends (a simulation hosting many clients)."""
     return _t(job, "work") + "/+/" + validate_id(aggregator, "work node id")
+
+
+def sketch(job: str, aggregator: str) -> str:
+    """Per round, the sketches of the updates ``aggregator`` accepted (fedbus.store.feed):
+    published by that aggregator alone, read by the stores that record it."""
+    return _t(job, "sketch", aggregator)
 
 
 def sim_tasks(job: str, coordinator: str) -> str:

@@ -56,12 +56,13 @@ def _toward_parent(job: str, node: str, parent: str) -> tuple[list[str], list[st
 
 def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
                 children: Iterable[str] = (), checkpointer: str | None = None,
-                asks_store: str | None = None) -> Wiring:
+                asks_store: str | None = None, sketch_feed: bool = False) -> Wiring:
     """Exactly the topics ``node`` (of ``role``) subscribes to and publishes on.
 
     Aggregator and trainer are what the services do (tests/test_hostile.py spies on them);
     the planned roles are what they will need. Every node writes its own presence. Raises
-    ``BusError`` for a role this version does not know.
+    ``BusError`` for a role this version does not know. ``sketch_feed``: an aggregator that
+    publishes sketch records for a store, or a store fed by them (fedbus.store.feed).
     """
     kids = tuple(children)
     presence = topics.presence(job, node)
@@ -76,6 +77,9 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
             # a ranked selector's live ranking: ask the store, read its reply
             sub.append(topics.reply(job, node))
             pub.append(topics.query(job, asks_store, node))
+        if sketch_feed:
+            # per round, the sketches of the updates it accepted, for its store
+            pub.append(topics.sketch(job, node))
         return Wiring(node, tuple(sub), (pub[0], pub[1], presence, *pub[2:]))
     if role in ("trainer", "relay") and parent is None:
         raise BusError(f"{role} {node!r} has no parent aggregator")
@@ -102,7 +106,10 @@ def role_wiring(job: str, node: str, role: str, *, parent: str | None = None,
         # more) and answers workload queries; replies go to whoever asked (reply/<asker>).
         if parent is None:
             raise BusError(f"store {node!r} has no aggregator to record (parent)")
-        return Wiring(node, (topics.updates_for(job, parent), topics.model(job, parent),
+        # Fed sketches (fedbus.store.feed), it reads the aggregator's per-round sketch
+        # record instead of a second copy of every update.
+        updates = topics.sketch(job, parent) if sketch_feed else topics.updates_for(job, parent)
+        return Wiring(node, (updates, topics.model(job, parent),
                              topics.work_from(job, parent),
                              topics.metrics(job, parent), topics.queries_for(job, node)),
                       (topics.replies_all(job), presence))

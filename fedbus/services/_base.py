@@ -159,6 +159,9 @@ class AggregatorBase(ABC, Generic[C]):
     def upload_done(self, node: str) -> None:
         self._gate.release(node)
 
+    def folded(self, update: Any, env: Envelope, norm: float, nbytes: int) -> None:
+        """An update was folded; only an aggregator feeding a store's sketches cares."""
+
     def ready(self, node: str) -> None:
         self._gate.request(node)
 

@@ -24,8 +24,9 @@ from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services import ring
-from fedbus.services._base import AggregatorBase, AggregatorSettings
+from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
+from fedbus.store.feed import FeedSettings, SketchFeed
 from fedbus.store.live import refresh_ranking
 from fedbus.task import EvalResult
 from strategies import ClientUpdate, Selector, Strategy, Weights
@@ -54,6 +55,10 @@ class AggregatorConfig(AggregatorSettings):
     #: Hybrid ring groups among the trainers (members by rank): one member's update may
     #: cover the others of its group (fedbus.services.ring).
     ring_groups: tuple[tuple[str, ...], ...] = ()
+    #: A store records this aggregator from sketches (fedbus.store.feed): sketch every
+    #: accepted update with its projection and publish them once a round (None: no store
+    #: needs them, nothing is sketched).
+    store_sketch: FeedSettings | None = None
 
 
 @dataclass(slots=True)
@@ -158,6 +163,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._state: _Round | None = None
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
         self._groups = {m: frozenset(g) for g in config.ring_groups for m in g}
+        self._feed = SketchFeed(config.store_sketch) if config.store_sketch else None
         self._init_intake(strategy.aux_models)
 
     # --- main loop -------------------------------------------------------------------------
@@ -262,6 +268,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             self.selector.report(node, number, completed=node in state.accepted,
                                  duration_s=state.arrivals.get(node),
                                  utility=state.utility.get(node))
+        if self._feed is not None:  # inside the round's time: its cost is measured with it
+            await self._publish_sketches(state, aggregated)
         report = RoundReport(
             round=number,
             selected=sorted(state.selected),
@@ -370,7 +378,30 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         elif loss is not None:
             state.utility[sender] = float(loss) * n
 
+    def folded(self, update: ClientUpdate, env: Envelope, norm: float, nbytes: int) -> None:
+        state = self._state
+        if self._feed is not None and state is not None:
+            self._feed.add(state.number, update, env.meta, norm, nbytes,
+                           state.arrivals.get(update.sender, time.monotonic() - state.started))
+
     # --- outgoing ------------------------------------------------------------------------
+    async def _publish_sketches(self, state: _Round, aggregated: bool) -> None:
+        """The round's sketch record for the stores (``sketch/<me>``): one message."""
+        assert self._feed is not None
+        c = self.config
+        started = time.monotonic()
+        rows, cpu_s = self._feed.take(state.number)
+        env = self._feed.envelope(c.job, c.node_id, state.number, rows,
+                                  selected=sorted(state.selected), aggregated=aggregated,
+                                  sketch_cpu_s=round(cpu_s, 6), epoch=self.epoch)
+        nbytes = sum(s.nbytes for _, s in rows)
+        payload = (await asyncio.to_thread(encode, env, c.compression)
+                   if nbytes >= OFFLOAD_BYTES else encode(env, c.compression))
+        await self.bus.publish(topics.sketch(c.job, c.node_id), payload)
+        self._log.info("sketches_published", round=state.number, updates=len(rows),
+                       bytes=len(payload), sketch_cpu_s=round(cpu_s, 4),
+                       publish_s=round(time.monotonic() - started, 4))
+
     async def _broadcast(self, state: _Round) -> None:
         c = self.config
         config = {"round": state.number, "seed": c.seed,

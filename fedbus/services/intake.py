@@ -196,6 +196,11 @@ class IntakeHost(Protocol):
         """Give a checked update to the strategy (may raise ``StrategyError``)."""
         ...
 
+    def folded(self, update: ClientUpdate, env: Envelope, norm: float, nbytes: int) -> None:
+        """``update`` (``nbytes`` on the wire, L2 norm ``norm``) was folded: still in the
+        intake's worker thread, with the decoded delta at hand (a store's sketch of it)."""
+        ...
+
     def node_online(self, node: str) -> None: ...
 
     def node_offline(self, node: str) -> None: ...
@@ -299,7 +304,7 @@ class Intake:
                 self.reject("unexpected_ready", f"ready for round {env.round}", sender=sender)
             return
         try:
-            self._fold(env, sender)
+            self._fold(env, sender, len(payload))
         finally:
             self.host.upload_done(sender)  # its upload is in, good or bad: the slot is free
 
@@ -322,14 +327,14 @@ class Intake:
             return None
         return env
 
-    def _fold(self, env: Envelope, sender: str) -> None:
+    def _fold(self, env: Envelope, sender: str, nbytes: int) -> None:
         s = self.settings
         try:
             staleness = self.host.admit(env, sender)
             n = checked_num_examples(env.meta, s.max_examples)
             delta, aux = split_tensors(env.tensors)
             delta = decode_update(delta, env.meta, self.host.weights)  # codec.update modes
-            check_update_tensors(self.host.weights, delta, s.max_norm)
+            norm = check_update_tensors(self.host.weights, delta, s.max_norm)
             metrics = env.meta.get("metrics", {})
             update = ClientUpdate(
                 sender=sender, delta=delta, num_examples=n, base_round=env.round,
@@ -344,6 +349,7 @@ class Intake:
             self.reject("strategy_rejected", str(exc), sender=sender, round=env.round)
             return
         self._still_alive(sender)
+        self.host.folded(update, env, norm, nbytes)
         self._log.debug("update_accepted", peer=sender, round=env.round, examples=n)
 
 

@@ -2,7 +2,9 @@
 
 It subscribes to what the aggregator already receives and sends (``update/<agg>/+``,
 ``model/<agg>``, ``metrics/<agg>``): the broker fans each message out once more, so trainers
-upload once and the aggregator does no extra work. Nothing waits for the store: a receiver
+upload once and the aggregator does no extra work. A store that keeps no full updates is fed
+the aggregator's per-round sketch record (``sketch/<agg>``, fedbus.store.feed) instead of
+the updates themselves. Nothing waits for the store: a receiver
 drains the subscription into a backlog bounded by bytes (beyond it messages are dropped and
 counted) and one writer decodes, checks, sketches and writes it, in worker threads. Queries
 arrive on ``query/<store>/<sender>`` and are answered on ``reply/<sender>``.
@@ -31,7 +33,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
-from fedbus.manifest import Manifest, NodeSpec
+from fedbus.manifest import Manifest, NodeSpec, store_feed
 from fedbus.services._wire import DONE, METRICS, READY, ROUND, UPDATE, presence, split_tensors
 from fedbus.services.intake import (
     OFFLOAD_BYTES,
@@ -42,6 +44,7 @@ from fedbus.services.intake import (
     model_limits,
 )
 from fedbus.store.cache import RedisCache
+from fedbus.store.feed import SKETCHES, read_record, record_limits
 from fedbus.store.repository import Retention, RoundStore
 from fedbus.store.sketch import Sketcher, cosine, dot, dot32, norm
 from fedbus.store.workloads import Workloads, digest
@@ -64,6 +67,8 @@ PRECOMPUTE_DUTY: Final = 0.5
 QUERY_CATCH_UP_S: Final = 10.0
 _MAX_METRICS: Final = 64
 _MAX_REJECTION_LOG: Final = 100
+#: A round's model, report and sketch record are kept even over the backlog's budget.
+_VITAL: Final = frozenset({"model", "metrics", "sketch"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,9 @@ class StoreConfig:
     sketch_dim: int = 2048
     #: Keep full updates at all (the last ``full_update_rounds`` rounds; 0: sketches only).
     full_updates: bool = True
+    #: ``updates``: every update from the broker, sketched here; ``sketches``: the
+    #: aggregator's per-round sketch record (``sketch/<agg>``; no full updates).
+    feed: str = "updates"
     backlog_bytes: int = 512 << 20
     exit_on_done: bool = True
     max_queries: int = 4
@@ -113,6 +121,8 @@ class _Open:
     report: dict[str, Any] | None = None
     #: The model the round (version) produced, once broadcast.
     next_model: dict[str, np.ndarray] | None = None
+    #: Fed sketches: the aggregator's record of this round has been recorded.
+    fed: bool = False
 
 
 class _RoundRejections(Rejections):
@@ -142,6 +152,10 @@ class StoreService:
         self.store = store
         self.workloads = workloads or Workloads(store, seed=config.seed)
         self.sketcher = Sketcher(config.sketch_dim, config.seed)
+        if config.feed not in ("updates", "sketches"):
+            raise FedbusError(f"store feed {config.feed!r}: use updates or sketches")
+        self._fed_sketches = config.feed == "sketches"
+        self._record_limits = record_limits(self._max_early, self.sketcher.dim, config.limits)
         self.rejections = _RoundRejections(config.node_id, self)
         self.stats: Counter[str] = Counter()
         self.done = asyncio.Event()
@@ -204,7 +218,9 @@ class StoreService:
     async def run(self) -> dict[str, int]:
         c = self.config
         # asynchronous work orders (the model of each version) go to one trainer each
-        filters = (topics.updates_for(c.job, c.aggregator), topics.model(c.job, c.aggregator),
+        updates = (topics.sketch(c.job, c.aggregator) if self._fed_sketches
+                   else topics.updates_for(c.job, c.aggregator))
+        filters = (updates, topics.model(c.job, c.aggregator),
                    topics.work_from(c.job, c.aggregator),
                    topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
         # Half the backlog may wait in the subscription (the bus drops and counts beyond it),
@@ -260,6 +276,9 @@ class StoreService:
                     and total <= limits.max_frame_bytes)
         if parsed.channel in ("model", "work"):
             return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
+        if parsed.channel == "sketch":  # a big population's record
+            return (parsed.sender == c.aggregator
+                    and total <= self._record_limits.max_frame_bytes)
         return False
 
     async def _receive(self, sub: Subscription) -> None:
@@ -279,8 +298,7 @@ class StoreService:
             # A round's model, report and `done` are kept even over budget (one or two
             # messages a round, from the one aggregator the bus admits): losing one would
             # lose the whole round, losing an update loses one client of it.
-            vital = channel in ("model", "metrics") and self._vital_bytes + size <= \
-                self._own_backlog
+            vital = channel in _VITAL and self._vital_bytes + size <= self._own_backlog
             over = self._backlog_bytes + size > self._own_backlog
             if over and vital:
                 self.stats["kept_over_budget"] += 1
@@ -292,7 +310,7 @@ class StoreService:
                                       backlog_bytes=self._backlog_bytes)
                 continue
             self._backlog_bytes += size
-            if channel in ("model", "metrics"):
+            if channel in _VITAL:
                 self._vital_bytes += size
             self._enqueued += 1
             self._backlog.put_nowait((channel, msg))
@@ -301,7 +319,7 @@ class StoreService:
         while True:
             channel, msg = await self._backlog.get()
             self._backlog_bytes -= len(msg.payload)
-            if channel in ("model", "metrics"):
+            if channel in _VITAL:
                 self._vital_bytes -= len(msg.payload)
             try:
                 await self._handle(msg)
@@ -327,6 +345,8 @@ class StoreService:
             return
         if parsed.channel == "update":
             await self._on_update(msg, parsed.sender)
+        elif parsed.channel == "sketch":
+            await self._on_sketches(msg, parsed.sender)
         elif parsed.channel in ("model", "work", "metrics"):
             env = await self._decode_from_aggregator(msg)
             if env is None:
@@ -376,7 +396,12 @@ class StoreService:
             self._open[number - 1].next_model = weights
         self._async = self._async or env.meta.get("mode") == "async"
         for prev in sorted(self._open):
-            old = self._open.pop(prev)
+            old = self._open[prev]
+            if self._fed_sketches and not old.fed:
+                if prev == number - 1:
+                    continue  # its sketch record is published after it: closed on arrival
+                self.stats["sketches_missing"] += 1  # two models on, it is not coming
+            del self._open[prev]
             await self._close(old, old.next_model)
         state = _Open(number, weights, await self._work(digest, weights),
                       selected=selected)
@@ -395,6 +420,68 @@ class StoreService:
         elif env.round in self.store.records:  # late: the round's record is already written
             record = {**self.store.records[env.round], "report": report}
             await self._work(self.store.write_record, env.round, record)
+
+    async def _on_sketches(self, msg: Message, sender: str) -> None:
+        """The aggregator's record of a round: the sketch and bookkeeping of every update it
+        accepted. Checked like everything else; recorded once; the round closes when the
+        model it produced is known too."""
+        c = self.config
+        reject = self.rejections.reject
+        try:
+            if len(msg.payload) >= OFFLOAD_BYTES:
+                env = await self._work(decode, msg.payload, self._record_limits)
+            else:
+                env = decode(msg.payload, self._record_limits)
+        except CodecError as exc:
+            reject(exc.reason, exc.detail, sender=sender)
+            return
+        if env.kind != SKETCHES or env.job != c.job:
+            reject("bad_kind", f"kind={env.kind!r} job={env.job!r}", sender=sender)
+            return
+        if env.sender != sender or sender != c.aggregator:
+            reject("spoofed_sender", f"sketch record from {env.sender!r} on {sender!r}'s "
+                                     f"topic; only {c.aggregator} sends them", sender=sender)
+            return
+        if not self._seen.add(env.msg_id):
+            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
+            return
+        state = self._open.get(env.round)
+        if state is None or state.fed:
+            reason = "duplicate" if state is not None else "stale"
+            reject(reason, f"sketch record for round {env.round}, not open or already "
+                           "recorded", sender=sender)
+            return
+        try:
+            rows = read_record(env, dim=self.sketcher.dim, seed=c.seed,
+                               is_trainer=self._is_trainer, max_examples=c.max_examples)
+        except UpdateRejected as exc:
+            reject(exc.reason, exc.detail, sender=sender, round=env.round)
+            return
+        selected = env.meta.get("selected")
+        if isinstance(selected, list):
+            state.selected |= {s for s in selected if isinstance(s, str)}
+        infos: dict[str, dict[str, Any]] = {}
+        for arrival, (cid, fields, _) in enumerate(rows, start=1):
+            infos[cid] = {**fields, "arrival": arrival, "selected": cid in state.selected,
+                          "norm": round(fields["norm"], 8), "full": False,
+                          "source": "aggregator"}
+        frames = await self._work(self._write_sketches, state.number, rows, infos)
+        await self.store.share(frames)
+        state.clients.update(infos)
+        state.sketches.update({cid: sk for cid, _, sk in rows})
+        state.fed = True
+        self.stats["updates"] += len(rows)
+        self.stats["sketch_records"] += 1
+        if state.next_model is not None:  # the model it produced is in: nothing else to wait
+            del self._open[state.number]
+            await self._close(state, state.next_model)
+
+    def _write_sketches(self, r: int, rows: list[tuple[str, dict[str, Any], np.ndarray]],
+                        infos: Mapping[str, Mapping[str, Any]]) -> dict[str, bytes]:
+        frames: dict[str, bytes] = {}
+        for cid, _, sketch in rows:
+            frames.update(self.store.write_sketch(r, cid, sketch, {"norm": infos[cid]["norm"]}))
+        return frames
 
     def _latest_open(self) -> _Open | None:
         return self._open[max(self._open)] if self._open else None
@@ -546,6 +633,7 @@ class StoreService:
             "report": state.report or {},
             "aggregate": {"source": source, "norm": round(agg_norm, 8)},
             "sketch_dim": self.sketcher.dim,
+            "feed": self.config.feed,
         }
         await self._work(self.store.write_record, r, record)
         self._closed_upto = max(self._closed_upto, r)
@@ -733,6 +821,7 @@ def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None
         population=((m.population.prefix, m.population.clients)
                     if m.population is not None and node.parent == m.aggregator.id else None),
         sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
+        feed=store_feed(m),
         backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done,
         work_nice=spec.work_nice, precompute=spec.precompute,
         precompute_permutations=spec.precompute_permutations,

@@ -197,8 +197,20 @@ class Workloads:
                              "false, or evaluate.where: none)")
         return self.utility
 
+    @property
+    def sketches_only(self) -> bool:
+        """The store keeps no full update (``store.full_update_rounds: 0``)."""
+        return self.store.retention.full_update_rounds == 0
+
+    def _need_full(self, what: str) -> None:
+        if self.sketches_only:
+            raise StoreError(f"{what} needs full updates, and this store keeps sketches only "
+                             "(store.full_update_rounds: 0); set store.full_update_rounds to 1 "
+                             "or more (the store is then sent every update: docs/store.md)")
+
     async def _round_updates(self, r: int) -> tuple[Weights, list[str], list[Weights],
                                                     list[float]]:
+        self._need_full("this workload (FedAvg of the round's updates)")
         base = await self.store.model(r)
         if base is None:
             raise StoreError(f"the global model of round {r} is no longer kept "
@@ -388,6 +400,10 @@ async def _debugging(w: Workloads, args: Mapping[str, Any]) -> Result:
     if w.utility is None:
         out["note"] = "no task to evaluate with: leave-one-out skipped"
         return Result(out)
+    if w.sketches_only:  # the outliers above come from the record; leave-one-out cannot
+        out["note"] = ("leave-one-out needs full updates: this store keeps sketches only "
+                       "(store.full_update_rounds: 0)")
+        return Result(out)
     values, _, evaluated = await w.round_values(target)
     clients, loo, full = values.clients, values.values, values.full
     # loo[i] = v(N) - v(N without i): negative means the round is better without client i.
@@ -444,6 +460,7 @@ async def _clustering(w: Workloads, args: Mapping[str, Any]) -> Result:
 async def _personalization(w: Workloads, args: Mapping[str, Any]) -> Result:
     """A model per cluster: the round's global model plus the example-weighted mean of that
     cluster's updates. With ``client``, the answer carries that client's cluster model."""
+    w._need_full("personalization (each cluster's FedAvg model)")
     clustered = (await _clustering(w, args)).data
     client = _arg(args, "client", str, None)
     with_models = _arg(args, "with_models", bool, False)
@@ -488,6 +505,7 @@ async def _contribution(w: Workloads, args: Mapping[str, Any]) -> Result:
     permutations = _arg(args, "permutations", int, 32, lo=1, hi=10_000)
     tolerance = _arg(args, "tolerance", float, 0.01, lo=0.0, hi=1.0)
     budget = _arg(args, "budget", float, 100.0, lo=0.0)
+    w._need_full("contribution (leave-one-out and Shapley values)")
     w._need_utility()
     if args.get("round") is not None:
         rounds = w._rounds(args, 1)
