@@ -16,8 +16,14 @@ memory against its cache size, and the aggregator's round time with and without 
 2. Rounds. A real mosquitto, the aggregator and the trainers as separate processes (as in
    bench_rounds.py), ``--round-rounds`` rounds each, alternating without and with a store
    process (``fedbus serve --node store``); the aggregator's ``round_finished`` seconds,
-   median over the rounds after the first; the store's peak RSS (VmHWM) against its
-   ``cache_mb``; the extra bytes the broker sent to the store.
+   median over the rounds after the first, and the span from the first round's end to the
+   last one's (between-round work included); the store's peak RSS (VmHWM) against its
+   ``cache_mb``; the extra bytes the broker sent to the store. ``--feed updates`` (the store
+   is sent every update, full updates kept for 2 rounds) or ``--feed sketches`` (no full
+   updates: the aggregator sketches and publishes one record a round; its sketching CPU
+   seconds and publish time come from its ``sketches_published`` log lines).
+3. ``--cos-error``: the sketch cosine to the aggregate against the exact one, on the
+   latency part's synthetic updates (what a store fed sketches reports as ``cos``).
 
 Progress on stderr, markdown on stdout. Every process started here is stopped by pid.
 """
@@ -292,7 +298,8 @@ trainers: {{count: {n}, prefix: "t", parent: aggregator}}
 
 def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int,
                backlog_mb: int, timeout_s: float, nice: int = 0,
-               work_nice: int = 0) -> dict[str, Any]:
+               work_nice: int = 0, feed: str = "updates",
+               start_store: bool = True) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="fedbus-bench-store-rounds-"))
     broker = asyncio.run(spawn_mosquitto())
     children: list[Child] = []
@@ -302,7 +309,9 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
             rounds=rounds, n=n, size=params, host=broker.host, port=broker.port,
             store_node="  - {id: store, role: store}" if with_store else "",
             store_section=(f"store: {{dir: \"{work / 'store'}\", cache_mb: {cache_mb}, "
-                           f"backlog_mb: {backlog_mb}, full_update_rounds: 2, "
+                           f"backlog_mb: {backlog_mb}, "
+                           f"full_update_rounds: {2 if feed == 'updates' else 0}, "
+                           f"feed: {feed}, "
                            f"work_nice: {work_nice}, evaluate: false}}") if with_store
                           else ""))
         agg = Child("aggregator", _serve(manifest, "aggregator", json_log=True,
@@ -313,7 +322,7 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
         reader.start()
         store_reader = store_sampler = None
         store: Child | None = None
-        if with_store:
+        if with_store and start_store:
             store = Child("store", _serve(manifest, "store", json_log=True,
                                           stderr=subprocess.PIPE, log_level="info"))
             if nice:
@@ -339,9 +348,15 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
         reader.join()
         finished = reader.named("round_finished")
         round_s = [float(e["seconds"]) for e in finished]
-        out: dict[str, Any] = {"store": with_store, "round_s": round_s,
+        ends = [t for t, e in reader.events if e.get("event") == "round_finished"]
+        published = reader.named("sketches_published")
+        out: dict[str, Any] = {"store": with_store, "feed": feed, "round_s": round_s,
                                "median_s": statistics.median(round_s[1:] or round_s),
-                               "agg_cpu_s": agg.cpu_s}
+                               "span_s": ends[-1] - ends[0] if len(ends) > 1 else 0.0,
+                               "agg_cpu_s": agg.cpu_s,
+                               "sketch_cpu_s": sum(float(e["sketch_cpu_s"]) for e in published),
+                               "publish_s": sum(float(e["publish_s"]) for e in published),
+                               "record_bytes": sum(int(e["bytes"]) for e in published)}
         if store is not None and store_reader is not None and store_sampler is not None:
             store.reap(120)
             store_sampler.stop()
@@ -351,7 +366,8 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
             out.update(store_peak=store_sampler.last_hwm, store_stats=stats,
                        store_rounds=len(store_reader.named("store_round_recorded")),
                        store_cpu_s=store.cpu_s)
-        trainers.reap(60)
+        # trainers on an anonymous broker do not trust `done`: stopped, not waited for
+        trainers.reap(5)
         out["trainers_cpu_s"] = trainers.cpu_s
         return out
     finally:
@@ -359,6 +375,39 @@ def run_rounds(n: int, params: int, rounds: int, with_store: bool, cache_mb: int
             child.stop()
         asyncio.run(broker.stop())
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cos_error(clients: int, params: int, dim: int = 2048) -> dict[str, float]:
+    """Sketch cosine vs exact cosine of each update to the round's FedAvg aggregate, on the
+    latency part's synthetic updates (two groups pulling different ways, c0 against them)."""
+    rng = np.random.default_rng(0)
+    shapes = _layers(params)
+    target = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    groups = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+              for _ in range(2)]
+    sketcher = Sketcher(dim, 0)
+    ups, sks = [], []
+    agg = {k: np.zeros(s, np.float64) for k, s in shapes.items()}
+    total = sum(100.0 + i for i in range(clients))
+    for i in range(clients):
+        sign = -1.0 if i == 0 else 1.0
+        upd = {k: (sign * 0.05 * (target[k] + 0.5 * groups[i % 2][k]
+                                  + 0.3 * rng.normal(size=shapes[k]))).astype(np.float32)
+               for k in shapes}
+        for k in agg:
+            agg[k] += (100.0 + i) / total * upd[k]
+        ups.append(_flat([upd])[0])  # float32: 4 MB an update at 1M
+        sks.append(sketcher.sketch(upd).astype(np.float64))
+    agg32 = {k: v.astype(np.float32) for k, v in agg.items()}
+    agg_flat = _flat([agg32])[0].astype(np.float64)
+    agg_sk = sketcher.sketch(agg32).astype(np.float64)
+    exact = np.array([u.astype(np.float64) @ agg_flat / np.linalg.norm(u.astype(np.float64))
+                      / np.linalg.norm(agg_flat) for u in ups])
+    approx = np.array([s @ agg_sk / np.linalg.norm(s) / np.linalg.norm(agg_sk) for s in sks])
+    err = np.abs(approx - exact)
+    return {"dim": float(sketcher.dim), "max_abs": float(err.max()),
+            "mean_abs": float(err.mean()), "exact_min": float(exact.min()),
+            "exact_max": float(exact.max())}
 
 
 def _machine() -> str:
@@ -414,6 +463,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the store process at this nice value (19: lowest priority)")
     p.add_argument("--work-nice", type=int, default=0,
                    help="store.work_nice: nice value of the store's recording thread")
+    p.add_argument("--feed", choices=("updates", "sketches"), default="updates",
+                   help="how the store gets each update (docs/store.md)")
+    p.add_argument("--absent-store", action="store_true",
+                   help="declare the store but never start it (what the feed alone costs)")
+    p.add_argument("--cos-error", action="store_true",
+                   help="sketch cosine vs exact cosine on the synthetic updates")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
     if a.quick:
@@ -422,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     _eprint(f"latency: {a.clients} clients x {a.params} params x {a.rounds} rounds")
     results: dict[str, Any] = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"),
                                "args": vars(a)}
+    if a.cos_error:
+        ce = cos_error(a.clients, a.params)
+        results["cos_error"] = ce
+        print(f"\nsketch vs exact cosine to the aggregate, {a.clients} updates x "
+              f"{a.params:,} params, sketch dim {ce['dim']:.0f}: max |error| "
+              f"{ce['max_abs']:.4f}, mean {ce['mean_abs']:.4f} (exact cosines "
+              f"{ce['exact_min']:.3f}..{ce['exact_max']:.3f})")
     if not a.skip_latency:
         results["latency"] = _report_latency(a)
     if not a.skip_rounds:
@@ -431,31 +493,43 @@ def main(argv: list[str] | None = None) -> int:
                 _eprint(f"rounds: trial {trial + 1}, store={with_store}")
                 row = run_rounds(a.clients, a.params, a.round_rounds, with_store,
                                  cache_mb=256, backlog_mb=256, timeout_s=900,
-                                 nice=a.store_nice, work_nice=a.work_nice)
-                _eprint(f"  median round {row['median_s']:.3f}s")
+                                 nice=a.store_nice, work_nice=a.work_nice, feed=a.feed,
+                                 start_store=not a.absent_store)
+                _eprint(f"  median round {row['median_s']:.3f}s, span {row['span_s']:.2f}s, "
+                        f"aggregator CPU {row['agg_cpu_s']:.2f}s (sketching "
+                        f"{row['sketch_cpu_s']:.3f}s), load {os.getloadavg()[0]:.2f}")
                 rounds.append(row)
         results["rounds"] = rounds
         base = [r["median_s"] for r in rounds if not r["store"]]
         withs = [r["median_s"] for r in rounds if r["store"]]
         print(f"\n### Aggregator round time, {a.clients} trainers x {a.params:,} params, "
-              f"mosquitto, {a.round_rounds} rounds a run, store nice {a.store_nice}, "
-              f"work_nice {a.work_nice}\n")
+              f"mosquitto, {a.round_rounds} rounds a run, feed {a.feed}, store nice "
+              f"{a.store_nice}, work_nice {a.work_nice}\n")
         cpu_b = [r["agg_cpu_s"] for r in rounds if not r["store"]]
         cpu_w = [r["agg_cpu_s"] for r in rounds if r["store"]]
-        print("| trial | round without store (s) | with store (s) | ratio | aggregator CPU "
-              "without / with (s) |")
-        print("|---|---:|---:|---:|---:|")
+        span_b = [r["span_s"] for r in rounds if not r["store"]]
+        span_w = [r["span_s"] for r in rounds if r["store"]]
+        sk_w = [r["sketch_cpu_s"] for r in rounds if r["store"]]
+        st_w = [r.get("store_cpu_s", 0.0) for r in rounds if r["store"]]
+        print("| pair | round without store (s) | with store (s) | ratio | span ratio | "
+              "aggregator CPU-s without / with (sketching) | store CPU-s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for i, (b, w) in enumerate(zip(base, withs, strict=True)):
-            print(f"| {i + 1} | {b:.3f} | {w:.3f} | {w / b:.3f} | {cpu_b[i]:.1f} / "
-                  f"{cpu_w[i]:.1f} |")
+            print(f"| {i + 1} | {b:.3f} | {w:.3f} | {w / b:.3f} | "
+                  f"{span_w[i] / span_b[i]:.3f} | {cpu_b[i]:.2f} / {cpu_w[i]:.2f} "
+                  f"({sk_w[i]:.3f}) | {st_w[i]:.2f} |")
         ratios = [w / b for b, w in zip(base, withs, strict=True)]
+        spans = [w / b for b, w in zip(span_b, span_w, strict=True)]
+        print(f"\nspan (first to last round's end): median of the paired ratios "
+              f"{statistics.median(spans):.3f}, ratio of medians "
+              f"{statistics.median(span_w) / statistics.median(span_b):.3f}")
         print(f"\nmedian round without {statistics.median(base):.3f}s, with "
               f"{statistics.median(withs):.3f}s: ratio of medians "
               f"{statistics.median(withs) / statistics.median(base):.3f}, median of the "
               f"{len(ratios)} paired ratios {statistics.median(ratios):.3f} (min "
               f"{min(ratios):.3f}, max {max(ratios):.3f})")
         for r in rounds:
-            if r["store"]:
+            if r["store"] and "store_stats" in r:
                 st = r["store_stats"]
                 per_round = st.get("bytes_in", 0) / max(1, r["store_rounds"])
                 print(f"\nstore: peak RSS {r['store_peak'] / MIB:.0f} MiB (cache 256 MiB + "
@@ -464,7 +538,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"extra broker bytes to the store "
                       f"{per_round / 1e6:.1f} MB/round (updates into the aggregator: "
                       f"{a.clients * a.params * 4 / 1e6:.1f} MB/round), CPU "
-                      f"{r['store_cpu_s']:.1f}s")
+                      f"{r['store_cpu_s']:.1f}s; sketch records "
+                      f"{r['record_bytes'] / max(1, len(r['round_s'])) / 1e3:.0f} kB/round, "
+                      f"aggregator sketching {r['sketch_cpu_s']:.3f} CPU-s and publishing "
+                      f"{r['publish_s']:.3f} s over the run")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -189,6 +189,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             await self._publish(topics.model(c.job, c.node_id), DONE, c.rounds,
                                 {"rounds": c.rounds})
             await self._publish_presence("offline")
+        if self._feed is not None:
+            self._feed.close()
         return self.weights
 
     async def _run_round(self, sub: Subscription, number: int) -> RoundReport:
@@ -390,7 +392,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         assert self._feed is not None
         c = self.config
         started = time.monotonic()
-        rows, cpu_s = self._feed.take(state.number)
+        rows, cpu_s = await asyncio.to_thread(self._feed.take, state.number)
         env = self._feed.envelope(c.job, c.node_id, state.number, rows,
                                   selected=sorted(state.selected), aggregated=aggregated,
                                   sketch_cpu_s=round(cpu_s, 6), epoch=self.epoch)
@@ -400,7 +402,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         await self.bus.publish(topics.sketch(c.job, c.node_id), payload)
         self._log.info("sketches_published", round=state.number, updates=len(rows),
                        bytes=len(payload), sketch_cpu_s=round(cpu_s, 4),
-                       publish_s=round(time.monotonic() - started, 4))
+                       publish_s=round(time.monotonic() - started, 4),
+                       sketched_inline=self._feed.inline)
 
     async def _broadcast(self, state: _Round) -> None:
         c = self.config

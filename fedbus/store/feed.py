@@ -27,6 +27,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -43,6 +44,9 @@ __all__ = ["SKETCHES", "FeedSettings", "SketchFeed", "read_record", "record_limi
 SKETCHES: Final = "sketches"
 #: msgpack header room per client entry (sender, metrics, a few numbers).
 _HEADER_PER_CLIENT: Final = 2048
+#: Updates waiting for the sketch thread; beyond it the intake thread sketches itself (so
+#: the deltas held for sketching stay bounded: this many updates).
+MAX_PENDING: Final = 8
 _MAX_METRICS: Final = 64
 
 
@@ -57,23 +61,40 @@ class FeedSettings:
 
 class SketchFeed:
     """The aggregator's side. ``add`` runs in the intake's worker thread right after an update
-    is folded; ``take`` hands the round's rows over once the round is over. Memory: one sketch
-    per accepted update of the open round (8 KB each at dim 2048), plus the sketcher's sign
-    tables (4 bytes a parameter)."""
+    is folded and hands the sketching to a thread of its own, so the intake (and the upload
+    slot it frees) does not wait for it; ``take`` collects the round's rows once the round is
+    over. Why a thread of its own: numpy gives the GIL up and takes it back around every call,
+    and while the event loop is busy receiving the next uploads each take-back can wait a
+    switch interval (5 ms); a sketch is ~10 calls, so on the intake's path it cost the round
+    ~4x its CPU time (measured: docs/benchmarks.md, "Metadata store").
+
+    Memory: one sketch per accepted update of the open round (8 KB each at dim 2048), at most
+    ``MAX_PENDING`` updates waiting to be sketched, and the sketcher's sign tables (4 bytes
+    a parameter)."""
 
     def __init__(self, settings: FeedSettings) -> None:
         self.sketcher = Sketcher(settings.dim, settings.seed)
         self._round: int | None = None
-        self._rows: list[tuple[dict[str, Any], np.ndarray]] = []
+        self._rows: list[tuple[dict[str, Any], Future[np.ndarray]]] = []
         self._round_cpu_s = 0.0
         self._lock = threading.Lock()
-        #: CPU seconds spent sketching (the intake thread's own time), in total.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sketch")
+        #: CPU seconds spent sketching (the sketching threads' own time), in total.
         self.cpu_s = 0.0
+        #: Sketches the intake thread made itself because the sketch thread was behind.
+        self.inline = 0
+
+    def _sketch(self, delta: Mapping[str, np.ndarray]) -> np.ndarray:
+        started = time.thread_time()
+        sketch = self.sketcher.sketch(delta)
+        spent = time.thread_time() - started
+        with self._lock:
+            self.cpu_s += spent
+            self._round_cpu_s += spent
+        return sketch
 
     def add(self, number: int, update: ClientUpdate, meta: Mapping[str, Any], norm: float,
             nbytes: int, arrival_s: float) -> None:
-        started = time.thread_time()
-        sketch = self.sketcher.sketch(update.delta)
         duration = meta.get("duration_s")
         info: dict[str, Any] = {
             "sender": update.sender,
@@ -91,19 +112,31 @@ class SketchFeed:
         with self._lock:
             if self._round != number:  # a new round: what is left of an old one is stale
                 self._round, self._rows, self._round_cpu_s = number, [], 0.0
-            self._rows.append((info, sketch))
-            spent = time.thread_time() - started
-            self.cpu_s += spent
-            self._round_cpu_s += spent
+            behind = sum(not f.done() for _, f in self._rows) >= MAX_PENDING
+        if behind:
+            done: Future[np.ndarray] = Future()
+            done.set_result(self._sketch(update.delta))
+            self.inline += 1
+        else:
+            done = self._pool.submit(self._sketch, update.delta)
+        with self._lock:
+            if self._round == number:
+                self._rows.append((info, done))
 
     def take(self, number: int) -> tuple[list[tuple[dict[str, Any], np.ndarray]], float]:
         """Round ``number``'s rows, in the order they were folded, and the CPU seconds their
-        sketches took; the feed is empty after."""
+        sketches took; waits for the sketches still being made (blocking: call it from a
+        worker thread). The feed is empty after."""
         with self._lock:
-            mine = self._round == number
-            rows, cpu = (self._rows, self._round_cpu_s) if mine else ([], 0.0)
-            self._round, self._rows, self._round_cpu_s = None, [], 0.0
+            pending = self._rows if self._round == number else []
+            self._round, self._rows = None, []
+        rows = [(info, f.result()) for info, f in pending]
+        with self._lock:
+            cpu, self._round_cpu_s = self._round_cpu_s, 0.0
         return rows, cpu
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def envelope(self, job: str, sender: str, number: int,
                  rows: list[tuple[dict[str, Any], np.ndarray]], **meta: Any) -> Envelope:
