@@ -121,6 +121,8 @@ class _Open:
     report: dict[str, Any] | None = None
     #: The model the round (version) produced, once broadcast.
     next_model: dict[str, np.ndarray] | None = None
+    #: Its digest (it is the next round's starting model: hashed once, not twice).
+    next_digest: str | None = None
     #: Fed sketches: the aggregator's record of this round has been recorded.
     fed: bool = False
 
@@ -392,8 +394,10 @@ class StoreService:
             self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
             return
         weights = {k: v for k, v in weights.items()}
+        model_digest = await self._work(digest, weights)
         if number - 1 in self._open:
             self._open[number - 1].next_model = weights
+            self._open[number - 1].next_digest = model_digest
         self._async = self._async or env.meta.get("mode") == "async"
         for prev in sorted(self._open):
             old = self._open[prev]
@@ -403,7 +407,7 @@ class StoreService:
                 self.stats["sketches_missing"] += 1  # two models on, it is not coming
             del self._open[prev]
             await self._close(old, old.next_model)
-        state = _Open(number, weights, await self._work(digest, weights),
+        state = _Open(number, weights, model_digest,
                       selected=selected)
         self._open[number] = state
         frames = await self._work(self.store.write_model, number, weights)
@@ -618,12 +622,14 @@ class StoreService:
             else:
                 ci["cos"] = round(cosine(state.sketches[cid], agg_sketch), 6)
                 ci["cos_source"] = "sketch"
+        result_digest = state.next_digest if next_model is state.next_model else None
+        if result_digest is None and next_model is not None:
+            result_digest = await self._work(digest, next_model)
         record: dict[str, Any] = {
             "round": r,
             "selected": sorted(state.selected),
             "model_digest": state.digest,
-            "result_digest": (await self._work(digest, next_model)
-                              if next_model is not None else None),
+            "result_digest": result_digest,
             "layers": sorted(state.model),
             "params": int(sum(v.size for v in state.model.values())),
             "clients": state.clients,
