@@ -403,7 +403,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._log.info("sketches_published", round=state.number, updates=len(rows),
                        bytes=len(payload), sketch_cpu_s=round(cpu_s, 4),
                        publish_s=round(time.monotonic() - started, 4),
-                       sketched_inline=self._feed.inline)
+                       sketched_inline=self._feed.inline, failed=self._feed.failed)
 
     async def _broadcast(self, state: _Round) -> None:
         c = self.config

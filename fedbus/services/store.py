@@ -403,7 +403,7 @@ class StoreService:
             old = self._open[prev]
             if self._fed_sketches and not old.fed:
                 if prev == number - 1:
-                    continue  # its sketch record is published after it: closed on arrival
+                    continue  # its record (sent just before this model) is late: closed on arrival
                 self.stats["sketches_missing"] += 1  # two models on, it is not coming
             del self._open[prev]
             await self._close(old, old.next_model)

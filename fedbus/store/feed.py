@@ -83,6 +83,8 @@ class SketchFeed:
         self.cpu_s = 0.0
         #: Sketches the intake thread made itself because the sketch thread was behind.
         self.inline = 0
+        #: Sketches that raised (left out of their round's record).
+        self.failed = 0
 
     def _sketch(self, delta: Mapping[str, np.ndarray]) -> np.ndarray:
         started = time.thread_time()
@@ -115,7 +117,10 @@ class SketchFeed:
             behind = sum(not f.done() for _, f in self._rows) >= MAX_PENDING
         if behind:
             done: Future[np.ndarray] = Future()
-            done.set_result(self._sketch(update.delta))
+            try:
+                done.set_result(self._sketch(update.delta))
+            except Exception as exc:  # counted at take(), like the sketch thread's
+                done.set_exception(exc)
             self.inline += 1
         else:
             done = self._pool.submit(self._sketch, update.delta)
@@ -130,7 +135,12 @@ class SketchFeed:
         with self._lock:
             pending = self._rows if self._round == number else []
             self._round, self._rows = None, []
-        rows = [(info, f.result()) for info, f in pending]
+        rows = []
+        for info, f in pending:
+            try:
+                rows.append((info, f.result()))
+            except Exception:  # a sketch that failed must not fail the round
+                self.failed += 1
         with self._lock:
             cpu, self._round_cpu_s = self._round_cpu_s, 0.0
         return rows, cpu

@@ -23,8 +23,9 @@ from fedbus.services._wire import ROUND
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreConfig, StoreService
 from fedbus.store import RoundStore, StoreError
-from fedbus.store.feed import SKETCHES
+from fedbus.store.feed import MAX_PENDING, SKETCHES, FeedSettings, SketchFeed
 from fedbus.store.repository import Retention
+from strategies import ClientUpdate
 from tests.conftest import SecureBrokerFactory
 from tests.test_hostile import SpyBus
 
@@ -158,6 +159,38 @@ async def test_forged_sketch_records_are_refused_and_counted(tmp_path: Path) -> 
     assert sum(rec["rejected"].values()) >= 5
     agg: Aggregator = services["agg"]
     assert [len(h.accepted) for h in agg.history] == [3, 3]
+
+
+def test_the_aggregators_feed_stays_bounded_and_leaves_out_a_failed_sketch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a sketch thread held up until released, and one update it cannot sketch
+    import threading
+
+    feed = SketchFeed(FeedSettings(64, 0))
+    release = threading.Event()
+    real = feed.sketcher.sketch
+
+    def held(delta: Any) -> np.ndarray:
+        if "bad" in delta:
+            raise ValueError("cannot sketch")
+        if threading.current_thread().name.startswith("sketch"):
+            release.wait(10)
+        return real(delta)
+
+    monkeypatch.setattr(feed.sketcher, "sketch", held)
+    n = MAX_PENDING + 3
+    # Execute: more updates than may wait, then the bad one, then the round's end
+    for i in range(n):
+        feed.add(1, ClientUpdate(f"t{i}", {"w": np.full(8, i, np.float32)}, 5), {}, 1.0, 10,
+                 0.1)
+    feed.add(1, ClientUpdate("tx", {"bad": np.zeros(8, np.float32)}, 5), {}, 1.0, 10, 0.1)
+    release.set()
+    rows, _ = feed.take(1)
+    feed.close()
+    # Assert: never more than MAX_PENDING waiting (the rest sketched inline), all in order
+    assert feed.inline == n - MAX_PENDING + 1 and feed.failed == 1  # tx too, inline
+    assert [info["sender"] for info, _ in rows] == [f"t{i}" for i in range(n)]
+    np.testing.assert_array_equal(rows[3][1], real({"w": np.full(8, 3, np.float32)}))
 
 
 def test_the_feed_follows_the_policy_and_the_wiring_follows_the_feed(tmp_path: Path) -> None:
