@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from fedbus._malloc import tune_for_rounds
 from fedbus.bus.memory import MemoryBroker
 from fedbus.errors import FedbusError, ManifestError
 from fedbus.log import LogSink
@@ -152,6 +153,8 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
                                 "host and port (and deploy it with `fedbus bridge`'s config)")
     if not any(m.node(n).role == "aggregator" for n in node_ids):
         opts = dataclasses.replace(opts, runs_root=None)
+    if all(m.node(n).role == "trainer" for n in node_ids):
+        tune_for_rounds()  # trainer-only process: reuse model-sized buffers (fedbus._malloc)
     for n in node_ids:
         if m.node(n).role == "aggregator":
             # one active instance: a second one waits here as a standby (fedbus.failover)

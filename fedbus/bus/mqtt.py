@@ -7,6 +7,7 @@ exponential backoff; publish and subscribe wait (bounded) for a connection inste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -382,6 +383,7 @@ class MqttBus:
         def on_connect(*args: Any) -> None:
             props = args[4] if len(args) > 4 else None
             self._connack = props if isinstance(props, Properties) else None
+            _no_delay(paho.socket())
             delegate(*args)
 
         paho.on_connect = on_connect
@@ -754,3 +756,15 @@ _REASSEMBLY_COUNTERS = (
     "transfers_expired",
     "transfers_dropped",
 )
+
+
+def _no_delay(sock: Any) -> None:
+    """Send small packets at once (TCP_NODELAY), as mosquitto does on its side
+    (``set_tcp_nodelay``). paho leaves Nagle on, so a small publish or PUBACK written while
+    an earlier small one is unacknowledged waits for the peer's delayed ACK: measured at
+    10 x 1M, 27-38 ms for a grant's or a round report's round trip."""
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is None:  # a websocket wrapper: the option is not ours to set
+        return
+    with contextlib.suppress(OSError):
+        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

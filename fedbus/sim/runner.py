@@ -21,6 +21,7 @@ from typing import Any, cast
 import numpy as np
 import structlog
 
+from fedbus._malloc import tune_for_rounds
 from fedbus.bus import Bus
 from fedbus.bus.memory import MemoryBroker
 from fedbus.errors import FedbusError, ManifestError
@@ -249,6 +250,7 @@ async def run_workers(m: Manifest, count: int, *, prefix: str | None = None) -> 
     if m.broker is None:
         raise ManifestError(m.source, "broker", "simulation workers in their own process need "
                             "a broker: pass --broker HOST:PORT")
+    tune_for_rounds()  # a worker process only trains: reuse model-sized buffers
     pool = _workers(m, count, None, prefix=prefix or f"w{os.getpid()}-")
     async with contextlib.AsyncExitStack() as stack:
         for bus, _ in pool:
