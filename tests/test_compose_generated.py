@@ -131,11 +131,15 @@ async def _run_services(doc: dict[str, Any], cwd: Path, host: str, port: int,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=open(logs / f"{name}.log", "wb"),  # noqa: ASYNC230 - a log sink
             )
-        healthy = False
+        # Each node's health file must be seen while the job runs. Not all at one instant:
+        # the toy job's rounds take milliseconds, so the last trainer to connect and the
+        # aggregator's exit can be closer together than any polling period.
+        seen: set[str] = set()
         async with asyncio.timeout(60):
-            while not healthy and procs["aggregator"].returncode is None:
-                healthy = all((logs / f"{n}.health").exists() for n in procs)
-                await asyncio.sleep(0.05)  # polling files other processes write
+            while seen != set(procs) and procs["aggregator"].returncode is None:
+                seen |= {n for n in procs if (logs / f"{n}.health").exists()}
+                await asyncio.sleep(0.01)  # polling files other processes write
+        healthy = seen == set(procs)
         out, _ = await asyncio.wait_for(procs["aggregator"].communicate(), 120)
         if not secured:
             # An anonymous broker cannot vouch for `done` (anyone could send one): trainers
