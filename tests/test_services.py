@@ -337,3 +337,41 @@ async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
     assert [len(r.accepted) for r in agg.history] == [5, 5]
     # the bound is what matters; whether two overlapped at all depends on the clock
     assert 1 <= peak <= 2
+
+
+def test_upload_gate_readmits_a_late_upload_when_a_slot_is_free() -> None:
+    # Prepare: a's grant expires unused; b takes the only slot meanwhile
+    gate = UploadGate(slots=1, timeout_s=10)
+    gate.request("a")
+    assert gate.due(now=0.0) == (["a"], [])
+    gate.request("b")
+    assert gate.due(now=11.0) == (["b"], ["a"])
+    # Execute / Assert: a's upload starts now: no slot while b holds it, then a gets it back
+    assert gate.readmit("a", now=12.0) is False
+    gate.release("b")
+    assert gate.readmit("a", now=13.0) is True
+    assert gate.granted == ["a"]
+    # only a grant taken back is readmitted: a stranger, or a twice, is not
+    gate.release("a")
+    assert gate.readmit("a", now=14.0) is False
+    assert gate.readmit("stranger", now=14.0) is False
+
+
+def test_aggregator_admits_a_late_upload_whose_grant_expired_into_a_free_slot() -> None:
+    # Prepare: t0 was granted, did not start in time, and its grant was taken back
+    m = manifest(n=2)
+    agg = build_node(m, "agg", MemoryBus("agg", MemoryBroker()))
+    assert isinstance(agg, Aggregator)
+    agg.ready("t0")
+    assert agg._gate.due(now=0.0) == (["t0"], [])
+    assert agg._gate.due(now=agg._gate.timeout_s + 1) == ([], ["t0"])
+    topic = topics.update(m.job, "agg", "t0")
+    # Execute: its first chunk arrives now
+    with capture_logs() as logs:
+        admitted = agg._admit_chunks(topic, 4096)
+    # Assert: buffered in the free slot (not refused and lost), and said so; a trainer that
+    # never held a grant is still refused
+    assert admitted
+    assert agg._gate.is_granted("t0")
+    assert any(e["event"] == "upload_regranted" for e in logs)
+    assert not agg._admit_chunks(topics.update(m.job, "agg", "t1"), 4096)

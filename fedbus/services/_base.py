@@ -194,8 +194,16 @@ class AggregatorBase(ABC, Generic[C]):
             parsed = topics.parse(topic)
         except BusError:
             return False
-        return (parsed.channel == "update" and self._gate.is_granted(parsed.sender)
-                and total <= self.intake.settings.limits.max_frame_bytes)
+        if parsed.channel != "update" or total > self.intake.settings.limits.max_frame_bytes:
+            return False
+        if self._gate.is_granted(parsed.sender):
+            return True
+        if self._gate.readmit(parsed.sender, time.monotonic()):
+            self._log.warning("upload_regranted", peer=parsed.sender,
+                              detail="its upload started after the grant expired; a slot "
+                                     "was free")
+            return True
+        return False
 
     async def _dispatch(self, msg: Message) -> None:
         if self.durability is not None and msg.topic == self.durability.topic:
