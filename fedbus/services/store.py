@@ -168,6 +168,8 @@ class StoreService:
         self._seen = SeenIds()
         self._open: dict[int, _Open] = {}
         self._closed_upto = max(store.rounds(), default=-1)  # async versions start at 0
+        #: The aggregator run followed (``meta.epoch`` of its orders); None until one came.
+        self._epoch: str | None = None
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
@@ -354,8 +356,13 @@ class StoreService:
             if env is None:
                 return
             if env.kind == ROUND:
+                epoch = env.meta.get("epoch")
+                if isinstance(epoch, str):
+                    self._epoch = epoch
                 await self._on_round(env)
             elif env.kind == DONE:
+                if not self._plausible_done(env):
+                    return
                 for number in sorted(self._open):
                     old = self._open.pop(number)
                     await self._close(old, old.next_model)
@@ -363,6 +370,20 @@ class StoreService:
                 self._log.info("store_job_done", rounds=len(self.store.rounds()))
             elif env.kind == METRICS:
                 await self._on_metrics(env)
+
+    def _plausible_done(self, env: Envelope) -> bool:
+        """A ``done`` ends the store's job: on an anonymous broker anyone may send one, so it
+        must come from the aggregator run the store follows (its epoch, as in its orders)
+        and not before the newest round the store has seen began; else refused and counted,
+        as trainers do, instead of closing open rounds and exiting mid-job."""
+        epoch = env.meta.get("epoch")
+        newest = max(self._open, default=self._closed_upto)
+        if (self._epoch is not None and epoch != self._epoch) or env.round < newest:
+            self.rejections.reject("unexpected_done", f"done for round {env.round} of run "
+                                   f"{epoch!r}; following {self._epoch!r}, newest round "
+                                   f"{newest}", sender=self.config.aggregator)
+            return False
+        return True
 
     async def _decode_from_aggregator(self, msg: Message) -> Envelope | None:
         try:

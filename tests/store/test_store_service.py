@@ -328,3 +328,45 @@ async def test_closed_rounds_are_valued_in_idle_time_and_queries_look_them_up(
     assert contrib["shapley"] == again["shapley"]
     assert contrib["leave_one_out"] == again["leave_one_out"]
     assert set(contrib["shapley"]) == {"t0", "t1", "t2", "t3"}
+
+
+async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: Path) -> None:
+    # Prepare: the test plays the aggregator (run "e1") and an attacker on an open broker
+    m = manifest(tmp_path, n=3, rounds=2)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    model = {"w": np.zeros(SIZE, np.float32)}
+
+    def from_agg(kind: str, round: int, epoch: str, **kw: Any) -> bytes:
+        return encode(Envelope(kind=kind, job="toy", sender="agg", round=round,
+                               meta={"epoch": epoch, **kw.pop("meta", {})}, **kw))
+
+    def order(number: int) -> bytes:
+        return from_agg(ROUND, number, "e1", meta={"selected": ["t0", "t1", "t2"]},
+                        tensors=join_tensors(model))
+
+    task = asyncio.create_task(store.run())
+    try:
+        async with MemoryBus(broker, "agg") as agg_bus:
+            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
+                await presence.get(timeout=10)
+            await agg_bus.publish(topics.model("toy", "agg"), order(1))
+            await agg_bus.publish(topics.model("toy", "agg"), order(2))
+            # Execute: done from another run, and one for a round before the newest order
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "forged"))
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 1, "e1"))
+            async with asyncio.timeout(10), store.progress:
+                await store.progress.wait_for(
+                    lambda: store.rejections.counts["unexpected_done"] >= 2)
+            # Assert: both refused and counted; the store still serves, round 2 still open
+            assert not task.done() and not store.done.is_set()
+            assert 2 in store._open
+            # ... and the aggregator's own done ends it
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "e1"))
+            async with asyncio.timeout(10):
+                await task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert store.done.is_set() and store.rejections.counts["unexpected_done"] == 2
