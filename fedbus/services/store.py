@@ -90,6 +90,8 @@ class StoreConfig:
     feed: str = "updates"
     backlog_bytes: int = 512 << 20
     exit_on_done: bool = True
+    #: The job's rounds (async: model versions): an order beyond them is a forgery.
+    rounds: int = 1 << 62
     max_queries: int = 4
     #: Nice value of the thread that decodes, sketches and writes (Linux: per thread). 0 by
     #: default: measured, a niced thread that holds the GIL when the kernel preempts it
@@ -356,9 +358,6 @@ class StoreService:
             if env is None:
                 return
             if env.kind == ROUND:
-                epoch = env.meta.get("epoch")
-                if isinstance(epoch, str):
-                    self._epoch = epoch
                 await self._on_round(env)
             elif env.kind == DONE:
                 if not self._plausible_done(env):
@@ -401,6 +400,16 @@ class StoreService:
 
     async def _on_round(self, env: Envelope) -> None:
         number = env.round
+        low = 0 if env.meta.get("mode") == "async" else 1  # async versions start at 0
+        if not low <= number <= self.config.rounds:
+            # as trainers do: a forged far-ahead order would close the open round early and
+            # make every real round after it look like a replay
+            self.rejections.reject("implausible_round", f"order for round {number}, the job "
+                                   f"has {self.config.rounds}", sender=self.config.aggregator)
+            return
+        epoch = env.meta.get("epoch")
+        if isinstance(epoch, str):
+            self._epoch = epoch  # the aggregator run whose `done` ends the job
         selected = env.meta.get("selected", [])
         selected = {s for s in selected if isinstance(s, str)} if isinstance(selected, list) \
             else set()
@@ -849,7 +858,7 @@ def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None
                     if m.population is not None and node.parent == m.aggregator.id else None),
         sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
         feed=store_feed(m),
-        backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done,
+        backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done, rounds=m.rounds,
         work_nice=spec.work_nice, precompute=spec.precompute,
         precompute_permutations=spec.precompute_permutations,
         limits=limits, compression=compression)

@@ -370,3 +370,39 @@ async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: 
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert store.done.is_set() and store.rejections.counts["unexpected_done"] == 2
+
+
+async def test_an_order_beyond_the_jobs_rounds_is_refused_and_recording_goes_on(
+        tmp_path: Path) -> None:
+    # Prepare: a 2-round job; an attacker sends an order for round 10**9 during round 1
+    m = manifest(tmp_path, n=1, rounds=2)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    model = {"w": np.zeros(SIZE, np.float32)}
+
+    def order(number: int, epoch: str = "e1") -> bytes:
+        return encode(Envelope(kind=ROUND, job="toy", sender="agg", round=number,
+                               meta={"epoch": epoch, "selected": ["t0"]},
+                               tensors=join_tensors(model)))
+
+    task = asyncio.create_task(store.run())
+    try:
+        async with MemoryBus(broker, "agg") as agg_bus:
+            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
+                await presence.get(timeout=10)
+            await agg_bus.publish(topics.model("toy", "agg"), order(1))
+            # Execute
+            await agg_bus.publish(topics.model("toy", "agg"), order(10**9, "forged"))
+            await agg_bus.publish(topics.model("toy", "agg"), order(2))
+            await agg_bus.publish(topics.model("toy", "agg"), encode(Envelope(
+                kind="done", job="toy", sender="agg", round=2, meta={"epoch": "e1"})))
+            async with asyncio.timeout(10):
+                await task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Assert: refused and counted; both real rounds recorded, nothing for the forged one, and
+    # the real done (its epoch unchanged by the forgery) ended the job
+    assert store.rejections.counts["implausible_round"] == 1
+    assert sorted(store.store.records) == [1, 2]
