@@ -90,8 +90,9 @@ class StoreConfig:
     feed: str = "updates"
     backlog_bytes: int = 512 << 20
     exit_on_done: bool = True
-    #: The job's rounds (async: model versions): an order beyond them is a forgery.
-    rounds: int = 1 << 62
+    #: The job's rounds (async: model versions): an order beyond them, or a `done` for
+    #: another round, is a forgery. None: not known (no such checks).
+    rounds: int | None = None
     max_queries: int = 4
     #: Nice value of the thread that decodes, sketches and writes (Linux: per thread). 0 by
     #: default: measured, a niced thread that holds the GIL when the kernel preempts it
@@ -372,15 +373,21 @@ class StoreService:
 
     def _plausible_done(self, env: Envelope) -> bool:
         """A ``done`` ends the store's job: on an anonymous broker anyone may send one, so it
-        must come from the aggregator run the store follows (its epoch, as in its orders)
-        and not before the newest round the store has seen began; else refused and counted,
-        as trainers do, instead of closing open rounds and exiting mid-job."""
+        must come from the aggregator run the store follows (its epoch, as in its orders),
+        for the job's last round, once that round was ordered; else it is refused and counted,
+        as trainers do, instead of closing open rounds and ending the store mid-job. (A
+        forger who learned the epoch can still end the last round early: only
+        authentication stops that.)"""
         epoch = env.meta.get("epoch")
         newest = max(self._open, default=self._closed_upto)
-        if (self._epoch is not None and epoch != self._epoch) or env.round < newest:
+        last = self.config.rounds if self.config.rounds is not None else env.round
+        # An aggregator says `done` for its last round (async: its last version), once that
+        # round has been ordered (async: the version before it), in the run it ordered it.
+        if ((self._epoch is not None and epoch != self._epoch) or env.round != last
+                or newest < last - 1):
             self.rejections.reject("unexpected_done", f"done for round {env.round} of run "
                                    f"{epoch!r}; following {self._epoch!r}, newest round "
-                                   f"{newest}", sender=self.config.aggregator)
+                                   f"{newest} of {last}", sender=self.config.aggregator)
             return False
         return True
 
@@ -401,7 +408,8 @@ class StoreService:
     async def _on_round(self, env: Envelope) -> None:
         number = env.round
         low = 0 if env.meta.get("mode") == "async" else 1  # async versions start at 0
-        if not low <= number <= self.config.rounds:
+        high = self.config.rounds if self.config.rounds is not None else number
+        if not low <= number <= high:
             # as trainers do: a forged far-ahead order would close the open round early and
             # make every real round after it look like a replay
             self.rejections.reject("implausible_round", f"order for round {number}, the job "

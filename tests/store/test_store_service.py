@@ -352,12 +352,13 @@ async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: 
                 await presence.get(timeout=10)
             await agg_bus.publish(topics.model("toy", "agg"), order(1))
             await agg_bus.publish(topics.model("toy", "agg"), order(2))
-            # Execute: done from another run, and one for a round before the newest order
+            # Execute: done from another run, and from this run for rounds the job does not end at
             await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "forged"))
             await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 1, "e1"))
+            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 10**9, "e1"))
             async with asyncio.timeout(10), store.progress:
                 await store.progress.wait_for(
-                    lambda: store.rejections.counts["unexpected_done"] >= 2)
+                    lambda: store.rejections.counts["unexpected_done"] >= 3)
             # Assert: both refused and counted; the store still serves, round 2 still open
             assert not task.done() and not store.done.is_set()
             assert 2 in store._open
@@ -369,7 +370,7 @@ async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert store.done.is_set() and store.rejections.counts["unexpected_done"] == 2
+    assert store.done.is_set() and store.rejections.counts["unexpected_done"] == 3
 
 
 async def test_an_order_beyond_the_jobs_rounds_is_refused_and_recording_goes_on(
