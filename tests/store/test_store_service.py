@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,24 @@ async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
         for node_id, s in svc.items():
             tg.create_task(s.run(), name=node_id)
     return svc["agg"], svc["store"]
+
+
+@contextlib.asynccontextmanager
+async def playing(store: StoreService, broker: MemoryBroker,
+                  *peers: str) -> AsyncIterator[tuple[asyncio.Task[Any], list[MemoryBus]]]:
+    """The store running, and a bus for each peer the test plays by hand, once the store has
+    subscribed (it announces itself then); the store's task is cancelled on the way out."""
+    task = asyncio.create_task(store.run())
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            buses = [await stack.enter_async_context(MemoryBus(broker, p)) for p in peers]
+            async with buses[0].subscribe(topics.presence("toy", "store")) as presence:
+                await presence.get(timeout=10)
+            yield task, buses
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_every_round_is_recorded_and_the_updates_rebuild_the_next_model(
@@ -243,24 +262,16 @@ async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(
     def from_agg(kind: str, **kw: Any) -> bytes:
         return encode(Envelope(kind=kind, job="toy", sender="agg", round=1, **kw))
 
-    task = asyncio.create_task(store.run())
-    try:
-        async with MemoryBus(broker, "agg") as agg_bus, MemoryBus(broker, "t1") as t1_bus:
-            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
-                await presence.get(timeout=10)  # the store announces itself once subscribed
-            # Execute: the update first, then the model, a replay, the report and done
-            await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
-            await agg_bus.publish(topics.model("toy", "agg"), from_agg(
-                ROUND, meta={"selected": ["t0", "t1", "t2"]}, tensors=join_tensors(model)))
-            await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
-            await agg_bus.publish(topics.metrics("toy", "agg"), from_agg(
-                "metrics", meta={"round": 1, "participants": 1}))
-            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done"))
-            async with asyncio.timeout(10):
-                await task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+    async with playing(store, broker, "agg", "t1") as (task, (agg_bus, t1_bus)):
+        # Execute: the update first, then the model, a replay, the report and done
+        await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
+        await agg_bus.publish(topics.model("toy", "agg"), from_agg(
+            ROUND, meta={"selected": ["t0", "t1", "t2"]}, tensors=join_tensors(model)))
+        await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
+        await agg_bus.publish(topics.metrics("toy", "agg"), from_agg(
+            "metrics", meta={"round": 1, "participants": 1}))
+        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done"))
+        async with asyncio.timeout(10):
             await task
     # Assert
     rec = store.store.records[1]
@@ -345,30 +356,22 @@ async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: 
         return from_agg(ROUND, number, "e1", meta={"selected": ["t0", "t1", "t2"]},
                         tensors=join_tensors(model))
 
-    task = asyncio.create_task(store.run())
-    try:
-        async with MemoryBus(broker, "agg") as agg_bus:
-            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
-                await presence.get(timeout=10)
-            await agg_bus.publish(topics.model("toy", "agg"), order(1))
-            await agg_bus.publish(topics.model("toy", "agg"), order(2))
-            # Execute: done from another run, and from this run for rounds the job does not end at
-            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "forged"))
-            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 1, "e1"))
-            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 10**9, "e1"))
-            async with asyncio.timeout(10), store.progress:
-                await store.progress.wait_for(
-                    lambda: store.rejections.counts["unexpected_done"] >= 3)
-            # Assert: both refused and counted; the store still serves, round 2 still open
-            assert not task.done() and not store.done.is_set()
-            assert 2 in store._open
-            # ... and the aggregator's own done ends it
-            await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "e1"))
-            async with asyncio.timeout(10):
-                await task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+    async with playing(store, broker, "agg") as (task, (agg_bus,)):
+        await agg_bus.publish(topics.model("toy", "agg"), order(1))
+        await agg_bus.publish(topics.model("toy", "agg"), order(2))
+        # Execute: done from another run, and from this run for rounds the job does not end at
+        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "forged"))
+        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 1, "e1"))
+        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 10**9, "e1"))
+        async with asyncio.timeout(10), store.progress:
+            await store.progress.wait_for(
+                lambda: store.rejections.counts["unexpected_done"] >= 3)
+        # Assert: all three refused and counted; the store still serves, round 2 still open
+        assert not task.done() and not store.done.is_set()
+        assert 2 in store._open
+        # ... and the aggregator's own done ends it
+        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "e1"))
+        async with asyncio.timeout(10):
             await task
     assert store.done.is_set() and store.rejections.counts["unexpected_done"] == 3
 
@@ -386,22 +389,14 @@ async def test_an_order_beyond_the_jobs_rounds_is_refused_and_recording_goes_on(
                                meta={"epoch": epoch, "selected": ["t0"]},
                                tensors=join_tensors(model)))
 
-    task = asyncio.create_task(store.run())
-    try:
-        async with MemoryBus(broker, "agg") as agg_bus:
-            async with agg_bus.subscribe(topics.presence("toy", "store")) as presence:
-                await presence.get(timeout=10)
-            await agg_bus.publish(topics.model("toy", "agg"), order(1))
-            # Execute
-            await agg_bus.publish(topics.model("toy", "agg"), order(10**9, "forged"))
-            await agg_bus.publish(topics.model("toy", "agg"), order(2))
-            await agg_bus.publish(topics.model("toy", "agg"), encode(Envelope(
-                kind="done", job="toy", sender="agg", round=2, meta={"epoch": "e1"})))
-            async with asyncio.timeout(10):
-                await task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+    async with playing(store, broker, "agg") as (task, (agg_bus,)):
+        await agg_bus.publish(topics.model("toy", "agg"), order(1))
+        # Execute
+        await agg_bus.publish(topics.model("toy", "agg"), order(10**9, "forged"))
+        await agg_bus.publish(topics.model("toy", "agg"), order(2))
+        await agg_bus.publish(topics.model("toy", "agg"), encode(Envelope(
+            kind="done", job="toy", sender="agg", round=2, meta={"epoch": "e1"})))
+        async with asyncio.timeout(10):
             await task
     # Assert: refused and counted; both real rounds recorded, nothing for the forged one, and
     # the real done (its epoch unchanged by the forgery) ended the job
