@@ -27,6 +27,7 @@ from fedbus.store.feed import MAX_PENDING, SKETCHES, FeedSettings, SketchFeed
 from fedbus.store.repository import Retention
 from strategies import ClientUpdate
 from tests.conftest import SecureBrokerFactory
+from tests.store.mqtt_federation import store_federation
 from tests.test_hostile import SpyBus
 
 SIZE = 32
@@ -241,36 +242,17 @@ async def test_only_the_aggregator_may_publish_sketch_records(
 async def test_over_mosquitto_the_fed_store_gets_a_record_not_the_updates(
         mosquitto: Any, tmp_path: Path) -> None:
     # Prepare: 1.2 MB updates (chunked, through the upload gate), a store fed sketches
-    import contextlib
 
     size = 300_000
     m = parse_manifest({**doc(tmp_path, n=3, rounds=2, sketch_dim=256),
                         "broker": {"host": mosquitto.host, "port": mosquitto.port},
                         "task": {"ref": "examples.toy.task:make_task",
                                  "params": {"size": size, "lr": 0.5}}})
-    buses = {n.id: make_bus(m, n) for n in m.nodes}
-    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    agg: Aggregator = services["agg"]
-    store: StoreService = services["store"]
-    async with contextlib.AsyncExitStack() as stack:
-        for bus in buses.values():
-            await stack.enter_async_context(bus)
-        tasks = []
-        try:
-            # Execute: the store first (subscribed once it says it is online), then the rest
-            async with buses["agg"].subscribe(topics.presence("toy", "store")) as presence:
-                tasks.append(asyncio.create_task(store.run()))
-                await presence.get(timeout=30)
-            tasks += [asyncio.create_task(services[t].run()) for t in ("t0", "t1", "t2")]
-            async with asyncio.timeout(120):
-                await agg.run()
-                await tasks[0]  # the store ends with the job (exit_on_done)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    # Execute
+    async with store_federation(m, ("t0", "t1", "t2")) as run, asyncio.timeout(120):
+        await run.agg.run()
+        await run.store_task  # the store ends with the job (exit_on_done)
+    agg, store = run.agg, run.store
     # Assert: both rounds recorded from the aggregator's records; the store received the
     # two models and two small records, not the six 1.2 MB updates
     assert [len(r.accepted) for r in agg.history] == [3, 3]

@@ -21,8 +21,8 @@ from fedbus.broker import MosquittoProcess
 from fedbus.manifest import NodeSpec, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator
-from fedbus.services.store import StoreService
 from fedbus.store import query as q
+from tests.store.mqtt_federation import store_federation
 
 pytestmark = [pytest.mark.broker]
 
@@ -43,34 +43,17 @@ async def test_gated_updates_reach_the_store_and_queries_work_over_mqtt(
         "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
         "store": {"dir": str(tmp_path / "store"), "sketch_dim": 256, "exit_on_done": False},
     })
-    buses = {n.id: make_bus(m, n) for n in m.nodes}
-    services: dict[str, Any] = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    agg: Aggregator = services["agg"]
-    store: StoreService = services["store"]
-    async with contextlib.AsyncExitStack() as stack:
-        for bus in buses.values():
-            await stack.enter_async_context(bus)
-        tasks = []
-        try:
-            # Execute: the store first (subscribed once it says it is online), then the rest
-            async with buses["agg"].subscribe(topics.presence("toy", "store")) as presence:
-                tasks.append(asyncio.create_task(store.run()))
-                await presence.get(timeout=30)
-            tasks += [asyncio.create_task(services[t].run()) for t in ("t0", "t1", "t2")]
-            async with asyncio.timeout(120):
-                await agg.run()
-            async with asyncio.timeout(60), store.progress:
-                await store.progress.wait_for(lambda: store.done.is_set() and not store.backlog)
-            async with make_bus(m, NodeSpec(id="asker", role="trainer")) as asker:
-                lineage, _ = await q.ask(asker, m, "store", "lineage", {}, 30)
-                personal, tensors = await q.ask(asker, m, "store", "personalization",
-                                                {"k": 2, "client": "t1"}, 60)
-        finally:
-            for task in tasks:  # trainers on an anonymous broker do not trust `done`
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    # Execute
+    async with store_federation(m, ("t0", "t1", "t2")) as run:
+        agg, store = run.agg, run.store
+        async with asyncio.timeout(120):
+            await agg.run()
+        async with asyncio.timeout(60), store.progress:
+            await store.progress.wait_for(lambda: store.done.is_set() and not store.backlog)
+        async with make_bus(m, NodeSpec(id="asker", role="trainer")) as asker:
+            lineage, _ = await q.ask(asker, m, "store", "lineage", {}, 30)
+            personal, tensors = await q.ask(asker, m, "store", "personalization",
+                                            {"k": 2, "client": "t1"}, 60)
     # Assert: every gated update of both rounds was recorded, and the answers came back
     assert [len(r.accepted) for r in agg.history] == [3, 3]
     assert store.store.rounds() == [1, 2]
