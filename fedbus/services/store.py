@@ -173,6 +173,8 @@ class StoreService:
         self._closed_upto = max(store.rounds(), default=-1)  # async versions start at 0
         #: The aggregator run followed (``meta.epoch`` of its orders); None until one came.
         self._epoch: str | None = None
+        #: The last order refused for jumping ahead (the next one after it is a real gap).
+        self._jumped = -1
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
@@ -416,6 +418,17 @@ class StoreService:
                                    f"has {self.config.rounds}", sender=self.config.aggregator)
             return
         epoch = env.meta.get("epoch")
+        asynchronous = env.meta.get("mode") == "async"
+        if (not asynchronous and self._open and epoch == self._epoch
+                and number > max(self._open) + 1 and number != self._jumped + 1):
+            # A synchronous run orders its rounds one after the other: a jump ahead while a
+            # round is open is a forgery (it would close that round early and be taken for the
+            # real one), unless the orders go on from it (a gap: the store missed one).
+            self._jumped = number
+            self.rejections.reject("implausible_round", f"order for round {number} while "
+                                   f"round {max(self._open)} is open",
+                                   sender=self.config.aggregator)
+            return
         if isinstance(epoch, str):
             self._epoch = epoch  # the aggregator run whose `done` ends the job
         selected = env.meta.get("selected", [])

@@ -402,3 +402,29 @@ async def test_an_order_beyond_the_jobs_rounds_is_refused_and_recording_goes_on(
     # the real done (its epoch unchanged by the forgery) ended the job
     assert store.rejections.counts["implausible_round"] == 1
     assert sorted(store.store.records) == [1, 2]
+
+
+async def test_a_sync_order_jumping_ahead_is_refused_unless_the_orders_go_on_from_it(
+        tmp_path: Path) -> None:
+    # Prepare: a 5-round job, the test plays the aggregator (run "e1")
+    m = manifest(tmp_path, n=1, rounds=5)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    model = {"w": np.zeros(SIZE, np.float32)}
+
+    def order(number: int) -> bytes:
+        return encode(Envelope(kind=ROUND, job="toy", sender="agg", round=number,
+                               meta={"epoch": "e1", "selected": ["t0"]},
+                               tensors=join_tensors(model)))
+
+    async with playing(store, broker, "agg") as (_task, (agg_bus,)):
+        # Execute: round 1; a forged order for round 4 while it is open; the real round 2;
+        # then round 3 never reaches the store, and rounds 4 and 5 follow
+        for number in (1, 4, 2, 4, 5):
+            await agg_bus.publish(topics.model("toy", "agg"), order(number))
+        async with asyncio.timeout(10), store.progress:
+            await store.progress.wait_for(lambda: 5 in store._open)
+    # Assert: the forged jump and the first order after the gap refused; round 1 closed by
+    # the real round 2, and the orders went on from 5
+    assert store.rejections.counts["implausible_round"] == 2
+    assert sorted(store.store.records) == [1, 2]
