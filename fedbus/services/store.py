@@ -67,6 +67,8 @@ PRECOMPUTE_DUTY: Final = 0.5
 QUERY_CATCH_UP_S: Final = 10.0
 _MAX_METRICS: Final = 64
 _MAX_REJECTION_LOG: Final = 100
+#: Model-sized tensor sets an order may carry: the model and the strategy's extras.
+_ORDER_COPIES: Final = 4
 #: A round's model, report and sketch record are kept even over the backlog's budget.
 _VITAL: Final = frozenset({"model", "metrics", "sketch"})
 
@@ -175,6 +177,8 @@ class StoreService:
         self._epoch: str | None = None
         #: The last order refused for jumping ahead (the next one after it is a real gap).
         self._jumped = -1
+        #: Decode limits for the aggregator's messages once its model is known.
+        self._order_limits: Limits | None = None
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
@@ -284,7 +288,8 @@ class StoreService:
             return (parsed.levels[0] == c.aggregator and self._is_trainer(parsed.sender)
                     and total <= limits.max_frame_bytes)
         if parsed.channel in ("model", "work"):
-            return parsed.sender == c.aggregator and total <= c.limits.max_frame_bytes
+            limits = self._order_limits or c.limits
+            return parsed.sender == c.aggregator and total <= limits.max_frame_bytes
         if parsed.channel == "sketch":  # a big population's record
             return (parsed.sender == c.aggregator
                     and total <= self._record_limits.max_frame_bytes)
@@ -394,11 +399,14 @@ class StoreService:
         return True
 
     async def _decode_from_aggregator(self, msg: Message) -> Envelope | None:
+        # Once the model is known, nothing from the aggregator is bigger than a few models:
+        # a frame declaring more (a zstd bomb on an open broker) is refused unopened.
+        limits = self._order_limits or self.config.limits
         try:
             if len(msg.payload) >= OFFLOAD_BYTES:
-                env = await self._work(decode, msg.payload, self.config.limits)
+                env = await self._work(decode, msg.payload, limits)
             else:
-                env = decode(msg.payload, self.config.limits)
+                env = decode(msg.payload, limits)
         except CodecError as exc:
             self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
             return None
@@ -419,11 +427,12 @@ class StoreService:
             return
         epoch = env.meta.get("epoch")
         asynchronous = env.meta.get("mode") == "async"
-        if (not asynchronous and self._open and epoch == self._epoch
-                and number > max(self._open) + 1 and number != self._jumped + 1):
-            # A synchronous run orders its rounds one after the other: a jump ahead while a
-            # round is open is a forgery (it would close that round early and be taken for the
-            # real one), unless the orders go on from it (a gap: the store missed one).
+        if (not asynchronous and self._open and number > max(self._open) + 1
+                and number != self._jumped + 1):
+            # A synchronous run orders its rounds one after the other, and a restarted one
+            # (a new epoch) resumes at most at the next round: a jump ahead while a round is
+            # open is a forgery (it would close that round early and be taken for the real
+            # one), unless the orders go on from it (a gap: the store missed one).
             self._jumped = number
             self.rejections.reject("implausible_round", f"order for round {number} while "
                                    f"round {max(self._open)} is open",
@@ -445,6 +454,8 @@ class StoreService:
             self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
             return
         weights = {k: v for k, v in weights.items()}
+        if self._order_limits is None:  # the model plus strategy extras (FedDyn, SCAFFOLD)
+            self._order_limits = model_limits(weights, _ORDER_COPIES, self.config.limits)
         model_digest = await self._work(digest, weights)
         if number - 1 in self._open:
             self._open[number - 1].next_model = weights

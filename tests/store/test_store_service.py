@@ -428,3 +428,30 @@ async def test_a_sync_order_jumping_ahead_is_refused_unless_the_orders_go_on_fro
     # the real round 2, and the orders went on from 5
     assert store.rejections.counts["implausible_round"] == 2
     assert sorted(store.store.records) == [1, 2]
+
+
+async def test_once_the_model_is_known_an_order_declaring_more_is_refused_unopened(
+        tmp_path: Path) -> None:
+    # Prepare: round 1's order, then a forged one whose header honestly declares 64 MiB of
+    # tensors (compressed to a few kB): the manifest's codec limits alone would let it inflate
+    m = manifest(tmp_path, n=1, rounds=2)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    model = {"w": np.zeros(SIZE, np.float32)}
+    big = {"w": np.zeros(16 << 20, np.float32)}  # 64 MiB of zeros
+
+    def order(number: int, weights: dict[str, np.ndarray]) -> bytes:
+        return encode(Envelope(kind=ROUND, job="toy", sender="agg", round=number,
+                               meta={"epoch": "e1", "selected": ["t0"]},
+                               tensors=join_tensors(weights)),
+                      Compression(level=1, min_bytes=0))
+
+    async with playing(store, broker, "agg") as (_task, (agg_bus,)):
+        await agg_bus.publish(topics.model("toy", "agg"), order(1, model))
+        # Execute
+        await agg_bus.publish(topics.model("toy", "agg"), order(2, big))
+        async with asyncio.timeout(10), store.progress:
+            await store.progress.wait_for(lambda: store.rejections.total >= 1)
+    # Assert: refused before decompression (too_large), round 2 never opened
+    assert store.rejections.counts["too_large"] == 1
+    assert 2 not in store._open
