@@ -5,8 +5,8 @@
 
 Two runs of the same job (numpy toy task, FedAvg, 3 trainers, updates bigger than a chunk so
 the upload gate and chunk reassembly are in play), each on its own fresh mosquitto, each as
-separate processes exactly as deployed (``fedbus serve --node aggregator`` and
-``fedbus serve --node 't*'``):
+separate processes exactly as deployed (``fedbus serve --node aggregator``,
+``fedbus serve --node 't*'`` and, recording the rounds, ``fedbus serve --node store``):
 
 1. clean: no attacker; records every round's metrics and each process's peak RSS (VmHWM);
 2. fuzzed: an attacker connects, watches the job's traffic (to learn the aggregator's epoch and
@@ -72,6 +72,8 @@ class Run:
     #: the start of the run): the flood must fall inside the job.
     flood: tuple[float, float] = (0.0, 0.0)
     job_end: float = 0.0
+    #: Rounds the metadata store wrote a record for (its folder, after the run).
+    store_rounds: int = 0
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Result:
 
 
 def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
-                  delay_s: float) -> dict[str, Any]:
+                  delay_s: float, store_dir: str) -> dict[str, Any]:
     return {
         "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
         # updates of `size` float32 params exceed one chunk: grants and reassembly are used
@@ -98,8 +100,11 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
         "evaluate": {"where": "server", "every": 1},
         "task": {"ref": "examples.toy.task:make_task",
                  "params": {"size": size, "lr": 0.5, "delay_s": delay_s}},
-        "nodes": [{"id": "aggregator", "role": "aggregator"}],
+        "nodes": [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
+        # fed every update (the default feed), so the flood on update topics reaches it too
+        "store": {"dir": store_dir, "sketch_dim": 64, "full_update_rounds": 1,
+                  "cache_mb": 16, "backlog_mb": 16, "precompute": False},
     }
 
 
@@ -126,6 +131,7 @@ class Broker:
 async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, Path]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
     rights, from ``fedbus.deploy``) and the manifest file pointing at it."""
+    job = {**job, "store_dir": str(folder / "store")}
     if not secure:
         proc = await spawn_mosquitto()
         broker = Broker(proc.host, proc.port, proc.stop)
@@ -161,7 +167,9 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                            **broker.login("watcher")) as watch, \
                 watch.subscribe(topics.metrics(m.job, "aggregator")) as metrics_sub:
             started = time.monotonic()
-            for name, node in (("aggregator", "aggregator"), ("trainers", "t*")):
+            # the store first: it records from its subscription on
+            for name, node in (("store", "store"), ("aggregator", "aggregator"),
+                               ("trainers", "t*")):
                 log = open(folder / f"{name}.log", "wb")  # noqa: ASYNC230 - a log sink
                 child = Child(name, _serve(path, node, log))
                 log.close()  # the child holds its own descriptor
@@ -171,7 +179,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
             attack: asyncio.Task[None] | None = None
             if messages:
                 attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started))
-            agg = children[0]
+            agg = next(c for c in children if c.name == "aggregator")
             seen: set[str] = set()
             while True:
                 try:
@@ -193,6 +201,8 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
             if attack is not None:
                 await asyncio.wait_for(attack, 120)
             agg.reap(30)
+            store = next(c for c in children if c.name == "store")
+            store.reap(30)  # it ends on the aggregator's `done`, once it has written
             run.seconds = time.monotonic() - started
         for child in children:
             run.alive_at_end[child.name] = child.proc.poll() is None
@@ -208,6 +218,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
     for child in children:
         run.exit_codes[child.name] = child.proc.returncode
     run.rejected = _rejections(folder)
+    run.store_rounds = len(list((folder / "store").glob("**/rounds/*/record.fb")))
     return run
 
 
@@ -273,7 +284,7 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
     """Counted rejections by node and reason, from each process's JSON log, plus the chunk
     layer's drops (``drop_chunk``) under ``chunk:<reason>``."""
     out: dict[str, Counter[str]] = {}
-    for name in ("aggregator", "trainers"):
+    for name in ("aggregator", "trainers", "store"):
         path = folder / f"{name}.log"
         if not path.exists():
             continue
@@ -326,7 +337,7 @@ def table(r: Result) -> str:
         "| process | survived | peak RSS clean | peak RSS fuzzed | ratio |",
         "|---|---|---|---|---|",
     ]
-    for name in ("aggregator", "trainers"):
+    for name in ("aggregator", "trainers", "store"):
         c, f = r.clean.peak_rss.get(name, 0), r.fuzzed.peak_rss.get(name, 0)
         alive = survived(r.fuzzed, name)
         lines.append(f"| {name} | {'yes' if alive else 'NO'} | {c / MIB:.0f} MiB | "
@@ -341,7 +352,9 @@ def table(r: Result) -> str:
                   f"rounds {len(r.fuzzed.metrics)}/{len(r.clean.metrics)}; flood from "
                   f"{r.fuzzed.flood[0]:.1f} s to {r.fuzzed.flood[1]:.1f} s, last round report "
                   f"at {r.fuzzed.job_end:.1f} s; "
-                  f"{r.fuzzed.seconds:.1f} s fuzzed vs {r.clean.seconds:.1f} s clean"]
+                  f"{r.fuzzed.seconds:.1f} s fuzzed vs {r.clean.seconds:.1f} s clean; "
+                  f"store records {r.fuzzed.store_rounds} rounds ({r.clean.store_rounds} "
+                  "clean)"]
     return "\n".join(lines)
 
 

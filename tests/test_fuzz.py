@@ -19,7 +19,9 @@ MESSAGES = 10_000
 
 @pytest.fixture(scope="module")
 def open_broker_run() -> Result:
-    return asyncio.run(fuzz(MESSAGES))
+    # 12 rounds: with the store as a fourth process the flood takes longer to send, and it
+    # must fall inside the job
+    return asyncio.run(fuzz(MESSAGES, rounds=12))
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +47,15 @@ def test_no_process_dies_or_hangs(any_run: Result) -> None:
     # trainers: still serving at the end (open broker: `done` is not trusted), or exited 0
     # on the authenticated aggregator's `done`
     assert survived(r.fuzzed, "trainers")
+    # the store ended on the aggregator's `done` (or still serves), having recorded the job
+    # (from its subscription on: started beside the aggregator, it may miss round 1's order)
+    assert r.fuzzed.exit_codes["store"] == 0 or r.fuzzed.alive_at_end["store"]
+    assert r.fuzzed.store_rounds >= len(r.clean.metrics) - 1
 
 
 def test_memory_stays_within_twice_the_clean_peak(any_run: Result) -> None:
     r = any_run
-    for name in ("aggregator", "trainers"):
+    for name in ("aggregator", "trainers", "store"):
         assert r.clean.peak_rss[name] > 0
         assert r.fuzzed.peak_rss[name] <= 2 * r.clean.peak_rss[name], (
             name, r.clean.peak_rss[name], r.fuzzed.peak_rss[name])
@@ -93,3 +99,12 @@ def test_trainers_count_forged_control_messages(open_broker_run: Result) -> None
                        "presence_contradicted", "bad_magic", "too_large"):
             assert reason in got, (node, reason, got)
         assert got & {"duplicate", "old_round"}  # replayed orders
+
+
+def test_the_store_refuses_and_counts_what_reaches_it(open_broker_run: Result) -> None:
+    # On an open broker the flood reaches the store's topics too: updates, orders, `done`
+    got = set(open_broker_run.fuzzed.rejected["store"])
+    for reasons in ({"unknown_sender"}, {"implausible_round"}, {"unexpected_done"},
+                    {"spoofed_sender"}, {"truncated", "bad_magic"}, {"too_large"},
+                    {"bad_query"}):
+        assert reasons & got, (reasons, got)
