@@ -341,28 +341,35 @@ async def test_closed_rounds_are_valued_in_idle_time_and_queries_look_them_up(
     assert set(contrib["shapley"]) == {"t0", "t1", "t2", "t3"}
 
 
+def order(number: int, *, epoch: str = "e1", selected: tuple[str, ...] = ("t0",),
+          weights: dict[str, np.ndarray] | None = None,
+          compression: Compression | None = None) -> bytes:
+    """The aggregator "agg"'s order for round ``number`` of run ``epoch`` (a SIZE-zero model
+    by default), as the tests that play it by hand send it."""
+    env = Envelope(kind=ROUND, job="toy", sender="agg", round=number,
+                   meta={"epoch": epoch, "selected": list(selected)},
+                   tensors=join_tensors(weights or {"w": np.zeros(SIZE, np.float32)}))
+    return encode(env, compression) if compression is not None else encode(env)
+
+
+def done(number: int, epoch: str = "e1") -> bytes:
+    return encode(Envelope(kind="done", job="toy", sender="agg", round=number,
+                           meta={"epoch": epoch}))
+
+
 async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: Path) -> None:
     # Prepare: the test plays the aggregator (run "e1") and an attacker on an open broker
     m = manifest(tmp_path, n=3, rounds=2)
     broker = MemoryBroker()
     store: StoreService = await start(m, broker, "store")
-    model = {"w": np.zeros(SIZE, np.float32)}
-
-    def from_agg(kind: str, round: int, epoch: str, **kw: Any) -> bytes:
-        return encode(Envelope(kind=kind, job="toy", sender="agg", round=round,
-                               meta={"epoch": epoch, **kw.pop("meta", {})}, **kw))
-
-    def order(number: int) -> bytes:
-        return from_agg(ROUND, number, "e1", meta={"selected": ["t0", "t1", "t2"]},
-                        tensors=join_tensors(model))
-
     async with playing(store, broker, "agg") as (task, (agg_bus,)):
-        await agg_bus.publish(topics.model("toy", "agg"), order(1))
-        await agg_bus.publish(topics.model("toy", "agg"), order(2))
+        for number in (1, 2):
+            await agg_bus.publish(topics.model("toy", "agg"),
+                                  order(number, selected=("t0", "t1", "t2")))
         # Execute: done from another run, and from this run for rounds the job does not end at
-        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "forged"))
-        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 1, "e1"))
-        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 10**9, "e1"))
+        await agg_bus.publish(topics.model("toy", "agg"), done(2, "forged"))
+        await agg_bus.publish(topics.model("toy", "agg"), done(1))
+        await agg_bus.publish(topics.model("toy", "agg"), done(10**9))
         async with asyncio.timeout(10), store.progress:
             await store.progress.wait_for(
                 lambda: store.rejections.counts["unexpected_done"] >= 3)
@@ -370,7 +377,7 @@ async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: 
         assert not task.done() and not store.done.is_set()
         assert 2 in store._open
         # ... and the aggregator's own done ends it
-        await agg_bus.publish(topics.model("toy", "agg"), from_agg("done", 2, "e1"))
+        await agg_bus.publish(topics.model("toy", "agg"), done(2))
         async with asyncio.timeout(10):
             await task
     assert store.done.is_set() and store.rejections.counts["unexpected_done"] == 3
@@ -382,20 +389,13 @@ async def test_an_order_beyond_the_jobs_rounds_is_refused_and_recording_goes_on(
     m = manifest(tmp_path, n=1, rounds=2)
     broker = MemoryBroker()
     store: StoreService = await start(m, broker, "store")
-    model = {"w": np.zeros(SIZE, np.float32)}
-
-    def order(number: int, epoch: str = "e1") -> bytes:
-        return encode(Envelope(kind=ROUND, job="toy", sender="agg", round=number,
-                               meta={"epoch": epoch, "selected": ["t0"]},
-                               tensors=join_tensors(model)))
 
     async with playing(store, broker, "agg") as (task, (agg_bus,)):
         await agg_bus.publish(topics.model("toy", "agg"), order(1))
         # Execute
-        await agg_bus.publish(topics.model("toy", "agg"), order(10**9, "forged"))
+        await agg_bus.publish(topics.model("toy", "agg"), order(10**9, epoch="forged"))
         await agg_bus.publish(topics.model("toy", "agg"), order(2))
-        await agg_bus.publish(topics.model("toy", "agg"), encode(Envelope(
-            kind="done", job="toy", sender="agg", round=2, meta={"epoch": "e1"})))
+        await agg_bus.publish(topics.model("toy", "agg"), done(2))
         async with asyncio.timeout(10):
             await task
     # Assert: refused and counted; both real rounds recorded, nothing for the forged one, and
@@ -410,12 +410,6 @@ async def test_a_sync_order_jumping_ahead_is_refused_unless_the_orders_go_on_fro
     m = manifest(tmp_path, n=1, rounds=5)
     broker = MemoryBroker()
     store: StoreService = await start(m, broker, "store")
-    model = {"w": np.zeros(SIZE, np.float32)}
-
-    def order(number: int) -> bytes:
-        return encode(Envelope(kind=ROUND, job="toy", sender="agg", round=number,
-                               meta={"epoch": "e1", "selected": ["t0"]},
-                               tensors=join_tensors(model)))
 
     async with playing(store, broker, "agg") as (_task, (agg_bus,)):
         # Execute: round 1; a forged order for round 4 while it is open; the real round 2;
@@ -437,19 +431,13 @@ async def test_once_the_model_is_known_an_order_declaring_more_is_refused_unopen
     m = manifest(tmp_path, n=1, rounds=2)
     broker = MemoryBroker()
     store: StoreService = await start(m, broker, "store")
-    model = {"w": np.zeros(SIZE, np.float32)}
     big = {"w": np.zeros(16 << 20, np.float32)}  # 64 MiB of zeros
-
-    def order(number: int, weights: dict[str, np.ndarray]) -> bytes:
-        return encode(Envelope(kind=ROUND, job="toy", sender="agg", round=number,
-                               meta={"epoch": "e1", "selected": ["t0"]},
-                               tensors=join_tensors(weights)),
-                      Compression(level=1, min_bytes=0))
+    zstd = Compression(level=1, min_bytes=0)
 
     async with playing(store, broker, "agg") as (_task, (agg_bus,)):
-        await agg_bus.publish(topics.model("toy", "agg"), order(1, model))
+        await agg_bus.publish(topics.model("toy", "agg"), order(1, compression=zstd))
         # Execute
-        await agg_bus.publish(topics.model("toy", "agg"), order(2, big))
+        await agg_bus.publish(topics.model("toy", "agg"), order(2, weights=big, compression=zstd))
         async with asyncio.timeout(10), store.progress:
             await store.progress.wait_for(lambda: store.rejections.total >= 1)
     # Assert: refused before decompression (too_large), round 2 never opened
