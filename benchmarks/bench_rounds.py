@@ -71,7 +71,7 @@ strategy: fedavg
 round: {{deadline_s: 600, quorum: 1.0, min_clients: {n}, start_timeout_s: 180,
         max_uploads: {uploads}}}
 evaluate: {{where: none}}
-codec: {{level: {level}, update: {{mode: {update}}}}}
+codec: {{level: {level}, update: {{mode: {update}}}, model: {{mode: {model}}}}}
 broker: {{host: "{host}", port: {port}, keepalive_s: {keepalive}, chunk_bytes: {chunk}}}
 task:
   ref: "{task_ref}"
@@ -287,7 +287,8 @@ ADD_TASK = "benchmarks.wire_task:make_task"
 
 def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             trainer_cores: int, timeout_s: float, keepalive: int = 30,
-            probe: bool = False, update: str = "none", task_ref: str = TOY_TASK,
+            probe: bool = False, update: str = "none", model: str = "none",
+            task_ref: str = TOY_TASK,
             trainer_grace_s: float = 30.0, chunk_bytes: int = 1_000_000,
             max_uploads: int = 4) -> Row:
     started = time.monotonic()
@@ -302,7 +303,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
         manifest.write_text(_MANIFEST.format(rounds=rounds, n=n, level=level, host=broker.host,
                                              port=broker.port, size=params,
                                              keepalive=keepalive, update=update,
-                                             chunk=chunk_bytes, uploads=max_uploads,
+                                             model=model, chunk=chunk_bytes, uploads=max_uploads,
                                              task_ref=task_ref,
                                              task_extra=", lr: 0.5" if task_ref == TOY_TASK
                                              else ""))
@@ -547,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="rounds per job (default 3)")
     p.add_argument("--codec-level", type=int, default=0, help="zstd level (0 = raw)")
     p.add_argument("--update", default="none", help="codec.update mode (none, fp16, int8, topk)")
+    p.add_argument("--model", default="none", help="codec.model mode (none, fp16, int8)")
     p.add_argument("--task", choices=("toy", "add"), default="toy",
                    help="toy: one step toward a target; add: model + constant (bench_wire's)")
     p.add_argument("--chunk-bytes", type=int, default=1_000_000, help="broker.chunk_bytes")
@@ -582,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = run_one(n, params, rounds, level=args.codec_level, idle_rss=idle,
                       trainer_cores=args.trainer_cores, timeout_s=args.timeout,
                       keepalive=args.keepalive, probe=args.probe, update=args.update,
+                      model=args.model,
                       task_ref=ADD_TASK if args.task == "add" else TOY_TASK,
                       chunk_bytes=args.chunk_bytes, max_uploads=args.max_uploads)
         _eprint(f"  rounds {[round(s, 2) for s in row.round_s]} s, agg peak "

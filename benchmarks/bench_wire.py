@@ -11,7 +11,8 @@ FedAvg over all N every round; R = 5 rounds; no evaluation.
 
 - fedbus: mosquitto (its own, on a free loopback port), the aggregator in one process and the
   N trainers in another (``fedbus serve``, as ``bench_rounds`` runs them), lossless
-  (``codec.update.mode: none``, no zstd) and with a lossy mode (``--lossy``, int8 by default).
+  (``codec.update.mode: none``, no zstd) and with a lossy mode (``--lossy``: by default int8
+  both ways, ``codec.update`` and ``codec.model``).
 - Flower: ``flwr.server.start_server`` with FedAvg in one process, the N clients as threads
   of another (``start_client(..., transport="grpc-bidi")``), from Flower's own venv.
 
@@ -90,12 +91,15 @@ class Cell:
         return max(r.peak_rss for r in self.runs[engine])
 
 
-def run_fedbus(params: int, clients: int, rounds: int, *, update: str, trial: int,
+def run_fedbus(params: int, clients: int, rounds: int, *, lossy: str, trial: int,
                idle: int, timeout_s: float, chunk_bytes: int = 1_000_000) -> Run:
+    """``lossy``: "none", or the update's codec mode and optionally the broadcast model's,
+    as ``UPDATE[/MODEL]`` (``int8/int8``: int8 both ways)."""
+    update, _, model = lossy.partition("/")
     row = run_one(clients, params, rounds, level=0, idle_rss=idle, trainer_cores=2,
-                  timeout_s=timeout_s, update=update, task_ref=ADD_TASK, trainer_grace_s=2.0,
-                  chunk_bytes=chunk_bytes)
-    engine = "fedbus" if update == "none" else f"fedbus+{update}"
+                  timeout_s=timeout_s, update=update, model=model or "none",
+                  task_ref=ADD_TASK, trainer_grace_s=2.0, chunk_bytes=chunk_bytes)
+    engine = "fedbus" if lossy == "none" else f"fedbus+{lossy}"
     return Run(engine, params, clients, trial, row.round_s, row.agg_peak, row.seconds)
 
 
@@ -198,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help="P:N pairs, e.g. 1M:10,1M:50,11M:10")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--lossy", default="int8", help="codec.update mode for the lossy column "
-                   "(int8, fp16, topk; 'none' skips it)")
+    p.add_argument("--lossy", default="int8/int8",
+                   help="the lossy column: codec.update mode, then optionally /codec.model mode "
+                        "(int8/int8: both ways; int8: the updates only; 'none' skips it)")
     p.add_argument("--quick", action="store_true", help="1M x 10, one trial")
     p.add_argument("--chunk-bytes", type=int, default=1_000_000,
                    help="fedbus's broker.chunk_bytes (default 1 MB, fedbus's default)")
@@ -230,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      timeout_s=args.timeout)
                 else:
                     run = run_fedbus(params, clients, args.rounds,
-                                     update="none" if engine == "fedbus" else engine,
+                                     lossy="none" if engine == "fedbus" else engine,
                                      trial=trial, idle=idle, timeout_s=args.timeout,
                                      chunk_bytes=args.chunk_bytes)
                 cell.runs.setdefault(run.engine, []).append(run)

@@ -23,10 +23,16 @@ dense tensor, so the aggregator's decode limits derived from the model (``model_
 and tensor count) hold for compressed updates unchanged. The envelope's ``meta["update_codec"]``
 names the mode; ``decode_update`` checks every packed length and index against the global
 model before allocating the dense tensor, and refuses what does not fit (``UpdateRejected``).
+
+The broadcast model can be compressed too (``codec.model: fp16`` or ``{mode: int8}``, int8
+rounded to nearest by default): the aggregator keeps the exact model and sends a lossy view
+of it, with each tensor's dtype and shape in ``meta["model_codec"]`` (``encode_model``,
+``decode_model``, at the end of this module).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,10 +41,14 @@ import numpy as np
 
 from fedbus.errors import UpdateRejected
 
-__all__ = ["META_KEY", "MODES", "UpdateCodec", "UpdateCompressor", "decode_update"]
+__all__ = ["META_KEY", "MODEL_META_KEY", "MODEL_MODES", "MODES", "UpdateCodec",
+           "UpdateCompressor", "decode_model", "decode_update", "encode_model", "pack_int8"]
 
 MODES: Final = ("none", "fp16", "int8", "topk")
+#: The broadcast model (``codec.model``): topk would drop most of the model, not delay it.
+MODEL_MODES: Final = ("none", "fp16", "int8")
 META_KEY: Final = "update_codec"
+MODEL_META_KEY: Final = "model_codec"
 _MAX_BLOCK: Final = 1 << 20
 
 
@@ -96,29 +106,7 @@ class UpdateCompressor:
         return out, {META_KEY: {"mode": mode, "block": self.codec.block}}
 
     def _int8(self, d: np.ndarray) -> np.ndarray:
-        # In place where numpy allows: a trainer quantizes a model-sized delta every round,
-        # and each temporary is one more model-sized allocation and pass (measured 7.6 ms per
-        # 1M parameters with them, docs/benchmarks.md "The wire").
-        block = self.codec.block
-        flat = d.reshape(-1)
-        n = flat.size
-        blocks = -(-n // block)
-        y = np.zeros(blocks * block, np.float32)
-        y[:n] = flat
-        grid = y.reshape(blocks, block)
-        scale = np.maximum(grid.max(axis=1), -grid.min(axis=1)) / np.float32(127.0)
-        safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-        np.divide(grid, safe[:, None], out=grid)
-        if self.codec.stochastic:
-            grid += self._rng.random(grid.shape, dtype=np.float32)
-            np.floor(grid, out=grid)
-        else:
-            np.rint(grid, out=grid)
-        np.clip(grid, -127, 127, out=grid)
-        out = np.empty(4 * blocks + n, np.uint8)
-        out[: 4 * blocks] = scale.astype("<f4").view(np.uint8)
-        out[4 * blocks :].view(np.int8)[:] = y[:n]  # float -> int8: exact, values are integral
-        return out
+        return pack_int8(d, self.codec.block, self._rng if self.codec.stochastic else None)
 
     def _topk(self, name: str, d: np.ndarray) -> np.ndarray:
         flat = d.reshape(-1).astype(np.float32)
@@ -136,8 +124,35 @@ class UpdateCompressor:
                                values.astype("<f4").view(np.uint8)])
 
 
-def _reject(name: str, detail: str) -> UpdateRejected:
-    return UpdateRejected("bad_update_codec", f"{name}: {detail}")
+def pack_int8(d: np.ndarray, block: int, rng: np.random.Generator | None) -> np.ndarray:
+    """``d`` as one flat uint8 array: a float32 scale per ``block`` values (absmax / 127), then
+    one int8 per value, rounded stochastically with ``rng`` or to nearest without it."""
+    # In place where numpy allows: a trainer quantizes a model-sized delta every round,
+    # and each temporary is one more model-sized allocation and pass (measured 7.6 ms per
+    # 1M parameters with them, docs/benchmarks.md "The wire").
+    flat = d.reshape(-1)
+    n = flat.size
+    blocks = -(-n // block)
+    y = np.zeros(blocks * block, np.float32)
+    y[:n] = flat
+    grid = y.reshape(blocks, block)
+    scale = np.maximum(grid.max(axis=1), -grid.min(axis=1)) / np.float32(127.0)
+    safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    np.divide(grid, safe[:, None], out=grid)
+    if rng is not None:
+        grid += rng.random(grid.shape, dtype=np.float32)
+        np.floor(grid, out=grid)
+    else:
+        np.rint(grid, out=grid)
+    np.clip(grid, -127, 127, out=grid)
+    out = np.empty(4 * blocks + n, np.uint8)
+    out[: 4 * blocks] = scale.astype("<f4").view(np.uint8)
+    out[4 * blocks :].view(np.int8)[:] = y[:n]  # float -> int8: exact, values are integral
+    return out
+
+
+def _reject(name: str, detail: str, reason: str = "bad_update_codec") -> UpdateRejected:
+    return UpdateRejected(reason, f"{name}: {detail}")
 
 
 def decode_update(
@@ -171,24 +186,26 @@ def decode_update(
         elif sent.dtype != np.uint8 or sent.ndim != 1:
             raise _reject(name, f"{mode} expects flat uint8, got {sent.dtype} {sent.shape}")
         elif mode == "int8":
-            out[name] = _from_int8(name, sent, ref, block)
+            out[name] = _from_int8(name, sent, ref.shape, ref.dtype, block)
         else:
             out[name] = _from_topk(name, sent, ref)
     return out
 
 
-def _from_int8(name: str, packed: np.ndarray, ref: np.ndarray, block: int) -> np.ndarray:
-    n = ref.size
+def _from_int8(name: str, packed: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any],
+               block: int, reason: str = "bad_update_codec") -> np.ndarray:
+    n = math.prod(shape)
     blocks = -(-n // block)
     if packed.size != 4 * blocks + n:
-        raise _reject(name, f"int8 packing of {packed.size} bytes, expected {4 * blocks + n}")
+        raise _reject(name, f"int8 packing of {packed.size} bytes, expected {4 * blocks + n}",
+                      reason)
     scale = packed[: 4 * blocks].view("<f4")
     if not (np.isfinite(scale).all() and (scale >= 0).all()):
-        raise _reject(name, "int8 scales must be finite and >= 0")
+        raise _reject(name, "int8 scales must be finite and >= 0", reason)
     grid = np.zeros(blocks * block, np.float32)
     grid[:n] = packed[4 * blocks :].view(np.int8)
     grid.reshape(blocks, block)[...] *= scale[:, None]
-    return grid[:n].reshape(ref.shape).astype(ref.dtype, copy=False)
+    return grid[:n].reshape(shape).astype(dtype, copy=False)
 
 
 def _from_topk(name: str, packed: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -202,3 +219,88 @@ def _from_topk(name: str, packed: np.ndarray, ref: np.ndarray) -> np.ndarray:
     dense = np.zeros(n, ref.dtype)
     dense[idx] = packed[4 * k :].view("<f4")
     return dense.reshape(ref.shape)
+
+
+# --- the downlink: the global model as broadcast (manifest ``codec.model``) --------------------
+#
+# The aggregator keeps its model exact and broadcasts a lossy view of it; trainers train from
+# that view and send their delta from it, which the aggregator adds to the exact model. So the
+# rounding error of one broadcast never enters the next (nothing accumulates) and nobody needs
+# state from an earlier round: a trainer that missed rounds, a relay, a store or a simulation
+# worker decodes any broadcast on its own. Only the broadcast's model tensors are compressed;
+# a strategy's extras (SCAFFOLD's control variates) travel dense.
+
+_MODEL_DTYPES: Final[dict[str, np.dtype[Any]]] = {t: np.dtype(t) for t in ("<f2", "<f4", "<f8")}
+_MAX_DIMS: Final = 32
+
+
+def encode_model(weights: Mapping[str, np.ndarray], codec: UpdateCodec,
+                 rng: np.random.Generator | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors to broadcast instead of ``weights`` and the meta entries that describe
+    them. int8 rounds to nearest unless ``codec.stochastic`` (then with ``rng``)."""
+    if codec.mode == "none":
+        return dict(weights), {}
+    if codec.mode not in MODEL_MODES:
+        raise ValueError(f"model mode {codec.mode!r} is not one of {MODEL_MODES}")
+    out: dict[str, np.ndarray] = {}
+    declared: dict[str, list[Any]] = {}
+    for name, w in weights.items():
+        dtype = w.dtype.newbyteorder("<").str
+        if not _compressible(w) or dtype not in _MODEL_DTYPES:
+            out[name] = w
+            continue
+        declared[name] = [dtype, list(w.shape)]
+        if codec.mode == "fp16":
+            out[name] = w.astype(np.float16)
+        else:
+            out[name] = pack_int8(w, codec.block, (rng or np.random.default_rng())
+                                  if codec.stochastic else None)
+    return out, {MODEL_META_KEY: {"mode": codec.mode, "block": codec.block,
+                                  "tensors": declared}}
+
+
+def decode_model(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+                 ) -> dict[str, np.ndarray]:
+    """The dense model from a broadcast; a broadcast without ``model_codec`` is returned as
+    it came. Everything the meta declares is checked against the bytes that arrived before
+    a dense tensor is allocated (no bigger than 8 bytes per byte received), and a mismatch
+    raises ``UpdateRejected("bad_model_codec")``."""
+    spec = meta.get(MODEL_META_KEY)
+    if spec is None:
+        return dict(tensors)
+    reason = "bad_model_codec"
+    if not isinstance(spec, Mapping) or spec.get("mode") not in MODEL_MODES[1:] \
+            or not isinstance(spec.get("tensors"), Mapping):
+        raise UpdateRejected(reason, f"meta {MODEL_META_KEY}={str(spec)[:200]!r}")
+    mode, block, declared = spec["mode"], spec.get("block", 256), spec["tensors"]
+    if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= _MAX_BLOCK:
+        raise UpdateRejected(reason, f"int8 block {block!r}")
+    out = dict(tensors)
+    for name, entry in declared.items():
+        sent = tensors.get(name)
+        if sent is None:
+            raise _reject(str(name)[:100], "declared but not sent", reason)
+        dtype, shape = _declared(name, entry)
+        if mode == "fp16":
+            if sent.dtype != np.float16 or sent.shape != shape:
+                raise _reject(name, f"fp16 expects float16 {shape}, got {sent.dtype} "
+                              f"{sent.shape}", reason)
+            out[name] = sent.astype(dtype)
+        elif sent.dtype != np.uint8 or sent.ndim != 1:
+            raise _reject(name, f"int8 expects flat uint8, got {sent.dtype} {sent.shape}",
+                          reason)
+        else:
+            out[name] = _from_int8(name, sent, shape, dtype, block, reason)
+    return out
+
+
+def _declared(name: str, entry: Any) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    reason = "bad_model_codec"
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in _MODEL_DTYPES
+            and isinstance(entry[1], list) and len(entry[1]) <= _MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                    for d in entry[1])):
+        raise _reject(str(name)[:100], f"declared as {str(entry)[:100]!r}, expected "
+                      "[float dtype, shape]", reason)
+    return _MODEL_DTYPES[entry[0]], tuple(entry[1])

@@ -28,8 +28,8 @@ import yaml
 from fedbus import topics
 from fedbus._manifest_groups import GroupSpec, parse_groups, ring_wiring
 from fedbus._manifest_yaml import VAR_NAME, Expanded, expand, load_yaml
+from fedbus.compress import MODEL_MODES, UpdateCodec
 from fedbus.compress import MODES as UPDATE_MODES
-from fedbus.compress import UpdateCodec
 from fedbus.errors import BusError, ManifestError
 from fedbus.wiring import Wiring, role_wiring
 from strategies.base import AsyncStrategy, StrategyError
@@ -118,6 +118,9 @@ class CodecSpec:
     max_message_mb: int = 1024
     #: How trainers compress their updates (fedbus.compress): none, fp16, int8, topk.
     update: UpdateCodec = UpdateCodec()
+    #: How aggregators and relays compress the model they broadcast: none, fp16, int8
+    #: (rounded to nearest unless ``stochastic: true``). Their own model stays exact.
+    model: UpdateCodec = UpdateCodec(stochastic=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -779,24 +782,27 @@ class _Parser:
             shuffle=self.boolean(t.get("shuffle", d.shuffle), "codec.shuffle"),
             max_message_mb=self.integer(t.get("max_message_mb", d.max_message_mb),
                                         "codec.max_message_mb", lo=1),
-            update=self.update_codec(t.get("update")),
+            update=self.tensor_codec(t.get("update"), "codec.update", UPDATE_MODES,
+                                     UpdateCodec()),
+            model=self.tensor_codec(t.get("model"), "codec.model", MODEL_MODES,
+                                    CodecSpec().model),
         )
 
-    def update_codec(self, value: Any) -> UpdateCodec:
-        d = UpdateCodec()
+    def tensor_codec(self, value: Any, field: str, modes: tuple[str, ...],
+                     d: UpdateCodec) -> UpdateCodec:
         if value is None:
             return d
         if isinstance(value, str):
             value = {"mode": value}
-        t = self.table(value, "codec.update", _fields(UpdateCodec), required=("mode",))
-        mode = self.string(t["mode"], "codec.update.mode")
-        if mode not in UPDATE_MODES:
-            self.fail("codec.update.mode", f"{mode!r} is not one of {', '.join(UPDATE_MODES)}")
+        t = self.table(value, field, _fields(UpdateCodec), required=("mode",))
+        mode = self.string(t["mode"], f"{field}.mode")
+        if mode not in modes:
+            self.fail(f"{field}.mode", f"{mode!r} is not one of {', '.join(modes)}")
         return UpdateCodec(
             mode=mode,
-            block=self.integer(t.get("block", d.block), "codec.update.block", lo=1, hi=1 << 20),
-            stochastic=self.boolean(t.get("stochastic", d.stochastic), "codec.update.stochastic"),
-            fraction=self.number(t.get("fraction", d.fraction), "codec.update.fraction",
+            block=self.integer(t.get("block", d.block), f"{field}.block", lo=1, hi=1 << 20),
+            stochastic=self.boolean(t.get("stochastic", d.stochastic), f"{field}.stochastic"),
+            fraction=self.number(t.get("fraction", d.fraction), f"{field}.fraction",
                                  lambda x: 0 < x <= 0.5, "in (0, 0.5]"),
         )
 

@@ -212,6 +212,7 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
             "deadline_s": r.deadline_s, "min_clients": r.min_clients,
             "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
             "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
+            "model_codec": m.codec.model,
             "max_update_norm": r.max_update_norm, "max_examples": r.max_examples,
             "durability": _durability(m),
         }
@@ -272,7 +273,7 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
             # whole job is the root's business)
             min_clients=len(children), start_timeout_s=r.start_timeout_s, seed=m.seed,
             compression=_compression(m), limits=_limits(m), max_uploads=r.max_uploads,
-            gate_bytes=upload_gate_bytes(m),
+            gate_bytes=upload_gate_bytes(m), model_codec=m.codec.model,
             max_update_norm=r.max_update_norm, max_examples=r.max_examples,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
             ring_groups=m.groups_under(node.id),
@@ -293,7 +294,7 @@ def _async_relay(m: Manifest, node: NodeSpec, bus: Bus, children: frozenset[str]
     config = AsyncAggregatorConfig(
         job=m.job, node_id=node.id, trainers=children, rounds=m.rounds,
         deadline_s=r.deadline_s, min_clients=1, start_timeout_s=r.start_timeout_s,
-        seed=m.seed, compression=_compression(m), limits=_limits(m),
+        seed=m.seed, compression=_compression(m), limits=_limits(m), model_codec=m.codec.model,
         max_uploads=r.max_uploads, gate_bytes=m.broker.chunk_bytes if m.broker else 1_000_000,
         max_update_norm=r.max_update_norm, max_examples=r.max_examples,
         max_staleness=root.max_staleness,

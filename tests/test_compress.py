@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
-from fedbus.compress import META_KEY, UpdateCodec, UpdateCompressor, decode_update
+from fedbus.compress import (
+    META_KEY,
+    MODEL_META_KEY,
+    UpdateCodec,
+    UpdateCompressor,
+    decode_model,
+    decode_update,
+    encode_model,
+)
 from fedbus.errors import ManifestError, UpdateRejected
 from fedbus.manifest import parse_manifest
 from fedbus.services.intake import model_limits
@@ -117,3 +125,68 @@ def test_manifest_codec_update() -> None:
         parse_manifest({**base, "codec": {"update": "zip"}})
     with pytest.raises(ManifestError, match=r"codec\.update\.fraction"):
         parse_manifest({**base, "codec": {"update": {"mode": "topk", "fraction": 0.9}}})
+
+
+# --- the broadcast model (codec.model) --------------------------------------------------------
+
+@pytest.mark.parametrize(("mode", "tol"), [("fp16", 1e-3), ("int8", 0.01)])
+def test_model_round_trips_within_its_precision_with_shapes_and_dtypes(mode: str,
+                                                                      tol: float) -> None:
+    # Prepare: float32 and float64 tensors, an integer buffer, an empty tensor
+    model = {**_model(), "d": np.linspace(-3, 3, 70).reshape(7, 10),
+             "e": np.zeros((0, 4), np.float32)}
+    # Execute
+    sent, meta = encode_model(model, UpdateCodec(mode=mode, stochastic=False))
+    back = decode_model(sent, meta)
+    # Assert: same names, shapes and dtypes; values within the mode's precision
+    assert {k: (v.shape, v.dtype) for k, v in back.items()} == \
+        {k: (v.shape, v.dtype) for k, v in model.items()}
+    for k in ("w", "b", "d"):
+        scale = float(np.abs(model[k]).max())
+        np.testing.assert_allclose(back[k], model[k], rtol=0, atol=tol * scale)
+    assert back["steps"][0] == 7
+    assert sum(v.nbytes for v in sent.values()) * 1.9 < sum(v.nbytes for v in model.values())
+
+
+def test_model_none_is_the_model_itself() -> None:
+    model = _model()
+    sent, meta = encode_model(model, UpdateCodec())
+    assert meta == {} and all(sent[k] is model[k] for k in model)
+    assert decode_model(sent, {}) == sent
+
+
+@pytest.mark.parametrize(("declared", "tensor", "why"), [
+    ({"w": ["<f4", [4, 4]]}, np.zeros(10, np.uint8), "int8 packing"),
+    ({"w": ["<f4", [1 << 40]]}, np.zeros(10, np.uint8), "int8 packing"),  # no 4 TB allocation
+    ({"w": ["|O", [2]]}, np.zeros(10, np.uint8), "float dtype"),
+    ({"w": ["<f4", [-1]]}, np.zeros(10, np.uint8), "float dtype"),
+    ({"w": ["<f4", [2], "x"]}, np.zeros(10, np.uint8), "float dtype"),
+    ({"w": ["<f4", [12]]}, np.zeros((2, 8), np.uint8), "flat uint8"),
+    ({"v": ["<f4", [4]]}, np.zeros(8, np.uint8), "not sent"),
+])
+def test_hostile_model_packings_are_refused(declared: dict[str, list[object]],
+                                            tensor: np.ndarray, why: str) -> None:
+    meta = {MODEL_META_KEY: {"mode": "int8", "block": 256, "tensors": declared}}
+    with pytest.raises(UpdateRejected, match=why) as err:
+        decode_model({"w": tensor}, meta)
+    assert err.value.reason == "bad_model_codec"
+
+
+@pytest.mark.parametrize("spec", [{"mode": "topk", "tensors": {}}, {"mode": "int8"},
+                                  {"mode": "int8", "block": 0, "tensors": {}}, "int8"])
+def test_bad_model_codec_meta_is_refused(spec: object) -> None:
+    with pytest.raises(UpdateRejected) as err:
+        decode_model({"w": np.zeros(4, np.float32)}, {MODEL_META_KEY: spec})
+    assert err.value.reason == "bad_model_codec"
+
+
+def test_manifest_codec_model() -> None:
+    base = {"version": 1, "job": "j", "rounds": 1,
+            "task": {"ref": "examples.toy.task:make_task"},
+            "nodes": [{"id": "a", "role": "aggregator"},
+                      {"id": "t", "role": "trainer", "parent": "a"}]}
+    assert parse_manifest(base).codec.model == UpdateCodec(mode="none", stochastic=False)
+    m = parse_manifest({**base, "codec": {"model": "int8"}})
+    assert m.codec.model == UpdateCodec(mode="int8", stochastic=False)
+    with pytest.raises(ManifestError, match=r"codec\.model\.mode"):
+        parse_manifest({**base, "codec": {"model": "topk"}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from federation import federate
 
 from fedbus.bus.memory import MemoryBroker
+from fedbus.compress import UpdateCodec
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
@@ -291,3 +293,20 @@ async def test_a_late_trainer_under_a_relay_joins_a_later_round_with_the_current
     assert r1.history[0].accepted == ["t2"]
     assert ["t2", "t3"] in [sorted(r.accepted) for r in r1.history[2:]]
     assert all(sorted(r.accepted) == ["r0", "r1"] for r in agg.history)
+
+
+async def test_relays_decode_a_compressed_broadcast_and_compress_their_own() -> None:
+    # Prepare: codec.model int8 for the root and the relays alike
+    exact, _ = await run(tree())
+    m = tree()
+    m = dataclasses.replace(m, codec=dataclasses.replace(m.codec, model=UpdateCodec(
+        mode="int8", stochastic=False)))
+    # Execute
+    lossy, services = await run(m)
+    # Assert: every level trained every round from the int8 view, close to the exact run
+    assert [sorted(r.accepted) for r in lossy.history] == [["r0", "r1"]] * 3
+    assert all(s.rejections.total == 0 for s in services.values()
+               if hasattr(s, "rejections"))
+    scale = float(np.abs(exact.weights["w"]).max())
+    np.testing.assert_allclose(lossy.weights["w"], exact.weights["w"], rtol=0,
+                               atol=0.02 * scale)

@@ -284,3 +284,19 @@ def test_a_client_whose_training_raises_is_lost_not_waited_for(strategy: str) ->
     assert result.stats.failures > 0
     assert result.stats.updates > 0
     assert len(result.history) == 4
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedbuff"])
+def test_workers_train_from_a_compressed_broadcast(strategy: str) -> None:
+    # Prepare: the same simulated job with the model broadcast as int8 and as float32
+    params = {"buffer_size": 4} if strategy == "fedbuff" else {}
+    data = manifest(strategy, params)
+    # Execute
+    exact = run(data)
+    lossy = run({**data, "codec": {"model": "int8"}})
+    # Assert: the same work done, a model within int8's precision of the exact one
+    assert lossy.stats.updates == exact.stats.updates > 0
+    scale = float(np.abs(exact.weights["w"]).max())
+    np.testing.assert_allclose(lossy.weights["w"], exact.weights["w"], rtol=0,
+                               atol=0.03 * scale)
+    assert not np.array_equal(lossy.weights["w"], exact.weights["w"])

@@ -21,6 +21,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.compress import UpdateCodec
 from fedbus.errors import BusError, FedbusError
 from fedbus.services._durability import Durability, DurabilitySettings
 from fedbus.services._gate import UploadGate
@@ -66,6 +67,8 @@ class AggregatorSettings:
     #: Optional L2 bound on every update's delta (manifest ``round.max_update_norm``).
     max_update_norm: float | None = None
     compression: Compression = Compression()
+    #: The broadcast model's lossy view (manifest ``codec.model``); ``weights`` stay exact.
+    model_codec: UpdateCodec = UpdateCodec(stochastic=False)
     #: Outer bounds; an update's own limits are derived from the model (``model_limits``).
     limits: Limits = Limits()
     #: Checkpoints go to this checkpointer (None: no durability; the manifest's checkpointer).
@@ -93,6 +96,8 @@ class _Config(Protocol):
     def limits(self) -> Limits: ...
     @property
     def durability(self) -> DurabilitySettings | None: ...
+    @property
+    def seed(self) -> int: ...
 
 
 C = TypeVar("C", bound=_Config)
@@ -118,6 +123,8 @@ class AggregatorBase(ABC, Generic[C]):
         #: This aggregator's run: trainers keep their round numbering per epoch, so a
         #: restarted aggregator (with or without a checkpoint) is followed, not ignored.
         self.epoch = uuid.uuid4().hex[:12]
+        #: stochastic rounding of the broadcast (``codec.model``), when asked for
+        self._model_rng = np.random.default_rng([c.seed, 0x6D6F64])
         self._loss_seen: dict[str, int] = {}
         self.durability = None if c.durability is None else Durability(
             job=c.job, node_id=c.node_id, settings=c.durability, limits=c.limits,

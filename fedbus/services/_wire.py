@@ -13,6 +13,7 @@ from typing import Final
 import numpy as np
 
 from fedbus.codec import Envelope
+from fedbus.compress import decode_model
 from fedbus.errors import UpdateRejected
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "UPDATE",
     "join_tensors",
     "presence",
+    "split_model",
     "split_tensors",
 ]
 
@@ -61,6 +63,13 @@ def split_tensors(
         else:
             raise UpdateRejected("bad_tensor_name", f"tensor {k!r} is neither m/ nor a/")
     return model, aux
+
+
+def split_model(env: Envelope) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A broadcast's (or order's) model, dense whatever ``codec.model`` sent, and its
+    extras. Raises ``UpdateRejected`` for misnamed tensors or a packing that does not fit."""
+    model, aux = split_tensors(env.tensors)
+    return decode_model(model, env.meta), aux
 
 
 def presence(job: str, node: str, role: str, status: str) -> Envelope:

@@ -22,6 +22,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Subscription
 from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
+from fedbus.compress import encode_model
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services import ring
 from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
@@ -409,16 +410,17 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         c = self.config
         config = {"round": state.number, "seed": c.seed,
                   **self.strategy.client_config(state.number)}
-        env = Envelope(
-            kind=ROUND,
-            job=c.job,
-            sender=c.node_id,
-            round=state.number,
-            meta={"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config,
-                  "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch},
-            tensors=join_tensors(self.weights, self.strategy.client_tensors(state.number)),
-        )
-        payload = await self._offload(lambda: encode(env, c.compression))
+        meta = {"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config,
+                "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch}
+        aux = self.strategy.client_tensors(state.number)
+
+        def build() -> bytes:  # quantizing a big model is worth the worker thread too
+            model, codec_meta = encode_model(self.weights, c.model_codec, self._model_rng)
+            return encode(Envelope(kind=ROUND, job=c.job, sender=c.node_id, round=state.number,
+                                   meta={**meta, **codec_meta}, tensors=join_tensors(model, aux)),
+                          c.compression)
+
+        payload = await self._offload(build)
         await self.bus.publish(topics.model(c.job, c.node_id), payload)
 
 

@@ -31,6 +31,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
+from fedbus.compress import encode_model
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
@@ -434,7 +435,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         # given the same model version twice does not replay the same batches.
         config = {"round": self._dispatches, "version": version, "seed": c.seed,
                   **self.strategy.client_config(version)}
-        tensors = join_tensors(self.weights)
+        model, codec_meta = (await self._offload(functools.partial(
+            encode_model, self.weights, c.model_codec, self._model_rng))
+            if c.model_codec.mode != "none" else (self.weights, {}))
+        tensors = join_tensors(model)
         for node in nodes:
             env = Envelope(
                 kind=ROUND,
@@ -443,7 +447,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 round=version,
                 meta={"selected": [node], "mode": "async", "config": config,
                       "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes,
-                      "epoch": self.epoch, "batch": len(nodes)},
+                      "epoch": self.epoch, "batch": len(nodes), **codec_meta},
                 tensors=tensors,
             )
             payload = await self._offload(functools.partial(encode, env, c.compression))

@@ -43,7 +43,7 @@ from fedbus.services._wire import (
     ROUND,
     UPDATE,
     presence,
-    split_tensors,
+    split_model,
 )
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
@@ -351,7 +351,7 @@ class AsyncRelay(AsyncAggregator):
             self.rejections.reject("old_round", f"version {env.round}, holding {self.version}")
             return
         try:
-            weights, _ = split_tensors(env.tensors)
+            weights, _ = split_model(env)
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return

@@ -34,7 +34,16 @@ from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.manifest import Manifest, NodeSpec, store_feed
-from fedbus.services._wire import DONE, METRICS, READY, ROUND, UPDATE, presence, split_tensors
+from fedbus.services._wire import (
+    DONE,
+    METRICS,
+    READY,
+    ROUND,
+    UPDATE,
+    presence,
+    split_model,
+    split_tensors,
+)
 from fedbus.services.intake import (
     OFFLOAD_BYTES,
     Rejections,
@@ -449,7 +458,7 @@ class StoreService:
         if number <= self._closed_upto:
             return  # a replay (an aggregator restarted from a checkpoint)
         try:
-            weights, _ = split_tensors(env.tensors)
+            weights, _ = split_model(env)
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
             return

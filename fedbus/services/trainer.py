@@ -41,7 +41,7 @@ from fedbus.services._wire import (
     UPDATE,
     join_tensors,
     presence,
-    split_tensors,
+    split_model,
 )
 from fedbus.services.intake import Rejections, SeenIds, is_big, model_limits
 from fedbus.task import FitResult, Task
@@ -322,7 +322,7 @@ class Trainer:
             self.rejections.reject("bad_config", f"config is {type(config).__name__}")
             return
         try:
-            weights, extra = split_tensors(env.tensors)
+            weights, extra = split_model(env)
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return

@@ -30,7 +30,7 @@ from fedbus import topics
 from fedbus.bus import Bus
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
-from fedbus.services._wire import DONE, ROUND, UPDATE, join_tensors, presence, split_tensors
+from fedbus.services._wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
@@ -150,7 +150,7 @@ class VirtualWorker:
         if not isinstance(config, Mapping):
             raise FedbusError(f"round order {order.msg_id} has no config mapping")
         try:
-            weights, extra = split_tensors(order.tensors)
+            weights, extra = split_model(order)
         except UpdateRejected as exc:
             raise FedbusError(f"round order {order.msg_id}: {exc}") from None
         task = self.tasks.for_client(index)
