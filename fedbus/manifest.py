@@ -180,8 +180,9 @@ class StoreSpec:
     redis_url: str | None = None
     #: Dimensions of the seeded random projection kept for every update of every round.
     sketch_dim: int = 2048
-    #: Full per-client updates are kept for the last K rounds only (0: none).
-    full_update_rounds: int = 3
+    #: Full per-client updates are kept for the last K rounds only (0, the default: none;
+    #: the store is then fed sketches and does not slow rounds, see docs/store.md).
+    full_update_rounds: int = 0
     #: Global models kept for the last K rounds (0: every round).
     model_rounds: int = 0
     #: Rounds kept at all (metrics, sketches); 0: every round.

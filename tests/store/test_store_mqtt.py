@@ -41,7 +41,8 @@ async def test_gated_updates_reach_the_store_and_queries_work_over_mqtt(
         "task": {"ref": "examples.toy.task:make_task", "params": {"size": SIZE, "lr": 0.5}},
         "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
-        "store": {"dir": str(tmp_path / "store"), "sketch_dim": 256, "exit_on_done": False},
+        "store": {"dir": str(tmp_path / "store"), "sketch_dim": 256, "exit_on_done": False,
+                  "full_update_rounds": 3},
     })
     # Execute
     async with store_federation(m, ("t0", "t1", "t2")) as run:

@@ -37,7 +37,8 @@ def manifest(tmp: Path, n: int = 4, rounds: int = 3, size: int = SIZE,
         "task": {"ref": "examples.toy.task:make_task", "params": {"size": size, "lr": 0.5}},
         "nodes": [{"id": "agg", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": n, "prefix": "t", "parent": "agg"},
-        "store": {"dir": str(tmp / "store"), "sketch_dim": 64, **store},
+        "store": {"dir": str(tmp / "store"), "sketch_dim": 64,
+                  "full_update_rounds": 3, **store},
     })
 
 
