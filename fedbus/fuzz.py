@@ -16,7 +16,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 import numpy as np
@@ -25,6 +25,7 @@ import zstandard
 from fedbus import topics
 from fedbus.bus._chunking import CHUNK_MAGIC, FRAME_VERSION, HEADER
 from fedbus.codec import Compression, Envelope, encode
+from fedbus.compress import MODEL_META_KEY
 from fedbus.manifest import Manifest, compile_wiring
 from fedbus.services._wire import DONE, GRANT, READY, ROUND, UPDATE, join_tensors, presence
 
@@ -195,11 +196,17 @@ class Fuzzer:
 
     def _forged_round(self) -> FuzzMessage:
         number = self.rng.choice([0, 1, self.m.rounds, self.m.rounds + 1, 10**9, -5])
-        env = Envelope(kind=ROUND, job=self.job, sender=self.agg, round=number,
-                       meta={"selected": list(self.trainers), "config": {"round": number},
-                             "epoch": self.rng.choice([self.epoch, "forged"]),
-                             "deadline_s": 1, "upload_gate_bytes": 1 << 30},
-                       tensors=join_tensors(self._like_model()))
+        model = self._like_model()
+        meta: dict[str, Any] = {"selected": list(self.trainers), "config": {"round": number},
+                                "epoch": self.rng.choice([self.epoch, "forged"]),
+                                "deadline_s": 1, "upload_gate_bytes": 1 << 30}
+        if self.rng.random() < 0.3:
+            # a compressed broadcast (codec.model) whose declared shapes are a lie: 1 GiB
+            # each if believed, and the tensors are not even packed
+            meta[MODEL_META_KEY] = {"mode": "int8", "block": 256,
+                                    "tensors": {k: ["<f4", [1 << 28]] for k in model}}
+        env = Envelope(kind=ROUND, job=self.job, sender=self.agg, round=number, meta=meta,
+                       tensors=join_tensors(model))
         return FuzzMessage("forged_round", topics.model(self.job, self.agg),
                            encode(env, Compression(level=0)))
 

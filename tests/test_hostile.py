@@ -23,6 +23,7 @@ from fedbus.broker import MosquittoProcess
 from fedbus.bus import Bus, MemoryBroker, MemoryBus
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import Envelope, decode, encode
+from fedbus.compress import MODEL_META_KEY
 from fedbus.manifest import BrokerSpec, Manifest, compile_wiring, parse_manifest, with_broker
 from fedbus.node import build_node, make_bus
 from fedbus.services._wire import DONE, METRICS, ROUND, UPDATE, join_tensors, presence
@@ -152,6 +153,29 @@ async def test_a_forged_far_ahead_round_is_refused_and_nobody_freezes(
     assert all(t.rejections.counts["implausible_round"] == 1 for t in trainers.values())
     assert len([e for e in events(logs, "message_rejected")
                 if e["reason"] == "implausible_round"]) == 3
+
+
+async def test_a_broadcast_whose_model_codec_lies_is_refused_and_counted() -> None:
+    # Prepare: the next round's order, well timed, declaring int8-packed tensors of 1 GiB
+    # each (codec.model) around the dense float32 model
+    m = manifest()
+    expected = await clean_weights(m)
+    broker = MemoryBroker()
+
+    async def forge(bus: Bus, order: Envelope) -> None:
+        lie = {"mode": "int8", "block": 256, "tensors": {"w": ["<f4", [1 << 28]]}}
+        env = Envelope(kind=ROUND, job="toy", sender="agg", round=order.round + 1,
+                       meta={**order.meta, MODEL_META_KEY: lie}, tensors=order.tensors)
+        await bus.publish(topics.model("toy", "agg"), encode(env))
+
+    # Execute
+    agg, trainers, _ = await federate(
+        m, forge, bus_for=lambda i: make_bus(m, m.node(i), memory=broker) if i != "mallory"
+        else MemoryBus(broker, "mallory"))
+    # Assert: refused before anything was allocated, counted by every trainer, no harm done
+    assert all(t.rejections.counts["bad_model_codec"] == 1 for t in trainers.values())
+    assert [len(r.accepted) for r in agg.history] == [3, 3, 3]
+    np.testing.assert_allclose(agg.weights["w"], expected, rtol=1e-6)
 
 
 @pytest.mark.broker
