@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
@@ -184,8 +185,22 @@ def uplink_files(port: int, clients: int, messages: int, timeout_s: float,
         _stop(procs)
 
 
-def measure(params: int, clients: int, trials: int, timeout_s: float,
-            chunk: Path) -> dict[str, object]:
+@dataclass
+class Floor:
+    params: int
+    clients: int
+    messages: int  # per client each way
+    down_trials: list[float]
+    up_pipe_trials: list[float]
+    up_files_trials: list[float]
+
+    @property
+    def floor_s(self) -> float:
+        return statistics.median(self.down_trials) + min(
+            statistics.median(self.up_pipe_trials), statistics.median(self.up_files_trials))
+
+
+def measure(params: int, clients: int, trials: int, timeout_s: float, chunk: Path) -> Floor:
     messages = -(-4 * params // CHUNK)
     down: list[float] = []
     up_pipe: list[float] = []
@@ -201,23 +216,18 @@ def measure(params: int, clients: int, trials: int, timeout_s: float,
         print(f"P={params / 1e6:g}M N={clients} trial {trial + 1}/{trials}: down "
               f"{down[-1]:.3f} s, up {up_pipe[-1]:.3f} s (pipes) / {up_files[-1]:.3f} s (files)",
               file=sys.stderr, flush=True)
-    d = statistics.median(down)
-    u = min(statistics.median(up_pipe), statistics.median(up_files))
-    return {"params": params, "clients": clients, "messages": messages,
-            "mb_each_way": clients * messages * CHUNK / 1e6, "down_s": d,
-            "up_pipe_s": statistics.median(up_pipe), "up_files_s": statistics.median(up_files),
-            "floor_s": d + u, "down_trials": down, "up_pipe_trials": up_pipe,
-            "up_files_trials": up_files}
+    return Floor(params, clients, messages, down, up_pipe, up_files)
 
 
-def table(rows: Sequence[dict[str, object]]) -> str:
+def table(rows: Sequence[Floor]) -> str:
+    med = statistics.median
     out = ["| P x N | MB each way | downlink s | uplink s (pipes / files) "
            "| floor s (down + faster up) |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        params, mb = float(str(r["params"])), float(str(r["mb_each_way"]))
-        out.append(f"| {params / 1e6:g}M x {r['clients']} | {mb:,.0f} | {r['down_s']:.3f} "
-                   f"| {r['up_pipe_s']:.3f} / {r['up_files_s']:.3f} "
-                   f"| **{r['floor_s']:.3f}** |")
+        out.append(f"| {r.params / 1e6:g}M x {r.clients} "
+                   f"| {r.clients * r.messages * CHUNK / 1e6:,.0f} | {med(r.down_trials):.3f} "
+                   f"| {med(r.up_pipe_trials):.3f} / {med(r.up_files_trials):.3f} "
+                   f"| **{r.floor_s:.3f}** |")
     return "\n".join(out)
 
 
@@ -238,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["loadavg_after"] = os.getloadavg()
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(
+            {"machine": info, "rows": [{**asdict(r), "floor_s": r.floor_s} for r in rows]},
+            indent=1))
     return 0
 
 

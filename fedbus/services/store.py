@@ -162,7 +162,10 @@ class StoreService:
     """Records rounds into ``store`` and serves ``workloads`` until the job is done."""
 
     def __init__(self, config: StoreConfig, bus: Bus, store: RoundStore, *,
-                 workloads: Workloads | None = None) -> None:
+                 workloads: Workloads | None = None,
+                 model: Mapping[str, np.ndarray] | None = None) -> None:
+        """``model``: the job's initial model (the task's), when the store has the task:
+        its size bounds what the aggregator and trainers may send before the first order."""
         self.config = config
         self.bus = bus
         self.store = store
@@ -186,8 +189,13 @@ class StoreService:
         self._epoch: str | None = None
         #: The last order refused for jumping ahead (the next one after it is a real gap).
         self._jumped = -1
-        #: Decode limits for the aggregator's messages once its model is known.
-        self._order_limits: Limits | None = None
+        #: Decode limits for the aggregator's messages once its model is known (from the
+        #: task at once when the store has it, as a trainer does; else from the first order).
+        self._order_limits: Limits | None = (
+            None if model is None else model_limits(model, _ORDER_COPIES, config.limits))
+        #: The same for trainers' updates before any round is open.
+        self._update_limits = (config.limits if model is None
+                               else model_limits(model, 2, config.limits))
         self._early: list[Message] = []
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
@@ -293,7 +301,8 @@ class StoreService:
             return False
         if parsed.channel == "update":
             latest = self._latest_open()
-            limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
+            limits = (model_limits(latest.model, 2, c.limits) if latest is not None
+                      else self._update_limits)
             return (parsed.levels[0] == c.aggregator and self._is_trainer(parsed.sender)
                     and total <= limits.max_frame_bytes)
         if parsed.channel in ("model", "work"):
@@ -903,4 +912,5 @@ def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None
         work_nice=spec.work_nice, precompute=spec.precompute,
         precompute_permutations=spec.precompute_permutations,
         limits=limits, compression=compression)
-    return StoreService(config, bus, store, workloads=Workloads(store, utility, seed=m.seed))
+    return StoreService(config, bus, store, workloads=Workloads(store, utility, seed=m.seed),
+                        model=task.get_weights() if task is not None else None)

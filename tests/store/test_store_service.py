@@ -444,3 +444,23 @@ async def test_once_the_model_is_known_an_order_declaring_more_is_refused_unopen
     # Assert: refused before decompression (too_large), round 2 never opened
     assert store.rejections.counts["too_large"] == 1
     assert 2 not in store._open
+
+
+async def test_before_the_first_order_the_tasks_model_bounds_what_is_decoded(
+        tmp_path: Path) -> None:
+    # Prepare: the store has the task (store.evaluate, the default), so it knows the model's
+    # size before any order; a forged order declaring 64 MiB (a few kB compressed) comes first
+    m = manifest(tmp_path, n=1, rounds=2)
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
+    big = {"w": np.zeros(16 << 20, np.float32)}
+    zstd = Compression(level=1, min_bytes=0)
+
+    async with playing(store, broker, "agg") as (_task, (agg_bus,)):
+        # Execute
+        await agg_bus.publish(topics.model("toy", "agg"), order(1, weights=big, compression=zstd))
+        await agg_bus.publish(topics.model("toy", "agg"), order(1))
+        async with asyncio.timeout(10), store.progress:
+            await store.progress.wait_for(lambda: 1 in store._open)
+    # Assert: the forgery refused before decompression; the real round 1 opened
+    assert store.rejections.counts["too_large"] == 1
