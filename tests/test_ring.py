@@ -12,11 +12,11 @@ import pytest
 from fedbus import topics
 from fedbus.bus import Message
 from fedbus.bus.memory import MemoryBroker, MemoryBus
-from fedbus.codec import Envelope, encode
+from fedbus.codec import Envelope, Limits, decode, encode
 from fedbus.errors import BusError, ManifestError, UpdateRejected
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services.aggregator import Aggregator
+from fedbus.services.aggregator import Aggregator, _Round
 from fedbus.services.ring import RING, RingMember, check_covers, covered
 
 TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
@@ -177,6 +177,126 @@ async def test_a_lost_group_update_is_repaired_by_the_members_own_updates() -> N
     assert agg.history[0].seconds > 1.5
     np.testing.assert_allclose(agg.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
     assert services["t0"].outcomes == {"committed": 2}
+
+
+class CutsOffItsSuccessor(MemoryBus):
+    """Ring-a's committer t0 in round 1: its last all-gather step to t1 is lost (and its
+    commit too when ``commit_lost``), and its group update reaches the aggregator only
+    after ``overtaken`` is set (the aggregator has t1's own update by then)."""
+
+    def __init__(self, *args: Any, commit_lost: bool, overtaken: asyncio.Event,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commit_lost = commit_lost
+        self.overtaken = overtaken
+        self.held: asyncio.Task[None] | None = None
+        self.cut = 0
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if topic == topics.ring("toy", "ring-a", "t1", "t0"):
+            env = decode(payload, Limits())
+            lost = {("ag", 1)} | ({("commit", None)} if self.commit_lost else set())
+            if env.round == 1 and (env.meta["phase"], env.meta.get("step")) in lost:
+                self.cut += 1
+                return
+        if "/update/" in topic and self.held is None and self.commit_lost:
+            # the group update is on its way, slowly: t0 goes on (it tells the commit)
+            async def later() -> None:
+                await self.overtaken.wait()
+                await super(CutsOffItsSuccessor, self).publish(topic, payload)
+
+            self.held = asyncio.create_task(later())
+            return
+        await super().publish(topic, payload, retain=retain)
+
+
+class SaysWhenItUploads(MemoryBus):
+    def __init__(self, *args: Any, uploaded: asyncio.Event, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.uploaded = uploaded
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        await super().publish(topic, payload, retain=retain)
+        if "/update/" in topic:
+            self.uploaded.set()  # routed: the aggregator's queue holds it
+
+
+async def test_a_fallback_that_overtakes_its_groups_update_is_repaired_at_once() -> None:
+    # Prepare: in round 1 t1 never hears t0's last step nor its commit, times out and
+    # uploads its own update, which reaches the aggregator before the group's update that
+    # covers it; the deadline is far
+    m = manifest([{"id": "ring-a", "members": ["t0", "t1", "t2"], "step_timeout_s": 0.5}],
+                 rounds=2)
+    broker, uploaded = MemoryBroker(), asyncio.Event()
+    real = {i: make_bus(m, m.node(i), memory=broker) for i in ("t0", "t1")}
+    t0 = CutsOffItsSuccessor(broker, "t0", will=real["t0"].will, birth=real["t0"].birth,
+                             commit_lost=True, overtaken=uploaded)
+    t1 = SaysWhenItUploads(broker, "t1", will=real["t1"].will, birth=real["t1"].birth,
+                           uploaded=uploaded)
+    # Execute
+    star, _ = await federate(manifest(rounds=2))
+    agg, services = await federate(m, broker=broker, buses={"t0": t0, "t1": t1})
+    # Assert: the group update was refused once as double_count, the members it covered
+    # were re-asked at once and sent their own updates: everyone counted, the star's model,
+    # long before the deadline (10 s)
+    assert t0.cut == 2 and t0.held is not None and t0.held.done()
+    first = agg.history[0]
+    assert first.accepted == [f"t{i}" for i in range(6)] and first.lost == []
+    assert first.rejected == {"double_count": 1}
+    assert first.seconds < 5
+    assert [r.examples for r in agg.history] == [r.examples for r in star.history]
+    np.testing.assert_allclose(agg.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
+    assert services["t0"].outcomes == {"committed": 2}
+    assert services["t1"].outcomes == {"fallback": 1, "covered": 1}
+    assert services["t2"].outcomes == {"covered": 2}
+    assert agg.history[1].rejected == {}
+
+
+async def test_a_member_that_heard_the_commit_does_not_fall_back() -> None:
+    # Prepare: t1 never gets t0's last all-gather step, but hears t0's commit; t5 trains
+    # slowly, so the round is still open when t1's step times out
+    m = manifest([{"id": "ring-a", "members": ["t0", "t1", "t2"], "step_timeout_s": 0.5}],
+                 rounds=1, task={**TASK, "params": {**TASK["params"],
+                                                    "speeds": [0, 0, 0, 0, 0, 2.0]}})
+    broker = MemoryBroker()
+    real = make_bus(m, m.node("t0"), memory=broker)
+    t0 = CutsOffItsSuccessor(broker, "t0", will=real.will, birth=real.birth,
+                             commit_lost=False, overtaken=asyncio.Event())
+    # Execute
+    star, _ = await federate(manifest(rounds=1))
+    agg, services = await federate(m, broker=broker, buses={"t0": t0})
+    # Assert: the group's update covered t1, which uploaded nothing of its own: no race
+    assert t0.cut == 1
+    assert agg.history[0].accepted == [f"t{i}" for i in range(6)]
+    assert agg.rejections.total == 0
+    assert services["t1"].outcomes == {"covered": 1}
+    np.testing.assert_allclose(agg.weights["w"], star.weights["w"], rtol=1e-6, atol=1e-6)
+
+
+def test_group_updates_refused_as_double_count_reask_each_member_once_a_round() -> None:
+    # Prepare: round 1 of an aggregator with ring-a; t1's own update is in
+    m = manifest(GROUPS)
+    agg = build_node(m, "agg", make_bus(m, m.node("agg"), memory=MemoryBroker()))
+    assert isinstance(agg, Aggregator)
+    selected = {f"t{i}" for i in range(6)}
+    state = _Round(1, selected=set(selected), pending=selected - {"t1"}, accepted={"t1"})
+    agg._state = state
+
+    def group_update(sender: str, covers: dict[str, int]) -> Envelope:
+        return Envelope(kind="update", job="toy", sender=sender, round=1,
+                        meta={"covers": covers, "num_examples": sum(covers.values())})
+
+    # Execute: the committer's update, then more (forged or replayed) from each member
+    reasons, due = [], []
+    for sender in ("t0", "t0", "t2", "t0"):
+        with pytest.raises(UpdateRejected) as err:
+            agg.admit(group_update(sender, {"t0": 10, "t1": 15, "t2": 20}), sender)
+        reasons.append(err.value.reason)
+        due.append(set(state.overlap_due))
+        state.overlap_due.clear()  # what the round's loop does when it re-asks them
+    # Assert: every one refused whole; only the first asks, for the members still owed
+    assert reasons == ["double_count"] * 4
+    assert due == [{"t0", "t2"}, set(), set(), set()]
 
 
 async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None:

@@ -129,6 +129,12 @@ class _Round:
     #: Statistical utility per accepted node (OORT): the trainer's own ``utility`` metric, or
     #: ``num_examples * train_loss`` as a stand-in when it reports none.
     utility: dict[str, float] = field(default_factory=dict)
+    #: Ring members whose group's update was refused as ``double_count`` (a member's own
+    #: fallback upload got in first): re-asked at once for their own updates (``due``), each
+    #: at most once a round (``asked``), so replayed or forged group updates cannot make the
+    #: round re-broadcast the model more often than it has members.
+    overlap_due: set[str] = field(default_factory=set)
+    overlap_asked: set[str] = field(default_factory=set)
 
 
 class Aggregator(AggregatorBase[AggregatorConfig]):
@@ -243,6 +249,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                         continue
                     break
                 await self._dispatch(msg)
+                if state.overlap_due:
+                    await self._reask_overlap(state)
             if len(state.accepted) >= need or extensions >= c.max_extensions:
                 break
             # Below quorum: over-select replacements among idle online trainers and give the
@@ -357,8 +365,32 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         if sender in state.accepted:
             raise UpdateRejected("duplicate", f"second update in round {env.round}")
         if "covers" in env.meta:  # a ring group's update, for several members
-            ring.check_covers(env.meta, sender, self._groups, state.selected, state.accepted)
+            try:
+                ring.check_covers(env.meta, sender, self._groups, state.selected,
+                                  state.accepted)
+            except UpdateRejected as exc:
+                if exc.reason == "double_count":
+                    self._overlap(state, env.meta)
+                raise  # still refused whole, and counted
         return 0
+
+    def _overlap(self, state: _Round, meta: Mapping[str, Any]) -> None:
+        """A group's update covers a member whose own update is already in (its ring step
+        timed out and it fell back while another member committed): the sum cannot be split,
+        so the others it covers owe their own updates. Each member holds its own update for
+        a resend (the trainer's ``update_resent``): ask them now, not at the deadline."""
+        covers = meta.get("covers")
+        assert isinstance(covers, dict)  # check_covers passed that far
+        owed = {m for m in covers if m in state.pending} - state.overlap_asked
+        state.overlap_due |= owed
+        state.overlap_asked |= owed
+
+    async def _reask_overlap(self, state: _Round) -> None:
+        named, state.overlap_due = state.overlap_due & state.pending, set()
+        if not named:
+            return  # delivered meanwhile
+        self._log.warning("group_overlap_reasked", round=state.number, pending=sorted(named))
+        await self._broadcast(state, named)
 
     def fold(self, update: ClientUpdate, env: Envelope) -> None:
         state = self._state
@@ -406,11 +438,13 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                        publish_s=round(time.monotonic() - started, 4),
                        sketched_inline=self._feed.inline, failed=self._feed.failed)
 
-    async def _broadcast(self, state: _Round) -> None:
+    async def _broadcast(self, state: _Round, named: set[str] | None = None) -> None:
+        """The round's order to ``named`` (default: every pending node)."""
         c = self.config
         config = {"round": state.number, "seed": c.seed,
                   **self.strategy.client_config(state.number)}
-        meta = {"selected": sorted(state.pending), "deadline_s": c.deadline_s, "config": config,
+        meta = {"selected": sorted(state.pending if named is None else named),
+                "deadline_s": c.deadline_s, "config": config,
                 "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch}
         aux = self.strategy.client_tensors(state.number)
 

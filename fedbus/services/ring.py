@@ -13,8 +13,17 @@ place if it is the first live one by rank.
 
 Fallback, never a hang: a ring member's will, a step not in within ``step_timeout_s`` or an
 abort from a member makes a member tell the others (abort) and upload its own update as in
-the star; the round completes with the survivors. The aggregator takes each member once,
-first come, so a fallback racing a commit is never counted twice.
+the star; the round completes with the survivors. A member that has heard a commit for its
+ring does not fall back: the committer held every member's counts, so the group's update
+covers it, and uploading its own too would only race that update. Every member keeps its own
+encoded update as the trainer's last sent one (the committer too: not the group's), resent
+when the parent asks again.
+
+The aggregator takes each member once, first come, so a fallback racing a commit is never
+counted twice; but a group update that arrives after one of its members' own uploads is
+refused whole (``double_count``: a sum cannot be split), and the aggregator then re-asks the
+other members it covered at once, each at most once a round (``group_overlap_reasked``), and
+they resend their own updates: nobody's contribution waits for the deadline.
 
 Trust: a ring message is taken only on its member's inbox, from a member of the group (the
 topic's sender level, tied to credentials by the ACL, and the envelope agreeing), for the
@@ -196,6 +205,14 @@ class RingMember:
         try:
             outcome = await self._reduce(r, vec, result, gate)
         except _Abandon as exc:
+            if r.committed:
+                # A member committed, so it held every member's counts and with them the
+                # whole sum, ours included: uploading ours too would only make the two race
+                # at the parent (double_count). Our lap is cut short, we are covered; our
+                # own update stays the trainer's ``_last_sent``, resent if the parent asks.
+                self.outcomes["covered"] += 1
+                self._log.info("ring_cut_after_commit", round=r.number, reason=exc.reason)
+                return
             self.outcomes["fallback"] += 1
             self._log.warning("ring_fallback", round=r.number, reason=exc.reason)
             if exc.tell:
