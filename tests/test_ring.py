@@ -18,6 +18,7 @@ from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator, _Round
 from fedbus.services.ring import RING, RingMember, check_covers, covered
+from fedbus.services.ring import _Round as RingRound
 
 TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
 GROUPS = [{"id": "ring-a", "members": ["t0", "t1", "t2"]},
@@ -420,3 +421,32 @@ def test_a_right_group_update_covers_its_members() -> None:
     check_covers(meta, "t0", GROUPS_OF_AGG, {"t0", "t1"}, set())
     assert covered(meta, "t0", 15) == {"t0": 10, "t1": 5}
     assert covered({"num_examples": 7}, "t5", 7) == {"t5": 7}
+
+
+@pytest.mark.parametrize("in_ring", [True, False])
+async def test_asked_again_while_summing_a_member_resends_its_own_update(in_ring: bool) -> None:
+    # Prepare: t1 delivered round 1 into its ring (its own update kept as the last sent)
+    # and is still summing when its parent asks it again: the group's update was refused
+    m = manifest(GROUPS)
+    broker = MemoryBroker()
+    bus = make_bus(m, m.node("t1"), memory=broker)
+    member = build_node(m, "t1", bus)
+    assert isinstance(member, RingMember)
+    trainer = member.trainer
+    own = b"t1's own update"
+    trainer._current, trainer._last_sent = ("e1", 1), ("e1", 1, own)
+    if in_ring:
+        member._round = RingRound("e1", 1, ("t0", "t1", "t2"))
+    order = Envelope(kind="round", job="toy", sender="agg", round=1,
+                     meta={"selected": ["t1"], "epoch": "e1", "upload_gate_bytes": 1 << 20})
+    async with bus, MemoryBus(broker, "spy") as spy, \
+            spy.subscribe(topics.update("toy", "agg", "t1")) as sub:
+        # Execute
+        await trainer._on_round(order, "e1")
+        # Assert: inside its ring it sends its own update again; otherwise the order is for
+        # the round it is still training, and refused
+        if in_ring:
+            assert (await sub.get(timeout=5)).payload == own
+            assert trainer.rejections.total == 0
+        else:
+            assert trainer.rejections.counts["old_round"] == 1

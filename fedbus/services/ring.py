@@ -184,6 +184,11 @@ class RingMember:
         return (order.meta.get("mode") != "async" and not result.aux
                 and len(self._ring_of(order)) >= 2)
 
+    def reducing(self, epoch: str, number: int) -> bool:
+        """Is this member inside its ring for round ``number`` of run ``epoch``?"""
+        r = self._round
+        return r is not None and (r.epoch, r.number) == (epoch, number)
+
     def flatten(self, delta: Mapping[str, np.ndarray], result: FitResult) -> np.ndarray:
         """``n * delta`` as the one flat vector the ring sums (the delta can go after this)."""
         return self.layout.weighted(delta, result.num_examples)

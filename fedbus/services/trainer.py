@@ -66,6 +66,8 @@ class RingHook(Protocol):
     async def reduce(self, order: Envelope, epoch: str, vec: np.ndarray, result: FitResult,
                      own: bytes) -> None: ...
 
+    def reducing(self, epoch: str, number: int) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class TrainerConfig:
@@ -298,7 +300,10 @@ class Trainer:
         selected = env.meta.get("selected", [])
         if not isinstance(selected, list) or c.node_id not in selected:
             return
-        if self._current == (epoch, env.round) and env.meta.get("mode") != "async":
+        if self._current == (epoch, env.round) and env.meta.get("mode") != "async" and not (
+                self.ring is not None and self.ring.reducing(epoch, env.round)):
+            # (A ring member still summing with its ring when asked again was delivered:
+            # its group's update was refused, so its own update is wanted, resent below.)
             self.rejections.reject("old_round", f"round {env.round} is being trained")
             return
         last = self._last_sent
