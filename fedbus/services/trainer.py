@@ -356,42 +356,26 @@ class Trainer:
                 order = None  # delivered meanwhile (a re-broadcast queued behind itself)
 
     async def _train_and_send(self, order: _Order) -> None:
-        c = self.config
         env, epoch = order.env, order.epoch
         if self._pending is not None:
             self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
             self._pending = None
         if env.meta.get("mode") != "async":
             self._last_sent = None  # the parent has moved on: no need to hold the old update
-        started = time.monotonic()
         try:
-            delta, result = await asyncio.to_thread(self._train, order.weights, order.extra,
-                                                    order.config)
+            # one trip to a worker thread for training, compressing and encoding: each trip
+            # back to the event loop is a wake-up and a GIL hand-off, N of them per round in
+            # a process hosting N trainers
+            payload, result, duration, vec = await asyncio.to_thread(self._train_and_pack,
+                                                                     order)
         except FedbusError as exc:
             self._log.error("training_failed", round=env.round, error=str(exc))
             return
         except Exception as exc:  # the user's code: report, stay alive for the next round
             self._log.exception("task_raised", round=env.round, error=repr(exc))
             return
-        duration = time.monotonic() - started
-        sent, codec_meta = await asyncio.to_thread(self._compressor.encode, delta)
-        update = Envelope(
-            kind=UPDATE,
-            job=c.job,
-            sender=c.node_id,
-            round=env.round,
-            meta={
-                "num_examples": int(result.num_examples),
-                "metrics": {k: float(v) for k, v in result.metrics.items()},
-                "duration_s": round(duration, 4),
-                **codec_meta,
-            },
-            tensors=join_tensors(sent, result.aux),
-        )
-        payload = await asyncio.to_thread(encode, update, c.compression)
-        ring = self.ring if self.ring is not None and self.ring.joins(env, result) else None
-        vec = None if ring is None else await asyncio.to_thread(ring.flatten, delta, result)
-        del update, delta, sent, order  # the payload (and a ring's vector) is all that is needed
+        del order  # the payload (and a ring's vector) is all that is needed
+        ring = self.ring if vec is not None else None
         if env.meta.get("mode") != "async":
             rounds = self._delivered.setdefault(epoch, [])
             rounds.append(env.round)
@@ -437,6 +421,36 @@ class Trainer:
         await self.bus.publish(topics.update(self.config.job, self.config.parent,
                                              self.config.node_id), payload)
         self._log.info("update_sent", round=env.round, bytes=len(payload), granted=True)
+
+    def _train_and_pack(self, order: _Order
+                        ) -> tuple[bytes, FitResult, float, np.ndarray | None]:
+        """In a worker thread: train, compress and encode the update; (payload, the fit's
+        result, training seconds, the ring's flat vector when the update goes to a ring)."""
+        c, env = self.config, order.env
+        started = time.monotonic()
+        delta, result = self._train(order.weights, order.extra, order.config)
+        duration = time.monotonic() - started
+        try:
+            sent, codec_meta = self._compressor.encode(delta)
+            update = Envelope(
+                kind=UPDATE,
+                job=c.job,
+                sender=c.node_id,
+                round=env.round,
+                meta={
+                    "num_examples": int(result.num_examples),
+                    "metrics": {k: float(v) for k, v in result.metrics.items()},
+                    "duration_s": round(duration, 4),
+                    **codec_meta,
+                },
+                tensors=join_tensors(sent, result.aux),
+            )
+            payload = encode(update, c.compression)
+        except (ValueError, TypeError, CodecError) as exc:  # e.g. metrics that are not numbers
+            raise FedbusError(f"could not encode the update: {exc}") from exc
+        ring = self.ring if self.ring is not None and self.ring.joins(env, result) else None
+        vec = None if ring is None else ring.flatten(delta, result)
+        return payload, result, duration, vec
 
     def _train(
         self, weights: dict[str, np.ndarray], extra: dict[str, np.ndarray],
