@@ -42,7 +42,8 @@ import numpy as np
 from fedbus.errors import UpdateRejected
 
 __all__ = ["META_KEY", "MODEL_META_KEY", "MODEL_MODES", "MODES", "UpdateCodec",
-           "UpdateCompressor", "decode_model", "decode_update", "encode_model", "pack_int8"]
+           "UpdateCompressor", "check_model", "decode_model", "decode_update", "encode_model",
+           "pack_int8"]
 
 MODES: Final = ("none", "fp16", "int8", "topk")
 #: The broadcast model (``codec.model``): topk would drop most of the model, not delay it.
@@ -218,7 +219,11 @@ def decode_update(
 
 def _from_int8(name: str, packed: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any],
                block: int, reason: str = "bad_update_codec") -> np.ndarray:
-    n = math.prod(shape)
+    _check_int8(name, packed, math.prod(shape), block, reason)
+    return _dequant_int8(packed, shape, dtype, block)
+
+
+def _check_int8(name: str, packed: np.ndarray, n: int, block: int, reason: str) -> None:
     blocks = -(-n // block)
     if packed.size != 4 * blocks + n:
         raise _reject(name, f"int8 packing of {packed.size} bytes, expected {4 * blocks + n}",
@@ -226,6 +231,14 @@ def _from_int8(name: str, packed: np.ndarray, shape: tuple[int, ...], dtype: np.
     scale = packed[: 4 * blocks].view("<f4")
     if not (np.isfinite(scale).all() and (scale >= 0).all()):
         raise _reject(name, "int8 scales must be finite and >= 0", reason)
+
+
+def _dequant_int8(packed: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any],
+                  block: int) -> np.ndarray:
+    """A packing ``_check_int8`` passed, as a dense tensor."""
+    n = math.prod(shape)
+    blocks = -(-n // block)
+    scale = packed[: 4 * blocks].view("<f4")
     values = packed[4 * blocks :].view(np.int8).astype(np.float32)  # the one dense copy
     whole = n // block
     values[: whole * block].reshape(whole, block)[...] *= scale[:whole, None]
@@ -292,9 +305,26 @@ def decode_model(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]
     it came. Everything the meta declares is checked against the bytes that arrived before
     a dense tensor is allocated (no bigger than 8 bytes per byte received), and a mismatch
     raises ``UpdateRejected("bad_model_codec")``."""
+    out = dict(tensors)
+    for name, mode, dtype, shape, block in _model_plan(tensors, meta):
+        sent = tensors[name]
+        out[name] = (sent.astype(dtype) if mode == "fp16"
+                     else _dequant_int8(sent, shape, dtype, block))
+    return out
+
+
+def check_model(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """What ``decode_model`` checks, without building the dense model: a receiver can judge
+    a broadcast at once and decode it later, off its event loop."""
+    _model_plan(tensors, meta)
+
+
+def _model_plan(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+                ) -> list[tuple[str, str, np.dtype[Any], tuple[int, ...], int]]:
+    """(name, mode, dtype, shape, block) of every packed tensor, each checked."""
     spec = meta.get(MODEL_META_KEY)
     if spec is None:
-        return dict(tensors)
+        return []
     reason = "bad_model_codec"
     if not isinstance(spec, Mapping) or spec.get("mode") not in MODEL_MODES[1:] \
             or not isinstance(spec.get("tensors"), Mapping):
@@ -302,7 +332,7 @@ def decode_model(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]
     mode, block, declared = spec["mode"], spec.get("block", 256), spec["tensors"]
     if not isinstance(block, int) or isinstance(block, bool) or not 1 <= block <= _MAX_BLOCK:
         raise UpdateRejected(reason, f"int8 block {block!r}")
-    out = dict(tensors)
+    plan = []
     for name, entry in declared.items():
         sent = tensors.get(name)
         if sent is None:
@@ -312,13 +342,13 @@ def decode_model(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]
             if sent.dtype != np.float16 or sent.shape != shape:
                 raise _reject(name, f"fp16 expects float16 {shape}, got {sent.dtype} "
                               f"{sent.shape}", reason)
-            out[name] = sent.astype(dtype)
         elif sent.dtype != np.uint8 or sent.ndim != 1:
             raise _reject(name, f"int8 expects flat uint8, got {sent.dtype} {sent.shape}",
                           reason)
         else:
-            out[name] = _from_int8(name, sent, shape, dtype, block, reason)
-    return out
+            _check_int8(name, sent, math.prod(shape), block, reason)
+        plan.append((name, mode, dtype, shape, block))
+    return plan
 
 
 def _declared(name: str, entry: Any) -> tuple[np.dtype[Any], tuple[int, ...]]:

@@ -30,7 +30,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Bus, Message
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
-from fedbus.compress import UpdateCodec, UpdateCompressor
+from fedbus.compress import UpdateCodec, UpdateCompressor, check_model, decode_model
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
@@ -41,7 +41,7 @@ from fedbus.services._wire import (
     UPDATE,
     join_tensors,
     presence,
-    split_model,
+    split_tensors,
 )
 from fedbus.services.intake import Rejections, SeenIds, is_big, model_limits
 from fedbus.task import FitResult, Task
@@ -327,7 +327,10 @@ class Trainer:
             self.rejections.reject("bad_config", f"config is {type(config).__name__}")
             return
         try:
-            weights, extra = split_model(env)
+            # judged now (counted here if forged), made dense later in the worker thread:
+            # dequantizing a model is not work for the event loop N trainers share
+            weights, extra = split_tensors(env.tensors)
+            check_model(weights, env.meta)
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return
@@ -427,8 +430,9 @@ class Trainer:
         """In a worker thread: train, compress and encode the update; (payload, the fit's
         result, training seconds, the ring's flat vector when the update goes to a ring)."""
         c, env = self.config, order.env
+        weights = decode_model(order.weights, env.meta)  # codec.model: checked on arrival
         started = time.monotonic()
-        delta, result = self._train(order.weights, order.extra, order.config)
+        delta, result = self._train(weights, order.extra, order.config)
         duration = time.monotonic() - started
         try:
             sent, codec_meta = self._compressor.encode(delta)
