@@ -59,6 +59,11 @@ _RETAIN_IF_NEW = 1
 _SENT_MIDS: ContextVar[list[int] | None] = ContextVar("fedbus_sent_mids", default=None)
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client, keeping the PUBACK reason codes it would drop (FACTS.md).
 
@@ -367,6 +372,10 @@ class MqttBus:
             logger=_paho_log,
         )
         client.pending_calls_threshold = 1 << 30  # chunk bursts are expected, not a warning
+        # A connection lost while nothing waits on it (between receive loops, or after this
+        # bus closed) is reported by the reconnect loop's own log (``lose_broker``); reading
+        # it here keeps asyncio from printing "Future exception was never retrieved" at exit.
+        client._disconnected.add_done_callback(_retrieve)
         # Acknowledge a QoS 1 message only once this bus has handed it on, not as soon as paho
         # has parsed it: with our Receive Maximum, the broker then never has more than
         # ``receive_maximum`` messages on their way into this process, and a sender faster
