@@ -1205,6 +1205,12 @@ def describe(m: Manifest) -> str:
     def plugin(p: PluginSpec) -> str:
         return p.name + (f" {thaw(p.params)}" if p.params else "")
 
+    def mode(u: UpdateCodec) -> str:
+        if u.mode == "int8":
+            return (f"int8 (block {u.block}, "
+                    f"{'stochastic' if u.stochastic else 'nearest'} rounding)")
+        return f"topk {u.fraction:g}" if u.mode == "topk" else u.mode
+
     r = m.round
     roles = "; ".join(f"{len(ids)} {role}{'s' if len(ids) > 1 else ''} ({_preview(ids, 4)})"
                       for role, ids in by_role.items())
@@ -1220,6 +1226,8 @@ def describe(m: Manifest) -> str:
         f"evaluate  {m.evaluate.where}" + (f" every {m.evaluate.every} round(s)"
                                            if m.evaluate.where != "none" else ""),
         f"task      {m.task.ref}" + (f" {thaw(m.task.params)}" if m.task.params else ""),
+        f"codec     zstd level {m.codec.level}; updates {mode(m.codec.update)}; "
+        f"model {mode(m.codec.model)}",
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]

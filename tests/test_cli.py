@@ -146,6 +146,18 @@ def test_validate_accepts_the_examples() -> None:
         assert "checked   task imports" in r.stdout
 
 
+def test_validate_says_how_updates_and_the_model_are_compressed(tmp_path: Path) -> None:
+    # Prepare
+    path = toy(tmp_path, codec={"level": 0, "update": {"mode": "topk", "fraction": 0.2},
+                                "model": "int8"})
+    # Execute
+    r = fedbus("validate", str(path))
+    # Assert
+    assert r.returncode == 0, r.stderr
+    assert ("codec     zstd level 0; updates topk 0.2; model int8 (block 256, nearest "
+            "rounding)") in r.stdout
+
+
 @pytest.mark.broker
 async def test_watch_after_the_job_ended_says_so(
     mosquitto: MosquittoProcess, tmp_path: Path
