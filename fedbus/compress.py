@@ -92,14 +92,19 @@ class UpdateCompressor:
     def __init__(self, codec: UpdateCodec, seed: int = 0) -> None:
         self.codec = codec
         self._rng = np.random.default_rng(seed)
-        self._residual: dict[str, np.ndarray] = {}
+        #: topk: per tensor, what was not sent yet (the client's state between rounds; a
+        #: simulated client keeps it in its saved state, fedbus.clientside).
+        self.residual: dict[str, np.ndarray] = {}
 
-    def encode(self, delta: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
-                                                                dict[str, Any]]:
-        """The tensors to send instead of ``delta`` and the meta entries that describe them."""
+    def encode(self, delta: Mapping[str, np.ndarray], *,
+               rng: np.random.Generator | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The tensors to send instead of ``delta`` and the meta entries that describe them.
+        ``rng`` (int8's stochastic rounding) defaults to the compressor's own stream."""
         mode = self.codec.mode
         if mode == "none":
             return dict(delta), {}
+        rng = rng if rng is not None else self._rng
         out: dict[str, np.ndarray] = {}
         for name, d in delta.items():
             if not _compressible(d):
@@ -107,17 +112,14 @@ class UpdateCompressor:
             elif mode == "fp16":
                 out[name] = d.astype(np.float16)
             elif mode == "int8":
-                out[name] = self._int8(d)
+                out[name] = pack_int8(d, self.codec.block, rng if self.codec.stochastic else None)
             else:
                 out[name] = self._topk(name, d)
         return out, {META_KEY: {"mode": mode, "block": self.codec.block}}
 
-    def _int8(self, d: np.ndarray) -> np.ndarray:
-        return pack_int8(d, self.codec.block, self._rng if self.codec.stochastic else None)
-
     def _topk(self, name: str, d: np.ndarray) -> np.ndarray:
         flat = d.reshape(-1).astype(np.float32)
-        residual = self._residual.get(name)
+        residual = self.residual.get(name)
         if residual is not None and residual.shape == flat.shape:
             flat = flat + residual
         k = max(1, int(np.ceil(self.codec.fraction * flat.size)))
@@ -126,7 +128,7 @@ class UpdateCompressor:
         values = flat[idx]
         rest = flat.copy()
         rest[idx] = 0.0
-        self._residual[name] = rest
+        self.residual[name] = rest
         return np.concatenate([idx.astype("<u4").view(np.uint8),
                                values.astype("<f4").view(np.uint8)])
 

@@ -175,7 +175,9 @@ class AggregatorBase(ABC, Generic[C]):
         self._gate.request(node)
 
     # --- incoming -------------------------------------------------------------------------
-    def _subscribe(self) -> Subscription:
+    # The round API (public: a relay runs its group's rounds through it).
+    def subscribe(self) -> Subscription:
+        """This node's subscription: its children's updates, presence, its checkpointer."""
         c = self.config
         filters: tuple[str, ...] = (topics.updates_for(c.job, c.node_id),
                                     topics.presence_all(c.job))
@@ -212,7 +214,8 @@ class AggregatorBase(ABC, Generic[C]):
             return True
         return False
 
-    async def _dispatch(self, msg: Message) -> None:
+    async def dispatch(self, msg: Message) -> None:
+        """Handle one message from ``subscribe()``'s subscription."""
         if self.durability is not None and msg.topic == self.durability.topic:
             self.durability.on_message(msg)
         else:
@@ -230,7 +233,7 @@ class AggregatorBase(ABC, Generic[C]):
                 msg = await sub.get(timeout=left)
             except TimeoutError:
                 return done()
-            await self._dispatch(msg)
+            await self.dispatch(msg)
         return True
 
     async def _restore(self, sub: Subscription) -> AggregatorState | None:
@@ -303,7 +306,9 @@ class AggregatorBase(ABC, Generic[C]):
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.warning("grant_unsent", task=task.get_name(), error=str(exc))
 
-    async def _wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
+    async def wait_for_clients(self, sub: Subscription, needed: int, timeout: float) -> None:
+        """Handle messages until ``needed`` children are online; FedbusError after
+        ``timeout``."""
         deadline = time.monotonic() + timeout
         # `online` holds only this node's children (the intake ignores other presence)
         while len(self.online) < needed:
@@ -317,7 +322,7 @@ class AggregatorBase(ABC, Generic[C]):
                 msg = await sub.get(timeout=left)
             except TimeoutError:
                 continue
-            await self._dispatch(msg)
+            await self.dispatch(msg)
         self._log.info("clients_ready", online=len(self.online))
 
     def _bus_losses(self) -> dict[str, int]:

@@ -176,14 +176,14 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
     # --- main loop -------------------------------------------------------------------------
     async def run(self) -> Weights:
         c = self.config
-        async with self._subscribe() as sub:
+        async with self.subscribe() as sub:
             await self._publish_presence("online")
             restored = await self._restore(sub)
             if restored is not None:
                 self._apply(restored)
-            await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+            await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             for number in range(self.start_round, c.rounds + 1):
-                report = await self._run_round(sub, number)
+                report = await self.run_round(sub, number)
                 if self.durability is not None and self.durability.due(number, c.rounds):
                     # the round is committed once the checkpointer has it
                     latency = await self._checkpoint(sub, self._state_after(number, report))
@@ -200,13 +200,15 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             self._feed.close()
         return self.weights
 
-    async def _run_round(self, sub: Subscription, number: int) -> RoundReport:
+    async def run_round(self, sub: Subscription, number: int) -> RoundReport:
+        """One synchronous round from ``self.weights``: select, broadcast, gather until the
+        deadline and quorum, fold. ``self.weights`` is the new model when it aggregated."""
         c = self.config
         started = time.monotonic()
         if not self.online & c.trainers:
             # min_clients gates the first round only: a federation that lost a trainer goes
             # on with who is left, but never runs a round with nobody at all.
-            await self._wait_for_clients(sub, 1, c.start_timeout_s)
+            await self.wait_for_clients(sub, 1, c.start_timeout_s)
         if isinstance(self.selector, RankedSelector) and self.selector.store is not None:
             # a fresh ranking from the store; it never holds the round up beyond timeout_s
             await refresh_ranking(self.bus, c.job, c.node_id, self.selector, number, self._log)
@@ -248,7 +250,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                     if wait < left:
                         continue
                     break
-                await self._dispatch(msg)
+                await self.dispatch(msg)
                 if state.overlap_due:
                     await self._reask_overlap(state)
             if len(state.accepted) >= need or extensions >= c.max_extensions:

@@ -168,12 +168,12 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     # --- main loop -------------------------------------------------------------------------
     async def run(self) -> Weights:
         c = self.config
-        async with self._subscribe() as sub:
+        async with self.subscribe() as sub:
             await self._publish_presence("online")
             restored = await self._restore(sub)
             if restored is not None:
                 self._apply(restored)
-            await self._wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+            await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
             self._period = self._new_period()
             await self._refill()
             while self.version < c.rounds:
@@ -207,7 +207,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             msg = None
         before = self.version
         if msg is not None:
-            await self._dispatch(msg)
+            await self.dispatch(msg)
         self._expire()
         if self.version != before and self.durability is not None \
                 and self.durability.due(self.version, c.rounds):

@@ -47,9 +47,9 @@ from fedbus.services._wire import (
 )
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
-from fedbus.services.intake import SeenIds, model_limits
-from fedbus.services.trainer import Trainer, TrainerConfig
-from fedbus.task import EvalResult, FitResult
+from fedbus.services.intake import OFFLOAD_BYTES, SeenIds, model_limits
+from fedbus.services.trainer import Order, Packed, Packer, Trainer, TrainerConfig
+from fedbus.task import FitResult
 from strategies import AsyncStrategy, ClientUpdate, Selector, Weights
 
 __all__ = ["AsyncRelay", "Relay"]
@@ -58,44 +58,43 @@ log = structlog.get_logger(__name__)
 
 
 class _GroupRound:
-    """The relay's task: its "training" is one round of its group."""
+    """The relay's update source: its "training" is one round of its group, run on the event
+    loop like any other service (no worker thread is held while the children train)."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._start: dict[str, np.ndarray] = {}
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in self.relay.group.weights.items()}
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        self._start = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-
-    def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
-        # called in the trainer's worker thread: the group's round runs on the event loop
-        assert self.loop is not None
-        number = int(config.get("round", 0))
-        future = asyncio.run_coroutine_threadsafe(
-            self.relay.group_round(self._start, number), self.loop)
-        report = future.result()
+    async def produce(self, order: Order, pack: Packer) -> Packed:
+        big = sum(int(v.nbytes) for v in order.weights.values()) >= OFFLOAD_BYTES
+        start = await asyncio.to_thread(order.dense_weights) if big else order.dense_weights()
+        number = order.env.round
+        started = time.monotonic()
+        report = await self.relay.group_round(start, number)
         if not report.aggregated or report.examples <= 0:
             raise FedbusError(f"group round {number}: {len(report.accepted)} of "
                               f"{len(report.selected)} children delivered, below quorum")
         metrics = {"participants": float(len(report.accepted))}
         if report.train_loss is not None:
             metrics["train_loss"] = float(report.train_loss)
-        return FitResult(num_examples=report.examples, metrics=metrics)
+        result = FitResult(num_examples=report.examples, metrics=metrics)
+        model = self.relay.group.weights
 
-    def evaluate(self) -> EvalResult:
-        raise FedbusError("a relay does not evaluate; the root aggregator does")
+        def delta_and_pack() -> Packed:
+            delta = {k: (model[k] - start[k]).astype(start[k].dtype, copy=False)
+                     for k in start}
+            return pack(delta, result, time.monotonic() - started)
+
+        return await asyncio.to_thread(delta_and_pack)
 
 
 class Relay:
     def __init__(self, group: Aggregator, config: TrainerConfig, bus: Bus) -> None:
         self.group = group
         self.bus = bus
-        self.task = _GroupRound(self)
-        self.upward = Trainer(config, bus, self.task)  # type: ignore[arg-type]
+        self.upward = Trainer(config, bus, _GroupRound(self))
         self._sub: Subscription | None = None
         self._gather_until = 0.0
         self._log = log.bind(node=config.node_id, role="relay", job=config.job)
@@ -106,12 +105,11 @@ class Relay:
 
     async def run(self) -> int:
         """Serve the parent's rounds until it says the job is done; the rounds taken part in."""
-        self.task.loop = asyncio.get_running_loop()
         g = self.group.config
         # Listen to the parent at once (its first order must not pass unheard while the group
         # gathers); the first group round waits for the whole group, for a bounded time.
         self._gather_until = time.monotonic() + g.start_timeout_s
-        async with self.group._subscribe() as sub:
+        async with self.group.subscribe() as sub:
             self._sub = sub
             return await self.upward.run()
 
@@ -123,15 +121,14 @@ class Relay:
                 msg = await sub.get(timeout=0)
             except TimeoutError:
                 break
-            await self.group._dispatch(msg)
+            await self.group.dispatch(msg)
         await self._gather(sub)
         self.group.weights = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-        report = await self.group._run_round(sub, number)
+        report = await self.group.run_round(sub, number)
         self.group.history.append(report)
         self._log.info("group_round_finished", round=number, participants=len(report.accepted),
                        examples=report.examples)
         return report
-
 
     async def _gather(self, sub: Subscription) -> None:
         """Before the first round, wait for the whole group (a hierarchy's first round has
@@ -143,7 +140,7 @@ class Relay:
         if left <= 0 or len(self.group.online) >= g.min_clients:
             return
         try:
-            await self.group._wait_for_clients(sub, g.min_clients, left)
+            await self.group.wait_for_clients(sub, g.min_clients, left)
         except FedbusError:
             self._log.warning("group_incomplete", online=sorted(self.group.online),
                               expected=sorted(g.trainers),
@@ -243,7 +240,7 @@ class AsyncRelay(AsyncAggregator):
 
     async def run(self) -> int:  # type: ignore[override]
         c = self.config
-        async with self._subscribe() as sub:
+        async with self.subscribe() as sub:
             await self._publish_presence("online")
             while not self.done:
                 await self._relay_step(sub)
@@ -265,7 +262,7 @@ class AsyncRelay(AsyncAggregator):
         except TimeoutError:
             msg = None
         if msg is not None:
-            await self._dispatch(msg)
+            await self.dispatch(msg)
         self._expire()
         if self._upload is not None and time.monotonic() - self._upload_since > c.deadline_s:
             # no grant came (the parent refused the ready, or restarted): the rest must not
@@ -280,7 +277,7 @@ class AsyncRelay(AsyncAggregator):
             await self._refill()
 
     # --- the parent side ---------------------------------------------------------------
-    def _subscribe(self) -> Subscription:
+    def subscribe(self) -> Subscription:
         c = self.config
         update = self.intake.settings.limits.max_frame_bytes
         small = min(update, c.gate_bytes)
@@ -296,11 +293,11 @@ class AsyncRelay(AsyncAggregator):
             return total <= self._order_limits.max_frame_bytes
         return super()._admit_chunks(topic, total)
 
-    async def _dispatch(self, msg: Message) -> None:
+    async def dispatch(self, msg: Message) -> None:
         if msg.topic in self._up:
             await self._on_parent(msg)
         else:
-            await super()._dispatch(msg)
+            await super().dispatch(msg)
 
     async def _on_parent(self, msg: Message) -> None:
         c = self.config

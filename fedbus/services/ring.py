@@ -142,7 +142,7 @@ class RingMember:
         self.bus = trainer.bus
         self.me = c.node_id
         self.rejections = trainer.rejections
-        self.layout = _Layout(trainer.task.get_weights())
+        self.layout = _Layout(trainer.source.get_weights())
         chunk = -(-self.layout.size // 2) * self.layout.dtype.itemsize
         self._limits = Limits(max_frame_bytes=chunk + chunk // 64 + (64 << 10),
                               max_header_bytes=64 << 10, max_decompressed_bytes=chunk,

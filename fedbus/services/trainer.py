@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message
+from fedbus.clientside import ClientSide
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
-from fedbus.compress import UpdateCodec, UpdateCompressor, check_model, decode_model
+from fedbus.compress import UpdateCodec, check_model, decode_model
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import (
     DONE,
@@ -45,15 +46,10 @@ from fedbus.services._wire import (
 )
 from fedbus.services.intake import Rejections, SeenIds, is_big, model_limits
 from fedbus.task import FitResult, Task
-from strategies import StrategyError
-from strategies.dp import clip_and_noise
 
-__all__ = ["Trainer", "TrainerConfig"]
+__all__ = ["Order", "Packed", "TaskSource", "Trainer", "TrainerConfig", "UpdateSource"]
 
 log = structlog.get_logger(__name__)
-
-#: A hook applied to (delta, config) before sending, e.g. client-side DP clipping + noise.
-DeltaHook = Callable[[dict[str, np.ndarray], Mapping[str, Any]], dict[str, np.ndarray]]
 
 
 class RingHook(Protocol):
@@ -96,14 +92,78 @@ _MAX_RESENDS = 3
 
 
 @dataclass(slots=True)
-class _Order:
-    """A checked round order, waiting to be trained."""
+class Order:
+    """A checked round order, waiting to be trained: ``weights`` as they came (perhaps a
+    ``codec.model`` view, made dense by ``dense_weights`` off the event loop)."""
 
     env: Envelope
     epoch: str
     weights: dict[str, np.ndarray]
     extra: dict[str, np.ndarray]
     config: dict[str, Any]
+
+    def dense_weights(self) -> dict[str, np.ndarray]:
+        return decode_model(self.weights, self.env.meta)  # codec.model: checked on arrival
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """An update ready to send: its payload, the fit's result, the seconds it took, and the
+    flat vector a ring group sums (None when the update goes straight to the parent)."""
+
+    payload: bytes
+    result: FitResult
+    duration: float
+    vec: np.ndarray | None
+
+
+#: Turns (the delta from the order's model, the fit's result, seconds) into the update to
+#: send: the trainer's client-side chain and encoding. Sources call it in a worker thread.
+Packer = Callable[[dict[str, np.ndarray], FitResult, float], Packed]
+
+
+@runtime_checkable
+class UpdateSource(Protocol):
+    """Where a trainer's update comes from: a task trained in a worker thread
+    (``TaskSource``), or a relay's round of its group (``fedbus.services.relay``)."""
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The model's names, shapes and dtypes (what orders are checked against)."""
+        ...
+
+    async def produce(self, order: Order, pack: Packer) -> Packed:
+        """Train from ``order`` and return ``pack(delta, result, seconds)``. Raises
+        ``FedbusError`` when there is nothing to send."""
+        ...
+
+
+class TaskSource:
+    """A task trained in ONE worker-thread trip with the packing: each trip back to the event
+    loop is a wake-up and a GIL hand-off, N of them a round in a process of N trainers."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.task.get_weights()
+
+    async def produce(self, order: Order, pack: Packer) -> Packed:
+        return await asyncio.to_thread(self._fit_and_pack, order, pack)
+
+    def _fit_and_pack(self, order: Order, pack: Packer) -> Packed:
+        weights = order.dense_weights()
+        started = time.monotonic()
+        try:
+            self.task.set_weights(weights)
+        except Exception as exc:
+            raise FedbusError(f"global model does not fit this task: {exc}") from exc
+        result = self.task.fit(order.config, order.extra)
+        if result.num_examples <= 0:
+            raise FedbusError("task trained on 0 examples: nothing to send")
+        local = self.task.get_weights()
+        delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False)
+                 for k in weights}
+        return pack(delta, result, time.monotonic() - started)
 
 
 class Trainer:
@@ -113,19 +173,16 @@ class Trainer:
         self,
         config: TrainerConfig,
         bus: Bus,
-        task: Task,
-        *,
-        delta_hook: DeltaHook | None = None,
+        source: Task | UpdateSource,
     ) -> None:
         self.config = config
         self.bus = bus
-        self.task = task
-        self.delta_hook = delta_hook
+        self.source: UpdateSource = (source if isinstance(source, UpdateSource)
+                                     else TaskSource(source))
         #: Set by a ring group member wrapping this trainer: its updates go through the ring.
         self.ring: RingHook | None = None
         # lives as long as the trainer: top-k keeps what it has not sent yet (error feedback)
-        self._compressor = UpdateCompressor(config.update_codec,
-                                            seed=zlib.crc32(config.node_id.encode()))
+        self._client = ClientSide(config.update_codec)
         self.rounds_trained = 0
         self.rejections = Rejections(config.node_id)
         self._orders_seen = SeenIds(capacity=4096)
@@ -137,12 +194,12 @@ class Trainer:
         #: The last synchronous update sent: (epoch, round, payload), sent again if asked.
         self._last_sent: tuple[str, int, bytes] | None = None
         self._resent = 0
-        self._next: _Order | None = None
+        self._next: Order | None = None
         #: (epoch, round) being trained now
         self._current: tuple[str, int] | None = None
         #: A large update waiting for the aggregator's upload grant: (round, epoch, payload).
         self._pending: tuple[int, str, bytes] | None = None
-        self._limits = model_limits(task.get_weights(), 1 + config.client_aux_models,
+        self._limits = model_limits(self.source.get_weights(), 1 + config.client_aux_models,
                                     config.limits)
         self._log = log.bind(node=config.node_id, role="trainer", job=config.job)
         c = config
@@ -334,7 +391,7 @@ class Trainer:
         except UpdateRejected as exc:
             self.rejections.reject(exc.reason, exc.detail)
             return
-        order = _Order(env, epoch, weights, extra, config)
+        order = Order(env, epoch, weights, extra, config)
         if self._worker is not None and not self._worker.done():
             # Training happens beside the message loop (which keeps rejecting garbage and
             # answering grants); an order that comes meanwhile waits, and a newer one
@@ -346,7 +403,7 @@ class Trainer:
             return
         self._worker = asyncio.create_task(self._work(order), name=f"train-{c.node_id}")
 
-    async def _work(self, order: _Order | None) -> None:
+    async def _work(self, order: Order | None) -> None:
         while order is not None:
             self._current = (order.epoch, order.env.round)
             try:
@@ -358,7 +415,7 @@ class Trainer:
                     and order.env.round in self._delivered.get(order.epoch, []):
                 order = None  # delivered meanwhile (a re-broadcast queued behind itself)
 
-    async def _train_and_send(self, order: _Order) -> None:
+    async def _train_and_send(self, order: Order) -> None:
         env, epoch = order.env, order.epoch
         if self._pending is not None:
             self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
@@ -366,11 +423,7 @@ class Trainer:
         if env.meta.get("mode") != "async":
             self._last_sent = None  # the parent has moved on: no need to hold the old update
         try:
-            # one trip to a worker thread for training, compressing and encoding: each trip
-            # back to the event loop is a wake-up and a GIL hand-off, N of them per round in
-            # a process hosting N trainers
-            payload, result, duration, vec = await asyncio.to_thread(self._train_and_pack,
-                                                                     order)
+            packed = await self.source.produce(order, functools.partial(self._pack, order))
         except FedbusError as exc:
             self._log.error("training_failed", round=env.round, error=str(exc))
             return
@@ -378,6 +431,7 @@ class Trainer:
             self._log.exception("task_raised", round=env.round, error=repr(exc))
             return
         del order  # the payload (and a ring's vector) is all that is needed
+        payload, result, duration, vec = packed.payload, packed.result, packed.duration, packed.vec
         ring = self.ring if vec is not None else None
         if env.meta.get("mode") != "async":
             rounds = self._delivered.setdefault(epoch, [])
@@ -425,17 +479,14 @@ class Trainer:
                                              self.config.node_id), payload)
         self._log.info("update_sent", round=env.round, bytes=len(payload), granted=True)
 
-    def _train_and_pack(self, order: _Order
-                        ) -> tuple[bytes, FitResult, float, np.ndarray | None]:
-        """In a worker thread: train, compress and encode the update; (payload, the fit's
-        result, training seconds, the ring's flat vector when the update goes to a ring)."""
+    def _pack(self, order: Order, delta: dict[str, np.ndarray], result: FitResult,
+              duration: float) -> Packed:
+        """In a worker thread: the client-side chain (DP, compression) and the encoding; for
+        a ring member, the flat vector its ring sums."""
         c, env = self.config, order.env
-        weights = decode_model(order.weights, env.meta)  # codec.model: checked on arrival
-        started = time.monotonic()
-        delta, result = self._train(weights, order.extra, order.config)
-        duration = time.monotonic() - started
+        prepared = self._client.prepare(delta, result.metrics, order.config, c.node_id)
+        result = FitResult(result.num_examples, prepared.metrics, result.aux)
         try:
-            sent, codec_meta = self._compressor.encode(delta)
             update = Envelope(
                 kind=UPDATE,
                 job=c.job,
@@ -443,55 +494,18 @@ class Trainer:
                 round=env.round,
                 meta={
                     "num_examples": int(result.num_examples),
-                    "metrics": {k: float(v) for k, v in result.metrics.items()},
+                    "metrics": prepared.metrics,
                     "duration_s": round(duration, 4),
-                    **codec_meta,
+                    **prepared.meta,
                 },
-                tensors=join_tensors(sent, result.aux),
+                tensors=join_tensors(prepared.tensors, result.aux),
             )
             payload = encode(update, c.compression)
         except (ValueError, TypeError, CodecError) as exc:  # e.g. metrics that are not numbers
             raise FedbusError(f"could not encode the update: {exc}") from exc
         ring = self.ring if self.ring is not None and self.ring.joins(env, result) else None
-        vec = None if ring is None else ring.flatten(delta, result)
-        return payload, result, duration, vec
-
-    def _train(
-        self, weights: dict[str, np.ndarray], extra: dict[str, np.ndarray],
-        config: Mapping[str, Any],
-    ) -> tuple[dict[str, np.ndarray], FitResult]:
-        try:
-            self.task.set_weights(weights)
-        except Exception as exc:
-            raise FedbusError(f"global model does not fit this task: {exc}") from exc
-        result = self.task.fit(config, extra)
-        if result.num_examples <= 0:
-            raise FedbusError("task trained on 0 examples: nothing to send")
-        local = self.task.get_weights()
-        delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False) for k in weights}
-        if "dp_clipping_norm" in config:
-            delta, result = self._local_dp(delta, result, config)
-        if self.delta_hook is not None:
-            delta = self.delta_hook(delta, config)
-        return delta, result
-
-    def _local_dp(
-        self, delta: dict[str, np.ndarray], result: FitResult, config: Mapping[str, Any]
-    ) -> tuple[dict[str, np.ndarray], FitResult]:
-        """Client-side DP (strategy ``dp_client``): clip and noise before anything leaves."""
-        try:
-            clip = float(config["dp_clipping_norm"])
-            noise = float(config.get("dp_noise_multiplier", 0.0))
-            # Seeded per (job seed, node, round): reproducible, and different for every node.
-            node_key = zlib.crc32(self.config.node_id.encode())
-            rng = np.random.default_rng([int(config.get("seed", 0)), node_key,
-                                         int(config.get("round", 0))])
-            noised, report = clip_and_noise(delta, clip, noise, rng)
-        except (StrategyError, TypeError, ValueError) as exc:
-            raise FedbusError(f"bad client-side DP settings from the aggregator: {exc}") from exc
-        metrics = {**result.metrics, "dp_clipped": float(report["clipped"]),
-                   "dp_noise_multiplier": float(report["noise_multiplier"])}
-        return noised, FitResult(result.num_examples, metrics, result.aux)
+        vec = None if ring is None else ring.flatten(prepared.delta, result)
+        return Packed(payload, result, duration, vec)
 
     async def _publish_presence(self, status: str) -> None:
         c = self.config

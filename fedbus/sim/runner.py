@@ -94,7 +94,7 @@ def _workers(m: Manifest, count: int, memory: MemoryBroker | None,
         bus = _bus(m, node_id, "sim_worker", memory)
         config = WorkerConfig(job=m.job, node_id=node_id, aggregator=agg,
                               coordinator=coordinator_id(m), compression=_compression(m),
-                              limits=_limits(m),
+                              limits=_limits(m), update_codec=m.codec.update,
                               order_cache=max(64, 2 * population.spec.per_round + 8))
         out.append((bus, VirtualWorker(config, bus, ClientTasks(m), population)))
     _quiet_torch()

@@ -17,25 +17,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus
+from fedbus.clientside import ClientSide, split_state
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.compress import UpdateCodec
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.services._wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
-from strategies import StrategyError
-from strategies.dp import clip_and_noise
 
 __all__ = ["TASK", "VirtualWorker", "WorkerConfig", "share_group"]
 
@@ -59,6 +57,8 @@ class WorkerConfig:
     limits: Limits = Limits()
     #: Round orders kept for work items that arrive later (async: one order per dispatch).
     order_cache: int = 256
+    #: The manifest's ``codec.update``: applied by every virtual client, as by a trainer.
+    update_codec: UpdateCodec = UpdateCodec()
 
 
 class VirtualWorker:
@@ -77,6 +77,8 @@ class VirtualWorker:
         self.busy_s = 0.0
         self._orders: OrderedDict[str, bytes] = OrderedDict()
         self._parked: dict[str, list[Envelope]] = {}
+        #: The client-side chain (DP, update compression) every virtual client runs.
+        self._client = ClientSide(config.update_codec)
         self._log = log.bind(node=config.node_id, role="sim_worker", job=config.job)
 
     async def run(self) -> int:
@@ -155,26 +157,27 @@ class VirtualWorker:
             raise FedbusError(f"round order {order.msg_id}: {exc}") from None
         task = self.tasks.for_client(index)
         task.set_weights(weights)
+        saved = self.store.get(client) if self.store is not None else {}
+        task_state, chain_state = split_state(saved)
         stateful = self.store is not None and isinstance(task, StatefulTask)
         if stateful:
-            assert self.store is not None and isinstance(task, StatefulTask)
-            task.load_client_state(self.store.get(client))
+            assert isinstance(task, StatefulTask)
+            task.load_client_state(task_state)
         result = task.fit(config, extra)
         if result.num_examples <= 0:
             raise FedbusError(f"client {client} trained on 0 examples")
-        if stateful:
-            assert self.store is not None and isinstance(task, StatefulTask)
-            self.store.put(client, task.client_state())
         local = task.get_weights()
         delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False) for k in weights}
-        metrics = {k: float(v) for k, v in result.metrics.items()}
-        if "dp_clipping_norm" in config:
-            delta, metrics = _local_dp(delta, metrics, config, client)
+        self._client.load_state(chain_state)
+        prepared = self._client.prepare(delta, result.metrics, config, client)
+        if self.store is not None and (stateful or self._client.stateful):
+            own = task.client_state() if isinstance(task, StatefulTask) and stateful else {}
+            self.store.put(client, {**own, **self._client.state()})
         env = Envelope(
             kind=UPDATE, job=c.job, sender=client, round=round,
-            meta={"num_examples": int(result.num_examples), "metrics": metrics,
-                  "worker": c.node_id},
-            tensors=join_tensors(delta, result.aux),
+            meta={"num_examples": int(result.num_examples), "metrics": prepared.metrics,
+                  "worker": c.node_id, **prepared.meta},
+            tensors=join_tensors(prepared.tensors, result.aux),
         )
         return encode(env, c.compression)
 
@@ -184,19 +187,3 @@ class VirtualWorker:
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
 
 
-
-def _local_dp(delta: dict[str, np.ndarray], metrics: dict[str, float],
-              config: Mapping[str, Any], client: str) -> tuple[dict[str, np.ndarray],
-                                                               dict[str, float]]:
-    """Client-side DP (strategy ``dp_client``), as a trainer applies it: clip and noise before
-    the update leaves the client, seeded per (job seed, client, round) like the trainer."""
-    try:
-        clip = float(config["dp_clipping_norm"])
-        noise = float(config.get("dp_noise_multiplier", 0.0))
-        rng = np.random.default_rng([int(config.get("seed", 0)), zlib.crc32(client.encode()),
-                                     int(config.get("round", 0))])
-        noised, report = clip_and_noise(delta, clip, noise, rng)
-    except (StrategyError, TypeError, ValueError) as exc:
-        raise FedbusError(f"bad client-side DP settings from the aggregator: {exc}") from exc
-    return noised, {**metrics, "dp_clipped": float(report["clipped"]),
-                    "dp_noise_multiplier": float(report["noise_multiplier"])}
