@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.relay import Relay
 
+ROOT = Path(__file__).resolve().parents[1]
 TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}
 
 
@@ -310,3 +312,37 @@ async def test_relays_decode_a_compressed_broadcast_and_compress_their_own() -> 
     scale = float(np.abs(exact.weights["w"]).max())
     np.testing.assert_allclose(lossy.weights["w"], exact.weights["w"], rtol=0,
                                atol=0.02 * scale)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_ten_relays_of_a_hundred_trainers_in_one_process_complete_their_rounds(
+        tmp_path: Path) -> None:
+    # Prepare: 1,011 nodes, each on its own MQTT connection to `fedbus run`'s private
+    # mosquitto. Six or more relays in one process used to deadlock: each held one of
+    # asyncio's worker threads for its group's whole round, and the trainers starved.
+    import subprocess
+    import sys
+
+    import yaml
+
+    nodes: list[dict[str, Any]] = [{"id": "agg", "role": "aggregator"}]
+    for r in range(10):
+        nodes.append({"id": f"relay-{r}", "role": "relay", "parent": "agg"})
+        nodes += [{"id": f"t{r * 100 + t}", "role": "trainer", "parent": f"relay-{r}",
+                   "partition": r * 100 + t} for t in range(100)]
+    path = tmp_path / "hierarchy.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "job": "h10", "rounds": 2, "seed": 1, "strategy": "fedavg",
+        "round": {"deadline_s": 240, "quorum": 1.0, "min_clients": 10},
+        "task": {"ref": "examples.toy.task:make_task", "params": {"size": 64}},
+        "nodes": nodes}))
+    # Execute
+    done = subprocess.run([sys.executable, "-m", "fedbus.cli", "run", str(path),
+                           "--runs-dir", str(tmp_path / "runs")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    # Assert: both rounds aggregated every relay's group of 100
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = [ln for ln in done.stdout.splitlines() if ln.startswith("round")]
+    assert len(rounds) == 2 and all("participants 10/10" in ln for ln in rounds), rounds
+    assert done.stdout.splitlines()[-1].startswith("final loss=")

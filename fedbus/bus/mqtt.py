@@ -212,7 +212,7 @@ class MqttBus:
         self._counters: dict[str, int] = dict.fromkeys(
             ("published", "published_bytes", "chunks_sent", "received", "connects",
              "reconnects", "connect_failures", "connection_losses", "publish_retries",
-             "publish_denied", "subscribe_denied"),
+             "publish_denied", "subscribe_denied", "op_retries"),
             0,
         )  # fmt: skip
 
@@ -641,6 +641,13 @@ class MqttBus:
                     return task.result()
                 if not isinstance(exc, aiomqtt.MqttError):
                     raise exc
+                if not conn.lost.is_set() and "timed out" in str(exc):
+                    # No answer within the client's timeout while the connection lives: the
+                    # broker or this process is busy (a thousand connections subscribing at
+                    # once), not gone. Ask again until the deadline instead of failing.
+                    self._counters["op_retries"] += 1
+                    log.info("retry_slow_op", node=self.node_id, what=what)
+                    continue
                 # Connection trouble surfaced first: wait for the loss to register, then retry.
                 try:
                     async with asyncio.timeout(max(0.0, deadline - loop.time())):
