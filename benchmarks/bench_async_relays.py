@@ -39,9 +39,14 @@ if str(ROOT) not in sys.path:
 from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto  # noqa: E402
 from fedbus.log import configure_logging  # noqa: E402
 from fedbus.manifest import BrokerSpec, Manifest, parse_manifest, with_broker  # noqa: E402
-from fedbus.node import build_node, make_bus, open_task  # noqa: E402
+from fedbus.node import build_node, make_bus  # noqa: E402
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncReport  # noqa: E402
-from fedbus.task import EvalResult, FitResult, Task  # noqa: E402
+from fedbus.task import (  # noqa: E402
+    EvalResult,
+    FitResult,
+    Task,
+    open_task,
+)
 
 
 class TimedTask:

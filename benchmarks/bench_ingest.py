@@ -59,7 +59,7 @@ def _eprint(*parts: object) -> None:
 
 def frames_for(params: int, clients: int) -> list[tuple[str, bytes]]:
     """(topic, frame) for N updates as trainers publish them (chunked, in order)."""
-    from fedbus.services._wire import UPDATE
+    from fedbus.wire import UPDATE
 
     # random values: nothing for any compressor to find, as with a real update
     delta = np.random.default_rng(0).standard_normal(params, dtype=np.float32)
@@ -163,7 +163,8 @@ async def consume(host: str, port: int, params: int, clients: int, timeout_s: fl
     from fedbus.bus import _paho_fast
     from fedbus.bus._chunking import ChunkLimits
     from fedbus.bus.mqtt import MqttBus
-    from fedbus.services.intake import Intake, IntakeSettings, model_limits
+    from fedbus.door import model_limits
+    from fedbus.services.intake import Intake, IntakeSettings
 
     if paho_reader:  # before/after: paho's own receive path (fedbus before _paho_fast)
         _paho_fast.install = lambda paho: False  # type: ignore[assignment]

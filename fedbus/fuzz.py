@@ -27,7 +27,7 @@ from fedbus.bus._chunking import CHUNK_MAGIC, FRAME_VERSION, HEADER
 from fedbus.codec import Compression, Envelope, encode
 from fedbus.compress import MODEL_META_KEY
 from fedbus.manifest import Manifest, compile_wiring
-from fedbus.services._wire import DONE, GRANT, READY, ROUND, UPDATE, join_tensors, presence
+from fedbus.wire import DONE, GRANT, READY, ROUND, UPDATE, join_tensors, presence
 
 __all__ = ["CATEGORIES", "FuzzMessage", "Fuzzer"]
 

@@ -6,7 +6,6 @@ The one place where the manifest meets the services: ``fedbus serve`` runs one n
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,14 +19,14 @@ from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, feeds_sketches, thaw
 from fedbus.services._durability import DurabilitySettings
-from fedbus.services._wire import presence
 from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
 from fedbus.services.relay import AsyncRelay, Relay
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.store.feed import FeedSettings
-from fedbus.task import EvalResult, Task, load_task
+from fedbus.task import EvalResult, Task, open_task
+from fedbus.wire import presence
 from strategies import (
     AsyncStrategy,
     FedAvg,
@@ -133,22 +132,6 @@ def check_queue_fit(m: Manifest, node: NodeSpec, model_bytes: int, copies: int,
             f"(broker.max_queued_messages) and drops the rest silently",
             f"max_queued_messages in the broker's config (and broker.max_queued_messages in "
             f"{m.source}) to at least {need}, or raise broker.chunk_bytes")
-
-
-def open_task(m: Manifest, node: NodeSpec | None) -> Task:
-    """Build the node's task (``node=None``: the aggregator's evaluation copy)."""
-    search = [Path.cwd()]
-    if m.source and not m.source.startswith("<"):
-        here = Path(m.source).resolve().parent
-        search += [here, *here.parents]
-    return load_task(
-        m.task.ref,
-        partition=None if node is None else node.partition,
-        num_partitions=m.num_partitions,
-        seed=m.seed,
-        params=thaw(m.task.params),
-        search_paths=search,
-    )
 
 
 def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Selector]:

@@ -17,10 +17,18 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from fedbus.errors import TaskError
+from fedbus.manifest import Manifest, NodeSpec, thaw
 from strategies._params import declared_params, type_problems
 
 __all__ = [
-    "EvalResult", "FitResult", "Task", "load_task", "param_problems", "resolve_factory",
+    "EvalResult",
+    "FitResult",
+    "Task",
+    "load_task",
+    "open_task",
+    "param_problems",
+    "resolve_factory",
+    "search_paths",
 ]
 
 # Passed by fedbus to every factory call, not by the manifest.
@@ -144,3 +152,25 @@ def load_task(
         if not callable(getattr(task, method, None)):
             raise TaskError(f"{ref} returned {type(task).__name__}, which has no {method}()")
     return task  # type: ignore[no-any-return]
+
+
+def search_paths(m: Manifest) -> list[Path]:
+    """Where a manifest's ``task.ref`` module is looked for: the working folder, then the
+    manifest's folder and its parents."""
+    search = [Path.cwd()]
+    if m.source and not m.source.startswith("<"):
+        here = Path(m.source).resolve().parent
+        search += [here, *here.parents]
+    return search
+
+
+def open_task(m: Manifest, node: NodeSpec | None) -> Task:
+    """Build ``node``'s task (``node=None``: the server's evaluation copy)."""
+    return load_task(
+        m.task.ref,
+        partition=None if node is None else node.partition,
+        num_partitions=m.num_partitions,
+        seed=m.seed,
+        params=thaw(m.task.params),
+        search_paths=search_paths(m),
+    )

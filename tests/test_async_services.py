@@ -21,7 +21,9 @@ from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import (
+from fedbus.services.async_aggregator import AsyncAggregator, AsyncReport
+from fedbus.services.trainer import Trainer
+from fedbus.wire import (
     DONE,
     METRICS,
     PRESENCE,
@@ -30,8 +32,6 @@ from fedbus.services._wire import (
     join_tensors,
     presence,
 )
-from fedbus.services.async_aggregator import AsyncAggregator, AsyncReport
-from fedbus.services.trainer import Trainer
 from strategies import ClientUpdate, FedBuff, InFlightSelector, Weights
 
 SIZE = 32

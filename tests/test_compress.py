@@ -15,9 +15,9 @@ from fedbus.compress import (
     decode_update,
     encode_model,
 )
+from fedbus.door import model_limits
 from fedbus.errors import ManifestError, UpdateRejected
 from fedbus.manifest import parse_manifest
-from fedbus.services.intake import model_limits
 
 
 def _model(seed: int = 0) -> dict[str, np.ndarray]:

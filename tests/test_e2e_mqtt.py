@@ -27,7 +27,7 @@ from fedbus import topics
 from fedbus.broker import MosquittoProcess
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import Compression, Envelope, decode, encode
-from fedbus.services._wire import ROUND, UPDATE, join_tensors
+from fedbus.wire import ROUND, UPDATE, join_tensors
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

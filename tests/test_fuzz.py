@@ -106,5 +106,6 @@ def test_the_store_refuses_and_counts_what_reaches_it(open_broker_run: Result) -
     got = set(open_broker_run.fuzzed.rejected["store"])
     for reasons in ({"unknown_sender"}, {"implausible_round"}, {"unexpected_done"},
                     {"spoofed_sender"}, {"truncated", "bad_magic"}, {"too_large"},
-                    {"bad_query"}):
+                    {"query_bad_magic", "query_truncated", "query_too_large", "query_bad_kind",
+                     "query_spoofed_sender", "query_wrong_job"}):
         assert reasons & got, (reasons, got)

@@ -26,9 +26,9 @@ from fedbus.codec import Envelope, decode, encode
 from fedbus.compress import MODEL_META_KEY
 from fedbus.manifest import BrokerSpec, Manifest, compile_wiring, parse_manifest, with_broker
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import DONE, METRICS, ROUND, UPDATE, join_tensors, presence
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.trainer import Trainer
+from fedbus.wire import DONE, METRICS, ROUND, UPDATE, join_tensors, presence
 
 SIZE = 64
 

@@ -17,9 +17,9 @@ from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import decode, encode
 from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import DONE, GRANT, presence
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.services.relay import AsyncRelay
+from fedbus.wire import DONE, GRANT, presence
 from strategies import ClientUpdate, FedBuff, Weights
 
 SIZE = 32

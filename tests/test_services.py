@@ -20,8 +20,8 @@ from fedbus.compress import MODEL_META_KEY, UpdateCodec
 from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node, make_bus
 from fedbus.services._gate import UploadGate
-from fedbus.services._wire import ROUND, UPDATE, join_tensors, presence
 from fedbus.services.aggregator import Aggregator
+from fedbus.wire import ROUND, UPDATE, join_tensors, presence
 
 SIZE = 32
 LR = 0.5

@@ -17,7 +17,7 @@ import numpy as np
 
 from fedbus.codec import Envelope, flatten_tree, unflatten_tree
 from fedbus.errors import CodecError
-from fedbus.services._wire import join_tensors, split_tensors
+from fedbus.wire import join_tensors, split_tensors
 
 __all__ = ["CHECKPOINT", "AggregatorState", "state_envelope", "state_from"]
 

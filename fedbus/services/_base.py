@@ -22,17 +22,12 @@ from fedbus.bus import Bus, Message, Subscription
 from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec
+from fedbus.door import OFFLOAD_BYTES, Rejections, model_limits
 from fedbus.errors import BusError, FedbusError
 from fedbus.services._durability import Durability, DurabilitySettings
 from fedbus.services._gate import UploadGate
-from fedbus.services._wire import GRANT, presence
-from fedbus.services.intake import (
-    OFFLOAD_BYTES,
-    Intake,
-    IntakeSettings,
-    Rejections,
-    model_limits,
-)
+from fedbus.services.intake import Intake, IntakeSettings
+from fedbus.wire import GRANT, presence
 
 __all__ = ["OFFLOAD_BYTES", "AggregatorBase", "AggregatorSettings"]
 

@@ -16,9 +16,9 @@ from fedbus import topics
 from fedbus.bus import Message
 from fedbus.checkpoint import AggregatorState, state_envelope, state_from
 from fedbus.codec import Envelope, Limits, decode
+from fedbus.door import Rejections
 from fedbus.errors import CodecError
 from fedbus.services.checkpointer import CHECKPOINT_ACK, RESTORE, RESTORE_REQUEST
-from fedbus.services.intake import Rejections
 
 __all__ = ["Durability", "DurabilitySettings"]
 

@@ -26,10 +26,10 @@ from fedbus.compress import encode_model
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services import ring
 from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
-from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
 from fedbus.store.feed import FeedSettings, SketchFeed
 from fedbus.store.live import refresh_ranking
 from fedbus.task import EvalResult
+from fedbus.wire import DONE, METRICS, ROUND, join_tensors
 from strategies import ClientUpdate, Selector, Strategy, Weights
 from strategies.ranked import RankedSelector
 

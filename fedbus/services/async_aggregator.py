@@ -34,9 +34,9 @@ from fedbus.codec import Envelope, encode
 from fedbus.compress import encode_model
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services._base import AggregatorBase, AggregatorSettings
-from fedbus.services._wire import DONE, METRICS, ROUND, join_tensors
 from fedbus.services.aggregator import RoundReport, _plain
 from fedbus.task import EvalResult
+from fedbus.wire import DONE, METRICS, ROUND, join_tensors
 from strategies import AsyncStrategy, ClientUpdate, Selector, Weights
 
 __all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]

@@ -27,9 +27,9 @@ from fedbus import topics
 from fedbus.bus import Bus, Message
 from fedbus.checkpoint import CHECKPOINT, CheckpointStore, state_from
 from fedbus.codec import Envelope, Limits, decode, encode
+from fedbus.door import Rejections
 from fedbus.errors import BusError, CodecError, FedbusError
-from fedbus.services._wire import presence
-from fedbus.services.intake import Rejections
+from fedbus.wire import presence
 
 __all__ = ["CHECKPOINT_ACK", "RESTORE", "RESTORE_REQUEST", "Checkpointer", "CheckpointerConfig"]
 

@@ -35,8 +35,13 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Envelope, decode, encode
 from fedbus.compress import META_KEY
+from fedbus.door import OFFLOAD_BYTES, SeenIds, model_limits
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
-from fedbus.services._wire import (
+from fedbus.services.aggregator import Aggregator, RoundReport
+from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
+from fedbus.services.trainer import Order, Packed, Packer, Trainer, TrainerConfig
+from fedbus.task import FitResult
+from fedbus.wire import (
     DONE,
     GRANT,
     READY,
@@ -45,11 +50,6 @@ from fedbus.services._wire import (
     presence,
     split_model,
 )
-from fedbus.services.aggregator import Aggregator, RoundReport
-from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
-from fedbus.services.intake import OFFLOAD_BYTES, SeenIds, model_limits
-from fedbus.services.trainer import Order, Packed, Packer, Trainer, TrainerConfig
-from fedbus.task import FitResult
 from strategies import AsyncStrategy, ClientUpdate, Selector, Weights
 
 __all__ = ["AsyncRelay", "Relay"]

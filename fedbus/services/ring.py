@@ -51,11 +51,11 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Message, Subscription
 from fedbus.codec import Envelope, Limits, decode, encode
+from fedbus.door import SeenIds, is_big
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
-from fedbus.services._wire import PRESENCE, UPDATE, join_tensors
-from fedbus.services.intake import SeenIds, is_big
 from fedbus.services.trainer import Trainer
 from fedbus.task import FitResult
+from fedbus.wire import PRESENCE, UPDATE, join_tensors
 
 __all__ = ["RING", "RingConfig", "RingMember", "check_covers", "covered"]
 

@@ -23,7 +23,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -31,10 +30,25 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.door import (
+    Admitted,
+    Door,
+    Entry,
+    Rejections,
+    SeenIds,
+    check_update,
+    model_limits,
+)
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.manifest import Manifest, NodeSpec, store_feed
-from fedbus.services._wire import (
+from fedbus.store.cache import RedisCache
+from fedbus.store.feed import SKETCHES, read_record, record_limits
+from fedbus.store.repository import RoundStore, open_round_store
+from fedbus.store.sketch import Sketcher, cosine, dot, dot32, norm
+from fedbus.store.workloads import TaskUtility, Workloads, digest
+from fedbus.task import Task
+from fedbus.wire import (
     DONE,
     METRICS,
     READY,
@@ -42,24 +56,9 @@ from fedbus.services._wire import (
     UPDATE,
     presence,
     split_model,
-    split_tensors,
 )
-from fedbus.services.intake import (
-    OFFLOAD_BYTES,
-    Rejections,
-    SeenIds,
-    check_update_tensors,
-    checked_num_examples,
-    model_limits,
-)
-from fedbus.store.cache import RedisCache
-from fedbus.store.feed import SKETCHES, read_record, record_limits
-from fedbus.store.repository import Retention, RoundStore
-from fedbus.store.sketch import Sketcher, cosine, dot, dot32, norm
-from fedbus.store.workloads import Workloads, digest
-from fedbus.task import Task
 
-__all__ = ["QUERY", "REPLY", "StoreConfig", "StoreService", "TaskUtility",
+__all__ = ["QUERY", "REPLY", "StoreConfig", "StoreService",
            "store_from_manifest"]
 
 log = structlog.get_logger(__name__)
@@ -158,6 +157,17 @@ class _RoundRejections(Rejections):
                                          "reason": reason})
 
 
+class _Members:
+    """A membership test as a container (a simulated population is not listed node by
+    node)."""
+
+    def __init__(self, test: Callable[[str], bool]) -> None:
+        self._test = test
+
+    def __contains__(self, item: object) -> bool:
+        return isinstance(item, str) and self._test(item)
+
+
 class StoreService:
     """Records rounds into ``store`` and serves ``workloads`` until the job is done."""
 
@@ -197,6 +207,25 @@ class StoreService:
         self._update_limits = (config.limits if model is None
                                else model_limits(model, 2, config.limits))
         self._early: list[Message] = []
+        # The front door: what the store accepts, from whom, within which limits.
+        c, agg = config, frozenset({config.aggregator})
+        self.door = Door(c.job, c.node_id, rejections=self.rejections, seen=self._seen,
+                         offload=self._work)
+
+        def from_agg(topic_filter: str, *kinds: str) -> Entry:
+            return Entry(topic_filter, frozenset(kinds), senders=agg,
+                         limits=self._aggregator_limits, dedupe=False)
+
+        self.door.expect(Entry(topics.updates_for(c.job, c.aggregator),
+                               frozenset({UPDATE, READY}), senders=_Members(self._is_trainer),
+                               limits=self._updates_limits, dedupe=False))
+        self.door.expect(Entry(topics.sketch(c.job, c.aggregator), frozenset({SKETCHES}),
+                               senders=agg, limits=self._record_limits))
+        self.door.expect(from_agg(topics.model(c.job, c.aggregator), ROUND, DONE))
+        self.door.expect(from_agg(topics.work_from(c.job, c.aggregator), ROUND))
+        self.door.expect(from_agg(topics.metrics(c.job, c.aggregator), METRICS))
+        self.door.expect(Entry(topics.queries_for(c.job, c.node_id), frozenset({QUERY}),
+                               limits=QUERY_LIMITS, label="query_"))
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
         #: Bytes of models and reports in the backlog (kept even over budget, up to a bound).
@@ -232,6 +261,18 @@ class StoreService:
             return False
         tail = sender[len(pop[0]):]
         return tail.isdigit() and str(int(tail)) == tail and int(tail) < pop[1]
+
+    def _updates_limits(self) -> Limits:
+        """An update is no bigger than one of the open round's model (with SCAFFOLD's extra);
+        before any round, one of the task's model (or the manifest's codec limits)."""
+        latest = self._latest_open()
+        return (model_limits(latest.model, 2, self.config.limits) if latest is not None
+                else self._update_limits)
+
+    def _aggregator_limits(self) -> Limits:
+        # Once the model is known, nothing from the aggregator is bigger than a few models:
+        # a frame declaring more (a zstd bomb on an open broker) is refused unopened.
+        return self._order_limits or self.config.limits
 
     @property
     def _max_early(self) -> int:
@@ -300,14 +341,11 @@ class StoreService:
         except FedbusError:
             return False
         if parsed.channel == "update":
-            latest = self._latest_open()
-            limits = (model_limits(latest.model, 2, c.limits) if latest is not None
-                      else self._update_limits)
             return (parsed.levels[0] == c.aggregator and self._is_trainer(parsed.sender)
-                    and total <= limits.max_frame_bytes)
+                    and total <= self._updates_limits().max_frame_bytes)
         if parsed.channel in ("model", "work"):
-            limits = self._order_limits or c.limits
-            return parsed.sender == c.aggregator and total <= limits.max_frame_bytes
+            return (parsed.sender == c.aggregator
+                    and total <= self._aggregator_limits().max_frame_bytes)
         if parsed.channel == "sketch":  # a big population's record
             return (parsed.sender == c.aggregator
                     and total <= self._record_limits.max_frame_bytes)
@@ -370,31 +408,26 @@ class StoreService:
 
     # --- recording ------------------------------------------------------------------------
     async def _handle(self, msg: Message) -> None:
-        try:
-            parsed = topics.parse(msg.topic)
-        except FedbusError as exc:
-            self.rejections.reject("bad_topic", str(exc), topic=msg.topic)
+        adm = await self.door.open(msg)
+        if adm is None:
             return
-        if parsed.channel == "update":
-            await self._on_update(msg, parsed.sender)
-        elif parsed.channel == "sketch":
-            await self._on_sketches(msg, parsed.sender)
-        elif parsed.channel in ("model", "work", "metrics"):
-            env = await self._decode_from_aggregator(msg)
-            if env is None:
+        channel, env = adm.topic.channel, adm.env
+        if channel == "update":
+            await self._on_update(adm, msg)
+        elif channel == "sketch":
+            await self._on_sketches(adm)
+        elif env.kind == ROUND:
+            await self._on_round(env)
+        elif env.kind == DONE:
+            if not self._plausible_done(env):
                 return
-            if env.kind == ROUND:
-                await self._on_round(env)
-            elif env.kind == DONE:
-                if not self._plausible_done(env):
-                    return
-                for number in sorted(self._open):
-                    old = self._open.pop(number)
-                    await self._close(old, old.next_model)
-                self.done.set()
-                self._log.info("store_job_done", rounds=len(self.store.rounds()))
-            elif env.kind == METRICS:
-                await self._on_metrics(env)
+            for number in sorted(self._open):
+                old = self._open.pop(number)
+                await self._close(old, old.next_model)
+            self.done.set()
+            self._log.info("store_job_done", rounds=len(self.store.rounds()))
+        elif env.kind == METRICS:
+            await self._on_metrics(env)
 
     def _plausible_done(self, env: Envelope) -> bool:
         """A ``done`` ends the store's job: on an anonymous broker anyone may send one, so it
@@ -415,23 +448,6 @@ class StoreService:
                                    f"{newest} of {last}", sender=self.config.aggregator)
             return False
         return True
-
-    async def _decode_from_aggregator(self, msg: Message) -> Envelope | None:
-        # Once the model is known, nothing from the aggregator is bigger than a few models:
-        # a frame declaring more (a zstd bomb on an open broker) is refused unopened.
-        limits = self._order_limits or self.config.limits
-        try:
-            if len(msg.payload) >= OFFLOAD_BYTES:
-                env = await self._work(decode, msg.payload, limits)
-            else:
-                env = decode(msg.payload, limits)
-        except CodecError as exc:
-            self.rejections.reject(exc.reason, exc.detail, sender=self.config.aggregator)
-            return None
-        if env.sender != self.config.aggregator or env.job != self.config.job:
-            self.rejections.reject("wrong_sender", f"{env.sender}/{env.job}", topic=msg.topic)
-            return None
-        return env
 
     async def _on_round(self, env: Envelope) -> None:
         number = env.round
@@ -494,7 +510,7 @@ class StoreService:
         await self.store.share(frames)
         early, self._early = self._early, []
         for msg in early:
-            await self._on_update(msg, topics.parse(msg.topic).sender)
+            await self._handle(msg)
 
     async def _on_metrics(self, env: Envelope) -> None:
         report = {k: v for k, v in env.meta.items() if isinstance(k, str)}
@@ -505,30 +521,12 @@ class StoreService:
             record = {**self.store.records[env.round], "report": report}
             await self._work(self.store.write_record, env.round, record)
 
-    async def _on_sketches(self, msg: Message, sender: str) -> None:
+    async def _on_sketches(self, adm: Admitted) -> None:
         """The aggregator's record of a round: the sketch and bookkeeping of every update it
         accepted. Checked like everything else; recorded once; the round closes when the
         model it produced is known too."""
-        c = self.config
+        c, env, sender = self.config, adm.env, adm.sender
         reject = self.rejections.reject
-        try:
-            if len(msg.payload) >= OFFLOAD_BYTES:
-                env = await self._work(decode, msg.payload, self._record_limits)
-            else:
-                env = decode(msg.payload, self._record_limits)
-        except CodecError as exc:
-            reject(exc.reason, exc.detail, sender=sender)
-            return
-        if env.kind != SKETCHES or env.job != c.job:
-            reject("bad_kind", f"kind={env.kind!r} job={env.job!r}", sender=sender)
-            return
-        if env.sender != sender or sender != c.aggregator:
-            reject("spoofed_sender", f"sketch record from {env.sender!r} on {sender!r}'s "
-                                     f"topic; only {c.aggregator} sends them", sender=sender)
-            return
-        if not self._seen.add(env.msg_id):
-            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
-            return
         state = self._open.get(env.round)
         if state is None or state.fed:
             reason = "duplicate" if state is not None else "stale"
@@ -570,17 +568,11 @@ class StoreService:
     def _latest_open(self) -> _Open | None:
         return self._open[max(self._open)] if self._open else None
 
-    async def _on_update(self, msg: Message, sender: str) -> None:
+    async def _on_update(self, adm: Admitted, msg: Message) -> None:
         c = self.config
         reject = self.rejections.reject
-        if not self._is_trainer(sender):
-            reject("unknown_sender", f"{sender} is not a trainer of {c.aggregator}",
-                   sender=sender)
-            return
-        # Message ids are remembered only once the round is known: an update that arrives
-        # before its round's model is looked at again when the round opens.
-        env = await self._open_update(msg.payload, sender)
-        if env is None or env.kind == READY:
+        env, sender = adm.env, adm.sender
+        if env.kind == READY:
             return  # a large update announces itself first; the upload itself follows
         state = self._open.get(env.round)
         if self._async and self._open and env.round < max(self._open):
@@ -599,8 +591,9 @@ class StoreService:
                 reject("early_overflow", f"update for round {env.round}, not open yet",
                        sender=sender)
             return
-        if not self._seen.add(env.msg_id):
-            reject("duplicate", f"message {env.msg_id} seen before", sender=sender)
+        # Message ids are remembered only once the round is known: an update that arrives
+        # before its round's model is looked at again when the round opens.
+        if not self.door.first_time(adm):
             return
         if sender in state.clients:
             if self._async:  # a fast trainer's second update while one version is built
@@ -610,12 +603,14 @@ class StoreService:
                 reject("duplicate", f"second update in round {env.round}", sender=sender)
             return
         try:
-            n = checked_num_examples(env.meta, c.max_examples)
-            delta, _ = split_tensors(env.tensors)
-            size = check_update_tensors(state.model, delta)
+            # the aggregator's own checks, codec stages included (an int8 update is recorded
+            # dense, as the aggregator folded it)
+            checked = await self._work(functools.partial(check_update, env, state.model,
+                                                         max_examples=c.max_examples))
         except UpdateRejected as exc:
             reject(exc.reason, exc.detail, sender=sender)
             return
+        n, size, delta = checked.num_examples, checked.norm, checked.delta
         metrics = env.meta.get("metrics", {})
         info: dict[str, Any] = {
             "num_examples": n,
@@ -636,31 +631,6 @@ class StoreService:
         state.sketches[sender] = sketch
         self.stats["updates"] += 1
         self.stats["update_bytes"] += sum(len(f) for f in frames.values())
-
-    async def _open_update(self, payload: bytes, sender: str) -> Envelope | None:
-        """Decode within limits derived from the open round's model (the manifest's before
-        any model arrived) and check kind, job and sender (the topic's, so a node cannot
-        speak for another), as the aggregator's intake does."""
-        c = self.config
-        latest = self._latest_open()
-        limits = model_limits(latest.model, 2, c.limits) if latest is not None else c.limits
-        try:
-            if len(payload) >= OFFLOAD_BYTES:
-                env = await self._work(decode, payload, limits)
-            else:
-                env = decode(payload, limits)
-        except CodecError as exc:
-            self.rejections.reject(exc.reason, exc.detail, sender=sender)
-            return None
-        if env.kind not in (UPDATE, READY) or env.job != c.job:
-            self.rejections.reject("bad_kind", f"kind={env.kind!r} job={env.job!r}",
-                                   sender=sender)
-            return None
-        if env.sender != sender:
-            self.rejections.reject("spoofed_sender", f"envelope says {env.sender!r}",
-                                   sender=sender)
-            return None
-        return env
 
     def _sketch_and_write(self, r: int, sender: str, delta: dict[str, np.ndarray],
                           info: dict[str, Any]) -> tuple[np.ndarray, dict[str, bytes]]:
@@ -775,17 +745,10 @@ class StoreService:
 
     async def _answer(self, msg: Message, *, busy: bool = False) -> None:
         c = self.config
-        try:
-            parsed = topics.parse(msg.topic)
-            env = decode(msg.payload, QUERY_LIMITS)
-        except FedbusError as exc:
-            self.rejections.reject("bad_query", str(exc), topic=msg.topic)
+        adm = self.door.open_now(msg)  # small: QUERY_LIMITS
+        if adm is None:
             return
-        requester = parsed.sender
-        if env.kind != QUERY or env.job != c.job or env.sender != requester:
-            self.rejections.reject("bad_query", f"kind={env.kind} sender={env.sender}",
-                                   sender=requester)
-            return
+        env, requester = adm.env, adm.sender
         name, args = env.meta.get("workload"), env.meta.get("args", {})
         meta: dict[str, Any] = {"request_id": env.msg_id, "workload": name}
         tensors: dict[str, np.ndarray] = {}
@@ -868,42 +831,18 @@ def _cos_known(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], norm_a:
     return max(-1.0, min(1.0, ab / (norm_a * norm_b)))
 
 
-class TaskUtility:
-    """Scores a model on the server's validation set (the task's evaluation copy, as the
-    aggregator has): accuracy when the task reports it, else minus the loss. One model at a
-    time: setting weights and evaluating must not interleave between threads."""
-
-    def __init__(self, task: Task) -> None:
-        self.task = task
-        self.name = "accuracy"
-        self._lock = threading.Lock()
-
-    def __call__(self, weights: dict[str, np.ndarray]) -> float:
-        with self._lock:
-            self.task.set_weights(weights)
-            result = self.task.evaluate()
-        acc = result.metrics.get("accuracy")
-        if acc is not None:
-            return float(acc)
-        self.name = "-loss"
-        return -float(result.loss)
-
-
 def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None, *,
                         limits: Limits, compression: Compression) -> StoreService:
     """The store service a manifest declares (``task``: the evaluation copy, or None)."""
     assert node.parent is not None  # validation gives every store a parent
     spec = m.store
-    root = Path(spec.dir) if spec.dir else Path.cwd() / "fedbus-store" / m.job / node.id
     redis = (RedisCache(spec.redis_url, f"fedbus:store:{m.job}:{node.parent}:")
              if spec.redis_url else None)
-    store = RoundStore(root, m.job, cache_bytes=spec.cache_mb << 20, limits=limits,
-                       retention=Retention(spec.full_update_rounds, spec.model_rounds,
-                                           spec.keep_rounds), redis=redis)
+    store = open_round_store(m, node, limits=limits, redis=redis)
     utility = TaskUtility(task) if task is not None else None
     config = StoreConfig(
         job=m.job, node_id=node.id, aggregator=node.parent,
-        trainers=frozenset(t.id for t in m.trainers_of(node.parent)), seed=m.seed,
+        trainers=frozenset(t.id for t in m.children_of(node.parent)), seed=m.seed,
         population=((m.population.prefix, m.population.clients)
                     if m.population is not None and node.parent == m.aggregator.id else None),
         sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,

@@ -32,8 +32,10 @@ from fedbus.bus import Bus, Message
 from fedbus.clientside import ClientSide
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.compress import UpdateCodec, check_model, decode_model
+from fedbus.door import Rejections, SeenIds, is_big, model_limits
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
-from fedbus.services._wire import (
+from fedbus.task import FitResult, Task
+from fedbus.wire import (
     DONE,
     GRANT,
     PRESENCE,
@@ -44,8 +46,6 @@ from fedbus.services._wire import (
     presence,
     split_tensors,
 )
-from fedbus.services.intake import Rejections, SeenIds, is_big, model_limits
-from fedbus.task import FitResult, Task
 
 __all__ = ["Order", "Packed", "TaskSource", "Trainer", "TrainerConfig", "UpdateSource"]
 

@@ -33,9 +33,9 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Envelope, Limits, decode, encode
 from fedbus.errors import CodecError, FedbusError
-from fedbus.services._wire import DONE, PRESENCE, ROUND, presence
 from fedbus.sim.population import Population
 from fedbus.sim.worker import TASK
+from fedbus.wire import DONE, PRESENCE, ROUND, presence
 
 __all__ = ["Coordinator", "CoordinatorConfig", "SimStats"]
 

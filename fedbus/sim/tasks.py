@@ -16,13 +16,12 @@ The factory gets the manifest's ``task.params`` plus ``partition_scheme`` and ``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from fedbus.manifest import Manifest, thaw
-from fedbus.task import Task, load_task
+from fedbus.task import Task, load_task, search_paths
 
 __all__ = ["ClientTasks", "StatefulTask", "VirtualTask", "open_population_task"]
 
@@ -39,14 +38,6 @@ class StatefulTask(Protocol):
     def load_client_state(self, state: Mapping[str, np.ndarray]) -> None: ...
 
 
-def _search_paths(m: Manifest) -> list[Path]:
-    search = [Path.cwd()]
-    if m.source and not m.source.startswith("<"):
-        here = Path(m.source).resolve().parent
-        search += [here, *here.parents]
-    return search
-
-
 def open_population_task(m: Manifest, partition: int | None) -> Task:
     """The task for client ``partition`` (None: the server's evaluation copy)."""
     assert m.population is not None
@@ -54,7 +45,7 @@ def open_population_task(m: Manifest, partition: int | None) -> Task:
     params: dict[str, Any] = {"partition_scheme": p.partition, "alpha": p.alpha,
                               **thaw(m.task.params)}
     return load_task(m.task.ref, partition=partition, num_partitions=p.clients, seed=m.seed,
-                     params=params, search_paths=_search_paths(m))
+                     params=params, search_paths=search_paths(m))
 
 
 class ClientTasks:

@@ -30,10 +30,10 @@ from fedbus.clientside import ClientSide, split_state
 from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.compress import UpdateCodec
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
-from fedbus.services._wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
+from fedbus.wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
 
 __all__ = ["TASK", "VirtualWorker", "WorkerConfig", "share_group"]
 

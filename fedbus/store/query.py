@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,10 +14,11 @@ from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec
 from fedbus.store.cache import StoreError
 from fedbus.store.live import ask_store
-from fedbus.store.repository import Retention, RoundStore
-from fedbus.store.workloads import Workloads
+from fedbus.store.repository import open_round_store, store_dir
+from fedbus.store.workloads import TaskUtility, Workloads
+from fedbus.task import open_task
 
-__all__ = ["ask", "ask_offline", "run_query", "save_models", "store_dir", "store_node"]
+__all__ = ["ask", "ask_offline", "run_query", "save_models", "store_node"]
 
 #: Workloads that evaluate models on the server's validation set (they load the task).
 _EVALUATING = frozenset({"contribution", "debugging", "personalization"})
@@ -36,11 +36,6 @@ def store_node(m: Manifest, node_id: str | None) -> NodeSpec:
         raise ManifestError(m.source, "nodes", f"{node_id!r} is a {node.role}, not a store; "
                             f"stores: {', '.join(n.id for n in stores)}")
     return node
-
-
-def store_dir(m: Manifest, node: NodeSpec) -> Path:
-    """Where ``node`` keeps its rounds: ``store.dir``, or ``fedbus-store/<job>/<node>``."""
-    return Path(m.store.dir) if m.store.dir else Path.cwd() / "fedbus-store" / m.job / node.id
 
 
 async def ask(bus: Any, m: Manifest, store: str, workload: str, args: Mapping[str, Any],
@@ -61,13 +56,10 @@ async def ask_offline(m: Manifest, node: NodeSpec, workload: str, args: Mapping[
     if not (root / "rounds").is_dir():
         raise StoreError(f"no store at {root}: run the job with a store node first, or set "
                          "store.dir to where it wrote")
-    store = RoundStore(root, m.job, cache_bytes=m.store.cache_mb << 20,
-                       retention=Retention(0, 0, 0))
+    # the manifest's retention (full updates kept or not), as the running store has it
+    store = open_round_store(m, node)
     utility = None
     if workload in _EVALUATING and m.store.evaluate:
-        from fedbus.node import open_task
-        from fedbus.services.store import TaskUtility
-
         utility = TaskUtility(open_task(m, None))
     result = await Workloads(store, utility, seed=m.seed).run(workload, args)
     return {"ok": True, "workload": workload, "result": result.data}, result.tensors

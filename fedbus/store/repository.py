@@ -12,16 +12,18 @@ import asyncio
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
 
 from fedbus.codec import Limits
+from fedbus.manifest import Manifest, NodeSpec
 from fedbus.store.cache import ByteLRU, RedisCache
 from fedbus.store.disk import DiskStore, model_key, sketch_key, update_key
 
-__all__ = ["Retention", "RoundStore"]
+__all__ = ["Retention", "RoundStore", "open_round_store", "store_dir"]
 
 log = structlog.get_logger(__name__)
 
@@ -169,3 +171,19 @@ class RoundStore:
         if self.redis is not None:
             out["redis"] = self.redis.stats()
         return out
+
+
+def store_dir(m: Manifest, node: NodeSpec) -> Path:
+    """Where ``node`` keeps its rounds: ``store.dir``, or ``fedbus-store/<job>/<node>``."""
+    return Path(m.store.dir) if m.store.dir else Path.cwd() / "fedbus-store" / m.job / node.id
+
+
+def open_round_store(m: Manifest, node: NodeSpec, *, limits: Limits | None = None,
+                     redis: RedisCache | None = None) -> RoundStore:
+    """The store ``node`` of ``m`` keeps, with the manifest's cache and retention: the one
+    way the running store service and an offline query open it."""
+    spec = m.store
+    return RoundStore(store_dir(m, node), m.job, cache_bytes=spec.cache_mb << 20,
+                      limits=limits, redis=redis,
+                      retention=Retention(spec.full_update_rounds, spec.model_rounds,
+                                          spec.keep_rounds))

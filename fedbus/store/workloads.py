@@ -22,8 +22,9 @@ import numpy as np
 from fedbus.store import analysis
 from fedbus.store.cache import StoreError
 from fedbus.store.repository import RoundStore
+from fedbus.task import Task
 
-__all__ = ["WORKLOADS", "Result", "RoundValues", "Workloads", "digest"]
+__all__ = ["WORKLOADS", "Result", "RoundValues", "TaskUtility", "Workloads", "digest"]
 
 Weights = dict[str, np.ndarray]
 Utility = Callable[[Weights], float]
@@ -544,3 +545,24 @@ async def _contribution(w: Workloads, args: Mapping[str, Any]) -> Result:
                    "leave_one_out": {c: _f(loo_sum[c]) for c in ranked},
                    "lowest": ranked[-1], "tokens": {c: _f(tokens[c]) for c in ranked},
                    "per_round": per_round})
+
+
+class TaskUtility:
+    """Scores a model on the server's validation set (the task's evaluation copy, as the
+    aggregator has): accuracy when the task reports it, else minus the loss. One model at a
+    time: setting weights and evaluating must not interleave between threads."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.name = "accuracy"
+        self._lock = threading.Lock()
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> float:
+        with self._lock:
+            self.task.set_weights(weights)
+            result = self.task.evaluate()
+        acc = result.metrics.get("accuracy")
+        if acc is not None:
+            return float(acc)
+        self.name = "-loss"
+        return -float(result.loss)

@@ -19,12 +19,12 @@ from fedbus.codec import Envelope, decode, encode
 from fedbus.errors import ManifestError, PublishDenied
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest, store_feed
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import ROUND
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreConfig, StoreService
 from fedbus.store import RoundStore, StoreError
 from fedbus.store.feed import MAX_PENDING, SKETCHES, FeedSettings, SketchFeed
 from fedbus.store.repository import Retention
+from fedbus.wire import ROUND
 from strategies import ClientUpdate
 from tests.conftest import SecureBrokerFactory
 from tests.store.mqtt_federation import store_federation

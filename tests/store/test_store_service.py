@@ -19,11 +19,11 @@ from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node, make_bus
-from fedbus.services._wire import ROUND, UPDATE, join_tensors
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreService
 from fedbus.store import query as q
 from fedbus.store.workloads import Workloads
+from fedbus.wire import ROUND, UPDATE, join_tensors
 
 SIZE = 32
 
@@ -246,7 +246,7 @@ async def test_queries_are_answered_on_the_bus_and_bad_ones_refused(tmp_path: Pa
     assert ok["result"]["clients"]["t0"]["rounds"] == [1, 2]
     assert not unknown["ok"] and "known:" in unknown["error"]
     assert not bad["ok"] and "'k'" in bad["error"]
-    assert store.rejections.counts["bad_query"] == 1
+    assert store.rejections.counts["query_bad_magic"] == 1
 
 
 async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(

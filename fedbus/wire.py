@@ -1,5 +1,5 @@
 """Message kinds the services exchange, how tensors are named inside them, and the presence
-envelope. What is checked on arrival lives in ``intake`` (updates) and ``trainer`` (orders).
+envelope. What is checked on arrival lives in ``fedbus.door``.
 
 Tensors of a model or update travel as ``m/<param>``; strategy extras (SCAFFOLD's control
 variates) as ``a/<name>``, so a parameter can never be confused with an extra.
