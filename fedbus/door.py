@@ -305,7 +305,8 @@ class Door:
             if entry.others_ignored:
                 return None
             # refused before a byte is decoded: the topic says who published it
-            self.reject("unknown_sender", "not a sender the wiring names for this topic",
+            self.reject(entry.label + "unknown_sender",
+                        "not a sender the wiring names for this topic",
                         sender=parsed.sender, topic=msg.topic)
             return None
         return entry, parsed

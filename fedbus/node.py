@@ -6,6 +6,7 @@ The one place where the manifest meets the services: ``fedbus serve`` runs one n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from fedbus.bus import Bus, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.checkpoint import CheckpointStore, DiskStore, RedisStore, TieredStore
 from fedbus.codec import Compression, Limits, encode
+from fedbus.compress import UpdateCodec
 from fedbus.credentials import node_credentials
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, feeds_sketches, thaw
@@ -38,16 +40,7 @@ from strategies import (
     make_strategy,
 )
 
-__all__ = ["build_node", "make_bus", "open_task"]
-
-
-def _limits(m: Manifest) -> Limits:
-    cap = m.codec.max_message_mb << 20
-    return Limits(max_frame_bytes=cap, max_decompressed_bytes=cap)
-
-
-def _compression(m: Manifest) -> Compression:
-    return Compression(level=m.codec.level, shuffle=m.codec.shuffle)
+__all__ = ["build_node", "codec_compression", "codec_limits", "make_bus"]
 
 
 def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:
@@ -153,85 +146,101 @@ def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Se
     return strategy, make_selector(m.selector.name, params)
 
 
-def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None) -> Any:
-    """The service object (with ``async run()``) for ``node_id``."""
-    node = m.node(node_id)
-    if node.role == "trainer":
-        assert node.parent is not None
-        task = task or open_task(m, node)
-        plugin = make_strategy(m.strategy.name, thaw(m.strategy.params))
-        aux = plugin.client_aux_models if isinstance(plugin, Strategy) else 0
-        check_queue_fit(m, node, _nbytes(task.get_weights()), 1 + aux, concurrent=2)
-        trainer = Trainer(
-            TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
-                          authenticated=authenticated(m, bus), client_aux_models=aux,
-                          compression=_compression(m), limits=_limits(m),
-                          update_codec=m.codec.update),
-            bus,
-            task,
-        )
-        group = m.group_of(node.id)
-        if group is None:
-            return trainer
-        from fedbus.services.ring import RingConfig, RingMember
+def codec_limits(m: Manifest) -> Limits:
+    """The outer decode bounds of every message (``codec.max_message_mb``); each service
+    narrows them to its model (``fedbus.door.model_limits``)."""
+    cap = m.codec.max_message_mb << 20
+    return Limits(max_frame_bytes=cap, max_decompressed_bytes=cap)
 
-        return RingMember(trainer, RingConfig(group.id, group.members, group.step_timeout_s))
-    if node.role == "relay":
-        return _relay(m, node, bus, task)
-    if node.role == "aggregator":
+
+def codec_compression(m: Manifest) -> Compression:
+    return Compression(level=m.codec.level, shuffle=m.codec.shuffle)
+
+
+def _aggregating(m: Manifest, node: NodeSpec) -> dict[str, Any]:
+    """The settings every aggregating service of ``m`` shares (root, relay groups, async
+    relays): built once here, so no value is translated twice and none can drift."""
+    r = m.round
+    return {
+        "job": m.job, "node_id": node.id, "rounds": m.rounds, "seed": m.seed,
         # its children: trainers, and relays that stand for their groups
-        trainers = frozenset(t.id for t in m.children_of(node.id))
-        strategy, selector = _plugins(m, len(trainers))
-        server_task = task or open_task(m, None)
-        evaluate = None
-        if m.evaluate.where == "server":
-            def evaluate(weights: dict[str, np.ndarray]) -> EvalResult:
-                server_task.set_weights(weights)
-                return server_task.evaluate()
+        "trainers": frozenset(t.id for t in m.children_of(node.id)),
+        "deadline_s": r.deadline_s, "min_clients": r.min_clients,
+        "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
+        "compression": codec_compression(m), "limits": codec_limits(m),
+        "model_codec": m.codec.model, "max_update_norm": r.max_update_norm,
+        "max_examples": r.max_examples, "max_uploads": r.max_uploads,
+        "gate_bytes": upload_gate_bytes(m),
+    }
 
-        r = m.round
-        common: dict[str, Any] = {
-            "job": m.job, "node_id": node.id, "trainers": trainers, "rounds": m.rounds,
-            "deadline_s": r.deadline_s, "min_clients": r.min_clients,
-            "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
-            "seed": m.seed, "compression": _compression(m), "limits": _limits(m),
-            "model_codec": m.codec.model,
-            "max_update_norm": r.max_update_norm, "max_examples": r.max_examples,
-            "durability": _durability(m),
-        }
-        weights = server_task.get_weights()
-        aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
-        check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
-        common["max_uploads"] = r.max_uploads
-        common["gate_bytes"] = upload_gate_bytes(m)
-        if isinstance(strategy, AsyncStrategy):
-            relays = frozenset(t.id for t in m.children_of(node.id) if t.role == "relay")
-            return AsyncAggregator(AsyncAggregatorConfig(relays=relays, **common), bus, strategy,
-                                   selector, weights, evaluate=evaluate)
-        grace = r.loss_grace_s if r.loss_grace_s is not None else (
-            0.0 if m.population is not None else LOSS_GRACE_S)
-        sketch = (FeedSettings(m.store.sketch_dim, m.seed) if feeds_sketches(m, node.id)
-                  else None)
-        return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
-                                           ring_groups=m.groups_under(node.id),
-                                           store_sketch=sketch, **common),
-                          bus, strategy, selector,
-                          weights, evaluate=evaluate)
-    if node.role == "store":
-        from fedbus.services.store import store_from_manifest
 
-        eval_task = task or (open_task(m, None) if m.store.evaluate else None)
-        return store_from_manifest(m, node, bus, eval_task, limits=_limits(m),
-                                   compression=_compression(m))
-    if node.role == "checkpointer":
-        return Checkpointer(
-            CheckpointerConfig(job=m.job, node_id=node.id,
-                               aggregators=frozenset(n.id for n in m.nodes
-                                                     if n.role == "aggregator"),
-                               limits=_limits(m)),
-            bus, _checkpoint_store(m))
-    raise ManifestError(m.source, f"nodes[{node_id}].role",
-                        f"role {node.role!r} has no service in this version")
+def _upward(m: Manifest, node: NodeSpec, bus: Bus, *, aux: int = 0,
+            codec: UpdateCodec | None = None) -> TrainerConfig:
+    """A node's settings toward its parent (a trainer's, or a relay's upward side)."""
+    assert node.parent is not None
+    return TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
+                         authenticated=authenticated(m, bus), client_aux_models=aux,
+                         compression=codec_compression(m), limits=codec_limits(m),
+                         update_codec=m.codec.update if codec is None else codec)
+
+
+def _trainer(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    task = task or open_task(m, node)
+    plugin = make_strategy(m.strategy.name, thaw(m.strategy.params))
+    aux = plugin.client_aux_models if isinstance(plugin, Strategy) else 0
+    check_queue_fit(m, node, _nbytes(task.get_weights()), 1 + aux, concurrent=2)
+    trainer = Trainer(_upward(m, node, bus, aux=aux), bus, task)
+    group = m.group_of(node.id)
+    if group is None:
+        return trainer
+    from fedbus.services.ring import RingConfig, RingMember
+
+    return RingMember(trainer, RingConfig(group.id, group.members, group.step_timeout_s))
+
+
+def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    common = _aggregating(m, node)
+    strategy, selector = _plugins(m, len(common["trainers"]))
+    server_task = task or open_task(m, None)
+    evaluate = None
+    if m.evaluate.where == "server":
+        def evaluate(weights: dict[str, np.ndarray]) -> EvalResult:
+            server_task.set_weights(weights)
+            return server_task.evaluate()
+
+    r = m.round
+    weights = server_task.get_weights()
+    aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
+    check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
+    if isinstance(strategy, AsyncStrategy):
+        relays = frozenset(t.id for t in m.children_of(node.id) if t.role == "relay")
+        return AsyncAggregator(AsyncAggregatorConfig(relays=relays, durability=_durability(m),
+                                                     **common),
+                               bus, strategy, selector, weights, evaluate=evaluate)
+    grace = r.loss_grace_s if r.loss_grace_s is not None else (
+        0.0 if m.population is not None else LOSS_GRACE_S)
+    sketch = (FeedSettings(m.store.sketch_dim, m.seed) if feeds_sketches(m, node.id)
+              else None)
+    return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
+                                       ring_groups=m.groups_under(node.id),
+                                       store_sketch=sketch, durability=_durability(m),
+                                       **common),
+                      bus, strategy, selector, weights, evaluate=evaluate)
+
+
+def _store(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    from fedbus.services.store import store_from_manifest
+
+    eval_task = task or (open_task(m, None) if m.store.evaluate else None)
+    return store_from_manifest(m, node, bus, eval_task, limits=codec_limits(m),
+                               compression=codec_compression(m))
+
+
+def _checkpointer(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    aggregators = frozenset(n.id for n in m.nodes if n.role == "aggregator")
+    return Checkpointer(CheckpointerConfig(job=m.job, node_id=node.id,
+                                           aggregators=aggregators, limits=codec_limits(m)),
+                        bus, _checkpoint_store(m))
 
 
 def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | AsyncRelay:
@@ -239,54 +248,56 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
     relays), one update to its parent; under an asynchronous root, every child update
     forwarded on its own with the version it was trained from."""
     assert node.parent is not None
-    children = frozenset(c.id for c in m.children_of(node.id))
+    common = _aggregating(m, node)
+    children = common["trainers"]
     weights = (task or open_task(m, None)).get_weights()
     r = m.round
     root = make_strategy(m.strategy.name, thaw(m.strategy.params))
     if isinstance(root, AsyncStrategy):
-        return _async_relay(m, node, bus, children, weights, root)
+        config = AsyncAggregatorConfig(
+            **{**common, "min_clients": 1}, max_staleness=root.max_staleness,
+            relays=frozenset(c.id for c in m.children_of(node.id) if c.role == "relay"))
+        # the parent's model versions and the children's orders and updates, all at once
+        check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads + 2)
+        return AsyncRelay(config, bus, node.parent,
+                          InFlightSelector(concurrency=len(children), seed=m.seed), weights)
     group_strategy = (FedAvg() if node.strategy is None
                       else make_strategy(node.strategy.name, thaw(node.strategy.params)))
     assert isinstance(group_strategy, Strategy)  # the manifest refuses asynchronous ones
     group = Aggregator(
         AggregatorConfig(
-            job=m.job, node_id=node.id, trainers=children, rounds=m.rounds,
-            deadline_s=r.deadline_s, quorum=r.quorum,
             # its group must be complete before it says it is ready (min_clients of the
             # whole job is the root's business)
-            min_clients=len(children), start_timeout_s=r.start_timeout_s, seed=m.seed,
-            compression=_compression(m), limits=_limits(m), max_uploads=r.max_uploads,
-            gate_bytes=upload_gate_bytes(m), model_codec=m.codec.model,
-            max_update_norm=r.max_update_norm, max_examples=r.max_examples,
+            **{**common, "min_clients": len(children)}, quorum=r.quorum,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
             ring_groups=m.groups_under(node.id),
         ),
         bus, group_strategy, make_selector("all", {}), weights)
     check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)
-    upward = TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
-                           authenticated=authenticated(m, bus), compression=_compression(m),
-                           limits=_limits(m))
-    return Relay(group, upward, bus)
+    # A group's update goes up lossless: its children's were quantized once already (the
+    # root would otherwise fold a rounding per level).
+    return Relay(group, _upward(m, node, bus, codec=UpdateCodec()), bus)
 
 
-def _async_relay(m: Manifest, node: NodeSpec, bus: Bus, children: frozenset[str],
-                 weights: dict[str, np.ndarray], root: AsyncStrategy) -> AsyncRelay:
-    """Keeps every child busy from the newest model its parent sent; forwards each update."""
-    assert node.parent is not None
-    r = m.round
-    config = AsyncAggregatorConfig(
-        job=m.job, node_id=node.id, trainers=children, rounds=m.rounds,
-        deadline_s=r.deadline_s, min_clients=1, start_timeout_s=r.start_timeout_s,
-        seed=m.seed, compression=_compression(m), limits=_limits(m), model_codec=m.codec.model,
-        max_uploads=r.max_uploads, gate_bytes=m.broker.chunk_bytes if m.broker else 1_000_000,
-        max_update_norm=r.max_update_norm, max_examples=r.max_examples,
-        max_staleness=root.max_staleness,
-        relays=frozenset(c.id for c in m.children_of(node.id) if c.role == "relay"),
-    )
-    # the parent's model versions and the children's orders and updates, all at once
-    check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads + 2)
-    return AsyncRelay(config, bus, node.parent,
-                      InFlightSelector(concurrency=len(children), seed=m.seed), weights)
+#: Building a node is a lookup: a new role is one service module, one settings type and
+#: one line here.
+_FACTORIES: dict[str, Callable[[Manifest, NodeSpec, Bus, Task | None], Any]] = {
+    "trainer": _trainer,
+    "aggregator": _aggregator,
+    "relay": _relay,
+    "store": _store,
+    "checkpointer": _checkpointer,
+}
+
+
+def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None) -> Any:
+    """The service object (with ``async run()``) for ``node_id``."""
+    node = m.node(node_id)
+    factory = _FACTORIES.get(node.role)
+    if factory is None:
+        raise ManifestError(m.source, f"nodes[{node_id}].role",
+                            f"role {node.role!r} has no service in this version")
+    return factory(m, node, bus, task)
 
 
 def _durability(m: Manifest) -> DurabilitySettings | None:

@@ -140,4 +140,4 @@ async def test_every_folded_update_is_recorded_and_every_consumer_counts_forgeri
     for relay in ("r0", "r1") if topology == "relay" else ():
         assert services[relay].group.rejections.counts["spoofed_sender"] >= 1
     trainer = next(s for i, s in services.items() if i.startswith("t"))
-    assert trainer.rejections.counts["wrong_sender"] >= 1
+    assert trainer.rejections.counts["spoofed_sender"] >= 1

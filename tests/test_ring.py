@@ -333,8 +333,8 @@ async def test_forged_and_stale_ring_messages_are_rejected_and_counted() -> None
     await t0._on_ring(Message(from_t1, ring_msg("t1", round=2)))
     # Assert: each refused and counted by reason; only the one plausible message is held
     counts = t0.rejections.counts
-    assert counts["ring_not_member"] == 1 and counts["ring_spoofed_sender"] == 2
-    assert counts["ring_bad_kind"] == 1 and counts["ring_bad_topic"] == 1
+    assert counts["ring_unknown_sender"] == 1 and counts["ring_spoofed_sender"] == 2
+    assert counts["ring_bad_kind"] == 1 and counts["unexpected_topic"] == 1
     assert counts["ring_stale"] == 2 and counts["ring_duplicate"] == 1
     assert sum(v for k, v in counts.items() if k.startswith("ring_too")) == 1, counts
     assert t0.rejections.total == len(forged) + 2

@@ -13,7 +13,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -70,32 +70,7 @@ class AggregatorSettings:
     durability: DurabilitySettings | None = None
 
 
-class _Config(Protocol):
-    @property
-    def job(self) -> str: ...
-    @property
-    def node_id(self) -> str: ...
-    @property
-    def trainers(self) -> frozenset[str]: ...
-    @property
-    def deadline_s(self) -> float: ...
-    @property
-    def max_uploads(self) -> int: ...
-    @property
-    def gate_bytes(self) -> int: ...
-    @property
-    def max_examples(self) -> int: ...
-    @property
-    def max_update_norm(self) -> float | None: ...
-    @property
-    def limits(self) -> Limits: ...
-    @property
-    def durability(self) -> DurabilitySettings | None: ...
-    @property
-    def seed(self) -> int: ...
-
-
-C = TypeVar("C", bound=_Config)
+C = TypeVar("C", bound=AggregatorSettings)
 
 
 class AggregatorBase(ABC, Generic[C]):
@@ -124,6 +99,8 @@ class AggregatorBase(ABC, Generic[C]):
         self.durability = None if c.durability is None else Durability(
             job=c.job, node_id=c.node_id, settings=c.durability, limits=c.limits,
             rejections=self.intake.rejections)
+        if self.durability is not None:
+            self.intake.door.expect(self.durability.entry())
 
     @property
     def online(self) -> set[str]:
@@ -212,7 +189,9 @@ class AggregatorBase(ABC, Generic[C]):
     async def dispatch(self, msg: Message) -> None:
         """Handle one message from ``subscribe()``'s subscription."""
         if self.durability is not None and msg.topic == self.durability.topic:
-            self.durability.on_message(msg)
+            adm = await self.intake.door.open(msg)
+            if adm is not None:
+                self.durability.on_message(adm.env)
         else:
             await self.intake.handle(msg)
         await self._grant_due()

@@ -13,11 +13,9 @@ from typing import Any
 import structlog
 
 from fedbus import topics
-from fedbus.bus import Message
 from fedbus.checkpoint import AggregatorState, state_envelope, state_from
-from fedbus.codec import Envelope, Limits, decode
-from fedbus.door import Rejections
-from fedbus.errors import CodecError
+from fedbus.codec import Envelope, Limits
+from fedbus.door import Entry, Rejections
 from fedbus.services.checkpointer import CHECKPOINT_ACK, RESTORE, RESTORE_REQUEST
 
 __all__ = ["Durability", "DurabilitySettings"]
@@ -65,16 +63,16 @@ class Durability:
         self.restored = None
         return env
 
-    def on_message(self, msg: Message) -> None:
-        try:
-            env = decode(msg.payload, self.limits)
-        except CodecError as exc:
-            self.rejections.reject(f"checkpointer_{exc.reason}", exc.detail, topic=msg.topic)
-            return
+    def entry(self) -> Entry:
+        """What the aggregator's front door accepts from its checkpointer: acks and restores
+        on the checkpointer's topic, no bigger than a state."""
+        return Entry(self.topic, frozenset({CHECKPOINT_ACK, RESTORE}),
+                     senders=frozenset({self.settings.checkpointer}), limits=self.limits,
+                     label="checkpointer_", dedupe=False)
+
+    def on_message(self, env: Envelope) -> None:
+        """An ack or restore that passed the front door."""
         meta: dict[str, Any] = dict(env.meta)
-        if env.sender != self.settings.checkpointer or env.job != self.job:
-            self.rejections.reject("checkpointer_spoofed", f"sender {env.sender!r}")
-            return
         if meta.get("node") != self.node_id:
             return  # about another aggregator
         if env.kind == CHECKPOINT_ACK:

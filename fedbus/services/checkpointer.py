@@ -27,8 +27,8 @@ from fedbus import topics
 from fedbus.bus import Bus, Message
 from fedbus.checkpoint import CHECKPOINT, CheckpointStore, state_from
 from fedbus.codec import Envelope, Limits, decode, encode
-from fedbus.door import Rejections
-from fedbus.errors import BusError, CodecError, FedbusError
+from fedbus.door import Door, Entry, Rejections
+from fedbus.errors import BusError, CodecError
 from fedbus.wire import presence
 
 __all__ = ["CHECKPOINT_ACK", "RESTORE", "RESTORE_REQUEST", "Checkpointer", "CheckpointerConfig"]
@@ -60,6 +60,15 @@ class Checkpointer:
         #: (aggregator, round) of every checkpoint stored by this process, in order.
         self.stored: list[tuple[str, int]] = []
         self._own = topics.state(config.job, config.node_id)
+        # The front door: checkpoints from the manifest's aggregators on their state topics,
+        # restore requests from them on our control topic.
+        aggregators = config.aggregators
+        self.door = Door(config.job, config.node_id, rejections=self.rejections)
+        self.door.expect(Entry(topics.state_all(config.job), frozenset({CHECKPOINT}),
+                               senders=aggregators, limits=config.limits))
+        self.door.expect(Entry(topics.control(config.job, config.node_id),
+                               frozenset({RESTORE_REQUEST}), senders=aggregators,
+                               topic_sender=False, limits=config.limits))
         self._log = log.bind(node=config.node_id, role="checkpointer", job=config.job)
 
     async def run(self) -> int:
@@ -87,30 +96,13 @@ class Checkpointer:
     async def _handle(self, msg: Message) -> None:
         if msg.topic == self._own:
             return  # our own acknowledgements and restores coming back
-        reject = self.rejections.reject
-        try:
-            parsed = topics.parse(msg.topic)
-        except FedbusError as exc:
-            reject("bad_topic", str(exc), topic=msg.topic)
+        adm = await self.door.open(msg)
+        if adm is None:
             return
-        sender = parsed.sender
-        try:
-            env = await asyncio.to_thread(decode, msg.payload, self.config.limits)
-        except CodecError as exc:
-            reject(exc.reason, exc.detail, topic=msg.topic)
-            return
-        if parsed.channel == "control":
-            sender = env.sender  # requests come on our own control topic
-        if sender not in self.config.aggregators or env.sender != sender \
-                or env.job != self.config.job:
-            reject("unknown_sender", f"{env.sender!r} on {msg.topic}")
-            return
-        if parsed.channel == "state" and env.kind == CHECKPOINT:
-            await self._store(env, msg.payload)
-        elif parsed.channel == "control" and env.kind == RESTORE_REQUEST:
-            await self._serve(env)
+        if adm.env.kind == CHECKPOINT:
+            await self._store(adm.env, msg.payload)
         else:
-            reject("bad_kind", f"{env.kind!r} on {msg.topic}")
+            await self._serve(adm.env)
 
     async def _store(self, env: Envelope, frame: bytes) -> None:
         c = self.config

@@ -50,9 +50,9 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Message, Subscription
-from fedbus.codec import Envelope, Limits, decode, encode
-from fedbus.door import SeenIds, is_big
-from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
+from fedbus.codec import Envelope, Limits, encode
+from fedbus.door import Door, Entry, SeenIds
+from fedbus.errors import BusError, FedbusError, UpdateRejected
 from fedbus.services.trainer import Trainer
 from fedbus.task import FitResult
 from fedbus.wire import PRESENCE, UPDATE, join_tensors
@@ -157,6 +157,16 @@ class RingMember:
         self._seen = SeenIds(capacity=4096)
         self._inbox = topics.ring_inbox(c.job, config.group, self.me)
         self._presence = {topics.presence(c.job, m): m for m in config.members if m != self.me}
+        # The member's front door, counting into its trainer's rejections: ring steps only
+        # from the other members, on this member's inbox, no bigger than a chunk; their
+        # presence.
+        others = frozenset(m for m in config.members if m != self.me)
+        self.door = Door(c.job, self.me, rejections=trainer.rejections, seen=self._seen)
+        self.door.expect(Entry(self._inbox, frozenset({RING}), senders=others,
+                               limits=self._limits, label="ring_"))
+        for topic in self._presence:
+            self.door.expect(Entry(topic, frozenset({PRESENCE}), senders=others,
+                                   label="presence_", dedupe=False))
         self._log = log.bind(node=self.me, role="trainer", group=config.group, job=c.job)
         trainer.ring = self
 
@@ -387,16 +397,12 @@ class RingMember:
                 await self._on_ring(msg)
 
     def _on_presence(self, msg: Message, member: str) -> None:
-        try:
-            env = decode(msg.payload, Limits(max_frame_bytes=64 << 10, max_header_bytes=64 << 10,
-                                             max_decompressed_bytes=0, max_tensors=0))
-        except CodecError as exc:
-            self.rejections.reject(f"presence_{exc.reason}", exc.detail, sender=member)
+        adm = self.door.open_now(msg)  # small: PRESENCE_LIMITS
+        if adm is None:
             return
-        status = env.meta.get("status")
-        if env.kind != PRESENCE or env.sender != member or status not in ("online", "offline"):
-            self.rejections.reject("bad_presence", f"{env.kind} {env.sender} {status!r}",
-                                   sender=member)
+        status = adm.env.meta.get("status")
+        if status not in ("online", "offline"):
+            self.rejections.reject("bad_presence", f"status {status!r}", sender=member)
             return
         if status == "online":
             self.online.add(member)
@@ -409,25 +415,17 @@ class RingMember:
 
     async def _on_ring(self, msg: Message) -> None:
         c = self.trainer.config
-        try:
-            sender = self._sender(msg.topic)
-            if is_big(msg.payload):
-                env = await asyncio.to_thread(decode, msg.payload, self._limits)
-            else:
-                env = decode(msg.payload, self._limits)
-            if env.kind != RING or env.job != c.job or env.sender != sender \
-                    or env.meta.get("group") != self.config.group:
-                raise UpdateRejected("spoofed_sender", f"{env.kind} {env.job}/{env.sender} "
-                                     f"group {env.meta.get('group')!r} on {msg.topic}")
-            if env.meta.get("phase") not in _PHASES or set(env.tensors) - {"c"}:
-                raise UpdateRejected("bad_kind", f"phase {env.meta.get('phase')!r}")
-            if not self._seen.add(env.msg_id):
-                raise UpdateRejected("duplicate", f"ring message {env.msg_id} seen before")
-        except CodecError as exc:
-            self.rejections.reject(f"ring_{exc.reason}", exc.detail, topic=msg.topic)
+        adm = await self.door.open(msg)
+        if adm is None:
             return
-        except UpdateRejected as exc:
-            self.rejections.reject(f"ring_{exc.reason}", exc.detail, topic=msg.topic)
+        env, sender = adm.env, adm.sender
+        if env.meta.get("group") != self.config.group:
+            self.rejections.reject("ring_spoofed_sender", f"group {env.meta.get('group')!r} "
+                                   f"on {msg.topic}", sender=sender)
+            return
+        if env.meta.get("phase") not in _PHASES or set(env.tensors) - {"c"}:
+            self.rejections.reject("ring_bad_kind", f"phase {env.meta.get('phase')!r}",
+                                   sender=sender)
             return
         epoch = env.meta.get("epoch")
         r = self._round
@@ -457,21 +455,6 @@ class RingMember:
                                    sender=sender)
             return
         self._early.append((sender, env))
-
-    def _sender(self, topic: str) -> str:
-        """The member a ring topic says sent it; a non-member or another inbox is refused."""
-        try:
-            parsed = topics.parse(topic)
-        except BusError as exc:
-            raise UpdateRejected("bad_topic", str(exc)) from None
-        levels = parsed.levels
-        if parsed.channel != "ring" or len(levels) != 3 or levels[0] != self.config.group \
-                or levels[1] != self.me:
-            raise UpdateRejected("bad_topic", f"{topic} is not this member's ring inbox")
-        if levels[2] not in self.config.members or levels[2] == self.me:
-            raise UpdateRejected("not_member", f"{levels[2]} is not a member of "
-                                               f"{self.config.group}")
-        return levels[2]
 
 
 def _merge(into: dict[str, Any], more: Any, ring: tuple[str, ...], kind: type) -> None:

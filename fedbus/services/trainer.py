@@ -30,9 +30,9 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Bus, Message
 from fedbus.clientside import ClientSide
-from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec, check_model, decode_model
-from fedbus.door import Rejections, SeenIds, is_big, model_limits
+from fedbus.door import Door, Entry, SeenIds, model_limits
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
 from fedbus.task import FitResult, Task
 from fedbus.wire import (
@@ -184,7 +184,6 @@ class Trainer:
         # lives as long as the trainer: top-k keeps what it has not sent yet (error feedback)
         self._client = ClientSide(config.update_codec)
         self.rounds_trained = 0
-        self.rejections = Rejections(config.node_id)
         self._orders_seen = SeenIds(capacity=4096)
         #: Rounds delivered per aggregator run (epoch), most recent run last.
         self._delivered: dict[str, list[int]] = {}
@@ -208,6 +207,20 @@ class Trainer:
         # asynchronous orders come to this trainer alone, never on the shared model topic
         self._work_topic = topics.work(c.job, c.node_id, c.parent)
         self._presence_topic = topics.presence(c.job, c.node_id)
+        # The front door: orders and `done` only from the parent, grants addressed to us
+        # from the parent, each no bigger than our own model; our own presence (watched).
+        parent = frozenset({c.parent})
+        self.door = Door(c.job, c.node_id)
+        self.rejections = self.door.rejections
+        self.door.expect(Entry(self._model_topic, frozenset({ROUND, DONE}), senders=parent,
+                               limits=self._limits, dedupe=False))
+        self.door.expect(Entry(self._work_topic, frozenset({ROUND}), senders=parent,
+                               limits=self._limits, dedupe=False))
+        self.door.expect(Entry(self._control_topic, frozenset({GRANT}), senders=parent,
+                               topic_sender=False, dedupe=False))
+        self._own_presence = self.door.expect(Entry(
+            self._presence_topic, frozenset({PRESENCE}), senders=frozenset({c.node_id}),
+            label="presence_", dedupe=False))
 
     @property
     def job_done(self) -> bool:
@@ -249,30 +262,13 @@ class Trainer:
 
     async def _handle(self, msg: Message) -> bool:
         """One message; True when the job is over and this trainer should exit."""
-        c = self.config
         if msg.topic == self._presence_topic:
-            await self._on_own_presence(msg.payload)
+            await self._on_own_presence(msg)
             return False
-        expected = {self._model_topic: (ROUND, DONE), self._control_topic: (GRANT,),
-                    self._work_topic: (ROUND,)}.get(msg.topic)
-        if expected is None:
-            self.rejections.reject("bad_topic", "not a topic of this trainer", topic=msg.topic)
+        adm = await self.door.open(msg)
+        if adm is None:
             return False
-        try:
-            if is_big(msg.payload):  # a big frame, or a small one that inflates
-                env = await asyncio.to_thread(decode, msg.payload, self._limits)
-            else:
-                env = decode(msg.payload, self._limits)
-        except CodecError as exc:
-            self.rejections.reject(exc.reason, exc.detail, topic=msg.topic)
-            return False
-        if env.sender != c.parent or env.job != c.job:
-            self.rejections.reject("wrong_sender", f"{env.sender}/{env.job}, parent is "
-                                                   f"{c.parent}", topic=msg.topic)
-            return False
-        if env.kind not in expected:
-            self.rejections.reject("bad_kind", f"{env.kind!r} on {msg.topic}")
-            return False
+        env = adm.env
         epoch = env.meta.get("epoch", "")
         if not isinstance(epoch, str) or len(epoch) > 64:
             self.rejections.reject("bad_epoch", f"epoch {epoch!r}")
@@ -300,14 +296,9 @@ class Trainer:
                                  "trainer keeps serving; stop it with a signal")
         return False
 
-    async def _on_own_presence(self, payload: bytes) -> None:
-        try:
-            env = decode(payload, Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=0,
-                                         max_tensors=0))
-        except CodecError:
-            env = None
-        if env is not None and env.kind == PRESENCE and env.sender == self.config.node_id \
-                and env.meta.get("status") == "online":
+    async def _on_own_presence(self, msg: Message) -> None:
+        adm = self.door.open_now(msg)  # small: PRESENCE_LIMITS
+        if adm is not None and adm.env.meta.get("status") == "online":
             return  # our own announcement coming back
         # Someone says we are gone (a forgery, garbage, or a will that crossed a reconnect):
         # we are not, so say so; counted, since on an authenticated broker nobody else can.

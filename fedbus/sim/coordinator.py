@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from fedbus import topics
-from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Envelope, Limits, decode, encode
-from fedbus.errors import CodecError, FedbusError
+from fedbus.bus import Bus, Subscription
+from fedbus.codec import Envelope, Limits, encode
+from fedbus.door import Door, Entry
+from fedbus.errors import FedbusError
 from fedbus.sim.population import Population
 from fedbus.sim.worker import TASK
 from fedbus.wire import DONE, PRESENCE, ROUND, presence
@@ -132,6 +133,17 @@ class Coordinator:
         #: Synchronous: the first order's id of recent rounds, for stale updates.
         self._round_orders: dict[int, str] = {}
         self._log = log.bind(node=config.node_id, role="sim_coordinator", job=config.job)
+        # The front door: the aggregator's orders and `done`, the workers' presence (the
+        # workers are not manifest nodes: any sender, role checked on arrival).
+        c, agg = config, frozenset({config.aggregator})
+        self.door = Door(c.job, c.node_id)
+        self.rejections = self.door.rejections
+        self.door.expect(Entry(topics.model(c.job, c.aggregator), frozenset({ROUND, DONE}),
+                               senders=agg, limits=c.limits, dedupe=False))
+        self.door.expect(Entry(topics.work_from(c.job, c.aggregator), frozenset({ROUND}),
+                               senders=agg, limits=c.limits, dedupe=False))
+        self.door.expect(Entry(topics.presence_all(c.job), frozenset({PRESENCE}),
+                               label="presence_", dedupe=False))
 
     async def run(self) -> SimStats:
         c = self.config
@@ -166,8 +178,11 @@ class Coordinator:
                 msg = await sub.get(timeout=left)
             except TimeoutError:
                 continue
-            env = self._decode(msg)
-            if env is not None and env.kind == PRESENCE and env.meta.get("role") == "sim_worker":
+            if not topics.matches(topics.presence_all(c.job), msg.topic):
+                continue  # nothing else matters before the workers are here
+            adm = await self.door.open(msg)
+            env = adm.env if adm is not None else None
+            if env is not None and env.meta.get("role") == "sim_worker":
                 if env.meta.get("status") == "online":
                     ready.add(env.sender)
                 else:
@@ -187,13 +202,6 @@ class Coordinator:
         payload = encode(presence(c.job, client, "trainer", status)) if status else b""
         await self.out.send(topics.presence(c.job, client), payload, retain=True)
 
-    def _decode(self, msg: Message) -> Envelope | None:
-        try:
-            return decode(msg.payload, self.config.limits)
-        except CodecError as exc:
-            self._log.warning("message_rejected", reason=exc.reason, topic=msg.topic)
-            return None
-
     async def _serve(self, sub: Subscription) -> None:
         c = self.config
         model_topic = topics.model(c.job, c.aggregator)
@@ -212,9 +220,10 @@ class Coordinator:
                 await self._release_async()
                 continue
             if msg.topic == model_topic or topics.matches(work_topics, msg.topic):
-                env = self._decode(msg)
-                if env is None or env.sender != c.aggregator:
+                adm = await self.door.open(msg)
+                if adm is None:
                     continue
+                env = adm.env
                 if env.kind == DONE:
                     return
                 if env.kind == ROUND:

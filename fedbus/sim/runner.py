@@ -26,7 +26,7 @@ from fedbus.bus import Bus
 from fedbus.bus.memory import MemoryBroker
 from fedbus.errors import FedbusError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec
-from fedbus.node import _compression, _limits, build_node, make_bus
+from fedbus.node import build_node, codec_compression, codec_limits, make_bus
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.sim.coordinator import Coordinator, CoordinatorConfig, SimStats
@@ -93,8 +93,8 @@ def _workers(m: Manifest, count: int, memory: MemoryBroker | None,
         node_id = f"{prefix}{k}"
         bus = _bus(m, node_id, "sim_worker", memory)
         config = WorkerConfig(job=m.job, node_id=node_id, aggregator=agg,
-                              coordinator=coordinator_id(m), compression=_compression(m),
-                              limits=_limits(m), update_codec=m.codec.update,
+                              coordinator=coordinator_id(m), compression=codec_compression(m),
+                              limits=codec_limits(m), update_codec=m.codec.update,
                               order_cache=max(64, 2 * population.spec.per_round + 8))
         out.append((bus, VirtualWorker(config, bus, ClientTasks(m), population)))
     _quiet_torch()
@@ -161,7 +161,7 @@ async def _run(m: Manifest, population: Population, local: int, remote: int,
     coord_bus = _bus(m, coordinator_id(m), "sim_coordinator", memory)
     coordinator = Coordinator(
         CoordinatorConfig(job=m.job, node_id=coordinator_id(m), aggregator=agg_id,
-                          workers=local + remote, state_dir=state_dir, limits=_limits(m),
+                          workers=local + remote, state_dir=state_dir, limits=codec_limits(m),
                           start_timeout_s=m.round.start_timeout_s),
         coord_bus, population)
     best: dict[str, Any] = {}

@@ -27,9 +27,10 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Bus
 from fedbus.clientside import ClientSide, split_state
-from fedbus.codec import Compression, Envelope, Limits, decode, encode
+from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec
-from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.door import Door, Entry
+from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
@@ -75,11 +76,22 @@ class VirtualWorker:
         self.store: ClientStateStore | None = None
         self.trained = 0
         self.busy_s = 0.0
-        self._orders: OrderedDict[str, bytes] = OrderedDict()
+        self._orders: OrderedDict[str, Envelope] = OrderedDict()
         self._parked: dict[str, list[Envelope]] = {}
         #: The client-side chain (DP, update compression) every virtual client runs.
         self._client = ClientSide(config.update_codec)
         self._log = log.bind(node=config.node_id, role="sim_worker", job=config.job)
+        # The front door: round orders and `done` from the aggregator (asynchronous ones on
+        # the clients' work topics), work items from the coordinator.
+        c, agg = config, frozenset({config.aggregator})
+        self.door = Door(c.job, c.node_id)
+        self.rejections = self.door.rejections
+        self.door.expect(Entry(topics.model(c.job, c.aggregator), frozenset({ROUND, DONE}),
+                               senders=agg, limits=c.limits, dedupe=False))
+        self.door.expect(Entry(topics.work_from(c.job, c.aggregator), frozenset({ROUND}),
+                               senders=agg, limits=c.limits, dedupe=False))
+        self.door.expect(Entry(topics.sim_tasks(c.job, c.coordinator), frozenset({TASK}),
+                               senders=frozenset({c.coordinator}), limits=c.limits))
 
     async def run(self) -> int:
         c = self.config
@@ -91,18 +103,17 @@ class VirtualWorker:
             await self._presence("online")
             try:
                 async for msg in sub:
-                    try:
-                        env = decode(msg.payload, c.limits)
-                    except CodecError as exc:
-                        self._log.warning("message_rejected", reason=exc.reason, topic=msg.topic)
+                    adm = await self.door.open(msg)
+                    if adm is None:
                         continue
-                    if env.kind == DONE and env.sender == c.aggregator:
+                    env = adm.env
+                    if env.kind == DONE:
                         break
-                    if env.kind == ROUND and env.sender == c.aggregator:
-                        self._remember(env.msg_id, msg.payload)
+                    if env.kind == ROUND:
+                        self._remember(env)
                         for item in self._parked.pop(env.msg_id, []):
                             await self._train(item)
-                    elif env.kind == TASK and env.sender == c.coordinator:
+                    else:
                         await self._train(env)
             finally:
                 with contextlib.suppress(FedbusError):
@@ -110,16 +121,16 @@ class VirtualWorker:
         self._log.info("worker_done", trained=self.trained, busy_s=round(self.busy_s, 3))
         return self.trained
 
-    def _remember(self, msg_id: str, payload: bytes) -> None:
-        self._orders[msg_id] = payload
+    def _remember(self, order: Envelope) -> None:
+        self._orders[order.msg_id] = order
         while len(self._orders) > self.config.order_cache:
             self._orders.popitem(last=False)
 
     async def _train(self, item: Envelope) -> None:
         order_id = str(item.meta.get("order", ""))
         client = str(item.meta.get("client", ""))
-        payload = self._orders.get(order_id)
-        if payload is None:
+        order = self._orders.get(order_id)
+        if order is None:
             # The item overtook its round order (they come from different publishers).
             self._parked.setdefault(order_id, []).append(item)
             return
@@ -129,7 +140,7 @@ class VirtualWorker:
             self.store = ClientStateStore(state_dir, limits=self.config.limits)
         started = time.monotonic()
         try:
-            update = await asyncio.to_thread(self._fit, payload, client, item.round)
+            update = await asyncio.to_thread(self._fit, order, client, item.round)
         except Exception as exc:  # often the user's task: report it, go on with the next
             if isinstance(exc, FedbusError):
                 self._log.error("client_failed", client=client, error=str(exc))
@@ -142,11 +153,10 @@ class VirtualWorker:
         c = self.config
         await self.bus.publish(topics.sim_result(c.job, c.coordinator, client), update)
 
-    def _fit(self, order_payload: bytes, client: str, round: int) -> bytes:
+    def _fit(self, order: Envelope, client: str, round: int) -> bytes:
         """Train ``client`` from the order's model; answer as its update for ``round`` (the
         order's own round, or a later one for a stale update)."""
         c = self.config
-        order = decode(order_payload, c.limits)
         index = self.population.index(client)
         config: Mapping[str, Any] = order.meta.get("config", {})
         if not isinstance(config, Mapping):

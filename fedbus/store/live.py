@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus
-from fedbus.codec import Envelope, decode, encode
-from fedbus.errors import CodecError, FedbusError
+from fedbus.codec import Envelope, Limits, encode
+from fedbus.door import Door, Entry
+from fedbus.errors import FedbusError
 
-__all__ = ["RankingSelector", "ask_store", "refresh_ranking"]
+__all__ = ["RANKING_LIMITS", "RankingSelector", "ask_store", "refresh_ranking"]
 
 
 class RankingSelector(Protocol):
@@ -30,25 +31,32 @@ class RankingSelector(Protocol):
     def set_ranking(self, ranking: Mapping[str, float]) -> None: ...
 
 
+#: A reply with no models (the live ranking's): scores for at most a population of clients.
+RANKING_LIMITS: Final = Limits(max_frame_bytes=16 << 20, max_decompressed_bytes=16 << 20,
+                               max_tensors=0)
+
+
 async def ask_store(bus: Bus, job: str, me: str, store: str, workload: str,
-                    args: Mapping[str, Any], timeout: float,
+                    args: Mapping[str, Any], timeout: float, *,
+                    limits: Limits = RANKING_LIMITS,
                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """One query to ``store`` on ``query/<store>/<me>``; its reply (meta, tensors) from
-    ``reply/<me>``, or None after ``timeout`` seconds."""
+    ``reply/<me>``, or None after ``timeout`` seconds. The reply enters through a front door
+    (from ``store`` only, within ``limits``, decoded off the event loop when large): the
+    aggregator asks between rounds and must not be stalled or inflated by what comes back."""
     request = Envelope(kind="query", job=job, sender=me, round=0,
                        meta={"workload": workload, "args": dict(args)})
+    door = Door(job, me)
+    door.expect(Entry(topics.reply(job, me), frozenset({"reply"}), senders=frozenset({store}),
+                      topic_sender=False, limits=limits))
     async with bus.subscribe(topics.reply(job, me)) as sub:
         await bus.publish(topics.query(job, store, me), encode(request))
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    msg = await sub.get()
-                    try:
-                        env = decode(msg.payload)
-                    except CodecError:
-                        continue
-                    if env.sender == store and env.meta.get("request_id") == request.msg_id:
-                        return dict(env.meta), dict(env.tensors)
+                    adm = await door.open(await sub.get())
+                    if adm is not None and adm.env.meta.get("request_id") == request.msg_id:
+                        return dict(adm.env.meta), dict(adm.env.tensors)
         except TimeoutError:
             return None
 

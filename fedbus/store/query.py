@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedbus.codec import Envelope, encode
+from fedbus.codec import Envelope, Limits, encode
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec
 from fedbus.store.cache import StoreError
@@ -41,7 +41,9 @@ def store_node(m: Manifest, node_id: str | None) -> NodeSpec:
 async def ask(bus: Any, m: Manifest, store: str, workload: str, args: Mapping[str, Any],
               timeout: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Send one query to the running ``store`` and wait for its reply (meta, tensors)."""
-    reply = await ask_store(bus, m.job, bus.node_id, store, workload, args, timeout)
+    cap = m.codec.max_message_mb << 20  # a reply may carry models (personalization)
+    reply = await ask_store(bus, m.job, bus.node_id, store, workload, args, timeout,
+                            limits=Limits(max_frame_bytes=cap, max_decompressed_bytes=cap))
     if reply is None:
         raise StoreError(f"no reply from store {store!r} within {timeout:g}s: is it "
                          f"running (fedbus serve MANIFEST --node {store})? After a job, "
