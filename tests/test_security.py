@@ -27,9 +27,9 @@ from fedbus.deploy.passwords import hash_password, read_secrets_file, verify_pas
 from fedbus.deploy.security import acl_text, node_rights, write_broker_security
 from fedbus.errors import ConnectError, DeployError, ManifestError, PublishDenied, SubscribeDenied
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
+from fedbus.manifest.wiring import KNOWN_ROLES, role_wiring
 from fedbus.node import build_node, make_bus
 from fedbus.services.aggregator import Aggregator
-from fedbus.wiring import KNOWN_ROLES, role_wiring
 from tests.conftest import SecureBrokerFactory
 
 JOB = "sec"

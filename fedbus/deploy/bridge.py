@@ -21,7 +21,7 @@ from typing import Final, Literal
 
 from fedbus.errors import ManifestError
 from fedbus.manifest import BrokerNode, BrokerSpec, Manifest, compile_wiring
-from fedbus.wiring import Wiring
+from fedbus.manifest.wiring import Wiring
 
 __all__ = ["BridgeTopic", "bridge_config", "bridge_name", "bridge_rights", "bridge_topics",
            "subtree", "topological"]

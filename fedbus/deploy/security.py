@@ -34,7 +34,7 @@ from fedbus.deploy.passwords import (
 )
 from fedbus.errors import DeployError
 from fedbus.manifest import Manifest, compile_wiring
-from fedbus.wiring import Wiring, role_wiring
+from fedbus.manifest.wiring import Wiring, role_wiring
 
 __all__ = [
     "Backend",

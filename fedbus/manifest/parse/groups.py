@@ -5,22 +5,19 @@
 
 A group is two or more trainers under the same parent (the aggregator or a relay); the parent
 still selects them one by one, and the group's members sum their updates among themselves
-before one of them uploads the group's result. Kept beside ``fedbus.manifest`` so the section
-is one self-contained piece.
+before one of them uploads the group's result (the model's ``GroupSpec``; their topics are
+``fedbus.manifest.wiring.ring_wiring``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final
 
-from fedbus.wiring import Wiring, with_ring
+from fedbus.manifest.model import CodecSpec, GroupSpec, NodeSpec, PluginSpec, RoundSpec
+from fedbus.manifest.parse.reader import Reader
 
-if TYPE_CHECKING:
-    from fedbus.manifest import CodecSpec, NodeSpec, PluginSpec, RoundSpec, _Parser
-
-__all__ = ["RING_STRATEGIES", "GroupSpec", "parse_groups", "ring_wiring"]
+__all__ = ["RING_STRATEGIES", "parse_groups"]
 
 #: Synchronous strategies whose aggregate is the example-weighted mean of the deltas (then perhaps a
 #: server optimiser step): a group's one update of sum(n_i * delta_i) / sum(n_i) carrying
@@ -31,21 +28,7 @@ RING_STRATEGIES: Final = frozenset({"fedavg", "fedavgm", "fedprox", "fedadagrad"
 _KEYS: Final = ("id", "mode", "members", "parent", "step_timeout_s")
 
 
-@dataclass(frozen=True, slots=True)
-class GroupSpec:
-    id: str
-    #: Members by rank: the first live one of a round's ring commits the group's update.
-    members: tuple[str, ...]
-    #: The node the members (and the group's update) report to.
-    parent: str
-    mode: Literal["ring"] = "ring"
-    #: How long a member waits for each reduce step (the first one includes how much slower
-    #: the others train) before the group falls back to uploading one by one. Default:
-    #: ``min(10, round.deadline_s / 4)``.
-    step_timeout_s: float = 10.0
-
-
-def parse_groups(p: _Parser, value: Any, nodes: Sequence[NodeSpec], rnd: RoundSpec,
+def parse_groups(p: Reader, value: Any, nodes: Sequence[NodeSpec], rnd: RoundSpec,
                  strategy: PluginSpec, codec: CodecSpec,
                  population: Any) -> tuple[GroupSpec, ...]:
     if value is None:
@@ -101,14 +84,6 @@ def parse_groups(p: _Parser, value: Any, nodes: Sequence[NodeSpec], rnd: RoundSp
                            f"in (0, round.deadline_s={rnd.deadline_s:g})")
         out.append(GroupSpec(id=gid, members=ids, parent=parent, step_timeout_s=timeout))
     return tuple(out)
-
-
-def ring_wiring(job: str, groups: Sequence[GroupSpec],
-                wiring: dict[str, Wiring]) -> dict[str, Wiring]:
-    """``compile_wiring``'s table with each group member's ring topics added to its own."""
-    for g in groups:
-        wiring.update((m, with_ring(wiring[m], job, g.id, g.members)) for m in g.members)
-    return wiring
 
 
 def _not_for_rings(name: str, params: Mapping[str, Any]) -> str | None:

@@ -1,4 +1,5 @@
-"""Who may publish and subscribe where, per role: the one table services, ACLs and bridges share.
+"""Who may publish and subscribe where, per role: the one table services, ACLs and bridges share,
+and ``compile_wiring``, which applies it to every node of a manifest.
 
 ``role_wiring`` answers for every role that exists or is planned (aggregator, trainer, relay,
 checkpointer, store, operator), so broker ACLs generated from a manifest stay right when a role
@@ -7,14 +8,18 @@ is added: the manifest only has to let the role through validation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from fedbus import topics
 from fedbus.errors import BusError
+from fedbus.manifest.model import GroupSpec, Manifest, thaw
+from strategies.base import AsyncStrategy
+from strategies.registry import make_strategy
 
-__all__ = ["KNOWN_ROLES", "Wiring", "role_wiring", "with_ring"]
+__all__ = ["KNOWN_ROLES", "Wiring", "compile_wiring", "feeds_sketches", "ring_wiring",
+           "role_wiring", "store_feed", "with_ring"]
 
 KNOWN_ROLES: Final = ("aggregator", "trainer", "relay", "checkpointer", "store", "operator")
 
@@ -133,3 +138,56 @@ def with_ring(w: Wiring, job: str, group: str, members: Iterable[str]) -> Wiring
                   (*w.subscribe, topics.ring_inbox(job, group, w.node),
                    *(topics.presence(job, m) for m in others)),
                   (*w.publish, *(topics.ring(job, group, m, w.node) for m in others)))
+
+
+def ring_wiring(job: str, groups: Sequence[GroupSpec],
+                wiring: dict[str, Wiring]) -> dict[str, Wiring]:
+    """``compile_wiring``'s table with each group member's ring topics added to its own."""
+    for g in groups:
+        wiring.update((m, with_ring(wiring[m], job, g.id, g.members)) for m in g.members)
+    return wiring
+
+
+def compile_wiring(m: Manifest) -> dict[str, Wiring]:
+    """Per node id, exactly the filters it subscribes to and the topics it publishes on,
+    built only through ``fedbus.topics``. tests/test_hostile.py checks the running services
+    against it, so the ACLs and bridges generated from it allow what the protocol needs and
+    nothing more."""
+    children: dict[str, list[str]] = {}
+    for n in m.nodes:
+        if n.parent is not None:
+            children.setdefault(n.parent, []).append(n.id)
+    # The role table (role_wiring above) is shared with the ACL generator (fedbus.deploy).
+    ckpt = m.checkpointer
+    wire = {n.id: role_wiring(m.job, n.id, n.role, parent=n.parent,
+                              children=children.get(n.id, ()),
+                              checkpointer=ckpt.id if ckpt is not None else None,
+                              asks_store=_ranking_store(m) if n.role == "aggregator" else None,
+                              sketch_feed=(feeds_sketches(m, n.id) if n.role == "aggregator"
+                                           else n.role == "store" and store_feed(m) == "sketches"))
+            for n in m.nodes}
+    return ring_wiring(m.job, m.groups, wire)
+
+
+def store_feed(m: Manifest) -> str:
+    """How the manifest's stores get each update: ``updates`` or ``sketches`` (``auto``
+    resolved: sketches when no full update is kept and the aggregator is synchronous)."""
+    feed = m.store.feed
+    if feed != "auto":
+        return feed
+    if m.store.full_update_rounds > 0 or isinstance(
+            make_strategy(m.strategy.name, thaw(m.strategy.params)), AsyncStrategy):
+        return "updates"
+    return "sketches"
+
+
+def feeds_sketches(m: Manifest, node_id: str) -> bool:
+    """Does aggregator ``node_id`` publish sketch records (a store recording it wants them)?"""
+    return store_feed(m) == "sketches" and any(
+        n.role == "store" and n.parent == node_id for n in m.nodes)
+
+
+def _ranking_store(m: Manifest) -> str | None:
+    """The store a ``ranked`` selector asks before every round (its ``store`` parameter)."""
+    store = m.selector.params.get("store") if m.selector.name == "ranked" else None
+    return store if isinstance(store, str) else None
