@@ -37,9 +37,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto  # noqa: E402
+from fedbus.connect import make_bus  # noqa: E402
 from fedbus.log import configure_logging  # noqa: E402
 from fedbus.manifest import BrokerSpec, Manifest, parse_manifest, with_broker  # noqa: E402
-from fedbus.node import build_node, make_bus  # noqa: E402
+from fedbus.node import build_node  # noqa: E402
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncReport  # noqa: E402
 from fedbus.task import (  # noqa: E402
     EvalResult,

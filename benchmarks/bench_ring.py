@@ -25,9 +25,12 @@ from typing import Any
 
 from benchmarks._broker_bytes import broker_bytes
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
+
+#: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
+from fedbus.connect import make_bus
 from fedbus.log import configure_logging
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 
 #: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
 _SYS = "sys_interval 1\n"

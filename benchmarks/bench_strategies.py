@@ -26,8 +26,9 @@ from typing import Any
 import structlog
 
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.manifest import parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.async_aggregator import AsyncAggregator
 

@@ -31,10 +31,13 @@ from typing import Any
 from benchmarks._broker_bytes import broker_bytes
 from benchmarks.bench_ring import site_hybrid
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
+
+#: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
+from fedbus.connect import make_bus
 from fedbus.deploy.local import spawn_bridged
 from fedbus.log import configure_logging
 from fedbus.manifest import Manifest, parse_manifest, with_node_broker
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 
 #: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
 _SYS = "sys_interval 1\n"

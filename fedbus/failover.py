@@ -13,16 +13,19 @@ the checkpointer and continues at the next round.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import structlog
 
 from fedbus import topics
-from fedbus.codec import Limits, decode
+from fedbus.connect import broker_settings, mqtt_bus
 from fedbus.credentials import node_credentials
-from fedbus.errors import BusError, CodecError
+from fedbus.door import Admitted, Door, Entry
+from fedbus.errors import BusError
 from fedbus.manifest import Manifest
+from fedbus.wire import PRESENCE
 
 __all__ = ["await_leadership"]
 
@@ -39,28 +42,21 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     the node's own identity would take the active instance's session).
     """
     assert m.broker is not None
-    from fedbus.bus.mqtt import MqttBus
-
     if watch_as is None and node_credentials(m, node).secured:
         # On a secured broker the client id is the user: watching with the node's own
         # identity would take the active instance's session. A standby needs its own user.
         log.info("standby_check_skipped", node=node,
                  detail="secured broker: pass --watch-as OPERATOR to run a standby")
         return 0.0
-    b = m.broker
-    creds = node_credentials(m, watch_as) if watch_as else None
-    watcher = MqttBus(
-        f"{node}-standby", b.host, b.port,
-        client_id=watch_as or f"fedbus.{m.job}.{node}.standby.{os.getpid()}",
-        username=creds.username if creds else None,
-        password=creds.password if creds else None,
-        tls_ca=creds.tls_ca if creds else None,
-        tls_cert=creds.tls_cert if creds else None,
-        tls_key=creds.tls_key if creds else None,
-        keepalive=b.keepalive_s,
-    )
+    settings = broker_settings(m, node, login_as=watch_as,
+                               client_id=watch_as or
+                               f"fedbus.{m.job}.{node}.standby.{os.getpid()}")
+    watcher = mqtt_bus(f"{node}-standby", settings)
+    # the active instance's presence, through a front door: from that node, small
+    door = Door(m.job, f"{node}-standby")
+    door.expect(Entry(topics.presence(m.job, node), frozenset({PRESENCE}),
+                      senders=frozenset({node}), dedupe=False))
     started = time.monotonic()
-    limits = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=0, max_tensors=0)
     try:
         await watcher.__aenter__()
     except BusError as exc:
@@ -70,18 +66,15 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     try:
         async with watcher.subscribe(topics.presence(m.job, node)) as sub:
             status = None
-            try:
-                status = _status(decode((await sub.get(timeout=_RETAINED_WAIT_S)).payload, limits))
-            except (TimeoutError, CodecError):
-                pass
+            with contextlib.suppress(TimeoutError):
+                status = _status(door.open_now(await sub.get(timeout=_RETAINED_WAIT_S)))
             if status == "online":
                 log.warning("standby_waiting", node=node,
                             detail="another instance is active; taking over when it goes offline")
             while status == "online":
-                try:
-                    status = _status(decode((await sub.get()).payload, limits))
-                except CodecError:
-                    continue
+                adm = door.open_now(await sub.get())
+                if adm is not None:
+                    status = _status(adm)
 
     finally:
         await watcher.__aexit__(None, None, None)
@@ -91,7 +84,7 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     return waited
 
 
-def _status(env: object) -> str | None:
-    meta = getattr(env, "meta", {})
+def _status(adm: Admitted | None) -> str | None:
+    meta = adm.env.meta if adm is not None else {}
     status = meta.get("status") if isinstance(meta, dict) else None
     return status if isinstance(status, str) else None

@@ -11,13 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from fedbus import topics
-from fedbus.bus import Bus, Will
-from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.bus import Bus
 from fedbus.checkpoint import CheckpointStore, DiskStore, RedisStore, TieredStore
-from fedbus.codec import Compression, Limits, encode
+from fedbus.codec import Compression, Limits
 from fedbus.compress import UpdateCodec
-from fedbus.credentials import node_credentials
+from fedbus.connect import authenticated
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, feeds_sketches, thaw
 from fedbus.services._durability import DurabilitySettings
@@ -28,7 +26,6 @@ from fedbus.services.relay import AsyncRelay, Relay
 from fedbus.services.trainer import Trainer, TrainerConfig
 from fedbus.store.feed import FeedSettings
 from fedbus.task import EvalResult, Task, open_task
-from fedbus.wire import presence
 from strategies import (
     AsyncStrategy,
     FedAvg,
@@ -40,60 +37,7 @@ from strategies import (
     make_strategy,
 )
 
-__all__ = ["build_node", "codec_compression", "codec_limits", "make_bus"]
-
-
-def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:
-    """A bus connection for ``node``, with its last will announcing it offline."""
-    topic = topics.presence(m.job, node.id)
-    will = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "offline")),
-                retain=True)
-    # Published by the bus on every (re)connect: a node that lost its connection (and had its
-    # will published) is announced online again as soon as it is back.
-    birth = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "online")),
-                 retain=True)
-    chunk = m.broker.chunk_bytes if m.broker else 1_000_000
-    client_id = f"fedbus.{m.job}.{node.id}"
-    if memory is not None:
-        return MemoryBus(memory, node.id, will=will, birth=birth, client_id=client_id,
-                         chunk_bytes=chunk)
-    if m.broker is None:
-        raise ManifestError(m.source, "broker",
-                            "no broker given: use `fedbus run` (embedded broker) or add "
-                            "broker: {host: ..., port: ...}")
-    from fedbus.bus.mqtt import MqttBus  # aiomqtt only where MQTT is used
-
-    b = m.broker
-    creds = node_credentials(m, node.id)
-    return MqttBus(
-        node.id,
-        b.host,
-        b.port,
-        # A secured broker names the session after the user (use_username_as_clientid);
-        # asking for that same id keeps our persistent session where the broker puts it.
-        client_id=node.id if creds.username == node.id else client_id,
-        will=will,
-        birth=birth,
-        chunk_bytes=b.chunk_bytes,
-        max_message_bytes=m.codec.max_message_mb << 20,
-        keepalive=b.keepalive_s,
-        username=creds.username,
-        password=creds.password,
-        tls_ca=creds.tls_ca,
-        tls_cert=creds.tls_cert,
-        tls_key=creds.tls_key,
-    )
-
-
-def authenticated(m: Manifest, bus: Bus) -> bool:
-    """Does the broker tie what is published on a node's topics to that node? The in-process
-    bus does (nothing else can publish on it); an MQTT broker does when nodes log in with
-    credentials checked against an ACL (``fedbus acl``)."""
-    if isinstance(bus, MemoryBus):
-        return True
-    # A user name (given, or the node id by default once a password or certificate is
-    # configured: fedbus.credentials) means the broker checked who we are.
-    return node_credentials(m, bus.node_id).secured
+__all__ = ["build_node", "codec_compression", "codec_limits"]
 
 
 #: Updates above this size wait for an upload slot (UploadGate), whatever the chunk size:

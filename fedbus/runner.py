@@ -23,11 +23,12 @@ import structlog
 
 from fedbus._malloc import tune_for_rounds
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.errors import FedbusError, ManifestError
 from fedbus.log import LogSink
 from fedbus.manifest import BrokerSpec, Manifest, with_broker, with_node_broker
 from fedbus.metering import MeteredBus
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.progress import DisplayMode, ProgressState, make_display
 from fedbus.runs import BEST_MODEL, FINAL_MODEL, RunRecorder
 from fedbus.services.aggregator import Aggregator, RoundReport

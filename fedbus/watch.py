@@ -14,9 +14,9 @@ import structlog
 
 from fedbus import topics
 from fedbus.codec import decode
+from fedbus.connect import make_bus
 from fedbus.errors import CodecError, FedbusError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec
-from fedbus.node import make_bus
 from fedbus.progress import format_round
 
 __all__ = ["WatchTimeout", "watch"]

@@ -19,8 +19,9 @@ from structlog.testing import capture_logs
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.async_aggregator import AsyncAggregator, AsyncReport
 from fedbus.services.trainer import Trainer
 from fedbus.wire import (

@@ -13,11 +13,11 @@ import pytest
 from federation import federate
 
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.deploy.bridge import bridge_config, bridge_topics
 from fedbus.deploy.local import spawn_bridged
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, describe, parse_manifest, with_node_broker
-from fedbus.node import make_bus
 from fedbus.services.aggregator import Aggregator
 
 TASK = {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.4}}

@@ -17,9 +17,10 @@ import yaml
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 from fedbus.bus.mqtt import MqttBus
+from fedbus.connect import make_bus
 from fedbus.errors import BrokerLimitError
 from fedbus.manifest import load_manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 
 ROOT = Path(__file__).resolve().parents[1]
 

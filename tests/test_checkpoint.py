@@ -16,8 +16,9 @@ from fedbus.bus.memory import MemoryBroker
 from fedbus.checkpoint import AggregatorState, DiskStore, RedisStore, TieredStore
 from fedbus.checkpoint.state import state_envelope, state_from
 from fedbus.codec import decode, encode
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.async_aggregator import AsyncAggregator
 

@@ -11,8 +11,8 @@ from federation import federate
 
 from fedbus.broker import MosquittoProcess
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import make_bus
 from fedbus.services.aggregator import Aggregator
 
 pytestmark = pytest.mark.broker

@@ -24,8 +24,9 @@ from fedbus.bus import Bus, MemoryBroker, MemoryBus
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import Envelope, decode, encode
 from fedbus.compress import MODEL_META_KEY
+from fedbus.connect import make_bus
 from fedbus.manifest import BrokerSpec, Manifest, compile_wiring, parse_manifest, with_broker
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.trainer import Trainer
 from fedbus.wire import DONE, METRICS, ROUND, UPDATE, join_tensors, presence

@@ -16,8 +16,9 @@ import pytest
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Envelope, encode
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.wire import ROUND, UPDATE
 
 CODECS = ["none", "fp16", "int8", "topk"]

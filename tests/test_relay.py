@@ -13,9 +13,10 @@ from federation import federate
 
 from fedbus.bus.memory import MemoryBroker
 from fedbus.compress import UpdateCodec
+from fedbus.connect import make_bus
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.relay import Relay
 

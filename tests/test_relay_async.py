@@ -15,8 +15,9 @@ from structlog.testing import capture_logs
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import decode, encode
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.services.relay import AsyncRelay
 from fedbus.wire import DONE, GRANT, presence

@@ -15,8 +15,9 @@ from fedbus.bus import ChunkLimits, MemoryBroker, MemoryBus
 from fedbus.bus._chunking import Reassembler, frames, is_chunk_frame, plan
 from fedbus.bus._repair import Repair, RepairLimits, decode_nack, encode_nack
 from fedbus.bus.mqtt import MqttBus
+from fedbus.connect import make_bus
 from fedbus.manifest import parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 
 FAST = ChunkLimits(nack_after_s=0.05)

@@ -13,9 +13,10 @@ from fedbus import topics
 from fedbus.bus import Message
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Envelope, Limits, decode, encode
+from fedbus.connect import make_bus
 from fedbus.errors import BusError, ManifestError, UpdateRejected
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator, _Round
 from fedbus.services.ring import RING, RingMember, check_covers, covered
 from fedbus.services.ring import _Round as RingRound

@@ -12,9 +12,10 @@ import pytest
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
 from fedbus.bus.mqtt import MqttBus
+from fedbus.connect import make_bus
 from fedbus.errors import PublishDenied, SubscribeDenied
 from fedbus.manifest import BrokerSpec, parse_manifest, with_broker
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from tests.conftest import SecureBrokerFactory
 
 pytestmark = pytest.mark.broker

@@ -21,6 +21,7 @@ import pytest
 
 from fedbus import topics
 from fedbus.bus.mqtt import MqttBus
+from fedbus.connect import make_bus
 from fedbus.credentials import node_credentials
 from fedbus.deploy.local import SecureMosquitto
 from fedbus.deploy.passwords import hash_password, read_secrets_file, verify_password
@@ -28,7 +29,7 @@ from fedbus.deploy.security import acl_text, node_rights, write_broker_security
 from fedbus.errors import ConnectError, DeployError, ManifestError, PublishDenied, SubscribeDenied
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.manifest.wiring import KNOWN_ROLES, role_wiring
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from tests.conftest import SecureBrokerFactory
 

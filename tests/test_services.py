@@ -17,8 +17,9 @@ from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.compress import MODEL_META_KEY, UpdateCodec
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services._gate import UploadGate
 from fedbus.services.aggregator import Aggregator
 from fedbus.wire import ROUND, UPDATE, join_tensors, presence

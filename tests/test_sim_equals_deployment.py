@@ -12,8 +12,8 @@ import pytest
 from federation import federate
 
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.manifest import parse_manifest
-from fedbus.node import make_bus
 from fedbus.sim import run_simulation
 
 CLIENTS = 4

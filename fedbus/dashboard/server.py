@@ -20,10 +20,10 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.dashboard.state import JobState
 from fedbus.errors import FedbusError
 from fedbus.manifest import Manifest, NodeSpec
-from fedbus.node import make_bus
 
 __all__ = ["serve_dashboard"]
 

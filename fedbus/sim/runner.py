@@ -24,9 +24,10 @@ import structlog
 from fedbus._malloc import tune_for_rounds
 from fedbus.bus import Bus
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.errors import FedbusError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec
-from fedbus.node import build_node, codec_compression, codec_limits, make_bus
+from fedbus.node import build_node, codec_compression, codec_limits
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.sim.coordinator import Coordinator, CoordinatorConfig, SimStats

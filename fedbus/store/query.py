@@ -75,7 +75,7 @@ async def run_query(m: Manifest, store: str | None, workload: str, args: Mapping
     node = store_node(m, store)
     if offline or m.broker is None:
         return await ask_offline(m, node, workload, args)
-    from fedbus.node import make_bus
+    from fedbus.connect import make_bus
 
     me = NodeSpec(id=user or f"query-{os.getpid()}", role="trainer")
     async with make_bus(m, me) as bus:

@@ -11,8 +11,9 @@ from typing import Any
 
 from fedbus import topics
 from fedbus.bus import Bus
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreService
 

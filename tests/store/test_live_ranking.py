@@ -10,8 +10,9 @@ from typing import Any
 
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.store import StoreService
 
 

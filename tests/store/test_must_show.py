@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreService
 from fedbus.store import StoreError

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fedbus.bus.memory import MemoryBroker
+from fedbus.connect import make_bus
 from fedbus.manifest import parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.store import StoreService
 from fedbus.sim import run_simulation
 from fedbus.store.repository import Retention, RoundStore

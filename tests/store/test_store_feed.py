@@ -16,9 +16,10 @@ from fedbus import topics
 from fedbus.bus import Bus
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Envelope, decode, encode
+from fedbus.connect import make_bus
 from fedbus.errors import ManifestError, PublishDenied
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest, store_feed
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreConfig, StoreService
 from fedbus.store import RoundStore, StoreError

@@ -18,8 +18,9 @@ import yaml
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
+from fedbus.connect import make_bus
 from fedbus.manifest import NodeSpec, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.store import query as q
 from tests.store.mqtt_federation import store_federation

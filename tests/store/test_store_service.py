@@ -17,8 +17,9 @@ import zstandard
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
+from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node, make_bus
+from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreService
 from fedbus.store import query as q

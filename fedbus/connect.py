@@ -1,0 +1,95 @@
+"""From a manifest to a bus connection: the one place a node's broker settings (address,
+chunking, keepalive, credentials, TLS, will and birth) are read from the manifest, for
+services, the standby watcher and the operator's tools alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedbus import topics
+from fedbus.bus import Bus, Will
+from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.codec import encode
+from fedbus.credentials import node_credentials
+from fedbus.errors import ManifestError
+from fedbus.manifest import Manifest, NodeSpec
+from fedbus.wire import presence
+
+__all__ = ["BrokerSettings", "authenticated", "broker_settings", "make_bus", "mqtt_bus"]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """How one identity connects to the manifest's broker."""
+
+    host: str
+    port: int
+    client_id: str
+    chunk_bytes: int
+    max_message_bytes: int
+    keepalive_s: int
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def broker_settings(m: Manifest, node_id: str, *, login_as: str | None = None,
+                    client_id: str | None = None) -> BrokerSettings:
+    """``node_id``'s connection to ``m``'s broker, logged in as ``login_as`` (default: the
+    node itself; an operator watches with its own user)."""
+    if m.broker is None:
+        raise ManifestError(m.source, "broker",
+                            "no broker given: use `fedbus run` (embedded broker) or add "
+                            "broker: {host: ..., port: ...}")
+    b = m.broker
+    creds = node_credentials(m, login_as or node_id)
+    if client_id is None:
+        # A secured broker names the session after the user (use_username_as_clientid);
+        # asking for that same id keeps our persistent session where the broker puts it.
+        client_id = (creds.username if creds.username == (login_as or node_id)
+                     else f"fedbus.{m.job}.{node_id}")
+    return BrokerSettings(host=b.host, port=b.port, client_id=client_id,
+                          chunk_bytes=b.chunk_bytes,
+                          max_message_bytes=m.codec.max_message_mb << 20,
+                          keepalive_s=b.keepalive_s, username=creds.username,
+                          password=creds.password, tls_ca=creds.tls_ca,
+                          tls_cert=creds.tls_cert, tls_key=creds.tls_key)
+
+
+def mqtt_bus(node_id: str, s: BrokerSettings, *, will: Will | None = None,
+             birth: Will | None = None) -> Bus:
+    from fedbus.bus.mqtt import MqttBus  # aiomqtt only where MQTT is used
+
+    return MqttBus(node_id, s.host, s.port, client_id=s.client_id, will=will, birth=birth,
+                   chunk_bytes=s.chunk_bytes, max_message_bytes=s.max_message_bytes,
+                   keepalive=s.keepalive_s, username=s.username, password=s.password,
+                   tls_ca=s.tls_ca, tls_cert=s.tls_cert, tls_key=s.tls_key)
+
+
+def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:
+    """A bus connection for ``node``, with its last will announcing it offline."""
+    topic = topics.presence(m.job, node.id)
+    will = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "offline")),
+                retain=True)
+    # Published by the bus on every (re)connect: a node that lost its connection (and had its
+    # will published) is announced online again as soon as it is back.
+    birth = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "online")),
+                 retain=True)
+    if memory is not None:
+        chunk = m.broker.chunk_bytes if m.broker else 1_000_000
+        return MemoryBus(memory, node.id, will=will, birth=birth,
+                         client_id=f"fedbus.{m.job}.{node.id}", chunk_bytes=chunk)
+    return mqtt_bus(node.id, broker_settings(m, node.id), will=will, birth=birth)
+
+
+def authenticated(m: Manifest, bus: Bus) -> bool:
+    """Does the broker tie what is published on a node's topics to that node? The in-process
+    bus does (nothing else can publish on it); an MQTT broker does when nodes log in with
+    credentials checked against an ACL (``fedbus acl``)."""
+    if isinstance(bus, MemoryBus):
+        return True
+    # A user name (given, or the node id by default once a password or certificate is
+    # configured: fedbus.credentials) means the broker checked who we are.
+    return node_credentials(m, bus.node_id).secured
