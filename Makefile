@@ -49,6 +49,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check fedbus strategies tests benchmarks examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 pytest: setup
 	$(BIN)/pytest -q

@@ -21,7 +21,14 @@ import structlog
 from fedbus import __version__
 from fedbus.errors import FedbusError, ManifestError
 from fedbus.log import LEVELS, LogSink, configure_logging
-from fedbus.manifest import BrokerSpec, Manifest, describe, load_manifest, with_broker
+from fedbus.manifest import (
+    BrokerSpec,
+    Manifest,
+    broker_address,
+    describe,
+    load_manifest,
+    with_broker,
+)
 
 __all__ = ["main"]
 
@@ -44,10 +51,10 @@ Handler = Callable[[argparse.Namespace, LogSink], int]
 # --- argument types ---------------------------------------------------------------------------
 
 def _parse_broker(value: str) -> BrokerSpec:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"wants HOST:PORT (port 1-65535), got {value!r}")
-    return BrokerSpec(host=host or "127.0.0.1", port=int(port))
+    try:
+        return broker_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(value: str) -> int:

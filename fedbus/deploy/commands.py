@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedbus.errors import ManifestError
-from fedbus.manifest import load_manifest
+from fedbus.manifest import broker_address, load_manifest
 
 __all__ = ["COMMANDS"]
 
@@ -19,9 +19,10 @@ Adder = Callable[..., argparse.ArgumentParser]
 
 
 def _parse_broker(value: str) -> Any:
-    from fedbus.cli import _parse_broker as parse
-
-    return parse(value)
+    try:
+        return broker_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_acl(add: Adder) -> None:

@@ -335,6 +335,14 @@ class Manifest:
         return tuple(g.members for g in self.groups if g.parent == parent)
 
 
+def broker_address(value: str) -> BrokerSpec:
+    """``HOST:PORT`` (a command line's ``--broker``) as a broker; ValueError when it is not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"wants HOST:PORT (port 1-65535), got {value!r}")
+    return BrokerSpec(host=host or "127.0.0.1", port=int(port))
+
+
 def with_broker(m: Manifest, broker: BrokerSpec) -> Manifest:
     """The same manifest pointed at ``broker`` (e.g. the embedded broker once it is up)."""
     return dataclasses.replace(m, broker=broker)
