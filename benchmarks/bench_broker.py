@@ -20,7 +20,7 @@ import time
 import aiomqtt
 
 from fedbus.broker import free_port, spawn_mosquitto
-from fedbus.bus import MqttBus
+from fedbus.bus.mqtt import MqttBus
 
 _AMQTT_MAIN = """
 import asyncio, sys

@@ -183,7 +183,7 @@ async def test_a_federation_across_two_chained_bridges_gives_the_one_bus_model()
 
 @pytest.mark.broker
 async def _until_retained(host: str, port: int, topic: str, timeout: float = 10) -> None:
-    from fedbus.bus import MqttBus
+    from fedbus.bus.mqtt import MqttBus
 
     async with asyncio.timeout(timeout):
         for attempt in range(10_000):  # a fresh client id each time: no session carries over
@@ -196,7 +196,8 @@ async def _until_retained(host: str, port: int, topic: str, timeout: float = 10)
 
 async def test_retained_presence_and_wills_cross_the_bridge() -> None:
     # Prepare: a trainer on "site" announces itself (retained) before anyone on "root" listens
-    from fedbus.bus import MqttBus, Will
+    from fedbus.bus import Will
+    from fedbus.bus.mqtt import MqttBus
 
     m = parse_manifest(chain())
     bridged = await spawn_bridged(m)

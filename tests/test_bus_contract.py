@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from fedbus.bus import Bus, MemoryBroker, MemoryBus, MqttBus, Will
+from fedbus.bus import Bus, MemoryBroker, MemoryBus, Will
+from fedbus.bus.mqtt import MqttBus
 from fedbus.errors import BusError
 
 Factory = Callable[..., Bus]

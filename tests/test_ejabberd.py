@@ -56,7 +56,7 @@ async def test_a_share_subscription_is_refused_with_a_reason_and_the_bus_goes_on
         ejabberd: MosquittoProcess) -> None:
     # Prepare: ejabberd's CONNACK says it has no shared subscriptions; sending one anyway
     # would make it drop the whole connection
-    from fedbus.bus import MqttBus
+    from fedbus.bus.mqtt import MqttBus
     from fedbus.errors import SubscribeDenied
 
     topic = "fedbus/v1/toy/metrics/agg"

@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
-from fedbus.bus import MqttBus, Will
+from fedbus.bus import Will
+from fedbus.bus.mqtt import MqttBus
 from fedbus.errors import BusError, ConnectError
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

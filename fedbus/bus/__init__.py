@@ -1,9 +1,9 @@
-"""Message bus: the ``Bus`` protocol, an in-memory bus and an MQTT bus."""
+"""Message bus: the ``Bus`` protocol, an in-memory bus and (``fedbus.bus.mqtt``, imported
+only where MQTT is used: aiomqtt and paho cost a node ~5 MiB) an MQTT bus."""
 
 from fedbus.bus._base import Admit, Bus, Message, Subscription, Will
 from fedbus.bus._chunking import ChunkLimits
 from fedbus.bus.memory import MemoryBroker, MemoryBus
-from fedbus.bus.mqtt import MqttBus
 
 __all__ = [
     "Admit",
@@ -12,7 +12,6 @@ __all__ = [
     "MemoryBroker",
     "MemoryBus",
     "Message",
-    "MqttBus",
     "Subscription",
     "Will",
 ]
