@@ -15,14 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
-import os
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -35,17 +31,31 @@ from fedbus.door import (
     Admitted,
     Door,
     Entry,
-    Rejections,
     SeenIds,
     check_update,
     model_limits,
 )
-from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.manifest import Manifest, NodeSpec, store_feed
+from fedbus.services.store.config import (
+    QUERY,
+    QUERY_LIMITS,
+    StoreConfig,
+    lower_priority,
+)
+from fedbus.services.store.queries import QueryDesk
+from fedbus.services.store.rounds import (
+    Members,
+    OpenRound,
+    RoundRejections,
+    finite,
+    finite_metrics_capped,
+    round_record,
+)
 from fedbus.store.cache import RedisCache
 from fedbus.store.feed import SKETCHES, read_record, record_limits
 from fedbus.store.repository import RoundStore, open_round_store
-from fedbus.store.sketch import Sketcher, cosine, dot, dot32, norm
+from fedbus.store.sketch import Sketcher
 from fedbus.store.workloads import TaskUtility, Workloads, digest
 from fedbus.task import Task
 from fedbus.wire import (
@@ -58,115 +68,17 @@ from fedbus.wire import (
     split_model,
 )
 
-__all__ = ["QUERY", "REPLY", "StoreConfig", "StoreService",
-           "store_from_manifest"]
+__all__ = ["StoreService", "store_from_manifest"]
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
-QUERY: Final = "query"  # anyone -> store (query/<store>/<sender>): {workload, args}
-REPLY: Final = "reply"  # store -> requester (reply/<sender>): {request_id, ok, result|error}
-#: Queries are small: a workload name and a few arguments.
-QUERY_LIMITS: Final = Limits(max_frame_bytes=64 << 10, max_decompressed_bytes=64 << 10,
-                             max_tensors=0)
-#: Share of one core the idle-time precomputation may use (it rests between evaluations).
-PRECOMPUTE_DUTY: Final = 0.5
-#: How long a query waits for the backlog that arrived before it to be recorded.
-QUERY_CATCH_UP_S: Final = 10.0
 _MAX_METRICS: Final = 64
 _MAX_REJECTION_LOG: Final = 100
 #: Model-sized tensor sets an order may carry: the model and the strategy's extras.
 _ORDER_COPIES: Final = 4
 #: A round's model, report and sketch record are kept even over the backlog's budget.
 _VITAL: Final = frozenset({"model", "metrics", "sketch"})
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    job: str
-    node_id: str
-    #: The aggregator whose rounds this store records.
-    aggregator: str
-    trainers: frozenset[str]
-    #: A simulated population's clients (``<prefix>0`` .. ``<prefix><count - 1>``), which
-    #: are not manifest nodes: (prefix, count), or None.
-    population: tuple[str, int] | None = None
-    seed: int = 0
-    sketch_dim: int = 2048
-    #: Keep full updates at all (the last ``full_update_rounds`` rounds; 0: sketches only).
-    full_updates: bool = True
-    #: ``updates``: every update from the broker, sketched here; ``sketches``: the
-    #: aggregator's per-round sketch record (``sketch/<agg>``; no full updates).
-    feed: str = "updates"
-    backlog_bytes: int = 512 << 20
-    exit_on_done: bool = True
-    #: The job's rounds (async: model versions): an order beyond them, or a `done` for
-    #: another round, is a forgery. None: not known (no such checks).
-    rounds: int | None = None
-    max_queries: int = 4
-    #: Nice value of the thread that decodes, sketches and writes (Linux: per thread). 0 by
-    #: default: measured, a niced thread that holds the GIL when the kernel preempts it
-    #: stalls the store's receiver too, the store falls behind, and rounds got slower.
-    work_nice: int = 0
-    #: After each round closes, compute its leave-one-out and Shapley values in idle time
-    #: (one thread, at most half a core), so that debugging and contribution queries are
-    #: lookups.
-    precompute: bool = True
-    precompute_permutations: int = 32
-    max_examples: int = 1 << 40
-    limits: Limits = Limits()
-    compression: Compression = Compression()
-
-
-@dataclass(slots=True)
-class _Open:
-    """A round the store has seen start and not yet closed."""
-
-    number: int
-    model: dict[str, np.ndarray]
-    digest: str
-    started: float = field(default_factory=time.monotonic)
-    selected: set[str] = field(default_factory=set)
-    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sketches: dict[str, np.ndarray] = field(default_factory=dict)
-    rejected: Counter[str] = field(default_factory=Counter)
-    rejections: list[dict[str, str]] = field(default_factory=list)
-    report: dict[str, Any] | None = None
-    #: The model the round (version) produced, once broadcast.
-    next_model: dict[str, np.ndarray] | None = None
-    #: Its digest (it is the next round's starting model: hashed once, not twice).
-    next_digest: str | None = None
-    #: Fed sketches: the aggregator's record of this round has been recorded.
-    fed: bool = False
-
-
-class _RoundRejections(Rejections):
-    """The shared rejection counter, also filed under the round being recorded."""
-
-    def __init__(self, node: str, owner: StoreService) -> None:
-        super().__init__(node)
-        self.owner = owner
-
-    def reject(self, reason: str, detail: str, **context: Any) -> None:
-        super().reject(reason, detail, **context)
-        state = self.owner._latest_open()
-        if state is not None:
-            state.rejected[reason] += 1
-            if len(state.rejections) < _MAX_REJECTION_LOG:
-                state.rejections.append({"sender": str(context.get("sender", "")),
-                                         "reason": reason})
-
-
-class _Members:
-    """A membership test as a container (a simulated population is not listed node by
-    node)."""
-
-    def __init__(self, test: Callable[[str], bool]) -> None:
-        self._test = test
-
-    def __contains__(self, item: object) -> bool:
-        return isinstance(item, str) and self._test(item)
-
 
 class StoreService:
     """Records rounds into ``store`` and serves ``workloads`` until the job is done."""
@@ -185,7 +97,7 @@ class StoreService:
             raise FedbusError(f"store feed {config.feed!r}: use updates or sketches")
         self._fed_sketches = config.feed == "sketches"
         self._record_limits = record_limits(self._max_early, self.sketcher.dim, config.limits)
-        self.rejections = _RoundRejections(config.node_id, self)
+        self.rejections = RoundRejections(config.node_id, self._latest_open)
         self.stats: Counter[str] = Counter()
         self.done = asyncio.Event()
         #: Set once the store is subscribed: what it records from then on is complete.
@@ -193,7 +105,7 @@ class StoreService:
         #: Notified whenever a message has been handled: wait_for(lambda: ...) on counters.
         self.progress = asyncio.Condition()
         self._seen = SeenIds()
-        self._open: dict[int, _Open] = {}
+        self._open: dict[int, OpenRound] = {}
         self._closed_upto = max(store.rounds(), default=-1)  # async versions start at 0
         #: The aggregator run followed (``meta.epoch`` of its orders); None until one came.
         self._epoch: str | None = None
@@ -217,7 +129,7 @@ class StoreService:
                          limits=self._aggregator_limits, dedupe=False)
 
         self.door.expect(Entry(topics.updates_for(c.job, c.aggregator),
-                               frozenset({UPDATE, READY}), senders=_Members(self._is_trainer),
+                               frozenset({UPDATE, READY}), senders=Members(self._is_trainer),
                                limits=self._updates_limits, dedupe=False))
         self.door.expect(Entry(topics.sketch(c.job, c.aggregator), frozenset({SKETCHES}),
                                senders=agg, limits=self._record_limits))
@@ -226,13 +138,14 @@ class StoreService:
         self.door.expect(from_agg(topics.metrics(c.job, c.aggregator), METRICS))
         self.door.expect(Entry(topics.queries_for(c.job, c.node_id), frozenset({QUERY}),
                                limits=QUERY_LIMITS, label="query_"))
+        self.queries = QueryDesk(config, bus, self.door, self.workloads, self.stats,
+                                 self.progress, lambda: self._handled)
         self._backlog: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self._backlog_bytes = 0
         #: Bytes of models and reports in the backlog (kept even over budget, up to a bound).
         self._vital_bytes = 0
         #: The store's own queue gets what the subscription's half of the backlog leaves.
         self._own_backlog = config.backlog_bytes - config.backlog_bytes // 2
-        self._queries: set[asyncio.Task[None]] = set()
         #: Messages put into the backlog, and taken out and handled: a query waits until
         #: what arrived before it is recorded (what it asks about is in the store).
         self._enqueued = 0
@@ -245,12 +158,6 @@ class StoreService:
         # One worker for the recording (in order, at lower priority), one for idle work.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-work",
                                         initializer=lower_priority, initargs=(config.work_nice,))
-        # Idle work is throttled (PRECOMPUTE_DUTY), not niced: a niced thread preempted while
-        # holding the GIL stalls the receiver (see work_nice).
-        self._idle_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{config.node_id}-idle")
-        #: Closed rounds waiting for their precomputed values (newest first; bounded).
-        self._precompute_due: deque[int] = deque(maxlen=2)
-        self._precompute_task: asyncio.Task[None] | None = None
 
     def _is_trainer(self, sender: str) -> bool:
         """One of the recorded aggregator's trainers (or simulated clients)?"""
@@ -310,17 +217,14 @@ class StoreService:
                 for task in finished:
                     task.result()  # a crash in either loop surfaces here
             finally:
-                tasks = [receiver, writer, *self._queries]
-                if self._precompute_task is not None:
-                    tasks.append(self._precompute_task)
+                tasks = [receiver, writer, *self.queries.tasks]
                 for task in tasks:
                     task.cancel()
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                self.workloads.stopping.set()  # a running precomputation ends at its next model
                 self._pool.shutdown(wait=False, cancel_futures=True)
-                self._idle_pool.shutdown(wait=False, cancel_futures=True)
+                self.queries.close()
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
                 if self.store.redis is not None:
@@ -363,7 +267,7 @@ class StoreService:
             if channel == "work":
                 channel = "model"  # an asynchronous order: the model of a version
             if channel == "query":
-                self._spawn_query(msg)
+                self.queries.spawn(msg, self._enqueued)
                 continue
             # A round's model, report and `done` are kept even over budget (one or two
             # messages a round, from the one aggregator the bus admits): losing one would
@@ -503,7 +407,7 @@ class StoreService:
                 self.stats["sketches_missing"] += 1  # two models on, it is not coming
             del self._open[prev]
             await self._close(old, old.next_model)
-        state = _Open(number, weights, model_digest,
+        state = OpenRound(number, weights, model_digest,
                       selected=selected)
         self._open[number] = state
         frames = await self._work(self.store.write_model, number, weights)
@@ -565,7 +469,7 @@ class StoreService:
             frames.update(self.store.write_sketch(r, cid, sketch, {"norm": infos[cid]["norm"]}))
         return frames
 
-    def _latest_open(self) -> _Open | None:
+    def _latest_open(self) -> OpenRound | None:
         return self._open[max(self._open)] if self._open else None
 
     async def _on_update(self, adm: Admitted, msg: Message) -> None:
@@ -614,8 +518,8 @@ class StoreService:
         metrics = env.meta.get("metrics", {})
         info: dict[str, Any] = {
             "num_examples": n,
-            "metrics": _metrics(metrics if isinstance(metrics, dict) else {}),
-            "duration_s": _finite(env.meta.get("duration_s")),
+            "metrics": finite_metrics_capped(metrics if isinstance(metrics, dict) else {}),
+            "duration_s": finite(env.meta.get("duration_s")),
             "arrival": len(state.clients) + 1,
             "arrival_s": round(time.monotonic() - state.started, 4),
             "staleness": max(self._open) - env.round,
@@ -642,55 +546,14 @@ class StoreService:
         frames.update(self.store.write_sketch(r, sender, sketch, {"norm": info["norm"]}))
         return sketch, frames
 
-    async def _close(self, state: _Open, next_model: Mapping[str, np.ndarray] | None) -> None:
+    async def _close(self, state: OpenRound, next_model: Mapping[str, np.ndarray] | None) -> None:
         """Finish a round's record: the aggregate (exact from the next model when known, else
         the example-weighted mean of what arrived) and each update's cosine to it."""
         r = state.number
-        agg_full: dict[str, np.ndarray] | None = None
-        if next_model is not None and next_model.keys() == state.model.keys():
-            # float32 like the models: no model-sized float64 copy
-            agg_full = {k: np.subtract(next_model[k], state.model[k], dtype=np.float32)
-                        for k in state.model}
-            source = "model"
-            agg_sketch = await self._work(self.sketcher.sketch, agg_full)
-        else:
-            source = "fedavg_estimate"
-            total = sum(ci["num_examples"] for ci in state.clients.values()) or 1
-            agg_sketch = np.zeros(self.sketcher.dim, dtype=np.float64)
-            for cid, s in state.sketches.items():
-                agg_sketch += s * (state.clients[cid]["num_examples"] / total)
-        agg_norm = (await self._work(norm, agg_full) if agg_full is not None
-                    else float(np.linalg.norm(agg_sketch)))
-        for cid, ci in state.clients.items():
-            full = await self.store.update(r, cid) if agg_full is not None and ci["full"] \
-                else None
-            if full is not None and agg_full is not None:
-                # the update's norm is known: one dot product per update, not three
-                ci["cos"] = round(await self._work(_cos_known, full, agg_full, ci["norm"],
-                                                   agg_norm), 6)
-                ci["cos_source"] = "exact"
-            else:
-                ci["cos"] = round(cosine(state.sketches[cid], agg_sketch), 6)
-                ci["cos_source"] = "sketch"
-        result_digest = state.next_digest if next_model is state.next_model else None
-        if result_digest is None and next_model is not None:
-            result_digest = await self._work(digest, next_model)
-        record: dict[str, Any] = {
-            "round": r,
-            "selected": sorted(state.selected),
-            "model_digest": state.digest,
-            "result_digest": result_digest,
-            "layers": sorted(state.model),
-            "params": int(sum(v.size for v in state.model.values())),
-            "clients": state.clients,
-            "missing": sorted(state.selected - set(state.clients)),
-            "rejected": dict(state.rejected),
-            "rejections": state.rejections,
-            "report": state.report or {},
-            "aggregate": {"source": source, "norm": round(agg_norm, 8)},
-            "sketch_dim": self.sketcher.dim,
-            "feed": self.config.feed,
-        }
+        record = await round_record(state, next_model, store=self.store,
+                                    sketcher=self.sketcher, work=self._work,
+                                    feed=self.config.feed)
+        source = record["aggregate"]["source"]
         await self._work(self.store.write_record, r, record)
         self._closed_upto = max(self._closed_upto, r)
         gone = await self._work(self.store.apply_retention, r)
@@ -700,91 +563,8 @@ class StoreService:
         self.stats["rounds"] += 1
         self._log.info("store_round_recorded", round=r, clients=len(state.clients),
                        aggregate=source, backlog=self.backlog)
-        self._schedule_precompute(r)
-
-    # --- idle work: per-round values, so that evaluating queries are lookups ----------------
-    def _schedule_precompute(self, r: int) -> None:
-        if not self.config.precompute or self.workloads.utility is None:
-            return
-        if not any(c.get("full") for c in self.store.records[r].get("clients", {}).values()):
-            return
-        if len(self._precompute_due) == self._precompute_due.maxlen:
-            self.stats["precompute_skipped"] += 1  # behind: the oldest waiting round goes
-        self._precompute_due.append(r)
-        if self._precompute_task is None or self._precompute_task.done():
-            self._precompute_task = asyncio.create_task(self._precompute_loop(),
-                                                        name=f"{self.config.node_id}.idle")
-
-    async def _precompute_loop(self) -> None:
-        while self._precompute_due:
-            r = self._precompute_due.pop()
-            started = time.monotonic()
-            try:
-                evaluations = await self.workloads.precompute(
-                    r, permutations=self.config.precompute_permutations,
-                    executor=self._idle_pool, duty=PRECOMPUTE_DUTY)
-            except FedbusError as exc:  # e.g. retention dropped the round's updates meanwhile
-                self.stats["precompute_failed"] += 1
-                self._log.warning("store_precompute_failed", round=r, error=str(exc))
-                continue
-            self.stats["precomputed"] += 1
-            self._log.info("store_round_precomputed", round=r, evaluations=evaluations,
-                           seconds=round(time.monotonic() - started, 3))
-            async with self.progress:
-                self.progress.notify_all()
-
-    # --- queries --------------------------------------------------------------------------
-    def _spawn_query(self, msg: Message) -> None:
-        if len(self._queries) >= self.config.max_queries:
-            self.stats["queries_refused"] += 1
-            task = asyncio.create_task(self._answer(msg, busy=True))
-        else:
-            task = asyncio.create_task(self._answer(msg))
-        self._queries.add(task)
-        task.add_done_callback(self._queries.discard)
-
-    async def _answer(self, msg: Message, *, busy: bool = False) -> None:
-        c = self.config
-        adm = self.door.open_now(msg)  # small: QUERY_LIMITS
-        if adm is None:
-            return
-        env, requester = adm.env, adm.sender
-        name, args = env.meta.get("workload"), env.meta.get("args", {})
-        meta: dict[str, Any] = {"request_id": env.msg_id, "workload": name}
-        tensors: dict[str, np.ndarray] = {}
-        started = time.monotonic()
-        if busy:
-            meta.update(ok=False, error=f"store busy: {c.max_queries} queries running; retry")
-        elif not isinstance(name, str) or not isinstance(args, dict):
-            meta.update(ok=False, error="a query needs meta.workload (str) and meta.args (map)")
-        else:
-            try:
-                await self._caught_up(self._enqueued)
-                result = await self.workloads.run(name, args)
-                meta.update(ok=True, result=result.data)
-                tensors = result.tensors
-            except FedbusError as exc:
-                meta.update(ok=False, error=str(exc))
-        meta["seconds"] = round(time.monotonic() - started, 6)
-        self.stats["queries"] += 1
-        reply = Envelope(kind=REPLY, job=c.job, sender=c.node_id, round=0, meta=meta,
-                         tensors=tensors)
-        try:
-            payload = await asyncio.to_thread(encode, reply, c.compression)
-        except CodecError as exc:
-            payload = encode(Envelope(kind=REPLY, job=c.job, sender=c.node_id, round=0,
-                                      meta={"request_id": env.msg_id, "ok": False,
-                                            "error": f"result not encodable: {exc}"}))
-        await self.bus.publish(topics.reply(c.job, requester), payload)
-        self._log.info("query_answered", workload=name, peer=requester, ok=meta["ok"],
-                       seconds=meta["seconds"])
-
-    async def _caught_up(self, upto: int) -> None:
-        """Wait (at most ``QUERY_CATCH_UP_S``) until the first ``upto`` backlog messages are
-        handled; a store far behind answers from what it has."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(QUERY_CATCH_UP_S), self.progress:
-                await self.progress.wait_for(lambda: self._handled >= upto)
+        if any(ci.get("full") for ci in state.clients.values()):
+            self.queries.precompute(r)  # so that evaluating queries are lookups
 
     async def _publish_presence(self, status: str) -> None:
         c = self.config
@@ -792,43 +572,6 @@ class StoreService:
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
 
 
-
-
-def lower_priority(nice: int) -> None:
-    """Raise the calling thread's nice value to ``nice`` (Linux applies it per thread; where
-    that is not possible the thread keeps its priority)."""
-    with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        if nice > current:
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in list(metrics.items())[:_MAX_METRICS]:
-        f = _finite(v)
-        if isinstance(k, str) and len(k) <= 64 and f is not None:
-            out[k] = f
-    return out
-
-
-def _cos_known(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], norm_a: float,
-               norm_b: float) -> float:
-    """Cosine of two updates whose norms are already known."""
-    if norm_a <= 0 or norm_b <= 0:
-        return 0.0
-    ab = 0.0
-    for k in a:
-        x, y = np.asarray(a[k]), np.asarray(b[k])
-        ab += dot32(x, y) if x.dtype == y.dtype == np.float32 else dot(x, y)
-    return max(-1.0, min(1.0, ab / (norm_a * norm_b)))
 
 
 def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None, *,
