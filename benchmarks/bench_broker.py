@@ -20,6 +20,7 @@ import time
 import aiomqtt
 
 from fedbus.broker import free_port, spawn_mosquitto
+from fedbus.bus import MqttOptions
 from fedbus.bus.mqtt import MqttBus
 
 _AMQTT_MAIN = """
@@ -107,9 +108,10 @@ async def measure_bus(port: int, size: int, count: int, chunk_bytes: int, limit_
         return {"username": user, "password": password} if password else {}
 
     async with (
-        MqttBus("bench-pub", "127.0.0.1", port, chunk_bytes=chunk_bytes,
-                **login("bench-pub")) as pub,
-        MqttBus("bench-sub", "127.0.0.1", port, **login("bench-sub")) as sub_bus,
+        MqttBus("bench-pub", "127.0.0.1", port,
+                options=MqttOptions(chunk_bytes=chunk_bytes, **login("bench-pub"))) as pub,
+        MqttBus("bench-sub", "127.0.0.1", port,
+                options=MqttOptions(**login("bench-sub"))) as sub_bus,
         sub_bus.subscribe("bench/bus") as sub,
     ):
         start = time.perf_counter()

@@ -46,6 +46,7 @@ import yaml
 from benchmarks.bench_rounds import REPO, Child, Sampler
 from fedbus import topics
 from fedbus.broker import spawn_mosquitto
+from fedbus.bus import MqttOptions
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import decode
 from fedbus.errors import CodecError
@@ -164,7 +165,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
     try:
         m = load_manifest(path)
         async with MqttBus("watcher", broker.host, broker.port, client_id="watcher",
-                           **broker.login("watcher")) as watch, \
+                           options=MqttOptions(**broker.login("watcher"))) as watch, \
                 watch.subscribe(topics.metrics(m.job, "aggregator")) as metrics_sub:
             started = time.monotonic()
             # the store first: it records from its subscription on
@@ -249,7 +250,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
                          **broker.login("mallory"))
     raw.pending_calls_threshold = 1 << 30  # a flood is the point, not a warning
     async with MqttBus("mallory-eye", broker.host, broker.port, client_id="mallory-eye",
-                       **broker.login("mallory-eye")) as bus, raw, \
+                       options=MqttOptions(**broker.login("mallory-eye"))) as bus, raw, \
             bus.subscribe(*readable) as spy:
         # learn from real traffic until the job is under way, then flood
         while True:

@@ -160,7 +160,7 @@ class _Host:
 
 async def consume(host: str, port: int, params: int, clients: int, timeout_s: float, *,
                   paho_reader: bool = False) -> dict[str, Any]:
-    from fedbus.bus import _paho_fast
+    from fedbus.bus import MqttOptions, _paho_fast
     from fedbus.bus._chunking import ChunkLimits
     from fedbus.bus.mqtt import MqttBus
     from fedbus.door import model_limits
@@ -176,9 +176,10 @@ async def consume(host: str, port: int, params: int, clients: int, timeout_s: fl
                               limits=model_limits(weights, 1, Limits()))
     intake = Intake(ingest, settings)
     size = params * 4 + (1 << 20)
-    bus = MqttBus(AGG, host, port, client_id="fedbus-sink", keepalive=30,
-                  limits=ChunkLimits(max_message_bytes=size, max_buffered_bytes=4 * size,
-                                     max_partial_transfers=max(64, clients + 1)))
+    bus = MqttBus(AGG, host, port, client_id="fedbus-sink",
+                  options=MqttOptions(keepalive=30, limits=ChunkLimits(
+                      max_message_bytes=size, max_buffered_bytes=4 * size,
+                      max_partial_transfers=max(64, clients + 1))))
     async with bus, bus.subscribe(topics.updates_for(JOB, AGG)) as sub:
         await bus._drop_connection(hold=True)
         print("ready", flush=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedbus import topics
-from fedbus.bus import Bus, Will
+from fedbus.bus import Bus, MqttOptions, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import encode
 from fedbus.credentials import node_credentials
@@ -25,14 +25,7 @@ class BrokerSettings:
     host: str
     port: int
     client_id: str
-    chunk_bytes: int
-    max_message_bytes: int
-    keepalive_s: int
-    username: str | None = None
-    password: str | None = None
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    options: MqttOptions
 
 
 def broker_settings(m: Manifest, node_id: str, *, login_as: str | None = None,
@@ -50,12 +43,12 @@ def broker_settings(m: Manifest, node_id: str, *, login_as: str | None = None,
         # asking for that same id keeps our persistent session where the broker puts it.
         client_id = (creds.username if creds.username == (login_as or node_id)
                      else f"fedbus.{m.job}.{node_id}")
-    return BrokerSettings(host=b.host, port=b.port, client_id=client_id,
-                          chunk_bytes=b.chunk_bytes,
+    options = MqttOptions(chunk_bytes=b.chunk_bytes,
                           max_message_bytes=m.codec.max_message_mb << 20,
-                          keepalive_s=b.keepalive_s, username=creds.username,
+                          keepalive=b.keepalive_s, username=creds.username,
                           password=creds.password, tls_ca=creds.tls_ca,
                           tls_cert=creds.tls_cert, tls_key=creds.tls_key)
+    return BrokerSettings(host=b.host, port=b.port, client_id=client_id, options=options)
 
 
 def mqtt_bus(node_id: str, s: BrokerSettings, *, will: Will | None = None,
@@ -63,9 +56,7 @@ def mqtt_bus(node_id: str, s: BrokerSettings, *, will: Will | None = None,
     from fedbus.bus.mqtt import MqttBus  # aiomqtt only where MQTT is used
 
     return MqttBus(node_id, s.host, s.port, client_id=s.client_id, will=will, birth=birth,
-                   chunk_bytes=s.chunk_bytes, max_message_bytes=s.max_message_bytes,
-                   keepalive=s.keepalive_s, username=s.username, password=s.password,
-                   tls_ca=s.tls_ca, tls_cert=s.tls_cert, tls_key=s.tls_key)
+                   options=s.options)
 
 
 def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:

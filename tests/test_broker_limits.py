@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
+from fedbus.bus import MqttOptions
 from fedbus.bus.mqtt import MqttBus
 from fedbus.connect import make_bus
 from fedbus.errors import BrokerLimitError
@@ -30,7 +31,7 @@ async def test_a_packet_limit_below_the_chunk_size_is_refused_at_connect() -> No
     # Prepare: a broker that takes packets of at most 100 kB; the bus chunks at 1 MB
     proc = await spawn_mosquitto(config_extra="max_packet_size 100000")
     try:
-        bus = MqttBus("t0", proc.host, proc.port, chunk_bytes=1_000_000)
+        bus = MqttBus("t0", proc.host, proc.port, options=MqttOptions(chunk_bytes=1_000_000))
         # Execute / Assert: one clear error naming both settings, no reconnect loop
         with pytest.raises(BrokerLimitError) as err:
             async with bus:
@@ -38,7 +39,8 @@ async def test_a_packet_limit_below_the_chunk_size_is_refused_at_connect() -> No
         assert "max_packet_size" in str(err.value) and "chunk_bytes" in str(err.value)
         assert bus.stats["connects"] == 0
         # and a chunk size that fits is fine
-        async with MqttBus("t1", proc.host, proc.port, chunk_bytes=50_000) as ok:
+        async with MqttBus("t1", proc.host, proc.port,
+                           options=MqttOptions(chunk_bytes=50_000)) as ok:
             await ok.publish("fedbus/v1/toy/metrics/t1", b"x" * 120_000)
     finally:
         await proc.stop()
@@ -111,8 +113,10 @@ async def test_a_broker_with_a_small_receive_maximum_is_followed_not_fatal() -> 
     # Prepare: mosquitto's stock in-flight limit (20) below the bus's window (200)
     proc = await spawn_mosquitto(config_extra="max_inflight_messages 20")
     try:
-        async with MqttBus("pub", proc.host, proc.port, chunk_bytes=64_000) as pub, \
-                MqttBus("sub", proc.host, proc.port, chunk_bytes=64_000) as sub_bus, \
+        async with MqttBus("pub", proc.host, proc.port,
+                           options=MqttOptions(chunk_bytes=64_000)) as pub, \
+                MqttBus("sub", proc.host, proc.port,
+                        options=MqttOptions(chunk_bytes=64_000)) as sub_bus, \
                 sub_bus.subscribe("fedbus/v1/toy/model/agg") as sub:
             payload = bytes(range(256)) * 12_000  # 3 MB: 48 chunks in flight at once
             # Execute

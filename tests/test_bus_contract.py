@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from fedbus.bus import Bus, MemoryBroker, MemoryBus, Will
+from fedbus.bus import Bus, MemoryBroker, MemoryBus, MqttOptions, Will
 from fedbus.bus.mqtt import MqttBus
 from fedbus.errors import BusError
 
@@ -44,9 +44,9 @@ def make_bus(request: pytest.FixtureRequest) -> Iterator[Factory]:
 
         def mqtt(node_id: str, *, will: Will | None = None, chunk_bytes: int = 1_000_000) -> Bus:
             return MqttBus(
-                node_id, proc.host, proc.port, will=will, chunk_bytes=chunk_bytes,
-                connect_timeout_s=WAIT, publish_timeout_s=WAIT,
-                **({"username": node_id} | login if login else {}),
+                node_id, proc.host, proc.port, will=will, options=MqttOptions(
+                    chunk_bytes=chunk_bytes, connect_timeout_s=WAIT, publish_timeout_s=WAIT,
+                    **({"username": node_id} | login if login else {})),
             )  # fmt: skip
 
         yield mqtt

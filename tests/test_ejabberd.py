@@ -56,12 +56,14 @@ async def test_a_share_subscription_is_refused_with_a_reason_and_the_bus_goes_on
         ejabberd: MosquittoProcess) -> None:
     # Prepare: ejabberd's CONNACK says it has no shared subscriptions; sending one anyway
     # would make it drop the whole connection
+    from fedbus.bus import MqttOptions
     from fedbus.bus.mqtt import MqttBus
     from fedbus.errors import SubscribeDenied
 
     topic = "fedbus/v1/toy/metrics/agg"
-    async with MqttBus("worker", ejabberd.host, ejabberd.port, username="worker",
-                       password="anonymous", connect_timeout_s=10, publish_timeout_s=10) as bus:
+    async with MqttBus("worker", ejabberd.host, ejabberd.port,
+                       options=MqttOptions(username="worker", password="anonymous",
+                                           connect_timeout_s=10, publish_timeout_s=10)) as bus:
         # Execute
         with pytest.raises(SubscribeDenied) as refused:
             async with bus.subscribe("$share/workers/" + topic):

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
-from fedbus.bus import Will
+from fedbus.bus import MqttOptions, Will
 from fedbus.bus.mqtt import MqttBus
 from fedbus.errors import BusError, ConnectError
 
@@ -24,7 +24,8 @@ def make(proc: MosquittoProcess, **kw: float) -> MqttBus:
         "publish_timeout_s": WAIT,
         **kw,
     }
-    return MqttBus(f"n{uuid.uuid4().hex[:10]}", proc.host, proc.port, **opts)  # type: ignore[arg-type]
+    return MqttBus(f"n{uuid.uuid4().hex[:10]}", proc.host, proc.port,
+                   options=MqttOptions(**opts))  # type: ignore[arg-type]
 
 
 async def test_broker_restart_reconnects_and_resubscribes(mosquitto: MosquittoProcess) -> None:
@@ -89,7 +90,7 @@ async def test_publish_times_out_with_bus_error(mosquitto: MosquittoProcess) -> 
 async def test_unreachable_broker_raises_connect_error() -> None:
     from fedbus.broker import free_port
 
-    bus = MqttBus("nobody", "127.0.0.1", free_port(), connect_timeout_s=0.5)
+    bus = MqttBus("nobody", "127.0.0.1", free_port(), options=MqttOptions(connect_timeout_s=0.5))
     with pytest.raises(ConnectError) as info:
         async with bus:
             pass
@@ -98,7 +99,7 @@ async def test_unreachable_broker_raises_connect_error() -> None:
 
 async def test_refused_credentials_fail_fast() -> None:
     async with await spawn_mosquitto(config_extra="allow_anonymous false\n") as proc:
-        bus = MqttBus("anon", proc.host, proc.port, connect_timeout_s=WAIT)
+        bus = MqttBus("anon", proc.host, proc.port, options=MqttOptions(connect_timeout_s=WAIT))
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(ConnectError, match="Not authorized"):
@@ -114,7 +115,8 @@ async def test_birth_announces_a_node_again_after_its_will_fired(
     topic = f"test/{uuid.uuid4().hex[:8]}/presence"
     node = MqttBus(f"n{uuid.uuid4().hex[:10]}", mosquitto.host, mosquitto.port,
                    will=Will(topic, b"offline"), birth=Will(topic, b"online"),
-                   reconnect_min_s=0.05, reconnect_max_s=0.5, connect_timeout_s=WAIT)
+                   options=MqttOptions(reconnect_min_s=0.05, reconnect_max_s=0.5,
+                                       connect_timeout_s=WAIT))
     async with make(mosquitto) as observer, observer.subscribe(topic) as sub, node:
         # Execute: the connection drops abruptly; the broker fires the will, the bus reconnects
         await node._drop_connection()

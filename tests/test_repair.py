@@ -11,7 +11,7 @@ import numpy as np
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
-from fedbus.bus import ChunkLimits, MemoryBroker, MemoryBus
+from fedbus.bus import ChunkLimits, MemoryBroker, MemoryBus, MqttOptions
 from fedbus.bus._chunking import Reassembler, frames, is_chunk_frame, plan
 from fedbus.bus._repair import Repair, RepairLimits, decode_nack, encode_nack
 from fedbus.bus.mqtt import MqttBus
@@ -117,9 +117,10 @@ async def test_lost_chunks_are_repaired_over_mosquitto(mosquitto: MosquittoProce
     # Prepare: an update topic (owned by t0), chunks of 64 kB, every 7th lost by t0's bus
     topic = topics.update("j", "agg", "t0")
     payloads = [os.urandom(1_000_000 + i) for i in range(3)]
-    async with LossyMqttBus("t0", mosquitto.host, mosquitto.port, chunk_bytes=64_000,
-                            limits=FAST) as t0, \
-            MqttBus("agg", mosquitto.host, mosquitto.port, limits=FAST) as agg, \
+    async with LossyMqttBus("t0", mosquitto.host, mosquitto.port,
+                            options=MqttOptions(chunk_bytes=64_000, limits=FAST)) as t0, \
+            MqttBus("agg", mosquitto.host, mosquitto.port,
+                    options=MqttOptions(limits=FAST)) as agg, \
             agg.subscribe(topic) as sub:
         # Execute
         got = []

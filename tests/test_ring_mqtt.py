@@ -11,6 +11,7 @@ import pytest
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
+from fedbus.bus import MqttOptions
 from fedbus.bus.mqtt import MqttBus
 from fedbus.connect import make_bus
 from fedbus.errors import PublishDenied, SubscribeDenied
@@ -102,8 +103,8 @@ async def test_rings_run_behind_a_broker_that_allows_only_the_wiring(
     refused: list[str] = []
     for user, topic in [("t3", topics.ring("ringsec", "ring-a", "t0", "t3")),
                         ("t1", topics.ring("ringsec", "ring-a", "t0", "t2"))]:
-        async with MqttBus(user, sb.host, sb.port, username=user,
-                           password=sb.password(user)) as bus:
+        async with MqttBus(user, sb.host, sb.port,
+                           options=MqttOptions(username=user, password=sb.password(user))) as bus:
             with contextlib.suppress(PublishDenied):
                 await bus.publish(topic, b"forged")
                 refused.append(f"{user} published")

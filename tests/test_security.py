@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from fedbus import topics
+from fedbus.bus import MqttOptions
 from fedbus.bus.mqtt import MqttBus
 from fedbus.connect import make_bus
 from fedbus.credentials import node_credentials
@@ -205,7 +206,8 @@ async def _attack(sb: SecureMosquitto, *, tls: bool) -> dict[str, str]:
         else {"username": "t3", "password": sb.password("t3")})
     seen: dict[str, str] = {}
     # Asking for the aggregator's client id: the broker names the session after the user.
-    async with MqttBus("t3", sb.host, sb.port, client_id="aggregator", **creds) as bus:
+    async with MqttBus("t3", sb.host, sb.port, client_id="aggregator",
+                       options=MqttOptions(**creds)) as bus:
         forbidden = {
             "global_model": topics.model(JOB, "aggregator"),
             "state": topics.state(JOB, "aggregator"),
@@ -264,7 +266,8 @@ async def test_acl_file_backend_refuses_publishes_and_filters_reads(
     # Prepare: the classic password_file + acl_file
     sb = await secure_mosquitto(_manifest(), backend="acl_file")
     agg_bus = make_bus(sb.manifest, sb.manifest.node("aggregator"))
-    spy = MqttBus("t3", sb.host, sb.port, username="t3", password=sb.password("t3"))
+    spy = MqttBus("t3", sb.host, sb.port,
+                  options=MqttOptions(username="t3", password=sb.password("t3")))
     async with agg_bus, spy, spy.subscribe(topics.updates_for(JOB, "aggregator")) as stolen:
         async with agg_bus.subscribe(topics.updates_for(JOB, "aggregator")) as legit:
             # Execute
@@ -287,8 +290,9 @@ async def test_wrong_password_is_refused_at_connect(
     sb = await secure_mosquitto(_manifest())
     # Execute / Assert: refused for good (no retry loop), saying why
     with pytest.raises(ConnectError, match="Not authorized"):
-        async with MqttBus("t0", sb.host, sb.port, username="t0", password="guess",
-                           connect_timeout_s=5):
+        async with MqttBus("t0", sb.host, sb.port,
+                           options=MqttOptions(username="t0", password="guess",
+                                               connect_timeout_s=5)):
             pass
     assert compile_wiring(sb.manifest)  # the manifest pointed at the broker still compiles
 
@@ -333,8 +337,9 @@ async def test_a_refused_chunked_publish_raises_once_and_stops(
 ) -> None:
     sb = await secure_mosquitto(_manifest())
     big = bytes(range(256)) * 64  # 16 KiB: 16 chunks of 1 KiB
-    async with MqttBus("t3", sb.host, sb.port, username="t3", password=sb.password("t3"),
-                       chunk_bytes=1024) as bus:
+    async with MqttBus("t3", sb.host, sb.port,
+                       options=MqttOptions(username="t3", password=sb.password("t3"),
+                                           chunk_bytes=1024)) as bus:
         # Execute
         with pytest.raises(PublishDenied) as refused:
             await asyncio.wait_for(bus.publish(topics.model(JOB, "aggregator"), big), 10)
@@ -352,8 +357,8 @@ async def test_an_alias_has_exactly_its_nodes_rights(secure_mosquitto: SecureBro
     # Prepare: mallory holds t0's rights (the fuzz tests' attacker) while t0 is connected
     sb = await secure_mosquitto(_manifest(), aliases={"mallory": "t0"})
     t0 = make_bus(sb.manifest, sb.manifest.node("t0"))
-    mallory = MqttBus("mallory", sb.host, sb.port, username="mallory",
-                      password=sb.password("mallory"))
+    mallory = MqttBus("mallory", sb.host, sb.port,
+                      options=MqttOptions(username="mallory", password=sb.password("mallory")))
     async with t0, mallory:
         # Execute: t0's own update topic is allowed, a model is not
         await mallory.publish(topics.update(JOB, "aggregator", "t0"), b"forged as t0")

@@ -4,6 +4,7 @@ only where MQTT is used: aiomqtt and paho cost a node ~5 MiB) an MQTT bus."""
 from fedbus.bus._base import Admit, Bus, Message, Subscription, Will
 from fedbus.bus._chunking import ChunkLimits
 from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.bus.options import MqttOptions
 
 __all__ = [
     "Admit",
@@ -12,6 +13,7 @@ __all__ = [
     "MemoryBroker",
     "MemoryBus",
     "Message",
+    "MqttOptions",
     "Subscription",
     "Will",
 ]

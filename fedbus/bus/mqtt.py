@@ -7,30 +7,33 @@ exponential backoff; publish and subscribe wait (bounded) for a connection inste
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import random
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import aiomqtt
 import structlog
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedbus.bus import _paho_fast
 from fedbus.bus._base import Admit, Will
-from fedbus.bus._chunking import HEADER, ChunkLimits, is_chunk_frame, plan
+from fedbus.bus._chunking import ChunkLimits, is_chunk_frame, plan
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription
-from fedbus.bus._repair import Repair, RepairLimits
+from fedbus.bus._mqtt_client import (
+    REASSEMBLY_COUNTERS,
+    CheckedClient,
+    Connection,
+    is_fatal,
+    make_client,
+    packet_size_problem,
+)
+from fedbus.bus._repair import Repair
+from fedbus.bus.options import MqttOptions
 from fedbus.errors import (
     BrokerLimitError,
     BusError,
@@ -40,7 +43,7 @@ from fedbus.errors import (
 )
 from fedbus.topics import matches
 
-__all__ = ["MqttBus"]
+__all__ = ["MqttBus", "MqttOptions"]
 
 log = structlog.get_logger(__name__)
 _paho_log = logging.getLogger("fedbus.bus.mqtt.paho")
@@ -49,68 +52,9 @@ T = TypeVar("T")
 # paho's Properties constructor is unannotated; pin its type once here.
 _properties = cast(Callable[[int], Properties], Properties)
 
-# CONNACK reason codes that retrying cannot fix: bad id, bad credentials, not authorized, banned.
-_FATAL_CONNACK = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 # retainHandling: 0 = send retained on every SUBSCRIBE, 1 = only if the subscription is new.
 _RETAIN_ALWAYS = 0
 _RETAIN_IF_NEW = 1
-# The packet ids of the publishes made by the current task: how a PUBACK reason code (which
-# aiomqtt drops) finds its way back to the ``publish`` call that sent the message.
-_SENT_MIDS: ContextVar[list[int] | None] = ContextVar("fedbus_sent_mids", default=None)
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt's client, keeping the PUBACK reason codes it would drop (FACTS.md).
-
-    mosquitto acknowledges a QoS 1 publish its ACL denies with reason 0x87 and drops the
-    message; aiomqtt resolves the publish as a success. Here failures are kept by packet id
-    and ``publish_checked`` raises ``PublishDenied`` for them.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.refused: dict[int, tuple[int, str]] = {}
-        paho = self._client
-        send = paho.publish
-
-        def publish(*a: Any, **kw: Any) -> Any:
-            info = send(*a, **kw)
-            mids = _SENT_MIDS.get()
-            if mids is not None:
-                mids.append(info.mid)
-            return info
-
-        paho.publish = publish  # type: ignore[method-assign]
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
-                    properties: Any) -> None:
-        value = getattr(reason_code, "value", reason_code)
-        if isinstance(value, int) and value >= 0x80:
-            self.refused[mid] = (value, str(reason_code))
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    async def publish_checked(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        mids: list[int] = []
-        token = _SENT_MIDS.set(mids)
-        try:
-            await self.publish(topic, payload, qos=1, retain=retain, timeout=math.inf)
-        finally:
-            _SENT_MIDS.reset(token)
-        for mid in mids:
-            refused = self.refused.pop(mid, None)
-            if refused is not None:
-                raise PublishDenied("", topic, *refused)
-
-
-@dataclass(slots=True)
-class _Conn:
-    client: aiomqtt.Client
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MqttBus:
@@ -137,26 +81,10 @@ class MqttBus:
         client_id: str | None = None,
         will: Will | None = None,
         birth: Will | None = None,
-        chunk_bytes: int = 1_000_000,
-        max_message_bytes: int = 256 * 1024 * 1024,
-        limits: ChunkLimits | None = None,
-        keepalive: int = 10,
-        session_expiry_s: int = 3600,
-        username: str | None = None,
-        password: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        reconnect_min_s: float = 0.2,
-        reconnect_max_s: float = 10.0,
-        connect_timeout_s: float = 10.0,
-        publish_timeout_s: float = 60.0,
-        max_inflight: int = 200,
-        receive_maximum: int = 64,
-        repair_limits: RepairLimits | None = None,
+        options: MqttOptions | None = None,
     ) -> None:
-        if chunk_bytes <= 0:
-            raise BusError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        o = options or MqttOptions()
+        chunk_bytes = o.chunk_bytes
         if will is not None and (
             len(will.payload) > chunk_bytes or "+" in will.topic or "#" in will.topic
         ):
@@ -169,33 +97,25 @@ class MqttBus:
         self.will = will
         self.chunk_bytes = chunk_bytes
         # ``limits`` wins when given; ``max_message_bytes`` is the shorthand for the common case.
-        lim = limits or ChunkLimits(
-            max_message_bytes=max_message_bytes, max_buffered_bytes=2 * max_message_bytes
+        lim = o.limits or ChunkLimits(
+            max_message_bytes=o.max_message_bytes, max_buffered_bytes=2 * o.max_message_bytes
         )
         self.limits = lim
-        self._keepalive = keepalive
-        self._session_expiry_s = session_expiry_s
-        self._username = username
-        self._password = password
-        self._tls_ca = tls_ca
-        self._tls_cert = tls_cert
-        self._tls_key = tls_key
-        self._backoff = (reconnect_min_s, reconnect_max_s)
-        self._connect_timeout_s = connect_timeout_s
-        self._publish_timeout_s = publish_timeout_s
-        self._max_inflight = max_inflight
-        # How many unacknowledged QoS 1 messages the broker may have on their way to us
-        # (MQTT 5 Receive Maximum); with manual acks it bounds the client's incoming queue.
-        self._receive_maximum = receive_maximum
+        self.options = o
+        self._backoff = (o.reconnect_min_s, o.reconnect_max_s)
+        self._connect_timeout_s = o.connect_timeout_s
+        self._publish_timeout_s = o.publish_timeout_s
+        #: Lowered to the broker's Receive Maximum when it announces a smaller one.
+        self._max_inflight = o.max_inflight
 
         self._dispatch = Dispatcher(lim)
         self._repair = Repair(node_id, self._dispatch.reassembler, send_frame=self._resend,
                               publish=self.publish, subscribe=self.subscribe,
-                              limits=repair_limits)
+                              limits=o.repair_limits)
         self._sub_ids: dict[str, int] = {}
         self._filters_by_id: dict[int, str] = {}
         self._stale: set[str] = set()  # unsubscribed while offline; unsubscribe on reconnect
-        self._conn: _Conn | None = None
+        self._conn: Connection | None = None
         self._connected = asyncio.Event()
         self._refused = asyncio.Event()  # the broker refused us for good before a first connect
         self._connect_seen = asyncio.Condition()
@@ -237,7 +157,7 @@ class MqttBus:
             "dropped_queue_full": self._dispatch.dropped(),
             "buffered_bytes": r.buffered_bytes,
             "partial_transfers": r.partial_transfers,
-            **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
+            **{k: r.counters[k] for k in REASSEMBLY_COUNTERS},
             **{f"rejected_{k}": v for k, v in r.rejected.items()},
             **self._repair.counters,
         }
@@ -341,62 +261,12 @@ class MqttBus:
 
     # -- connection loop ---------------------------------------------------------------------
 
-    def _make_client(self) -> _Client:
-        props = _properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry_s
-        props.ReceiveMaximum = max(1, min(self._receive_maximum, 65535))
-        will = None
-        if self.will is not None:
-            will = aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
-        tls = None
-        if self._tls_ca or self._tls_cert:
-            # A client certificate (mTLS) proves the node's identity: the broker's
-            # use_identity_as_username makes its CN (= node id) the name the ACL checks.
-            tls = aiomqtt.TLSParameters(ca_certs=self._tls_ca, certfile=self._tls_cert,
-                                        keyfile=self._tls_key)
-        client = _Client(
-            self.host,
-            self.port,
-            username=self._username,
-            password=self._password,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            will=will,
-            clean_start=False,
-            keepalive=self._keepalive,
-            timeout=self._connect_timeout_s,
-            max_queued_incoming_messages=0,  # unbounded, counted in stats["incoming_queued"]
-            max_inflight_messages=self._max_inflight,
-            properties=props,
-            tls_params=tls,
-            logger=_paho_log,
-        )
-        client.pending_calls_threshold = 1 << 30  # chunk bursts are expected, not a warning
-        # A connection lost while nothing waits on it (between receive loops, or after this
-        # bus closed) is reported by the reconnect loop's own log (``lose_broker``); reading
-        # it here keeps asyncio from printing "Future exception was never retrieved" at exit.
-        client._disconnected.add_done_callback(_retrieve)
-        # Acknowledge a QoS 1 message only once this bus has handed it on, not as soon as paho
-        # has parsed it: with our Receive Maximum, the broker then never has more than
-        # ``receive_maximum`` messages on their way into this process, and a sender faster
-        # than we read is held back at the broker (bounded by its queue limits) instead of
-        # piling up in the client's unbounded queue (measured under a 10,000-message flood:
-        # 2,226 messages queued and 2.6x the aggregator's RSS before; 1 and 1.05x after).
-        client._client.manual_ack_set(True)
-        # One copy from socket to payload instead of paho's seven (fedbus.bus._paho_fast).
-        _paho_fast.install(client._client)
-        # aiomqtt drops the CONNACK's properties; the broker's limits are in them.
-        paho = client._client
-        delegate = cast(Callable[..., None], paho.on_connect)
+    def _make_client(self) -> CheckedClient:
+        def seen(props: Properties | None) -> None:
+            self._connack = props
 
-        def on_connect(*args: Any) -> None:
-            props = args[4] if len(args) > 4 else None
-            self._connack = props if isinstance(props, Properties) else None
-            _no_delay(paho.socket())
-            delegate(*args)
-
-        paho.on_connect = on_connect
-        return client
+        return make_client(self.host, self.port, self.client_id, self.will, self.options,
+                           self._max_inflight, on_connack=seen)
 
     def _shared_unavailable(self) -> bool:
         """The broker's CONNACK said it has no ``$share`` subscriptions (MQTT 5 property
@@ -407,15 +277,9 @@ class MqttBus:
     def _check_broker_limits(self, client: aiomqtt.Client) -> None:
         """Compare what the broker announced in its CONNACK with what this bus will send."""
         props = self._connack
-        packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
-        # a chunk frame: fixed header + topic + properties + our chunk header + the chunk
-        need = self.chunk_bytes + HEADER.size + 512
-        if isinstance(packet, int) and packet < need:
-            raise BrokerLimitError(
-                f"broker {self.endpoint} accepts packets up to {packet} bytes (max_packet_size) "
-                f"but this node sends chunks of {self.chunk_bytes} bytes + headers",
-                f"max_packet_size in the broker's config to at least {need}, or "
-                f"broker.chunk_bytes in the manifest to at most {max(1024, packet - 1024)}")
+        problem = packet_size_problem(props, self.chunk_bytes, self.endpoint)
+        if problem is not None:
+            raise problem
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         if isinstance(receive_max, int) and 0 < receive_max < self._max_inflight:
             # The broker takes at most this many unacknowledged QoS 1 publishes: send no more.
@@ -430,11 +294,11 @@ class MqttBus:
         while not self._closing:
             await self._gate.wait()
             client = self._make_client()
-            conn: _Conn | None = None
+            conn: Connection | None = None
             try:
                 async with client:
                     self._check_broker_limits(client)
-                    conn = _Conn(client)
+                    conn = Connection(client)
                     await self._restore(client)
                     if self.birth is not None and self._counters["connects"] > 0:
                         # The will announced us gone when the last connection dropped; say we
@@ -464,7 +328,7 @@ class MqttBus:
                 self._last_error = str(exc) or type(exc).__name__
                 if conn is None:
                     self._counters["connect_failures"] += 1
-                    if _is_fatal(exc) and self._counters["connects"] == 0:
+                    if is_fatal(exc) and self._counters["connects"] == 0:
                         self._refused.set()
                 else:
                     self._counters["connection_losses"] += 1
@@ -562,7 +426,7 @@ class MqttBus:
                             reason=str(code), code=value)
                 raise SubscribeDenied(self.node_id, topic_filter, value, str(code))
 
-    async def _publish_on(self, client: _Client, topic: str, payload: bytes, *, retain: bool,
+    async def _publish_on(self, client: CheckedClient, topic: str, payload: bytes, *, retain: bool,
                           birth: bool = False) -> None:
         """Publish once on ``client``; a refusal is counted, logged and raised (not retried)."""
         try:
@@ -675,7 +539,7 @@ class MqttBus:
 
         def sender(part: bytes) -> Callable[[aiomqtt.Client], Awaitable[None]]:
             async def send(client: aiomqtt.Client) -> None:
-                await self._publish_on(cast(_Client, client), topic, part, retain=retain)
+                await self._publish_on(cast(CheckedClient, client), topic, part, retain=retain)
 
             return send
 
@@ -716,7 +580,7 @@ class MqttBus:
         deadline = asyncio.get_running_loop().time() + self._publish_timeout_s
 
         async def send(client: aiomqtt.Client) -> None:
-            await self._publish_on(cast(_Client, client), topic, part, retain=False)
+            await self._publish_on(cast(CheckedClient, client), topic, part, retain=False)
 
         await self._call(send, deadline, f"resend to {topic}")
         self._counters["chunks_sent"] += 1
@@ -757,30 +621,3 @@ class MqttBus:
                 log.info("defer_unsubscribe", node=self.node_id, filter=f, error=str(exc))
 
 
-def _is_fatal(exc: BaseException) -> bool:
-    if not isinstance(exc, MqttConnectError):
-        return False
-    rc = exc.rc
-    value = rc if isinstance(rc, int) else getattr(rc, "value", None)
-    return value in _FATAL_CONNACK
-
-
-_REASSEMBLY_COUNTERS = (
-    "chunks_received",
-    "chunks_rejected",
-    "transfers_completed",
-    "transfers_expired",
-    "transfers_dropped",
-)
-
-
-def _no_delay(sock: Any) -> None:
-    """Send small packets at once (TCP_NODELAY), as mosquitto does on its side
-    (``set_tcp_nodelay``). paho leaves Nagle on, so a small publish or PUBACK written while
-    an earlier small one is unacknowledged waits for the peer's delayed ACK: measured at
-    10 x 1M, 27-38 ms for a grant's or a round report's round trip."""
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is None:  # a websocket wrapper: the option is not ours to set
-        return
-    with contextlib.suppress(OSError):
-        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

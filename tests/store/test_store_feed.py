@@ -225,10 +225,11 @@ async def test_only_the_aggregator_may_publish_sketch_records(
     sb = await secure_mosquitto(parse_manifest(doc(tmp_path)), aliases={"mallory": "t0"})
     agg = make_bus(sb.manifest, sb.manifest.node("agg"))
     store = make_bus(sb.manifest, sb.manifest.node("store"))
+    from fedbus.bus import MqttOptions
     from fedbus.bus.mqtt import MqttBus
 
-    mallory = MqttBus("mallory", sb.host, sb.port, username="mallory",
-                      password=sb.password("mallory"))
+    mallory = MqttBus("mallory", sb.host, sb.port,
+                      options=MqttOptions(username="mallory", password=sb.password("mallory")))
     async with agg, store, mallory, store.subscribe(topics.sketch("toy", "agg")) as sub:
         # Execute
         with pytest.raises(PublishDenied):
