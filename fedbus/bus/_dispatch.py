@@ -19,7 +19,7 @@ from fedbus.bus._chunking import ChunkLimits, Reassembler
 from fedbus.errors import BusError
 from fedbus.topics import matches, validate_filter
 
-__all__ = ["Dispatcher", "QueueSubscription"]
+__all__ = ["Dispatcher", "QueueSubscription", "receive_stats"]
 
 _CLOSED: Final = object()
 log = structlog.get_logger(__name__)
@@ -219,3 +219,25 @@ class Dispatcher:
 
     def high_water(self) -> int:
         return max((s.high_water for subs in self._by_filter.values() for s in subs), default=0)
+
+
+#: The reassembler's counters every bus reports as they are.
+_REASSEMBLY_COUNTERS: Final = ("chunks_received", "chunks_rejected", "transfers_completed",
+                               "transfers_expired", "transfers_dropped")
+
+
+def receive_stats(dispatch: Dispatcher, repair_counters: dict[str, int]) -> dict[str, int]:
+    """What a bus's receiving side counts (the same names on every bus): deliveries, queue
+    drops, reassembly and its refusals, and chunk repair."""
+    r = dispatch.reassembler
+    return {
+        "delivered": dispatch.delivered,
+        "unrouted": dispatch.unrouted,
+        "queue_high_water": dispatch.high_water(),
+        "dropped_queue_full": dispatch.dropped(),
+        "buffered_bytes": r.buffered_bytes,
+        "partial_transfers": r.partial_transfers,
+        **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
+        **{f"rejected_{k}": v for k, v in r.rejected.items()},
+        **repair_counters,
+    }

@@ -25,11 +25,18 @@ from fedbus.bus._chunking import HEADER
 from fedbus.bus.options import MqttOptions
 from fedbus.errors import BrokerLimitError, PublishDenied
 
-__all__ = ["CheckedClient", "Connection", "make_client", "packet_size_problem"]
+__all__ = [
+    "CheckedClient",
+    "Connection",
+    "lower_inflight",
+    "make_client",
+    "packet_size_problem",
+    "properties",
+]
 
 _paho_log = logging.getLogger("fedbus.bus.mqtt.paho")
 # paho's Properties constructor is unannotated; pin its type once here.
-_properties = cast(Callable[[int], Properties], Properties)
+properties = cast(Callable[[int], Properties], Properties)
 # CONNACK reason codes that retrying cannot fix: bad id, bad credentials, not authorized, banned.
 _FATAL_CONNACK: Final = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 # The packet ids of the publishes made by the current task: how a PUBACK reason code (which
@@ -99,15 +106,6 @@ def is_fatal(exc: BaseException) -> bool:
     return value in _FATAL_CONNACK
 
 
-REASSEMBLY_COUNTERS = (
-    "chunks_received",
-    "chunks_rejected",
-    "transfers_completed",
-    "transfers_expired",
-    "transfers_dropped",
-)
-
-
 def no_delay(sock: Any) -> None:
     """Send small packets at once (TCP_NODELAY), as mosquitto does on its side
     (``set_tcp_nodelay``). paho leaves Nagle on, so a small publish or PUBACK written while
@@ -124,7 +122,7 @@ def make_client(host: str, port: int, client_id: str, will_: Will | None, o: Mqt
                 max_inflight: int, *, on_connack: Callable[[Properties | None], None]
                 ) -> CheckedClient:
     """An aiomqtt client for one connection attempt, set up as the bus needs it."""
-    props = _properties(PacketTypes.CONNECT)
+    props = properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = o.session_expiry_s
     props.ReceiveMaximum = max(1, min(o.receive_maximum, 65535))
     will = None
@@ -194,3 +192,15 @@ def packet_size_problem(props: Properties | None, chunk_bytes: int, endpoint: st
             f"max_packet_size in the broker's config to at least {need}, or "
             f"broker.chunk_bytes in the manifest to at most {max(1024, packet - 1024)}")
     return None
+
+
+def lower_inflight(props: Properties | None, client: aiomqtt.Client, current: int) -> int | None:
+    """The broker takes at most its Receive Maximum of unacknowledged QoS 1 publishes: when
+    that is below ``current``, lower the client's window to it and return it."""
+    receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+    if not (isinstance(receive_max, int) and 0 < receive_max < current):
+        return None
+    # paho refuses its setter on an open connection (its worry is a change to or from 0,
+    # "unlimited"); between two positive limits the attribute is safe to lower.
+    client._client._max_inflight_messages = receive_max
+    return receive_max

@@ -14,7 +14,7 @@ import structlog
 
 from fedbus.bus._base import Admit, Will
 from fedbus.bus._chunking import ChunkLimits, plan
-from fedbus.bus._dispatch import Dispatcher, QueueSubscription
+from fedbus.bus._dispatch import Dispatcher, QueueSubscription, receive_stats
 from fedbus.bus._repair import Repair, RepairLimits
 from fedbus.errors import BusError
 from fedbus.topics import strip_share
@@ -347,20 +347,8 @@ class MemoryBus:
 
     @property
     def stats(self) -> dict[str, int]:
-        r = self._dispatch.reassembler
-        return {
-            "published": self._published,
-            "received": self._received,
-            "delivered": self._dispatch.delivered,
-            "unrouted": self._dispatch.unrouted,
-            "queue_high_water": self._dispatch.high_water(),
-            "dropped_queue_full": self._dispatch.dropped(),
-            "buffered_bytes": r.buffered_bytes,
-            "partial_transfers": r.partial_transfers,
-            **{k: r.counters[k] for k in _REASSEMBLY_COUNTERS},
-            **{f"rejected_{k}": v for k, v in r.rejected.items()},
-            **self._repair.counters,
-        }
+        return {"published": self._published, "received": self._received,
+                **receive_stats(self._dispatch, self._repair.counters)}
 
     async def __aenter__(self) -> MemoryBus:
         if self._state != "new":
@@ -448,12 +436,3 @@ class MemoryBus:
     def _receive(self, topic: str, payload: bytes, via: str) -> None:
         self._received += 1
         self._dispatch.deliver(topic, payload, via=(via,))
-
-
-_REASSEMBLY_COUNTERS = (
-    "chunks_received",
-    "chunks_rejected",
-    "transfers_completed",
-    "transfers_expired",
-    "transfers_dropped",
-)

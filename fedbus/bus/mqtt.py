@@ -7,7 +7,6 @@ exponential backoff; publish and subscribe wait (bounded) for a connection inste
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import socket
 from collections import deque
@@ -23,14 +22,15 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedbus.bus._base import Admit, Will
 from fedbus.bus._chunking import ChunkLimits, is_chunk_frame, plan
-from fedbus.bus._dispatch import Dispatcher, QueueSubscription
+from fedbus.bus._dispatch import Dispatcher, QueueSubscription, receive_stats
 from fedbus.bus._mqtt_client import (
-    REASSEMBLY_COUNTERS,
     CheckedClient,
     Connection,
     is_fatal,
+    lower_inflight,
     make_client,
     packet_size_problem,
+    properties,
 )
 from fedbus.bus._repair import Repair
 from fedbus.bus.options import MqttOptions
@@ -46,11 +46,8 @@ from fedbus.topics import matches
 __all__ = ["MqttBus", "MqttOptions"]
 
 log = structlog.get_logger(__name__)
-_paho_log = logging.getLogger("fedbus.bus.mqtt.paho")
 
 T = TypeVar("T")
-# paho's Properties constructor is unannotated; pin its type once here.
-_properties = cast(Callable[[int], Properties], Properties)
 
 # retainHandling: 0 = send retained on every SUBSCRIBE, 1 = only if the subscription is new.
 _RETAIN_ALWAYS = 0
@@ -146,21 +143,10 @@ class MqttBus:
 
     @property
     def stats(self) -> dict[str, int]:
-        r = self._dispatch.reassembler
         conn = self._conn
-        return {
-            **self._counters,
-            "delivered": self._dispatch.delivered,
-            "unrouted": self._dispatch.unrouted,
-            "incoming_queued": len(conn.client.messages) if conn else 0,
-            "queue_high_water": self._dispatch.high_water(),
-            "dropped_queue_full": self._dispatch.dropped(),
-            "buffered_bytes": r.buffered_bytes,
-            "partial_transfers": r.partial_transfers,
-            **{k: r.counters[k] for k in REASSEMBLY_COUNTERS},
-            **{f"rejected_{k}": v for k, v in r.rejected.items()},
-            **self._repair.counters,
-        }
+        return {**self._counters,
+                "incoming_queued": len(conn.client.messages) if conn else 0,
+                **receive_stats(self._dispatch, self._repair.counters)}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -191,12 +177,8 @@ class MqttBus:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         await self._shutdown()
 
     async def wait_connected(self, connects: int = 1) -> None:
@@ -269,10 +251,8 @@ class MqttBus:
                            self._max_inflight, on_connack=seen)
 
     def _shared_unavailable(self) -> bool:
-        """The broker's CONNACK said it has no ``$share`` subscriptions (MQTT 5 property
-        Shared Subscription Available = 0; absent means available)."""
-        props = self._connack
-        return getattr(props, "SharedSubscriptionAvailable", 1) == 0 if props else False
+        """The broker's CONNACK said it has no ``$share`` subscriptions (absent: it has)."""
+        return getattr(self._connack, "SharedSubscriptionAvailable", 1) == 0
 
     def _check_broker_limits(self, client: aiomqtt.Client) -> None:
         """Compare what the broker announced in its CONNACK with what this bus will send."""
@@ -280,14 +260,10 @@ class MqttBus:
         problem = packet_size_problem(props, self.chunk_bytes, self.endpoint)
         if problem is not None:
             raise problem
-        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
-        if isinstance(receive_max, int) and 0 < receive_max < self._max_inflight:
-            # The broker takes at most this many unacknowledged QoS 1 publishes: send no more.
-            log.info("limit_inflight", node=self.node_id, broker_receive_maximum=receive_max)
-            # paho refuses its setter on an open connection (its worry is a change to or from
-            # 0, "unlimited"); between two positive limits the attribute is safe to lower.
-            client._client._max_inflight_messages = receive_max
-            self._max_inflight = receive_max
+        lowered = lower_inflight(props, client, self._max_inflight)
+        if lowered is not None:
+            log.info("limit_inflight", node=self.node_id, broker_receive_maximum=lowered)
+            self._max_inflight = lowered
 
     async def _run(self) -> None:
         attempt = 0
@@ -414,7 +390,7 @@ class MqttBus:
                                   "Shared Subscriptions not supported (the broker's CONNACK "
                                   "says so)", "use a broker with $share subscriptions "
                                   "(mosquitto) for simulation workers")
-        props = _properties(PacketTypes.SUBSCRIBE)
+        props = properties(PacketTypes.SUBSCRIBE)
         props.SubscriptionIdentifier = sid
         opts = SubscribeOptions(qos=1, retainHandling=retain_handling)
         codes = await client.subscribe(topic_filter, options=opts, properties=props)
