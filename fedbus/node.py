@@ -24,7 +24,8 @@ from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorCon
 from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
 from fedbus.services.relay import AsyncRelay, Relay
 from fedbus.services.trainer import Trainer, TrainerConfig
-from fedbus.store.feed import FeedSettings
+from fedbus.store.feed import FeedSettings, SketchPublisher
+from fedbus.store.live import LiveRanking
 from fedbus.task import EvalResult, Task, open_task
 from strategies import (
     AsyncStrategy,
@@ -36,6 +37,7 @@ from strategies import (
     make_selector,
     make_strategy,
 )
+from strategies.ranked import RankedSelector
 
 __all__ = ["build_node", "codec_compression", "codec_limits"]
 
@@ -163,13 +165,17 @@ def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any
                                bus, strategy, selector, weights, evaluate=evaluate)
     grace = r.loss_grace_s if r.loss_grace_s is not None else (
         0.0 if m.population is not None else LOSS_GRACE_S)
-    sketch = (FeedSettings(m.store.sketch_dim, m.seed) if feeds_sketches(m, node.id)
-              else None)
-    return Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
-                                       ring_groups=m.groups_under(node.id),
-                                       store_sketch=sketch, durability=_durability(m),
-                                       **common),
-                      bus, strategy, selector, weights, evaluate=evaluate)
+    agg = Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
+                                      ring_groups=m.groups_under(node.id),
+                                      durability=_durability(m), **common),
+                     bus, strategy, selector, weights, evaluate=evaluate)
+    # what rides along the rounds: a store's ranking before each, its sketch record after
+    if isinstance(selector, RankedSelector) and selector.store is not None:
+        agg.observers.append(LiveRanking(m.job, node.id, selector))
+    if feeds_sketches(m, node.id):
+        agg.observers.append(SketchPublisher(FeedSettings(m.store.sketch_dim, m.seed), m.job,
+                                             node.id, codec_compression(m), agg.epoch))
+    return agg
 
 
 def _store(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +25,11 @@ from fedbus.codec import Envelope, encode
 from fedbus.compress import encode_model
 from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.services import ring
-from fedbus.services._base import OFFLOAD_BYTES, AggregatorBase, AggregatorSettings
-from fedbus.store.feed import FeedSettings, SketchFeed
-from fedbus.store.live import refresh_ranking
+from fedbus.services._base import AggregatorBase, AggregatorSettings
+from fedbus.services.observers import RoundObserver
 from fedbus.task import EvalResult
 from fedbus.wire import DONE, METRICS, ROUND, join_tensors
 from strategies import ClientUpdate, Selector, Strategy, Weights
-from strategies.ranked import RankedSelector
 
 __all__ = ["Aggregator", "AggregatorConfig", "RoundReport"]
 
@@ -56,10 +54,6 @@ class AggregatorConfig(AggregatorSettings):
     #: Hybrid ring groups among the trainers (members by rank): one member's update may
     #: cover the others of its group (fedbus.services.ring).
     ring_groups: tuple[tuple[str, ...], ...] = ()
-    #: A store records this aggregator from sketches (fedbus.store.feed): sketch every
-    #: accepted update with its projection and publish them once a round (None: no store
-    #: needs them, nothing is sketched).
-    store_sketch: FeedSettings | None = None
 
 
 @dataclass(slots=True)
@@ -155,6 +149,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         *,
         evaluate: Callable[[Weights], EvalResult] | None = None,
         start_round: int = 1,
+        observers: Sequence[RoundObserver] = (),
     ) -> None:
         self.config = config
         self.bus = bus
@@ -170,7 +165,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._state: _Round | None = None
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
         self._groups = {m: frozenset(g) for g in config.ring_groups for m in g}
-        self._feed = SketchFeed(config.store_sketch) if config.store_sketch else None
+        #: Features riding along the rounds (fedbus.services.observers).
+        self.observers: list[RoundObserver] = list(observers)
         self._init_intake(strategy.aux_models)
 
     # --- main loop -------------------------------------------------------------------------
@@ -196,8 +192,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             await self._publish(topics.model(c.job, c.node_id), DONE, c.rounds,
                                 {"rounds": c.rounds})
             await self._publish_presence("offline")
-        if self._feed is not None:
-            self._feed.close()
+        for observer in self.observers:
+            observer.close()
         return self.weights
 
     async def run_round(self, sub: Subscription, number: int) -> RoundReport:
@@ -209,9 +205,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             # min_clients gates the first round only: a federation that lost a trainer goes
             # on with who is left, but never runs a round with nobody at all.
             await self.wait_for_clients(sub, 1, c.start_timeout_s)
-        if isinstance(self.selector, RankedSelector) and self.selector.store is not None:
-            # a fresh ranking from the store; it never holds the round up beyond timeout_s
-            await refresh_ranking(self.bus, c.job, c.node_id, self.selector, number, self._log)
+        for observer in self.observers:  # e.g. a fresh ranking from a store
+            await observer.round_starting(number, self.bus)
         available = sorted(self.online & c.trainers)
         selected = set(self.selector.select(available, number)) if available else set()
         state = _Round(number, selected=set(selected), pending=set(selected), started=started)
@@ -281,8 +276,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             self.selector.report(node, number, completed=node in state.accepted,
                                  duration_s=state.arrivals.get(node),
                                  utility=state.utility.get(node))
-        if self._feed is not None:  # inside the round's time: its cost is measured with it
-            await self._publish_sketches(state, aggregated)
+        for observer in self.observers:  # inside the round's time: measured with it
+            await observer.round_closed(number, sorted(state.selected), aggregated, self.bus)
         report = RoundReport(
             round=number,
             selected=sorted(state.selected),
@@ -417,29 +412,13 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
 
     def folded(self, update: ClientUpdate, env: Envelope, norm: float, nbytes: int) -> None:
         state = self._state
-        if self._feed is not None and state is not None:
-            self._feed.add(state.number, update, env.meta, norm, nbytes,
-                           state.arrivals.get(update.sender, time.monotonic() - state.started))
+        if state is None:
+            return
+        arrival = state.arrivals.get(update.sender, time.monotonic() - state.started)
+        for observer in self.observers:
+            observer.update_folded(state.number, update, env.meta, norm, nbytes, arrival)
 
     # --- outgoing ------------------------------------------------------------------------
-    async def _publish_sketches(self, state: _Round, aggregated: bool) -> None:
-        """The round's sketch record for the stores (``sketch/<me>``): one message."""
-        assert self._feed is not None
-        c = self.config
-        started = time.monotonic()
-        rows, cpu_s = await asyncio.to_thread(self._feed.take, state.number)
-        env = self._feed.envelope(c.job, c.node_id, state.number, rows,
-                                  selected=sorted(state.selected), aggregated=aggregated,
-                                  sketch_cpu_s=round(cpu_s, 6), epoch=self.epoch)
-        nbytes = sum(s.nbytes for _, s in rows)
-        payload = (await asyncio.to_thread(encode, env, c.compression)
-                   if nbytes >= OFFLOAD_BYTES else encode(env, c.compression))
-        await self.bus.publish(topics.sketch(c.job, c.node_id), payload)
-        self._log.info("sketches_published", round=state.number, updates=len(rows),
-                       bytes=len(payload), sketch_cpu_s=round(cpu_s, 4),
-                       publish_s=round(time.monotonic() - started, 4),
-                       sketched_inline=self._feed.inline, failed=self._feed.failed)
-
     async def _broadcast(self, state: _Round, named: set[str] | None = None) -> None:
         """The round's order to ``named`` (default: every pending node)."""
         c = self.config

@@ -18,7 +18,7 @@ from fedbus.codec import Envelope, Limits, encode
 from fedbus.door import Door, Entry
 from fedbus.errors import FedbusError
 
-__all__ = ["RANKING_LIMITS", "RankingSelector", "ask_store", "refresh_ranking"]
+__all__ = ["RANKING_LIMITS", "LiveRanking", "RankingSelector", "ask_store", "refresh_ranking"]
 
 
 class RankingSelector(Protocol):
@@ -98,3 +98,28 @@ async def refresh_ranking(bus: Bus, job: str, me: str, selector: RankingSelector
     selector.refreshes += 1
     log.info("ranking_refreshed", round=round, store=selector.store, clients=len(scores))
     return True
+
+
+class LiveRanking:
+    """A round observer of the aggregator whose selector ranks clients by a store's
+    ``scheduling`` workload: before each round it asks the store for a fresh ranking (never
+    holding the round up beyond the selector's ``timeout_s``)."""
+
+    def __init__(self, job: str, node_id: str, selector: RankingSelector) -> None:
+        self.job, self.node_id, self.selector = job, node_id, selector
+        self._log = structlog.get_logger(__name__).bind(node=node_id, job=job)
+
+    async def round_starting(self, number: int, bus: Bus) -> None:
+        await refresh_ranking(bus, self.job, self.node_id, self.selector, number,
+                              self._log)
+
+    def update_folded(self, number: int, update: Any, meta: Mapping[str, Any], norm: float,
+                      nbytes: int, arrival_s: float) -> None:
+        return None
+
+    async def round_closed(self, number: int, selected: list[str], aggregated: bool,
+                           bus: Bus) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
