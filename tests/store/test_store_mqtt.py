@@ -56,6 +56,8 @@ async def test_gated_updates_reach_the_store_and_queries_work_over_mqtt(
             lineage, _ = await q.ask(asker, m, "store", "lineage", {}, 30)
             personal, tensors = await q.ask(asker, m, "store", "personalization",
                                             {"k": 2, "client": "t1"}, 60)
+            contribution, _ = await q.ask(asker, m, "store", "contribution",
+                                          {"permutations": 4}, 60)
     # Assert: every gated update of both rounds was recorded, and the answers came back
     assert [len(r.accepted) for r in agg.history] == [3, 3]
     assert store.store.rounds() == [1, 2]
@@ -65,6 +67,7 @@ async def test_gated_updates_reach_the_store_and_queries_work_over_mqtt(
         assert all(c["bytes"] > 1_000_000 for c in clients.values())
     assert lineage["ok"] and lineage["result"]["clients"]["t2"]["rounds"] == [1, 2]
     assert personal["ok"], personal
+    assert contribution["ok"], contribution  # online, as `fedbus query` asks a running store
     j = personal["result"]["clusters"]["t1"]
     assert list(tensors) == [f"cluster{j}/w"] and tensors[f"cluster{j}/w"].shape == (SIZE,)
     assert np.isfinite(tensors[f"cluster{j}/w"]).all()
