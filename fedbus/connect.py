@@ -5,17 +5,21 @@ services, the standby watcher and the operator's tools alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedbus import topics
 from fedbus.bus import Bus, MqttOptions, Will
 from fedbus.bus.memory import MemoryBroker, MemoryBus
+from fedbus.bus.signed import SignedBus
 from fedbus.codec import encode
 from fedbus.credentials import node_credentials
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec
+from fedbus.signing import Signer, Verifier, read_key
 from fedbus.wire import presence
 
-__all__ = ["BrokerSettings", "authenticated", "broker_settings", "make_bus", "mqtt_bus"]
+__all__ = ["BrokerSettings", "authenticated", "broker_settings", "keys_dir", "make_bus",
+           "mqtt_bus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +72,49 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
     # will published) is announced online again as soon as it is back.
     birth = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "online")),
                  retain=True)
+    signing = _signing(m, node.id)
+    if signing is not None:  # the will and the birth are published by the broker: signed now
+        will = Will(will.topic, signing[0].sign(will.payload), will.retain)
+        birth = Will(birth.topic, signing[0].sign(birth.payload), birth.retain)
+    bus: Bus
     if memory is not None:
         chunk = m.broker.chunk_bytes if m.broker else 1_000_000
-        return MemoryBus(memory, node.id, will=will, birth=birth,
-                         client_id=f"fedbus.{m.job}.{node.id}", chunk_bytes=chunk)
-    return mqtt_bus(node.id, broker_settings(m, node.id), will=will, birth=birth)
+        bus = MemoryBus(memory, node.id, will=will, birth=birth,
+                        client_id=f"fedbus.{m.job}.{node.id}", chunk_bytes=chunk)
+    else:
+        bus = mqtt_bus(node.id, broker_settings(m, node.id), will=will, birth=birth)
+    return bus if signing is None else SignedBus(bus, *signing)
+
+
+def keys_dir(m: Manifest) -> Path:
+    """Where the job's keys are (``security.keys``, relative to the manifest's folder)."""
+    path = Path(m.security.keys)
+    if not path.is_absolute() and m.source and not m.source.startswith("<"):
+        path = Path(m.source).resolve().parent / path
+    return path
+
+
+def _signing(m: Manifest, node_id: str) -> tuple[Signer, Verifier] | None:
+    """``node_id``'s signer and the job's verifier, when the job signs its messages."""
+    if m.security.sign == "off":
+        return None
+    root = keys_dir(m)
+    public = {p.stem: read_key(p) for p in sorted(root.glob("*.pub"))}
+    if not public:
+        raise ManifestError(m.source, "security.keys",
+                            f"no public keys in {root}: make them with `fedbus keys "
+                            f"{m.source} --out {root}`")
+    return (Signer(node_id, read_key(root / f"{node_id}.key")),
+            Verifier(public, required=m.security.sign == "required"))
 
 
 def authenticated(m: Manifest, bus: Bus) -> bool:
     """Does the broker tie what is published on a node's topics to that node? The in-process
     bus does (nothing else can publish on it); an MQTT broker does when nodes log in with
     credentials checked against an ACL (``fedbus acl``)."""
+    if isinstance(bus, SignedBus):
+        # every message is signed and checked against its sender's key
+        return bus.verifier.required or authenticated(m, bus.inner)
     if isinstance(bus, MemoryBus):
         return True
     # A user name (given, or the node id by default once a password or certificate is

@@ -11,9 +11,11 @@ with its sender, never raised into the service.
 
 Reasons: ``bad_topic``, ``unexpected_topic``, ``bad_kind``, ``wrong_job``, ``spoofed_sender``
 (the envelope names another sender than the topic), ``unknown_sender`` (not one the wiring
-names for that topic), ``duplicate``, the codec's own (``frame_too_large``, ``bad_header``,
-``bad_dtype`` ...), and for updates ``bad_num_examples``, ``bad_update_codec``,
-``wrong_tensors``, ``wrong_shape``, ``wrong_dtype``, ``non_finite``, ``norm_exceeded``.
+names for that topic), ``wrong_signer`` (signed, by someone else than that sender: the
+signature itself was checked by the bus, ``fedbus.bus.signed``), ``duplicate``, the codec's
+own (``frame_too_large``, ``bad_header``, ``bad_dtype`` ...), and for updates
+``bad_num_examples``, ``bad_update_codec``, ``wrong_tensors``, ``wrong_shape``,
+``wrong_dtype``, ``non_finite``, ``norm_exceeded``.
 
 What the door trusts: a topic's sender level where the broker ties it to credentials
 (``fedbus acl``); on an anonymous broker the checks only bound the damage (see
@@ -266,7 +268,7 @@ class Door:
             self.reject(entry.label + exc.reason, exc.detail, sender=parsed.sender,
                         topic=msg.topic)
             return None
-        return self._check(entry, parsed, env, len(msg.payload))
+        return self._check(entry, parsed, env, len(msg.payload), msg.signer)
 
     def open_now(self, msg: Message) -> Admitted | None:
         """``open`` on the calling thread (a caller already off the event loop)."""
@@ -280,7 +282,7 @@ class Door:
             self.reject(entry.label + exc.reason, exc.detail, sender=parsed.sender,
                         topic=msg.topic)
             return None
-        return self._check(entry, parsed, env, len(msg.payload))
+        return self._check(entry, parsed, env, len(msg.payload), msg.signer)
 
     def route(self, msg: Message) -> tuple[Entry, topics.ParsedTopic] | None:
         """The entry ``msg`` comes in by (refused and counted when none)."""
@@ -312,9 +314,13 @@ class Door:
         return entry, parsed
 
     def _check(self, entry: Entry, parsed: topics.ParsedTopic, env: Envelope,
-               nbytes: int) -> Admitted | None:
+               nbytes: int, signer: str | None) -> Admitted | None:
         sender = parsed.sender if entry.topic_sender else env.sender
         where = {"sender": sender, "topic": entry.filter}
+        if signer is not None and signer != sender:
+            # a valid signature, of someone else: nobody speaks for a node it is not
+            self.reject(entry.label + "wrong_signer", f"signed by {signer!r}", **where)
+            return None
         if env.job != self.job:
             self.reject(entry.label + "wrong_job", f"job {env.job!r}", **where)
             return None

@@ -26,6 +26,8 @@ class Message:
     topic: str
     payload: bytes
     retain: bool = False
+    #: Who signed it, checked against their key (fedbus.bus.signed); None: not signed.
+    signer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,4 +199,32 @@ def _cmd_bridge(args: argparse.Namespace, sink: Any) -> int:
     return 0
 
 
-COMMANDS = (_add_acl, _add_certs, _add_compose, _add_units, _add_bridge)
+def _add_keys(add: Adder) -> None:
+    keys = add("keys", "write a signing key pair per node (security.sign: required)", """\
+  fedbus keys manifest.yaml --out keys/ --operator ops
+""", _cmd_keys)
+    keys.add_argument("manifest")
+    keys.add_argument("--out", help="folder (default: the manifest's security.keys)")
+    keys.add_argument("--operator", action="append", default=[],
+                      help="an operator (watch, query, dashboard) that signs too; repeatable")
+    keys.add_argument("--rotate", action="append", default=[], metavar="NODE",
+                      help="a new key pair for NODE only (others kept); repeatable")
+
+
+def _cmd_keys(args: argparse.Namespace, sink: Any) -> int:
+    m = load_manifest(args.manifest)
+    from fedbus.connect import keys_dir
+    from fedbus.signing import write_key_pair
+
+    out = args.out or str(keys_dir(m))
+    ids = [n.id for n in m.nodes] + list(args.operator)
+    made = [i for i in ids if (args.rotate and i in args.rotate)
+            or (not args.rotate and not os.path.exists(os.path.join(out, f"{i}.key")))]
+    for node in made:
+        write_key_pair(out, node)
+    print(f"keys      {out}/<node>.key (private, 0600: give each node only its own) and "
+          f"<node>.pub (every node gets them all); {len(made)} new of {len(ids)}")
+    return 0
+
+
+COMMANDS = (_add_acl, _add_certs, _add_compose, _add_units, _add_bridge, _add_keys)

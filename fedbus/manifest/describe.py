@@ -64,6 +64,7 @@ def describe(m: Manifest) -> str:
         f"task      {m.task.ref}" + (f" {thaw(m.task.params)}" if m.task.params else ""),
         f"codec     zstd level {m.codec.level}; updates {mode(m.codec.update)}; "
         f"model {mode(m.codec.model)}",
+        f"signing   {_signing(m)}",
         f"nodes     {len(m.nodes)}: {roles}",
         f"wiring    {len(wiring)} nodes, {subs} subscriptions, {pubs} publish topics",
     ]
@@ -80,3 +81,13 @@ def describe(m: Manifest) -> str:
                      + (f" alpha {p.alpha:g}" if p.partition == "dirichlet" else "")
                      + f", workers {p.workers or 'one per core'}")
     return "\n".join(lines)
+
+
+def _signing(m: Manifest) -> str:
+    sign = m.security.sign
+    if sign == "off":
+        return ("off: who published a message is only what the broker vouches for "
+                "(`fedbus acl`); set security.sign to required on a broker you do not control")
+    what = ("unsigned or wrongly signed messages refused" if sign == "required"
+            else "signed messages checked, unsigned ones accepted")
+    return f"{sign}: {what}; keys in {m.security.keys} (`fedbus keys`)"

@@ -190,6 +190,19 @@ class NodeSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SecuritySpec:
+    """Signed messages (docs/security.md): every node signs what it publishes with its own
+    key, and receivers check the signature against the sender's public key."""
+
+    #: ``off``; ``optional``: signed messages are checked, unsigned ones accepted (a rollout);
+    #: ``required``: unsigned or wrongly signed messages are refused and counted.
+    sign: str = "off"
+    #: Folder of ``<node>.key`` (private, one per node) and ``<node>.pub`` files made by
+    #: ``fedbus keys`` (relative: to the manifest's folder).
+    keys: str = "keys"
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointSpec:
     """How the checkpointer keeps state and how the aggregator waits for it (docs/
     architecture.md, "Checkpoints")."""
@@ -288,6 +301,7 @@ class Manifest:
     groups: tuple[GroupSpec, ...] = ()
     store: StoreSpec = StoreSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    security: SecuritySpec = SecuritySpec()
     #: Several brokers bridged into a tree (``brokers:``), by name; empty with one broker.
     brokers: Mapping[str, BrokerNode] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}))

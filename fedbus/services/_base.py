@@ -35,7 +35,7 @@ __all__ = ["OFFLOAD_BYTES", "AggregatorBase", "AggregatorSettings"]
 #: The bus's counters of what it lost or refused on the way in; each round report carries
 #: their increase (``bus_loss``), a full subscription queue included.
 _LOSS_COUNTERS = ("transfers_expired", "transfers_dropped", "chunks_rejected",
-                  "dropped_queue_full")
+                  "dropped_queue_full", "signature_refused")
 
 
 @dataclass(frozen=True, slots=True)

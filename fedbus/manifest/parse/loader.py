@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from fedbus.errors import ManifestError
 from fedbus.manifest._yaml import expand, load_yaml
-from fedbus.manifest.model import VERSION, BrokerNode, Manifest, thaw
+from fedbus.manifest.model import VERSION, BrokerNode, Manifest, SecuritySpec, thaw
 from fedbus.manifest.parse.brokers import node_brokers, parse_broker, parse_brokers, root_spec
 from fedbus.manifest.parse.checkpoint import parse_checkpoint
 from fedbus.manifest.parse.codec import parse_codec
@@ -20,6 +20,7 @@ from fedbus.manifest.parse.nodes import parse_nodes, relay_strategies
 from fedbus.manifest.parse.population import parse_population, population_round
 from fedbus.manifest.parse.reader import Reader
 from fedbus.manifest.parse.round import parse_evaluate, parse_round
+from fedbus.manifest.parse.security import parse_security
 from fedbus.manifest.parse.store import parse_store
 from fedbus.manifest.parse.strategy import parse_plugin
 from fedbus.manifest.parse.task import parse_task
@@ -31,7 +32,7 @@ __all__ = ["load_manifest", "parse_manifest"]
 
 _TOP_KEYS: Final = ("version", "job", "seed", "rounds", "broker", "codec", "strategy",
                     "selector", "round", "evaluate", "task", "nodes", "trainers", "population",
-                    "checkpoint", "store", "brokers")
+                    "checkpoint", "store", "brokers", "security")
 
 
 def load_manifest(path: str | os.PathLike[str], *,
@@ -116,5 +117,14 @@ def _build(read: Reader, data: Any) -> Manifest:
         store=parse_store(read, t.get("store"), nodes, isinstance(
             make_strategy(strategy.name, thaw(strategy.params)), AsyncStrategy)),
         checkpoint=parse_checkpoint(read, t.get("checkpoint")),
+        security=_security(read, t.get("security"), population is not None),
         brokers=brokers,
     )
+
+
+def _security(read: Reader, value: Any, simulated: bool) -> SecuritySpec:
+    spec = parse_security(read, value)
+    if simulated and spec.sign != "off":
+        read.fail("security.sign", "a simulation's virtual clients run inside its workers, "
+                  "which speak for them: signing is for deployments; remove security.sign")
+    return spec
