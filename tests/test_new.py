@@ -16,8 +16,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.torch]
 
 def test_new_project_runs(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    # PYTHONPATH: this checkout's fedbus, as an installed one would be
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # PYTHONPATH: this checkout's fedbus, as an installed one would be; no $FEDBUS_RUNS_DIR
+    # (the test session sets one): the project's own ./runs is what a user gets
+    env = {k: v for k, v in os.environ.items() if k != "FEDBUS_RUNS_DIR"}
+    env["PYTHONPATH"] = str(ROOT)
 
     def fedbus(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*FEDBUS, *args], cwd=cwd, env=env, capture_output=True,
