@@ -173,3 +173,22 @@ async def test_watch_after_the_job_ended_says_so(
     assert r.returncode == 1
     assert "aggregator aggregator is offline" in r.stderr
     assert "no round report from job 'toy'" in r.stderr and "--timeout" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["watch", "dashboard"])
+def test_observer_on_a_secured_broker_without_user_names_the_flag(command: str) -> None:
+    # Execute: the README's secured example, without --user (nothing listens on port 9)
+    r = fedbus(command, "examples/toy/secure-manifest.yaml", "--broker", "127.0.0.1:9",
+               timeout=30)
+    # Assert: one line naming --user, before any connection or password file is tried
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "--user OPERATOR" in r.stderr and "broker.password_file" in r.stderr
+    assert "cannot read the password" not in r.stderr
+
+
+def test_run_dashboard_on_a_secured_broker_points_to_fedbus_dashboard() -> None:
+    r = fedbus("run", "examples/toy/secure-manifest.yaml", "--dashboard", "0", "--no-record",
+               timeout=30)
+    assert r.returncode == 1
+    assert "fedbus dashboard examples/toy/secure-manifest.yaml --user OPERATOR" in r.stderr

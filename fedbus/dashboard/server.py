@@ -21,6 +21,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker
 from fedbus.connect import make_bus
+from fedbus.credentials import observer_id
 from fedbus.dashboard.state import JobState
 from fedbus.errors import FedbusError
 from fedbus.manifest import Manifest, NodeSpec
@@ -148,13 +149,16 @@ async def _handle(hub: _Hub, reader: asyncio.StreamReader, writer: asyncio.Strea
 
 
 async def serve_dashboard(m: Manifest, port: int, *, memory: MemoryBroker | None = None,
-                          until_done: bool = False) -> int:
+                          until_done: bool = False, user: str | None = None) -> int:
     """Serve the dashboard for ``m`` on 127.0.0.1:``port`` (0: a free port).
 
     ``until_done=False`` (``fedbus dashboard``): until SIGINT/SIGTERM. ``True`` (``fedbus run
-    --dashboard``): until cancelled by the run when its nodes are done.
+    --dashboard``): until cancelled by the run when its nodes are done. ``user``: the operator
+    it logs in as on a secured broker (``fedbus acl --operator``).
     """
-    hub = _Hub(JobState(m, f"dashboard-{os.getpid()}"))
+    observer = f"dashboard-{os.getpid()}" if memory is not None else \
+        observer_id(m, user, "dashboard")
+    hub = _Hub(JobState(m, observer))
     try:
         server = await asyncio.start_server(lambda r, w: _handle(hub, r, w), HOST, port,
                                             limit=_MAX_REQUEST)
