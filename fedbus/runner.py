@@ -128,7 +128,17 @@ async def _broker_for(
 
 
 async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) -> int:
-    """Every node of ``m`` in this process; returns the exit code (128+N after signal N)."""
+    """Every node of ``m`` in this process; returns the exit code (128+N after signal N).
+
+    On a broker the manifest (or ``--broker``) names, a job whose aggregator is already
+    online there is refused before anything connects or a run folder is made."""
+    if not opts.memory:
+        agg = m.aggregator.id
+        seen_by_agg = with_node_broker(m, agg)
+        if seen_by_agg.broker is not None:
+            from fedbus.failover import refuse_if_running
+
+            await refuse_if_running(seen_by_agg, agg)
     return await _execute(m, [n.id for n in m.nodes], opts, sink, serving=False)
 
 
@@ -322,6 +332,7 @@ class _Observer:
         self._fit_s: list[float] = []
         self._last_wall = time.monotonic()
         self._bytes = (0, 0)
+        self._sink = sink
         if sink is not None:
             sink.taps.append(self._tap)
 
@@ -371,9 +382,26 @@ class _Observer:
         self.display.round(row)
         if self.exporter is not None:
             self.exporter.observe(row)
+        if self.recorder is not None and report.round > 1 and self.recorder.rounds == 0:
+            self._continue_run_folder(report.round)
         if self.recorder is not None and self.recorder.record(row):
             snapshot = {k: v.copy() for k, v in agg.weights.items()}
             await asyncio.to_thread(self.recorder.save_model, BEST_MODEL, snapshot, report.round)
+
+    def _continue_run_folder(self, round_: int) -> None:
+        """The aggregator resumed at ``round_`` from a checkpoint: continue the run folder of
+        the run it resumes (``RunRecorder.continue_previous``) rather than start a second."""
+        assert self.recorder is not None
+        if self._sink is not None:
+            self._sink.close()  # this folder's log files, appended there and removed
+        try:
+            moved = self.recorder.continue_previous(round_)
+        finally:
+            if self._sink is not None:
+                self._sink.attach(self.recorder.path / "logs")
+        if moved:
+            print(f"fedbus: resumed at round {round_} from a checkpoint: continuing run folder "
+                  f"{self.recorder.path}", file=sys.stderr, flush=True)
 
     def display_stop(self) -> None:
         if self._display_on:

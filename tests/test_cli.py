@@ -192,3 +192,36 @@ def test_run_dashboard_on_a_secured_broker_points_to_fedbus_dashboard() -> None:
                timeout=30)
     assert r.returncode == 1
     assert "fedbus dashboard examples/toy/secure-manifest.yaml --user OPERATOR" in r.stderr
+
+
+@pytest.mark.broker
+async def test_a_second_run_of_a_running_job_is_refused(
+    mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    import asyncio
+    import signal
+
+    # Prepare: the job running on a shared broker, slow enough to still be running
+    path = toy(tmp_path, rounds=200, task={"params": {"size": 100, "delay_s": 0.2}})
+    broker = f"{mosquitto.host}:{mosquitto.port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = await asyncio.create_subprocess_exec(
+        *FEDBUS, "run", str(path), "--broker", broker, "--no-record", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert first.stdout is not None
+        async with asyncio.timeout(180):  # generous: only cuts a hang short
+            while not (await first.stdout.readline()).startswith(b"round "):
+                pass
+        # Execute: the same job again on the same broker
+        second = await asyncio.to_thread(fedbus, "run", str(path), "--broker", broker,
+                                         "--no-record", timeout=180)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(first.communicate(), 60)
+    # Assert: refused in one line naming the running instance; the first one unharmed
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert second.stderr.count("\n") == 1, second.stderr
+    assert f"job 'toy' is already running on {broker}" in second.stderr
+    assert "aggregator 'aggregator' is online" in second.stderr
+    assert first.returncode == 128 + signal.SIGTERM

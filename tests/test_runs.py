@@ -293,3 +293,42 @@ def test_prometheus_metrics_of_the_aggregator(tmp_path: Path) -> None:
     assert value("fedbus_bytes_received_total") > 3 * 3 * 400  # 3 rounds x 3 updates
     assert value("fedbus_loss") > 0
     assert "# TYPE fedbus_rejections_total counter" in text
+
+
+def test_a_resumed_job_continues_its_run_folder(tmp_path: Path) -> None:
+    # Prepare: the checkpointed toy, killed outright (SIGKILL: no clean-up) after round 3
+    data = yaml.safe_load((ROOT / "examples/toy/checkpoint-manifest.yaml").read_text())
+    data["rounds"] = 8
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump(data))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDBUS_CHECKPOINT_DIR": str(tmp_path / "ck")}
+    argv = [*FEDBUS, "run", str(path), "--memory", "--runs-dir", str(runs)]
+    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:  # bounded by the run itself (8 rounds), and pytest's timeout
+            if line.startswith("round   3/8"):
+                break
+        first.kill()
+    finally:
+        first.kill()
+        first.wait()
+    killed = only_run(runs, "toy-durable")
+    crashed = json.loads((killed / "summary.json").read_text())
+    # Execute: the same command again
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # Assert: one folder, every round once, finished, saying where it resumed
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert crashed["status"] == "running" and crashed["rounds_done"] >= 2  # not "0/8"
+    assert only_run(runs, "toy-durable") == killed
+    assert f"continuing run folder {killed}" in again.stderr
+    rounds = [json.loads(line)["round"]
+              for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(1, 9))
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds_done"] == 8
+    assert 2 <= summary["resumed"][0]["round"] <= 5
+    assert summary["started"] == crashed["started"]
+    assert (killed / "logs" / "ckpt.jsonl").is_file()
