@@ -39,6 +39,23 @@ def _checkout_paths() -> set[str]:
     return found
 
 
+def _outputs(paths: list[str]) -> list[str]:
+    """The paths git ignores: what programs write (runs/, checkpoints/, secrets), not the
+    source files a developer adds while the tests run. All of them without git."""
+    if not paths:
+        return []
+    try:
+        found = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT,
+                               input="\n".join(paths), capture_output=True, text=True,
+                               timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return paths
+    if found.returncode not in (0, 1):  # 1: none ignored; 128: not a git checkout
+        return paths
+    ignored = set(found.stdout.splitlines())
+    return [p for p in paths if p in ignored]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Run folders of every `fedbus run` a test starts (in this process or a child, which
     # inherits the variable) go to a session temp root, never to the user's ./runs.
@@ -60,12 +77,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the session when tests created or removed files in the checkout (e.g. ./runs)."""
+    """Fail the session when tests created or removed output files in the checkout (runs/,
+    checkpoints/, generated secrets: what git ignores)."""
     before = session.config.stash.get(_paths_key, None)
     if before is None:
         return
     after = _checkout_paths()
-    created, removed = sorted(after - before), sorted(before - after)
+    created, removed = _outputs(sorted(after - before)), _outputs(sorted(before - after))
     if not created and not removed:
         return
     lines = [f"  + {p}" for p in created[:20]] + [f"  - {p}" for p in removed[:20]]
