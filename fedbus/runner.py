@@ -379,12 +379,17 @@ class _Observer:
         self._last_wall = now
         self.last_round = report.round
         self.state.update(row)
+        # Recorded before it is shown: a round the user saw is in the run folder.
+        best = False
+        if self.recorder is not None:
+            if report.round > 1 and self.recorder.rounds == 0:
+                self._continue_run_folder(report.round)
+            best = self.recorder.record(row)
         self.display.round(row)
         if self.exporter is not None:
             self.exporter.observe(row)
-        if self.recorder is not None and report.round > 1 and self.recorder.rounds == 0:
-            self._continue_run_folder(report.round)
-        if self.recorder is not None and self.recorder.record(row):
+        if best:
+            assert self.recorder is not None
             snapshot = {k: v.copy() for k, v in agg.weights.items()}
             await asyncio.to_thread(self.recorder.save_model, BEST_MODEL, snapshot, report.round)
 

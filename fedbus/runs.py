@@ -101,9 +101,11 @@ class RunRecorder:
     def continue_previous(self, round_: int) -> bool:
         """A job resumed at ``round_`` from a checkpoint continues the folder of the run it
         resumes: the newest other run of the job under the same root, if it did not finish,
-        its process is gone and its rows reach ``round_ - 1``. Its rows from ``round_`` on
-        (done again now) are dropped, this run's logs so far are appended to its logs and this
-        run's own folder is removed. True when that happened (``path`` is then that folder).
+        its process is gone and it recorded round 1. Its rows from ``round_`` on (done again
+        now) are dropped; rounds the earlier process committed but did not record (it died
+        in between) are listed as ``missing`` in ``resumed``. This run's logs so far are
+        appended to its logs and this run's own folder is removed. True when that happened
+        (``path`` is then that folder).
 
         Call it before recording anything, with no log file of this folder open.
         """
@@ -117,8 +119,9 @@ class RunRecorder:
             return False
         rows = [r for r in prev.metrics
                 if isinstance(r.get("round"), int) and r["round"] < round_]
-        if not rows or max(r["round"] for r in rows) < round_ - 1:
+        if not rows or min(r["round"] for r in rows) != 1:
             return False
+        missing = sorted(set(range(1, round_)) - {r["round"] for r in rows})
         self._metrics.close()
         tmp = prev.path / (METRICS + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -136,7 +139,7 @@ class RunRecorder:
             self.started = dt.datetime.fromisoformat(str(prev.summary["started"])).timestamp()
         earlier = prev.summary.get("resumed")
         self.resumed = [*(earlier if isinstance(earlier, list) else []),
-                        {"round": round_, "time": _now()}]
+                        {"round": round_, "time": _now(), "missing": missing}]
         self._metrics = open(self.path / METRICS, "a", encoding="utf-8")
         self._write_summary("running")
         return True
