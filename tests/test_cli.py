@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FEDBUS = [sys.executable, "-m", "fedbus.cli"]
 
 
-def fedbus(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def fedbus(*args: str, cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     # the example tasks import from the repository root, wherever the command runs
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*FEDBUS, *args], cwd=cwd, capture_output=True, text=True,
@@ -43,7 +43,7 @@ def toy(tmp_path: Path, **over: Any) -> Path:
 @pytest.mark.parametrize("rounds", ["0", "-1", "two"])
 def test_bad_rounds_is_an_argument_error(rounds: str) -> None:
     # Execute
-    r = fedbus("run", "examples/toy/manifest.yaml", "--rounds", rounds, timeout=20)
+    r = fedbus("run", "examples/toy/manifest.yaml", "--rounds", rounds, timeout=120)
     # Assert: argparse's usage error (exit 2), not a hang and not "invalid manifest"
     assert r.returncode == 2
     assert "argument --rounds" in r.stderr and ">= 1" in r.stderr
@@ -168,7 +168,7 @@ async def test_watch_after_the_job_ended_says_so(
     done = fedbus("run", str(path), "--broker", broker, "--no-record")
     assert done.returncode == 0, done.stderr[-2000:]
     # Execute
-    r = fedbus("watch", str(path), "--broker", broker, "--timeout", "2", timeout=30)
+    r = fedbus("watch", str(path), "--broker", broker, "--timeout", "2", timeout=120)
     # Assert: a clear message and a non-zero exit instead of a silent hang
     assert r.returncode == 1
     assert "aggregator aggregator is offline" in r.stderr
@@ -179,7 +179,7 @@ async def test_watch_after_the_job_ended_says_so(
 def test_observer_on_a_secured_broker_without_user_names_the_flag(command: str) -> None:
     # Execute: the README's secured example, without --user (nothing listens on port 9)
     r = fedbus(command, "examples/toy/secure-manifest.yaml", "--broker", "127.0.0.1:9",
-               timeout=30)
+               timeout=120)
     # Assert: one line naming --user, before any connection or password file is tried
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1, r.stderr
@@ -189,7 +189,7 @@ def test_observer_on_a_secured_broker_without_user_names_the_flag(command: str) 
 
 def test_run_dashboard_on_a_secured_broker_points_to_fedbus_dashboard() -> None:
     r = fedbus("run", "examples/toy/secure-manifest.yaml", "--dashboard", "0", "--no-record",
-               timeout=30)
+               timeout=120)
     assert r.returncode == 1
     assert "fedbus dashboard examples/toy/secure-manifest.yaml --user OPERATOR" in r.stderr
 
