@@ -13,6 +13,7 @@ import dataclasses
 import fnmatch
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, MutableMapping, Sequence
@@ -179,10 +180,18 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
                    sink: LogSink | None, *, serving: bool) -> int:
     stop = _Stop()
     stop.install()
+    dashboard = None
+    if opts.dashboard_port is not None:
+        # Bound first: a busy port is one line, with nothing started to unwind.
+        from fedbus.dashboard import dashboard_socket
+
+        dashboard = dashboard_socket(opts.dashboard_port)
     try:
         recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
             if opts.runs_root is not None else None
     except OSError as exc:
+        if dashboard is not None:
+            dashboard.close()
         raise FedbusError(f"cannot create a run folder under {opts.runs_root}/: {exc}; pass "
                           "--runs-dir DIR (or set $FEDBUS_RUNS_DIR), or --no-record") from None
     if recorder is not None:
@@ -199,7 +208,7 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
     try:
         _warn_if_anonymous(m, node_ids, opts.memory)
         async with _broker_for(m, opts.memory) as (m, mem):
-            await _run_nodes(m, node_ids, mem, observer, opts)
+            await _run_nodes(m, node_ids, mem, observer, opts, dashboard)
         status = "finished" if observer.history_len() else "failed"
     except asyncio.CancelledError:
         if stop.signum is None:
@@ -215,6 +224,8 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
               file=sys.stderr, flush=True)
         return 128 + stop.signum
     finally:
+        if dashboard is not None:
+            dashboard.close()
         observer.display_stop()
         if observer.exporter is not None:
             observer.exporter.close()
@@ -232,7 +243,8 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
 
 
 async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,
-                     observer: _Observer | None, opts: RunOptions) -> None:
+                     observer: _Observer | None, opts: RunOptions,
+                     dashboard: socket.socket | None = None) -> None:
     """Run ``node_ids`` in this process, each on its own bus connection."""
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
@@ -261,7 +273,8 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
                 from fedbus.dashboard import serve_dashboard
 
                 others.append(tg.create_task(serve_dashboard(
-                    m, opts.dashboard_port, memory=mem, until_done=True), name="dashboard"))
+                    m, opts.dashboard_port, memory=mem, until_done=True, sock=dashboard),
+                    name="dashboard"))
             if agg is not None:
                 if observer is not None:
                     progress = tg.create_task(observer.follow(agg), name="progress")

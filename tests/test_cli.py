@@ -225,3 +225,22 @@ async def test_a_second_run_of_a_running_job_is_refused(
     assert f"job 'toy' is already running on {broker}" in second.stderr
     assert "aggregator 'aggregator' is online" in second.stderr
     assert first.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.broker
+def test_run_dashboard_on_a_busy_port_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    import socket
+
+    # Prepare: the port is taken
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Execute
+        r = fedbus("run", str(toy(tmp_path)), "--dashboard", str(port), "--runs-dir",
+                   str(tmp_path / "runs"))
+    # Assert: one line naming the port; no traceback, no run folder, no broker started
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert not (tmp_path / "runs").exists()
