@@ -73,10 +73,12 @@ test: lint pytest
 # suite must wait on conditions, not race the clock, on a machine busy with other work.
 HOGS ?= 2
 test-under-load: setup
-	@hogs=""; trap 'kill $$hogs 2>/dev/null || true' EXIT; \
+	@hogs=""; trap 'kill $$hogs 2>/dev/null || true' EXIT INT TERM; \
 	for _ in $$(seq $(HOGS)); do yes >/dev/null & hogs="$$hogs $$!"; done; \
 	echo "test-under-load: $(HOGS) busy loops (pids$$hogs) beside the suite"; \
-	$(MAKE) --no-print-directory test
+	status=0; $(MAKE) --no-print-directory test || status=$$?; \
+	kill $$hogs 2>/dev/null || true; \
+	echo "test-under-load: busy loops stopped; make test exited $$status"; exit $$status
 
 bench: setup
 	$(BIN)/python -m benchmarks
