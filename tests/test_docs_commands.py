@@ -118,10 +118,11 @@ HELP_ELSEWHERE: dict[str, str] = {
     "fedbus worker sim.yaml --broker 127.0.0.1:1883":
         "tests/test_sim.py::test_two_worker_processes_through_mosquitto_match_one_process",
     "fedbus serve manifest.yaml --node aggregator --runs-dir /var/lib/fedbus/runs":
-        "parsed only: writes under /var/lib; tests/test_runs.py serves an aggregator with "
-        "--runs-dir",
+        "parsed only: writes under /var/lib; tests/test_runs.py::test_serve_aggregator_"
+        "records_its_run serves an aggregator with --runs-dir",
     "fedbus serve manifest.yaml --node aggregator --metrics 0.0.0.0:9108":
-        "parsed only: listens on every interface; --metrics is served in tests/test_runs.py",
+        "parsed only: listens on every interface; the same exporter is served by `fedbus run "
+        "--metrics` in tests/test_runs.py::test_prometheus_metrics_of_the_aggregator",
     "fedbus watch secure-manifest.yaml --user ops":
         "tests/test_readme_security.py::test_readme_securing_commands_run_a_federation",
     "fedbus dashboard secure-manifest.yaml --user ops":

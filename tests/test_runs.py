@@ -245,9 +245,9 @@ async def test_serve_aggregator_records_its_run(
         agg = await asyncio.create_subprocess_exec(
             *FEDBUS, "serve", str(path), "--node", "aggregator", "--runs-dir", str(runs),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, agg_err = await asyncio.wait_for(agg.communicate(), 120)
+        out, agg_err = await asyncio.wait_for(agg.communicate(), 300)
         trainers.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(trainers.communicate(), 30)
+        _, err = await asyncio.wait_for(trainers.communicate(), 120)
     finally:
         if trainers.returncode is None:
             trainers.kill()
