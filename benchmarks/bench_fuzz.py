@@ -13,6 +13,11 @@ separate processes exactly as deployed (``fedbus serve --node aggregator``,
    to have real messages to replay), waits for the first round order and then publishes
    ``--messages`` messages from ``fedbus.fuzz.Fuzzer`` on every topic some node subscribes to.
 
+The flood must fall inside the job whatever the machine's load: the aggregator's evaluation of
+the second-to-last round waits until the attacker has sent everything (a file the harness
+writes; ``make_gated_task``), between rounds where no deadline runs, so the last round, and
+the job, cannot end before the flood does.
+
 It reports whether every process survived, each one's peak RSS against the clean run, the
 rejections each service counted by reason (the aggregator's from its round reports, the
 trainers' from their JSON logs), and whether the final model's metrics equal the clean run's
@@ -89,8 +94,42 @@ class Result:
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
 
 
+#: Longest the second-to-last evaluation waits for the flood to end (a bound on a hang).
+GATE_MAX_S = 600.0
+
+
+class _GatedTask:
+    """The toy task, except that its evaluations from the ``hold_from``-th on wait until
+    ``gate`` exists: the harness writes it once the flood is sent, so the job's last round
+    cannot end before the flood does, however slow a loaded machine makes either. (The
+    aggregator evaluates between rounds, in a worker thread: no round deadline runs then.)"""
+
+    def __init__(self, inner: Any, gate: str, hold_from: int) -> None:
+        self.inner = inner
+        self.gate = Path(gate)
+        self.hold_from = hold_from
+        self.evaluations = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def evaluate(self) -> Any:
+        self.evaluations += 1
+        if self.evaluations >= self.hold_from:
+            deadline = time.monotonic() + GATE_MAX_S
+            while not self.gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # another process's file; bounded
+        return self.inner.evaluate()
+
+
+def make_gated_task(*, gate: str, hold_from: int, **params: Any) -> Any:
+    from examples.toy.task import make_task
+
+    return _GatedTask(make_task(**params), gate, hold_from)
+
+
 def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
-                  delay_s: float, store_dir: str) -> dict[str, Any]:
+                  delay_s: float, store_dir: str, gate: str) -> dict[str, Any]:
     return {
         "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
         # updates of `size` float32 params exceed one chunk: grants and reassembly are used
@@ -99,8 +138,9 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
         "round": {"deadline_s": 10, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60,
                   "max_uploads": 2},
         "evaluate": {"where": "server", "every": 1},
-        "task": {"ref": "examples.toy.task:make_task",
-                 "params": {"size": size, "lr": 0.5, "delay_s": delay_s}},
+        "task": {"ref": "benchmarks.bench_fuzz:make_gated_task",
+                 "params": {"size": size, "lr": 0.5, "delay_s": delay_s, "gate": gate,
+                            "hold_from": max(rounds - 1, 1)}},
         "nodes": [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
         # fed every update (the default feed), so the flood on update topics reaches it too
@@ -132,7 +172,7 @@ class Broker:
 async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, Path]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
     rights, from ``fedbus.deploy``) and the manifest file pointing at it."""
-    job = {**job, "store_dir": str(folder / "store")}
+    job = {**job, "store_dir": str(folder / "store"), "gate": str(folder / "flood-sent")}
     if not secure:
         proc = await spawn_mosquitto()
         broker = Broker(proc.host, proc.port, proc.stop)
@@ -162,6 +202,8 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
     children: list[Child] = []
     samplers: dict[str, Sampler] = {}
     run = Run()
+    if not messages:
+        (folder / "flood-sent").touch()  # no flood: nothing to wait for
     try:
         m = load_manifest(path)
         async with MqttBus("watcher", broker.host, broker.port, client_id="watcher",
@@ -179,7 +221,10 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                 samplers[name].start()
             attack: asyncio.Task[None] | None = None
             if messages:
-                attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started))
+                attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started,
+                                                     folder / "flood-sent"))
+                # an attacker that failed must not leave the trainers waiting for the flag
+                attack.add_done_callback(lambda _: (folder / "flood-sent").touch())
             agg = next(c for c in children if c.name == "aggregator")
             seen: set[str] = set()
             while True:
@@ -233,7 +278,7 @@ def _serve(manifest: Path, node: str, log: Any) -> Any:
 
 
 async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
-                  t0: float) -> None:
+                  t0: float, sent_flag: Path) -> None:
     model = {"w": np.zeros(m.task.params["size"], np.float32)}
     fuzzer = Fuzzer(m, model, seed=seed)
     agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
@@ -254,7 +299,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
             bus.subscribe(*readable) as spy:
         # learn from real traffic until the job is under way, then flood
         while True:
-            msg = await spy.get(timeout=60)
+            msg = await spy.get(timeout=300)  # a bound on a hang; generous under load
             fuzzer.observe(msg.topic, msg.payload)
             if msg.topic in (topics.model(m.job, m.aggregator.id),
                              topics.metrics(m.job, m.aggregator.id)):
@@ -279,6 +324,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         await asyncio.gather(*batch)
         run.sent = dict(sent)
         run.flood = (flood_start, time.monotonic() - t0)
+        sent_flag.touch()  # noqa: ASYNC240 - a local flag file; the last round may start
 
 
 def _rejections(folder: Path) -> dict[str, dict[str, int]]:

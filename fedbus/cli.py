@@ -209,6 +209,7 @@ def _add_watch(add: Adder) -> None:
     watch = add("watch", "print the per-round metrics of a running job", """\
   fedbus watch manifest.yaml --broker 127.0.0.1:1883
   fedbus watch manifest.yaml --broker 127.0.0.1:1883 --timeout 300
+  fedbus watch secure-manifest.yaml --user ops     a secured broker, as an operator
 """, _cmd_watch)
     watch.add_argument("manifest")
     watch.add_argument("--broker", type=_parse_broker)
@@ -291,10 +292,13 @@ def _add_new(add: Adder) -> None:
 def _add_dashboard(add: Adder) -> None:
     dash = add("dashboard", "serve a live web page of a running job (loopback only)", """\
   fedbus dashboard manifest.yaml --broker 127.0.0.1:1883 --port 8765
+  fedbus dashboard secure-manifest.yaml --user ops     a secured broker, as an operator
 """, _cmd_dashboard)
     dash.add_argument("manifest")
     dash.add_argument("--broker", type=_parse_broker)
     dash.add_argument("--port", type=_port, default=8765, help="default: 8765 (0: any free)")
+    dash.add_argument("--user", help="connect as this operator (from `fedbus acl --operator`) "
+                      "on a secured broker")
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -374,6 +378,14 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
         overrides["rounds"] = args.rounds
     if args.broker is not None:
         overrides["broker"] = {"host": args.broker.host, "port": args.broker.port}
+    if args.dashboard is not None and not args.memory:
+        from fedbus.credentials import credentials_key
+
+        key = credentials_key(m)
+        if key is not None:
+            raise FedbusError(f"--dashboard: job {m.job!r}'s broker asks for credentials ({key}"
+                              f"); serve the page beside the run as an operator instead: "
+                              f"fedbus dashboard {args.manifest} --user OPERATOR")
     check_manifest(m, [n.id for n in m.nodes])
     opts = RunOptions(
         memory=args.memory,
@@ -486,7 +498,7 @@ def _cmd_dashboard(args: argparse.Namespace, sink: LogSink) -> int:
     m = _manifest(args)
     if m.broker is None:
         raise ManifestError(m.source, "broker", "`fedbus dashboard` needs --broker HOST:PORT")
-    return asyncio.run(serve_dashboard(m, args.port, until_done=False))
+    return asyncio.run(serve_dashboard(m, args.port, until_done=False, user=args.user))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedbus.errors import ManifestError
+from fedbus.errors import FedbusError, ManifestError
 from fedbus.manifest import Manifest
 
-__all__ = ["Credentials", "node_credentials"]
+__all__ = ["Credentials", "credentials_key", "node_credentials", "observer_id"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +67,33 @@ def node_credentials(m: Manifest, node_id: str, *,
         tls_cert=_path(m, b.tls_cert, node_id) if b.tls_cert else None,
         tls_key=_path(m, b.tls_key, node_id) if b.tls_key else None,
     )
+
+
+def credentials_key(m: Manifest, env: dict[str, str] | None = None) -> str | None:
+    """The manifest key that makes its broker ask for credentials, or None (anonymous)."""
+    b = m.broker
+    if b is None:
+        return None
+    environ = os.environ if env is None else env
+    if b.password_file:
+        return "broker.password_file"
+    if b.password_env and environ.get(b.password_env):
+        return "broker.password_env"
+    if b.tls_cert:
+        return "broker.tls_cert"
+    return None
+
+
+def observer_id(m: Manifest, user: str | None, command: str, *,
+                env: dict[str, str] | None = None) -> str:
+    """The identity a read-only observer (``fedbus watch``, ``fedbus dashboard``) connects as:
+    ``user`` (an operator from ``fedbus acl --operator``), else a throwaway id, which only an
+    anonymous broker accepts; on a secured one that is said at once, naming ``--user``."""
+    if user:
+        return user
+    key = credentials_key(m, env)
+    if key is not None:
+        raise FedbusError(f"`fedbus {command}`: job {m.job!r}'s broker asks for credentials "
+                          f"({key} in {m.source}): pass --user OPERATOR, an operator made by "
+                          "`fedbus acl --operator` (e.g. --user ops)")
+    return f"{command}-{os.getpid()}"

@@ -13,6 +13,7 @@ the checkpointer and continues at the next round.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -23,11 +24,11 @@ from fedbus import topics
 from fedbus.connect import broker_settings, mqtt_bus
 from fedbus.credentials import node_credentials
 from fedbus.door import Admitted, Door, Entry
-from fedbus.errors import BusError
+from fedbus.errors import BusError, FedbusError
 from fedbus.manifest import Manifest
 from fedbus.wire import PRESENCE
 
-__all__ = ["await_leadership"]
+__all__ = ["JobAlreadyRunning", "await_leadership", "refuse_if_running"]
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +83,56 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     if waited > _RETAINED_WAIT_S + 0.5:
         log.warning("standby_taking_over", node=node, waited_s=round(waited, 3))
     return waited
+
+
+class JobAlreadyRunning(FedbusError):
+    """A ``fedbus run`` found its job's aggregator active on the broker it was to use."""
+
+    def __init__(self, job: str, node: str, endpoint: str) -> None:
+        super().__init__(
+            f"job {job!r} is already running on {endpoint}: its aggregator {node!r} is online "
+            "(another `fedbus run`, or `fedbus serve --node " + node + "`); stop that one "
+            "first, or give this run another job name")
+        self.job = job
+        self.node = node
+        self.endpoint = endpoint
+
+
+async def refuse_if_running(m: Manifest, node: str) -> None:
+    """Raise ``JobAlreadyRunning`` when ``node``'s retained presence says it is online.
+
+    Read with a throwaway client that then sends itself a probe: once the probe is back,
+    the broker has delivered the retained presence if it holds one, so no waiting on a clock.
+    On a secured broker nothing is checked (every user there is a node or an operator, and
+    logging in as the node would take the active instance's session); an unreachable broker
+    is left to the run itself to report.
+    """
+    assert m.broker is not None
+    if node_credentials(m, node).secured:
+        return
+    me = f"fedbus.{m.job}.{node}.check.{os.getpid()}"
+    bus = mqtt_bus(me, broker_settings(m, node, client_id=me))
+    door = Door(m.job, me)
+    door.expect(Entry(topics.presence(m.job, node), frozenset({PRESENCE}),
+                      senders=frozenset({node}), dedupe=False))
+    probe = topics.probe(m.job, me)
+    status = None
+    try:
+        await bus.__aenter__()
+    except BusError:
+        return
+    try:
+        async with bus.subscribe(topics.presence(m.job, node), probe) as sub:
+            await bus.publish(probe, b"probe")
+            async with asyncio.timeout(60):  # only a broker that stops answering gets here
+                while (msg := await sub.get()).topic != probe:
+                    status = _status(door.open_now(msg)) or status
+    except (BusError, TimeoutError):
+        return
+    finally:
+        await bus.__aexit__(None, None, None)
+    if status == "online":
+        raise JobAlreadyRunning(m.job, node, f"{m.broker.host}:{m.broker.port}")
 
 
 def _status(adm: Admitted | None) -> str | None:

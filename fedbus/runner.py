@@ -13,6 +13,7 @@ import dataclasses
 import fnmatch
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, MutableMapping, Sequence
@@ -128,7 +129,17 @@ async def _broker_for(
 
 
 async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) -> int:
-    """Every node of ``m`` in this process; returns the exit code (128+N after signal N)."""
+    """Every node of ``m`` in this process; returns the exit code (128+N after signal N).
+
+    On a broker the manifest (or ``--broker``) names, a job whose aggregator is already
+    online there is refused before anything connects or a run folder is made."""
+    if not opts.memory:
+        agg = m.aggregator.id
+        seen_by_agg = with_node_broker(m, agg)
+        if seen_by_agg.broker is not None:
+            from fedbus.failover import refuse_if_running
+
+            await refuse_if_running(seen_by_agg, agg)
     return await _execute(m, [n.id for n in m.nodes], opts, sink, serving=False)
 
 
@@ -169,10 +180,18 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
                    sink: LogSink | None, *, serving: bool) -> int:
     stop = _Stop()
     stop.install()
+    dashboard = None
+    if opts.dashboard_port is not None:
+        # Bound first: a busy port is one line, with nothing started to unwind.
+        from fedbus.dashboard import dashboard_socket
+
+        dashboard = dashboard_socket(opts.dashboard_port)
     try:
         recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
             if opts.runs_root is not None else None
     except OSError as exc:
+        if dashboard is not None:
+            dashboard.close()
         raise FedbusError(f"cannot create a run folder under {opts.runs_root}/: {exc}; pass "
                           "--runs-dir DIR (or set $FEDBUS_RUNS_DIR), or --no-record") from None
     if recorder is not None:
@@ -189,7 +208,7 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
     try:
         _warn_if_anonymous(m, node_ids, opts.memory)
         async with _broker_for(m, opts.memory) as (m, mem):
-            await _run_nodes(m, node_ids, mem, observer, opts)
+            await _run_nodes(m, node_ids, mem, observer, opts, dashboard)
         status = "finished" if observer.history_len() else "failed"
     except asyncio.CancelledError:
         if stop.signum is None:
@@ -205,6 +224,8 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
               file=sys.stderr, flush=True)
         return 128 + stop.signum
     finally:
+        if dashboard is not None:
+            dashboard.close()
         observer.display_stop()
         if observer.exporter is not None:
             observer.exporter.close()
@@ -222,7 +243,8 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
 
 
 async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,
-                     observer: _Observer | None, opts: RunOptions) -> None:
+                     observer: _Observer | None, opts: RunOptions,
+                     dashboard: socket.socket | None = None) -> None:
     """Run ``node_ids`` in this process, each on its own bus connection."""
     # Build every service (importing torch, loading data) before any connection opens:
     # minutes of set-up on a Pi must not run into the MQTT keepalive.
@@ -251,7 +273,8 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
                 from fedbus.dashboard import serve_dashboard
 
                 others.append(tg.create_task(serve_dashboard(
-                    m, opts.dashboard_port, memory=mem, until_done=True), name="dashboard"))
+                    m, opts.dashboard_port, memory=mem, until_done=True, sock=dashboard),
+                    name="dashboard"))
             if agg is not None:
                 if observer is not None:
                     progress = tg.create_task(observer.follow(agg), name="progress")
@@ -322,6 +345,7 @@ class _Observer:
         self._fit_s: list[float] = []
         self._last_wall = time.monotonic()
         self._bytes = (0, 0)
+        self._sink = sink
         if sink is not None:
             sink.taps.append(self._tap)
 
@@ -368,12 +392,34 @@ class _Observer:
         self._last_wall = now
         self.last_round = report.round
         self.state.update(row)
+        # Recorded before it is shown: a round the user saw is in the run folder.
+        best = False
+        if self.recorder is not None:
+            if report.round > 1 and self.recorder.rounds == 0:
+                self._continue_run_folder(report.round)
+            best = self.recorder.record(row)
         self.display.round(row)
         if self.exporter is not None:
             self.exporter.observe(row)
-        if self.recorder is not None and self.recorder.record(row):
+        if best:
+            assert self.recorder is not None
             snapshot = {k: v.copy() for k, v in agg.weights.items()}
             await asyncio.to_thread(self.recorder.save_model, BEST_MODEL, snapshot, report.round)
+
+    def _continue_run_folder(self, round_: int) -> None:
+        """The aggregator resumed at ``round_`` from a checkpoint: continue the run folder of
+        the run it resumes (``RunRecorder.continue_previous``) rather than start a second."""
+        assert self.recorder is not None
+        if self._sink is not None:
+            self._sink.close()  # this folder's log files, appended there and removed
+        try:
+            moved = self.recorder.continue_previous(round_)
+        finally:
+            if self._sink is not None:
+                self._sink.attach(self.recorder.path / "logs")
+        if moved:
+            print(f"fedbus: resumed at round {round_} from a checkpoint: continuing run folder "
+                  f"{self.recorder.path}", file=sys.stderr, flush=True)
 
     def display_stop(self) -> None:
         if self._display_on:

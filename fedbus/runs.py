@@ -8,10 +8,13 @@ round report a line), ``model-final.safetensors``, ``model-best.safetensors``, `
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import secrets
+import shutil
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +72,8 @@ class RunRecorder:
         self.started = time.time()
         self.rounds = 0
         self.best: dict[str, Any] | None = None
+        #: Rounds at which this run resumed from a checkpoint, in this same folder.
+        self.resumed: list[dict[str, Any]] = []
         self._metrics = open(self.path / METRICS, "a", encoding="utf-8")
         self._write_summary("running")
 
@@ -77,6 +82,12 @@ class RunRecorder:
         self._metrics.write(json.dumps(row, default=_jsonable) + "\n")
         self._metrics.flush()
         self.rounds += 1
+        better = self._rank(row)
+        # A run killed outright (kill -9, power) still says how far it got.
+        self._write_summary("running")
+        return better
+
+    def _rank(self, row: Mapping[str, Any]) -> bool:
         score = _score(row)
         if score is None:
             return False
@@ -86,6 +97,52 @@ class RunRecorder:
                          "value": row.get("accuracy", row.get("loss"))}
             return True
         return False
+
+    def continue_previous(self, round_: int) -> bool:
+        """A job resumed at ``round_`` from a checkpoint continues the folder of the run it
+        resumes: the newest other run of the job under the same root, if it did not finish,
+        its process is gone and it recorded round 1. Its rows from ``round_`` on (done again
+        now) are dropped; rounds the earlier process committed but did not record (it died
+        in between) are listed as ``missing`` in ``resumed``. This run's logs so far are
+        appended to its logs and this run's own folder is removed. True when that happened
+        (``path`` is then that folder).
+
+        Call it before recording anything, with no log file of this folder open.
+        """
+        others = sorted((p for p in self.path.parent.iterdir()
+                         if p.is_dir() and p != self.path and (p / SUMMARY).is_file()),
+                        key=lambda p: p.name)
+        if self.rounds or not others:
+            return False
+        prev = _load(others[-1], True)
+        if prev.summary.get("status") == "finished" or _alive(prev.summary):
+            return False
+        rows = [r for r in prev.metrics
+                if isinstance(r.get("round"), int) and r["round"] < round_]
+        if not rows or min(r["round"] for r in rows) != 1:
+            return False
+        missing = sorted(set(range(1, round_)) - {r["round"] for r in rows})
+        self._metrics.close()
+        tmp = prev.path / (METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, prev.path / METRICS)
+        for log in sorted((self.path / "logs").glob("*.jsonl")):
+            with open(prev.path / "logs" / log.name, "a", encoding="utf-8") as f:
+                f.write(log.read_text(encoding="utf-8", errors="replace"))
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path, self.run_id = prev.path, prev.path.name
+        self.rounds, self.best = 0, None
+        for r in rows:
+            self.rounds += 1
+            self._rank(r)
+        with contextlib.suppress(TypeError, ValueError):
+            self.started = dt.datetime.fromisoformat(str(prev.summary["started"])).timestamp()
+        earlier = prev.summary.get("resumed")
+        self.resumed = [*(earlier if isinstance(earlier, list) else []),
+                        {"round": round_, "time": _now(), "missing": missing}]
+        self._metrics = open(self.path / METRICS, "a", encoding="utf-8")
+        self._write_summary("running")
+        return True
 
     def save_model(self, name: str, weights: Mapping[str, np.ndarray], round_: int) -> None:
         write_safetensors(self.path / name, weights,
@@ -98,18 +155,37 @@ class RunRecorder:
 
     def _write_summary(self, status: str, final: Mapping[str, Any] | None = None) -> dict[str, Any]:
         m = self.manifest
-        summary = {
+        summary: dict[str, Any] = {
             "job": m.job, "run": self.run_id, "status": status, "started": _iso(self.started),
             "ended": None if status == "running" else _now(),
             "seconds": round(time.time() - self.started, 3), "rounds_planned": m.rounds,
             "rounds_done": self.rounds, "strategy": m.strategy.name, "task": m.task.ref,
             "trainers": sum(1 for n in m.nodes if n.role == "trainer"),
             "final": dict(final or {}), "best": self.best,
+            "host": socket.gethostname(), "pid": os.getpid(),
         }
+        if self.resumed:
+            summary["resumed"] = self.resumed
         tmp = self.path / (SUMMARY + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
         os.replace(tmp, self.path / SUMMARY)
         return summary
+
+
+def _alive(summary: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote ``summary`` still runs (on this host; another host's
+    or an older summary without a pid counts as gone)."""
+    pid = summary.get("pid")
+    if summary.get("host") != socket.gethostname() or not isinstance(pid, int) \
+            or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _iso(ts: float) -> str:

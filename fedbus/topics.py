@@ -23,6 +23,9 @@ Channels:
   ``nack/<owner>/<requester>``      chunk repair: "resend these chunks of your transfer", from a
                                     receiver to the node that owns (publishes) a model or update
                                     topic; the bus sends and serves these itself
+  ``probe/<client>``                a client's message to itself: once it is back, every retained
+                                    message of its earlier subscriptions has arrived
+                                    (``fedbus.failover``); no node subscribes to it
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "parse",
     "presence",
     "presence_all",
+    "probe",
     "queries_by",
     "queries_for",
     "query",
@@ -75,7 +79,7 @@ __all__ = [
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
                              "query", "reply", "task", "result", "nack", "work",
-                             "ring", "sketch"})
+                             "ring", "sketch", "probe"})
 #: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
 #: level, so a receiver knows whom to ask (and asks no one else).
 REPAIRED_CHANNELS: Final = frozenset({"model", "update", "work"})
@@ -201,6 +205,10 @@ def sim_result(job: str, coordinator: str, client: str) -> str:
 
 def sim_results(job: str, coordinator: str) -> str:
     return _t(job, "result", coordinator) + "/+"
+
+
+def probe(job: str, client: str) -> str:
+    return _t(job, "probe", client)
 
 
 def nack(job: str, owner: str, requester: str) -> str:

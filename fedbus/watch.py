@@ -6,7 +6,6 @@ job is running; without a round report for ``timeout`` seconds it stops and says
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -15,6 +14,7 @@ import structlog
 from fedbus import topics
 from fedbus.codec import decode
 from fedbus.connect import make_bus
+from fedbus.credentials import observer_id
 from fedbus.errors import CodecError, FedbusError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec
 from fedbus.progress import format_round
@@ -32,7 +32,7 @@ async def watch(m: Manifest, timeout_s: float, *, user: str | None = None) -> in
     if m.broker is None:
         raise ManifestError(m.source, "broker", "`fedbus watch` needs --broker HOST:PORT")
     # on a secured broker the watcher logs in as an operator (`fedbus acl --operator`)
-    watcher = NodeSpec(id=user or f"watch-{os.getpid()}", role="trainer")
+    watcher = NodeSpec(id=observer_id(m, user, "watch"), role="trainer")
     agg = m.aggregator.id
     metrics_topic = topics.metrics(m.job, agg)
     presence_topic = topics.presence(m.job, agg)

@@ -64,7 +64,8 @@ class Browser:
                                  {"targetId": page["targetId"], "flatten": True})["sessionId"]
 
     def call(self, method: str, params: dict[str, Any] | None = None,
-             session: str | None = None, timeout: float = 30) -> Any:
+             session: str | None = None, timeout: float = 120) -> Any:
+        # generous: a bound on a hang; Chromium starting on a busy machine is slow
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
         if session:
@@ -116,7 +117,7 @@ class Browser:
         try:
             if self.proc.poll() is None:
                 self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=60)
         finally:
             os.close(self._to_child)
             os.close(self._from_child)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,82 @@ from fedbus.broker import MosquittoProcess, find_mosquitto, free_port, spawn_mos
 from fedbus.deploy.local import SecureMosquitto, spawn_secure_mosquitto
 from fedbus.errors import BrokerError
 from fedbus.manifest import Manifest
+from fedbus.runs import ENV_VAR as RUNS_ENV_VAR
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tool caches and environments a test session may touch; anything else that appears in or
+# vanishes from the checkout during a session is a test writing outside its temp folders.
+_NOT_CHECKED = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
+                "fedbus.egg-info", "node_modules"}
+
+
+_runs_key = pytest.StashKey[tuple[str, str | None]]()
+_paths_key = pytest.StashKey[set[str]]()
+
+
+def _checkout_paths() -> set[str]:
+    found: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in _NOT_CHECKED]
+        rel = os.path.relpath(dirpath, ROOT)
+        found.update(os.path.normpath(os.path.join(rel, n)) for n in (*dirnames, *filenames))
+    return found
+
+
+def _outputs(paths: list[str]) -> list[str]:
+    """The paths git ignores: what programs write (runs/, checkpoints/, secrets), not the
+    source files a developer adds while the tests run. All of them without git."""
+    if not paths:
+        return []
+    try:
+        found = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT,
+                               input="\n".join(paths), capture_output=True, text=True,
+                               timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return paths
+    if found.returncode not in (0, 1):  # 1: none ignored; 128: not a git checkout
+        return paths
+    ignored = set(found.stdout.splitlines())
+    return [p for p in paths if p in ignored]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Run folders of every `fedbus run` a test starts (in this process or a child, which
+    # inherits the variable) go to a session temp root, never to the user's ./runs.
+    root = tempfile.mkdtemp(prefix="fedbus-test-runs-")
+    config.stash[_runs_key] = (root, os.environ.get(RUNS_ENV_VAR))
+    os.environ[RUNS_ENV_VAR] = root
+    config.stash[_paths_key] = _checkout_paths()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _runs_key not in config.stash:
+        return
+    root, before = config.stash[_runs_key]
+    shutil.rmtree(root, ignore_errors=True)
+    if before is None:
+        os.environ.pop(RUNS_ENV_VAR, None)
+    else:
+        os.environ[RUNS_ENV_VAR] = before
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when tests created or removed output files in the checkout (runs/,
+    checkpoints/, generated secrets: what git ignores)."""
+    before = session.config.stash.get(_paths_key, None)
+    if before is None:
+        return
+    after = _checkout_paths()
+    created, removed = _outputs(sorted(after - before)), _outputs(sorted(before - after))
+    if not created and not removed:
+        return
+    lines = [f"  + {p}" for p in created[:20]] + [f"  - {p}" for p in removed[:20]]
+    more = len(created) + len(removed) - len(lines)
+    print(f"\nthe test session wrote outside its temporary folders ({ROOT}):\n"
+          + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else ""))
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 
 def _need_mosquitto() -> None:

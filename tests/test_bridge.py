@@ -240,6 +240,7 @@ def test_fedbus_bridge_and_validate_on_the_bridged_example() -> None:
     # Execute
     site = fedbus("bridge", example, "--broker", "site", "--parent-address", "10.0.0.5:1883")
     rooted = fedbus("bridge", example, "--broker", "root")
+    unaddressed = fedbus("bridge", example, "--broker", "site")
     valid = fedbus("validate", example)
 
     # Assert
@@ -250,6 +251,8 @@ def test_fedbus_bridge_and_validate_on_the_bridged_example() -> None:
     assert "topic fedbus/v1/topo-bridged/model/region in 1" in lines
     assert sum(line.startswith("topic ") for line in lines) == 25  # incl. 2 work-order topics
     assert rooted.returncode == 2 and "root broker" in rooted.stderr
+    # the parent's address is `fedbus run`'s to choose here: the error names the flag
+    assert unaddressed.returncode == 2 and "--parent-address HOST:PORT" in unaddressed.stderr
     assert valid.returncode == 0, valid.stderr
     assert "site (embedded) bridged to root, 12 nodes" in valid.stdout
 

@@ -99,11 +99,13 @@ def manifest(tmp: Path, strategy: Any, rounds: int = 6, selector: Any = "all") -
     })
 
 
-async def run_job(m: Manifest, *, kill_after_s: float | None = None,
+async def run_job(m: Manifest, *, kill_after_rounds: int | None = None, kill_delay_s: float = 0.0,
                   seed: int = 0, while_down: Any = None) -> tuple[Any, int]:
-    """Every node on one memory broker. With ``kill_after_s``, the aggregator vanishes then
-    (its will fires, nothing said goodbye) and a new one with the same manifest takes over.
-    Returns the aggregator that finished and how many aggregators it took."""
+    """Every node on one memory broker. With ``kill_after_rounds``, the aggregator vanishes
+    ``kill_delay_s`` after reporting that many rounds (its will fires, nothing said goodbye)
+    and a new one with the same manifest takes over: the moment is set by the job's progress,
+    not the clock, so a busy machine moves it no earlier or later in the job. Returns the
+    aggregator that finished and how many aggregators it took."""
     broker = MemoryBroker()
     others: list[asyncio.Task[Any]] = []
 
@@ -112,16 +114,18 @@ async def run_job(m: Manifest, *, kill_after_s: float | None = None,
         await bus.__aenter__()
         return build_node(m, node, bus), bus
 
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(300):  # a bound on a hang; generous for a busy machine
         for node in ("ckpt", "t0", "t1", "t2"):
             svc, _ = await start(node)
             others.append(asyncio.create_task(svc.run(), name=node))
         agg, bus = await start("agg")
         task = asyncio.create_task(agg.run())
         starts = 1
-        if kill_after_s is not None:
-            done, _ = await asyncio.wait({task}, timeout=kill_after_s)
-            if not done:
+        if kill_after_rounds is not None:
+            for _ in range(kill_after_rounds):
+                await agg.reports.get()  # nothing else reads them here
+            await asyncio.sleep(kill_delay_s)  # a moment inside the next round, not a wait
+            if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 await bus.kill()
@@ -146,9 +150,11 @@ async def test_an_aggregator_killed_at_random_moments_resumes_to_the_same_model(
     rng = random.Random(7)
     kills = resumed = 0
     for trial in range(4):
-        # Execute: kill the aggregator at a random moment of the job, start a new one
+        # Execute: kill the aggregator at a random moment of the job (after a random number of
+        # rounds, some way into the next), start a new one
         m = manifest(tmp_path / f"trial{trial}", strategy)
-        agg, starts = await run_job(m, kill_after_s=rng.uniform(0.02, 0.35), seed=trial)
+        agg, starts = await run_job(m, kill_after_rounds=rng.randint(1, 4),
+                                    kill_delay_s=rng.uniform(0.0, 0.06), seed=trial)
         kills += starts - 1
         resumed += agg.start_round > 1  # it continued from a checkpoint, not from round 1
         # Assert: the same final model, bit for bit; every round was made durable
@@ -168,7 +174,8 @@ async def test_an_async_fedbuff_aggregator_resumes_to_the_same_model(tmp_path: P
     for trial in range(4):
         # Execute
         m = manifest(tmp_path / f"trial{trial}", strategy, 6, selector)
-        agg, starts = await run_job(m, kill_after_s=rng.uniform(0.05, 0.5))
+        agg, starts = await run_job(m, kill_after_rounds=rng.randint(2, 4),
+                                    kill_delay_s=rng.uniform(0.0, 0.06))
         resumed += starts > 1 and agg.history[0].round > 1
         # Assert: the same model; each version made durable
         np.testing.assert_array_equal(agg.weights["w"], clean.weights["w"])
@@ -194,7 +201,7 @@ async def test_redis_flushed_while_the_aggregator_is_down_recovers_from_disk(
 
     # Execute: kill the aggregator mid-job, flush Redis while it is down, restart it
     with capture_logs() as logs:
-        agg, starts = await run_job(m, kill_after_s=0.25, while_down=flush)
+        agg, starts = await run_job(m, kill_after_rounds=2, kill_delay_s=0.02, while_down=flush)
     # Assert: it resumed from the disk copy and ended with the uninterrupted run's model
     assert starts == 2 and flushed
     assert agg.start_round > 1

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FEDBUS = [sys.executable, "-m", "fedbus.cli"]
 
 
-def fedbus(*args: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def fedbus(*args: str, cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     # the example tasks import from the repository root, wherever the command runs
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*FEDBUS, *args], cwd=cwd, capture_output=True, text=True,
@@ -43,7 +43,7 @@ def toy(tmp_path: Path, **over: Any) -> Path:
 @pytest.mark.parametrize("rounds", ["0", "-1", "two"])
 def test_bad_rounds_is_an_argument_error(rounds: str) -> None:
     # Execute
-    r = fedbus("run", "examples/toy/manifest.yaml", "--rounds", rounds, timeout=20)
+    r = fedbus("run", "examples/toy/manifest.yaml", "--rounds", rounds, timeout=120)
     # Assert: argparse's usage error (exit 2), not a hang and not "invalid manifest"
     assert r.returncode == 2
     assert "argument --rounds" in r.stderr and ">= 1" in r.stderr
@@ -168,8 +168,79 @@ async def test_watch_after_the_job_ended_says_so(
     done = fedbus("run", str(path), "--broker", broker, "--no-record")
     assert done.returncode == 0, done.stderr[-2000:]
     # Execute
-    r = fedbus("watch", str(path), "--broker", broker, "--timeout", "2", timeout=30)
+    r = fedbus("watch", str(path), "--broker", broker, "--timeout", "2", timeout=120)
     # Assert: a clear message and a non-zero exit instead of a silent hang
     assert r.returncode == 1
     assert "aggregator aggregator is offline" in r.stderr
     assert "no round report from job 'toy'" in r.stderr and "--timeout" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["watch", "dashboard"])
+def test_observer_on_a_secured_broker_without_user_names_the_flag(command: str) -> None:
+    # Execute: the README's secured example, without --user (nothing listens on port 9)
+    r = fedbus(command, "examples/toy/secure-manifest.yaml", "--broker", "127.0.0.1:9",
+               timeout=120)
+    # Assert: one line naming --user, before any connection or password file is tried
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "--user OPERATOR" in r.stderr and "broker.password_file" in r.stderr
+    assert "cannot read the password" not in r.stderr
+
+
+def test_run_dashboard_on_a_secured_broker_points_to_fedbus_dashboard() -> None:
+    r = fedbus("run", "examples/toy/secure-manifest.yaml", "--dashboard", "0", "--no-record",
+               timeout=120)
+    assert r.returncode == 1
+    assert "fedbus dashboard examples/toy/secure-manifest.yaml --user OPERATOR" in r.stderr
+
+
+@pytest.mark.broker
+async def test_a_second_run_of_a_running_job_is_refused(
+    mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    import asyncio
+    import signal
+
+    # Prepare: the job running on a shared broker, slow enough to still be running
+    path = toy(tmp_path, rounds=200, task={"params": {"size": 100, "delay_s": 0.2}})
+    broker = f"{mosquitto.host}:{mosquitto.port}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = await asyncio.create_subprocess_exec(
+        *FEDBUS, "run", str(path), "--broker", broker, "--no-record", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert first.stdout is not None
+        async with asyncio.timeout(180):  # generous: only cuts a hang short
+            while not (await first.stdout.readline()).startswith(b"round "):
+                pass
+        # Execute: the same job again on the same broker
+        second = await asyncio.to_thread(fedbus, "run", str(path), "--broker", broker,
+                                         "--no-record", timeout=180)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(first.communicate(), 60)
+    # Assert: refused in one line naming the running instance; the first one unharmed
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert second.stderr.count("\n") == 1, second.stderr
+    assert f"job 'toy' is already running on {broker}" in second.stderr
+    assert "aggregator 'aggregator' is online" in second.stderr
+    assert first.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.broker
+def test_run_dashboard_on_a_busy_port_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    import socket
+
+    # Prepare: the port is taken
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Execute
+        r = fedbus("run", str(toy(tmp_path)), "--dashboard", str(port), "--runs-dir",
+                   str(tmp_path / "runs"))
+    # Assert: one line naming the port; no traceback, no run folder, no broker started
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks.bench_fuzz import Result, fuzz, survived
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+# Each module fixture runs two whole federations: on a busy machine that takes minutes.
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 MESSAGES = 10_000
 

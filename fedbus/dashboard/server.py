@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 from importlib import resources
 from typing import Any, Final
@@ -21,11 +22,12 @@ import structlog
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker
 from fedbus.connect import make_bus
+from fedbus.credentials import observer_id
 from fedbus.dashboard.state import JobState
 from fedbus.errors import FedbusError
 from fedbus.manifest import Manifest, NodeSpec
 
-__all__ = ["serve_dashboard"]
+__all__ = ["dashboard_socket", "serve_dashboard"]
 
 log = structlog.get_logger("fedbus.dashboard")
 
@@ -147,20 +149,37 @@ async def _handle(hub: _Hub, reader: asyncio.StreamReader, writer: asyncio.Strea
             await writer.wait_closed()
 
 
+def dashboard_socket(port: int) -> socket.socket:
+    """The dashboard's listening socket on 127.0.0.1:``port`` (0: a free port), bound before
+    anything else starts, so a busy port is one clear error and nothing to unwind."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, port))
+        sock.listen(100)
+    except OSError as exc:
+        sock.close()
+        raise FedbusError(f"dashboard: cannot listen on {HOST}:{port}: {exc.strerror or exc}; "
+                          "pick another port (0: any free one)") from None
+    sock.setblocking(False)
+    return sock
+
+
 async def serve_dashboard(m: Manifest, port: int, *, memory: MemoryBroker | None = None,
-                          until_done: bool = False) -> int:
+                          until_done: bool = False, user: str | None = None,
+                          sock: socket.socket | None = None) -> int:
     """Serve the dashboard for ``m`` on 127.0.0.1:``port`` (0: a free port).
 
     ``until_done=False`` (``fedbus dashboard``): until SIGINT/SIGTERM. ``True`` (``fedbus run
-    --dashboard``): until cancelled by the run when its nodes are done.
+    --dashboard``): until cancelled by the run when its nodes are done. ``user``: the operator
+    it logs in as on a secured broker (``fedbus acl --operator``). ``sock``: a socket from
+    ``dashboard_socket`` to serve on instead of binding ``port`` here.
     """
-    hub = _Hub(JobState(m, f"dashboard-{os.getpid()}"))
-    try:
-        server = await asyncio.start_server(lambda r, w: _handle(hub, r, w), HOST, port,
-                                            limit=_MAX_REQUEST)
-    except OSError as exc:
-        raise FedbusError(f"dashboard: cannot listen on {HOST}:{port}: {exc.strerror or exc}; "
-                          "pick another port (0: any free one)") from None
+    observer = f"dashboard-{os.getpid()}" if memory is not None else \
+        observer_id(m, user, "dashboard")
+    hub = _Hub(JobState(m, observer))
+    server = await asyncio.start_server(lambda r, w: _handle(hub, r, w),
+                                        sock=sock or dashboard_socket(port), limit=_MAX_REQUEST)
     bound = server.sockets[0].getsockname()[1]
     print(f"fedbus: dashboard on http://{HOST}:{bound}/", file=sys.stderr, flush=True)
     log.info("dashboard_started", url=f"http://{HOST}:{bound}/")

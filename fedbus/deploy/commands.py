@@ -177,7 +177,8 @@ def _cmd_units(args: argparse.Namespace, sink: Any) -> int:
 def _add_bridge(add: Adder) -> None:
     bridge = add("bridge", "print the mosquitto bridge from one broker of `brokers:` to its parent",
                  """\
-  fedbus bridge examples/topologies/three-level-bridged.yaml --broker site >> site.conf
+  fedbus bridge examples/topologies/three-level-bridged.yaml --broker site \\
+    --parent-address 10.0.0.5:1883 >> site.conf
 """, _cmd_bridge)
     bridge.add_argument("manifest")
     bridge.add_argument("--broker", required=True, metavar="NAME",

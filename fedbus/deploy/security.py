@@ -260,7 +260,8 @@ def write_broker_security(
     where the broker will see ``out_dir`` (a container mount); default ``out_dir`` itself.
     ``world_readable`` makes the hashed files 0644 for a broker that drops root to its own
     user (tests); by default they are 0640 and ``group`` (``mosquitto`` on Debian; needs
-    root) is made their group, so the broker can read them and nobody else can.
+    root) is made their group, so the broker can read them and nobody else can; with ``tls``,
+    the server key ``fedbus certs`` wrote (0600) is given to the group too (0640).
     """
     out = Path(out_dir)
     rights = node_rights(m, operators, aliases)
@@ -297,10 +298,16 @@ def write_broker_security(
     if group is not None:
         import grp
 
+        # The broker drops root to its own user: it reads these, and the TLS server key
+        # `fedbus certs` wrote 0600, through the group (the key becomes 0640, owner kept).
+        readable = [files.passwd, files.acl, files.dynsec]
+        if tls is not None and Path(tls.key).is_file():
+            readable.append(Path(tls.key))
         try:
             gid = grp.getgrnam(group).gr_gid
-            for f in (files.passwd, files.acl, files.dynsec):
+            for f in readable:
                 os.chown(f, -1, gid)
+                f.chmod(f.stat().st_mode & 0o7777 | 0o040)
         except (KeyError, PermissionError) as exc:
             raise DeployError(f"cannot give the broker files to group {group!r}: {exc}; run "
                               "as root, or chgrp them yourself") from None
