@@ -22,8 +22,7 @@ from fedbus.codec import Envelope, encode
 from fedbus.connect import make_bus
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.signing import SignatureError, Signer, Verifier, generate_key, read_key, \
-    write_key_pair
+from fedbus.signing import SignatureError, Signer, Verifier, generate_key, read_key, write_key_pair
 from fedbus.wire import ROUND, UPDATE, presence
 
 pytest.importorskip("cryptography")
@@ -62,7 +61,7 @@ def test_keys_are_written_private(tmp_path: Path) -> None:
 
 
 def test_a_simulation_cannot_ask_for_signatures() -> None:
-    with pytest.raises(ManifestError, match="security.sign"):
+    with pytest.raises(ManifestError, match=r"security\.sign"):
         parse_manifest({"version": 1, "job": "s", "rounds": 1,
                         "task": {"ref": "examples.toy.task:make_task"},
                         "population": {"clients": 10, "per_round": 2},
@@ -125,8 +124,9 @@ async def run(m: Manifest, forge: bool = False, mallory: bytes | None = None
     if forge:
         attacker = asyncio.create_task(attack(m, mallory, started))
     fed = asyncio.create_task(federate(m, bus_for, timeout=90))
-    while not buses or not all(getattr(b, "inner", b).connected for b in buses.values()):
-        await asyncio.sleep(0.05)  # noqa: ASYNC110 - connection state has no event here
+    while not buses or not all(  # noqa: ASYNC110 - connection state has no event to await
+            getattr(b, "inner", b).connected for b in buses.values()):
+        await asyncio.sleep(0.05)
     started.set()
     agg = await fed
     if attacker is not None:
