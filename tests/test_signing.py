@@ -90,8 +90,9 @@ async def attack(m: Manifest, mallory_key: bytes | None, started: asyncio.Event)
     bus: Any = MqttBus("mallory", m.broker.host, m.broker.port,  # type: ignore[union-attr]
                        options=MqttOptions())
     sent = 0
-    async with bus:
+    async with bus, bus.subscribe(topics.model(m.job, "agg")) as sub:
         await started.wait()
+        await sub.get(timeout=30)  # the first real order: every node is listening by now
         order = Envelope(kind=ROUND, job=m.job, sender="agg", round=1,
                          meta={"selected": ["t0", "t1", "t2"], "config": {}, "epoch": "x"},
                          tensors={"m/w": np.full(64, 1e3, np.float32)})
