@@ -421,7 +421,8 @@ def _cmd_validate(args: argparse.Namespace, sink: LogSink) -> int:
     m = _manifest(args)
     check_manifest(m)
     print(describe(m))
-    print("checked   task imports, its parameters fit the factory; named files exist")
+    print("imported  the task's module (its code ran: validate only manifests you trust); its "
+          "parameters fit the factory; named files exist")
     return 0
 
 

@@ -143,7 +143,7 @@ def test_validate_accepts_the_examples() -> None:
     for path in ("examples/toy/manifest.yaml", "examples/digits/manifest.yaml"):
         r = fedbus("validate", path)
         assert r.returncode == 0, r.stderr
-        assert "checked   task imports" in r.stdout
+        assert "imported  the task" in r.stdout
 
 
 def test_validate_says_how_updates_and_the_model_are_compressed(tmp_path: Path) -> None:

@@ -233,17 +233,19 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("no version", _delete("version"), "version", "missing"),
     ("no job", _delete("job"), "job", "missing"),
     ("bad job id", _set("job", "a/b"), "job", "letters, digits"),
-    ("rounds 0", _set("rounds", 0), "rounds", ">= 1"),
+    ("rounds 0", _set("rounds", 0), "rounds", "in [1, 10000000]"),
+    ("rounds absurd", _set("rounds", 10**30), "rounds", "in [1, 10000000]"),
+    ("deadline absurd", _set("round.deadline_s", 1e12), "round.deadline_s", "a week"),
     ("rounds text", _set("rounds", "ten"), "rounds", "expected an integer"),
     ("rounds bool", _set("rounds", True), "rounds", "expected an integer"),
     ("seed negative", _set("seed", -1), "seed", "got -1"),
     ("quorum 0", _set("round.quorum", 0), "round.quorum", "(0, 1]"),
     ("quorum 1.5", _set("round.quorum", 1.5), "round.quorum", "(0, 1]"),
-    ("deadline negative", _set("round.deadline_s", -1), "round.deadline_s", "> 0"),
+    ("deadline negative", _set("round.deadline_s", -1), "round.deadline_s", "in (0, 604,800]"),
     ("min_clients > trainers", _set("round.min_clients", 3), "round.min_clients", "2 trainer"),
     ("round not a mapping", _set("round", [1]), "round", "expected a mapping"),
     ("evaluate where", _set("evaluate.where", "client"), "evaluate.where", "server, none"),
-    ("evaluate every 0", _set("evaluate.every", 0), "evaluate.every", ">= 1"),
+    ("evaluate every 0", _set("evaluate.every", 0), "evaluate.every", "in [1, 10000000]"),
     ("codec level", _set("codec.level", 30), "codec.level", "[0, 22]"),
     ("codec shuffle text", _set("codec.shuffle", "yes"), "codec.shuffle", "true or false"),
     ("broker port", _set("broker.port", 70000), "broker.port", "[1, 65535]"),
@@ -474,3 +476,19 @@ def test_wiring_does_not_cross_aggregators() -> None:
     update = w["trainer-0"].publish[0]
     assert topics.parse(update).levels == ("aggregator", "trainer-0")
     assert not any(topics.matches(f, update) for f in w["trainer-1"].subscribe)
+
+
+def test_a_yaml_alias_bomb_or_a_huge_file_is_refused_at_once(tmp_path: Path) -> None:
+    # Prepare: 300 bytes of nested aliases expand to 9^8 values when walked
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefg", "bcdefgh", strict=True):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\n")
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (2 << 20) + "\n")
+    # Execute / Assert
+    with pytest.raises(ManifestError, match="aliases are expanded"):
+        load_manifest(bomb)
+    with pytest.raises(ManifestError, match="a manifest is at most"):
+        load_manifest(huge)

@@ -37,7 +37,7 @@ def test_new_project_runs(tmp_path: Path) -> None:
     project = tmp_path / "mytask"
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert {p.name for p in project.iterdir()} >= {"task.py", "manifest.yaml", "README.md"}
-    assert "checked   task imports" in ran.stdout  # fedbus validate
+    assert "imported  the task" in ran.stdout  # fedbus validate
     last = ran.stdout.strip().splitlines()[-1]
     assert last.startswith("final accuracy=")
     assert float(last.split("=")[1]) > 0.7  # four clusters, chance is 0.25

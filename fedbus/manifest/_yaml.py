@@ -13,15 +13,37 @@ import yaml
 
 from fedbus.errors import ManifestError
 
-__all__ = ["VAR_NAME", "Expanded", "expand", "load_yaml"]
+__all__ = ["MAX_ALIASES", "MAX_BYTES", "VAR_NAME", "Expanded", "expand", "load_yaml"]
 
 
 class Expanded(str):
     """A string that came out of ``${...}`` expansion; typed fields may convert it."""
 
 
+#: A manifest is a few kilobytes; a megabyte is already absurd.
+MAX_BYTES: Final = 1 << 20
+#: Aliases (``*name``) in one manifest: a handful is normal; nested aliases can make a
+#: 300-byte document expand to gigabytes when walked (a "billion laughs").
+MAX_ALIASES: Final = 64
+#: Values in the document with every alias expanded: a 10,000-node list is ~90,000.
+MAX_VALUES: Final = 200_000
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one, and
+    more than ``MAX_ALIASES`` aliases before anything is expanded."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):  # type: ignore[no-untyped-call]
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {MAX_ALIASES} aliases (*name): a manifest does "
+                    "not need them, and nested ones expand without bound",
+                    self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -48,8 +70,11 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def load_yaml(text: str, source: str) -> Any:
     """Parse YAML text; syntax errors and duplicate keys name the line and column."""
+    if len(text) > MAX_BYTES:
+        raise ManifestError(source, "(yaml)", f"{len(text):,} characters: a manifest is at "
+                            f"most {MAX_BYTES:,} (it describes a job, it holds no data)")
     try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -57,6 +82,25 @@ def load_yaml(text: str, source: str) -> Any:
         raise ManifestError(source, "(yaml)", f"invalid YAML at {where}{what}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(source, "(yaml)", f"invalid YAML: {exc}") from None
+    return _bounded(data, source)
+
+
+def _bounded(data: Any, source: str) -> Any:
+    """``data`` if walking it with every alias expanded visits at most ``MAX_VALUES``
+    values (aliases share objects, so the document is small in memory until walked)."""
+    stack, seen = [data], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ManifestError(source, "(yaml)", f"more than {MAX_VALUES:,} values once its "
+                                "aliases are expanded: a manifest does not need that")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return data
 
 
 _VAR: Final = re.compile(r"\$\$|\$\{([^}]*)\}|\$\{")

@@ -19,7 +19,7 @@ from fedbus.manifest.parse.groups import parse_groups
 from fedbus.manifest.parse.nodes import parse_nodes, relay_strategies
 from fedbus.manifest.parse.population import parse_population, population_round
 from fedbus.manifest.parse.reader import Reader
-from fedbus.manifest.parse.round import parse_evaluate, parse_round
+from fedbus.manifest.parse.round import MAX_ROUNDS, parse_evaluate, parse_round
 from fedbus.manifest.parse.security import parse_security
 from fedbus.manifest.parse.store import parse_store
 from fedbus.manifest.parse.strategy import parse_plugin
@@ -65,7 +65,7 @@ def _build(read: Reader, data: Any) -> Manifest:
         read.fail("version", f"unsupported manifest version {version!r}; this fedbus reads "
                              f"version: {VERSION}")
     job = read.ident(t["job"], "job")
-    rounds = read.integer(t["rounds"], "rounds", lo=1)
+    rounds = read.integer(t["rounds"], "rounds", lo=1, hi=MAX_ROUNDS)
     seed = read.integer(t.get("seed", 0), "seed", lo=0, hi=2**63 - 1)
     population = None
     if t.get("population") is not None:
