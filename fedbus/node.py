@@ -189,7 +189,8 @@ def _store(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
 def _checkpointer(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
     aggregators = frozenset(n.id for n in m.nodes if n.role == "aggregator")
     return Checkpointer(CheckpointerConfig(job=m.job, node_id=node.id,
-                                           aggregators=aggregators, limits=codec_limits(m)),
+                                           aggregators=aggregators, limits=codec_limits(m),
+                                           rounds=m.rounds),
                         bus, _checkpoint_store(m))
 
 

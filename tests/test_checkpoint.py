@@ -249,3 +249,47 @@ def _raw(m: Manifest) -> dict[str, Any]:
             "nodes": [{"id": "agg", "role": "aggregator"},
                       {"id": "ckpt", "role": "checkpointer"}],
             "trainers": {"count": 3, "prefix": "t", "parent": "agg"}}
+
+
+async def test_a_forged_far_ahead_checkpoint_and_forged_acks_are_refused(tmp_path: Path) -> None:
+    # Prepare: a job with a checkpointer, and mallory on the same (open) bus
+    from fedbus import topics
+    from fedbus.bus.memory import MemoryBus
+    from fedbus.codec import Envelope
+    from fedbus.services.checkpointer import CHECKPOINT_ACK
+
+    m = manifest(tmp_path, "fedavg", rounds=3)
+    broker = MemoryBroker()
+    buses = {n: make_bus(m, m.node(n), memory=broker) for n in ("agg", "ckpt", "t0", "t1", "t2")}
+    for b in buses.values():
+        await b.__aenter__()
+    services = {n: build_node(m, n, b) for n, b in buses.items()}
+
+    async def mallory() -> None:
+        async with MemoryBus(broker, "mallory") as bus, \
+                bus.subscribe(topics.state(m.job, "agg")) as sub:
+            real = decode((await sub.get(timeout=30)).payload)  # the first real checkpoint
+            # a checkpoint far beyond the job, as the aggregator: kept, it would be the
+            # newest and end every later restart at once
+            ahead = AggregatorState(m.job, "agg", 999_999_998, state_from(real).weights)
+            await bus.publish(topics.state(m.job, "agg"), encode(state_envelope(ahead)))
+            # acks for rounds the checkpointer never stored, as the checkpointer
+            for r in (2, 3):
+                ack = Envelope(kind=CHECKPOINT_ACK, job=m.job, sender="ckpt", round=r,
+                               meta={"node": "agg", "of": "not-the-checkpoint"})
+                await bus.publish(topics.state(m.job, "ckpt"), encode(ack))
+
+    # Execute
+    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
+        others = [tg.create_task(services[n].run()) for n in ("ckpt", "t0", "t1", "t2")]
+        attacker = tg.create_task(mallory())
+        agg = services["agg"]
+        await agg.run()
+        await attacker
+        for t in others:
+            t.cancel()
+    # Assert: refused and counted; every round durable by the real acks; nothing far ahead
+    assert services["ckpt"].rejections.counts["implausible_round"] == 1
+    assert agg.rejections.counts["checkpointer_unexpected_ack"] == 2
+    assert all(r.durable for r in agg.history)
+    assert max(r for _, r in services["ckpt"].stored) == 3

@@ -40,6 +40,8 @@ class Durability:
     limits: Limits
     rejections: Rejections
     acked: dict[int, float] = field(default_factory=dict)
+    #: The message id of the checkpoint sent for each recent round.
+    sent: dict[int, str] = field(default_factory=dict)
     restore_request: str | None = None
     restored: Envelope | None = None
     restore_answered: bool = False
@@ -53,7 +55,12 @@ class Durability:
         return number % self.settings.every == 0 or number == last
 
     def checkpoint_frame_envelope(self, state: AggregatorState) -> Envelope:
-        return state_envelope(state)
+        env = state_envelope(state)
+        # an ack counts only for the checkpoint sent (its message id), nothing else
+        self.sent[state.round] = env.msg_id
+        while len(self.sent) > 16:
+            del self.sent[min(self.sent)]
+        return env
 
     def request(self) -> Envelope:
         """A restore request; the checkpointer's answer names its message id."""
@@ -76,6 +83,12 @@ class Durability:
         if meta.get("node") != self.node_id:
             return  # about another aggregator
         if env.kind == CHECKPOINT_ACK:
+            if meta.get("of") != self.sent.get(env.round):
+                # an ack for a checkpoint this aggregator never sent (a replay, a forgery):
+                # the round would be reported durable with nothing stored
+                self.rejections.reject("checkpointer_unexpected_ack",
+                                       f"ack for round {env.round} of {meta.get('of')!r}")
+                return
             self.acked[env.round] = time.monotonic()
         elif env.kind == RESTORE and meta.get("request") == self.restore_request \
                 and self.restore_request is not None:

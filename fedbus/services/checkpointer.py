@@ -47,6 +47,9 @@ class CheckpointerConfig:
     #: The aggregators whose state this checkpointer keeps (the manifest's).
     aggregators: frozenset[str]
     limits: Limits = Limits()
+    #: The job's rounds (asynchronous: model versions): a checkpoint beyond them is a forgery
+    #: that would be kept as the newest and end every later restart at once.
+    rounds: int | None = None
 
 
 class Checkpointer:
@@ -64,8 +67,10 @@ class Checkpointer:
         # restore requests from them on our control topic.
         aggregators = config.aggregators
         self.door = Door(config.job, config.node_id, rejections=self.rejections)
+        # (no dedupe: an aggregator whose ack was lost sends the same checkpoint again, and
+        # storing it twice is harmless; the ack it needs names that message)
         self.door.expect(Entry(topics.state_all(config.job), frozenset({CHECKPOINT}),
-                               senders=aggregators, limits=config.limits))
+                               senders=aggregators, limits=config.limits, dedupe=False))
         self.door.expect(Entry(topics.control(config.job, config.node_id),
                                frozenset({RESTORE_REQUEST}), senders=aggregators,
                                topic_sender=False, limits=config.limits))
@@ -106,6 +111,10 @@ class Checkpointer:
 
     async def _store(self, env: Envelope, frame: bytes) -> None:
         c = self.config
+        if c.rounds is not None and not 0 <= env.round <= c.rounds:
+            self.rejections.reject("implausible_round", f"checkpoint of round {env.round}, "
+                                   f"the job has {c.rounds}", sender=env.sender)
+            return
         try:
             state_from(env)  # restorable, or it is not worth keeping
         except CodecError as exc:
