@@ -333,7 +333,8 @@ def bad_payloads(env: Envelope) -> list[bytes]:
     w = env.tensors["m/w"]
 
     def update(sender: str = "t0", **kw: Any) -> Envelope:
-        args: dict[str, Any] = {"meta": {"num_examples": 10},
+        # an attacker who reads the orders echoes the real one's id (meta.work)
+        args: dict[str, Any] = {"meta": {"num_examples": 10, "work": env.msg_id},
                                 "tensors": join_tensors({"w": np.zeros_like(w)})}
         args.update(kw)
         return Envelope(kind=UPDATE, job="toy", sender=sender, round=env.round, **args)
@@ -354,7 +355,7 @@ def bad_payloads(env: Envelope) -> list[bytes]:
         # as many bytes as the model, in the wrong shape or dtype
         encode(update(tensors=join_tensors({"w": np.zeros((1, SIZE), np.float32)}))),
         encode(update(tensors=join_tensors({"w": np.zeros(SIZE, np.int32)}))),
-        encode(update(meta={"num_examples": -5})),
+        encode(update(meta={"num_examples": -5, "work": env.msg_id})),
         encode(update(sender="mallory")),
     ]
 
@@ -564,3 +565,30 @@ async def test_a_trainer_reported_offline_mid_work_is_counted_when_its_update_co
     assert any("t0" in r.lost for r in agg.history)
     assert agg.contributions["t0"] >= 1
     assert any(e["event"] == "late_update_accepted" and e["node"] == "t0" for e in logs)
+
+
+async def test_a_forged_work_order_is_trained_but_its_update_never_folded() -> None:
+    # Prepare: once t0 has real work, mallory sends it one more order "from the aggregator"
+    # on its own work topic, with a model far from the optimum (issue #20: before, t0 trained
+    # it and its update was folded: final loss 4.98 instead of ~1e-5)
+    m = manifest(rounds=8)
+
+    async def mallory(broker: MemoryBroker, m: Manifest) -> None:
+        async with MemoryBus(broker, "mallory") as bus, \
+                bus.subscribe(topics.work(m.job, "t0", "agg")) as sub:
+            real = decode((await sub.get()).payload)
+            forged = Envelope(kind=ROUND, job=m.job, sender="agg", round=real.round,
+                              meta={**real.meta, "config": dict(real.meta["config"])},
+                              tensors={"m/w": np.full(SIZE, 50.0, np.float32)})
+            await bus.publish(topics.work(m.job, "t0", "agg"), encode(forged))
+
+    # Execute
+    clean = await federate(m)
+    agg = await federate(m, mallory)
+    # Assert: its update echoed an order the aggregator never sent; the model is unharmed
+    # (asynchronous runs are not repeatable: within the spread of arrival orders, far from
+    # the forged model's loss of ~2,500)
+    assert agg.rejections.counts["unknown_work"] >= 1
+    loss, clean_loss = agg.history[-1].eval, clean.history[-1].eval
+    assert loss is not None and clean_loss is not None
+    assert loss.loss < 2 * clean_loss.loss + 0.1, (loss, clean_loss)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -81,6 +81,10 @@ class AsyncReport(RoundReport):
         return meta
 
 
+#: Orders remembered per trainer (its current work and a few given up on, still welcome).
+_WORK_IDS = 8
+
+
 @dataclass(frozen=True, slots=True)
 class _Assignment:
     version: int
@@ -137,6 +141,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         #: Accepted updates per trainer over the whole job.
         self.contributions: Counter[str] = Counter()
         self._assigned: dict[str, _Assignment] = {}
+        #: The message ids of the last orders sent to each trainer: an update must echo one
+        #: (``meta.work``), so an order this aggregator never issued (a forgery on an open
+        #: broker) cannot have its update folded.
+        self._work_ids: dict[str, deque[str]] = {}
         #: The last pieces of work each trainer was given up on (deadline or lost), by model
         #: version: its update is still accepted if it comes within the staleness bound.
         self._given_up: dict[str, OrderedDict[int, None]] = {}
@@ -374,6 +382,10 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         return True
 
     def admit(self, env: Envelope, sender: str) -> int:
+        if sender not in self.config.relays \
+                and env.meta.get("work") not in self._work_ids.get(sender, ()):
+            raise UpdateRejected("unknown_work", f"update for work {env.meta.get('work')!r}, "
+                                                 "not an order this aggregator sent")
         if self._work_for(sender, env.round) is None:
             work = self._assigned.get(sender)
             if work is None:
@@ -451,4 +463,5 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 tensors=tensors,
             )
             payload = await self._offload(functools.partial(encode, env, c.compression))
+            self._work_ids.setdefault(node, deque(maxlen=_WORK_IDS)).append(env.msg_id)
             await self.bus.publish(topics.work(c.job, node, c.node_id), payload)

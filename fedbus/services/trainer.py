@@ -487,6 +487,8 @@ class Trainer:
                     "num_examples": int(result.num_examples),
                     "metrics": prepared.metrics,
                     "duration_s": round(duration, 4),
+                    # the order this answers: an aggregator folds only work it issued
+                    "work": env.msg_id,
                     **prepared.meta,
                 },
                 tensors=join_tensors(prepared.tensors, result.aux),

@@ -186,7 +186,7 @@ class VirtualWorker:
         env = Envelope(
             kind=UPDATE, job=c.job, sender=client, round=round,
             meta={"num_examples": int(result.num_examples), "metrics": prepared.metrics,
-                  "worker": c.node_id, **prepared.meta},
+                  "worker": c.node_id, "work": order.msg_id, **prepared.meta},
             tensors=join_tensors(prepared.tensors, result.aux),
         )
         return encode(env, c.compression)
