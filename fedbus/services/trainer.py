@@ -87,6 +87,8 @@ class TrainerConfig:
 
 #: Aggregator runs (epochs) whose last round is remembered.
 _EPOCHS = 8
+#: Large updates held for their upload grant at once (the current one and one before it).
+_MAX_PENDING = 2
 #: How often one delivered update is sent again when asked (repairs, not an amplifier).
 _MAX_RESENDS = 3
 
@@ -197,7 +199,10 @@ class Trainer:
         #: (epoch, round) being trained now
         self._current: tuple[str, int] | None = None
         #: A large update waiting for the aggregator's upload grant: (round, epoch, payload).
-        self._pending: tuple[int, str, bytes] | None = None
+        #: Large updates waiting for the aggregator's upload grant, by (round, epoch): kept
+        #: when a new order comes (a forged one must not make the trainer drop a real upload),
+        #: at most ``_MAX_PENDING``, oldest dropped first.
+        self._pending: dict[tuple[int, str], bytes] = {}
         self._limits = model_limits(self.source.get_weights(), 1 + config.client_aux_models,
                                     config.limits)
         self._log = log.bind(node=config.node_id, role="trainer", job=config.job)
@@ -408,9 +413,10 @@ class Trainer:
 
     async def _train_and_send(self, order: Order) -> None:
         env, epoch = order.env, order.epoch
-        if self._pending is not None:
-            self._log.warning("upload_abandoned", round=self._pending[0], new_round=env.round)
-            self._pending = None
+        while len(self._pending) >= _MAX_PENDING:
+            old, _ = oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            self._log.warning("upload_abandoned", round=old, new_round=env.round)
         if env.meta.get("mode") != "async":
             self._last_sent = None  # the parent has moved on: no need to hold the old update
         try:
@@ -452,7 +458,7 @@ class Trainer:
         topic = topics.update(c.job, c.parent, c.node_id)
         if isinstance(gate, int) and not isinstance(gate, bool) and len(payload) > gate:
             # Large: announce it and upload when the aggregator grants a slot (UploadGate).
-            self._pending = (number, epoch, payload)
+            self._pending[(number, epoch)] = payload
             ready = Envelope(kind=READY, job=c.job, sender=c.node_id, round=number,
                              meta={"bytes": len(payload)})
             await self.bus.publish(topic, encode(ready))
@@ -461,11 +467,10 @@ class Trainer:
         return False
 
     async def _on_grant(self, env: Envelope, epoch: str) -> None:
-        if self._pending is None or self._pending[:2] != (env.round, epoch):
+        payload = self._pending.pop((env.round, epoch), None)
+        if payload is None:
             self.rejections.reject("unexpected_grant", f"grant for round {env.round}")
             return
-        payload = self._pending[2]
-        self._pending = None
         await self.bus.publish(topics.update(self.config.job, self.config.parent,
                                              self.config.node_id), payload)
         self._log.info("update_sent", round=env.round, bytes=len(payload), granted=True)
