@@ -79,6 +79,10 @@ DOC_COMMANDS: dict[str, str] = {
         "tests/test_readme_security.py::test_readme_mutual_tls_commands_run_a_federation",
     "fedbus run examples/toy/mtls-manifest.yaml":
         "tests/test_readme_security.py::test_readme_mutual_tls_commands_run_a_federation",
+    "fedbus keys examples/toy/signed-manifest.yaml":
+        "tests/test_signing.py::test_the_documented_signing_commands_run_as_written",
+    "fedbus run examples/toy/signed-manifest.yaml":
+        "tests/test_signing.py::test_the_documented_signing_commands_run_as_written",
     ".venv/bin/fedbus run examples/topologies/star.yaml":
         "tests/test_topologies.py::test_the_star_reference_learns",
     ".venv/bin/fedbus run examples/topologies/hierarchy.yaml":
@@ -110,6 +114,8 @@ DOC_COMMANDS: dict[str, str] = {
 
 #: `--help` examples run by another test (or, where they would touch the machine, parsed only).
 HELP_ELSEWHERE: dict[str, str] = {
+    "fedbus keys manifest.yaml --out keys/ --operator ops":
+        "tests/test_signing.py::test_the_documented_signing_commands_run_as_written",
     "fedbus run examples/digits/manifest.yaml":
         "tests/test_e2e_mqtt.py::test_digits_demo_reaches_90_percent",
     "fedbus run sim.yaml --broker 127.0.0.1:1883 --remote-workers 2":

@@ -5,6 +5,7 @@ federation ends with the clean run's model."""
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,37 @@ async def test_forgeries_are_refused_and_the_model_is_the_clean_one(
         refused = {n: b.refused["unsigned"] for n, b in buses.items()}
         assert refused["agg"] >= 1 and all(v >= 1 for v in refused.values()), refused
     assert all(isinstance(b, SignedBus) for b in buses.values())
+
+
+@pytest.mark.broker
+def test_the_documented_signing_commands_run_as_written(tmp_path: Path) -> None:
+    # Prepare: the example's folder in a scratch checkout (keys are written beside it)
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "examples").mkdir()
+    shutil.copy(root / "examples" / "__init__.py", tmp_path / "examples")
+    shutil.copytree(root / "examples" / "toy", tmp_path / "examples" / "toy",
+                    ignore=shutil.ignore_patterns("keys", "secure", "certs", "__pycache__"))
+    env = {**os.environ, "FEDBUS_RUNS_DIR": str(tmp_path / "runs")}
+
+    def fedbus(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedbus.cli", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    # Execute: docs/security.md's block, and `fedbus keys --help`'s example
+    made = fedbus("keys", "examples/toy/signed-manifest.yaml")
+    ran = fedbus("run", "examples/toy/signed-manifest.yaml")
+    (tmp_path / "manifest.yaml").write_text(
+        (tmp_path / "examples/toy/signed-manifest.yaml").read_text())
+    helped = fedbus("keys", "manifest.yaml", "--out", "keys/", "--operator", "ops")
+    # Assert
+    assert made.returncode == 0, made.stderr[-2000:]
+    keys = tmp_path / "examples" / "toy" / "keys"
+    assert sorted(p.name for p in keys.glob("*.key")) == [
+        "aggregator.key", "t0.key", "t1.key", "t2.key"]
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.splitlines()[-1].startswith("final loss=")
+    assert helped.returncode == 0 and (tmp_path / "keys" / "ops.key").is_file(), helped.stderr
