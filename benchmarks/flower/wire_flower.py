@@ -6,9 +6,10 @@ Runs in Flower's own venv (benchmarks/flower/setup.sh), imports nothing from fed
     .venv/bin/python wire_flower.py clients --port 8080 --clients 10
 
 ``server``: ``flwr.server.start_server`` with FedAvg over all N clients every round, no
-evaluation; the model is one float32 vector of P zeros. It prints one JSON line: each round's
-seconds, from ``configure_fit`` (the server starts sending the model) to the end of
-``aggregate_fit`` (the new model is ready), and the total.
+evaluation; the model is one float32 vector of P zeros. It prints a JSON line
+``{"round_finished": R}`` as each round ends, then one last JSON line: each round's seconds,
+from ``configure_fit`` (the server starts sending the model) to the end of ``aggregate_fit``
+(the new model is ready), and the total.
 
 ``clients``: N ``flwr.client.start_client(..., transport="grpc-bidi")`` in threads of one
 process (fedbus's side runs its N trainers in one process too). Trivial training: each client
@@ -46,6 +47,8 @@ def serve(port: int, params: int, clients: int, rounds: int) -> int:
             if failures:
                 raise RuntimeError(f"round {server_round}: {len(failures)} clients failed")
             marks.append((started["t"], time.perf_counter()))
+            # one line as each round ends: the harness reads the processes' CPU time then
+            print(json.dumps({"round_finished": server_round}), flush=True)
             return out
 
     strategy = TimedFedAvg(
