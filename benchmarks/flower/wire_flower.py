@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 
-def serve(port: int, params: int, clients: int, rounds: int) -> int:
+def serve(host: str, port: int, params: int, clients: int, rounds: int) -> int:
     from flwr.common import ndarrays_to_parameters
     from flwr.server import ServerConfig, start_server
     from flwr.server.strategy import FedAvg
@@ -56,14 +56,14 @@ def serve(port: int, params: int, clients: int, rounds: int) -> int:
         fraction_evaluate=0.0, min_evaluate_clients=0,
         initial_parameters=ndarrays_to_parameters([np.zeros(params, dtype=np.float32)]))
     t0 = time.perf_counter()
-    start_server(server_address=f"127.0.0.1:{port}", strategy=strategy,
+    start_server(server_address=f"{host}:{port}", strategy=strategy,
                  config=ServerConfig(num_rounds=rounds))
     total = time.perf_counter() - t0
     print(json.dumps({"round_s": [b - a for a, b in marks], "total_s": total}), flush=True)
     return 0 if len(marks) == rounds else 1
 
 
-def run_clients(port: int, clients: int) -> int:
+def run_clients(host: str, port: int, clients: int) -> int:
     from flwr.client import NumPyClient, start_client
 
     class Client(NumPyClient):  # type: ignore[misc]
@@ -74,7 +74,7 @@ def run_clients(port: int, clients: int) -> int:
 
     def one() -> None:
         try:
-            start_client(server_address=f"127.0.0.1:{port}", client=Client().to_client(),
+            start_client(server_address=f"{host}:{port}", client=Client().to_client(),
                          transport="grpc-bidi", insecure=True)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
@@ -93,14 +93,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("role", choices=("server", "clients"))
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the server's address to listen on (server) or to connect to (clients)")
     p.add_argument("--params", type=int, default=1_000_000)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     if args.role == "server":
-        return serve(args.port, args.params, args.clients, args.rounds)
-    return run_clients(args.port, args.clients)
+        return serve(args.host, args.port, args.params, args.clients, args.rounds)
+    return run_clients(args.host, args.port, args.clients)
 
 
 if __name__ == "__main__":
