@@ -202,6 +202,7 @@ class Spec:
     out: str
     timeout_s: float
     max_uploads: int = 4
+    flower_workers: int = 0  # 0: Flower's default thread pool (cores + 4)
 
 
 def _device_cmd(links: Links, i: int, *cmd: str) -> list[str]:
@@ -276,8 +277,9 @@ def run_flower(spec: Spec, links: Links, workdir: Path) -> dict[str, Any]:
     try:
         server = Child("server", subprocess.Popen(
             [str(FLOWER_PY), wire, "server", "--host", "0.0.0.0", "--clients",
-             str(spec.clients), *common], cwd=FLOWER_DIR, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+             str(spec.clients), "--max-workers", str(spec.flower_workers), *common],
+            cwd=FLOWER_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL))
         children.append(server)
         assert server.proc.stdout is not None
         marks = LinkMarks({"server": server.pid},
@@ -331,6 +333,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 @dataclass
 class Run:
     engine: str
+    label: str  # the engine and any non-default width (fedbus's gate, Flower's workers)
     mbit: float
     params: int
     clients: int
@@ -357,12 +360,18 @@ def _expected_s(engine: str, mbit: float, params: int, rounds: int, clients: int
     return rounds * one_way * (1 + waves) * 3 + 180
 
 
+def label(engine: str, max_uploads: int, flower_workers: int) -> str:
+    if engine == "flower":
+        return f"flower, {flower_workers} workers" if flower_workers else "flower"
+    return f"{engine}, gate {max_uploads}" if max_uploads != 4 else engine
+
+
 def one_run(links: Links, engine: str, mbit: float, params: int, rounds: int, trial: int,
-            max_uploads: int, workdir: Path) -> Run:
+            max_uploads: int, workdir: Path, flower_workers: int = 0) -> Run:
     out = workdir / f"{engine.replace('/', '_')}-{trial}.json"
     timeout_s = _expected_s(engine, mbit, params, rounds, links.devices, max_uploads)
     spec = Spec(engine, params, links.devices, rounds, links.tag, str(out), timeout_s,
-                max_uploads)
+                max_uploads, flower_workers)
     load = os.getloadavg()[0]
     started = time.monotonic()
     proc = subprocess.Popen(["ip", "netns", "exec", links.hub, sys.executable, "-m",
@@ -381,8 +390,9 @@ def one_run(links: Links, engine: str, mbit: float, params: int, rounds: int, tr
     if rc != 0:
         raise RuntimeError(f"{engine} at {mbit:g} Mbit/s, P={params}: inner run exited {rc}")
     r = json.loads(out.read_text())
-    return Run(engine, mbit, params, links.devices, trial, r["round_s"], r["cpu"], r["down"],
-               r["up"], load, time.monotonic() - started)
+    return Run(engine, label(engine, max_uploads, flower_workers), mbit, params, links.devices,
+               trial, r["round_s"], r["cpu"], r["down"], r["up"], load,
+               time.monotonic() - started)
 
 
 def _mb(xs: Sequence[float]) -> float:
@@ -395,7 +405,7 @@ def table(runs: Sequence[Run]) -> str:
     for (mbit, params), group in _by(runs, lambda r: (r.mbit, r.params)):
         flower = [r.median_s for r in group if r.engine == "flower"]
         flower_s = statistics.median(flower) if flower else float("nan")
-        for engine, rs in _by(group, lambda r: r.engine):
+        for engine, rs in _by(group, lambda r: r.label):
             med = statistics.median(r.median_s for r in rs)
             out.append(
                 f"| {mbit:g} Mbit/s | {params / 1e6:g}M x {rs[0].clients} | {engine} "
@@ -431,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-uploads", type=int, default=4,
                    help="fedbus's round.max_uploads (fedbus's default 4)")
+    p.add_argument("--flower-workers", type=int, default=0,
+                   help="Flower's server thread pool (0: its default, cores + 4 = 6 on 2 "
+                        "cores, which serves 10 clients in two waves)")
     p.add_argument("--json", type=Path, help="also write every run here")
     p.add_argument("--inside", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -458,10 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order = engines[trial % len(engines):] + engines[:trial % len(engines)]
                     for engine in order:
                         run = one_run(links, engine, mbit, params, args.rounds, trial,
-                                      args.max_uploads, Path(tmp))
+                                      args.max_uploads, Path(tmp), args.flower_workers)
                         runs.append(run)
                         _eprint(f"{mbit:g} Mbit/s P={params / 1e6:g}M trial {trial + 1}/"
-                                f"{args.trials} {engine:17s} rounds "
+                                f"{args.trials} {run.label:17s} rounds "
                                 f"{[round(s, 2) for s in run.round_s]} median r2+ "
                                 f"{run.median_s:.2f} s, MB/device/round down {_mb(run.down):.2f}"
                                 f" up {_mb(run.up):.2f}, CPU s/round "
@@ -474,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "machine": info, "clients": args.clients, "rounds": args.rounds,
-            "max_uploads": args.max_uploads,
+            "max_uploads": args.max_uploads, "flower_workers": args.flower_workers,
             "runs": [asdict(r) | {"median_s": r.median_s} for r in runs]}, indent=1))
     return 0
 

@@ -27,7 +27,7 @@ def test_cases_parse_and_the_run_bound_covers_the_bytes() -> None:
 
 def test_table_gives_each_engine_against_flower() -> None:
     def run(engine: str, s: float) -> bench_links.Run:
-        return bench_links.Run(engine, 10, 1_000_000, 10, 0, [9.0, s, s], {"total": 1.0},
+        return bench_links.Run(engine, engine, 10, 1_000_000, 10, 0, [9.0, s, s], {"total": 1.0},
                                [4.2e6] * 10, [4.1e6] * 10, 3.0, 60.0)
 
     text = bench_links.table([run("flower", 8.0), run("fedbus", 6.0)])
