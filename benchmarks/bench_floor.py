@@ -372,6 +372,8 @@ class Floor:
     direct_up: list[float] = field(default_factory=list)
     fedbus_round: list[float] = field(default_factory=list)  # --compare only
     flower_round: list[float] = field(default_factory=list)  # --compare only
+    fedbus_cpu: list[float] = field(default_factory=list)  # CPU s a round, all processes
+    flower_cpu: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)  # 1-minute load average at each trial
 
     @property
@@ -415,14 +417,17 @@ def measure(params: int, clients: int, trials: int, *, window: int = WINDOW,
                 run = bench_wire.run_fedbus(params, clients, 5, lossy="none", trial=trial,
                                             idle=idle, timeout_s=10 * timeout_s)
                 row.fedbus_round.append(run.median_s)
+                row.fedbus_cpu.append(run.cpu_s)
             else:
                 run = bench_wire.run_flower(params, clients, 5, trial=trial,
                                             timeout_s=10 * timeout_s)
                 row.flower_round.append(run.median_s)
+                row.flower_cpu.append(run.cpu_s)
         extra = ""
         if compare:
-            extra = (f"; fedbus round {row.fedbus_round[-1]:.3f}, Flower round "
-                     f"{row.flower_round[-1]:.3f}")
+            extra = (f"; fedbus round {row.fedbus_round[-1]:.3f} (CPU "
+                     f"{row.fedbus_cpu[-1]:.2f}), Flower round {row.flower_round[-1]:.3f} "
+                     f"(CPU {row.flower_cpu[-1]:.2f})")
         _eprint(f"P={params / 1e6:g}M N={clients} trial {trial + 1}/{trials} (load "
                 f"{row.load[-1]:.1f}): brokered down {row.broker_down[-1]:.3f} up "
                 f"{row.broker_up[-1]:.3f}; direct down {row.direct_down[-1]:.3f} up "
@@ -430,8 +435,8 @@ def measure(params: int, clients: int, trials: int, *, window: int = WINDOW,
     return row
 
 
-def _med(xs: Sequence[float]) -> str:
-    return f"{statistics.median(xs):.3f}" if xs else "–"
+def _med(xs: Sequence[float], digits: int = 3) -> str:
+    return f"{statistics.median(xs):.{digits}f}" if xs else "–"
 
 
 def _spread(xs: Sequence[float]) -> str:
@@ -441,8 +446,9 @@ def _spread(xs: Sequence[float]) -> str:
 def table(rows: Sequence[Floor]) -> str:
     med = statistics.median
     out = ["| P x N | MB each way | brokered down / up s | **brokered round s** "
-           "| direct down / up s | **direct round s** | brokered / direct | fedbus round s "
-           "| Flower round s | brokered / Flower | direct / Flower | fedbus / brokered | load |",
+           "| direct down / up s | **direct round s** | brokered / direct "
+           "| fedbus round s (CPU s) | Flower round s (CPU s) | brokered / Flower "
+           "| direct / Flower | fedbus / brokered | load |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b, d = med(r.broker_round), med(r.direct_round)
@@ -452,7 +458,8 @@ def table(rows: Sequence[Floor]) -> str:
             f"| {r.params / 1e6:g}M x {r.clients} | {r.clients * r.messages * CHUNK / 1e6:,.0f} "
             f"| {_med(r.broker_down)} / {_med(r.broker_up)} | **{b:.3f}** "
             f"| {_med(r.direct_down)} / {_med(r.direct_up)} | **{d:.3f}** | {b / d:.2f} "
-            f"| {_med(r.fedbus_round)} | {_med(r.flower_round)} "
+            f"| {_med(r.fedbus_round)} ({_med(r.fedbus_cpu, 2)}) "
+            f"| {_med(r.flower_round)} ({_med(r.flower_cpu, 2)}) "
             f"| {f'{b / fl:.2f}' if fl else '–'} | {f'{d / fl:.2f}' if fl else '–'} "
             f"| {f'{fb / b:.2f}' if fb else '–'} "
             f"| {min(r.load):.1f}–{max(r.load):.1f} |")
