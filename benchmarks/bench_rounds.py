@@ -139,6 +139,51 @@ class Sampler:
         return self.samples[-1][2] if self.samples else 0
 
 
+# --- CPU time --------------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds ``pid`` has used so far (all its threads); None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()  # the name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+
+
+@dataclass
+class CpuMarks:
+    """CPU seconds of named processes, read at each round's end as the server reports it:
+    CPU per round is the difference between the first and the last mark over the rounds in
+    between (rounds 2..R, as the round times), start-up and shut-down excluded."""
+
+    pids: dict[str, int] = field(default_factory=dict)
+    marks: list[dict[str, float]] = field(default_factory=list)
+
+    def mark(self) -> None:
+        now: dict[str, float] = {}
+        for name, pid in list(self.pids.items()):
+            cpu = cpu_seconds(pid)
+            if cpu is not None:
+                now[name] = cpu
+        self.marks.append(now)
+
+    def per_round(self) -> dict[str, float]:
+        """Mean CPU seconds a round for each process and their ``total``; empty with fewer
+        than two marks."""
+        if len(self.marks) < 2:
+            return {}
+        first, last = self.marks[0], self.marks[-1]
+        out = {name: (last[name] - first[name]) / (len(self.marks) - 1)
+               for name in self.pids if name in first and name in last}
+        out["total"] = sum(out.values())
+        return out
+
+
 # --- processes -------------------------------------------------------------------------------
 
 @dataclass
@@ -206,6 +251,7 @@ class LogReader:
     stream: IO[bytes]
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     other: list[str] = field(default_factory=list)
+    cpu: CpuMarks | None = None  # marked at each round_finished as it arrives
     _thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -222,6 +268,8 @@ class LogReader:
                 self.other.append(line)
                 continue
             if isinstance(event, dict):
+                if self.cpu is not None and event.get("event") == "round_finished":
+                    self.cpu.mark()
                 self.events.append((now, event))
 
     def join(self) -> None:
@@ -256,8 +304,10 @@ class Row:
     seconds: float
     rejected: dict[str, int]
     lost: int  # trainers reported lost (last will) over all rounds; 0 in a clean run
-    agg_cpu_s: float
-    trainers_cpu_s: float
+    agg_cpu_s: float  # whole process, start-up included (wait4)
+    trainers_cpu_s: float  # whole process, start-up included (wait4)
+    #: CPU seconds a round, rounds 2..R: aggregator, trainers, broker and their total
+    cpu_per_round: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -289,7 +339,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             trainer_cores: int, timeout_s: float, keepalive: int = 30,
             probe: bool = False, update: str = "none", model: str = "none",
             task_ref: str = TOY_TASK,
-            trainer_grace_s: float = 30.0, chunk_bytes: int = 1_000_000,
+            trainer_grace_s: float = 2.0, chunk_bytes: int = 1_000_000,
             max_uploads: int = 4) -> Row:
     started = time.monotonic()
     broker: MosquittoProcess | None = None
@@ -320,7 +370,8 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
                                              stderr=subprocess.PIPE, log_level="info"))
         children.append(agg)
         assert agg.proc.stderr is not None
-        reader = LogReader(agg.proc.stderr)
+        cpu = CpuMarks({"aggregator": agg.pid, "broker": broker.pid})
+        reader = LogReader(agg.proc.stderr, cpu=cpu)
         reader.start()
         sampler = Sampler(agg.pid)
         sampler.start()
@@ -328,6 +379,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             trainers = Child("trainers", _serve(manifest, "t*", json_log=False,
                                                 stderr=trainer_log, log_level="warning"))
         children.append(trainers)
+        cpu.pids["trainers"] = trainers.pid
         _pin(trainers.pid, trainer_cores)
         trainer_hwm = 0
         broker_hwm = 0
@@ -339,7 +391,9 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
                     trainer_hwm = max(trainer_hwm, mem[1])
                 elif mem is not None:
                     broker_hwm = max(broker_hwm, mem[1])
-            if trainers.proc.poll() is not None and trainers.proc.returncode != 0:
+            # reap() through wait4, not poll(): poll() would reap the process and lose its
+            # CPU time (trainers_cpu_s was 0.0 in every run when the trainers exited first)
+            if trainers.reap(0) and trainers.proc.returncode != 0:
                 raise RuntimeError(f"trainer process exited with {trainers.proc.returncode}: "
                                    f"{(workdir / 'trainers.log').read_text()[-2000:]}")
             if time.monotonic() > deadline:
@@ -354,7 +408,10 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
         mem = read_mem(trainers.pid)
         if mem is not None:
             trainer_hwm = max(trainer_hwm, mem[1])
-        trainers.reap(trainer_grace_s)  # then stopped in the finally
+        # On an anonymous broker trainers keep serving after the job's `done` (anyone could
+        # have sent it): stop them now, so that wait4 gives their CPU time to this row.
+        if not trainers.reap(trainer_grace_s):
+            trainers.stop()
         mem = read_mem(broker.pid)
         if mem is not None:
             broker_hwm = max(broker_hwm, mem[1])
@@ -386,6 +443,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             rss_timeline=timeline, seconds=time.monotonic() - started, rejected=rejected,
             lost=sum(len(e.get("lost") or []) for e in finished),
             agg_cpu_s=agg.cpu_s, trainers_cpu_s=trainers.cpu_s,
+            cpu_per_round=cpu.per_round(),
             probe=probe_summary(probe_out) if probe else {},
         )
     finally:
@@ -518,8 +576,8 @@ def table(rows: Sequence[Row], idle: int) -> str:
     head = ("| trainers | params | round s (median r2+) | update MB/s in | agg RSS ready MiB "
             "| agg RSS end MiB | agg peak MiB | floor MiB | peak / floor | peak − idle B/param "
             "| trainers proc peak MiB | broker peak MiB | agg CPU s/round "
-            "| update MB per agg CPU s |")
-    lines = [head, "|" + "---|" * 14]
+            "| update MB per agg CPU s | CPU s/round r2+, all processes |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r.trainers} | {r.params / MB:g}M | {r.overhead_s:.2f} | {r.update_mb_s:,.0f} "
@@ -527,8 +585,17 @@ def table(rows: Sequence[Row], idle: int) -> str:
             f"| {_mib(r.floor)} | {r.peak_over_floor:.2f} "
             f"| {(r.agg_peak - idle) / r.params:.1f} | {_mib(r.trainer_peak)} "
             f"| {_mib(r.broker_peak)} | {r.agg_cpu_s / r.rounds:.1f} "
-            f"| {r.mb_per_agg_cpu_s:,.0f} |")
+            f"| {r.mb_per_agg_cpu_s:,.0f} | {cpu_text(r.cpu_per_round)} |")
     return "\n".join(lines)
+
+
+def cpu_text(cpu: dict[str, float]) -> str:
+    """``0.34 (aggregator 0.10, broker 0.05, trainers 0.19)``: the total CPU seconds a
+    round, then each process's."""
+    if not cpu:
+        return "n/a"
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items()) if k != "total")
+    return f"{cpu['total']:.2f} ({parts})"
 
 
 def growth(rows: Sequence[Row]) -> Iterator[str]:
@@ -590,8 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _eprint(f"  rounds {[round(s, 2) for s in row.round_s]} s, agg peak "
                 f"{_mib(row.agg_peak)} MiB (ru_maxrss "
                 f"{_mib(row.agg_maxrss) if row.agg_maxrss else 'n/a'}), trainers "
-                f"{_mib(row.trainer_peak)} MiB, CPU s agg {row.agg_cpu_s:.0f} / trainers "
-                f"{row.trainers_cpu_s:.0f}, lost {row.lost}, {row.seconds:.0f} s wall")
+                f"{_mib(row.trainer_peak)} MiB, CPU s agg {row.agg_cpu_s:.1f} / trainers "
+                f"{row.trainers_cpu_s:.1f} (whole run), CPU s/round r2+ "
+                f"{cpu_text(row.cpu_per_round)}, lost {row.lost}, {row.seconds:.0f} s wall")
         if row.probe:
             _eprint(f"  probe: {json.dumps(row.probe)}")
         rows.append(row)

@@ -36,19 +36,22 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from benchmarks.bench_rounds import (
     ADD_TASK,
     MIB,
     Child,
+    CpuMarks,
     Sampler,
     _eprint,
     _pin,
+    cpu_text,
     idle_rss,
     machine,
     run_one,
@@ -71,6 +74,13 @@ class Run:
     round_s: list[float]
     peak_rss: int  # server / aggregator VmHWM, bytes
     wall_s: float
+    #: CPU seconds a round over rounds 2..R, per process (fedbus: aggregator, trainers,
+    #: broker; Flower: server, clients) and their "total"
+    cpu_per_round: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cpu_s(self) -> float:
+        return self.cpu_per_round.get("total", float("nan"))
 
     @property
     def median_s(self) -> float:
@@ -90,6 +100,10 @@ class Cell:
     def peak(self, engine: str) -> int:
         return max(r.peak_rss for r in self.runs[engine])
 
+    def cpu(self, engine: str) -> float:
+        """Median over trials of the CPU seconds a round, all of the engine's processes."""
+        return statistics.median(r.cpu_s for r in self.runs[engine])
+
 
 def run_fedbus(params: int, clients: int, rounds: int, *, lossy: str, trial: int,
                idle: int, timeout_s: float, chunk_bytes: int = 1_000_000) -> Run:
@@ -100,7 +114,8 @@ def run_fedbus(params: int, clients: int, rounds: int, *, lossy: str, trial: int
                   timeout_s=timeout_s, update=update, model=model or "none",
                   task_ref=ADD_TASK, trainer_grace_s=2.0, chunk_bytes=chunk_bytes)
     engine = "fedbus" if lossy == "none" else f"fedbus+{lossy}"
-    return Run(engine, params, clients, trial, row.round_s, row.agg_peak, row.seconds)
+    return Run(engine, params, clients, trial, row.round_s, row.agg_peak, row.seconds,
+               row.cpu_per_round)
 
 
 def _flower(role: str, port: int, params: int, clients: int, rounds: int,
@@ -124,6 +139,15 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout_s: float) 
     raise TimeoutError(f"Flower server not listening on {port} after {timeout_s:.0f}s")
 
 
+def _read_server(stream: IO[bytes], lines: list[str], cpu: CpuMarks) -> None:
+    """Collect the Flower server's stdout lines, marking CPU times as each round ends."""
+    for raw in stream:
+        line = raw.decode(errors="replace").strip()
+        if line.startswith('{"round_finished"'):
+            cpu.mark()
+        lines.append(line)
+
+
 def run_flower(params: int, clients: int, rounds: int, *, trial: int,
                timeout_s: float) -> Run:
     started = time.monotonic()
@@ -135,6 +159,12 @@ def run_flower(params: int, clients: int, rounds: int, *, trial: int,
                                                 stdout=subprocess.PIPE,
                                                 stderr=subprocess.DEVNULL))
         children.append(server)
+        assert server.proc.stdout is not None
+        cpu = CpuMarks({"server": server.pid})
+        out: list[str] = []
+        reader = threading.Thread(target=_read_server, args=(server.proc.stdout, out, cpu),
+                                  daemon=True, name="flower-out")
+        reader.start()
         sampler = Sampler(server.pid)
         sampler.start()
         _wait_listening(port, server.proc, 60.0)
@@ -142,23 +172,24 @@ def run_flower(params: int, clients: int, rounds: int, *, trial: int,
                                              stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL))
         children.append(cl)
+        cpu.pids["clients"] = cl.pid
         _pin(cl.pid, 2)
-        assert server.proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         while not server.reap(0.25):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Flower P={params} N={clients}: still running after "
                                    f"{timeout_s:.0f}s")
-            if cl.proc.poll() not in (None, 0):
+            # reap(), not poll(): poll() would reap the clients and lose their CPU time
+            if cl.reap(0) and cl.proc.returncode != 0:
                 raise RuntimeError(f"Flower clients exited with {cl.proc.returncode}")
         sampler.stop()
-        out = server.proc.stdout.read().decode().strip().splitlines()
+        reader.join(10.0)
         if server.proc.returncode != 0 or not out:
             raise RuntimeError(f"Flower server exited with {server.proc.returncode}: {out[-3:]}")
         result = json.loads(out[-1])
         cl.reap(10.0)
         return Run("flower", params, clients, trial, result["round_s"], sampler.last_hwm,
-                   time.monotonic() - started)
+                   time.monotonic() - started, cpu.per_round())
     finally:
         if sampler is not None:
             sampler.stop()
@@ -178,20 +209,25 @@ def parse_sizes(spec: str) -> tuple[tuple[int, int], ...]:
 
 
 def table(cells: Sequence[Cell], lossy: str) -> str:
+    """Round seconds with the CPU seconds a round (all of an engine's processes) beside each."""
     fl = f"fedbus+{lossy}"
     lines = [
-        f"| P x N | fedbus s/round | fedbus {lossy} s/round | Flower gRPC s/round "
-        f"| fedbus / Flower | fedbus {lossy} / Flower | agg peak MiB (fedbus / {lossy}) "
+        f"| P x N | fedbus s/round (CPU s) | fedbus {lossy} s/round (CPU s) "
+        f"| Flower gRPC s/round (CPU s) | fedbus / Flower | fedbus {lossy} / Flower "
+        f"| CPU fedbus / Flower | CPU {lossy} / Flower | agg peak MiB (fedbus / {lossy}) "
         "| Flower server peak MiB | trials |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
     for c in cells:
-        flower = c.median("flower")
-        fb = c.median("fedbus") if "fedbus" in c.runs else float("nan")
-        lo = c.median(fl) if fl in c.runs else float("nan")
+        flower, flower_cpu = c.median("flower"), c.cpu("flower")
+        fb, fb_cpu = (c.median("fedbus"), c.cpu("fedbus")) if "fedbus" in c.runs else (nan, nan)
+        lo, lo_cpu = (c.median(fl), c.cpu(fl)) if fl in c.runs else (nan, nan)
         lines.append(
-            f"| {c.params / 1e6:g}M x {c.clients} | {fb:.3f} | {lo:.3f} | {flower:.3f} "
+            f"| {c.params / 1e6:g}M x {c.clients} | {fb:.3f} ({fb_cpu:.2f}) "
+            f"| {lo:.3f} ({lo_cpu:.2f}) | {flower:.3f} ({flower_cpu:.2f}) "
             f"| **{fb / flower:.2f}** | **{lo / flower:.2f}** "
-            f"| {c.peak('fedbus') / MIB:,.0f} / "
+            f"| {fb_cpu / flower_cpu:.2f} | {lo_cpu / flower_cpu:.2f} "
+            f"| {(c.peak('fedbus') if 'fedbus' in c.runs else 0) / MIB:,.0f} / "
             f"{(c.peak(fl) if fl in c.runs else 0) / MIB:,.0f} "
             f"| {c.peak('flower') / MIB:,.0f} | {len(c.runs['flower'])} |")
     return "\n".join(lines)
@@ -241,8 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cell.runs.setdefault(run.engine, []).append(run)
                 _eprint(f"P={params / 1e6:g}M N={clients} trial {trial + 1}/{trials} "
                         f"{run.engine:12s} rounds {[round(s, 3) for s in run.round_s]} "
-                        f"median r2+ {run.median_s:.3f} s, peak {run.peak_rss / MIB:,.0f} MiB, "
-                        f"{run.wall_s:.0f} s wall")
+                        f"median r2+ {run.median_s:.3f} s, CPU s/round r2+ "
+                        f"{cpu_text(run.cpu_per_round)}, peak {run.peak_rss / MIB:,.0f} MiB, "
+                        f"{run.wall_s:.0f} s wall, load {os.getloadavg()[0]:.1f}")
     info["loadavg_after"] = os.getloadavg()
     print(table(cells, args.lossy))
     for c in cells:
@@ -256,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.write_text(json.dumps({
                 "machine": info, "rounds": args.rounds, "trials": trials, "lossy": args.lossy,
                 "chunk_bytes": args.chunk_bytes,
-                "runs": [asdict(r) | {"median_s": r.median_s}
+                "runs": [asdict(r) | {"median_s": r.median_s, "cpu_s": r.cpu_s}
                          for c in cells for rs in c.runs.values() for r in rs],
             }, indent=1))
     return 0
