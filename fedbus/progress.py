@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-__all__ = ["Display", "DisplayMode", "ProgressState", "format_round", "make_display"]
+__all__ = ["Display", "DisplayMode", "ProgressState", "final_line", "format_round",
+           "make_display"]
 
 DisplayMode = Literal["auto", "live", "plain", "none"]
 
@@ -173,3 +174,26 @@ def make_display(state: ProgressState, mode: DisplayMode) -> Display:
         except ImportError:  # rich is a dependency, but a broken install should not stop a run
             pass
     return _Plain(state)
+
+
+def final_line(history: Sequence[Any]) -> int:
+    """Print a job's machine-readable last line of stdout; its exit code. A job whose last
+    round aggregated nothing failed, whatever model it still holds: exit 1, saying so (a
+    simulation that lost its workers used to print the last good model and exit 0)."""
+    last = history[-1] if history else None
+    if last is None:
+        print("final rounds=0", flush=True)
+        return 1
+    if last.eval is not None and "accuracy" in last.eval.metrics:
+        print(f"final accuracy={last.eval.metrics['accuracy']:.4f}", flush=True)
+    elif last.eval is not None:
+        print(f"final loss={last.eval.loss:.6g}", flush=True)
+    else:
+        print(f"final rounds={last.round}", flush=True)
+    if not last.aggregated:
+        failed = sum(1 for r in history if not r.aggregated)
+        print(f"fedbus: the job's last round ({last.round}) aggregated nothing ({failed} of "
+              f"{len(history)} rounds failed): the model above is an earlier round's",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -30,7 +30,7 @@ from fedbus.log import LogSink
 from fedbus.manifest import BrokerSpec, Manifest, with_broker, with_node_broker
 from fedbus.metering import MeteredBus
 from fedbus.node import build_node
-from fedbus.progress import DisplayMode, ProgressState, make_display
+from fedbus.progress import DisplayMode, ProgressState, final_line, make_display
 from fedbus.runs import BEST_MODEL, FINAL_MODEL, RunRecorder
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
@@ -441,14 +441,4 @@ class _Observer:
 
     def final_line(self) -> int:
         """Print the machine-readable last line of stdout; the exit code."""
-        last = self.agg.history[-1] if self.agg is not None and self.agg.history else None
-        if last is None:
-            print("final rounds=0", flush=True)
-            return 1
-        if last.eval is not None and "accuracy" in last.eval.metrics:
-            print(f"final accuracy={last.eval.metrics['accuracy']:.4f}", flush=True)
-        elif last.eval is not None:
-            print(f"final loss={last.eval.loss:.6g}", flush=True)
-        else:
-            print(f"final rounds={last.round}", flush=True)
-        return 0
+        return final_line(self.agg.history if self.agg is not None else [])

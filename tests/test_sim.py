@@ -240,6 +240,21 @@ def test_fedbus_run_simulates_a_population_manifest(tmp_path: Path) -> None:
     assert any(ln.startswith("simulation updates=") and "workers=2" in ln for ln in lines)
 
 
+def test_a_job_whose_rounds_stop_aggregating_exits_non_zero(tmp_path: Path) -> None:
+    # Prepare: every client's training raises, so no round aggregates anything
+    data = manifest(rounds=2, clients=6, per_round=3)
+    data["task"]["params"]["broken"] = list(range(6))
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(data))
+    # Execute
+    out = subprocess.run([sys.executable, "-m", "fedbus.cli", "run", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    # Assert: the last line still says what the model is, and the exit code says it failed
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1].startswith("final ")
+    assert "aggregated nothing" in out.stderr
+
+
 def test_example_population_manifests_load() -> None:
     from fedbus.manifest import load_manifest
 

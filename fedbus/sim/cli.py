@@ -6,7 +6,7 @@ import dataclasses
 
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest
-from fedbus.progress import format_round
+from fedbus.progress import final_line, format_round
 from fedbus.services.aggregator import RoundReport
 from fedbus.sim.runner import SimResult, run_simulation, run_workers
 
@@ -40,17 +40,7 @@ def _final(result: SimResult) -> int:
           f"virtual_time={s.virtual_time:.2f}s workers={len(s.workers)}", flush=True)
     if result.best_round is not None and result.best_score is not None:
         print(f"best round={result.best_round} score={result.best_score:.4f}", flush=True)
-    last = result.history[-1] if result.history else None
-    if last is None:
-        print("final rounds=0")
-        return 1
-    if last.eval is not None and "accuracy" in last.eval.metrics:
-        print(f"final accuracy={last.eval.metrics['accuracy']:.4f}")
-    elif last.eval is not None:
-        print(f"final loss={last.eval.loss:.6g}")
-    else:
-        print(f"final rounds={last.round}")
-    return 0
+    return final_line(result.history)
 
 
 async def worker(m: Manifest, count: int) -> int:
