@@ -77,7 +77,9 @@ def manifest(broker: MosquittoProcess, keys: Path, sign: str) -> Manifest:
         "version": 1, "job": "signed", "rounds": 3, "seed": 4, "strategy": "fedavg",
         "broker": {"host": broker.host, "port": broker.port},
         "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 20},
-        "task": {"ref": "examples.toy.task:make_task", "params": {"size": 64, "lr": 0.5}},
+        # each round lasts a while (0.3 s of "training"): the forgeries land inside the job
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": 64, "lr": 0.5, "delay_s": 0.3}},
         "nodes": [{"id": "agg", "role": "aggregator"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
         "security": {"sign": sign, "keys": str(keys)},
