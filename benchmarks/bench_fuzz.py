@@ -118,8 +118,9 @@ def _write_progress(path: Path, sent: int, total: int) -> None:
 class _GatedTask:
     """The toy task, whose evaluations keep pace with the flood: the aggregator's evaluation of
     round r (between rounds, in a worker thread: no round deadline runs then) waits until
-    (r-1)/(``paced_rounds``-1) of the flood is sent. So the flood spreads over the rounds, and the last
-    round starts only once all of it is sent, however slow a loaded machine makes either."""
+    (r-1)/(``paced_rounds``-1) of the flood is sent. So the flood spreads over the rounds, and
+    the last round starts only once all of it is sent, however slow a loaded machine makes
+    either."""
 
     def __init__(self, inner: Any, gate: str, paced_rounds: int) -> None:
         self.inner = inner
