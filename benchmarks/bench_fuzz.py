@@ -13,9 +13,9 @@ separate processes exactly as deployed (``fedbus serve --node aggregator``,
    to have real messages to replay), waits for the first round order and then publishes
    ``--messages`` messages from ``fedbus.fuzz.Fuzzer`` on every topic some node subscribes to.
 
-The flood must fall inside the job whatever the machine's load: the aggregator's evaluation of
-the second-to-last round waits until the attacker has sent everything (a file the harness
-writes; ``make_gated_task``), between rounds where no deadline runs, so the last round, and
+The flood must fall inside the job whatever the machine's load: the aggregator's evaluations
+keep pace with it (the attacker writes its progress to a file; ``make_gated_task``), between
+rounds where no deadline runs, so the flood spreads over the rounds and the last round, and
 the job, cannot end before the flood does.
 
 It reports whether every process survived, each one's peak RSS against the clean run, the
@@ -94,20 +94,38 @@ class Result:
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
 
 
-#: Longest the second-to-last evaluation waits for the flood to end (a bound on a hang).
+#: Longest one evaluation waits for the flood to get on (a bound on a hang, not a timing).
 GATE_MAX_S = 600.0
+#: The file the attacker keeps its progress in ("sent total"), and that gated tasks read.
+PROGRESS = "flood-progress"
+
+
+def _progress(path: Path) -> float:
+    """The share of the flood sent so far (1.0: all, or no flood; 0.0 before it starts)."""
+    try:
+        sent, total = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return 0.0
+    return 1.0 if total == 0 else sent / total
+
+
+def _write_progress(path: Path, sent: int, total: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{sent} {total}\n")
+    tmp.replace(path)
 
 
 class _GatedTask:
-    """The toy task, except that its evaluations from the ``hold_from``-th on wait until
-    ``gate`` exists: the harness writes it once the flood is sent, so the job's last round
-    cannot end before the flood does, however slow a loaded machine makes either. (The
-    aggregator evaluates between rounds, in a worker thread: no round deadline runs then.)"""
+    """The toy task, whose evaluations keep pace with the flood: the aggregator's evaluation of
+    round r (between rounds, in a worker thread: no round deadline runs then) waits until
+    (r-1)/(``paced_rounds``-1) of the flood is sent. So the flood spreads over the rounds, and
+    the last round starts only once all of it is sent, however slow a loaded machine makes
+    either."""
 
-    def __init__(self, inner: Any, gate: str, hold_from: int) -> None:
+    def __init__(self, inner: Any, gate: str, paced_rounds: int) -> None:
         self.inner = inner
         self.gate = Path(gate)
-        self.hold_from = hold_from
+        self.paced_rounds = paced_rounds
         self.evaluations = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -115,17 +133,19 @@ class _GatedTask:
 
     def evaluate(self) -> Any:
         self.evaluations += 1
-        if self.evaluations >= self.hold_from:
-            deadline = time.monotonic() + GATE_MAX_S
-            while not self.gate.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)  # another process's file; bounded
+        # Round 1's evaluation never waits: the attacker starts once it sees the job under way
+        # (on a secured broker, from round 1's metrics, published after this evaluation).
+        share = min((self.evaluations - 1) / max(self.paced_rounds - 1, 1), 1.0)
+        deadline = time.monotonic() + GATE_MAX_S
+        while _progress(self.gate) < share and time.monotonic() < deadline:
+            time.sleep(0.02)  # another process's file; bounded
         return self.inner.evaluate()
 
 
-def make_gated_task(*, gate: str, hold_from: int, **params: Any) -> Any:
+def make_gated_task(*, gate: str, paced_rounds: int, **params: Any) -> Any:
     from examples.toy.task import make_task
 
-    return _GatedTask(make_task(**params), gate, hold_from)
+    return _GatedTask(make_task(**params), gate, paced_rounds)
 
 
 def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
@@ -140,7 +160,7 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
         "evaluate": {"where": "server", "every": 1},
         "task": {"ref": "benchmarks.bench_fuzz:make_gated_task",
                  "params": {"size": size, "lr": 0.5, "delay_s": delay_s, "gate": gate,
-                            "hold_from": max(rounds - 1, 1)}},
+                            "paced_rounds": max(rounds - 1, 1)}},
         "nodes": [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
         # fed every update (the default feed), so the flood on update topics reaches it too
@@ -172,7 +192,7 @@ class Broker:
 async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, Path]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
     rights, from ``fedbus.deploy``) and the manifest file pointing at it."""
-    job = {**job, "store_dir": str(folder / "store"), "gate": str(folder / "flood-sent")}
+    job = {**job, "store_dir": str(folder / "store"), "gate": str(folder / PROGRESS)}
     if not secure:
         proc = await spawn_mosquitto()
         broker = Broker(proc.host, proc.port, proc.stop)
@@ -203,7 +223,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
     samplers: dict[str, Sampler] = {}
     run = Run()
     if not messages:
-        (folder / "flood-sent").touch()  # no flood: nothing to wait for
+        _write_progress(folder / PROGRESS, 0, 0)  # no flood: nothing to wait for
     try:
         m = load_manifest(path)
         async with MqttBus("watcher", broker.host, broker.port, client_id="watcher",
@@ -222,9 +242,9 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
             attack: asyncio.Task[None] | None = None
             if messages:
                 attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started,
-                                                     folder / "flood-sent"))
-                # an attacker that failed must not leave the trainers waiting for the flag
-                attack.add_done_callback(lambda _: (folder / "flood-sent").touch())
+                                                     folder / PROGRESS))
+                # an attacker that failed must not leave the job waiting for its progress
+                attack.add_done_callback(lambda _: _write_progress(folder / PROGRESS, 0, 0))
             agg = next(c for c in children if c.name == "aggregator")
             seen: set[str] = set()
             while True:
@@ -278,7 +298,7 @@ def _serve(manifest: Path, node: str, log: Any) -> Any:
 
 
 async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
-                  t0: float, sent_flag: Path) -> None:
+                  t0: float, progress: Path) -> None:
     model = {"w": np.zeros(m.task.params["size"], np.float32)}
     fuzzer = Fuzzer(m, model, seed=seed)
     agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
@@ -315,6 +335,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
             if len(batch) >= 200:
                 await asyncio.gather(*batch)
                 batch.clear()
+                _write_progress(progress, sum(sent.values()), messages)
                 while True:  # keep replays fresh without slowing the flood
                     try:
                         seen = await spy.get(timeout=0)
@@ -324,7 +345,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         await asyncio.gather(*batch)
         run.sent = dict(sent)
         run.flood = (flood_start, time.monotonic() - t0)
-        sent_flag.touch()  # noqa: ASYNC240 - a local flag file; the last round may start
+        _write_progress(progress, messages, messages)  # the last round may start
 
 
 def _rejections(folder: Path) -> dict[str, dict[str, int]]:
