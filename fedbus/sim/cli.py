@@ -40,7 +40,7 @@ def _final(result: SimResult) -> int:
           f"virtual_time={s.virtual_time:.2f}s workers={len(s.workers)}", flush=True)
     if result.best_round is not None and result.best_score is not None:
         print(f"best round={result.best_round} score={result.best_score:.4f}", flush=True)
-    return final_line(result.history)
+    return final_line(result.history, strict=True)
 
 
 async def worker(m: Manifest, count: int) -> int:
