@@ -5,7 +5,12 @@
 # torch is pinned by constraints.txt and comes, on amd64, from the PyTorch CPU index: from PyPI
 # alone an x86_64 install pulls several GB of CUDA wheels no container here uses. arm64 PyPI
 # wheels are CPU-only already.
-FROM python:3.11-slim AS base
+# Build arguments (defaults are the public images; the deployment check overrides them because
+# its machine reaches no registry, docs/deploy.md):
+#   PYTHON_IMAGE  an image with python 3.11, `python` and `pip` on PATH (python:3.11-slim)
+#   TORCH_INDEX   a package index with CPU torch wheels, used on amd64 only
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE} AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -20,7 +25,8 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md* ./
 COPY fedbus ./fedbus
 COPY strategies ./strategies
-RUN pip install --constraint constraints.txt .
+# redis: the checkpointer and store keep their data there when the manifest says so.
+RUN pip install --constraint constraints.txt ".[redis]"
 
 # Secrets generated next to the examples never enter an image (.dockerignore); compose mounts
 # each node's own password or certificate at run time.
@@ -35,10 +41,10 @@ CMD ["fedbus", "--help"]
 # Trainers: the same image plus torch and scikit-learn.
 FROM base AS trainer
 ARG TARGETARCH
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 USER root
-RUN extra=""; \
-    if [ "${TARGETARCH:-amd64}" = "amd64" ]; then \
-        extra="--extra-index-url https://download.pytorch.org/whl/cpu"; \
-    fi; \
+# The classic builder leaves TARGETARCH unset: then the machine's own architecture decides.
+RUN arch="${TARGETARCH:-$(dpkg --print-architecture 2>/dev/null || uname -m)}"; extra=""; \
+    case "$arch" in amd64 | x86_64) extra="--extra-index-url $TORCH_INDEX" ;; esac; \
     pip install $extra --constraint constraints.txt ".[trainer]"
 USER fedbus

@@ -15,13 +15,15 @@ ETC=/etc/fedbus
 UNIT_DIR=/etc/systemd/system
 USER_NAME=fedbus
 PYTHON=${PYTHON:-python3}
-TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Where x86_64 gets CPU torch (PyPI alone would bring the CUDA build); a mirror may replace it.
+TORCH_CPU_INDEX=${FEDBUS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 DRY_RUN=0
 WITH_TORCH=1
 WITH_BROKER=0
 NODE=
 MANIFEST=
 SECURE=
+CONNECT=
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -35,6 +37,7 @@ Options:
   --node ID      generate and enable fedbus-ID.service (fedbus units) for this device's node
   --manifest F   the manifest (path inside the checkout) that --node is in
   --secure DIR   a "fedbus acl" folder: the node's password goes into /etc/fedbus/ID.env
+  --connect H:P  the broker --node connects to, for a manifest that names none
   --prefix DIR   install under DIR instead of ${PREFIX}
   -h, --help     this text
 EOF
@@ -45,12 +48,13 @@ while (($#)); do
         --dry-run) DRY_RUN=1 ;;
         --no-torch) WITH_TORCH=0 ;;
         --broker) WITH_BROKER=1 ;;
-        --node | --manifest | --secure)
+        --node | --manifest | --secure | --connect)
             [[ $# -ge 2 ]] || { echo "install.sh: $1 needs a value" >&2; exit 2; }
             case $1 in
                 --node) NODE=$2 ;;
                 --manifest) MANIFEST=$2 ;;
                 --secure) SECURE=$2 ;;
+                --connect) CONNECT=$2 ;;
             esac
             shift
             ;;
@@ -178,6 +182,9 @@ install_node_unit() {
         --manifest-path "$APP/$MANIFEST" --systemd "${version:-252}")
     if [[ -n $SECURE ]]; then
         args+=(--secure "$SECURE")
+    fi
+    if [[ -n $CONNECT ]]; then
+        args+=(--broker "$CONNECT")
     fi
     log "generating fedbus-$NODE.service from $MANIFEST"
     # Under --dry-run the venv may not exist yet: print the command instead.
