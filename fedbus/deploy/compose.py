@@ -423,6 +423,11 @@ def compose_config(
             # what the manifest reads (${VAR}) comes from where compose runs: `FEDBUS_ROUNDS=5
             # docker compose up` works; unset stays unset (the manifest's default applies)
             env[var] = f"${{{var}:-}}"
+        if stage == "trainer":
+            # Every node of a compose project shares one machine: one torch thread each, as
+            # `fedbus run` gives trainers that share a process (and the same floating-point
+            # sums: with 2 threads the model differed from `fedbus run`'s in the 9th digit).
+            env["OMP_NUM_THREADS"] = "${OMP_NUM_THREADS:-1}"
         if stateful:
             volumes[f"state-{n.id}"] = None
             mounts.append(f"state-{n.id}:{STATE_DIR}")
