@@ -195,7 +195,12 @@ install_node_unit() {
     else
         run install -m 0640 -o root -g "$USER_NAME" "$out/$NODE.env" "$ETC/$NODE.env"
     fi
-    run systemctl enable "fedbus-$NODE.service"
+    if ((DRY_RUN)) || command -v systemctl >/dev/null; then
+        # works offline too (an image being prepared in a chroot): it only makes the links
+        run systemctl enable "fedbus-$NODE.service"
+    else
+        log "systemctl not found: fedbus-$NODE.service installed, not enabled (no systemd here)"
+    fi
 }
 
 install_broker() {
