@@ -88,12 +88,19 @@ def test_secured_compose_mounts_only_each_nodes_own_secrets(tmp_path: Path) -> N
     assert "use_identity_as_username true" in conf and "allow_anonymous false" in conf
 
 
-@pytest.mark.parametrize("variant", ["digits", "toy", "secure-mtls"])
+@pytest.mark.parametrize("variant", ["digits", "digits-host", "bridged", "toy", "secure-mtls"])
 def test_generated_compose_passes_docker_compose_config(tmp_path: Path, variant: str) -> None:
     tool = _docker_compose()
     if variant == "digits":
         proj, path = ROOT, "examples/digits/compose-manifest.yaml"
         text = compose_yaml(load_manifest(ROOT / path, env={}), path, redis=True)
+    elif variant in ("digits-host", "bridged"):
+        proj = tmp_path
+        path = ("examples/digits/compose-manifest.yaml" if variant == "digits-host"
+                else "examples/topologies/three-level-compose.yaml")
+        text = compose_yaml(load_manifest(ROOT / path, env={}), path, redis=True, root=proj,
+                            network="host" if variant == "digits-host" else "bridge",
+                            config_dir="brokers")
     elif variant == "toy":
         proj, path = ROOT, "examples/toy/manifest.yaml"
         text = compose_yaml(load_manifest(ROOT / path), path)
@@ -221,6 +228,7 @@ def test_compose_runs_one_broker_per_brokers_entry_with_the_bridges(tmp_path: Pa
     assert services["aggregator"]["depends_on"]["broker-root"] == {
         "condition": "service_healthy"}
     assert all("--broker" not in s.get("command", []) for s in services.values())
+    assert services["trainer-0"]["environment"]["FEDBUS_SITE_HOST"] == "broker-site"
 
 
 def test_multi_broker_compose_names_what_is_missing(tmp_path: Path) -> None:
@@ -274,10 +282,11 @@ def test_compose_keeps_state_in_volumes_and_images_overridable() -> None:
     assert services["mosquitto"]["image"] == "${FEDBUS_MOSQUITTO_IMAGE:-eclipse-mosquitto:2}"
     assert services["trainer-0"]["build"]["args"]["PYTHON_IMAGE"] == \
         "${FEDBUS_PYTHON_IMAGE:-python:3.11-slim}"
-    # what the manifest reads passes through from compose's environment, addresses do not
+    # what the manifest reads passes through from compose's environment; the broker's
+    # address is the file's own (its service), not whatever the shell says at `up`
     env = services["trainer-0"]["environment"]
     assert env["FEDBUS_ROUNDS"] == "${FEDBUS_ROUNDS:-}"
-    assert "FEDBUS_BROKER_HOST" not in env
+    assert env["FEDBUS_BROKER_HOST"] == "mosquitto" and env["FEDBUS_BROKER_PORT"] == "1883"
 
 
 def test_numpy_task_nodes_get_the_numpy_image() -> None:

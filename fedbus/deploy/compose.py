@@ -78,7 +78,7 @@ log_type notice
 """
 
 
-_VAR: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
+_ONE_VAR: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
 
 
 def _var(name: str) -> str:
@@ -138,22 +138,27 @@ def _broker_healthcheck(port: int) -> dict[str, Any]:
                          "-t", "$$SYS/#", "-C", "1", "-W", "3"])
 
 
-def _address_vars(m: Manifest) -> set[str]:
-    """Variables the manifest's broker host/port fields are made of."""
+def _address_values(m: Manifest) -> dict[str, str]:
+    """{VAR: value} for broker host/port fields written as just ``${VAR}`` or
+    ``${VAR:-default}``: the values this compose file was generated with."""
     try:
         raw = yaml.safe_load(Path(m.source).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
-        return set()
+        return {}
     if not isinstance(raw, dict):
-        return set()
-    specs = [raw.get("broker")]
+        return {}
+    pairs: list[tuple[Any, BrokerSpec | None]] = [(raw.get("broker"), m.broker)]
     if isinstance(raw.get("brokers"), dict):
-        specs += list(raw["brokers"].values())
-    out: set[str] = set()
-    for spec in specs:
-        if isinstance(spec, dict):
-            for key in ("host", "port"):
-                out |= set(_VAR.findall(str(spec.get(key, ""))))
+        pairs += [(spec, m.brokers[name].spec if name in m.brokers else None)
+                  for name, spec in raw["brokers"].items()]
+    out: dict[str, str] = {}
+    for spec, resolved in pairs:
+        if not isinstance(spec, dict) or resolved is None:
+            continue
+        for key in ("host", "port"):
+            match = _ONE_VAR.fullmatch(str(spec.get(key, "")).strip())
+            if match:
+                out[match[1]] = str(getattr(resolved, key))
     return out
 
 
@@ -361,7 +366,8 @@ def compose_config(
     secret = m.broker.password_env if m.broker else None
     # Not passed through: the secret, what compose sets itself, and the broker addresses
     # (the compose file decides where the brokers are; a shell's 127.0.0.1 must not win).
-    skip = {secret, "FEDBUS_REDIS_URL", "FEDBUS_RUNS_DIR", *_address_vars(m)}
+    addresses = _address_values(m)
+    skip = {secret, "FEDBUS_REDIS_URL", "FEDBUS_RUNS_DIR", *addresses}
     passthrough = [v for v in manifest_variables(m) if v not in skip]
     for n in m.nodes:
         service, tell = node_broker[n.id]
@@ -423,6 +429,10 @@ def compose_config(
             # what the manifest reads (${VAR}) comes from where compose runs: `FEDBUS_ROUNDS=5
             # docker compose up` works; unset stays unset (the manifest's default applies)
             env[var] = f"${{{var}:-}}"
+        if tell is None:
+            # Where the brokers are is this file's decision (its services, its ports): the
+            # nodes get the values it was generated with, whatever the shell says later.
+            env.update(addresses)
         if stage == "trainer":
             # Every node of a compose project shares one machine: one torch thread each, as
             # `fedbus run` gives trainers that share a process (and the same floating-point

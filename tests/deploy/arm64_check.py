@@ -76,7 +76,8 @@ def _stop_node(d: Dockerd, node: str) -> None:
 
 def run_arm64_check(d: Dockerd, workdir: Path, image: str, rounds: int = 5) -> Arm64Result:
     res = Arm64Result()
-    d.docker("run", "-d", "--name", NAME, "--platform", "linux/arm64", "--network", "host",
+    # no --platform: this daemon would look for the image in a registry; the image is arm64
+    d.docker("run", "-d", "--name", NAME, "--network", "host",
              image, "sleep", "infinity", capture=True)
     try:
         res.uname = sh(d, NAME, "uname -m")

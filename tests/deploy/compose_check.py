@@ -331,17 +331,20 @@ class Reference:
     """`fedbus run` of the same manifest and size, on the in-process bus, in the background:
     ``with Reference(workdir, job) as ref: ...; accuracy, weights = ref.result()``."""
 
-    def __init__(self, workdir: Path, job: Job) -> None:
+    def __init__(self, workdir: Path, job: Job, manifest: str = MANIFEST,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = workdir / "reference"
         self.job = job
+        self.manifest = manifest
+        self.env = job.env if env is None else env
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Reference:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedbus.cli", "run", str(ROOT / MANIFEST), "--memory",
+            [sys.executable, "-m", "fedbus.cli", "run", str(ROOT / self.manifest), "--memory",
              "--runs-dir", str(self.dir / "runs")], cwd=self.dir, text=True,
-            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **self.job.env},
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **self.env},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         return self
 
@@ -361,3 +364,52 @@ class Reference:
         assert m, out[-1000:]
         final = next((self.dir / "runs").rglob("model-final.safetensors"))
         return float(m[1]), dict(load_file(str(final)))
+
+
+BRIDGED: Final = "examples/topologies/three-level-compose.yaml"
+
+
+def run_bridged_job(d: Dockerd, workdir: Path, images: dict[str, str], torch_index: str,
+                    rounds: int = 3) -> tuple[float | None, list[str], str]:
+    """`fedbus compose` of a two-broker manifest on the host's network: the site broker
+    bridged to the root one, trainers on the site, the aggregator on the root. Returns the
+    final accuracy, the services, and the site broker's generated config."""
+    ports = {"FEDBUS_ROOT_PORT": str(free_port()), "FEDBUS_SITE_PORT": str(free_port())}
+    env = {"FEDBUS_ROUNDS": str(rounds), "FEDBUS_ROOT_HOST": "127.0.0.1",
+           "FEDBUS_SITE_HOST": "127.0.0.1", **ports}
+    out = workdir / "compose.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "fedbus.cli", "compose", BRIDGED, "--network", "host",
+                    "--out", str(out), "--config-dir", str(workdir / "brokers")],
+                   cwd=ROOT, env={**env, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                   check=True, capture_output=True, text=True)
+    doc = yaml.safe_load(out.read_text())
+    services = list(doc["services"])
+    res = ComposeResult()
+    p = Project(d, workdir, {**env, "FEDBUS_MOSQUITTO_IMAGE": images["mosquitto"],
+                             "FEDBUS_PYTHON_IMAGE": images["python"],
+                             "FEDBUS_TORCH_INDEX": torch_index}, services, res)
+    p.name = "fedbusbridged"
+    try:
+        p.compose("build", "aggregator", timeout=3600)  # every node here loads the torch task
+        p.compose("up", "-d")
+
+        def finished() -> str | None:
+            p.last_round()
+            return _finished(p)
+
+        _wait("the bridged job to finish", finished, 600 + 120 * rounds, poll_s=2)
+        m = _FINAL.search(p.logs("aggregator"))
+        accuracy = float(m[1]) if m else None
+    finally:
+        for s in services:
+            try:
+                (workdir / f"{s}.log").write_text(p.logs(s))
+            except Exception as exc:
+                res.note(f"no log of {s}: {exc}")
+        try:
+            p.compose("down", "-v", "--remove-orphans", timeout=300)
+        except AssertionError as exc:
+            res.note(f"down failed: {exc}")
+        d.docker("rmi", "-f", "fedbus-trainer:dev", check=False, capture=True, timeout=300)
+    return accuracy, services, (workdir / "brokers" / "broker-site.conf").read_text()

@@ -121,9 +121,13 @@ class Dockerd:
     def docker(self, *args: str, check: bool = True, capture: bool = False,
                timeout: float | None = None, input: bytes | None = None
                ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["docker", *args], env=self.env, check=check, text=True,
-                              capture_output=capture, timeout=timeout,
-                              input=input.decode() if input is not None else None)
+        r = subprocess.run(["docker", *args], env=self.env, check=False, text=True,
+                           capture_output=capture, timeout=timeout,
+                           input=input.decode() if input is not None else None)
+        if check and r.returncode != 0:
+            said = (r.stderr or "").strip()[-1500:] if capture else "(see the output above)"
+            raise AssertionError(f"`docker {' '.join(args)}` exited {r.returncode}: {said}")
+        return r
 
     def out(self, *args: str, timeout: float | None = 120) -> str:
         return self.docker(*args, capture=True, timeout=timeout).stdout.strip()

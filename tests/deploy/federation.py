@@ -32,6 +32,7 @@ def repo_files(dest: Path) -> Path:
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                            check=True, capture_output=True).stdout
     existing = b"\0".join(n for n in names.split(b"\0") if n and (ROOT / n.decode()).exists())
+    dest.mkdir(parents=True, exist_ok=True)
     tar = dest / "fedbus-src.tar"
     subprocess.run(["tar", "-C", str(ROOT), "--null", "-T", "-", "-cf", str(tar)],
                    input=existing, check=True)

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.compose_check import Job, Reference, run_compose_job
+from tests.deploy.compose_check import (
+    BRIDGED,
+    Job,
+    Reference,
+    run_bridged_job,
+    run_compose_job,
+)
 from tests.deploy.conftest import DeployImages
 from tests.deploy.dockerd import Dockerd
 
@@ -91,3 +97,22 @@ def test_compose_digits_job_recovers_the_clean_runs_model(
     assert all((res.weights[k] == reference[k]).all() for k in reference)
     if FULL:
         assert accuracy == 0.9443  # examples/digits/manifest.yaml's (README)
+
+
+@pytest.mark.skipif(not FULL, reason="`make deploy-check` (FEDBUS_DEPLOY_FULL=1): 14 torch "
+                                     "containers")
+@pytest.mark.timeout(3600)
+def test_compose_two_bridged_brokers_finish_the_job(
+    dockerd: Dockerd, images: DeployImages, workdir: Path
+) -> None:
+    # Execute: three-level-compose.yaml on the host's network, 3 rounds; `fedbus run` beside
+    with Reference(workdir / "bridged", Job(rounds=3), BRIDGED, {"FEDBUS_ROUNDS": "3"}) as ref:
+        accuracy, services, site_conf = run_bridged_job(dockerd, workdir / "bridged",
+                                                        images.bases, images.torch_index)
+        expected, _ = ref.result()
+    print(f"bridged compose: final accuracy={accuracy}, fedbus run: {expected}")
+    # Assert: two broker services, the site's bridged to the root's, the job done as
+    # `fedbus run` does it
+    assert {"broker-root", "broker-site"} <= set(services)
+    assert "connection fedbus.topo-bridged.bridge.site" in site_conf
+    assert accuracy == expected
