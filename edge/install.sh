@@ -15,7 +15,8 @@ ETC=/etc/fedbus
 UNIT_DIR=/etc/systemd/system
 USER_NAME=fedbus
 PYTHON=${PYTHON:-python3}
-# Where x86_64 gets CPU torch (PyPI alone would bring the CUDA build); a mirror may replace it.
+# Where torch comes from: PyTorch's CPU index (PyPI's builds are CUDA ones); a mirror may
+# replace it (any PEP 503 index with torch and its dependencies).
 TORCH_CPU_INDEX=${FEDBUS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 DRY_RUN=0
 WITH_TORCH=1
@@ -126,19 +127,22 @@ install_python() {
         run install -d -m 0755 "$PREFIX"
         run "$PYTHON" -m venv "$VENV"
     fi
-    local target=$SRC what="numpy only" pip_args=(--constraint "$SRC/constraints.txt")
+    local target=$SRC what="numpy only" torch_pin
     if ((WITH_TORCH)); then
         target="${SRC}[trainer]"
         what="trainer extra, CPU torch"
-        # aarch64 PyPI torch wheels are CPU-only already; on x86_64 PyPI would pull CUDA.
-        if [[ $(uname -m) == x86_64 ]]; then
-            pip_args+=(--extra-index-url "$TORCH_CPU_INDEX")
-        fi
     fi
     log "installing fedbus ($what)"
     run "$VENV/bin/python" -m pip install --upgrade pip
+    if ((WITH_TORCH)); then
+        # PyPI's torch is a CUDA build on x86_64 and on aarch64 too (2.13.0 on aarch64 brings
+        # 2.5 GB of nvidia-* packages, measured: docs/deploy.md), useless on a Pi. torch comes
+        # first from the CPU index, as PyTorch's own instructions install it; the pin holds.
+        torch_pin=$(grep -E '^torch==' "$SRC/constraints.txt" || echo torch)
+        run "$VENV/bin/python" -m pip install --index-url "$TORCH_CPU_INDEX" "$torch_pin"
+    fi
     # Not editable: the venv must keep working if the checkout moves or is deleted.
-    run "$VENV/bin/python" -m pip install --upgrade "${pip_args[@]}" "$target"
+    run "$VENV/bin/python" -m pip install --upgrade --constraint "$SRC/constraints.txt" "$target"
     # Task modules named by manifests (examples.*) and the docs units point at.
     run install -d -m 0755 "$APP" "$APP/edge"
     run cp -R "$SRC/examples" "$APP/"

@@ -74,11 +74,42 @@ def _stop_node(d: Dockerd, node: str) -> None:
     sh(d, NAME, f"pkill -TERM -u fedbus -f -- '--node {node}' || true", check=False)
 
 
+#: MIDR_EL1 of a Raspberry Pi 4's Cortex-A72 (r0p3).
+PI4_MIDR: Final = "0x00000000410fd083"
+
+
+def fake_cpu_sysfs(dest: Path) -> Path:
+    """A copy of the host's /sys/devices/system/cpu (cpu lists, topology) plus the arm64
+    identification registers every aarch64 kernel exposes and qemu-user cannot: torch's
+    oneDNN (xbyak_aarch64) reads MIDR_EL1 at import and, without it, `import torch`
+    segfaults under emulation. A Pi's or a Jetson's kernel has the real file."""
+    src = Path("/sys/devices/system/cpu")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("online", "possible", "present", "kernel_max", "offline"):
+        if (src / name).is_file():
+            (dest / name).write_text((src / name).read_text())
+    for cpu in sorted(src.glob("cpu[0-9]*")):
+        ident = dest / cpu.name / "regs" / "identification"
+        ident.mkdir(parents=True, exist_ok=True)
+        (ident / "midr_el1").write_text(PI4_MIDR + "\n")
+        (ident / "revidr_el1").write_text("0x0000000000000000\n")
+        topo = dest / cpu.name / "topology"
+        topo.mkdir(exist_ok=True)
+        for f in (cpu / "topology").glob("*"):
+            try:
+                (topo / f.name).write_text(f.read_text())
+            except OSError:
+                continue
+    return dest
+
+
 def run_arm64_check(d: Dockerd, workdir: Path, image: str, rounds: int = 5) -> Arm64Result:
     res = Arm64Result()
+    cpus = fake_cpu_sysfs(workdir / "sys-cpu")
     # no --platform: this daemon would look for the image in a registry; the image is arm64
     d.docker("run", "-d", "--name", NAME, "--network", "host",
-             image, "sleep", "infinity", capture=True)
+             "-v", f"{cpus}:/sys/devices/system/cpu:ro", image, "sleep", "infinity",
+             capture=True)
     try:
         res.uname = sh(d, NAME, "uname -m")
         res.python = sh(d, NAME, "python3 --version")
@@ -96,8 +127,11 @@ def run_arm64_check(d: Dockerd, workdir: Path, image: str, rounds: int = 5) -> A
             fed = HostFederation(workdir / f"host-{kind}", manifest, ["aggregator", "pi-1"],
                                  {"FEDBUS_ROUNDS": str(rounds)})
             # install first (minutes under emulation), then start the host's half
+            # PyTorch's CPU index (install.sh's default) is not reachable from this machine:
+            # torch comes from PyPI, whose aarch64 build is the CUDA one (docs/deploy.md)
             env = {"PIP_CERT": PIP_CERT, "FEDBUS_BROKER_HOST": "127.0.0.1",
-                   "FEDBUS_BROKER_PORT": str(fed.port)}
+                   "FEDBUS_BROKER_PORT": str(fed.port),
+                   "FEDBUS_TORCH_INDEX": "https://pypi.org/simple"}
             run.install_s = install_in(d, NAME, workdir, [*flags, "--node", node,
                                                           "--manifest", manifest], env,
                                        timeout=5400)

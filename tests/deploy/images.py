@@ -14,6 +14,7 @@ import functools
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,11 +145,12 @@ def base_images(d: Dockerd, arch: str = "amd64",
 
 
 class WheelIndex:
-    """A PEP 503 index on 127.0.0.1 with this machine's CPU torch wheel, for ``TORCH_INDEX``.
+    """A PEP 503 index on 127.0.0.1 with CPU torch and its dependencies, for ``TORCH_INDEX``.
 
     PyPI's x86_64 torch is the multi-GB CUDA build and download.pytorch.org is not reachable
-    here; ``pip download torch==<pin>`` finds the CPU wheel this machine was set up with.
-    A user's build takes it from the PyTorch CPU index instead (the Dockerfile's default).
+    here; ``pip download torch==<pin>`` finds the CPU wheel this machine was set up with (and
+    its dependencies). A user's build takes them from the PyTorch CPU index instead (the
+    Dockerfile's default).
     """
 
     def __init__(self, workdir: Path) -> None:
@@ -162,19 +164,25 @@ class WheelIndex:
         pin = next(line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
                    if line.startswith("torch=="))
         if not list(files.glob("torch-*.whl")):
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "-q",
                                 "--only-binary=:all:", "-d", str(files), pin],
                                capture_output=True, text=True, check=False, timeout=1800)
             if r.returncode != 0:
                 raise DeployUnavailable(f"pip download {pin} failed: {r.stderr[-400:]}")
-        wheels = sorted(files.glob("torch-*.whl"))
-        if not any("+cpu" in w.name for w in wheels):
-            raise DeployUnavailable(f"pip download {pin} gave {[w.name for w in wheels]}, not a "
-                                    "CPU build: the trainer image would pull GBs of CUDA")
-        project = self.dir / "simple" / "torch"
-        project.mkdir(parents=True, exist_ok=True)
-        links = "".join(f'<a href="../../files/{w.name}">{w.name}</a>\n' for w in wheels)
-        (project / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{links}</body></html>\n")
+        wheels = sorted(files.glob("*.whl"))
+        if not any(w.name.startswith("torch-") and "+cpu" in w.name for w in wheels):
+            raise DeployUnavailable(f"pip download {pin} gave no CPU build: the trainer image "
+                                    "would pull GBs of CUDA")
+        projects: dict[str, list[str]] = {}
+        for w in wheels:
+            name = re.sub(r"[-_.]+", "-", w.name.split("-", 1)[0]).lower()
+            projects.setdefault(name, []).append(w.name)
+        for name, names in projects.items():
+            page = self.dir / "simple" / name
+            page.mkdir(parents=True, exist_ok=True)
+            links = "".join(f'<a href="../../files/{n}">{n}</a>\n' for n in names)
+            (page / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{links}"
+                                             "</body></html>\n")
         handler = functools.partial(_QuietHandler, directory=str(self.dir))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, name="wheel-index", daemon=True).start()
