@@ -15,13 +15,16 @@ ETC=/etc/fedbus
 UNIT_DIR=/etc/systemd/system
 USER_NAME=fedbus
 PYTHON=${PYTHON:-python3}
-TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Where torch comes from: PyTorch's CPU index (PyPI's builds are CUDA ones); a mirror may
+# replace it (any PEP 503 index with torch and its dependencies).
+TORCH_CPU_INDEX=${FEDBUS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 DRY_RUN=0
 WITH_TORCH=1
 WITH_BROKER=0
 NODE=
 MANIFEST=
 SECURE=
+CONNECT=
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -35,6 +38,7 @@ Options:
   --node ID      generate and enable fedbus-ID.service (fedbus units) for this device's node
   --manifest F   the manifest (path inside the checkout) that --node is in
   --secure DIR   a "fedbus acl" folder: the node's password goes into /etc/fedbus/ID.env
+  --connect H:P  the broker --node connects to, for a manifest that names none
   --prefix DIR   install under DIR instead of ${PREFIX}
   -h, --help     this text
 EOF
@@ -45,12 +49,13 @@ while (($#)); do
         --dry-run) DRY_RUN=1 ;;
         --no-torch) WITH_TORCH=0 ;;
         --broker) WITH_BROKER=1 ;;
-        --node | --manifest | --secure)
+        --node | --manifest | --secure | --connect)
             [[ $# -ge 2 ]] || { echo "install.sh: $1 needs a value" >&2; exit 2; }
             case $1 in
                 --node) NODE=$2 ;;
                 --manifest) MANIFEST=$2 ;;
                 --secure) SECURE=$2 ;;
+                --connect) CONNECT=$2 ;;
             esac
             shift
             ;;
@@ -122,19 +127,22 @@ install_python() {
         run install -d -m 0755 "$PREFIX"
         run "$PYTHON" -m venv "$VENV"
     fi
-    local target=$SRC what="numpy only" pip_args=(--constraint "$SRC/constraints.txt")
+    local target=$SRC what="numpy only" torch_pin
     if ((WITH_TORCH)); then
         target="${SRC}[trainer]"
         what="trainer extra, CPU torch"
-        # aarch64 PyPI torch wheels are CPU-only already; on x86_64 PyPI would pull CUDA.
-        if [[ $(uname -m) == x86_64 ]]; then
-            pip_args+=(--extra-index-url "$TORCH_CPU_INDEX")
-        fi
     fi
     log "installing fedbus ($what)"
     run "$VENV/bin/python" -m pip install --upgrade pip
+    if ((WITH_TORCH)); then
+        # PyPI's torch is a CUDA build on x86_64 and on aarch64 too (2.13.0 on aarch64 brings
+        # 2.5 GB of nvidia-* packages, measured: docs/deploy.md), useless on a Pi. torch comes
+        # first from the CPU index, as PyTorch's own instructions install it; the pin holds.
+        torch_pin=$(grep -E '^torch==' "$SRC/constraints.txt" || echo torch)
+        run "$VENV/bin/python" -m pip install --index-url "$TORCH_CPU_INDEX" "$torch_pin"
+    fi
     # Not editable: the venv must keep working if the checkout moves or is deleted.
-    run "$VENV/bin/python" -m pip install --upgrade "${pip_args[@]}" "$target"
+    run "$VENV/bin/python" -m pip install --upgrade --constraint "$SRC/constraints.txt" "$target"
     # Task modules named by manifests (examples.*) and the docs units point at.
     run install -d -m 0755 "$APP" "$APP/edge"
     run cp -R "$SRC/examples" "$APP/"
@@ -179,6 +187,9 @@ install_node_unit() {
     if [[ -n $SECURE ]]; then
         args+=(--secure "$SECURE")
     fi
+    if [[ -n $CONNECT ]]; then
+        args+=(--broker "$CONNECT")
+    fi
     log "generating fedbus-$NODE.service from $MANIFEST"
     # Under --dry-run the venv may not exist yet: print the command instead.
     run "$VENV/bin/fedbus" units "${args[@]}"
@@ -188,7 +199,12 @@ install_node_unit() {
     else
         run install -m 0640 -o root -g "$USER_NAME" "$out/$NODE.env" "$ETC/$NODE.env"
     fi
-    run systemctl enable "fedbus-$NODE.service"
+    if ((DRY_RUN)) || command -v systemctl >/dev/null; then
+        # works offline too (an image being prepared in a chroot): it only makes the links
+        run systemctl enable "fedbus-$NODE.service"
+    else
+        log "systemctl not found: fedbus-$NODE.service installed, not enabled (no systemd here)"
+    fi
 }
 
 install_broker() {

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from fedbus.broker import MosquittoProcess
+from fedbus.deploy.compose import STATE_DIR
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,19 @@ def fedbus_services() -> dict[str, dict[str, Any]]:
             if isinstance(svc.get("command"), list) and svc["command"][0] == "fedbus"}
 
 
+def local_command(svc: dict[str, Any]) -> list[str]:
+    """The service's arguments with the image's /app as this checkout."""
+    return [str(ROOT / a.removeprefix("/app/")) if str(a).startswith("/app/") else str(a)
+            for a in svc["command"][1:]]
+
+
+def local_env(svc: dict[str, Any]) -> dict[str, str]:
+    """The service's own settings; what compose would pass through from its shell
+    (``${VAR:-}``) and redis (a compose service) are left out."""
+    env = {k: str(v) for k, v in svc.get("environment", {}).items()}
+    return {k: v for k, v in env.items() if not v.startswith("${") and k != "FEDBUS_REDIS_URL"}
+
+
 async def test_compose_services_run_as_local_processes(
     mosquitto: MosquittoProcess, tmp_path: Path
 ) -> None:
@@ -33,11 +47,15 @@ async def test_compose_services_run_as_local_processes(
     procs: dict[str, asyncio.subprocess.Process] = {}
     try:
         for name, svc in services.items():
-            env = {**os.environ, **{k: str(v) for k, v in svc.get("environment", {}).items()},
+            # a stateful node works in its volume (working_dir): here, a folder of its own
+            cwd = tmp_path / name if svc.get("working_dir") else ROOT
+            cwd.mkdir(exist_ok=True)
+            own = {k: v.replace(STATE_DIR, str(cwd)) for k, v in local_env(svc).items()}
+            env = {**os.environ, **own, "PYTHONPATH": str(ROOT),
                    "FEDBUS_BROKER_HOST": mosquitto.host,
                    "FEDBUS_BROKER_PORT": str(mosquitto.port), "FEDBUS_ROUNDS": "3"}
             procs[name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "fedbus.cli", *svc["command"][1:], cwd=ROOT, env=env,
+                sys.executable, "-m", "fedbus.cli", *local_command(svc), cwd=cwd, env=env,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=open(tmp_path / f"{name}.log", "wb"),  # noqa: ASYNC230 - a log sink
             )

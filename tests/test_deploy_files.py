@@ -53,10 +53,11 @@ def _fedbus_services(compose: dict[str, Any]) -> dict[str, list[str]]:
 def test_compose_has_the_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
 
-    assert {"mosquitto", "redis", "aggregator"} <= set(services)
-    assert {f"trainer-{i}" for i in range(4)} <= set(services)
-    assert services["mosquitto"]["image"] == "eclipse-mosquitto:2"
-    assert services["redis"]["image"] == "redis:7"
+    assert {"mosquitto", "redis", "aggregator", "checkpointer"} <= set(services)
+    assert {f"trainer-{i}" for i in range(10)} <= set(services)
+    # public images by default, each a variable a user (or the deployment check) overrides
+    assert services["mosquitto"]["image"] == "${FEDBUS_MOSQUITTO_IMAGE:-eclipse-mosquitto:2}"
+    assert services["redis"]["image"] == "${FEDBUS_REDIS_IMAGE:-redis:7}"
     assert "--appendonly" in services["redis"]["command"]
     assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] \
         == "yes"
@@ -80,8 +81,9 @@ def test_compose_services_have_healthchecks_restart_and_ordered_start(
 def test_every_compose_node_exists_in_its_manifest(compose: dict[str, Any]) -> None:
     served: dict[str, set[str]] = {}
     for name, cmd in _fedbus_services(compose).items():
-        manifest_path, node = cmd[2], cmd[cmd.index("--node") + 1]
-        env = {k: str(v) for k, v in compose["services"][name].get("environment", {}).items()}
+        manifest_path, node = cmd[2].removeprefix("/app/"), cmd[cmd.index("--node") + 1]
+        env = {k: str(v) for k, v in compose["services"][name].get("environment", {}).items()
+               if not str(v).startswith("${")}  # compose's own variables: unset here
         m = load_manifest(ROOT / manifest_path, env=env)
         m.node(node)  # raises ManifestError naming the known ids
         served.setdefault(manifest_path, set()).add(node)
@@ -99,8 +101,8 @@ def test_compose_referenced_files_exist(compose: dict[str, Any]) -> None:
             context = svc["build"] if isinstance(svc["build"], str) else svc["build"]["context"]
             assert (ROOT / context / "Dockerfile").is_file(), name
         for cmd_arg in svc.get("command") or []:
-            if str(cmd_arg).endswith((".yaml", ".yml")):
-                assert (ROOT / cmd_arg).is_file(), f"{name}: {cmd_arg}"
+            if str(cmd_arg).endswith((".yaml", ".yml")):  # /app is the checkout in the image
+                assert (ROOT / str(cmd_arg).removeprefix("/app/")).is_file(), f"{name}: {cmd_arg}"
 
 
 def test_compose_broker_config_exists(compose: dict[str, Any]) -> None:
@@ -119,7 +121,9 @@ def test_dockerfile_installs_pinned_cpu_trainer_as_non_root() -> None:
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
-    assert lines[0] == "FROM python:3.11-slim AS base"
+    # the base image is a build argument whose default is the public python:3.11-slim
+    assert lines[0] == "ARG PYTHON_IMAGE=python:3.11-slim"
+    assert lines[1] == "FROM ${PYTHON_IMAGE} AS base"
     assert re.search(r"--constraint constraints\.txt|-c constraints\.txt", text)
     assert "COPY pyproject.toml constraints.txt" in text
     assert "download.pytorch.org/whl/cpu" in text

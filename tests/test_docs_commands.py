@@ -54,14 +54,19 @@ DOC_COMMANDS: dict[str, str] = {
         "tests/test_docs_commands.py::test_the_store_and_review_blocks_run_as_written",
     "fedbus compose examples/digits/compose-manifest.yaml --redis --out compose.yaml":
         "tests/test_compose_generated.py::test_compose_yaml_is_what_fedbus_compose_generates",
-    "docker compose up --build": "not run: needs a docker daemon; tests/test_compose_generated.py"
-                                 "::test_generated_compose_services_finish_the_federation runs "
-                                 "its services' commands",
-    "sudo FEDBUS_BROKER_HOST=192.168.1.10 edge/install.sh --node pi-0 --manifest "
-    "examples/digits/edge-manifest.yaml": "not run: installs into /opt and /etc; "
-                                          "tests/test_deploy_files.py checks install.sh",
-    "sudo systemctl start fedbus-pi-0": "not run: needs systemd as PID 1",
-    "journalctl -fu fedbus-pi-0": "not run: needs systemd as PID 1",
+    # the deployment checks run these (tests/deploy; `make deploy-check`, docs/deploy.md)
+    "docker-compose build aggregator checkpointer": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
+    "docker-compose up -d": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
+    "sudo FEDBUS_BROKER_HOST=192.168.1.10 edge/install.sh --no-torch --node pi-0 --manifest "
+    "examples/toy/edge-manifest.yaml": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
+    "sudo systemctl enable --now fedbus-pi-0": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
+    "FEDBUS_BROKER_PORT=<free> fedbus compose examples/digits/compose-manifest.yaml "
+    "--network host \\": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
+    "--redis --redis-port <free> --out compose.yaml --config-dir <dir>": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
+    "FEDBUS_BROKER_HOST=127.0.0.1 FEDBUS_BROKER_PORT=<port> edge/install.sh --no-torch \\":
+        "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
+    "--node pi-0 --manifest examples/toy/edge-manifest.yaml": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
+    "systemctl enable --now fedbus-pi-0": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
     "fedbus acl examples/toy/secure-manifest.yaml --out examples/toy/secure --operator ops "
     "--group mosquitto":
         "tests/test_readme_security.py::test_readme_securing_commands_run_a_federation",

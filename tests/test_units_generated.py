@@ -116,3 +116,60 @@ async def test_each_units_execstart_serves_its_node(
     lines = out.decode().strip().splitlines()
     assert sum(x.startswith("round ") for x in lines) == 3
     assert lines[-1].startswith("final ")
+
+
+def _units(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedbus.cli", "units", *args], cwd=ROOT,
+                          env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT),
+                               **(env or {})}, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_units_refuse_a_node_whose_manifest_names_no_broker(tmp_path: Path) -> None:
+    # Execute: the topology examples let `fedbus run` start the broker; a device cannot
+    proc = _units("examples/topologies/star.yaml", "--node", "trainer-0", "--out",
+                  str(tmp_path))
+    # Assert: refused, nothing written, the fix named
+    assert proc.returncode != 0
+    assert "names no broker" in proc.stderr and "--broker HOST:PORT" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_units_broker_option_goes_into_execstart(tmp_path: Path) -> None:
+    proc = _units("examples/topologies/star.yaml", "--node", "trainer-0", "--out",
+                  str(tmp_path), "--broker", "10.0.0.5:1884")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in (tmp_path / "fedbus-trainer-0.service").read_text().splitlines()
+                if x.startswith("ExecStart="))
+    assert line.endswith("--node trainer-0 --broker 10.0.0.5:1884")
+
+
+def test_units_refuse_missing_credentials_and_warn_on_a_missing_password(
+    tmp_path: Path
+) -> None:
+    text = _MANIFEST.replace("  password_env: FEDBUS_BROKER_PASSWORD\n",
+                             "  password_file: secure/passwords/{node}\n")
+    (tmp_path / "m.yaml").write_text(text)
+    env = {"FEDBUS_BROKER_HOST": "10.0.0.5"}
+    # Execute: the node's password file is not on this device
+    proc = _units(str(tmp_path / "m.yaml"), "--node", "pi-0", "--out", str(tmp_path / "u"),
+                  env=env)
+    # Assert
+    assert proc.returncode != 0
+    assert "broker.password_file of pi-0" in proc.stderr and "fedbus acl" in proc.stderr
+    # a user name with no password yet: written, with a warning that says where it goes
+    (tmp_path / "m2.yaml").write_text(_MANIFEST.replace(
+        "  password_env: FEDBUS_BROKER_PASSWORD\n",
+        "  username: pi\n  password_env: FEDBUS_BROKER_PASSWORD\n"))
+    proc = _units(str(tmp_path / "m2.yaml"), "--node", "pi-0", "--out", str(tmp_path / "u2"),
+                  env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" in proc.stderr and "FEDBUS_BROKER_PASSWORD" in proc.stderr
+    assert "/etc/fedbus/pi-0.env" in proc.stderr
+
+
+def test_units_refuse_a_broker_of_brokers_without_an_address(tmp_path: Path) -> None:
+    proc = _units("examples/topologies/three-level-bridged.yaml", "--node", "trainer-0",
+                  "--out", str(tmp_path))
+    assert proc.returncode != 0
+    assert "broker 'site', which has no host and port" in proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +68,9 @@ def _add_compose(add: Adder) -> None:
     comp = add("compose", "write a docker compose file: broker, redis if needed, every node", """\
   fedbus compose examples/digits/compose-manifest.yaml --out compose.yaml
   fedbus compose manifest.yaml --secure secure/ --out compose.yaml
+  fedbus compose examples/topologies/three-level-compose.yaml --out compose.yaml
+  FEDBUS_BROKER_PORT=18830 fedbus compose examples/digits/compose-manifest.yaml \\
+      --network host --out compose.yaml
 """, _cmd_compose)
     comp.add_argument("manifest", help="path relative to the project root, where compose runs")
     comp.add_argument("--out", help="file to write (default: stdout)")
@@ -76,6 +80,15 @@ def _add_compose(add: Adder) -> None:
                       help="generate broker users/rights into DIR and lock the broker down")
     comp.add_argument("--certs", metavar="DIR", help="a `fedbus certs` folder: mTLS")
     comp.add_argument("--image", default="fedbus:dev")
+    comp.add_argument("--network", choices=("bridge", "host"), default="bridge",
+                      help="bridge: a compose network, the broker's port published (default);"
+                      " host: every container on the host's network, brokers and redis on "
+                      "127.0.0.1 (hosts without a bridge network, or many brokers on one box)")
+    comp.add_argument("--redis-port", type=int, default=6379,
+                      help="redis's port with --network host (default 6379)")
+    comp.add_argument("--config-dir", default="brokers/generated", metavar="DIR",
+                      help="where broker configs are written when brokers/compose.conf does not"
+                      " fit (--network host, several brokers); relative to the project root")
 
 
 
@@ -94,6 +107,9 @@ def _add_units(add: Adder) -> None:
                        help="a `fedbus acl` folder: put the node's password in its env file")
     units.add_argument("--systemd", type=int, default=252,
                        help="systemd version on the device (>= 254 adds restart backoff)")
+    units.add_argument("--broker", metavar="HOST:PORT", type=_parse_broker,
+                       help="the broker the node connects to, written into ExecStart "
+                       "(for manifests that name none, like examples/topologies/)")
 
 
 
@@ -143,7 +159,8 @@ def _cmd_compose(args: argparse.Namespace, sink: Any) -> int:
     from fedbus.deploy.compose import compose_yaml
 
     text = compose_yaml(m, args.manifest, redis=args.redis, image=args.image,
-                        secure_dir=args.secure, certs_dir=args.certs)
+                        secure_dir=args.secure, certs_dir=args.certs, network=args.network,
+                        redis_port=args.redis_port, config_dir=args.config_dir)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
@@ -166,9 +183,15 @@ def _cmd_units(args: argparse.Namespace, sink: Any) -> int:
             raise ManifestError(m.source, "nodes", f"no password for {args.node!r} in "
                                 f"{args.secure}/passwords: {exc.strerror}; run `fedbus acl` "
                                 "first") from None
+    from fedbus.deploy.units import check_startable
+
+    broker = f"{args.broker.host}:{args.broker.port}" if args.broker else None
+    # A node that cannot start would restart-loop under systemd: refuse, or warn.
+    for warning in check_startable(m, args.node, broker=broker, password=password):
+        print(f"fedbus units: warning: {warning}", file=sys.stderr)
     files = write_unit(m, args.node, args.out, manifest_path=args.manifest_path,
                        prefix=args.prefix, env_dir=args.env_dir, password=password,
-                       systemd_version=args.systemd)
+                       systemd_version=args.systemd, broker=broker)
     print(f"unit      {files.unit} -> /etc/systemd/system/{files.name}")
     print(f"env       {files.env} -> {args.env_dir}/{args.node}.env (0640 root:fedbus)")
     return 0

@@ -9,6 +9,7 @@ already accumulated, since every update of the round was trained from the same m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -174,24 +175,30 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         c = self.config
         async with self.subscribe() as sub:
             await self._publish_presence("online")
-            restored = await self._restore(sub)
-            if restored is not None:
-                self._apply(restored)
-            await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
-            for number in range(self.start_round, c.rounds + 1):
-                report = await self.run_round(sub, number)
-                if self.durability is not None and self.durability.due(number, c.rounds):
-                    # the round is committed once the checkpointer has it
-                    latency = await self._checkpoint(sub, self._state_after(number, report))
-                    report.checkpoint_s = latency
-                    report.durable = latency is not None
-                self.history.append(report)
-                self.reports.put_nowait(report)
-                await self._publish(topics.metrics(c.job, c.node_id), METRICS, number,
-                                    report.as_meta())
-            await self._publish(topics.model(c.job, c.node_id), DONE, c.rounds,
-                                {"rounds": c.rounds})
-            await self._publish_presence("offline")
+            try:
+                restored = await self._restore(sub)
+                if restored is not None:
+                    self._apply(restored)
+                await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+                for number in range(self.start_round, c.rounds + 1):
+                    report = await self.run_round(sub, number)
+                    if self.durability is not None and self.durability.due(number, c.rounds):
+                        # the round is committed once the checkpointer has it
+                        latency = await self._checkpoint(sub, self._state_after(number, report))
+                        report.checkpoint_s = latency
+                        report.durable = latency is not None
+                    self.history.append(report)
+                    self.reports.put_nowait(report)
+                    await self._publish(topics.metrics(c.job, c.node_id), METRICS, number,
+                                        report.as_meta())
+                await self._publish(topics.model(c.job, c.node_id), DONE, c.rounds,
+                                    {"rounds": c.rounds})
+            finally:
+                # A stop (SIGTERM: compose down, systemctl stop) disconnects cleanly, so no will
+                # fires: say goodbye, or the retained `online` keeps the next instance waiting
+                # as a standby for good (fedbus.failover). Best effort, as the trainer's.
+                with contextlib.suppress(FedbusError):
+                    await self._publish_presence("offline")
         for observer in self.observers:
             observer.close()
         return self.weights

@@ -17,6 +17,7 @@ version it was trained from, so the staleness computed here is exact at any dept
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import Counter, OrderedDict, deque
@@ -178,17 +179,23 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         c = self.config
         async with self.subscribe() as sub:
             await self._publish_presence("online")
-            restored = await self._restore(sub)
-            if restored is not None:
-                self._apply(restored)
-            await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
-            self._period = self._new_period()
-            await self._refill()
-            while self.version < c.rounds:
-                await self._step(sub)
-            await self._publish(topics.model(c.job, c.node_id), DONE, self.version,
-                                {"rounds": c.rounds, "mode": "async"})
-            await self._publish_presence("offline")
+            try:
+                restored = await self._restore(sub)
+                if restored is not None:
+                    self._apply(restored)
+                await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+                self._period = self._new_period()
+                await self._refill()
+                while self.version < c.rounds:
+                    await self._step(sub)
+                await self._publish(topics.model(c.job, c.node_id), DONE, self.version,
+                                    {"rounds": c.rounds, "mode": "async"})
+            finally:
+                # A stop (SIGTERM: compose down, systemctl stop) disconnects cleanly, so no will
+                # fires: say goodbye, or the retained `online` keeps the next instance waiting
+                # as a standby for good (fedbus.failover). Best effort, as the trainer's.
+                with contextlib.suppress(FedbusError):
+                    await self._publish_presence("offline")
         self._log.info("job_finished", version=self.version,
                        updates=sum(self.contributions.values()),
                        contributions=dict(sorted(self.contributions.items())))
