@@ -36,6 +36,9 @@ from tests.docs import ROOT, all_commands, block_with
 # Generous bounds: they only cut a hang short, and hold on a busy machine.
 _STEP_S = 300.0
 
+_COMPOSE = "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model"
+_SYSTEMD = "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot"
+
 #: Every command of the documents' shell blocks -> the test that runs it ("path::name"), or
 #: "not run: why".
 DOC_COMMANDS: dict[str, str] = {
@@ -55,18 +58,18 @@ DOC_COMMANDS: dict[str, str] = {
     "fedbus compose examples/digits/compose-manifest.yaml --redis --out compose.yaml":
         "tests/test_compose_generated.py::test_compose_yaml_is_what_fedbus_compose_generates",
     # the deployment checks run these (tests/deploy; `make deploy-check`, docs/deploy.md)
-    "docker-compose build aggregator checkpointer": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
-    "docker-compose up -d": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
+    "docker-compose build aggregator checkpointer": _COMPOSE,
+    "docker-compose up -d": _COMPOSE,
     "sudo FEDBUS_BROKER_HOST=192.168.1.10 edge/install.sh --no-torch --node pi-0 --manifest "
-    "examples/toy/edge-manifest.yaml": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
-    "sudo systemctl enable --now fedbus-pi-0": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
+    "examples/toy/edge-manifest.yaml": _SYSTEMD,
+    "sudo systemctl enable --now fedbus-pi-0": _SYSTEMD,
     "FEDBUS_BROKER_PORT=<free> fedbus compose examples/digits/compose-manifest.yaml "
-    "--network host \\": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
-    "--redis --redis-port <free> --out compose.yaml --config-dir <dir>": "tests/deploy/test_compose_up.py::test_compose_digits_job_recovers_the_clean_runs_model",
+    "--network host \\": _COMPOSE,
+    "--redis --redis-port <free> --out compose.yaml --config-dir <dir>": _COMPOSE,
     "FEDBUS_BROKER_HOST=127.0.0.1 FEDBUS_BROKER_PORT=<port> edge/install.sh --no-torch \\":
-        "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
-    "--node pi-0 --manifest examples/toy/edge-manifest.yaml": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
-    "systemctl enable --now fedbus-pi-0": "tests/deploy/test_systemd.py::test_systemd_node_survives_kill_and_reboot",
+        _SYSTEMD,
+    "--node pi-0 --manifest examples/toy/edge-manifest.yaml": _SYSTEMD,
+    "systemctl enable --now fedbus-pi-0": _SYSTEMD,
     "fedbus acl examples/toy/secure-manifest.yaml --out examples/toy/secure --operator ops "
     "--group mosquitto":
         "tests/test_readme_security.py::test_readme_securing_commands_run_a_federation",
