@@ -122,6 +122,11 @@ DOC_COMMANDS: dict[str, str] = {
 
 #: `--help` examples run by another test (or, where they would touch the machine, parsed only).
 HELP_ELSEWHERE: dict[str, str] = {
+    "fedbus compose examples/topologies/three-level-compose.yaml --out compose.yaml":
+        "tests/test_compose_generated.py::test_compose_runs_one_broker_per_brokers_entry_with_"
+        "the_bridges generates it (compose_config, as the command does); "
+        "tests/deploy/test_compose_up.py::test_compose_two_bridged_brokers_finish_the_job "
+        "brings it up",
     "fedbus keys manifest.yaml --out keys/ --operator ops":
         "tests/test_signing.py::test_the_documented_signing_commands_run_as_written",
     "fedbus run examples/digits/manifest.yaml":
@@ -322,6 +327,8 @@ async def test_help_examples_run_as_written(mosquitto: MosquittoProcess, tmp_pat
     deploy.mkdir()
     secured = yaml.safe_load((s.folder / "manifest.yaml").read_text())
     secured["broker"]["password_file"] = "secure/passwords/{node}"
+    # systemd units hand a node its password through the environment (fedbus units --secure)
+    secured["broker"]["password_env"] = "FEDBUS_BROKER_PASSWORD"
     (deploy / "manifest.yaml").write_text(yaml.safe_dump(secured))
 
     async def run(example: str, cwd: Path | None = None) -> str:
