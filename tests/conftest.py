@@ -22,8 +22,9 @@ from fedbus.runs import ENV_VAR as RUNS_ENV_VAR
 ROOT = Path(__file__).resolve().parents[1]
 # Tool caches and environments a test session may touch; anything else that appears in or
 # vanishes from the checkout during a session is a test writing outside its temp folders.
+# (.deploy/ is the deployment checks' documented work folder and image cache: tests/deploy)
 _NOT_CHECKED = {".git", ".venv", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache",
-                "fedbus.egg-info", "node_modules"}
+                "fedbus.egg-info", "node_modules", ".deploy"}
 
 
 _runs_key = pytest.StashKey[tuple[str, str | None]]()
