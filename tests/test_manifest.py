@@ -70,7 +70,7 @@ def test_compose_manifest_defaults_to_the_compose_broker() -> None:
 
     assert m.broker == BrokerSpec(host="mosquitto", port=1883, keepalive_s=30,
                                   max_queued_messages=100_000)
-    assert m.num_partitions == 4
+    assert m.num_partitions == 10  # manifest.yaml's job, so the same model
 
 
 def test_edge_manifest_takes_the_broker_from_the_environment() -> None:
