@@ -96,10 +96,11 @@ clean:
 deploy-check: setup
 	FEDBUS_DEPLOY_FULL=1 $(BIN)/pytest -q -s -m deploy tests/deploy
 
-# arm64 (Raspberry Pi / Jetson userland) under qemu-user: about an hour on 2 cores.
+# arm64 (Raspberry Pi / Jetson userland) under qemu-user: about 20 minutes on 2 cores (plus 10
+# for the first debootstrap, cached in .deploy/).
 deploy-check-arm64: setup
 	FEDBUS_DEPLOY_ARM64=1 $(BIN)/pytest -q -s tests/deploy/test_arm64.py
 
-# The cached Debian rootfs tarballs and base images (about 1.5 GB).
+# The cached Debian rootfs tarballs and base images (1.2 GB).
 deploy-clean:
 	rm -rf .deploy

@@ -305,12 +305,12 @@ def test_validate_checks_each_brokers_files(tmp_path: Any) -> None:
     assert caught.value.field == "brokers.site.tls_ca"
 
 
-def test_compose_of_several_brokers_needs_their_addresses_and_says_so() -> None:
-    # Prepare: compose runs every broker itself (one service a broker, bridged), so each
-    # needs the address its nodes reach it at
+def test_compose_refuses_brokers_without_an_address_and_says_what_to_do() -> None:
+    # Prepare: `fedbus run` starts these brokers itself; a compose file needs their addresses
     from fedbus.deploy.compose import compose_config
     from fedbus.errors import DeployError
 
-    # Execute / Assert
-    with pytest.raises(DeployError, match="has no host and port"):
+    # Execute / Assert (tests/test_compose_generated.py deploys one that has them)
+    with pytest.raises(DeployError, match=r"has no host and port.*give each one where its "
+                                          r"nodes reach it"):
         compose_config(parse_manifest(chain()), "manifest.yaml")

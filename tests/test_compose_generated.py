@@ -97,7 +97,7 @@ def test_generated_compose_passes_docker_compose_config(tmp_path: Path, variant:
     elif variant in ("digits-host", "bridged"):
         proj = tmp_path
         path = ("examples/digits/compose-manifest.yaml" if variant == "digits-host"
-                else "examples/topologies/three-level-compose.yaml")
+                else "examples/compose/three-level-bridged.yaml")
         text = compose_yaml(load_manifest(ROOT / path, env={}), path, redis=True, root=proj,
                             network="host" if variant == "digits-host" else "bridge",
                             config_dir="brokers")
@@ -208,7 +208,7 @@ async def test_generated_compose_services_finish_the_federation(
 
 
 def test_compose_runs_one_broker_per_brokers_entry_with_the_bridges(tmp_path: Path) -> None:
-    path = "examples/topologies/three-level-compose.yaml"
+    path = "examples/compose/three-level-bridged.yaml"
     m = load_manifest(ROOT / path, env={})
     # Execute
     doc = compose_config(m, path, root=tmp_path, config_dir="brokers")
@@ -235,7 +235,7 @@ def test_multi_broker_compose_names_what_is_missing(tmp_path: Path) -> None:
     m = load_manifest(ROOT / "examples/topologies/three-level-bridged.yaml")
     with pytest.raises(DeployError, match=r"brokers\.root has no host and port"):
         compose_config(m, "examples/topologies/three-level-bridged.yaml", root=tmp_path)
-    host_names = load_manifest(ROOT / "examples/topologies/three-level-compose.yaml", env={})
+    host_names = load_manifest(ROOT / "examples/compose/three-level-bridged.yaml", env={})
     with pytest.raises(DeployError, match=r"with --network host every broker listens on "
                                           r"127\.0\.0\.1"):
         compose_config(host_names, "m.yaml", root=tmp_path, network="host")

@@ -68,7 +68,7 @@ def _add_compose(add: Adder) -> None:
     comp = add("compose", "write a docker compose file: broker, redis if needed, every node", """\
   fedbus compose examples/digits/compose-manifest.yaml --out compose.yaml
   fedbus compose manifest.yaml --secure secure/ --out compose.yaml
-  fedbus compose examples/topologies/three-level-compose.yaml --out compose.yaml
+  fedbus compose examples/compose/three-level-bridged.yaml --out compose.yaml
   FEDBUS_BROKER_PORT=18830 fedbus compose examples/digits/compose-manifest.yaml \\
       --network host --out compose.yaml
 """, _cmd_compose)

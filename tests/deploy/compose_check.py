@@ -366,7 +366,7 @@ class Reference:
         return float(m[1]), dict(load_file(str(final)))
 
 
-BRIDGED: Final = "examples/topologies/three-level-compose.yaml"
+BRIDGED: Final = "examples/compose/three-level-bridged.yaml"
 
 
 def run_bridged_job(d: Dockerd, workdir: Path, images: dict[str, str], torch_index: str,

@@ -1,4 +1,4 @@
-"""edge/install.sh in an arm64 userland under qemu (`make deploy-check-arm64`, about an hour
+"""edge/install.sh in an arm64 userland under qemu (`make deploy-check-arm64`, about 20 minutes
 on the 2-core box): a numpy-only node and a torch digits trainer join the host's federation.
 Not in `make test`: emulation makes it too slow; its last result is in docs/deploy.md."""
 

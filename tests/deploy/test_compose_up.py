@@ -105,7 +105,7 @@ def test_compose_digits_job_recovers_the_clean_runs_model(
 def test_compose_two_bridged_brokers_finish_the_job(
     dockerd: Dockerd, images: DeployImages, workdir: Path
 ) -> None:
-    # Execute: three-level-compose.yaml on the host's network, 3 rounds; `fedbus run` beside
+    # Execute: the two-broker example on the host's network, 3 rounds; `fedbus run` beside
     with Reference(workdir / "bridged", Job(rounds=3), BRIDGED, {"FEDBUS_ROUNDS": "3"}) as ref:
         accuracy, services, site_conf = run_bridged_job(dockerd, workdir / "bridged",
                                                         images.bases, images.torch_index)
