@@ -122,7 +122,7 @@ DOC_COMMANDS: dict[str, str] = {
 
 #: `--help` examples run by another test (or, where they would touch the machine, parsed only).
 HELP_ELSEWHERE: dict[str, str] = {
-    "fedbus compose examples/topologies/three-level-compose.yaml --out compose.yaml":
+    "fedbus compose examples/compose/three-level-bridged.yaml --out compose.yaml":
         "tests/test_compose_generated.py::test_compose_runs_one_broker_per_brokers_entry_with_"
         "the_bridges generates it (compose_config, as the command does); "
         "tests/deploy/test_compose_up.py::test_compose_two_bridged_brokers_finish_the_job "
