@@ -127,3 +127,28 @@ async def test_a_broker_with_a_small_receive_maximum_is_followed_not_fatal() -> 
         assert pub.stats["connection_losses"] == 0
     finally:
         await proc.stop()
+
+
+@pytest.mark.broker
+async def test_the_broker_never_sends_a_node_a_packet_over_its_declared_maximum() -> None:
+    # Prepare: the node chunks at 64 kB, so it declares (MQTT 5 Maximum Packet Size in
+    # CONNECT) one chunk plus headroom; another client publishes 512 kB in one packet
+    proc = await spawn_mosquitto()
+    topic = "fedbus/v1/toy/update/agg/t0"
+    try:
+        node_options = MqttOptions(chunk_bytes=64_000)
+        assert node_options.max_packet < 512_000
+        async with MqttBus("agg", proc.host, proc.port, options=node_options) as node, \
+                node.subscribe(topic) as sub, \
+                MqttBus("t0", proc.host, proc.port,
+                        options=MqttOptions(chunk_bytes=1_000_000)) as forger:
+            # Execute: the oversize packet, then a small one behind it
+            await forger.publish(topic, b"\xff" * 512_000)
+            await forger.publish(topic, b"small")
+            got = await sub.get(timeout=30)
+        # Assert: the broker dropped the big one before sending it; the node never saw it,
+        # kept its connection, and the next message arrived
+        assert got.payload == b"small"
+        assert node.stats["connection_losses"] == 0
+    finally:
+        await proc.stop()

@@ -125,6 +125,9 @@ def make_client(host: str, port: int, client_id: str, will_: Will | None, o: Mqt
     props = properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = o.session_expiry_s
     props.ReceiveMaximum = max(1, min(o.receive_maximum, 65535))
+    # The broker drops any packet over this before sending it (MQTT 5 Maximum Packet Size):
+    # no oversize publish, forged or not, costs this process memory or a decode.
+    props.MaximumPacketSize = o.max_packet
     will = None
     if will_ is not None:
         will = aiomqtt.Will(will_.topic, will_.payload, qos=1, retain=will_.retain)

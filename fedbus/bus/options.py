@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from fedbus.bus._chunking import ChunkLimits
 from fedbus.bus._repair import RepairLimits
 
-__all__ = ["MqttOptions"]
+__all__ = ["PACKET_HEADROOM", "MqttOptions"]
+
+#: Bytes a packet may carry beyond one chunk: the MQTT fixed and variable headers, the
+#: topic, the chunk frame's header and a signature trailer (all far smaller).
+PACKET_HEADROOM = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +42,17 @@ class MqttOptions:
     #: Maximum); with manual acks it bounds the client's incoming queue.
     receive_maximum: int = 64
     repair_limits: RepairLimits | None = None
+    #: The largest MQTT packet this client accepts (MQTT 5 Maximum Packet Size, sent in
+    #: CONNECT): the broker drops anything larger before it is sent, so a forged 64 MiB
+    #: publish never reaches the process. ``None``: one chunk plus headroom for the topic,
+    #: the chunk header and a signature (every payload above ``chunk_bytes`` is chunked;
+    #: only small retained presence travels whole).
+    max_packet_bytes: int | None = None
+
+    @property
+    def max_packet(self) -> int:
+        """The Maximum Packet Size to declare, in bytes (MQTT caps it at 2**28 - 1)."""
+        size = self.max_packet_bytes
+        if size is None:
+            size = self.chunk_bytes + PACKET_HEADROOM
+        return max(1024, min(size, (1 << 28) - 1))
