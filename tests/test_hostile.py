@@ -203,6 +203,46 @@ async def test_forged_retained_offline_presence_is_contradicted_and_rounds_stay_
 
 
 @pytest.mark.broker
+async def test_a_flood_of_forged_offlines_gets_a_bounded_answer_and_ends_online(
+        mosquitto: MosquittoProcess) -> None:
+    # Prepare: mid-job, 300 retained "offline"s for t0 as fast as one client sends them; a
+    # watcher reads t0's presence topic in the broker's order until t0 has the last word
+    from fedbus.services.trainer import REANNOUNCE_S
+
+    m = on(mosquitto, manifest(rounds=15))
+    forged: set[str] = set()
+    answers: list[float] = []
+    took: list[float] = []
+
+    async def flood(bus: Bus, order: Envelope) -> None:
+        loop = asyncio.get_running_loop()
+        async with bus.subscribe(topics.presence("toy", "t0")) as sub:
+            start = loop.time()
+            for _ in range(300):
+                env = presence("toy", "t0", "trainer", "offline")
+                forged.add(env.msg_id)
+                await bus.publish(topics.presence("toy", "t0"), encode(env), retain=True)
+            seen, last_online = 0, False
+            async with asyncio.timeout(30):
+                while seen < len(forged) or not last_online:
+                    env = decode((await sub.get()).payload)
+                    last_online = env.msg_id not in forged
+                    if last_online:
+                        answers.append(loop.time())
+                    else:
+                        seen += 1
+            took.append(loop.time() - start)
+
+    # Execute
+    agg, trainers, _ = await federate(m, flood)
+    # Assert: one answer an interval at most (it answered each forgery before), yet t0's own
+    # "online" came after the last forgery; t1 and t2 never missed a round
+    assert 1 <= len(answers) <= took[0] / REANNOUNCE_S + 2
+    assert trainers["t0"].rejections.counts["presence_contradicted"] >= 100
+    assert all(len(r.accepted) >= 2 for r in agg.history) and len(agg.history) == 15
+
+
+@pytest.mark.broker
 async def test_a_poisoned_update_is_refused_and_the_real_one_counts(
         mosquitto: MosquittoProcess) -> None:
     # Prepare: 1e30s claiming a million examples, on t0's topic, before t0 answers

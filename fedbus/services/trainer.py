@@ -91,6 +91,8 @@ _EPOCHS = 8
 _MAX_PENDING = 2
 #: How often one delivered update is sent again when asked (repairs, not an amplifier).
 _MAX_RESENDS = 3
+#: Seconds between a trainer's answers to presences that say it is offline.
+REANNOUNCE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -192,6 +194,8 @@ class Trainer:
         self._epoch: str | None = None
         self._done = False
         self._worker: asyncio.Task[None] | None = None
+        self._reannounce: asyncio.Task[None] | None = None
+        self._reannounce_owed = False
         #: The last synchronous update sent: (epoch, round, payload), sent again if asked.
         self._last_sent: tuple[str, int, bytes] | None = None
         self._resent = 0
@@ -250,10 +254,11 @@ class Trainer:
                         self._worker.result()  # surface a bug in the worker, not hide it
                         self._worker = None
             finally:
-                if self._worker is not None:
-                    self._worker.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await self._worker
+                for task in (self._worker, self._reannounce):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                 # Best effort: if the connection is gone, the broker's last will says it.
                 with contextlib.suppress(FedbusError):
                     await self._publish_presence("offline")
@@ -308,8 +313,23 @@ class Trainer:
         # Someone says we are gone (a forgery, garbage, or a will that crossed a reconnect):
         # we are not, so say so; counted, since on an authenticated broker nobody else can.
         self.rejections.reject("presence_contradicted", "our presence was overwritten")
-        with contextlib.suppress(BusError):
-            await self._publish_presence("online")
+        # At most one answer a REANNOUNCE_S: a flood of forged "offline"s must not turn this
+        # trainer into an amplifier (it answered each of ~2,000 before). The answer owed
+        # for the last of a burst is sent when the interval ends, so we end up "online".
+        if self._reannounce is None or self._reannounce.done():
+            self._reannounce = asyncio.create_task(self._reannounce_presence(),
+                                                   name=f"presence-{self.config.node_id}")
+        else:
+            self._reannounce_owed = True
+
+    async def _reannounce_presence(self) -> None:
+        while True:
+            self._reannounce_owed = False
+            with contextlib.suppress(BusError):
+                await self._publish_presence("online")
+            await asyncio.sleep(REANNOUNCE_S)
+            if not self._reannounce_owed:
+                return
 
     def _plausible(self, env: Envelope, epoch: str) -> bool:
         """Is this order one we should act on? Logs and counts why not.
