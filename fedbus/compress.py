@@ -32,6 +32,7 @@ of it, with each tensor's dtype and shape in ``meta["model_codec"]`` (``encode_m
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,10 +54,15 @@ MODEL_META_KEY: Final = "model_codec"
 _MAX_BLOCK: Final = 1 << 20
 #: Values per step of ``pack_int8``: 64K float32 = 256 KiB, resident in L2.
 _SEGMENT: Final = 1 << 16
-#: ``pack_int8``'s stochastic-rounding dither: a permutation of (k + 1/2) / 2^16, twice, so
-#: any window of up to 2^16 values starting in the first half is contiguous.
-_DITHER: Final = np.tile(((np.random.default_rng(0x5EED).permutation(_SEGMENT) + 0.5)
-                          / _SEGMENT).astype(np.float32), 2)
+
+
+@functools.cache
+def _dither() -> np.ndarray:
+    """``pack_int8``'s stochastic-rounding dither: a permutation of (k + 1/2) / 2^16, twice,
+    so any window of up to 2^16 values starting in the first half is contiguous. Made on
+    first use: ``numpy.random`` is 7 MiB that a node which never packs int8 does not load."""
+    return np.tile(((np.random.default_rng(0x5EED).permutation(_SEGMENT) + 0.5)
+                    / _SEGMENT).astype(np.float32), 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +175,7 @@ def pack_int8(d: np.ndarray, block: int, rng: np.random.Generator | None) -> np.
             # uniforms instead cost more than the rest of the packing together (1.6 ms per
             # 1M), holding the GIL.
             start = int(rng.integers(_SEGMENT))
-            part += _DITHER[start : start + (hi - lo)]
+            part += _dither()[start : start + (hi - lo)]
             np.floor(part, out=part)
         else:
             np.rint(part, out=part)

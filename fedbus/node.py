@@ -7,7 +7,7 @@ The one place where the manifest meets the services: ``fedbus serve`` runs one n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,14 +18,6 @@ from fedbus.compress import UpdateCodec
 from fedbus.connect import authenticated
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, feeds_sketches, thaw
-from fedbus.services._durability import DurabilitySettings
-from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
-from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
-from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
-from fedbus.services.relay import AsyncRelay, Relay
-from fedbus.services.trainer import Trainer, TrainerConfig
-from fedbus.store.feed import FeedSettings, SketchPublisher
-from fedbus.store.live import LiveRanking
 from fedbus.task import EvalResult, Task, open_task
 from strategies import (
     AsyncStrategy,
@@ -38,6 +30,11 @@ from strategies import (
     make_strategy,
 )
 from strategies.ranked import RankedSelector
+
+if TYPE_CHECKING:  # each factory imports its own service: a node loads only its role's code
+    from fedbus.services._durability import DurabilitySettings
+    from fedbus.services.relay import AsyncRelay, Relay
+    from fedbus.services.trainer import TrainerConfig
 
 __all__ = ["build_node", "codec_compression", "codec_limits"]
 
@@ -123,6 +120,8 @@ def _aggregating(m: Manifest, node: NodeSpec) -> dict[str, Any]:
 def _upward(m: Manifest, node: NodeSpec, bus: Bus, *, aux: int = 0,
             codec: UpdateCodec | None = None) -> TrainerConfig:
     """A node's settings toward its parent (a trainer's, or a relay's upward side)."""
+    from fedbus.services.trainer import TrainerConfig
+
     assert node.parent is not None
     return TrainerConfig(job=m.job, node_id=node.id, parent=node.parent, rounds=m.rounds,
                          authenticated=authenticated(m, bus), client_aux_models=aux,
@@ -131,6 +130,8 @@ def _upward(m: Manifest, node: NodeSpec, bus: Bus, *, aux: int = 0,
 
 
 def _trainer(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    from fedbus.services.trainer import Trainer
+
     task = task or open_task(m, node)
     plugin = make_strategy(m.strategy.name, thaw(m.strategy.params))
     aux = plugin.client_aux_models if isinstance(plugin, Strategy) else 0
@@ -145,6 +146,8 @@ def _trainer(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
 
 
 def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
+
     common = _aggregating(m, node)
     strategy, selector = _plugins(m, len(common["trainers"]))
     server_task = task or open_task(m, None)
@@ -159,6 +162,8 @@ def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any
     aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
     check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
     if isinstance(strategy, AsyncStrategy):
+        from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
+
         relays = frozenset(t.id for t in m.children_of(node.id) if t.role == "relay")
         return AsyncAggregator(AsyncAggregatorConfig(relays=relays, durability=_durability(m),
                                                      **common),
@@ -171,8 +176,12 @@ def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any
                      bus, strategy, selector, weights, evaluate=evaluate)
     # what rides along the rounds: a store's ranking before each, its sketch record after
     if isinstance(selector, RankedSelector) and selector.store is not None:
+        from fedbus.store.live import LiveRanking
+
         agg.observers.append(LiveRanking(m.job, node.id, selector))
     if feeds_sketches(m, node.id):
+        from fedbus.store.feed import FeedSettings, SketchPublisher
+
         agg.observers.append(SketchPublisher(FeedSettings(m.store.sketch_dim, m.seed), m.job,
                                              node.id, codec_compression(m), agg.epoch))
     return agg
@@ -187,6 +196,8 @@ def _store(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
 
 
 def _checkpointer(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any:
+    from fedbus.services.checkpointer import Checkpointer, CheckpointerConfig
+
     aggregators = frozenset(n.id for n in m.nodes if n.role == "aggregator")
     return Checkpointer(CheckpointerConfig(job=m.job, node_id=node.id,
                                            aggregators=aggregators, limits=codec_limits(m),
@@ -198,6 +209,10 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
     """A relay: its group's strategy (FedAvg by default) over its children (trainers or
     relays), one update to its parent; under an asynchronous root, every child update
     forwarded on its own with the version it was trained from."""
+    from fedbus.services.aggregator import LOSS_GRACE_S, Aggregator, AggregatorConfig
+    from fedbus.services.async_aggregator import AsyncAggregatorConfig
+    from fedbus.services.relay import AsyncRelay, Relay
+
     assert node.parent is not None
     common = _aggregating(m, node)
     children = common["trainers"]
@@ -252,6 +267,8 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
 
 
 def _durability(m: Manifest) -> DurabilitySettings | None:
+    from fedbus.services._durability import DurabilitySettings
+
     node = m.checkpointer
     if node is None:
         return None

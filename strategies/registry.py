@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from strategies._params import type_problems
@@ -64,6 +63,8 @@ def resolve(name: str, table: Mapping[str, str], group: str) -> Any:
     elif ":" in name:
         ref = name
     else:
+        from importlib.metadata import entry_points  # 1-2 MiB of email parsing: on demand
+
         eps = {ep.name: ep for ep in entry_points(group=group)}
         if name in eps:
             return eps[name].load()
