@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import numpy as np
+from blake3 import blake3
 
 from fedbus.codec import Compression, Envelope, encode
 from fedbus.signing import Signer, Verifier, generate_key
@@ -44,9 +45,11 @@ def measure(params: int, trials: int) -> dict[str, Any]:
     sign_s = [_cpu(signer.sign, payload) for _ in range(trials)]
     check_s = [_cpu(verifier.verify, signed) for _ in range(trials)]
     sha_s = [_cpu(lambda: hashlib.sha256(payload).digest()) for _ in range(trials)]
+    b3_s = [_cpu(lambda: blake3(payload).digest()) for _ in range(trials)]
     return {"params": params, "bytes": len(payload), "trials": trials,
             "sign_cpu_s": statistics.median(sign_s), "check_cpu_s": statistics.median(check_s),
             "sha256_cpu_s": statistics.median(sha_s),
+            "blake3_cpu_s": statistics.median(b3_s),
             "sign_spread": [min(sign_s), max(sign_s)],
             "check_spread": [min(check_s), max(check_s)]}
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     rows = []
     print(f"signing cost (load {load:.1f}, {args.trials} trials, medians of thread CPU)")
-    print("params       bytes      sign s   check s  sha256 s  round of "
+    print("params       bytes      sign s   check s  blake3 s  sha256 s  round of "
           f"{args.trainers} (CPU s)")
     for params in sizes:
         row = measure(params, args.trials)
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         row["load"] = load
         rows.append(row)
         print(f"{params:>9,} {row['bytes']:>11,} {row['sign_cpu_s']:>9.4f} "
-              f"{row['check_cpu_s']:>9.4f} {row['sha256_cpu_s']:>9.4f} "
+              f"{row['check_cpu_s']:>9.4f} {row['blake3_cpu_s']:>9.4f} "
+              f"{row['sha256_cpu_s']:>9.4f} "
               f"{row['round_cpu_s']:>10.3f}")
     if args.json:
         with open(args.json, "w") as f:
