@@ -171,9 +171,9 @@ def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any
     grace = r.loss_grace_s if r.loss_grace_s is not None else (
         0.0 if m.population is not None else LOSS_GRACE_S)
     agg = Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
-                                      ring_groups=m.groups_under(node.id),
                                       durability=_durability(m), **common),
-                     bus, strategy, selector, weights, evaluate=evaluate)
+                     bus, strategy, selector, weights, evaluate=evaluate,
+                     coverage=_coverage(m, node))
     # what rides along the rounds: a store's ranking before each, its sketch record after
     if isinstance(selector, RankedSelector) and selector.store is not None:
         from fedbus.store.live import LiveRanking
@@ -236,9 +236,8 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
             # whole job is the root's business)
             **{**common, "min_clients": len(children)}, quorum=r.quorum,
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
-            ring_groups=m.groups_under(node.id),
         ),
-        bus, group_strategy, make_selector("all", {}), weights)
+        bus, group_strategy, make_selector("all", {}), weights, coverage=_coverage(m, node))
     check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)
     # A group's update goes up lossless: its children's were quantized once already (the
     # root would otherwise fold a rounding per level).
@@ -264,6 +263,16 @@ def build_node(m: Manifest, node_id: str, bus: Bus, *, task: Task | None = None)
         raise ManifestError(m.source, f"nodes[{node_id}].role",
                             f"role {node.role!r} has no service in this version")
     return factory(m, node, bus, task)
+
+
+def _coverage(m: Manifest, node: NodeSpec) -> Any:
+    """Hybrid ring groups under ``node``: their updates cover several members."""
+    groups = m.groups_under(node.id)
+    if not groups:
+        return None
+    from fedbus.services.ring import RingCoverage
+
+    return RingCoverage(groups)
 
 
 def _durability(m: Manifest) -> DurabilitySettings | None:

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -25,7 +25,6 @@ from fedbus.checkpoint import AggregatorState
 from fedbus.codec import Envelope, encode
 from fedbus.compress import encode_model
 from fedbus.errors import FedbusError, UpdateRejected
-from fedbus.services import ring
 from fedbus.services._base import AggregatorBase, AggregatorSettings
 from fedbus.services.observers import RoundObserver
 from fedbus.task import EvalResult
@@ -52,9 +51,6 @@ class AggregatorConfig(AggregatorSettings):
     max_extensions: int = 1
     #: How long a round whose pending nodes were all reported lost waits for a contradiction.
     loss_grace_s: float = LOSS_GRACE_S
-    #: Hybrid ring groups among the trainers (members by rank): one member's update may
-    #: cover the others of its group (fedbus.services.ring).
-    ring_groups: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(slots=True)
@@ -105,6 +101,32 @@ class RoundReport:
         return meta
 
 
+class Coverage(Protocol):
+    """What an admitted update counts for: a capability the aggregator is given, so that
+    features which change it (hybrid ring groups) stay out of the round loop."""
+
+    def check(self, meta: Mapping[str, Any], sender: str, selected: set[str],
+              accepted: set[str]) -> None:
+        """Raise ``UpdateRejected`` when what it claims to cover is not allowed."""
+        ...
+
+    def covered(self, meta: Mapping[str, Any], sender: str, n: int) -> dict[str, int]:
+        """Who an admitted update delivers for, and their example counts."""
+        ...
+
+
+class SoloCoverage:
+    """An update counts for its sender only; one that claims more is refused."""
+
+    def check(self, meta: Mapping[str, Any], sender: str, selected: set[str],
+              accepted: set[str]) -> None:
+        if "covers" in meta:
+            raise UpdateRejected("not_in_group", f"{sender} is in no ring group of this node")
+
+    def covered(self, meta: Mapping[str, Any], sender: str, n: int) -> dict[str, int]:
+        return {sender: n}
+
+
 @dataclass(slots=True)
 class _Round:
     number: int
@@ -151,6 +173,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         evaluate: Callable[[Weights], EvalResult] | None = None,
         start_round: int = 1,
         observers: Sequence[RoundObserver] = (),
+        coverage: Coverage | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -165,7 +188,9 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._round = 0
         self._state: _Round | None = None
         self._log = log.bind(node=config.node_id, role="aggregator", job=config.job)
-        self._groups = {m: frozenset(g) for g in config.ring_groups for m in g}
+        #: What an update counts for: its sender (default), or the members of a ring group
+        #: it covers (``fedbus.services.ring.RingCoverage``, given by node.py).
+        self.coverage: Coverage = coverage or SoloCoverage()
         #: Features riding along the rounds (fedbus.services.observers).
         self.observers: list[RoundObserver] = list(observers)
         self._init_intake(strategy.aux_models)
@@ -368,14 +393,12 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             raise UpdateRejected("not_selected", f"round {env.round}")
         if sender in state.accepted:
             raise UpdateRejected("duplicate", f"second update in round {env.round}")
-        if "covers" in env.meta:  # a ring group's update, for several members
-            try:
-                ring.check_covers(env.meta, sender, self._groups, state.selected,
-                                  state.accepted)
-            except UpdateRejected as exc:
-                if exc.reason == "double_count":
-                    self._overlap(state, env.meta)
-                raise  # still refused whole, and counted
+        try:
+            self.coverage.check(env.meta, sender, state.selected, state.accepted)
+        except UpdateRejected as exc:
+            if exc.reason == "double_count":  # a ring group's update, overlapping
+                self._overlap(state, env.meta)
+            raise  # still refused whole, and counted
         return 0
 
     def _overlap(self, state: _Round, meta: Mapping[str, Any]) -> None:
@@ -402,7 +425,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self.strategy.accumulate(update)
         sender, n = update.sender, update.num_examples
         state.examples += n
-        for member in ring.covered(env.meta, sender, n):  # a ring group's update covers several
+        for member in self.coverage.covered(env.meta, sender, n):  # a group's: several
             state.pending.discard(member)
             state.lost.discard(member)  # reported offline, yet it delivered: it counts
             state.accepted.add(member)

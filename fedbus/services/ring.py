@@ -57,7 +57,7 @@ from fedbus.services.trainer import Trainer
 from fedbus.task import FitResult
 from fedbus.wire import PRESENCE, UPDATE, join_tensors
 
-__all__ = ["RING", "RingConfig", "RingMember", "check_covers", "covered"]
+__all__ = ["RING", "RingConfig", "RingCoverage", "RingMember", "check_covers", "covered"]
 
 log = structlog.get_logger(__name__)
 
@@ -501,3 +501,20 @@ def check_covers(meta: Mapping[str, Any], sender: str, groups: Mapping[str, froz
     twice = sorted(m for m in covers if m in accepted)
     if twice:
         raise UpdateRejected("double_count", f"covers {twice[:5]}, already delivered")
+
+
+class RingCoverage:
+    """What an update counts for at an aggregator with ring groups beneath it: a group's
+    update (``meta.covers``) delivers for several members. The aggregator is given one by
+    ``node.py`` (``Aggregator(coverage=...)``) and never imports the ring."""
+
+    def __init__(self, groups: tuple[tuple[str, ...], ...]) -> None:
+        self.groups = {m: frozenset(g) for g in groups for m in g}
+
+    def check(self, meta: Mapping[str, Any], sender: str, selected: set[str],
+              accepted: set[str]) -> None:
+        if "covers" in meta:
+            check_covers(meta, sender, self.groups, selected, accepted)
+
+    def covered(self, meta: Mapping[str, Any], sender: str, n: int) -> dict[str, int]:
+        return covered(meta, sender, n)
