@@ -3,6 +3,7 @@ the model of a run that was never interrupted.
 
     .venv/bin/python -m benchmarks.bench_chaos                    # 10 trials, FedAvg and FedAdam
     .venv/bin/python -m benchmarks.bench_chaos --trials 3 --strategy fedavg
+    .venv/bin/python -m benchmarks.bench_chaos --twins --trials 10   # two leaders-to-be at once
 
 Each run is real processes on a fresh local mosquitto, as deployed: ``fedbus serve`` for the
 aggregator, the checkpointer and the trainers (one process). A trial starts the job, kills the
@@ -10,7 +11,9 @@ aggregator with SIGKILL at a random moment (uniform over the clean run's duratio
 new aggregator process with the same manifest, and compares the final model's metrics (every
 round's loss and distance, to the last bit) with the clean run's. It also reports how long
 the restarted aggregator took from its start to its first round (restore included) and the
-checkpoint write latency the aggregator saw.
+checkpoint write latency the aggregator saw. ``--twins`` starts two instances of the
+aggregator at the same instant instead and kills nothing: one must lead from start to end,
+within seconds, and the model must be the clean run's.
 
 Every process started here is stopped by pid in a ``finally``.
 """
@@ -246,6 +249,70 @@ async def chaos(trials: int, strategies: Sequence[str], rounds: int, seed: int, 
     return out
 
 
+@dataclass
+class TwinTrial:
+    """Two instances of the aggregator started at the same instant (fedbus.failover)."""
+
+    #: Seconds from the start to the first instance elected.
+    elected_s: float | None
+    #: Instances that started a round while the job ran: 1 means one leader, never alternating.
+    round_runners: int
+    same_model: bool
+
+    def elapsed_text(self) -> str:
+        return f"{self.elected_s:.2f} s" if self.elected_s is not None else "never"
+
+
+async def twin_run(folder: Path, strategy: str, rounds: int) -> tuple[list[tuple[Any, ...]],
+                                                                      TwinTrial]:
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
+    proc = await spawn_mosquitto()
+    children: list[Child] = []
+    logs = [folder / "aggregator-a.log", folder / "aggregator-b.log"]
+    try:
+        path = write_manifest(folder, proc.host, proc.port, strategy, rounds)
+        children += [_serve(path, "ckpt", folder / "ckpt.log", folder),
+                     _serve(path, "t*", folder / "trainers.log", folder)]
+        started = time.time()
+        twins = [_serve(path, "aggregator", log, folder) for log in logs]  # the same instant
+        children += twins
+        deadline = time.monotonic() + 300
+        # the job ends when the leader exits; the other then takes over, restores the last
+        # round from the checkpointer and ends too
+        while any(t.proc.poll() is None for t in twins):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the twins did not finish in 300 s")
+            await asyncio.sleep(0.05)  # polling children's exits: no event to await
+    finally:
+        for child in children:
+            child.stop()
+        await proc.stop()
+    per_log = [_events(log) for log in logs]
+    elected = [_ts(e) for events in per_log for e in events if e.get("event") == "leader_elected"]
+    runners = sum(1 for events in per_log
+                  if any(e.get("event") == "round_started" for e in events))
+    metrics = _final_metrics([e for events in per_log for e in events])
+    return metrics, TwinTrial(elapsed(elected, started), runners, same_model=False)
+
+
+def elapsed(times: list[float], since: float) -> float | None:
+    return min(times) - since if times else None
+
+
+async def twins(trials: int, strategy: str, rounds: int) -> list[TwinTrial]:
+    out: list[TwinTrial] = []
+    with tempfile.TemporaryDirectory(prefix="fedbus-twins-") as tmp:
+        clean, _, _ = await one_run(Path(tmp) / "clean", strategy, rounds, None)
+        for i in range(trials):
+            metrics, trial = await twin_run(Path(tmp) / f"trial{i}", strategy, rounds)
+            trial.same_model = bool(clean) and metrics == clean
+            out.append(trial)
+            print(f"twins trial {i}: elected after {trial.elapsed_text()}, "
+                  f"instances that ran rounds: {trial.round_runners}, "
+                  f"same model={trial.same_model}", file=sys.stderr, flush=True)
+    return out
+
+
 def table(trials: list[Trial]) -> str:
     lines = ["| strategy | SIGKILL of | trial | in round | s into it | resumed after round | "
              "rounds with < 3 trainers | same final model |",
@@ -289,8 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="what to SIGKILL and restart (the broker: without persistence)")
     p.add_argument("--standby", action="store_true",
                    help="run a standby aggregator that takes over (no restart by the harness)")
+    p.add_argument("--twins", action="store_true",
+                   help="start two aggregator instances at the same instant, kill nothing")
     args = p.parse_args(argv)
     configure_logging(level="error")
+    if args.twins:
+        runs = asyncio.run(twins(args.trials, (args.strategy or ["fedavg"])[0], args.rounds))
+        print("| trial | first leader elected after | instances that ran rounds | "
+              "same final model |\n|---|---|---|---|")
+        for i, t in enumerate(runs):
+            print(f"| {i} | {t.elapsed_text()} | {t.round_runners} | "
+                  f"{'yes' if t.same_model else 'NO'} |")
+        return 0 if all(t.same_model and t.round_runners == 1 for t in runs) else 1
     trials = asyncio.run(chaos(args.trials, args.strategy or ["fedavg", "fedadam"],
                                args.rounds, args.seed, standby=args.standby,
                                victim=args.victim))

@@ -4,11 +4,24 @@ when the first one's presence goes offline (its last will fires the moment it di
 The lease is the aggregator's retained presence on the broker: ``online`` means an instance
 is active, and a starting instance that finds it waits. Only one connection can hold the
 node's client id at a time (MQTT session takeover), so two instances never publish as the
-node at once. Not covered: two instances started at the same instant with nothing active,
-or a forged ``offline`` on an anonymous broker — both connect and take the session from each
-other on every reconnect (mosquitto 2.0.11 closes the replaced connection without saying why,
-so a bus cannot tell a takeover from a network drop). The one that takes over restores from
-the checkpointer and continues at the next round.
+node at once.
+
+**Instances that start together.** With nothing active, every instance stands as a candidate
+before it connects as the node: it says so on ``lease/<node>/<candidate>`` (a ticket: its
+start time in nanoseconds, then random bits) every ``_ANNOUNCE_S`` for ``_SETTLE_S``, and
+listens. One that hears a smaller ticket, or the node's presence going online, defers and
+waits as a standby; one that hears neither becomes active, and goes on announcing until its
+node is online, so a candidate that starts in between hears it. Tickets are totally ordered,
+so two candidates that hear each other never both win: the one that started first does.
+Before this, two instances started at the same instant both connected and took the session
+from each other on every reconnect, for good (mosquitto 2.0.11 closes the replaced connection
+without saying why, so a bus cannot tell a takeover from a network drop).
+
+Announcements are not retained (a dead candidate leaves nothing behind); a candidate that
+deferred and sees nobody come online within ``_DEFER_S`` stands again. On an anonymous
+broker a forged announcement can delay an election (bounded by ``_DEFER_S`` a round), and a
+forged ``offline`` can still wake a standby (it then takes the session; the active one
+restores from the checkpointer when it is back): only authentication stops those.
 """
 
 from __future__ import annotations
@@ -21,23 +34,37 @@ import time
 import structlog
 
 from fedbus import topics
+from fedbus.bus import Bus, Subscription
+from fedbus.codec import Envelope, encode
 from fedbus.connect import broker_settings, mqtt_bus
 from fedbus.credentials import node_credentials
 from fedbus.door import Admitted, Door, Entry
 from fedbus.errors import BusError, FedbusError
 from fedbus.manifest import Manifest
-from fedbus.wire import PRESENCE
+from fedbus.wire import LEASE, PRESENCE
 
-__all__ = ["JobAlreadyRunning", "await_leadership", "refuse_if_running"]
+__all__ = ["JobAlreadyRunning", "await_leadership", "refuse_if_running", "stand_down"]
 
 log = structlog.get_logger(__name__)
 
-#: How long to wait for a retained presence: none within this means nobody ever was active.
-_RETAINED_WAIT_S = 1.0
+#: How long to wait for a retained presence (the probe sent behind it normally comes back in
+#: milliseconds): none within this means nobody ever was active.
+_RETAINED_WAIT_S = 5.0
+#: How long a candidate listens for others before it becomes active.
+_SETTLE_S = 1.0
+#: How often a candidate (and the winner, until its node is online) announces itself.
+_ANNOUNCE_S = 0.2
+#: A candidate that deferred and sees nobody come online within this stands again.
+_DEFER_S = 10.0
+#: The winner announces itself until its node is online, at most this long.
+_HOLD_S = 120.0
+
+#: The winners' announcers, running on after ``await_leadership`` returned.
+_holders: set[asyncio.Task[None]] = set()
 
 
 async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = None) -> float:
-    """Return once no other instance of ``node`` is active; the seconds spent waiting.
+    """Return once this instance may be ``node``'s active one; the seconds spent waiting.
 
     ``watch_as``: the broker user the standby watches with (an operator, on a secured broker:
     the node's own identity would take the active instance's session).
@@ -49,14 +76,17 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
         log.info("standby_check_skipped", node=node,
                  detail="secured broker: pass --watch-as OPERATOR to run a standby")
         return 0.0
+    candidate = "c" + os.urandom(6).hex()
     settings = broker_settings(m, node, login_as=watch_as,
-                               client_id=watch_as or
-                               f"fedbus.{m.job}.{node}.standby.{os.getpid()}")
+                               client_id=watch_as or f"fedbus.{m.job}.{node}.{candidate}")
     watcher = mqtt_bus(f"{node}-standby", settings)
-    # the active instance's presence, through a front door: from that node, small
+    # the active instance's presence and the other candidates, through a front door
     door = Door(m.job, f"{node}-standby")
     door.expect(Entry(topics.presence(m.job, node), frozenset({PRESENCE}),
                       senders=frozenset({node}), dedupe=False))
+    door.expect(Entry(topics.leases(m.job, node), frozenset({LEASE}), label="lease_",
+                      dedupe=False))
+    election = _Election(watcher, door, m.job, node, candidate)
     started = time.monotonic()
     try:
         await watcher.__aenter__()
@@ -64,25 +94,141 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
         log.warning("standby_check_failed", node=node, error=str(exc),
                     detail="could not watch for another active instance; starting anyway")
         return 0.0
+    won = False
     try:
-        async with watcher.subscribe(topics.presence(m.job, node)) as sub:
-            status = None
-            with contextlib.suppress(TimeoutError):
-                status = _status(door.open_now(await sub.get(timeout=_RETAINED_WAIT_S)))
-            if status == "online":
-                log.warning("standby_waiting", node=node,
-                            detail="another instance is active; taking over when it goes offline")
-            while status == "online":
-                adm = door.open_now(await sub.get())
-                if adm is not None:
-                    status = _status(adm)
-
+        sub = await watcher.subscribe(topics.presence(m.job, node), topics.leases(m.job, node),
+                                      election.probe).__aenter__()
+        election.sub = sub
+        try:
+            await election.wait_for_lead()
+            won = True
+        finally:
+            if not won:
+                await sub.__aexit__(None, None, None)
     finally:
-        await watcher.__aexit__(None, None, None)
+        if not won:
+            await watcher.__aexit__(None, None, None)
+    task = asyncio.create_task(election.hold(), name=f"lease-{node}")
+    _holders.add(task)
+    task.add_done_callback(_holders.discard)
     waited = time.monotonic() - started
-    if waited > _RETAINED_WAIT_S + 0.5:
+    if election.was_standby:
         log.warning("standby_taking_over", node=node, waited_s=round(waited, 3))
     return waited
+
+
+async def stand_down() -> None:
+    """Stop announcing a lead this process won (a probe that will not run the node)."""
+    for task in list(_holders):
+        task.cancel()
+    for task in list(_holders):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class _Election:
+    """One instance's candidacy for ``node`` (see the module's doc)."""
+
+    def __init__(self, bus: Bus, door: Door, job: str, node: str, candidate: str) -> None:
+        self.bus = bus
+        self.door = door
+        self.node = node
+        self.candidate = candidate
+        self.ticket = f"{time.time_ns():020d}-{os.urandom(4).hex()}"
+        self.topic = topics.lease(job, node, candidate)
+        self.payload = encode(Envelope(kind=LEASE, job=job, sender=candidate, round=0,
+                                       meta={"ticket": self.ticket}))
+        #: Sent to ourselves: once it is back, the broker has delivered any retained presence.
+        self.probe = topics.probe(job, candidate)
+        self.sub: Subscription | None = None
+        self.online = False
+        self.was_standby = False
+
+    async def _next(self, timeout: float) -> str | None:
+        """The next message's news: "online", "offline", "smaller" (a candidate that wins
+        over us), or None (nothing, or nothing that matters)."""
+        assert self.sub is not None
+        msg = await self.sub.get(timeout=max(timeout, 0.0))
+        if msg.topic == self.probe:
+            return "probe"
+        adm = self.door.open_now(msg)
+        if adm is None:
+            return None
+        if adm.env.kind == PRESENCE:
+            self.online = _status(adm) == "online"
+            return "online" if self.online else "offline"
+        ticket = adm.env.meta.get("ticket")
+        if adm.sender != self.candidate and isinstance(ticket, str) and len(ticket) <= 64 \
+                and ticket < self.ticket:
+            return "smaller"
+        return None
+
+    async def wait_for_lead(self) -> None:
+        loop = asyncio.get_running_loop()
+        # the retained presence, if any: it comes before our probe does (no clock needed)
+        await self.bus.publish(self.probe, b"probe")
+        end = loop.time() + _RETAINED_WAIT_S
+        with contextlib.suppress(TimeoutError):
+            while await self._next(end - loop.time()) != "probe":
+                pass
+        while True:
+            if self.online:
+                self.was_standby = True
+                log.warning("standby_waiting", node=self.node,
+                            detail="another instance is active; taking over when it goes "
+                                   "offline")
+                while self.online:
+                    await self._next(3600.0)
+            if await self._stand(loop):
+                log.info("leader_elected", node=self.node, ticket=self.ticket)
+                return
+            if not self.online:  # deferred to a smaller ticket: wait for it to come online
+                log.info("candidate_deferred", node=self.node, ticket=self.ticket)
+                end = loop.time() + _DEFER_S
+                with contextlib.suppress(TimeoutError):
+                    while not self.online:
+                        await self._next(end - loop.time())
+
+    async def _stand(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Announce ourselves for ``_SETTLE_S``: True when nobody beat us."""
+        end = loop.time() + _SETTLE_S
+        announce = loop.time()
+        while (now := loop.time()) < end:
+            if now >= announce:
+                try:
+                    await self.bus.publish(self.topic, self.payload)
+                except BusError as exc:  # e.g. a broker user with no right to announce
+                    log.warning("candidate_cannot_announce", node=self.node, error=str(exc),
+                                detail="starting without an election")
+                    return True
+                announce = now + _ANNOUNCE_S
+            try:
+                news = await self._next(min(announce, end) - now)
+            except TimeoutError:
+                continue
+            if news in ("online", "smaller"):
+                return False
+        return True
+
+    async def hold(self) -> None:
+        """Go on announcing until our node is online (then close the watcher)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + _HOLD_S
+        assert self.sub is not None
+        try:
+            announce = loop.time()
+            while not self.online and (now := loop.time()) < end:
+                if now >= announce:
+                    await self.bus.publish(self.topic, self.payload)
+                    announce = now + _ANNOUNCE_S
+                with contextlib.suppress(TimeoutError):
+                    await self._next(min(announce, end) - now)
+        except BusError:
+            pass  # the node comes online all the same; a candidate waits at most _DEFER_S
+        finally:
+            with contextlib.suppress(BusError):
+                await self.sub.__aexit__(None, None, None)
+                await self.bus.__aexit__(None, None, None)
 
 
 class JobAlreadyRunning(FedbusError):

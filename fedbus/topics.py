@@ -41,6 +41,8 @@ __all__ = [
     "ParsedTopic",
     "control",
     "control_all",
+    "lease",
+    "leases",
     "matches",
     "metrics",
     "metrics_all",
@@ -79,7 +81,7 @@ __all__ = [
 ROOT: Final = "fedbus/v1"
 CHANNELS: Final = frozenset({"model", "update", "metrics", "presence", "state", "control",
                              "query", "reply", "task", "result", "nack", "work",
-                             "ring", "sketch", "probe"})
+                             "ring", "sketch", "probe", "lease"})
 #: Channels whose chunked transfers are repaired by NACK: one publisher per topic, its last
 #: level, so a receiver knows whom to ask (and asks no one else).
 REPAIRED_CHANNELS: Final = frozenset({"model", "update", "work"})
@@ -209,6 +211,15 @@ def sim_results(job: str, coordinator: str) -> str:
 
 def probe(job: str, client: str) -> str:
     return _t(job, "probe", client)
+
+
+def lease(job: str, node: str, candidate: str) -> str:
+    """Where an instance of ``node`` that wants to become active says so (fedbus.failover)."""
+    return _t(job, "lease", node, candidate)
+
+
+def leases(job: str, node: str) -> str:
+    return _t(job, "lease", node) + "/+"
 
 
 def nack(job: str, owner: str, requester: str) -> str:

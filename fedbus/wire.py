@@ -19,6 +19,7 @@ from fedbus.errors import UpdateRejected
 __all__ = [
     "DONE",
     "GRANT",
+    "LEASE",
     "METRICS",
     "PRESENCE",
     "READY",
@@ -37,6 +38,7 @@ DONE: Final = "done"  # aggregator -> trainers: the job is over
 READY: Final = "ready"  # trainer -> aggregator: a large update is ready, asks for a slot
 GRANT: Final = "grant"  # aggregator -> one trainer (control/<trainer>): upload it now
 PRESENCE: Final = "presence"  # retained online/offline, the offline one as last will
+LEASE: Final = "lease"  # an instance of a node that wants to be its active one, and its ticket
 
 _MODEL: Final = "m/"
 _AUX: Final = "a/"

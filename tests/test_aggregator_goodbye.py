@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedbus.broker import MosquittoProcess
-from fedbus.failover import await_leadership
+from fedbus.failover import await_leadership, stand_down
 from fedbus.manifest import BrokerSpec, load_manifest, with_broker
 
 pytestmark = [pytest.mark.broker]
@@ -41,12 +41,14 @@ async def test_a_stopped_aggregator_leaves_no_active_instance_behind(
                     await asyncio.wait_for(await_leadership(m, "aggregator"), 5)
                 except TimeoutError:
                     break
+                await stand_down()  # a probe: it will not run the node
                 assert proc.returncode is None
         # Execute: what `docker stop` / `systemctl stop` send
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 60)
         # Assert: it exited as a stopped service does, and a new instance need not wait
         waited = await asyncio.wait_for(await_leadership(m, "aggregator"), 30)
+        await stand_down()
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from benchmarks.bench_chaos import chaos
+from benchmarks.bench_chaos import chaos, twins
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -28,6 +28,14 @@ def test_a_standby_takes_over_with_no_command_typed() -> None:
     t = trials[0]
     assert t.killed and t.same_model, t
     assert t.failover_s is not None and t.failover_s < 10, t  # docs/benchmarks.md: ~0.2 s
+
+
+def test_two_aggregators_started_together_settle_on_one_leader_for_the_whole_job() -> None:
+    # two `fedbus serve --node aggregator` at the same instant (10 trials: bench_chaos --twins)
+    t = asyncio.run(twins(1, "fedavg", rounds=6))[0]
+    assert t.round_runners == 1, t  # one led every round: they never took turns
+    assert t.elected_s is not None and t.elected_s < 5, t  # process start included
+    assert t.same_model, t
 
 
 @pytest.mark.parametrize("victim", ["checkpointer", "trainers", "broker"])
