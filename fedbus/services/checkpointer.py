@@ -71,9 +71,11 @@ class Checkpointer:
         # storing it twice is harmless; the ack it needs names that message)
         self.door.expect(Entry(topics.state_all(config.job), frozenset({CHECKPOINT}),
                                senders=aggregators, limits=config.limits, dedupe=False))
+        # a restore request carries no tensors: small limits, so a compression bomb sent
+        # here is refused before it is inflated (it was decoded with the job's 2 GiB bound)
         self.door.expect(Entry(topics.control(config.job, config.node_id),
                                frozenset({RESTORE_REQUEST}), senders=aggregators,
-                               topic_sender=False, limits=config.limits))
+                               topic_sender=False))
         self._log = log.bind(node=config.node_id, role="checkpointer", job=config.job)
 
     async def run(self) -> int:
