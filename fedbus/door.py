@@ -39,6 +39,7 @@ from fedbus.bus import Message
 from fedbus.codec import Envelope, Limits, decode, peek_data_size
 from fedbus.compress import decode_update
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
+from fedbus.log import worth_a_line
 from fedbus.wire import split_tensors
 
 __all__ = [
@@ -133,7 +134,8 @@ def checked_num_examples(meta: Mapping[str, Any], max_examples: int) -> int:
 
 
 class Rejections:
-    """Counts rejected messages by reason and logs each one with its sender.
+    """Counts rejected messages by reason and logs them with their sender (each of the first
+    ten of a reason, then every thousandth: ``fedbus.log.worth_a_line``).
 
     ``since_report()`` gives what was rejected since the last call, so rejections that land
     between two rounds show up in the next round's report instead of nowhere.
@@ -146,8 +148,9 @@ class Rejections:
 
     def reject(self, reason: str, detail: str, **context: Any) -> None:
         self.counts[reason] += 1
-        log.warning("message_rejected", node=self.node, reason=reason, detail=detail,
-                    total=self.counts[reason], **context)
+        if worth_a_line(self.counts[reason]):  # all counted; a flood is a few lines
+            log.warning("message_rejected", node=self.node, reason=reason, detail=detail,
+                        total=self.counts[reason], **context)
 
     @property
     def total(self) -> int:

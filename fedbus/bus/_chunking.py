@@ -60,6 +60,7 @@ from typing import Final
 import structlog
 
 from fedbus.errors import BusError
+from fedbus.log import worth_a_line
 
 __all__ = [
     "CHUNK_MAGIC",
@@ -431,7 +432,8 @@ class Reassembler:
         self.rejected[reason] += 1
         # QoS 1 redelivers: duplicates are routine, everything else is worth a warning (a wrong
         # frame version has had its one warning, refuse_frame_version, already).
-        emit = log.debug if reason in ("duplicate", "dead_transfer", "bad_version") else log.warning
+        routine = reason in ("duplicate", "dead_transfer", "bad_version")
+        emit = log.debug if routine or not worth_a_line(self.rejected[reason]) else log.warning
         emit(
             "drop_chunk",
             reason=reason,

@@ -36,6 +36,7 @@ from fedbus import topics
 from fedbus.bus._chunking import MAX_NACK_INDICES, Reassembler, Transfer
 from fedbus.bus._dispatch import QueueSubscription
 from fedbus.errors import BusError
+from fedbus.log import worth_a_line
 
 __all__ = ["NACK_MAGIC", "Repair", "RepairLimits", "decode_nack", "encode_nack"]
 
@@ -167,7 +168,9 @@ class Repair:
         nack = decode_nack(payload)
         if nack is None:
             self.counters["nacks_malformed"] += 1
-            log.warning("drop_nack", reason="malformed", requester=requester, size=len(payload))
+            if worth_a_line(self.counters["nacks_malformed"]):
+                log.warning("drop_nack", reason="malformed", requester=requester,
+                            size=len(payload), total=self.counters["nacks_malformed"])
             return 0
         self._forget_old()
         transfer_id, indices = nack

@@ -70,15 +70,8 @@ class MqttBus:
     """
 
     def __init__(
-        self,
-        node_id: str,
-        host: str,
-        port: int = 1883,
-        *,
-        client_id: str | None = None,
-        will: Will | None = None,
-        birth: Will | None = None,
-        options: MqttOptions | None = None,
+        self, node_id: str, host: str, port: int = 1883, *, client_id: str | None = None,
+        will: Will | None = None, birth: Will | None = None, options: MqttOptions | None = None,
     ) -> None:
         o = options or MqttOptions()
         chunk_bytes = o.chunk_bytes
@@ -449,6 +442,7 @@ class MqttBus:
     ) -> T:
         """Run ``op`` on a live connection; retry on the next one if this one drops."""
         loop = asyncio.get_running_loop()
+        unanswered = False  # the last try ran out of time on a live connection
         while True:
             if self._fatal is not None:
                 raise self._fatal
@@ -456,7 +450,9 @@ class MqttBus:
                 raise BusError(f"bus {self.node_id} closed during {what}")
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise BusError(f"{what}: no connection to {self.endpoint} ({self._last_error})")
+                why = ("no answer on a live connection: the broker or this process is "
+                       "overloaded" if unanswered else f"no connection ({self._last_error})")
+                raise BusError(f"{what}: {why} ({self.endpoint})")
             conn = self._conn
             if conn is None:
                 try:
@@ -475,6 +471,7 @@ class MqttBus:
                 lost.cancel()
                 if not task.done():
                     task.cancel()
+            unanswered = not done
             if task in done:
                 exc = task.exception()
                 if exc is None:

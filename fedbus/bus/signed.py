@@ -19,6 +19,7 @@ import structlog
 
 from fedbus.bus._base import Bus, Message
 from fedbus.bus.wrap import BusWrapper
+from fedbus.log import worth_a_line
 from fedbus.signing import SignatureError, Signer, Verifier
 
 __all__ = ["SignedBus"]
@@ -52,8 +53,9 @@ class SignedBus(BusWrapper):
                 payload, signer = self.verifier.verify(msg.payload)
         except SignatureError as exc:
             self.refused[exc.reason] += 1
-            log.warning("message_refused", node=self.node_id, reason=exc.reason,
-                        detail=exc.detail, topic=msg.topic, total=self.refused[exc.reason])
+            if worth_a_line(self.refused[exc.reason]):  # all counted; a flood is a few lines
+                log.warning("message_refused", node=self.node_id, reason=exc.reason,
+                            detail=exc.detail, topic=msg.topic, total=self.refused[exc.reason])
             return None
         return Message(msg.topic, payload, msg.retain, signer=signer)
 
