@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
+from federation import connect, run_all
 
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
@@ -50,11 +51,8 @@ async def start(m: Manifest, broker: MemoryBroker, node: str) -> Any:
 
 
 async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
-    broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
-    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-        for node_id, s in svc.items():
-            tg.create_task(s.run(), name=node_id)
+    svc = await connect(m, MemoryBroker())
+    await run_all(svc)
     return svc["agg"], svc["store"]
 
 
