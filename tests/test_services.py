@@ -91,6 +91,15 @@ async def _on_round(broker: MemoryBroker, m: Manifest, node: str,
                 return
 
 
+async def mute_t0(broker: MemoryBroker, m: Manifest) -> None:
+    """t0 says it is online, as a trainer does, and never answers."""
+
+    async def silent(bus: MemoryBus, env: Envelope) -> bool:
+        return True
+
+    await _on_round(broker, m, "t0", silent, announce=True)
+
+
 def bad_payloads(env: Envelope) -> list[bytes]:
     w = env.tensors["m/w"]
     good = Envelope(kind=UPDATE, job="toy", sender="t0", round=env.round,
@@ -207,15 +216,9 @@ async def test_deadline_with_quorum_closes_a_round_with_a_silent_trainer() -> No
     # Prepare: t0 is online but never answers
     m = manifest(n=3, rounds=1, deadline_s=0.5, quorum=0.6, min_clients=3)
 
-    async def silent(bus: MemoryBus, env: Envelope) -> bool:
-        return True
-
-    async def mute(broker: MemoryBroker, m: Manifest) -> None:
-        await _on_round(broker, m, "t0", silent, announce=True)
-
     # Execute
     with capture_logs() as logs:
-        agg = await federate(m, mute, skip={"t0"})
+        agg = await federate(m, mute_t0, skip={"t0"})
     # Assert
     report = agg.history[0]
     assert report.aggregated and report.accepted == ["t1", "t2"]
@@ -226,14 +229,8 @@ async def test_below_quorum_round_keeps_the_model() -> None:
     # Prepare: quorum 1.0 and one of two trainers silent
     m = manifest(n=2, rounds=1, deadline_s=0.3, quorum=1.0, min_clients=2)
 
-    async def silent(bus: MemoryBus, env: Envelope) -> bool:
-        return True
-
-    async def mute(broker: MemoryBroker, m: Manifest) -> None:
-        await _on_round(broker, m, "t0", silent, announce=True)
-
     # Execute
-    agg = await federate(m, mute, skip={"t0"})
+    agg = await federate(m, mute_t0, skip={"t0"})
     # Assert
     assert not agg.history[0].aggregated
     np.testing.assert_array_equal(agg.weights["w"], np.zeros(SIZE, np.float32))
