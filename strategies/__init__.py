@@ -3,6 +3,7 @@
 from strategies.base import (
     AsyncStrategy,
     ClientUpdate,
+    Feedback,
     Selector,
     Strategy,
     StrategyError,
@@ -45,6 +46,7 @@ __all__ = [
     "FedDyn",
     "FedProx",
     "FedYogi",
+    "Feedback",
     "InFlightSelector",
     "Krum",
     "Median",
