@@ -22,7 +22,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._async_model import VersionedModel
-from strategies._server_state import check_same_layout, export_tensors, import_tensors, zeros_f64
+from strategies._server_state import (
+    check_same_layout,
+    export_tensors,
+    import_tensors,
+    positive_count,
+    positive_number,
+    zeros_f64,
+)
 from strategies.base import ClientUpdate, StrategyError, Weights
 
 __all__ = ["FedBuff"]
@@ -43,13 +50,9 @@ class FedBuff(VersionedModel):
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0,
                  staleness_weighting: bool = True, max_staleness: int | None = None) -> None:
-        if isinstance(buffer_size, bool) or int(buffer_size) != buffer_size or buffer_size < 1:
-            raise StrategyError(f"buffer_size must be an integer >= 1, got {buffer_size}")
-        if not (np.isfinite(server_lr) and server_lr > 0):
-            raise StrategyError(f"server_lr must be a finite number > 0, got {server_lr}")
+        self.buffer_size = positive_count("buffer_size", buffer_size)
+        self.server_lr = positive_number("server_lr", server_lr)
         super().__init__(max_staleness)
-        self.buffer_size = int(buffer_size)
-        self.server_lr = float(server_lr)
         self.staleness_weighting = bool(staleness_weighting)
         self._sum: dict[str, np.ndarray] = {}
         self._count = 0
