@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights
-from strategies.fedavg import WeightedDeltaMean
+from strategies.base import StrategyError, Weights
+from strategies.fedavg import MeanRound
 
 __all__ = [
     "MeanDeltaStep",
@@ -23,24 +23,8 @@ __all__ = [
     "check_same_layout",
     "export_tensors",
     "import_tensors",
-    "positive_count",
-    "positive_number",
     "zeros_f64",
 ]
-
-
-def positive_number(name: str, value: float) -> float:
-    """``value`` as a float; ``StrategyError`` unless it is a finite number > 0."""
-    if not (np.isfinite(value) and value > 0):
-        raise StrategyError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def positive_count(name: str, value: int) -> int:
-    """``value`` as an int; ``StrategyError`` unless it is an integer >= 1 (not a bool)."""
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise StrategyError(f"{name} must be an integer >= 1, got {value}")
-    return int(value)
 
 
 def zeros_f64(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -88,31 +72,18 @@ def apply_step(weights: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]
     return {k: (w.astype(np.float64) + step[k]).astype(w.dtype) for k, w in weights.items()}
 
 
-class MeanDeltaStep(Strategy):
-    """A round that folds every update into one running mean delta (example-weighted when
-    ``weighted``) and ends with one server step from it (FedAvgM, FedOpt, FedDyn).
+class MeanDeltaStep(MeanRound):
+    """FedAvg's round (``MeanRound``) ending with one server step from the mean delta (FedAvgM,
+    FedOpt, FedDyn).
 
     Subclasses keep the model-shaped state: ``_ready_state`` makes it on the first round and
     checks it fits the model, ``_step`` turns the mean into the step added to the model. A
     round in which no weight arrived takes no step and leaves the state untouched.
     """
 
-    def __init__(self, weighted: bool) -> None:
-        self.weighted = bool(weighted)
-        self._acc = WeightedDeltaMean()
-        self._global: Weights = {}
-
-    @property
-    def num_accumulated(self) -> int:
-        return self._acc.count
-
     def begin(self, weights: Weights, round: int) -> None:
         self._ready_state(weights)
-        self._global = weights
-        self._acc.reset(weights)
-
-    def accumulate(self, update: ClientUpdate) -> None:
-        self._acc.add(update.delta, float(update.num_examples) if self.weighted else 1.0)
+        super().begin(weights, round)
 
     def finish(self) -> Weights:
         if self._acc.total_weight <= 0:

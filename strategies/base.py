@@ -28,6 +28,8 @@ __all__ = [
     "StrategyError",
     "Weights",
     "check_compatible",
+    "positive_count",
+    "positive_number",
     "rng_from_state",
     "rng_state",
 ]
@@ -69,6 +71,20 @@ def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.n
     for name, w in weights.items():
         if delta[name].shape != w.shape:
             raise StrategyError(f"tensor {name!r}: update shape {delta[name].shape} != {w.shape}")
+
+
+def positive_number(name: str, value: float) -> float:
+    """``value`` as a float; ``StrategyError`` unless it is a finite number > 0."""
+    if not (np.isfinite(value) and value > 0):
+        raise StrategyError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def positive_count(name: str, value: int) -> int:
+    """``value`` as an int; ``StrategyError`` unless it is an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise StrategyError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
 
 
 def _refuse_state(obj: object, state: Mapping[str, Any]) -> None:

@@ -23,10 +23,9 @@ from strategies._server_state import (
     check_same_layout,
     export_tensors,
     import_tensors,
-    positive_number,
     zeros_f64,
 )
-from strategies.base import StrategyError, Weights
+from strategies.base import StrategyError, Weights, positive_number
 
 __all__ = ["FedAvgM"]
 

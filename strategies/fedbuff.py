@@ -22,15 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._async_model import VersionedModel
-from strategies._server_state import (
-    check_same_layout,
-    export_tensors,
-    import_tensors,
-    positive_count,
-    positive_number,
-    zeros_f64,
-)
-from strategies.base import ClientUpdate, StrategyError, Weights
+from strategies._server_state import check_same_layout, export_tensors, import_tensors, zeros_f64
+from strategies.base import ClientUpdate, StrategyError, Weights, positive_count, positive_number
 
 __all__ = ["FedBuff"]
 

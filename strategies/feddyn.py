@@ -38,11 +38,9 @@ from strategies._server_state import (
     check_same_layout,
     export_tensors,
     import_tensors,
-    positive_count,
-    positive_number,
     zeros_f64,
 )
-from strategies.base import ClientUpdate, StrategyError, Weights
+from strategies.base import ClientUpdate, StrategyError, Weights, positive_count, positive_number
 
 __all__ = ["FedDyn"]
 

@@ -23,8 +23,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies._server_state import apply_step, positive_number
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights, check_compatible
+from strategies._server_state import apply_step
+from strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyError,
+    Weights,
+    check_compatible,
+    positive_number,
+)
 
 __all__ = ["QFedAvg"]
 

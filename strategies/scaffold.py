@@ -37,11 +37,16 @@ from strategies._server_state import (
     check_same_layout,
     export_tensors,
     import_tensors,
-    positive_count,
-    positive_number,
     zeros_f64,
 )
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights
+from strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyError,
+    Weights,
+    positive_count,
+    positive_number,
+)
 from strategies.fedavg import WeightedDeltaMean
 
 __all__ = ["CONTROL_DELTA_PREFIX", "CONTROL_PREFIX", "Scaffold"]
