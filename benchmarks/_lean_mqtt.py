@@ -159,28 +159,22 @@ def receive(sock: socket.socket, messages: int, buf: bytearray) -> tuple[float, 
                 take = min(skip, end - i)
                 skip -= take
                 i += take
-                if not skip and in_publish:
-                    got += 1
-                    if got == messages:
-                        done = time.monotonic()
-                        if acks:
-                            sock.sendall(acks)
-                        return done, payload
-                continue
-            header = _header(buf, i, end)
-            if header is None:  # split across reads: keep it for the next one
-                kept = end - i
-                buf[:kept] = buf[i:end]
-                break
-            kind, header_len, rest, pid = header
-            i += header_len
-            skip = rest
-            in_publish = kind == _PUBLISH
-            if in_publish:
-                payload += rest
-            if pid is not None:
-                acks += bytes((0x40, 2, pid >> 8, pid & 0xFF))
-            if not skip and in_publish:  # an empty payload
+            else:
+                header = _header(buf, i, end)
+                if header is None:  # split across reads: keep it for the next one
+                    kept = end - i
+                    buf[:kept] = buf[i:end]
+                    break
+                kind, header_len, rest, pid = header
+                i += header_len
+                skip = rest
+                in_publish = kind == _PUBLISH
+                if in_publish:
+                    payload += rest
+                if pid is not None:
+                    acks += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+            if not skip and in_publish:  # the publish is complete (its payload may be empty)
+                in_publish = False
                 got += 1
                 if got == messages:
                     done = time.monotonic()
