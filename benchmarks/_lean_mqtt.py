@@ -159,28 +159,22 @@ def receive(sock: socket.socket, messages: int, buf: bytearray) -> tuple[float, 
                 take = min(skip, end - i)
                 skip -= take
                 i += take
-                if not skip and in_publish:
-                    got += 1
-                    if got == messages:
-                        done = time.monotonic()
-                        if acks:
-                            sock.sendall(acks)
-                        return done, payload
-                continue
-            header = _header(buf, i, end)
-            if header is None:  # split across reads: keep it for the next one
-                kept = end - i
-                buf[:kept] = buf[i:end]
-                break
-            kind, header_len, rest, pid = header
-            i += header_len
-            skip = rest
-            in_publish = kind == _PUBLISH
-            if in_publish:
-                payload += rest
-            if pid is not None:
-                acks += bytes((0x40, 2, pid >> 8, pid & 0xFF))
-            if not skip and in_publish:  # an empty payload
+            else:
+                header = _header(buf, i, end)
+                if header is None:  # split across reads: keep it for the next one
+                    kept = end - i
+                    buf[:kept] = buf[i:end]
+                    break
+                kind, header_len, rest, pid = header
+                i += header_len
+                skip = rest
+                in_publish = kind == _PUBLISH
+                if in_publish:
+                    payload += rest
+                if pid is not None:
+                    acks += bytes((0x40, 2, pid >> 8, pid & 0xFF))
+            if not skip and in_publish:  # the publish is complete (its payload may be empty)
+                in_publish = False
                 got += 1
                 if got == messages:
                     done = time.monotonic()
@@ -191,22 +185,31 @@ def receive(sock: socket.socket, messages: int, buf: bytearray) -> tuple[float, 
             sock.sendall(acks)
 
 
+def _read_varint(buf: bytearray, j: int, end: int) -> tuple[int, int] | None:
+    """The variable byte integer at ``buf[j]`` and the index after it; None when it is not
+    all in ``buf[j:end]`` yet."""
+    value, shift = 0, 0
+    while True:
+        if j >= end:
+            return None
+        byte = buf[j]
+        j += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, j
+
+
 def _header(buf: bytearray, i: int, end: int) -> tuple[int, int, int, int | None] | None:
     """(type, header bytes, bytes after the header, QoS 1 packet id) of the packet at ``i``;
     None when its header is not all in ``buf[i:end]`` yet."""
     if i + 2 > end:
         return None
     first = buf[i]
-    length, shift, j = 0, 0, i + 1
-    while True:
-        if j >= end:
-            return None
-        byte = buf[j]
-        j += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
+    got = _read_varint(buf, i + 1, end)
+    if got is None:
+        return None
+    length, j = got
     body_start = j
     if first >> 4 != _PUBLISH:
         return first >> 4, j - i, length, None
@@ -219,16 +222,10 @@ def _header(buf: bytearray, i: int, end: int) -> tuple[int, int, int, int | None
             return None
         pid = buf[j] << 8 | buf[j + 1]
         j += 2
-    props, shift = 0, 0
-    while True:  # MQTT 5 properties: a varint length, then the properties
-        if j >= end:
-            return None
-        byte = buf[j]
-        j += 1
-        props |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
+    got = _read_varint(buf, j, end)  # MQTT 5 properties: a varint length, then the properties
+    if got is None:
+        return None
+    props, j = got
     j += props
     if j > end:
         return None

@@ -27,6 +27,7 @@ from benchmarks._broker_bytes import broker_bytes
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 
 #: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
+from fedbus.bus import Bus
 from fedbus.connect import make_bus
 from fedbus.log import configure_logging
 from fedbus.manifest import Manifest, parse_manifest
@@ -79,9 +80,9 @@ async def _counters(proc: MosquittoProcess) -> tuple[int, int]:
     return await broker_bytes(proc, "bench-ring.sys")
 
 
-async def _federate(m: Manifest) -> tuple[float, int]:
-    """Wall seconds of the job, and the updates the aggregator folded."""
-    buses = {n.id: make_bus(m, n) for n in m.nodes}
+async def timed_job(m: Manifest, buses: dict[str, Bus]) -> tuple[float, Any]:
+    """Every node of ``m`` on its bus in ``buses`` until the aggregator ends, each round
+    aggregated; the job's wall seconds and the aggregator. The buses are closed after."""
     services = {n: build_node(m, n, bus) for n, bus in buses.items()}
     agg = services.pop("aggregator")
     for bus in buses.values():
@@ -95,12 +96,17 @@ async def _federate(m: Manifest) -> tuple[float, int]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         assert len(agg.history) == m.rounds and all(r.aggregated for r in agg.history)
-        assert all(len(r.accepted) == len(m.nodes) - 1 for r in agg.history)
-        folded = agg.strategy.num_accumulated  # in the last round
     finally:
         for bus in buses.values():
             await bus.__aexit__(None, None, None)
-    return wall, folded
+    return wall, agg
+
+
+async def _federate(m: Manifest) -> tuple[float, int]:
+    """Wall seconds of the job, and the updates the aggregator folded."""
+    wall, agg = await timed_job(m, {n.id: make_bus(m, n) for n in m.nodes})
+    assert all(len(r.accepted) == len(m.nodes) - 1 for r in agg.history)
+    return wall, agg.strategy.num_accumulated  # in the last round
 
 
 async def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:

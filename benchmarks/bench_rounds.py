@@ -61,13 +61,16 @@ FULL_GRID: tuple[tuple[int, int], ...] = (
 QUICK_GRID: tuple[tuple[int, int], ...] = ((10, 1_000_000),)
 _STATUS_FIELD = re.compile(rb"^(VmRSS|VmHWM):\s+(\d+)\s+kB", re.MULTILINE)
 
-_MANIFEST = """\
-# written by benchmarks/bench_rounds.py
+#: How every benchmark job's manifest begins (``rounds`` to fill in); bench_store's too.
+JOB_HEAD = """\
 version: 1
 job: bench
 seed: 0
 rounds: {rounds}
 strategy: fedavg
+"""
+
+_MANIFEST = "# written by benchmarks/bench_rounds.py\n" + JOB_HEAD + """\
 round: {{deadline_s: 600, quorum: 1.0, min_clients: {n}, start_timeout_s: 180,
         max_uploads: {uploads}}}
 evaluate: {{where: none}}

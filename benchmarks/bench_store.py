@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_rounds import Child, LogReader, Sampler, _pin, _serve, read_mem
+from benchmarks.bench_rounds import JOB_HEAD, Child, LogReader, Sampler, _pin, _serve, read_mem
 from fedbus.broker import spawn_mosquitto
 from fedbus.codec import NO_COMPRESSION, Envelope, decode, encode
 from fedbus.store import RoundStore, Sketcher, Workloads, analysis
@@ -274,13 +274,7 @@ def bench_latency(clients: int, params: int, rounds: int, reps: int, perms: int,
 
 # --- 2. rounds with and without a store -------------------------------------------------------
 
-_MANIFEST = """\
-# written by benchmarks/bench_store.py
-version: 1
-job: bench
-seed: 0
-rounds: {rounds}
-strategy: fedavg
+_MANIFEST = "# written by benchmarks/bench_store.py\n" + JOB_HEAD + """\
 round: {{deadline_s: 600, quorum: 1.0, min_clients: {n}, start_timeout_s: 180}}
 evaluate: {{where: none}}
 codec: {{level: 0}}

@@ -24,12 +24,11 @@ import asyncio
 import datetime
 import os
 import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
 from benchmarks._broker_bytes import broker_bytes
-from benchmarks.bench_ring import site_hybrid
+from benchmarks.bench_ring import site_hybrid, timed_job
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 
 #: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
@@ -37,7 +36,6 @@ from fedbus.connect import make_bus
 from fedbus.deploy.local import spawn_bridged
 from fedbus.log import configure_logging
 from fedbus.manifest import Manifest, parse_manifest, with_node_broker
-from fedbus.node import build_node
 
 #: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
 _SYS = "sys_interval 1\n"
@@ -89,23 +87,8 @@ async def _counters(proc: MosquittoProcess) -> tuple[int, int]:
 
 
 async def _federate(m: Manifest) -> float:
-    buses = {n.id: make_bus(with_node_broker(m, n.id), n) for n in m.nodes}
-    services = {n: build_node(m, n, bus) for n, bus in buses.items()}
-    agg = services.pop("aggregator")
-    for bus in buses.values():
-        await bus.__aenter__()
-    try:
-        t0 = time.perf_counter()
-        tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
-        await agg.run()
-        wall = time.perf_counter() - t0
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert len(agg.history) == m.rounds and all(r.aggregated for r in agg.history)
-    finally:
-        for bus in buses.values():
-            await bus.__aexit__(None, None, None)
+    wall, _ = await timed_job(m, {n.id: make_bus(with_node_broker(m, n.id), n)
+                                  for n in m.nodes})
     return wall
 
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import ClassVar, Final
 
 import structlog
 
@@ -81,6 +81,9 @@ def find_mosquitto() -> str:
 class MosquittoProcess:
     """A mosquitto started by ``spawn_mosquitto``; ``await stop()`` or ``async with`` ends it."""
 
+    #: The broker's log, in ``workdir``.
+    log_name: ClassVar[str] = "mosquitto.log"
+
     def __init__(
         self, proc: subprocess.Popen[bytes], host: str, port: int, workdir: Path, owns_dir: bool
     ) -> None:
@@ -103,7 +106,7 @@ class MosquittoProcess:
         return self.proc.poll() is None
 
     def log_tail(self, limit: int = 2000) -> str:
-        path = self.workdir / "mosquitto.log"
+        path = self.workdir / self.log_name
         try:
             return path.read_text(errors="replace")[-limit:]
         except OSError:
@@ -200,7 +203,7 @@ async def spawn_mosquitto(
     conf.write_text(_CONFIG.format(port=chosen, host=host, extra=config_extra,
                                    queued=QUEUED_MESSAGES))
     conf.chmod(0o644)
-    proc = _launch(binary, conf, wd / "mosquitto.log")
+    proc = _launch(binary, conf, wd / MosquittoProcess.log_name)
     handle = MosquittoProcess(proc, host, chosen, wd, owns_dir)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + startup_timeout_s

@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 import structlog
 
@@ -66,17 +66,12 @@ def ejabberd_installed() -> bool:
 class EjabberdProcess(MosquittoProcess):
     """The same handle as a spawned mosquitto (host, port, ``stop()``, ``kill_now()``)."""
 
+    log_name: ClassVar[str] = "ejabberd.log"
+
     async def stop(self, grace_s: float = 0.0) -> None:
         """SIGKILL: a throw-away broker (its spool is deleted) needs no clean shutdown, and
         the Erlang VM takes seconds over SIGTERM."""
         await super().stop(grace_s)
-
-    def log_tail(self, limit: int = 2000) -> str:
-        path = self.workdir / "ejabberd.log"
-        try:
-            return path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
 
 def _launch(cmd: list[str], work: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -98,7 +93,7 @@ async def spawn_ejabberd(*, startup_timeout_s: float = 30.0) -> EjabberdProcess:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(work),
         "EJABBERD_CONFIG_PATH": str(work / "ejabberd.yml"),
-        "EJABBERD_LOG_PATH": str(work / "ejabberd.log"),
+        "EJABBERD_LOG_PATH": str(work / EjabberdProcess.log_name),
         "ERL_LIBS": str(libs),
         "ERL_CRASH_DUMP": str(work / "erl_crash.dump"),
         "ERL_CRASH_DUMP_BYTES": "0",

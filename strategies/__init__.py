@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from strategies.base import (
     AsyncStrategy,
     ClientUpdate,
+    Feedback,
     Selector,
     Strategy,
     StrategyError,
@@ -97,6 +98,7 @@ __all__ = [
     "FedDyn",
     "FedProx",
     "FedYogi",
+    "Feedback",
     "InFlightSelector",
     "Krum",
     "Median",

@@ -22,11 +22,14 @@ import numpy as np
 __all__ = [
     "AsyncStrategy",
     "ClientUpdate",
+    "Feedback",
     "Selector",
     "Strategy",
     "StrategyError",
     "Weights",
     "check_compatible",
+    "positive_count",
+    "positive_number",
     "rng_from_state",
     "rng_state",
 ]
@@ -70,10 +73,61 @@ def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.n
             raise StrategyError(f"tensor {name!r}: update shape {delta[name].shape} != {w.shape}")
 
 
-class Strategy(ABC):
-    """A synchronous, round-based aggregation strategy."""
+def positive_number(name: str, value: float) -> float:
+    """``value`` as a float; ``StrategyError`` unless it is a finite number > 0."""
+    if not (np.isfinite(value) and value > 0):
+        raise StrategyError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def positive_count(name: str, value: int) -> int:
+    """``value`` as an int; ``StrategyError`` unless it is an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise StrategyError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def _refuse_state(obj: object, state: Mapping[str, Any]) -> None:
+    """A stateless plug-in given state means a checkpoint and a plug-in that do not match:
+    saying so beats resuming silently from the wrong state."""
+    if state:
+        raise StrategyError(f"{type(obj).__name__} is stateless but got state {sorted(state)}")
+
+
+def _require_state_pair(cls: type[_PlugIn]) -> None:
+    """A plug-in that saves state must also restore it: one that overrides ``state_dict`` but
+    inherits the base ``load_state_dict`` would resume from a checkpoint without its state."""
+    saves = cls.state_dict is not _PlugIn.state_dict
+    loads = cls.load_state_dict is not _PlugIn.load_state_dict
+    if saves and not loads:
+        raise TypeError(f"{cls.__qualname__} overrides state_dict() but not load_state_dict(): "
+                        "a checkpoint could not restore it; implement both")
+
+
+class _PlugIn:
+    """What every strategy and selector has: a registry name, and state for checkpoints.
+
+    Everything a plug-in remembers across rounds is in ``state_dict()`` (``{}`` for a stateless
+    one); one that overrides ``state_dict`` must override ``load_state_dict`` too.
+    """
 
     name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _require_state_pair(cls)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything remembered across rounds; stateless plug-ins return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        _refuse_state(self, state)
+
+
+class Strategy(_PlugIn, ABC):
+    """A synchronous, round-based aggregation strategy."""
+
     #: True when ``finish`` needs every update of the round (robust aggregators); the
     #: aggregator then bounds the round by ``max_updates`` in memory.
     needs_all_updates: ClassVar[bool] = False
@@ -105,10 +159,6 @@ class Strategy(ABC):
     #: The same for what goes to clients with the model (``client_tensors``).
     client_aux_models: ClassVar[int] = 0
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _require_state_pair(cls, Strategy)
-
     @property
     def num_accumulated(self) -> int:
         """Updates folded into the round so far (read by the aggregator's round report)."""
@@ -119,18 +169,9 @@ class Strategy(ABC):
         noise used), as msgpack-safe scalars. Default: nothing."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything remembered across rounds; stateless strategies return ``{}``."""
-        return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _refuse_state(self, state)
-
-
-class AsyncStrategy(ABC):
+class AsyncStrategy(_PlugIn, ABC):
     """An asynchronous strategy: updates arrive one at a time, from any model version."""
-
-    name: ClassVar[str] = ""
 
     def client_config(self, version: int) -> dict[str, Any]:
         return {}
@@ -158,25 +199,29 @@ class AsyncStrategy(ABC):
     #: aggregator reads this to reject too-stale updates before decoding them fully.
     max_staleness: int | None = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _require_state_pair(cls, AsyncStrategy)
-
     def report(self) -> dict[str, Any]:
         """What the strategy says about the model version it just produced. Default: nothing."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _refuse_state(self, state)
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What a round said about one node: did it deliver, how long it took, its utility (e.g.
+    OORT's sqrt(sum of squared losses)); ``None`` where unknown."""
+
+    node: str
+    round: int
+    completed: bool
+    duration_s: float | None = None
+    utility: float | None = None
 
 
-class Selector(ABC):
-    """Chooses which available clients take part in a round. Pure and seeded."""
+class Selector(_PlugIn, ABC):
+    """Chooses which available clients take part in a round. Pure and seeded.
 
-    name: ClassVar[str] = ""
+    Selectors that learn from how rounds went override ``observe``, which ``report`` calls
+    with one ``Feedback`` record.
+    """
 
     @abstractmethod
     def select(self, available: Sequence[str], round: int) -> list[str]:
@@ -191,35 +236,12 @@ class Selector(ABC):
         duration_s: float | None = None,
         utility: float | None = None,
     ) -> None:
-        """Feedback after a round: did the node deliver, how long it took, its utility
-        (e.g. OORT's sqrt(sum of squared losses)). Default: ignored."""
+        """Feedback after a round (what the aggregator calls): hands ``observe`` the
+        ``Feedback`` record."""
+        self.observe(Feedback(node, round, completed, duration_s, utility))
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _require_state_pair(cls, Selector)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _refuse_state(self, state)
-
-
-def _refuse_state(obj: object, state: Mapping[str, Any]) -> None:
-    """A stateless plug-in given state means a checkpoint and a plug-in that do not match:
-    saying so beats resuming silently from the wrong state."""
-    if state:
-        raise StrategyError(f"{type(obj).__name__} is stateless but got state {sorted(state)}")
-
-
-def _require_state_pair(cls: type, base: type) -> None:
-    """A plug-in that saves state must also restore it: one that overrides ``state_dict`` but
-    inherits the base ``load_state_dict`` would resume from a checkpoint without its state."""
-    saves = cls.state_dict is not base.state_dict  # type: ignore[attr-defined]
-    loads = cls.load_state_dict is not base.load_state_dict  # type: ignore[attr-defined]
-    if saves and not loads:
-        raise TypeError(f"{cls.__qualname__} overrides state_dict() but not load_state_dict(): "
-                        "a checkpoint could not restore it; implement both")
+    def observe(self, feedback: Feedback) -> None:
+        """Learn from one node's round. Default: ignored."""
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies.base import AsyncStrategy, ClientUpdate, StrategyError, Weights, check_compatible
+from strategies._async_model import VersionedModel
+from strategies.base import ClientUpdate, StrategyError, Weights
 
 __all__ = ["STALENESS_FUNCTIONS", "FedAsync", "staleness_weight"]
 
@@ -58,16 +59,7 @@ def staleness_weight(kind: str, staleness: int, a: float, b: float) -> float:
     raise StrategyError(f"unknown staleness function {kind!r}; known: {STALENESS_FUNCTIONS}")
 
 
-def _readonly(weights: Mapping[str, np.ndarray]) -> Weights:
-    out: Weights = {}
-    for k, w in weights.items():
-        view = w.view()
-        view.flags.writeable = False
-        out[k] = view
-    return out
-
-
-class FedAsync(AsyncStrategy):
+class FedAsync(VersionedModel):
     """Staleness-weighted mixing of each update into the global model.
 
     Args:
@@ -91,57 +83,28 @@ class FedAsync(AsyncStrategy):
             raise StrategyError(f"a must be a finite number >= 0 (> 0 for polynomial), got {a}")
         if not (np.isfinite(b) and b >= 0):
             raise StrategyError(f"b must be a finite number >= 0, got {b}")
-        if max_staleness is not None and max_staleness < 0:
-            raise StrategyError(f"max_staleness must be >= 0 or omitted, got {max_staleness}")
+        super().__init__(max_staleness)
         self.alpha = float(alpha)
         self.staleness = staleness
         self.a = float(a)
         self.b = float(b)
-        self.max_staleness = max_staleness
-        self._weights: Weights = {}
-        self._version = 0
-
-    def init(self, weights: Weights, version: int = 0) -> None:
-        self._weights = {k: np.array(w, copy=True) for k, w in weights.items()}
-        self._version = int(version)
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def weights(self) -> Weights:
-        return _readonly(self._weights)
 
     def mixing_weight(self, staleness: int) -> float:
         """α_t = α · s(staleness)."""
         return self.alpha * staleness_weight(self.staleness, staleness, self.a, self.b)
 
     def submit(self, update: ClientUpdate) -> Weights | None:
-        if not self._weights:
-            raise StrategyError("FedAsync.submit before init(): no global model yet")
-        check_compatible(self._weights, update.delta)
-        if self.max_staleness is not None and update.staleness > self.max_staleness:
+        if not self._admits(update):
             return None
         alpha_t = self.mixing_weight(update.staleness)
-        self._weights = {
+        return self._advance({
             k: (w.astype(np.float64) + alpha_t * np.asarray(update.delta[k], dtype=np.float64))
             .astype(w.dtype)
             for k, w in self._weights.items()
-        }
-        self._version += 1
-        return {k: w.copy() for k, w in self._weights.items()}
+        })
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self._version,
-                "weights": {k: w.copy() for k, w in self._weights.items()}}
+        return self._model_state()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "version" not in state or "weights" not in state:
-            raise StrategyError(f"FedAsync state needs 'version' and 'weights', "
-                                f"got {sorted(state)}")
-        weights = state["weights"]
-        if not isinstance(weights, Mapping) or not all(
-                isinstance(w, np.ndarray) for w in weights.values()):
-            raise StrategyError("FedAsync state 'weights' must map names to numpy arrays")
-        self.init(dict(weights), int(state["version"]))
+        self.init(*self._model_in(state))

@@ -13,7 +13,7 @@ import numpy as np
 
 from strategies.base import ClientUpdate, Strategy, StrategyError, Weights, check_compatible
 
-__all__ = ["FedAvg", "WeightedDeltaMean"]
+__all__ = ["FedAvg", "MeanRound", "WeightedDeltaMean"]
 
 
 #: Elements folded at a time: the float64 scratch (512 KiB) stays in cache, where a whole-tensor
@@ -67,14 +67,10 @@ class WeightedDeltaMean:
         return {k: v / self.total_weight for k, v in self._sum.items()}
 
 
-class FedAvg(Strategy):
-    """Example-weighted averaging of client deltas.
-
-    Args:
-        weighted: weight each client by ``num_examples`` (True, the paper) or equally.
-    """
-
-    name: ClassVar[str] = "fedavg"
+class MeanRound(Strategy):
+    """A round that folds every update into one running mean delta, example-weighted when
+    ``weighted``: FedAvg's round, and that of the strategies that step from the mean delta
+    (``strategies._server_state.MeanDeltaStep``). Subclasses write ``finish``."""
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = bool(weighted)
@@ -91,6 +87,16 @@ class FedAvg(Strategy):
 
     def accumulate(self, update: ClientUpdate) -> None:
         self._acc.add(update.delta, float(update.num_examples) if self.weighted else 1.0)
+
+
+class FedAvg(MeanRound):
+    """Example-weighted averaging of client deltas.
+
+    Args:
+        weighted: weight each client by ``num_examples`` (True, the paper) or equally.
+    """
+
+    name: ClassVar[str] = "fedavg"
 
     def finish(self) -> Weights:
         mean = self._acc.mean()

@@ -19,19 +19,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._server_state import (
-    apply_step,
+    MeanDeltaStep,
     check_same_layout,
     export_tensors,
     import_tensors,
     zeros_f64,
 )
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights
-from strategies.fedavg import WeightedDeltaMean
+from strategies.base import StrategyError, Weights, positive_number
 
 __all__ = ["FedAvgM"]
 
 
-class FedAvgM(Strategy):
+class FedAvgM(MeanDeltaStep):
     """Server momentum over the example-weighted mean delta.
 
     Args:
@@ -47,41 +46,25 @@ class FedAvgM(Strategy):
 
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9,
                  weighted: bool = True) -> None:
-        if not (np.isfinite(server_lr) and server_lr > 0):
-            raise StrategyError(f"server_lr must be a finite number > 0, got {server_lr}")
+        self.server_lr = positive_number("server_lr", server_lr)
         if not 0 <= momentum < 1:
             raise StrategyError(f"momentum must be in [0, 1), got {momentum}")
-        self.server_lr = float(server_lr)
         self.momentum = float(momentum)
-        self.weighted = bool(weighted)
-        self._acc = WeightedDeltaMean()
-        self._global: Weights = {}
+        super().__init__(weighted)
         self._v: dict[str, np.ndarray] = {}
 
-    @property
-    def num_accumulated(self) -> int:
-        return self._acc.count
-
-    def begin(self, weights: Weights, round: int) -> None:
+    def _ready_state(self, weights: Weights) -> None:
         if not self._v:
             self._v = zeros_f64(weights)
         check_same_layout(weights, self._v, "FedAvgM momentum buffer")
-        self._global = weights
-        self._acc.reset(weights)
 
-    def accumulate(self, update: ClientUpdate) -> None:
-        self._acc.add(update.delta, float(update.num_examples) if self.weighted else 1.0)
-
-    def finish(self) -> Weights:
-        if self._acc.total_weight <= 0:
-            return {k: w.copy() for k, w in self._global.items()}
-        mean = self._acc.mean()
+    def _step(self, mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         step: dict[str, np.ndarray] = {}
         for k, v in self._v.items():
             v *= self.momentum
             v += mean[k]
             step[k] = self.server_lr * v
-        return apply_step(self._global, step)
+        return step
 
     def state_dict(self) -> dict[str, Any]:
         return {"v": export_tensors(self._v)}

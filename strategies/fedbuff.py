@@ -21,13 +21,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from strategies._async_model import VersionedModel
 from strategies._server_state import check_same_layout, export_tensors, import_tensors, zeros_f64
-from strategies.base import AsyncStrategy, ClientUpdate, StrategyError, Weights, check_compatible
+from strategies.base import ClientUpdate, StrategyError, Weights, positive_count, positive_number
 
 __all__ = ["FedBuff"]
 
 
-class FedBuff(AsyncStrategy):
+class FedBuff(VersionedModel):
     """Buffered asynchronous aggregation.
 
     Args:
@@ -42,39 +43,17 @@ class FedBuff(AsyncStrategy):
 
     def __init__(self, buffer_size: int = 10, server_lr: float = 1.0,
                  staleness_weighting: bool = True, max_staleness: int | None = None) -> None:
-        if isinstance(buffer_size, bool) or int(buffer_size) != buffer_size or buffer_size < 1:
-            raise StrategyError(f"buffer_size must be an integer >= 1, got {buffer_size}")
-        if not (np.isfinite(server_lr) and server_lr > 0):
-            raise StrategyError(f"server_lr must be a finite number > 0, got {server_lr}")
-        if max_staleness is not None and max_staleness < 0:
-            raise StrategyError(f"max_staleness must be >= 0 or omitted, got {max_staleness}")
-        self.buffer_size = int(buffer_size)
-        self.server_lr = float(server_lr)
+        self.buffer_size = positive_count("buffer_size", buffer_size)
+        self.server_lr = positive_number("server_lr", server_lr)
+        super().__init__(max_staleness)
         self.staleness_weighting = bool(staleness_weighting)
-        self.max_staleness = max_staleness
-        self._weights: Weights = {}
-        self._version = 0
         self._sum: dict[str, np.ndarray] = {}
         self._count = 0
 
     def init(self, weights: Weights, version: int = 0) -> None:
-        self._weights = {k: np.array(w, copy=True) for k, w in weights.items()}
-        self._version = int(version)
+        super().init(weights, version)
         self._sum = zeros_f64(weights)
         self._count = 0
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def weights(self) -> Weights:
-        out: Weights = {}
-        for k, w in self._weights.items():
-            view = w.view()
-            view.flags.writeable = False
-            out[k] = view
-        return out
 
     @property
     def num_buffered(self) -> int:
@@ -87,10 +66,7 @@ class FedBuff(AsyncStrategy):
         return 1.0 / math.sqrt(1.0 + staleness) if self.staleness_weighting else 1.0
 
     def submit(self, update: ClientUpdate) -> Weights | None:
-        if not self._weights:
-            raise StrategyError("FedBuff.submit before init(): no global model yet")
-        check_compatible(self._weights, update.delta)
-        if self.max_staleness is not None and update.staleness > self.max_staleness:
+        if not self._admits(update):
             return None
         factor = self.staleness_factor(update.staleness)
         for k, acc in self._sum.items():
@@ -99,33 +75,24 @@ class FedBuff(AsyncStrategy):
         if self._count < self.buffer_size:
             return None
         scale = self.server_lr / self.buffer_size
-        self._weights = {k: (w.astype(np.float64) + scale * self._sum[k]).astype(w.dtype)
-                         for k, w in self._weights.items()}
-        self._version += 1
+        moved = self._advance({k: (w.astype(np.float64) + scale * self._sum[k]).astype(w.dtype)
+                               for k, w in self._weights.items()})
         for acc in self._sum.values():
             acc.fill(0.0)
         self._count = 0
-        return {k: w.copy() for k, w in self._weights.items()}
+        return moved
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self._version,
-                "weights": {k: w.copy() for k, w in self._weights.items()},
-                "buffer_sum": export_tensors(self._sum),
+        return {**self._model_state(), "buffer_sum": export_tensors(self._sum),
                 "buffer_count": self._count}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        missing = {"version", "weights", "buffer_sum", "buffer_count"} - set(state)
-        if missing:
-            raise StrategyError(f"FedBuff state lacks {sorted(missing)}; got {sorted(state)}")
-        weights = state["weights"]
-        if not isinstance(weights, Mapping) or not all(
-                isinstance(w, np.ndarray) for w in weights.values()):
-            raise StrategyError("FedBuff state 'weights' must map names to numpy arrays")
+        weights, version = self._model_in(state, "buffer_sum", "buffer_count")
         buffer_sum = import_tensors(state, "buffer_sum", "FedBuff")
         check_same_layout(weights, buffer_sum, "FedBuff buffer")
         count = int(state["buffer_count"])
         if not 0 <= count < self.buffer_size:
             raise StrategyError(f"FedBuff state holds {count} buffered updates; buffer_size is "
                                 f"{self.buffer_size} (restore with the same buffer_size)")
-        self.init(dict(weights), int(state["version"]))
+        self.init(weights, version)
         self._sum, self._count = buffer_sum, count

@@ -34,19 +34,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._server_state import (
-    apply_step,
+    MeanDeltaStep,
     check_same_layout,
     export_tensors,
     import_tensors,
     zeros_f64,
 )
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights
-from strategies.fedavg import WeightedDeltaMean
+from strategies.base import ClientUpdate, StrategyError, Weights, positive_count, positive_number
 
 __all__ = ["FedDyn"]
 
 
-class FedDyn(Strategy):
+class FedDyn(MeanDeltaStep):
     """Server side of FedDyn.
 
     Args:
@@ -57,47 +56,33 @@ class FedDyn(Strategy):
     name: ClassVar[str] = "feddyn"
 
     def __init__(self, num_clients: int, alpha: float = 0.01) -> None:
-        if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-            raise StrategyError(f"num_clients must be an integer >= 1, got {num_clients}")
-        if not (np.isfinite(alpha) and alpha > 0):
-            raise StrategyError(f"alpha must be a finite number > 0, got {alpha}")
-        self.num_clients = int(num_clients)
-        self.alpha = float(alpha)
-        self._acc = WeightedDeltaMean()  # every weight is 1: the mean is unweighted
-        self._global: Weights = {}
+        self.num_clients = positive_count("num_clients", num_clients)
+        self.alpha = positive_number("alpha", alpha)
+        super().__init__(weighted=False)  # every weight is 1: the mean is unweighted
         self._h: dict[str, np.ndarray] = {}
-
-    @property
-    def num_accumulated(self) -> int:
-        return self._acc.count
 
     def client_config(self, round: int) -> dict[str, Any]:
         return {"feddyn_alpha": self.alpha}
 
-    def begin(self, weights: Weights, round: int) -> None:
+    def _ready_state(self, weights: Weights) -> None:
         if not self._h:
             self._h = zeros_f64(weights)
         check_same_layout(weights, self._h, "FedDyn server state h")
-        self._global = weights
-        self._acc.reset(weights)
 
     def accumulate(self, update: ClientUpdate) -> None:
         if self._acc.count >= self.num_clients:
             raise StrategyError(f"FedDyn got more than num_clients={self.num_clients} updates "
                                 f"in one round; set num_clients to the federation's size")
-        self._acc.add(update.delta, 1.0)
+        super().accumulate(update)
 
-    def finish(self) -> Weights:
+    def _step(self, mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = self._acc.count
-        if n == 0:
-            return {k: w.copy() for k, w in self._global.items()}
-        mean = self._acc.mean()
         step: dict[str, np.ndarray] = {}
         for k, h in self._h.items():
             # Σ_k Δ_k = n * mean; h ← h − (α/m) Σ_k Δ_k
             h -= (self.alpha * n / self.num_clients) * mean[k]
             step[k] = mean[k] - h / self.alpha
-        return apply_step(self._global, step)
+        return step
 
     def state_dict(self) -> dict[str, Any]:
         return {"h": export_tensors(self._h)}

@@ -35,19 +35,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._server_state import (
-    apply_step,
+    MeanDeltaStep,
     check_same_layout,
     export_tensors,
     import_tensors,
     zeros_f64,
 )
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights
-from strategies.fedavg import WeightedDeltaMean
+from strategies.base import StrategyError, Weights, positive_number
 
 __all__ = ["FedAdagrad", "FedAdam", "FedOpt", "FedYogi"]
 
 
-class FedOpt(Strategy):
+class FedOpt(MeanDeltaStep):
     """Shared machinery of Algorithm 2; subclasses define the second-moment update.
 
     Args:
@@ -64,58 +63,40 @@ class FedOpt(Strategy):
     def __init__(self, eta: float = 1e-2, eta_l: float | None = None, beta1: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3, initial_v: float | None = None,
                  weighted: bool = True, bias_correction: bool = False) -> None:
-        if not (np.isfinite(eta) and eta > 0):
-            raise StrategyError(f"eta must be a finite number > 0, got {eta}")
+        self.eta = positive_number("eta", eta)
         if eta_l is not None and not (np.isfinite(eta_l) and eta_l > 0):
             raise StrategyError(f"eta_l must be a finite number > 0 or omitted, got {eta_l}")
         for label, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0 <= beta < 1:
                 raise StrategyError(f"{label} must be in [0, 1), got {beta}")
-        if not (np.isfinite(tau) and tau > 0):
-            raise StrategyError(f"tau must be a finite number > 0, got {tau}")
+        self.tau = positive_number("tau", tau)
         if initial_v is not None and not (np.isfinite(initial_v) and initial_v >= 0):
             raise StrategyError(f"initial_v must be a finite number >= 0, got {initial_v}")
-        self.eta = float(eta)
         self.eta_l = None if eta_l is None else float(eta_l)
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
-        self.tau = float(tau)
         self.initial_v = self.tau**2 if initial_v is None else float(initial_v)
-        self.weighted = bool(weighted)
         self.bias_correction = bool(bias_correction)
         if self.bias_correction and not self._has_beta2:
             raise StrategyError(f"{type(self).__name__} has no second-moment decay to correct "
                                 "for; bias_correction is for fedadam and fedyogi")
+        super().__init__(weighted)
         self._steps = 0
-        self._acc = WeightedDeltaMean()
-        self._global: Weights = {}
         self._m: dict[str, np.ndarray] = {}
         self._v: dict[str, np.ndarray] = {}
-
-    @property
-    def num_accumulated(self) -> int:
-        return self._acc.count
 
     def client_config(self, round: int) -> dict[str, Any]:
         return {} if self.eta_l is None else {"lr": self.eta_l}
 
-    def begin(self, weights: Weights, round: int) -> None:
+    def _ready_state(self, weights: Weights) -> None:
         if not self._m:
             self._m = zeros_f64(weights)
             self._v = {k: np.full(w.shape, self.initial_v, dtype=np.float64)
                        for k, w in weights.items()}
         check_same_layout(weights, self._m, f"{type(self).__name__} first moment")
         check_same_layout(weights, self._v, f"{type(self).__name__} second moment")
-        self._global = weights
-        self._acc.reset(weights)
 
-    def accumulate(self, update: ClientUpdate) -> None:
-        self._acc.add(update.delta, float(update.num_examples) if self.weighted else 1.0)
-
-    def finish(self) -> Weights:
-        if self._acc.total_weight <= 0:
-            return {k: w.copy() for k, w in self._global.items()}
-        delta = self._acc.mean()
+    def _step(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._steps += 1
         eta = self.eta
         if self.bias_correction:
@@ -128,7 +109,7 @@ class FedOpt(Strategy):
             m += (1.0 - self.beta1) * d
             self._update_v(v, d * d)
             step[k] = eta * m / (np.sqrt(v) + self.tau)
-        return apply_step(self._global, step)
+        return step
 
     #: Whether the second moment decays with beta2 (Adam, Yogi), so bias correction applies.
     _has_beta2: ClassVar[bool] = True

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies.base import Selector, StrategyError, rng_from_state, rng_state
+from strategies.base import Feedback, Selector, StrategyError, rng_from_state, rng_state
 
 __all__ = ["OortSelector", "statistical_utility"]
 
@@ -145,20 +145,12 @@ class OortSelector(Selector):
         self._epsilon = max(self.min_exploration, self._epsilon * self.exploration_decay)
         return sorted(chosen)
 
-    def report(
-        self,
-        node: str,
-        round: int,
-        *,
-        completed: bool,
-        duration_s: float | None = None,
-        utility: float | None = None,
-    ) -> None:
-        rec = self._record(node)
-        if duration_s is not None:
-            rec["duration"] = float(duration_s)
-        if utility is not None and completed:
-            rec["utility"] = float(utility)
+    def observe(self, feedback: Feedback) -> None:
+        rec = self._record(feedback.node)
+        if feedback.duration_s is not None:
+            rec["duration"] = float(feedback.duration_s)
+        if feedback.utility is not None and feedback.completed:
+            rec["utility"] = float(feedback.utility)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self._rng), "epsilon": self._epsilon,

@@ -24,7 +24,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._server_state import apply_step
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights, check_compatible
+from strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyError,
+    Weights,
+    check_compatible,
+    positive_number,
+)
 
 __all__ = ["QFedAvg"]
 
@@ -47,10 +54,8 @@ class QFedAvg(Strategy):
                  loss_key: str = "train_loss") -> None:
         if not (np.isfinite(q) and q >= 0):
             raise StrategyError(f"q must be a finite number >= 0, got {q}")
-        if not (np.isfinite(learning_rate) and learning_rate > 0):
-            raise StrategyError(f"learning_rate must be a finite number > 0, got {learning_rate}")
+        self.lipschitz = 1.0 / positive_number("learning_rate", learning_rate)
         self.q = float(q)
-        self.lipschitz = 1.0 / float(learning_rate)
         self.loss_key = str(loss_key)
         self._global: Weights = {}
         self._sum: dict[str, np.ndarray] = {}

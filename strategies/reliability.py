@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies.base import Selector, StrategyError, rng_from_state, rng_state
+from strategies.base import Feedback, Selector, StrategyError, rng_from_state, rng_state
 
 __all__ = ["ReliabilitySelector"]
 
@@ -71,16 +71,9 @@ class ReliabilitySelector(Selector):
         idx = self._rng.choice(len(admitted), size=self.num_clients, replace=False)
         return sorted(admitted[i] for i in idx)
 
-    def report(
-        self,
-        node: str,
-        round: int,
-        *,
-        completed: bool,
-        duration_s: float | None = None,
-        utility: float | None = None,
-    ) -> None:
-        miss = 0.0 if completed else 1.0
+    def observe(self, feedback: Feedback) -> None:
+        miss = 0.0 if feedback.completed else 1.0
+        node = feedback.node
         self._miss[node] = self.decay * self.miss_rate(node) + (1 - self.decay) * miss
 
     def state_dict(self) -> dict[str, Any]:

@@ -179,10 +179,8 @@ class TrimmedMean(_RobustBase):
         return _columnwise(x, trim)
 
 
-class Krum(_RobustBase):
-    """Krum (Blanchard et al. 2017, "Machine Learning with Adversaries", Sec. 4): the single
-    delta whose summed squared distance to its n - f - 2 nearest neighbours is smallest.
-    Requires n > 2f + 2 updates.
+class _Byzantine(_RobustBase):
+    """A robust aggregator that tolerates ``f`` Byzantine clients (Krum, Bulyan).
 
     Needs all updates; more than ``max_updates`` in a round raise ``StrategyError``.
 
@@ -191,11 +189,19 @@ class Krum(_RobustBase):
         max_updates: most updates held in memory per round.
     """
 
-    name: ClassVar[str] = "krum"
-
     def __init__(self, f: int = 1, max_updates: int = 256) -> None:
         super().__init__(max_updates)
         self.f = _check_f(f)
+
+
+class Krum(_Byzantine):
+    """Krum (Blanchard et al. 2017, "Machine Learning with Adversaries", Sec. 4): the single
+    delta whose summed squared distance to its n - f - 2 nearest neighbours is smallest.
+    Requires n > 2f + 2 updates; ``f`` Byzantine clients tolerated, at most ``max_updates``
+    updates held a round.
+    """
+
+    name: ClassVar[str] = "krum"
 
     def _require(self, n: int) -> None:
         if n <= 2 * self.f + 2:
@@ -254,23 +260,14 @@ class MultiKrum(Krum):
         return mean
 
 
-class Bulyan(_RobustBase):
+class Bulyan(_Byzantine):
     """Bulyan (El Mhamdi et al. 2018, "The Hidden Vulnerability...", Sec. 4): pick
     theta = n - 2f deltas by repeated Krum (each pick removed, Krum rerun on the rest), then per
-    coordinate average the beta = theta - 2f values closest to the median. Requires n >= 4f + 3.
-
-    Needs all updates; more than ``max_updates`` in a round raise ``StrategyError``.
-
-    Args:
-        f: number of Byzantine clients tolerated.
-        max_updates: most updates held in memory per round.
+    coordinate average the beta = theta - 2f values closest to the median. Requires n >= 4f + 3;
+    ``f`` Byzantine clients tolerated, at most ``max_updates`` updates held a round.
     """
 
     name: ClassVar[str] = "bulyan"
-
-    def __init__(self, f: int = 1, max_updates: int = 256) -> None:
-        super().__init__(max_updates)
-        self.f = _check_f(f)
 
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]

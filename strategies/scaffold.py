@@ -39,7 +39,14 @@ from strategies._server_state import (
     import_tensors,
     zeros_f64,
 )
-from strategies.base import ClientUpdate, Strategy, StrategyError, Weights
+from strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyError,
+    Weights,
+    positive_count,
+    positive_number,
+)
 from strategies.fedavg import WeightedDeltaMean
 
 __all__ = ["CONTROL_DELTA_PREFIX", "CONTROL_PREFIX", "Scaffold"]
@@ -64,12 +71,8 @@ class Scaffold(Strategy):
     client_aux_models: ClassVar[int] = 1  # clients receive the server control variate
 
     def __init__(self, num_clients: int, server_lr: float = 1.0, weighted: bool = False) -> None:
-        if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-            raise StrategyError(f"num_clients must be an integer >= 1, got {num_clients}")
-        if not (np.isfinite(server_lr) and server_lr > 0):
-            raise StrategyError(f"server_lr must be a finite number > 0, got {server_lr}")
-        self.num_clients = int(num_clients)
-        self.server_lr = float(server_lr)
+        self.num_clients = positive_count("num_clients", num_clients)
+        self.server_lr = positive_number("server_lr", server_lr)
         self.weighted = bool(weighted)
         self._dx = WeightedDeltaMean()
         self._dc = WeightedDeltaMean()

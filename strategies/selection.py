@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies.base import Selector, StrategyError, rng_from_state, rng_state
+from strategies.base import Feedback, Selector, StrategyError, rng_from_state, rng_state
 
 __all__ = ["AllSelector", "InFlightSelector", "RandomSelector"]
 
@@ -110,16 +110,8 @@ class InFlightSelector(Selector):
         self._in_flight.update(picked)
         return picked
 
-    def report(
-        self,
-        node: str,
-        round: int,
-        *,
-        completed: bool,
-        duration_s: float | None = None,
-        utility: float | None = None,
-    ) -> None:
-        self._in_flight.discard(node)
+    def observe(self, feedback: Feedback) -> None:
+        self._in_flight.discard(feedback.node)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self._rng), "in_flight": sorted(self._in_flight)}

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from strategies.base import Selector, StrategyError, rng_from_state, rng_state
+from strategies.base import Feedback, Selector, StrategyError, rng_from_state, rng_state
 
 __all__ = ["TieredSelector"]
 
@@ -122,22 +122,14 @@ class TieredSelector(Selector):
             return []
         return [nodes[i] for i in self._rng.choice(len(nodes), size=k, replace=False)]
 
-    def report(
-        self,
-        node: str,
-        round: int,
-        *,
-        completed: bool,
-        duration_s: float | None = None,
-        utility: float | None = None,
-    ) -> None:
-        sample = duration_s
-        if sample is None and not completed and self.miss_penalty_s is not None:
+    def observe(self, feedback: Feedback) -> None:
+        sample = feedback.duration_s
+        if sample is None and not feedback.completed and self.miss_penalty_s is not None:
             sample = float(self.miss_penalty_s)
         if sample is None:
             return
-        old = self._latency.get(node)
-        self._latency[node] = float(sample) if old is None \
+        old = self._latency.get(feedback.node)
+        self._latency[feedback.node] = float(sample) if old is None \
             else (1 - self.latency_ema) * old + self.latency_ema * float(sample)
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,6 @@ nodes."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import os
 import time
@@ -14,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import zstandard
+from federation import connect, run_all
+from spies import GrantSpy, RecordingFedBuff, gated
 from structlog.testing import capture_logs
 
 from fedbus import topics
@@ -33,7 +34,7 @@ from fedbus.wire import (
     join_tensors,
     presence,
 )
-from strategies import ClientUpdate, FedBuff, InFlightSelector, Weights
+from strategies import FedBuff, InFlightSelector
 
 SIZE = 32
 LR = 0.5
@@ -77,26 +78,6 @@ def hull_distance(w: np.ndarray, points: np.ndarray, iterations: int = 2000) -> 
     return float(np.linalg.norm(points.T @ a - w))
 
 
-class RecordingFedBuff(FedBuff):
-    """FedBuff that remembers every model version and every update it was given."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.models: dict[int, np.ndarray] = {}
-        self.submitted: list[tuple[int, ClientUpdate]] = []
-
-    def init(self, weights: Weights, version: int = 0) -> None:
-        super().init(weights, version)
-        self.models[version] = np.array(weights["w"], copy=True)
-
-    def submit(self, update: ClientUpdate) -> Weights | None:
-        self.submitted.append((self.version, update))
-        moved = super().submit(update)
-        if moved is not None:
-            self.models[self.version] = moved["w"].copy()
-        return moved
-
-
 class SpySelector(InFlightSelector):
     def __init__(self, concurrency: int) -> None:
         super().__init__(concurrency=concurrency, seed=1)
@@ -117,20 +98,12 @@ async def federate(m: Manifest, *hooks: Hook, skip: Sequence[str] = (),
     """Run every node of ``m`` (but ``skip``) plus ``hooks`` on one memory broker;
     ``rebuild`` may swap the aggregator's strategy or selector before it starts."""
     broker = MemoryBroker()
-    agg: AsyncAggregator | None = None
-    async with asyncio.timeout(30), asyncio.TaskGroup() as tg:
-        for node in m.nodes:
-            if node.id in skip:
-                continue
-            bus = make_bus(m, node, memory=broker)
-            await bus.__aenter__()
-            svc = build_node(m, node.id, bus)
-            if isinstance(svc, AsyncAggregator):
-                agg = svc = rebuild(svc) if rebuild else svc
-            tg.create_task(svc.run(), name=node.id)
-        for hook in hooks:
-            tg.create_task(hook(broker, m))
-    assert agg is not None
+    services = await connect(m, broker, skip=skip)
+    agg = services["agg"]
+    assert isinstance(agg, AsyncAggregator)
+    if rebuild:
+        agg = services["agg"] = rebuild(agg)
+    await run_all(services, *(hook(broker, m) for hook in hooks), timeout=30)
     return agg
 
 
@@ -452,38 +425,15 @@ async def test_trainer_dedupes_async_orders_by_message_id_and_sync_rounds_by_num
 
 async def test_large_async_updates_upload_through_the_gate_a_few_at_a_time() -> None:
     # Prepare: 1.2 MB updates (above the 1 MB chunk size), 5 trainers in flight, 2 slots
-    base = manifest(n=5, rounds=4, speeds=[0.0])
-    m = dataclasses.replace(
-        base,
-        round=dataclasses.replace(base.round, max_uploads=2),
-        task=dataclasses.replace(base.task, params={"size": 300_000, "lr": LR}),
-        codec=dataclasses.replace(base.codec, level=0),  # toy deltas would compress away
-    )
-    granted: set[str] = set()
-    peak = 0
-
-    async def spy(broker: MemoryBroker, m: Manifest) -> None:
-        nonlocal peak
-        async with MemoryBus(broker, "spy") as bus, bus.subscribe(
-            topics.updates_for("toy", "agg"), "fedbus/v1/toy/control/+",
-            topics.model("toy", "agg"),
-        ) as sub:
-            async for msg in sub:
-                env = decode(msg.payload)
-                if env.kind == "grant":
-                    granted.add(topics.parse(msg.topic).sender)
-                    peak = max(peak, len(granted))
-                elif env.kind == "update":
-                    granted.discard(env.sender)
-                elif env.kind == "done":
-                    return
+    m = gated(manifest(n=5, rounds=4, speeds=[0.0]), 300_000, LR)
+    spy = GrantSpy()
 
     # Execute
     agg = await federate(m, spy)
     # Assert: every version was produced from gated uploads, never more than 2 at once
     assert agg.version == 4
     assert sum(agg.contributions.values()) >= 8
-    assert 1 <= peak <= 2  # the bound is what matters; overlap depends on the clock
+    assert 1 <= spy.peak <= 2  # the bound is what matters; overlap depends on the clock
     assert agg.rejections.total == 0
 
 

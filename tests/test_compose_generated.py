@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import assert_job_finished, exit_codes, reaped
 
 from fedbus.broker import MosquittoProcess
 from fedbus.deploy.compose import HEALTH_FILE, STATE_DIR, compose_config, compose_yaml
@@ -122,9 +123,8 @@ async def _run_services(doc: dict[str, Any], cwd: Path, host: str, port: int,
                         logs: Path, *, secured: bool) -> tuple[dict[str, int], str, bool]:
     """Every `fedbus serve` service as a local process; (exit codes, aggregator stdout, health
     file seen while running)."""
-    procs: dict[str, asyncio.subprocess.Process] = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    try:
+    async with reaped() as procs:
         for name, svc in doc["services"].items():
             cmd = list(svc.get("command") or [])
             if cmd[:2] != ["fedbus", "serve"]:
@@ -164,12 +164,7 @@ async def _run_services(doc: dict[str, Any], cwd: Path, host: str, port: int,
             for p in procs.values():
                 if p.returncode is None:
                     p.terminate()
-        codes = {n: await asyncio.wait_for(p.wait(), 60) for n, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
+        codes = await exit_codes(procs)
     return codes, out.decode(), healthy
 
 
@@ -199,10 +194,7 @@ async def test_generated_compose_services_finish_the_federation(
                                               secured=secure)
     # Assert: all nodes healthy (= connected) while running, then done and exited cleanly
     assert healthy
-    assert set(codes.values()) == {0}, codes
-    lines = out.strip().splitlines()
-    assert sum(line.startswith("round ") for line in lines) == m.rounds
-    assert lines[-1].startswith("final ")
+    assert_job_finished(codes, out, m.rounds)
     assert not list(logs.glob("*.health")), "health files must go when the node stops"
 
 

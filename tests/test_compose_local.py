@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from processes import assert_job_finished, exit_codes, reaped
 
 from fedbus.broker import MosquittoProcess
 from fedbus.deploy.compose import STATE_DIR
@@ -44,8 +45,7 @@ async def test_compose_services_run_as_local_processes(
     # Prepare: the compose environment, pointed at the local broker, with a short job
     services = fedbus_services()
     assert "aggregator" in services and len(services) >= 3
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    try:
+    async with reaped() as procs:
         for name, svc in services.items():
             # a stateful node works in its volume (working_dir): here, a folder of its own
             cwd = tmp_path / name if svc.get("working_dir") else ROOT
@@ -67,14 +67,6 @@ async def test_compose_services_run_as_local_processes(
         assert all(p.returncode is None for p in trainers.values())
         for p in trainers.values():
             p.terminate()
-        codes = {n: await asyncio.wait_for(p.wait(), 60) for n, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
+        codes = await exit_codes(procs)
     # Assert: every node exited cleanly and the aggregator printed its rounds and result
-    assert set(codes.values()) == {0}, codes
-    lines = out.decode().strip().splitlines()
-    assert sum(line.startswith("round ") for line in lines) == 3
-    assert lines[-1].startswith("final accuracy=")
+    assert_job_finished(codes, out, 3, "final accuracy=")

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 import zstandard
 
 from fedbus import topics
@@ -28,6 +27,7 @@ from fedbus.broker import MosquittoProcess
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.wire import ROUND, UPDATE, join_tensors
+from tests.test_cli import toy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +35,7 @@ FEDBUS = [sys.executable, "-m", "fedbus.cli"]
 
 
 def toy_manifest(tmp_path: Path, proc: MosquittoProcess, **over: Any) -> Path:
-    data = yaml.safe_load((ROOT / "examples/toy/manifest.yaml").read_text())
-    data["broker"] = {"host": proc.host, "port": proc.port}
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key].update(value)
-        else:
-            data[key] = value
-    path = tmp_path / "manifest.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return toy(tmp_path, **{"broker": {"host": proc.host, "port": proc.port}, **over})
 
 
 class Nodes:

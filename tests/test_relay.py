@@ -9,13 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from federation import federate
+from federation import connect, federate, run_root
+from spies import assert_follows_wiring, spy_buses
 
 from fedbus.bus.memory import MemoryBroker
 from fedbus.compress import UpdateCodec
 from fedbus.connect import make_bus
 from fedbus.errors import ManifestError
-from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
+from fedbus.manifest import Manifest, compile_wiring, parse_manifest
 from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.relay import Relay
@@ -47,20 +48,7 @@ def tree(rounds: int = 3) -> Manifest:
 
 
 async def run(m: Manifest) -> tuple[Aggregator, dict[str, Any]]:
-    broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        bus = make_bus(m, n, memory=broker)
-        await bus.__aenter__()
-        services[n.id] = build_node(m, n.id, bus)
-    agg = services.pop("agg")
-    async with asyncio.timeout(30):
-        tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
-        await agg.run()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return agg, services
+    return await run_root(await connect(m, MemoryBroker()))
 
 
 async def test_a_two_level_hierarchy_gives_the_flat_stars_model() -> None:
@@ -102,25 +90,10 @@ def test_bad_relays_are_refused_by_field(nodes: list[dict[str, Any]], field: str
 
 
 async def test_a_relay_subscribes_and_publishes_exactly_what_the_wiring_says() -> None:
-    from test_hostile import SpyBus
-
     m = tree(rounds=2)
-    broker = MemoryBroker()
-    spies: dict[str, SpyBus] = {}
-
-    def spy(n: NodeSpec) -> SpyBus:
-        real = make_bus(m, n, memory=broker)
-        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
-        return spies[n.id]
-
+    spies, spy = spy_buses(m, MemoryBroker())
     await federate(m, spy, timeout=30)
-    wiring = compile_wiring(m)
-    for node in ("r0", "r1", "t0", "agg"):
-        # NACK filters are the bus's own, taken once it sends a chunked payload (none here)
-        expected = {f for f in wiring[node].subscribe if "/nack/" not in f}
-        assert spies[node].subscribed - {f for f in wiring[node].subscribe} == set(), node
-        assert spies[node].subscribed >= expected, node
-        assert spies[node].published <= set(wiring[node].publish), node
+    assert_follows_wiring(m, spies, ("r0", "r1", "t0", "agg"))
 
 
 @pytest.mark.broker
@@ -266,12 +239,7 @@ async def test_a_late_trainer_under_a_relay_joins_a_later_round_with_the_current
                   for n in base.nodes],
     })
     broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        if n.id != "t3":
-            bus = make_bus(m, n, memory=broker)
-            await bus.__aenter__()
-            services[n.id] = build_node(m, n.id, bus)
+    services = await connect(m, broker, skip=("t3",))
     agg = services.pop("agg")
     late: list[asyncio.Task[Any]] = []
 

@@ -9,19 +9,22 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
-from federation import federate as run_all
+from federation import connect
+from federation import federate as on_buses
+from spies import RecordingFedBuff, assert_follows_wiring, spy_buses, watch
 from structlog.testing import capture_logs
 
 from fedbus import topics
+from fedbus.bus import Message
 from fedbus.bus.memory import MemoryBroker, MemoryBus
-from fedbus.codec import decode, encode
+from fedbus.codec import Envelope, encode
 from fedbus.connect import make_bus
-from fedbus.manifest import Manifest, NodeSpec, compile_wiring, parse_manifest
+from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.services.relay import AsyncRelay
-from fedbus.wire import DONE, GRANT, presence
-from strategies import ClientUpdate, FedBuff, Weights
+from fedbus.wire import GRANT, presence
+from strategies import ClientUpdate, FedBuff
 
 SIZE = 32
 LR = 0.5
@@ -52,26 +55,6 @@ def targets(m: Manifest) -> np.ndarray:
                      for i in range(4)])
 
 
-class RecordingFedBuff(FedBuff):
-    """FedBuff that keeps every model version and every update with the version it met."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.models: dict[int, np.ndarray] = {}
-        self.submitted: list[tuple[int, ClientUpdate]] = []
-
-    def init(self, weights: Weights, version: int = 0) -> None:
-        super().init(weights, version)
-        self.models[version] = np.array(weights["w"], copy=True)
-
-    def submit(self, update: ClientUpdate) -> Weights | None:
-        self.submitted.append((self.version, update))
-        moved = super().submit(update)
-        if moved is not None:
-            self.models[self.version] = moved["w"].copy()
-        return moved
-
-
 Hook = Callable[[MemoryBroker, AsyncAggregator, dict[str, Any], dict[str, asyncio.Task[Any]]],
                 Coroutine[Any, Any, None]]
 
@@ -80,13 +63,7 @@ async def federate(m: Manifest, *, hook: Hook | None = None, skip: Sequence[str]
                    strategy: FedBuff | None = None) -> tuple[AsyncAggregator, dict[str, Any]]:
     """Every node of ``m`` but ``skip`` on one memory broker until the root is done."""
     broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        if n.id in skip:
-            continue
-        bus = make_bus(m, n, memory=broker)
-        await bus.__aenter__()
-        services[n.id] = build_node(m, n.id, bus)
+    services = await connect(m, broker, skip=skip)
     agg = services.pop("agg")
     assert isinstance(agg, AsyncAggregator)
     if strategy is not None:
@@ -147,14 +124,11 @@ async def test_large_updates_pass_the_upload_gate_at_every_level() -> None:
 
     async def watch_grants(broker: MemoryBroker, agg: AsyncAggregator, services: dict[str, Any],
                            tasks: dict[str, asyncio.Task[Any]]) -> None:
-        async with MemoryBus(broker, "watcher") as bus, \
-                bus.subscribe("fedbus/v1/toy/control/+", topics.model("toy", "agg")) as sub:
-            async for msg in sub:
-                env = decode(msg.payload)
-                if env.kind == DONE:
-                    return
-                if env.kind == GRANT:
-                    grants.add((env.sender, topics.parse(msg.topic).sender))
+        def see(msg: Message, env: Envelope) -> None:
+            if env.kind == GRANT:
+                grants.add((env.sender, topics.parse(msg.topic).sender))
+
+        await watch(broker, ["fedbus/v1/toy/control/+", topics.model("toy", "agg")], see)
 
     # Execute
     with capture_logs() as logs:
@@ -233,28 +207,13 @@ async def test_a_late_joiner_under_a_relay_gets_the_current_model_and_contribute
 
 
 async def test_async_relays_subscribe_and_publish_exactly_what_the_wiring_says() -> None:
-    from test_hostile import SpyBus
-
     # Prepare: big updates, so grants and readies flow at both levels
     m = async_tree(rounds=3, size=300_000, speeds=(0.0,), max_uploads=1)
-    broker = MemoryBroker()
-    spies: dict[str, SpyBus] = {}
-
-    def spy(n: NodeSpec) -> SpyBus:
-        real = make_bus(m, n, memory=broker)
-        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
-        return spies[n.id]
-
+    spies, spy = spy_buses(m, MemoryBroker())
     # Execute
-    await run_all(m, spy, timeout=30)
+    await on_buses(m, spy, timeout=30)
     # Assert
-    wiring = compile_wiring(m)
-    for node in ("agg", "r0", "r1", "t0", "t3"):
-        expected = {f for f in wiring[node].subscribe if "/nack/" not in f}
-        assert spies[node].subscribed - set(wiring[node].subscribe) == set(), node
-        assert spies[node].subscribed >= expected, node
-        assert spies[node].published <= set(wiring[node].publish), (
-            node, spies[node].published - set(wiring[node].publish))
+    assert_follows_wiring(m, spies, ("agg", "r0", "r1", "t0", "t3"))
     # work orders went to one node each: the shared model topics carried only `done`
     assert "fedbus/v1/toy/work/t0/r0" in spies["r0"].published
     assert "fedbus/v1/toy/work/r0/agg" in spies["agg"].published
@@ -294,11 +253,7 @@ async def test_relays_follow_a_restarted_root() -> None:
     # Prepare: the root dies after a few versions and a fresh one (no checkpoint) takes over
     m = async_tree(rounds=10, speeds=(0.01,))
     broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        bus = make_bus(m, n, memory=broker)
-        await bus.__aenter__()
-        services[n.id] = build_node(m, n.id, bus)
+    services = await connect(m, broker)
     first = services.pop("agg")
     # Execute
     with capture_logs() as logs:
@@ -331,13 +286,10 @@ async def test_compressed_updates_stay_compressed_on_the_way_up() -> None:
     async def watch_updates(broker: MemoryBroker, agg: AsyncAggregator,
                             services: dict[str, Any],
                             tasks: dict[str, asyncio.Task[Any]]) -> None:
-        async with MemoryBus(broker, "watcher") as bus, \
-                bus.subscribe("fedbus/v1/toy/update/+/+", topics.model("toy", "agg")) as sub:
-            async for msg in sub:
-                env = decode(msg.payload)
-                if env.kind == DONE:
-                    return
-                sizes.setdefault(topics.parse(msg.topic).levels[0], []).append(len(msg.payload))
+        def see(msg: Message, env: Envelope) -> None:
+            sizes.setdefault(topics.parse(msg.topic).levels[0], []).append(len(msg.payload))
+
+        await watch(broker, ["fedbus/v1/toy/update/+/+", topics.model("toy", "agg")], see)
 
     # Execute
     agg, _ = await federate(m, hook=watch_updates)

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import numpy as np
+from spies import stand_in
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
@@ -15,7 +16,6 @@ from fedbus.bus import ChunkLimits, MemoryBroker, MemoryBus, MqttOptions
 from fedbus.bus._chunking import Reassembler, frames, is_chunk_frame, plan
 from fedbus.bus._repair import Repair, RepairLimits, decode_nack, encode_nack
 from fedbus.bus.mqtt import MqttBus
-from fedbus.connect import make_bus
 from fedbus.manifest import parse_manifest
 from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
@@ -24,22 +24,32 @@ FAST = ChunkLimits(nack_after_s=0.05)
 MODEL = topics.model("j", "agg")
 
 
-class LossyBus(MemoryBus):
-    """Drops every ``nth`` chunk frame it hands to the broker, retransmissions included."""
+class EveryNth:
+    """Loses every ``nth`` frame it is shown, retransmissions included; counts both."""
 
-    def __init__(self, *args: Any, nth: int = 7, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, nth: int) -> None:
         self.nth = nth
         self.frames = 0
         self.lost = 0
 
+    def loses(self) -> bool:
+        self.frames += 1
+        if self.frames % self.nth == 0:
+            self.lost += 1
+            return True
+        return False
+
+
+class LossyBus(MemoryBus):
+    """Drops every ``nth`` chunk frame it hands to the broker."""
+
+    def __init__(self, *args: Any, nth: int = 7, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss = EveryNth(nth)
+
     def _send_frame(self, topic: str, frame: bytes, retain: bool) -> None:
-        if is_chunk_frame(frame):
-            self.frames += 1
-            if self.frames % self.nth == 0:
-                self.lost += 1
-                return
-        super()._send_frame(topic, frame, retain)
+        if not (is_chunk_frame(frame) and self.loss.loses()):
+            super()._send_frame(topic, frame, retain)
 
 
 class LossyMqttBus(MqttBus):
@@ -47,16 +57,10 @@ class LossyMqttBus(MqttBus):
 
     def __init__(self, *args: Any, nth: int = 7, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.nth = nth
-        self.frames = 0
-        self.lost = 0
+        self.loss = EveryNth(nth)
 
     def _frame_out(self, frame: bytes) -> bytes | None:
-        self.frames += 1
-        if self.frames % self.nth == 0:
-            self.lost += 1
-            return None
-        return frame
+        return None if self.loss.loses() else frame
 
 
 class Clock:
@@ -108,8 +112,8 @@ async def test_lost_chunks_are_resent_and_every_payload_arrives() -> None:
             got.append((await sub.get(timeout=5)).payload)
     # Assert: all complete, each exactly once, by resending about what was lost
     assert sorted(got) == sorted(payloads)
-    assert agg.lost >= 20
-    assert agg.stats["chunks_resent"] >= agg.lost - 5
+    assert agg.loss.lost >= 20
+    assert agg.stats["chunks_resent"] >= agg.loss.lost - 5
     assert t0.stats["nacks_sent"] >= 5 and t0.stats.get("transfers_expired", 0) == 0
 
 
@@ -128,8 +132,8 @@ async def test_lost_chunks_are_repaired_over_mosquitto(mosquitto: MosquittoProce
             await t0.publish(topic, p)
             got.append((await sub.get(timeout=10)).payload)
     # Assert
-    assert got == payloads and t0.lost >= 6
-    assert t0.stats["chunks_resent"] >= t0.lost - 3 and agg.stats["nacks_sent"] >= 3
+    assert got == payloads and t0.loss.lost >= 6
+    assert t0.stats["chunks_resent"] >= t0.loss.lost - 3 and agg.stats["nacks_sent"] >= 3
 
 
 async def test_forged_nacks_cannot_make_a_node_resend_unbounded_data() -> None:
@@ -221,11 +225,8 @@ async def _federate(lossy: bool) -> tuple[dict[str, np.ndarray], dict[str, Lossy
     # 1.2 MB models and updates: above the upload gate (1 MB), in 13 chunks of 100 kB
     m = _toy(300_000)
     broker = MemoryBroker()
-    buses: dict[str, LossyBus] = {}
-    for n in m.nodes:
-        real = make_bus(m, n, memory=broker)
-        buses[n.id] = LossyBus(broker, n.id, will=real.will, birth=real.birth,
-                               chunk_bytes=100_000, limits=FAST, nth=7 if lossy else 1 << 30)
+    buses = {n.id: stand_in(LossyBus, m, broker, n.id, chunk_bytes=100_000, limits=FAST,
+                            nth=7 if lossy else 1 << 30) for n in m.nodes}
     services = {i: build_node(m, i, b) for i, b in buses.items()}
     agg = services.pop("agg")
     assert isinstance(agg, Aggregator)
@@ -246,7 +247,7 @@ async def test_a_round_that_loses_every_7th_chunk_completes_with_the_same_model(
     clean, _ = await _federate(lossy=False)
     repaired, buses = await _federate(lossy=True)
     # Assert: chunks were lost and resent on both sides, and the model is the clean one
-    assert sum(b.lost for b in buses.values()) >= 5
+    assert sum(b.loss.lost for b in buses.values()) >= 5
     assert buses["agg"].stats["chunks_resent"] > 0
     assert sum(buses[t].stats.get("chunks_resent", 0) for t in ("t0", "t1", "t2")) > 0
     assert clean.keys() == repaired.keys()

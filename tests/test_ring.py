@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federation import connect, run_root
+from spies import assert_follows_wiring, stand_in
 
 from fedbus import topics
 from fedbus.bus import Message
@@ -41,20 +43,9 @@ def manifest(groups: list[dict[str, Any]] | None = None, rounds: int = 3,
 
 async def federate(m: Manifest, *, broker: MemoryBroker | None = None,
                    buses: dict[str, Any] | None = None) -> tuple[Aggregator, dict[str, Any]]:
-    broker = broker or MemoryBroker()
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        bus = (buses or {}).get(n.id) or make_bus(m, n, memory=broker)
-        await bus.__aenter__()
-        services[n.id] = build_node(m, n.id, bus)
-    agg = services.pop("agg")
-    async with asyncio.timeout(30):
-        tasks = [asyncio.create_task(s.run(), name=i) for i, s in services.items()]
-        await agg.run()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return agg, services
+    services = await connect(m, broker or MemoryBroker(),
+                             bus_for=lambda n: (buses or {}).get(n.id))
+    return await run_root(services)
 
 
 async def test_fedavg_with_ring_groups_gives_the_flat_stars_model() -> None:
@@ -138,8 +129,7 @@ async def test_a_committer_lost_after_the_ring_is_replaced_by_the_next_member_by
     # Prepare: t0 (ring-a's committer) crashes once the ring is done, before it uploads
     m = manifest(GROUPS, rounds=1)
     broker = MemoryBroker()
-    real = make_bus(m, m.node("t0"), memory=broker)
-    buses = {"t0": DiesBeforeUploading(broker, "t0", will=real.will, birth=real.birth)}
+    buses = {"t0": stand_in(DiesBeforeUploading, m, broker, "t0")}
     # Execute
     star, _ = await federate(manifest(rounds=1))
     agg, services = await federate(m, broker=broker, buses=buses)
@@ -168,8 +158,7 @@ async def test_a_lost_group_update_is_repaired_by_the_members_own_updates() -> N
     m = manifest(groups, rounds=2, round={"deadline_s": 1.5, "quorum": 1.0, "min_clients": 6,
                                           "start_timeout_s": 10, "loss_grace_s": 0})
     broker = MemoryBroker()
-    real = make_bus(m, m.node("t0"), memory=broker)
-    buses = {"t0": LosesItsFirstUpload(broker, "t0", will=real.will, birth=real.birth)}
+    buses = {"t0": stand_in(LosesItsFirstUpload, m, broker, "t0")}
     # Execute
     star, _ = await federate(manifest(rounds=2))
     agg, services = await federate(m, broker=broker, buses=buses)
@@ -230,11 +219,8 @@ async def test_a_fallback_that_overtakes_its_groups_update_is_repaired_at_once()
     m = manifest([{"id": "ring-a", "members": ["t0", "t1", "t2"], "step_timeout_s": 0.5}],
                  rounds=2)
     broker, uploaded = MemoryBroker(), asyncio.Event()
-    real = {i: make_bus(m, m.node(i), memory=broker) for i in ("t0", "t1")}
-    t0 = CutsOffItsSuccessor(broker, "t0", will=real["t0"].will, birth=real["t0"].birth,
-                             commit_lost=True, overtaken=uploaded)
-    t1 = SaysWhenItUploads(broker, "t1", will=real["t1"].will, birth=real["t1"].birth,
-                           uploaded=uploaded)
+    t0 = stand_in(CutsOffItsSuccessor, m, broker, "t0", commit_lost=True, overtaken=uploaded)
+    t1 = stand_in(SaysWhenItUploads, m, broker, "t1", uploaded=uploaded)
     # Execute
     star, _ = await federate(manifest(rounds=2))
     agg, services = await federate(m, broker=broker, buses={"t0": t0, "t1": t1})
@@ -261,9 +247,8 @@ async def test_a_member_that_heard_the_commit_does_not_fall_back() -> None:
                  rounds=1, task={**TASK, "params": {**TASK["params"],
                                                     "speeds": [0, 0, 0, 0, 0, 2.0]}})
     broker = MemoryBroker()
-    real = make_bus(m, m.node("t0"), memory=broker)
-    t0 = CutsOffItsSuccessor(broker, "t0", will=real.will, birth=real.birth,
-                             commit_lost=False, overtaken=asyncio.Event())
+    t0 = stand_in(CutsOffItsSuccessor, m, broker, "t0", commit_lost=False,
+                  overtaken=asyncio.Event())
     # Execute
     star, _ = await federate(manifest(rounds=1))
     agg, services = await federate(m, broker=broker, buses={"t0": t0})
@@ -357,17 +342,9 @@ async def test_ring_members_subscribe_and_publish_exactly_what_the_wiring_says()
 
     m = manifest(GROUPS, rounds=2)
     broker = MemoryBroker()
-    spies = {}
-    for n in m.nodes:
-        real = make_bus(m, n, memory=broker)
-        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
+    spies = {n.id: stand_in(SpyBus, m, broker, n.id) for n in m.nodes}
     await federate(m, broker=broker, buses=spies)
-    wiring = compile_wiring(m)
-    for node, spy in spies.items():
-        expected = {f for f in wiring[node].subscribe if "/nack/" not in f}
-        assert spy.subscribed - set(wiring[node].subscribe) == set(), node
-        assert spy.subscribed >= expected, node
-        assert spy.published <= set(wiring[node].publish), node
+    assert_follows_wiring(m, spies, spies)
     assert topics.ring("toy", "ring-a", "t1", "t0") in spies["t0"].published
 
 

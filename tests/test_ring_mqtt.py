@@ -8,6 +8,7 @@ import contextlib
 from typing import Any
 
 import pytest
+from federation import run_all
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
@@ -97,9 +98,7 @@ async def test_rings_run_behind_a_broker_that_allows_only_the_wiring(
     async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
-        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-            for n, svc in services.items():
-                tg.create_task(svc.run(), name=n)
+        await run_all(services)
     refused: list[str] = []
     for user, topic in [("t3", topics.ring("ringsec", "ring-a", "t0", "t3")),
                         ("t1", topics.ring("ringsec", "ring-a", "t0", "t2"))]:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
+from federation import connect, run_all
+from spies import GrantSpy, gated
 from structlog.testing import capture_logs
 
 from fedbus import topics
@@ -54,20 +56,10 @@ Hook = Callable[[MemoryBroker, Manifest], Awaitable[None]]
 async def federate(m: Manifest, *hooks: Hook, skip: set[str] = frozenset()) -> Aggregator:
     """Run every node of ``m`` (but ``skip``) plus ``hooks`` on one memory broker."""
     broker = MemoryBroker()
-    agg: Aggregator | None = None
-    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-        for node in m.nodes:
-            if node.id in skip:
-                continue
-            bus = make_bus(m, node, memory=broker)
-            await bus.__aenter__()
-            svc = build_node(m, node.id, bus)
-            if isinstance(svc, Aggregator):
-                agg = svc
-            tg.create_task(svc.run(), name=node.id)
-        for hook in hooks:
-            tg.create_task(hook(broker, m))
-    assert agg is not None
+    services = await connect(m, broker, skip=skip)
+    await run_all(services, *(hook(broker, m) for hook in hooks), timeout=60)
+    agg = services["agg"]
+    assert isinstance(agg, Aggregator)
     return agg
 
 
@@ -97,6 +89,15 @@ async def _on_round(broker: MemoryBroker, m: Manifest, node: str,
             env = decode(msg.payload)
             if env.kind != ROUND or await act(bus, env):
                 return
+
+
+async def mute_t0(broker: MemoryBroker, m: Manifest) -> None:
+    """t0 says it is online, as a trainer does, and never answers."""
+
+    async def silent(bus: MemoryBus, env: Envelope) -> bool:
+        return True
+
+    await _on_round(broker, m, "t0", silent, announce=True)
 
 
 def bad_payloads(env: Envelope) -> list[bytes]:
@@ -215,15 +216,9 @@ async def test_deadline_with_quorum_closes_a_round_with_a_silent_trainer() -> No
     # Prepare: t0 is online but never answers
     m = manifest(n=3, rounds=1, deadline_s=0.5, quorum=0.6, min_clients=3)
 
-    async def silent(bus: MemoryBus, env: Envelope) -> bool:
-        return True
-
-    async def mute(broker: MemoryBroker, m: Manifest) -> None:
-        await _on_round(broker, m, "t0", silent, announce=True)
-
     # Execute
     with capture_logs() as logs:
-        agg = await federate(m, mute, skip={"t0"})
+        agg = await federate(m, mute_t0, skip={"t0"})
     # Assert
     report = agg.history[0]
     assert report.aggregated and report.accepted == ["t1", "t2"]
@@ -234,14 +229,8 @@ async def test_below_quorum_round_keeps_the_model() -> None:
     # Prepare: quorum 1.0 and one of two trainers silent
     m = manifest(n=2, rounds=1, deadline_s=0.3, quorum=1.0, min_clients=2)
 
-    async def silent(bus: MemoryBus, env: Envelope) -> bool:
-        return True
-
-    async def mute(broker: MemoryBroker, m: Manifest) -> None:
-        await _on_round(broker, m, "t0", silent, announce=True)
-
     # Execute
-    agg = await federate(m, mute, skip={"t0"})
+    agg = await federate(m, mute_t0, skip={"t0"})
     # Assert
     assert not agg.history[0].aggregated
     np.testing.assert_array_equal(agg.weights["w"], np.zeros(SIZE, np.float32))
@@ -303,31 +292,8 @@ def test_upload_gate_grants_again_to_a_node_that_asks_again() -> None:
 async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
     # Prepare: 1.2 MB updates (above the 1 MB chunk size) from 5 trainers, 2 upload slots
     size = 300_000
-    base = manifest(n=5, rounds=2)
-    m = dataclasses.replace(
-        base,
-        round=dataclasses.replace(base.round, max_uploads=2),
-        task=dataclasses.replace(base.task, params={"size": size, "lr": LR}),
-        codec=dataclasses.replace(base.codec, level=0),  # toy deltas would compress away
-    )
-    in_flight: set[str] = set()
-    peak = 0
-
-    async def spy(broker: MemoryBroker, m: Manifest) -> None:
-        nonlocal peak
-        async with MemoryBus(broker, "spy") as bus, bus.subscribe(
-            topics.updates_for("toy", "agg"), "fedbus/v1/toy/control/+",
-            topics.model("toy", "agg"),
-        ) as sub:
-            async for msg in sub:
-                env = decode(msg.payload)
-                if env.kind == "grant":
-                    in_flight.add(topics.parse(msg.topic).sender)
-                    peak = max(peak, len(in_flight))
-                elif env.kind == UPDATE:
-                    in_flight.discard(env.sender)
-                elif env.kind == "done":
-                    return
+    m = gated(manifest(n=5, rounds=2), size, LR)
+    spy = GrantSpy()
 
     # Execute
     agg = await federate(m, spy)
@@ -339,7 +305,7 @@ async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
                                atol=1e-6)
     assert [len(r.accepted) for r in agg.history] == [5, 5]
     # the bound is what matters; whether two overlapped at all depends on the clock
-    assert 1 <= peak <= 2
+    assert 1 <= spy.peak <= 2
 
 
 def test_upload_gate_readmits_a_late_upload_when_a_slot_is_free() -> None:

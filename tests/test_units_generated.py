@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import assert_job_finished, exit_codes, reaped
 
 from fedbus.deploy.security import write_broker_security
 from fedbus.deploy.units import write_unit
@@ -88,8 +89,7 @@ async def test_each_units_execstart_serves_its_node(
     m = _project(tmp_path)
     sec = write_broker_security(m, tmp_path / "secure", plugin="/unused.so")
     sb = await secure_mosquitto(m, passwords=sec.passwords)
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    try:
+    async with reaped() as procs:
         for node in m.nodes:
             files = write_unit(m, node.id, tmp_path / "units", password=sec.passwords[node.id],
                                values={"FEDBUS_BROKER_HOST": sb.host,
@@ -105,17 +105,9 @@ async def test_each_units_execstart_serves_its_node(
                 sys.executable, "-m", "fedbus.cli", *argv[1:], cwd=tmp_path, env=env,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         out, _ = await asyncio.wait_for(procs["aggregator"].communicate(), 120)
-        codes = {n: await asyncio.wait_for(p.wait(), 60) for n, p in procs.items()}
-    finally:
-        for p in procs.values():
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
+        codes = await exit_codes(procs)
     # Assert: every node authenticated with its own password and the job finished
-    assert set(codes.values()) == {0}, codes
-    lines = out.decode().strip().splitlines()
-    assert sum(x.startswith("round ") for x in lines) == 3
-    assert lines[-1].startswith("final ")
+    assert_job_finished(codes, out, 3)
 
 
 def _units(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from examples.toy.task import vector_weights
 from fedbus.task import EvalResult, FitResult
 
 __all__ = ["PopulationTask", "make_task"]
@@ -52,10 +53,7 @@ class PopulationTask:
         return {"w": self.w.copy()}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        w = weights["w"]
-        if set(weights) != {"w"} or w.shape != self.w.shape or w.dtype != self.w.dtype:
-            raise ValueError(f"population model is one float32 vector of {self.w.shape}")
-        self.w = np.array(w, copy=True)
+        self.w = vector_weights(self.w, weights, "population")
 
     def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
         if self.partition is None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedbus.task import EvalResult, FitResult
 
-__all__ = ["PERIOD", "ToyTask", "make_task"]
+__all__ = ["PERIOD", "ToyTask", "make_task", "vector_weights"]
 
 #: Length of the repeating target pattern.
 PERIOD: Final = 1024
@@ -52,6 +52,16 @@ class _Periodic:
             yield seg, self.block[:len(seg)]
 
 
+def vector_weights(current: np.ndarray, weights: Mapping[str, np.ndarray], what: str
+                   ) -> np.ndarray:
+    """A copy of ``weights["w"]``, once it is checked to be the one vector a model like
+    ``current`` has (``what``: the model's name in the error)."""
+    w = weights["w"]
+    if set(weights) != {"w"} or w.shape != current.shape or w.dtype != current.dtype:
+        raise ValueError(f"{what} model is one float32 vector of {current.shape}")
+    return np.array(w, copy=True)
+
+
 class ToyTask:
     def __init__(self, target: _Periodic, num_examples: int, lr: float, delay_s: float,
                  global_target: _Periodic) -> None:
@@ -77,10 +87,7 @@ class ToyTask:
         return {"w": self.w.copy()}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        w = weights["w"]
-        if set(weights) != {"w"} or w.shape != self.w.shape or w.dtype != self.w.dtype:
-            raise ValueError(f"toy model is one float32 vector of {self.w.shape}")
-        self.w = np.array(w, copy=True)
+        self.w = vector_weights(self.w, weights, "toy")
 
     def fit(self, config: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> FitResult:
         if self.delay_s:

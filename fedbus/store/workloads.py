@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from fedbus.store import analysis
 from fedbus.store.cache import StoreError
 from fedbus.store.repository import RoundStore
 from fedbus.task import Task
+
+_T = TypeVar("_T")
 
 __all__ = ["WORKLOADS", "Result", "RoundValues", "TaskUtility", "Workloads", "digest"]
 
@@ -216,29 +218,32 @@ class Workloads:
         if base is None:
             raise StoreError(f"the global model of round {r} is no longer kept "
                              "(store.model_rounds)")
-        rec = self.store.records[r]
-        clients, deltas, examples = [], [], []
-        for cid in sorted(rec.get("clients", {})):
-            upd = await self.store.update(r, cid)
-            if upd is not None:
-                clients.append(cid)
-                deltas.append(upd)
-                examples.append(float(rec["clients"][cid]["num_examples"]))
+        clients, deltas, examples = await self._kept(r, self.store.update)
         if not clients:
             raise StoreError(f"round {r} has no full updates left (store.full_update_rounds "
                              "keeps the last K rounds); pick a recent round")
         return base, clients, deltas, examples
 
     async def _sketches(self, r: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-        rec = self.store.records[r]
-        names, rows, ex = [], [], []
-        for cid in sorted(rec.get("clients", {})):
-            s = await self.store.sketch(r, cid)
-            if s is not None:
-                names.append(cid)
-                rows.append(np.asarray(s, dtype=np.float64))
-                ex.append(float(rec["clients"][cid]["num_examples"]))
+        names, sketches, ex = await self._kept(r, self.store.sketch)
+        rows = [np.asarray(s, dtype=np.float64) for s in sketches]
         return names, (np.array(rows) if rows else np.zeros((0, 0))), np.array(ex)
+
+    async def _kept(self, r: int, load: Callable[[int, str], Awaitable[_T | None]]
+                    ) -> tuple[list[str], list[_T], list[float]]:
+        """Round ``r``'s clients whose ``load(r, client)`` the store still keeps (retention
+        drops old ones), in id order: their ids, what was loaded, their example counts."""
+        rec = self.store.records[r]
+        clients: list[str] = []
+        kept: list[_T] = []
+        examples: list[float] = []
+        for cid in sorted(rec.get("clients", {})):
+            item = await load(r, cid)
+            if item is not None:
+                clients.append(cid)
+                kept.append(item)
+                examples.append(float(rec["clients"][cid]["num_examples"]))
+        return clients, kept, examples
 
 
 Workload = Callable[[Workloads, Mapping[str, Any]], Awaitable[Result]]

@@ -23,7 +23,7 @@ from typing import Any, Final
 import numpy as np
 import yaml
 
-from tests.deploy.dockerd import Dockerd
+from tests.deploy.dockerd import Dockerd, wait_until
 from tests.deploy.images import ROOT
 
 __all__ = ["ComposeResult", "Job", "Reference", "run_compose_job"]
@@ -81,13 +81,22 @@ def free_port() -> int:
 
 
 def _wait(what: str, predicate: Callable[[], Any], timeout_s: float, poll_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)  # polling containers: there is nothing to await
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    return wait_until(what, predicate, timeout_s, poll_s)
+
+
+def _keep_logs_and_down(p: Project, services: list[str], workdir: Path,
+                        res: ComposeResult) -> None:
+    """Keep each service's log next to the check's other output, then take the project down;
+    what fails is noted in ``res``, not raised (this runs in ``finally``)."""
+    for s in services:
+        try:
+            (workdir / f"{s}.log").write_text(p.logs(s))
+        except Exception as exc:
+            res.note(f"no log of {s}: {exc}")
+    try:
+        p.compose("down", "-v", "--remove-orphans", timeout=300)
+    except AssertionError as exc:
+        res.note(f"down failed: {exc}")
 
 
 class Project:
@@ -214,15 +223,7 @@ def run_compose_job(d: Dockerd, workdir: Path, job: Job, images: dict[str, str],
         res.note(f"aggregator exited {done}; final accuracy={res.accuracy}")
         res.weights = _final_model(p, workdir)
     finally:
-        for s in services:  # keep the logs next to the check's other output
-            try:
-                (workdir / f"{s}.log").write_text(p.logs(s))
-            except Exception as exc:
-                res.note(f"no log of {s}: {exc}")
-        try:
-            p.compose("down", "-v", "--remove-orphans", timeout=300)
-        except AssertionError as exc:
-            res.note(f"down failed: {exc}")
+        _keep_logs_and_down(p, services, workdir, res)
         built = sorted({doc["services"][b]["image"] for b in builders})
         d.docker("rmi", "-f", *built, check=False, capture=True, timeout=300)
     return res
@@ -402,14 +403,6 @@ def run_bridged_job(d: Dockerd, workdir: Path, images: dict[str, str], torch_ind
         m = _FINAL.search(p.logs("aggregator"))
         accuracy = float(m[1]) if m else None
     finally:
-        for s in services:
-            try:
-                (workdir / f"{s}.log").write_text(p.logs(s))
-            except Exception as exc:
-                res.note(f"no log of {s}: {exc}")
-        try:
-            p.compose("down", "-v", "--remove-orphans", timeout=300)
-        except AssertionError as exc:
-            res.note(f"down failed: {exc}")
+        _keep_logs_and_down(p, services, workdir, res)
         d.docker("rmi", "-f", "fedbus-trainer:dev", check=False, capture=True, timeout=300)
     return accuracy, services, (workdir / "brokers" / "broker-site.conf").read_text()

@@ -14,11 +14,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["DeployUnavailable", "Dockerd", "ensure_packages"]
+__all__ = ["DeployUnavailable", "Dockerd", "ensure_packages", "wait_until"]
 
 
 class DeployUnavailable(RuntimeError):
@@ -43,6 +43,18 @@ def ensure_packages(commands: dict[str, str]) -> None:
     with contextlib.suppress(OSError):
         subprocess.run(["systemctl", "disable", "--now", "docker.service", "docker.socket"],
                        capture_output=True, check=False)
+
+
+def wait_until(what: str, predicate: Callable[[], Any], timeout_s: float, poll_s: float) -> Any:
+    """``predicate()``'s first true value, asked every ``poll_s`` (containers and the daemon
+    give nothing to await); ``AssertionError`` naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def _wait(predicate: object, timeout_s: float, what: str) -> None:

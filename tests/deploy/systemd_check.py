@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from tests.deploy.dockerd import Dockerd
+from tests.deploy.dockerd import Dockerd, wait_until
 from tests.deploy.federation import HostFederation, repo_files
 
 __all__ = ["SYSTEMD_RUN", "EdgeResult", "install_in", "run_systemd_check", "start_systemd"]
@@ -50,13 +50,7 @@ class EdgeResult:
 
 
 def _wait(what: str, predicate: Callable[[], Any], timeout_s: float, poll_s: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)  # polling a container: there is nothing to await
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    return wait_until(what, predicate, timeout_s, poll_s)
 
 
 def sh(d: Dockerd, name: str, script: str, *, check: bool = True, timeout: float = 120,
@@ -135,6 +129,17 @@ def run_systemd_check(d: Dockerd, workdir: Path, image: str, torch_index: str) -
                 seen = (fed.count(lost) > before[0], fed.count(joined) > before[1])
                 return seen if all(seen) else None
 
+            def rejoined(after_what: str, before: tuple[int, int]) -> int:
+                """The round in which the node took part again (the aggregator having seen
+                it leave and rejoin since ``before``), noted."""
+                after = fed.last_round()
+                r: int = fed.wait_round(f"{NODE} to rejoin after {after_what}",
+                                        lambda g, s: g == s == 2, after, 300)
+                res.seen_leave_rejoin.append(_wait("the aggregator to see it leave and rejoin",
+                                                   lambda: leave_rejoin(before), 60))
+                res.note(f"rejoined: round {r} had 2/2 participants")
+                return r
+
             # kill -9 of the unit's main process: Restart=on-failure after RestartSec=10s
             mark = (fed.count(lost), fed.count(joined))
             pid = sh(d, name, f"systemctl show -p MainPID --value {unit}")
@@ -150,12 +155,7 @@ def run_systemd_check(d: Dockerd, workdir: Path, image: str, torch_index: str) -
 
             res.restarts_after_kill = _wait(f"systemd to restart {unit}", restarted, 120)
             res.note(f"systemd restarted it (NRestarts={res.restarts_after_kill})")
-            after = fed.last_round()
-            res.rejoined_after_kill = fed.wait_round(f"{NODE} to rejoin after kill -9",
-                                                     lambda g, s: g == s == 2, after, 300)
-            res.seen_leave_rejoin.append(_wait("the aggregator to see it leave and rejoin",
-                                               lambda: leave_rejoin(mark), 60))
-            res.note(f"rejoined: round {res.rejoined_after_kill} had 2/2 participants")
+            res.rejoined_after_kill = rejoined("kill -9", mark)
 
             # a reboot: stop the container (systemd shuts down) and start it again
             mark = (fed.count(lost), fed.count(joined))
@@ -172,12 +172,7 @@ def run_systemd_check(d: Dockerd, workdir: Path, image: str, torch_index: str) -
                 == "active" and "active", 120)
             res.note(f"after boot: {unit} is-enabled={res.enabled}, "
                      f"is-active={res.active_after_reboot}")
-            after = fed.last_round()
-            res.rejoined_after_reboot = fed.wait_round(f"{NODE} to rejoin after the reboot",
-                                                       lambda g, s: g == s == 2, after, 300)
-            res.seen_leave_rejoin.append(_wait("the aggregator to see it leave and rejoin",
-                                               lambda: leave_rejoin(mark), 60))
-            res.note(f"rejoined: round {res.rejoined_after_reboot} had 2/2 participants")
+            res.rejoined_after_reboot = rejoined("the reboot", mark)
         finally:
             try:
                 log = sh(d, name, f"journalctl -u {unit} --no-pager | tail -200", check=False)

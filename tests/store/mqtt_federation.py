@@ -45,8 +45,13 @@ async def store_federation(m: Manifest, trainers: tuple[str, ...]) -> AsyncItera
             tasks += [asyncio.create_task(services[t].run()) for t in trainers]
             yield Running(services["agg"], services["store"], tasks[0], buses)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancelled(tasks)
+
+
+async def cancelled(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

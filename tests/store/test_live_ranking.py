@@ -3,16 +3,15 @@ that is slow or absent costs a round at most the selector's timeout."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
+from federation import connect, run_all
+
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker
-from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest
-from fedbus.node import build_node
 from fedbus.services.store import StoreService
 
 
@@ -31,16 +30,8 @@ def manifest(tmp: Path, rounds: int, timeout_s: float = 5.0) -> Manifest:
 
 
 async def run(m: Manifest, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-        for node in m.nodes:
-            if node.id in skip:
-                continue
-            bus = make_bus(m, node, memory=broker)
-            await bus.__aenter__()
-            services[node.id] = build_node(m, node.id, bus)
-            tg.create_task(services[node.id].run(), name=node.id)
+    services = await connect(m, MemoryBroker(), skip=skip)
+    await run_all(services)
     return services
 
 

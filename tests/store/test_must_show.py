@@ -6,17 +6,15 @@ the store sent every update (full updates kept) and fed only the aggregator's sk
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from federation import connect, run_all
 
 from fedbus.bus.memory import MemoryBroker
-from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
-from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreService
 from fedbus.store import StoreError
@@ -43,14 +41,8 @@ def manifest(tmp: Path, n: int, rounds: int, params: dict[str, Any], full: int =
 
 
 async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
-    broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    async with asyncio.timeout(120), asyncio.TaskGroup() as tg:
-        for node in m.nodes:
-            bus = make_bus(m, node, memory=broker)
-            await bus.__aenter__()
-            services[node.id] = build_node(m, node.id, bus)
-            tg.create_task(services[node.id].run(), name=node.id)
+    services = await connect(m, MemoryBroker())
+    await run_all(services, timeout=120)
     return services["agg"], services["store"]
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+
+from federation import connect, run_all
 
 from fedbus.bus.memory import MemoryBroker
-from fedbus.connect import make_bus
 from fedbus.manifest import parse_manifest
-from fedbus.node import build_node
 from fedbus.services.store import StoreService
 from fedbus.sim import run_simulation
 from fedbus.store.repository import Retention, RoundStore
@@ -29,15 +28,9 @@ async def test_an_async_fedbuff_federation_is_recorded_by_model_version(tmp_path
         "store": {"dir": str(tmp_path / "store"), "sketch_dim": 64,
                   "full_update_rounds": 10, "precompute": False},
     })
-    broker = MemoryBroker()
-    services: dict[str, Any] = {}
+    services = await connect(m, MemoryBroker())
     # Execute
-    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-        for node in m.nodes:
-            bus = make_bus(m, node, memory=broker)
-            await bus.__aenter__()
-            services[node.id] = build_node(m, node.id, bus)
-            tg.create_task(services[node.id].run(), name=node.id)
+    await run_all(services)
     agg, store = services["agg"], services["store"]
     assert isinstance(store, StoreService)
     records = store.store.records

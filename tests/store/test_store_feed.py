@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federation import connect, run_all
+from spies import spy_buses
 
 from fedbus import topics
 from fedbus.bus import Bus
@@ -19,7 +21,6 @@ from fedbus.codec import Envelope, decode, encode
 from fedbus.connect import make_bus
 from fedbus.errors import ManifestError, PublishDenied
 from fedbus.manifest import Manifest, compile_wiring, parse_manifest, store_feed
-from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.services.store import StoreConfig, StoreService
 from fedbus.store import RoundStore, StoreError
@@ -29,7 +30,6 @@ from fedbus.wire import ROUND
 from strategies import ClientUpdate
 from tests.conftest import SecureBrokerFactory
 from tests.store.mqtt_federation import store_federation
-from tests.test_hostile import SpyBus
 
 SIZE = 32
 
@@ -56,24 +56,13 @@ def reference_store(m: Manifest, bus: Bus, root: Path) -> StoreService:
     return StoreService(config, bus, store)
 
 
-async def run_all(services: dict[str, Any]) -> None:
-    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-        for node_id, s in services.items():
-            tg.create_task(s.run(), name=node_id)
-
-
 async def test_fed_sketches_equal_the_stores_own_and_no_update_reaches_it(
         tmp_path: Path) -> None:
     # Prepare: every node on a spying bus, and a reference store sent the updates
     m = parse_manifest(doc(tmp_path, n=4, rounds=3))
     broker = MemoryBroker()
-    spies: dict[str, SpyBus] = {}
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        real = make_bus(m, n, memory=broker)
-        spies[n.id] = SpyBus(broker, n.id, will=real.will, birth=real.birth)
-        await spies[n.id].__aenter__()
-        services[n.id] = build_node(m, n.id, spies[n.id])
+    spies, spy = spy_buses(m, broker)
+    services = await connect(m, broker, bus_for=spy)
     ref_bus = MemoryBus(broker, "ref")
     await ref_bus.__aenter__()
     services["ref"] = reference_store(m, ref_bus, tmp_path / "ref")
@@ -119,11 +108,7 @@ async def test_forged_sketch_records_are_refused_and_counted(tmp_path: Path) -> 
     # Prepare: mallory publishes on sketch/agg as soon as round 1 starts
     m = parse_manifest(doc(tmp_path, n=3, rounds=2))
     broker = MemoryBroker()
-    services: dict[str, Any] = {}
-    for n in m.nodes:
-        bus = make_bus(m, n, memory=broker)
-        await bus.__aenter__()
-        services[n.id] = build_node(m, n.id, bus)
+    services = await connect(m, broker)
     store: StoreService = services["store"]
     p = store.sketcher.dim
 

@@ -23,7 +23,7 @@ from fedbus.manifest import NodeSpec, parse_manifest
 from fedbus.node import build_node
 from fedbus.services.aggregator import Aggregator
 from fedbus.store import query as q
-from tests.store.mqtt_federation import store_federation
+from tests.store.mqtt_federation import cancelled, store_federation
 
 pytestmark = [pytest.mark.broker]
 
@@ -111,11 +111,7 @@ async def test_a_stopped_then_killed_store_process_never_holds_up_a_round(
                 os.kill(proc.pid, signal.SIGKILL)
                 await run
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(tasks)
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         async with asyncio.timeout(30):

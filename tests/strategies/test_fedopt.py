@@ -16,7 +16,6 @@ from strategy_testkit import (
 )
 
 from strategies import FedAdagrad, FedAdam, FedYogi, StrategyError, make_strategy
-from strategies.fedopt import FedOpt
 
 VARIANTS = {"fedadagrad": FedAdagrad, "fedadam": FedAdam, "fedyogi": FedYogi}
 
@@ -125,27 +124,6 @@ def test_float32_model_stays_float32() -> None:
     ups = [upd("a", {k: np.ones(v.shape) for k, v in model.items()}, 2, dtype=np.float32)]
     out = run_round(FedAdam(), model, 0, ups)
     assert {v.dtype for v in out.values()} == {np.dtype(np.float32)}
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_state_roundtrips_and_resume_is_identical(variant: str) -> None:
-    model = small_model()
-    rounds = random_rounds(model, 5, 3, seed=14, scale=0.2)
-    cls = VARIANTS[variant]
-    assert_sync_resume_identical(lambda: cls(eta=0.03, tau=1e-3), model, rounds, 3)
-
-
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_registry_and_bad_parameters(variant: str) -> None:
-    s = make_strategy(variant, {"eta": 0.2, "eta_l": 0.01, "beta1": 0.5, "tau": 1e-4})
-    assert isinstance(s, VARIANTS[variant]) and isinstance(s, FedOpt)
-    assert s.client_config(0) == {"lr": 0.01}
-    with pytest.raises(StrategyError, match="unknown parameter"):
-        make_strategy(variant, {"epsilon": 1e-8})
-    with pytest.raises(StrategyError, match="tau"):
-        make_strategy(variant, {"tau": 0})
-    with pytest.raises(StrategyError, match="beta2"):
-        make_strategy(variant, {"beta2": 1.5})
 
 
 @pytest.mark.parametrize("variant", ["fedadam", "fedyogi"])

@@ -12,7 +12,7 @@ from strategy_testkit import (
     upd,
 )
 
-from strategies import Scaffold, StrategyError, make_strategy
+from strategies import Scaffold, StrategyError
 
 
 def scaffold_rounds(model, num_rounds, clients, seed):
@@ -130,12 +130,3 @@ def test_state_roundtrips_and_resume_is_identical() -> None:
     back = codec_roundtrip(strategy.state_dict())
     np.testing.assert_array_equal(back["c"]["layer.w"], strategy.state_dict()["c"]["layer.w"])
     assert_sync_resume_identical(lambda: Scaffold(num_clients=5, server_lr=0.5), model, rounds, 3)
-
-
-def test_registry_and_bad_parameters() -> None:
-    s = make_strategy("scaffold", {"num_clients": 10, "server_lr": 0.5})
-    assert isinstance(s, Scaffold) and s.server_lr == 0.5
-    with pytest.raises(StrategyError, match="unknown parameter"):
-        make_strategy("scaffold", {"num_clients": 10, "eta_g": 0.5})
-    with pytest.raises(StrategyError, match="num_clients"):
-        make_strategy("scaffold", {"num_clients": 0})
