@@ -15,7 +15,7 @@ from fedbus.codec import encode
 from fedbus.credentials import node_credentials
 from fedbus.errors import ManifestError
 from fedbus.manifest import Manifest, NodeSpec
-from fedbus.signing import Signer, Verifier, read_key
+from fedbus.signing import Signer, Verifier
 from fedbus.wire import presence
 
 __all__ = ["BrokerSettings", "authenticated", "broker_settings", "keys_dir", "make_bus",
@@ -99,13 +99,13 @@ def _signing(m: Manifest, node_id: str) -> tuple[Signer, Verifier] | None:
     if m.security.sign == "off":
         return None
     root = keys_dir(m)
-    public = {p.stem: read_key(p) for p in sorted(root.glob("*.pub"))}
-    if not public:
+    if not any(root.glob("*.pub")):
         raise ManifestError(m.source, "security.keys",
                             f"no public keys in {root}: make them with `fedbus keys "
                             f"{m.source} --out {root}`")
-    return (Signer(node_id, read_key(root / f"{node_id}.key")),
-            Verifier(public, required=m.security.sign == "required"))
+    # both follow their files: a rotated key is taken without a restart (docs/security.md)
+    return (Signer.from_file(node_id, root / f"{node_id}.key"),
+            Verifier.from_folder(root, required=m.security.sign == "required"))
 
 
 def authenticated(m: Manifest, bus: Bus) -> bool:

@@ -19,17 +19,24 @@ before, rounds and epochs a service does not expect. ``cryptography`` and ``blak
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+
+import structlog
 
 from fedbus import topics
 from fedbus.errors import FedbusError
 
-__all__ = ["MAGIC", "SignatureError", "Signer", "Verifier", "generate_key", "read_key",
-           "split_signed", "write_key_pair"]
+__all__ = ["KEY_CHECK_S", "MAGIC", "SignatureError", "Signer", "Verifier", "generate_key",
+           "read_key", "read_public_keys", "split_signed", "write_key_pair"]
+
+log = structlog.get_logger(__name__)
 
 MAGIC: Final = b"FBS2"
+#: How often a signer looks at its key file, and a verifier at the public keys' folder.
+KEY_CHECK_S: float = 5.0
 _SIG: Final = 64
 _MAX_ID: Final = 64  # topic-level ids are at most 64 characters (fedbus.topics)
 
@@ -75,17 +82,41 @@ def generate_key() -> tuple[bytes, bytes]:
 
 
 class Signer:
-    """Signs what one node publishes."""
+    """Signs what one node publishes. ``from_file``: the key is read again when its file
+    changes (checked at most every ``KEY_CHECK_S``), so a node takes a rotated key without
+    a restart."""
 
-    def __init__(self, node_id: str, private_key: bytes) -> None:
+    def __init__(self, node_id: str, private_key: bytes, *, path: Path | None = None) -> None:
         topics.validate_id(node_id, "signer id")
         self.node_id = node_id
         self._key = _ed25519().Ed25519PrivateKey.from_private_bytes(private_key)
         self._tail = node_id.encode() + bytes([len(node_id.encode())]) + MAGIC
+        self._path = path
+        self._stamp = _stamp(path) if path is not None else None
+        self._checked = time.monotonic()
+
+    @classmethod
+    def from_file(cls, node_id: str, path: Path) -> Signer:
+        return cls(node_id, read_key(path), path=path)
 
     def sign(self, payload: bytes) -> bytes:
+        self._follow_file()
         signature = self._key.sign(_digest(payload, self.node_id))
         return b"".join((payload, signature, self._tail))
+
+    def _follow_file(self) -> None:
+        if self._path is None or time.monotonic() - self._checked < KEY_CHECK_S:
+            return
+        self._checked = time.monotonic()
+        stamp = _stamp(self._path)
+        if stamp != self._stamp and stamp is not None:
+            try:
+                key = _ed25519().Ed25519PrivateKey.from_private_bytes(read_key(self._path))
+            except FedbusError as exc:  # half-written: keep signing with the old key
+                log.warning("signing_key_unreadable", node=self.node_id, error=str(exc))
+                return
+            self._key, self._stamp = key, stamp
+            log.info("signing_key_changed", node=self.node_id, path=str(self._path))
 
 
 def split_signed(data: bytes) -> tuple[memoryview, bytes, str] | None:
@@ -105,13 +136,26 @@ def split_signed(data: bytes) -> tuple[memoryview, bytes, str] | None:
 
 
 class Verifier:
-    """Checks payloads against the job's public keys (node id -> raw key)."""
+    """Checks payloads against the job's public keys (node id -> raw key, or keys: a node
+    being rotated has two). ``from_folder``: the folder's ``<node>.pub`` and
+    ``<node>.pub.next`` files, read again when they change (checked at most every
+    ``KEY_CHECK_S``), so keys rotate without a restart (docs/security.md)."""
 
-    def __init__(self, public_keys: Mapping[str, bytes], *, required: bool) -> None:
-        ed = _ed25519()
+    def __init__(self, public_keys: Mapping[str, bytes | Sequence[bytes]], *, required: bool,
+                 folder: Path | None = None) -> None:
         self.required = required
-        self._keys = {node: ed.Ed25519PublicKey.from_public_bytes(raw)
-                      for node, raw in public_keys.items()}
+        self._keys = _public(public_keys)
+        self._folder = folder
+        self._stamp = _folder_stamp(folder) if folder is not None else None
+        self._checked = time.monotonic()
+
+    @classmethod
+    def from_folder(cls, folder: Path, *, required: bool) -> Verifier:
+        return cls(read_public_keys(folder), required=required, folder=folder)
+
+    @property
+    def signers(self) -> frozenset[str]:
+        return frozenset(self._keys)
 
     def verify(self, data: bytes) -> tuple[bytes, str | None]:
         """(the payload without its trailer, the signer); the signer is None for an unsigned
@@ -121,28 +165,77 @@ class Verifier:
             if self.required:
                 raise SignatureError("unsigned", "this job requires signed messages")
             return data, None
+        self._follow_folder()
         payload, signature, signer = parts
-        key = self._keys.get(signer)
-        if key is None:
+        keys = self._keys.get(signer)
+        if not keys:
             raise SignatureError("unknown_signer", f"no public key for {signer!r}")
+        digest = _digest(payload, signer)
+        for key in keys:
+            try:
+                key.verify(signature, digest)
+            except Exception:  # cryptography's InvalidSignature: the next key, if any
+                continue
+            return bytes(payload), signer
+        raise SignatureError("bad_signature", f"signature of {signer!r} does not match")
+
+    def _follow_folder(self) -> None:
+        if self._folder is None or time.monotonic() - self._checked < KEY_CHECK_S:
+            return
+        self._checked = time.monotonic()
+        stamp = _folder_stamp(self._folder)
+        if stamp == self._stamp:
+            return
         try:
-            key.verify(signature, _digest(payload, signer))
-        except Exception:  # cryptography's InvalidSignature
-            raise SignatureError("bad_signature", f"signature of {signer!r} does not match"
-                                 ) from None
-        return bytes(payload), signer
+            keys = _public(read_public_keys(self._folder))
+        except FedbusError as exc:  # a file half-copied: keep the keys we have, look again
+            log.warning("public_keys_unreadable", folder=str(self._folder), error=str(exc))
+            return
+        self._keys, self._stamp = keys, stamp
+        log.info("public_keys_changed", folder=str(self._folder), signers=len(keys))
 
 
-def write_key_pair(folder: str | os.PathLike[str], node_id: str) -> None:
-    """``<node>.key`` (private, mode 0600) and ``<node>.pub`` in ``folder``, hex-encoded."""
+def _public(keys: Mapping[str, bytes | Sequence[bytes]]) -> dict[str, tuple[Any, ...]]:
+    ed = _ed25519()
+    return {node: tuple(ed.Ed25519PublicKey.from_public_bytes(raw)
+                        for raw in ([raws] if isinstance(raws, bytes) else raws))
+            for node, raws in keys.items()}
+
+
+def read_public_keys(folder: Path) -> dict[str, list[bytes]]:
+    """Node id -> its public keys in ``folder``: ``<node>.pub``, and ``<node>.pub.next``
+    while a key is being rotated."""
+    keys: dict[str, list[bytes]] = {}
+    for path in sorted(folder.glob("*.pub")) + sorted(folder.glob("*.pub.next")):
+        node = path.name.removesuffix(".next").removesuffix(".pub")
+        keys.setdefault(node, []).append(read_key(path))
+    return keys
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _folder_stamp(folder: Path) -> tuple[Any, ...]:
+    names = sorted(p.name for p in folder.glob("*.pub*"))
+    return tuple((name, _stamp(folder / name)) for name in names)
+
+
+def write_key_pair(folder: str | os.PathLike[str], node_id: str, *, suffix: str = "") -> None:
+    """``<node>.key`` (private, mode 0600) and ``<node>.pub`` in ``folder``, hex-encoded
+    (``suffix=".next"``: the pair a rotation moves to)."""
     raw, pub = generate_key()
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    key_path = root / f"{topics.validate_id(node_id, 'node id')}.key"
+    key_path = root / f"{topics.validate_id(node_id, 'node id')}.key{suffix}"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(raw.hex() + "\n")
-    (root / f"{node_id}.pub").write_text(pub.hex() + "\n")
+    (root / f"{node_id}.pub{suffix}").write_text(pub.hex() + "\n")
 
 
 def read_key(path: str | os.PathLike[str]) -> bytes:

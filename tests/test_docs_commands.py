@@ -87,6 +87,12 @@ DOC_COMMANDS: dict[str, str] = {
         "tests/test_readme_security.py::test_readme_mutual_tls_commands_run_a_federation",
     "fedbus run examples/toy/mtls-manifest.yaml":
         "tests/test_readme_security.py::test_readme_mutual_tls_commands_run_a_federation",
+    "fedbus keys MANIFEST --rotate t0":
+        "tests/test_signing.py::test_a_key_rotates_while_the_federation_runs",
+    "fedbus keys MANIFEST --promote t0":
+        "not run: tests/test_signing.py::test_a_key_rotates_while_the_federation_runs does "
+        "step 3 by hand (one shared keys folder); tests/test_signing.py::test_promote_"
+        "finishes_a_rotation runs it",
     "fedbus keys examples/toy/signed-manifest.yaml":
         "tests/test_signing.py::test_the_documented_signing_commands_run_as_written",
     "fedbus run examples/toy/signed-manifest.yaml":

@@ -5,6 +5,7 @@ federation ends with the clean run's model."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 from pathlib import Path
@@ -193,3 +194,103 @@ def test_the_documented_signing_commands_run_as_written(tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.splitlines()[-1].startswith("final loss=")
     assert helped.returncode == 0 and (tmp_path / "keys" / "ops.key").is_file(), helped.stderr
+
+
+@pytest.mark.broker
+async def test_a_key_rotates_while_the_federation_runs(
+        mosquitto: MosquittoProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a signed job of 6 rounds; files are looked at every 50 ms instead of 5 s
+    import subprocess
+    import sys
+
+    import fedbus.signing
+
+    monkeypatch.setattr(fedbus.signing, "KEY_CHECK_S", 0.05)
+    keys = tmp_path / "keys"
+    m = parse_manifest({**_spec(mosquitto.host, mosquitto.port, keys), "rounds": 6})
+    for node in [n.id for n in m.nodes]:
+        write_key_pair(keys, node)
+    old_key = read_key(keys / "t0.key")
+    path = tmp_path / "manifest.yaml"
+    path.write_text(json.dumps({**_spec(mosquitto.host, mosquitto.port, keys),  # YAML reads it
+                                "rounds": 6}))
+
+    def keys_cmd(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "fedbus.cli", "keys", str(path), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    async def rotate(agg_history: list[Any]) -> None:
+        # every node shares this folder, so "copy to every node" is already done
+        while len(agg_history) < 1:  # noqa: ASYNC110 - the round reports have no event here
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(keys_cmd, "--rotate", "t0")        # 1. both keys accepted
+        await asyncio.sleep(0.3)
+        os.replace(keys / "t0.key.next", keys / "t0.key")           # 2. t0 signs with the new
+        while len(agg_history) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        os.replace(keys / "t0.pub.next", keys / "t0.pub")           # 3. the old one retired
+
+    # Execute
+    from federation import run_root
+
+    from fedbus.node import build_node
+
+    buses = {n.id: make_bus(m, n) for n in m.nodes}
+    services = {i: build_node(m, i, bus) for i, bus in buses.items()}
+    for bus in buses.values():
+        await bus.__aenter__()
+    try:
+        rotation = asyncio.create_task(rotate(services["agg"].history))
+        agg, _ = await run_root(services, "agg", 120)
+        await rotation
+    finally:
+        for bus in buses.values():
+            await bus.__aexit__(None, None, None)
+    # Assert: every round had all three, nothing was refused, and the old key is refused now
+    assert [len(r.accepted) for r in agg.history] == [3] * 6
+    assert all(sum(b.refused.values()) == 0 for b in buses.values())
+    assert read_key(keys / "t0.key") != old_key
+    await asyncio.sleep(0.1)
+    with pytest.raises(SignatureError, match="bad_signature"):
+        buses["agg"].verifier.verify(Signer("t0", old_key).sign(b"late"))
+
+
+def _spec(host: str, port: int, keys: Path) -> dict[str, Any]:
+    return {
+        "version": 1, "job": "rotating", "rounds": 3, "seed": 4, "strategy": "fedavg",
+        "broker": {"host": host, "port": port},
+        "round": {"deadline_s": 20, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 20},
+        "task": {"ref": "examples.toy.task:make_task",
+                 "params": {"size": 64, "lr": 0.5, "delay_s": 0.3}},
+        "nodes": [{"id": "agg", "role": "aggregator"}],
+        "trainers": {"count": 3, "prefix": "t", "parent": "agg"},
+        "security": {"sign": "required", "keys": str(keys)},
+    }
+
+
+def test_promote_finishes_a_rotation(tmp_path: Path) -> None:
+    # Prepare: a job's keys, then t0's rotation started
+    import subprocess
+    import sys
+
+    path = tmp_path / "manifest.yaml"
+    path.write_text(json.dumps(_spec("127.0.0.1", 1883, tmp_path / "keys")))
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedbus.cli", "keys", str(path), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    assert keys().returncode == 0
+    before = read_key(tmp_path / "keys" / "t0.pub")
+    started = keys("--rotate", "t0")
+    new = read_key(tmp_path / "keys" / "t0.pub.next")
+    # Execute
+    done = keys("--promote", "t0")
+    again = keys("--promote", "t0")
+    # Assert: the .next pair is t0's now, the old one gone; promoting twice says why not
+    assert started.returncode == 0 and "t0.pub.next" in started.stdout
+    assert done.returncode == 0, done.stderr
+    assert read_key(tmp_path / "keys" / "t0.pub") == new != before
+    assert not (tmp_path / "keys" / "t0.pub.next").exists()
+    assert again.returncode != 0 and "--rotate t0" in again.stderr

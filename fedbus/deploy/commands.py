@@ -232,7 +232,11 @@ def _add_keys(add: Adder) -> None:
     keys.add_argument("--operator", action="append", default=[],
                       help="an operator (watch, query, dashboard) that signs too; repeatable")
     keys.add_argument("--rotate", action="append", default=[], metavar="NODE",
-                      help="a new key pair for NODE only (others kept); repeatable")
+                      help="start rotating NODE's key: write NODE.key.next and NODE.pub.next "
+                           "(the current pair is kept); repeatable")
+    keys.add_argument("--promote", action="append", default=[], metavar="NODE",
+                      help="finish rotating NODE's key here: the .next pair becomes its pair; "
+                           "repeatable")
 
 
 def _cmd_keys(args: argparse.Namespace, sink: Any) -> int:
@@ -242,12 +246,39 @@ def _cmd_keys(args: argparse.Namespace, sink: Any) -> int:
 
     out = args.out or str(keys_dir(m))
     ids = [n.id for n in m.nodes] + list(args.operator)
-    made = [i for i in ids if (args.rotate and i in args.rotate)
-            or (not args.rotate and not os.path.exists(os.path.join(out, f"{i}.key")))]
+    unknown = sorted(set(args.rotate + args.promote) - set(ids))
+    if unknown:
+        raise ManifestError(m.source, "nodes", f"no node or operator {unknown[0]!r} to rotate")
+    if args.rotate or args.promote:
+        return _rotate(out, args.rotate, args.promote)
+    made = [i for i in ids if not os.path.exists(os.path.join(out, f"{i}.key"))]
     for node in made:
         write_key_pair(out, node)
     print(f"keys      {out}/<node>.key (private, 0600: give each node only its own) and "
           f"<node>.pub (every node gets them all); {len(made)} new of {len(ids)}")
+    return 0
+
+
+def _rotate(out: str, start: list[str], finish: list[str]) -> int:
+    """A key rotation without a restart (docs/security.md, "Rotating a key")."""
+    from fedbus.signing import write_key_pair
+
+    for node in start:
+        write_key_pair(out, node, suffix=".next")
+        print(f"rotating  {node}: 1. copy {out}/{node}.pub.next to every node's keys folder "
+              f"(they accept both keys within seconds); 2. put {out}/{node}.key.next on "
+              f"{node} as {node}.key (it signs with it within seconds); 3. `fedbus keys "
+              f"MANIFEST --promote {node}`, and on every node rename {node}.pub.next to "
+              f"{node}.pub (the old key is refused from then on)")
+    for node in finish:
+        for kind in ("key", "pub"):
+            nxt = os.path.join(out, f"{node}.{kind}.next")
+            if os.path.exists(nxt):
+                os.replace(nxt, os.path.join(out, f"{node}.{kind}"))
+            elif kind == "pub":
+                raise ManifestError(out, "keys", f"{nxt} is missing: nothing to promote "
+                                                 f"(start with --rotate {node})")
+        print(f"promoted  {node}: {out}/{node}.pub is its new key, the old one is gone")
     return 0
 
 
