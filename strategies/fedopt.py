@@ -18,6 +18,8 @@ size form of Kingma and Ba (2015, Sec. 2):
 
     eta_t = eta * sqrt(1 - beta2^t) / (1 - beta1^t),   t = rounds with updates so far (1, 2, ...)
 
+(``bias_offset`` adds to t: Flower 1.42's FedAdam uses its server round + 1, so 1 there.)
+
 which shrinks the first steps that zero-initialised moments would otherwise make too large.
 The paper's Δ_t is the unweighted mean (1/|S|) Σ Δ_i; the default
 here weights by ``num_examples`` like the rest of the FedAvg family, ``weighted=False`` is the
@@ -58,11 +60,15 @@ class FedOpt(MeanDeltaStep):
         initial_v: v_{-1}; ``None`` means tau² (Algorithm 2 requires v_{-1} >= tau²).
         weighted: weight the pseudo-gradient by ``num_examples`` (True) or equally.
         bias_correction: Adam's bias-corrected step size (not for FedAdagrad).
+        bias_offset: added to t in the correction's exponents. Flower 1.42's FedAdam uses
+            the server round + 1 there (its first round is corrected as Adam's second step):
+            ``bias_correction: true, bias_offset: 1, initial_v: 0`` reproduces it.
     """
 
     def __init__(self, eta: float = 1e-2, eta_l: float | None = None, beta1: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3, initial_v: float | None = None,
-                 weighted: bool = True, bias_correction: bool = False) -> None:
+                 weighted: bool = True, bias_correction: bool = False,
+                 bias_offset: int = 0) -> None:
         self.eta = positive_number("eta", eta)
         if eta_l is not None and not (np.isfinite(eta_l) and eta_l > 0):
             raise StrategyError(f"eta_l must be a finite number > 0 or omitted, got {eta_l}")
@@ -77,6 +83,9 @@ class FedOpt(MeanDeltaStep):
         self.beta2 = float(beta2)
         self.initial_v = self.tau**2 if initial_v is None else float(initial_v)
         self.bias_correction = bool(bias_correction)
+        if isinstance(bias_offset, bool) or not isinstance(bias_offset, int) or bias_offset < 0:
+            raise StrategyError(f"bias_offset must be a whole number >= 0, got {bias_offset!r}")
+        self.bias_offset = bias_offset
         if self.bias_correction and not self._has_beta2:
             raise StrategyError(f"{type(self).__name__} has no second-moment decay to correct "
                                 "for; bias_correction is for fedadam and fedyogi")
@@ -100,7 +109,7 @@ class FedOpt(MeanDeltaStep):
         self._steps += 1
         eta = self.eta
         if self.bias_correction:
-            t = self._steps
+            t = self._steps + self.bias_offset
             eta *= np.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
         step: dict[str, np.ndarray] = {}
         for k, d in delta.items():
