@@ -265,9 +265,21 @@ class Bulyan(_Byzantine):
     theta = n - 2f deltas by repeated Krum (each pick removed, Krum rerun on the rest), then per
     coordinate average the beta = theta - 2f values closest to the median. Requires n >= 4f + 3;
     ``f`` Byzantine clients tolerated, at most ``max_updates`` updates held a round.
+
+    ``selection: one_shot`` picks the theta lowest Krum scores of one pass over all n instead
+    (Multi-Krum), as Flower 1.42's serverapp ``Bulyan`` does; the paper's repeated Krum is the
+    default (``iterative``). They can pick different sets (n = 7, f = 1 already).
     """
 
     name: ClassVar[str] = "bulyan"
+
+    def __init__(self, f: int = 1, max_updates: int = 256,
+                 selection: str = "iterative") -> None:
+        super().__init__(f, max_updates)
+        if selection not in ("iterative", "one_shot"):
+            raise StrategyError(f"selection must be 'iterative' or 'one_shot', got "
+                                f"{selection!r}")
+        self.selection = selection
 
     def _aggregate(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
@@ -277,8 +289,10 @@ class Bulyan(_Byzantine):
         theta = n - 2 * self.f
         beta = theta - 2 * self.f
         d2 = _sq_distances(x)
-        remaining = list(range(n))
         selected: list[int] = []
+        if self.selection == "one_shot":  # Multi-Krum: the theta best scores of one pass
+            selected = np.argsort(_krum_scores(d2, self.f), kind="stable")[:theta].tolist()
+        remaining = list(range(n))
         while len(selected) < theta:
             sub = d2[np.ix_(remaining, remaining)]
             best = remaining[int(np.argmin(_krum_scores(sub, self.f)))]

@@ -254,3 +254,25 @@ def test_weighted_multi_krum_averages_the_chosen_by_examples() -> None:
     deltas = np.array([d for _, d, _ in honest])
     np.testing.assert_allclose(weighted, counts @ deltas / counts.sum(), rtol=1e-12)
     np.testing.assert_allclose(plain, deltas.mean(axis=0), rtol=1e-12)
+
+
+def test_bulyan_one_shot_selection_gives_flowers_serverapp_result() -> None:
+    # Prepare: Flower 1.42's serverapp Bulyan steps on 7 client models, f = 1, where the
+    # paper's repeated Krum picks another set (tests/strategies/data/flower_bulyan.json)
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "data" / "flower_bulyan.json").read_text())
+    global_w = np.zeros(10, np.float32)  # deltas are the weights themselves
+    ups = [upd(f"c{i}", {"w": np.asarray(w, np.float32) - global_w}, 1, dtype=np.float32)
+           for i, w in enumerate(ref["weights"])]
+    one_shot = make_strategy("bulyan", {"f": 1, "selection": "one_shot"})
+    paper = make_strategy("bulyan", {"f": 1})
+    # Execute
+    got = run_round(one_shot, {"w": global_w}, 1, ups)["w"]
+    iterative = run_round(paper, {"w": global_w}, 1, ups)["w"]
+    # Assert: Flower's result to float32 rounding; the paper's selection gives another
+    np.testing.assert_allclose(got, np.asarray(ref["out"]), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(iterative, np.asarray(ref["out"]), rtol=1e-4)
+    with pytest.raises(StrategyError, match="one_shot"):
+        make_strategy("bulyan", {"f": 1, "selection": "multi"})
