@@ -6,6 +6,7 @@ The one place where the manifest meets the services: ``fedbus serve`` runs one n
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -103,16 +104,13 @@ def codec_compression(m: Manifest) -> Compression:
 def _aggregating(m: Manifest, node: NodeSpec) -> dict[str, Any]:
     """The settings every aggregating service of ``m`` shares (root, relay groups, async
     relays): built once here, so no value is translated twice and none can drift."""
-    r = m.round
     return {
         "job": m.job, "node_id": node.id, "rounds": m.rounds, "seed": m.seed,
         # its children: trainers, and relays that stand for their groups
         "trainers": frozenset(t.id for t in m.children_of(node.id)),
-        "deadline_s": r.deadline_s, "min_clients": r.min_clients,
-        "start_timeout_s": r.start_timeout_s, "evaluate_every": m.evaluate.every,
+        # the manifest's sections as they are; what is derived, derived once here
+        "round": m.round, "evaluate": m.evaluate, "model_codec": m.codec.model,
         "compression": codec_compression(m), "limits": codec_limits(m),
-        "model_codec": m.codec.model, "max_update_norm": r.max_update_norm,
-        "max_examples": r.max_examples, "max_uploads": r.max_uploads,
         "gate_bytes": upload_gate_bytes(m),
     }
 
@@ -170,7 +168,7 @@ def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any
                                bus, strategy, selector, weights, evaluate=evaluate)
     grace = r.loss_grace_s if r.loss_grace_s is not None else (
         0.0 if m.population is not None else LOSS_GRACE_S)
-    agg = Aggregator(AggregatorConfig(quorum=r.quorum, loss_grace_s=grace,
+    agg = Aggregator(AggregatorConfig(loss_grace_s=grace,
                                       durability=_durability(m), **common),
                      bus, strategy, selector, weights, evaluate=evaluate,
                      coverage=_coverage(m, node))
@@ -221,7 +219,8 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
     root = make_strategy(m.strategy.name, thaw(m.strategy.params))
     if isinstance(root, AsyncStrategy):
         config = AsyncAggregatorConfig(
-            **{**common, "min_clients": 1}, max_staleness=root.max_staleness,
+            **{**common, "round": dataclasses.replace(r, min_clients=1)},
+            max_staleness=root.max_staleness,
             relays=frozenset(c.id for c in m.children_of(node.id) if c.role == "relay"))
         # the parent's model versions and the children's orders and updates, all at once
         check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads + 2)
@@ -234,7 +233,7 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
         AggregatorConfig(
             # its group must be complete before it says it is ready (min_clients of the
             # whole job is the root's business)
-            **{**common, "min_clients": len(children)}, quorum=r.quorum,
+            **{**common, "round": dataclasses.replace(r, min_clients=len(children))},
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
         ),
         bus, group_strategy, make_selector("all", {}), weights, coverage=_coverage(m, node))
@@ -281,9 +280,7 @@ def _durability(m: Manifest) -> DurabilitySettings | None:
     node = m.checkpointer
     if node is None:
         return None
-    c = m.checkpoint
-    return DurabilitySettings(checkpointer=node.id, every=c.every, wait_s=c.wait_s,
-                              on_unacked=c.on_unacked, restore_timeout_s=c.restore_timeout_s)
+    return DurabilitySettings(checkpointer=node.id, checkpoint=m.checkpoint)
 
 
 def _checkpoint_store(m: Manifest) -> CheckpointStore:

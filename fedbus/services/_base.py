@@ -24,6 +24,7 @@ from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec
 from fedbus.door import OFFLOAD_BYTES, Rejections, model_limits
 from fedbus.errors import BusError, FedbusError
+from fedbus.manifest import EvalSpec, RoundSpec
 from fedbus.services._durability import Durability, DurabilitySettings
 from fedbus.services._gate import UploadGate
 from fedbus.services.intake import Intake, IntakeSettings
@@ -47,20 +48,15 @@ class AggregatorSettings:
     trainers: frozenset[str]
     #: Rounds (synchronous) or model versions (asynchronous) to produce.
     rounds: int
-    #: A round closes, or an asynchronous trainer is given up on, this long after the order.
-    deadline_s: float = 60.0
-    #: Online trainers needed before the first round or order.
-    min_clients: int = 1
-    start_timeout_s: float = 120.0
-    evaluate_every: int = 1
+    #: The manifest's ``round:`` section itself (deadline, quorum, min_clients, upload slots,
+    #: bounds): read as it is, never copied field by field (a relay group's is the same
+    #: with its own ``min_clients``).
+    round: RoundSpec = RoundSpec()
+    #: The manifest's ``evaluate:`` section.
+    evaluate: EvalSpec = EvalSpec()
     seed: int = 0
-    #: Large updates upload at most this many at a time (``UploadGate``).
-    max_uploads: int = 4
     #: Updates above this many bytes (the bus's chunk size) ask for an upload slot first.
     gate_bytes: int = 1_000_000
-    max_examples: int = 1 << 40
-    #: Optional L2 bound on every update's delta (manifest ``round.max_update_norm``).
-    max_update_norm: float | None = None
     compression: Compression = Compression()
     #: The broadcast model's lossy view (manifest ``codec.model``); ``weights`` stay exact.
     model_codec: UpdateCodec = UpdateCodec(stochastic=False)
@@ -85,9 +81,9 @@ class AggregatorBase(ABC, Generic[C]):
         self.intake = Intake(self, IntakeSettings(
             job=c.job, node_id=c.node_id, children=c.trainers,
             limits=model_limits(self.weights, 1 + aux_models, c.limits),
-            max_examples=c.max_examples, max_norm=c.max_update_norm,
+            max_examples=c.round.max_examples, max_norm=c.round.max_update_norm,
         ))
-        self._gate = UploadGate(c.max_uploads, timeout_s=c.deadline_s)
+        self._gate = UploadGate(c.round.max_uploads, timeout_s=c.round.deadline_s)
         #: Grants on their way out (``_grant_due``); held so they are not collected mid-send.
         self._sending: set[asyncio.Task[None]] = set()
         #: This aggregator's run: trainers keep their round numbering per epoch, so a
@@ -160,7 +156,7 @@ class AggregatorBase(ABC, Generic[C]):
         # dropped and counted instead of held (the fuzz test measured 2.2x RSS without it).
         update = self.intake.settings.limits.max_frame_bytes
         small = min(update, c.gate_bytes)
-        backlog = len(c.trainers) * (small + 4096) + c.max_uploads * update + (1 << 20)
+        backlog = len(c.trainers) * (small + 4096) + c.round.max_uploads * update + (1 << 20)
         return self.bus.subscribe(*filters, admit=self._admit_chunks,
                                   max_queued_bytes=backlog)
 
@@ -216,12 +212,12 @@ class AggregatorBase(ABC, Generic[C]):
         d = self.durability
         if d is None:
             return None
-        c = self.config
+        c, timeout = self.config, d.settings.checkpoint.restore_timeout_s
         await self.bus.publish(topics.control(c.job, d.settings.checkpointer),
                                encode(d.request()))
-        if not await self._until(sub, lambda: d.restore_answered, d.settings.restore_timeout_s):
+        if not await self._until(sub, lambda: d.restore_answered, timeout):
             self._log.error("restore_unanswered", checkpointer=d.settings.checkpointer,
-                            timeout_s=d.settings.restore_timeout_s,
+                            timeout_s=timeout,
                             detail="no checkpoint restored: the job starts from its first round")
             return None
         state = d.restored_state()
@@ -234,23 +230,22 @@ class AggregatorBase(ABC, Generic[C]):
         for good with ``on_unacked: wait``). Returns the latency, None when unacknowledged."""
         d = self.durability
         assert d is not None
-        c = self.config
+        c, wait_s = self.config, d.settings.checkpoint.wait_s
         started = time.monotonic()
         payload = await self._offload(lambda: encode(d.checkpoint_frame_envelope(state)))
         await self.bus.publish(topics.state(c.job, c.node_id), payload)
         while True:
-            if await self._until(sub, lambda: state.round in d.acked, d.settings.wait_s):
+            if await self._until(sub, lambda: state.round in d.acked, wait_s):
                 latency = d.acked[state.round] - started
                 self._log.info("checkpoint_acked", round=state.round,
                                seconds=round(latency, 4), bytes=len(payload))
                 return latency
-            if d.settings.on_unacked != "wait":
-                self._log.error("checkpoint_unacked", round=state.round,
-                                wait_s=d.settings.wait_s,
+            if d.settings.checkpoint.on_unacked != "wait":
+                self._log.error("checkpoint_unacked", round=state.round, wait_s=wait_s,
                                 detail="the checkpointer did not confirm this round: going on "
                                        "without durability (checkpoint.on_unacked: continue)")
                 return None
-            self._log.error("checkpoint_unacked", round=state.round, wait_s=d.settings.wait_s,
+            self._log.error("checkpoint_unacked", round=state.round, wait_s=wait_s,
                             detail="holding the next round until the checkpointer confirms "
                                    "(checkpoint.on_unacked: wait); sending it again")
             await self.bus.publish(topics.state(c.job, c.node_id), payload)

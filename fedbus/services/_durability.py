@@ -16,6 +16,7 @@ from fedbus import topics
 from fedbus.checkpoint import AggregatorState, state_envelope, state_from
 from fedbus.codec import Envelope, Limits
 from fedbus.door import Entry, Rejections
+from fedbus.manifest import CheckpointSpec
 from fedbus.services.checkpointer import CHECKPOINT_ACK, RESTORE, RESTORE_REQUEST
 
 __all__ = ["Durability", "DurabilitySettings"]
@@ -25,11 +26,11 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class DurabilitySettings:
+    """The checkpointer the wiring names, and the manifest's ``checkpoint:`` section as it
+    is (how often, how long to wait for an ack, what then, how long to wait for a restore)."""
+
     checkpointer: str
-    every: int = 1
-    wait_s: float = 10.0
-    on_unacked: str = "continue"
-    restore_timeout_s: float = 10.0
+    checkpoint: CheckpointSpec = CheckpointSpec()
 
 
 @dataclass(slots=True)
@@ -52,7 +53,7 @@ class Durability:
         return topics.state(self.job, self.settings.checkpointer)
 
     def due(self, number: int, last: int) -> bool:
-        return number % self.settings.every == 0 or number == last
+        return number % self.settings.checkpoint.every == 0 or number == last
 
     def checkpoint_frame_envelope(self, state: AggregatorState) -> Envelope:
         env = state_envelope(state)

@@ -45,11 +45,10 @@ _TICK_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig(AggregatorSettings):
-    #: Fraction of the selected trainers whose updates a round needs, in (0, 1].
-    quorum: float = 1.0
     #: Deadlines added (with replacement trainers) when a round is below quorum.
     max_extensions: int = 1
-    #: How long a round whose pending nodes were all reported lost waits for a contradiction.
+    #: How long a round whose pending nodes were all reported lost waits for a contradiction
+    #: (``round.loss_grace_s``, its default resolved: 0 for a simulated population).
     loss_grace_s: float = LOSS_GRACE_S
 
 
@@ -204,7 +203,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                 restored = await self._restore(sub)
                 if restored is not None:
                     self._apply(restored)
-                await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+                await self.wait_for_clients(sub, c.round.min_clients, c.round.start_timeout_s)
                 for number in range(self.start_round, c.rounds + 1):
                     report = await self.run_round(sub, number)
                     if self.durability is not None and self.durability.due(number, c.rounds):
@@ -236,7 +235,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         if not self.online & c.trainers:
             # min_clients gates the first round only: a federation that lost a trainer goes
             # on with who is left, but never runs a round with nobody at all.
-            await self.wait_for_clients(sub, 1, c.start_timeout_s)
+            await self.wait_for_clients(sub, 1, c.round.start_timeout_s)
         for observer in self.observers:  # e.g. a fresh ranking from a store
             await observer.round_starting(number, self.bus)
         available = sorted(self.online & c.trainers)
@@ -246,12 +245,12 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         self._state = state
         self._gate.reset()
         self.strategy.begin(self.weights, number)
-        need = max(1, math.ceil(c.quorum * len(selected))) if selected else 1
+        need = max(1, math.ceil(c.round.quorum * len(selected))) if selected else 1
         await self._broadcast(state)
         self._log.info("round_started", round=number, selected=len(selected), quorum=need)
         extensions = 0
         reconnects = self._reconnects()
-        deadline = started + c.deadline_s
+        deadline = started + c.round.deadline_s
         while True:
             while state.pending or self._in_grace(state):
                 if self._reconnects() > reconnects:
@@ -294,7 +293,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
                               quorum=need, replacements=sorted(extra),
                               missing=sorted(state.pending))
             await self._broadcast(state)
-            deadline = time.monotonic() + c.deadline_s
+            deadline = time.monotonic() + c.round.deadline_s
         for node in sorted(state.pending):
             self._log.warning("update_missing", round=number, node=node)
         aggregated = len(state.accepted) >= need
@@ -324,7 +323,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
             bus_loss=self._bus_losses(),
             strategy=_plain(self.strategy.report()) if aggregated else {},
         )
-        if self.evaluate is not None and (number % c.evaluate_every == 0 or number == c.rounds):
+        if self.evaluate is not None and (number % c.evaluate.every == 0 or number == c.rounds):
             report.eval = await asyncio.to_thread(self.evaluate, self.weights)
         report.seconds = time.monotonic() - started
         self._log.info("round_finished", **report.as_meta())
@@ -455,7 +454,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         config = {"round": state.number, "seed": c.seed,
                   **self.strategy.client_config(state.number)}
         meta = {"selected": sorted(state.pending if named is None else named),
-                "deadline_s": c.deadline_s, "config": config,
+                "deadline_s": c.round.deadline_s, "config": config,
                 "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch}
         aux = self.strategy.client_tensors(state.number)
 

@@ -183,7 +183,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 restored = await self._restore(sub)
                 if restored is not None:
                     self._apply(restored)
-                await self.wait_for_clients(sub, c.min_clients, c.start_timeout_s)
+                await self.wait_for_clients(sub, c.round.min_clients, c.round.start_timeout_s)
                 self._period = self._new_period()
                 await self._refill()
                 while self.version < c.rounds:
@@ -209,11 +209,11 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     async def _step(self, sub: Subscription) -> None:
         c = self.config
         if self._assigned or self._relays_busy:
-            wait = min([a.sent_at + c.deadline_s for a in self._assigned.values()]
-                       + [t + c.deadline_s for r, t in self._relay_active.items()
+            wait = min([a.sent_at + c.round.deadline_s for a in self._assigned.values()]
+                       + [t + c.round.deadline_s for r, t in self._relay_active.items()
                           if r in self.online])
         else:
-            wait = (self._idle_since or time.monotonic()) + c.start_timeout_s
+            wait = (self._idle_since or time.monotonic()) + c.round.start_timeout_s
         timeout = max(0.0, wait - time.monotonic())
         msg: Message | None
         try:
@@ -237,11 +237,11 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             self._idle_since = None
         elif self._idle_since is None:
             self._idle_since = time.monotonic()
-        elif time.monotonic() - self._idle_since >= c.start_timeout_s:
+        elif time.monotonic() - self._idle_since >= c.round.start_timeout_s:
             # Nobody to give work to (all lost, or the selector picks none): fail loudly
             # rather than wait forever, as the synchronous aggregator does at its start.
             available = sorted(self.online & c.trainers)
-            raise FedbusError(f"no trainer took work for {c.start_timeout_s}s "
+            raise FedbusError(f"no trainer took work for {c.round.start_timeout_s}s "
                               f"(round.start_timeout_s) at model version {self.version}; "
                               f"online: {available}")
 
@@ -268,14 +268,14 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
     def _expire(self) -> None:
         now = time.monotonic()
         for node, a in sorted(self._assigned.items()):
-            if now - a.sent_at >= self.config.deadline_s:
+            if now - a.sent_at >= self.config.round.deadline_s:
                 del self._assigned[node]
                 self._give_up(node, a)
                 self._gate.release(node)
                 self._period.given_up.add(node)
                 self.selector.report(node, a.version, completed=False, duration_s=now - a.sent_at)
                 self._log.warning("update_missing", node=node, base_version=a.version,
-                                  version=self.version, deadline_s=self.config.deadline_s)
+                                  version=self.version, deadline_s=self.config.round.deadline_s)
 
     async def _refill(self) -> None:
         """Start work on idle trainers, as many as the selector wants, from the newest model."""
@@ -283,7 +283,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         now = time.monotonic()
         relays = [r for r in sorted(self.online & c.relays)
                   if self._relay_version.get(r) != self.version
-                  or now - self._relay_active.get(r, now) >= c.deadline_s]
+                  or now - self._relay_active.get(r, now) >= c.round.deadline_s]
         live = sorted((self.online & c.trainers) - c.relays - self._held_back())
         picked = self.selector.select(live, self.version) if live else []
         new = sorted(set(picked) & set(live) - set(self._assigned))
@@ -333,7 +333,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             report.checkpoint_s = self._durable if isinstance(self._durable, float) else None
             report.durable = isinstance(self._durable, float)
             self._durable = _NOT_ASKED
-        if self.evaluate is not None and (number % c.evaluate_every == 0 or number >= c.rounds):
+        if self.evaluate is not None and (number % c.evaluate.every == 0 or number >= c.rounds):
             report.eval = await asyncio.to_thread(self.evaluate, self.weights)
         self.history.append(report)
         self.reports.put_nowait(report)
@@ -465,7 +465,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 sender=c.node_id,
                 round=version,
                 meta={"selected": [node], "mode": "async", "config": config,
-                      "deadline_s": c.deadline_s, "upload_gate_bytes": c.gate_bytes,
+                      "deadline_s": c.round.deadline_s, "upload_gate_bytes": c.gate_bytes,
                       "epoch": self.epoch, "batch": len(nodes), **codec_meta},
                 tensors=tensors,
             )

@@ -108,7 +108,7 @@ class Relay:
         g = self.group.config
         # Listen to the parent at once (its first order must not pass unheard while the group
         # gathers); the first group round waits for the whole group, for a bounded time.
-        self._gather_until = time.monotonic() + g.start_timeout_s
+        self._gather_until = time.monotonic() + g.round.start_timeout_s
         async with self.group.subscribe() as sub:
             self._sub = sub
             return await self.upward.run()
@@ -137,10 +137,10 @@ class Relay:
         group."""
         g = self.group.config
         left = self._gather_until - time.monotonic()
-        if left <= 0 or len(self.group.online) >= g.min_clients:
+        if left <= 0 or len(self.group.online) >= g.round.min_clients:
             return
         try:
-            await self.group.wait_for_clients(sub, g.min_clients, left)
+            await self.group.wait_for_clients(sub, g.round.min_clients, left)
         except FedbusError:
             self._log.warning("group_incomplete", online=sorted(self.group.online),
                               expected=sorted(g.trainers),
@@ -256,7 +256,7 @@ class AsyncRelay(AsyncAggregator):
         wait = 1.0
         if self._assigned:
             first = min(a.sent_at for a in self._assigned.values())
-            wait = max(0.0, min(wait, first + c.deadline_s - time.monotonic()))
+            wait = max(0.0, min(wait, first + c.round.deadline_s - time.monotonic()))
         try:
             msg: Message | None = await sub.get(timeout=wait)
         except TimeoutError:
@@ -264,11 +264,11 @@ class AsyncRelay(AsyncAggregator):
         if msg is not None:
             await self.dispatch(msg)
         self._expire()
-        if self._upload is not None and time.monotonic() - self._upload_since > c.deadline_s:
+        if self._upload is not None and time.monotonic() - self._upload_since > c.round.deadline_s:
             # no grant came (the parent refused the ready, or restarted): the rest must not
             # wait behind it for ever
             self._log.warning("upload_abandoned", base_version=self._upload[0],
-                              waited_s=c.deadline_s)
+                              waited_s=c.round.deadline_s)
             self._upload = None
         # forward first: a child is restarted once its update has left (bounded memory), and
         # in the same step, so a fast child never waits for the next message to come
@@ -282,7 +282,7 @@ class AsyncRelay(AsyncAggregator):
         update = self.intake.settings.limits.max_frame_bytes
         small = min(update, c.gate_bytes)
         # children's small updates and granted uploads, plus two orders from the parent
-        backlog = len(c.trainers) * (small + 4096) + (c.max_uploads + 2) * update + (1 << 20)
+        backlog = len(c.trainers) * (small + 4096) + (c.round.max_uploads + 2) * update + (1 << 20)
         return self.bus.subscribe(
             topics.updates_for(c.job, c.node_id), topics.presence_all(c.job), *self._up,
             topics.presence(c.job, c.node_id), admit=self._admit_chunks,
