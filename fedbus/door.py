@@ -314,6 +314,14 @@ class Door:
                         "not a sender the wiring names for this topic",
                         sender=parsed.sender, topic=msg.topic)
             return None
+        signer = msg.signer
+        if signer is not None and (signer != parsed.sender if entry.topic_sender
+                                   else entry.senders is not None and signer not in entry.senders):
+            # a valid signature of someone who may not send this: refused before decoding, so
+            # a compression bomb signed with any job key costs nothing (_check repeats it)
+            self.reject(entry.label + "wrong_signer", f"signed by {signer!r}",
+                        sender=parsed.sender, topic=msg.topic)
+            return None
         return entry, parsed
 
     def _check(self, entry: Entry, parsed: topics.ParsedTopic, env: Envelope,

@@ -261,6 +261,9 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
     async with contextlib.AsyncExitStack() as stack:
         for bus in buses.values():
             await stack.enter_async_context(bus)
+        # refusals are logged one line each only for the first of a kind (fedbus.log): the
+        # totals, once each node is done, however it ends
+        stack.callback(_log_refusal_totals, services)
         if opts.health_file:
             from fedbus.deploy.health import keep_health_file
 
@@ -295,6 +298,15 @@ async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | N
                     await asyncio.wait(stores, timeout=STORE_GRACE_S)
                     for task in stores:
                         task.cancel()
+
+
+def _log_refusal_totals(services: dict[str, Any]) -> None:
+    for node_id, svc in services.items():
+        rejections = getattr(svc, "rejections", None)
+        counts = getattr(rejections, "counts", None)
+        if counts:
+            log.info("rejections_total", node=node_id, counts=dict(counts),
+                     total=sum(counts.values()))
 
 
 #: How long a run lets a store finish writing after the last round.

@@ -437,6 +437,7 @@ class Reassembler:
         emit(
             "drop_chunk",
             reason=reason,
+            refused=self.rejected[reason],  # of this reason so far (a few lines of a flood)
             topic=topic,
             transfer=transfer.hex() if transfer else None,
             **info,
