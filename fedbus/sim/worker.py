@@ -1,12 +1,14 @@
 """A simulation worker: one task, one model, running virtual clients one after another.
 
-Work items come from the coordinator on ``task/<coordinator>`` through a ``$share`` group, so
-each goes to one worker, whichever is free (in one process on the memory bus, or in many
-processes and machines through the broker). The global model comes from the aggregator's own
-``model/<agg>`` broadcast (asynchronous: the per-client ``work/<client>/<agg>`` orders), exactly
-as a trainer receives it. For each item the worker loads the
-client's data partition and saved state, trains from the round's model, saves the state and
-sends the delta back to the coordinator, which hands it to the aggregator in a fixed order.
+Work items come from the coordinator on the worker's own ``task/<coordinator>/<worker>``: the
+coordinator hands each to one worker with room for it (a few items ahead of its training), in
+one process on the memory bus or in many processes and machines through the broker, and gives
+a worker's unfinished items to the others when its presence goes offline. The global model
+comes from the aggregator's own ``model/<agg>`` broadcast (asynchronous: the per-client
+``work/<client>/<agg>`` orders), exactly as a trainer receives it. For each item the worker
+loads the client's data partition and saved state, trains from the round's model, saves the
+state and sends the delta back to the coordinator, which hands it to the aggregator in a fixed
+order.
 
 Training is deterministic per client and round (the task seeds from its partition and the
 round), never from which worker runs it, so any number of workers gives the same model.
@@ -36,16 +38,12 @@ from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
 from fedbus.wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
 
-__all__ = ["TASK", "VirtualWorker", "WorkerConfig", "share_group"]
+__all__ = ["TASK", "VirtualWorker", "WorkerConfig"]
 
 log = structlog.get_logger(__name__)
 
 #: Coordinator -> a worker: train one client from one round order.
 TASK = "sim_task"
-
-
-def share_group(job: str, coordinator: str) -> str:
-    return f"{job}.{coordinator}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +88,13 @@ class VirtualWorker:
                                senders=agg, limits=c.limits, dedupe=False))
         self.door.expect(Entry(topics.work_from(c.job, c.aggregator), frozenset({ROUND}),
                                senders=agg, limits=c.limits, dedupe=False))
-        self.door.expect(Entry(topics.sim_tasks(c.job, c.coordinator), frozenset({TASK}),
+        self.door.expect(Entry(topics.sim_tasks(c.job, c.coordinator, c.node_id),
+                               frozenset({TASK}),
                                senders=frozenset({c.coordinator}), limits=c.limits))
 
     async def run(self) -> int:
         c = self.config
-        work = topics.shared(share_group(c.job, c.coordinator), topics.sim_tasks(c.job,
-                                                                                 c.coordinator))
+        work = topics.sim_tasks(c.job, c.coordinator, c.node_id)
         # asynchronous orders come one per client on work/<client>/<agg>; workers serve them all
         async with self.bus.subscribe(topics.model(c.job, c.aggregator),
                                       topics.work_from(c.job, c.aggregator), work) as sub:
@@ -129,6 +127,10 @@ class VirtualWorker:
     async def _train(self, item: Envelope) -> None:
         order_id = str(item.meta.get("order", ""))
         client = str(item.meta.get("client", ""))
+        number = item.meta.get("item")
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            self.rejections.reject("bad_work_item", f"item={number!r}"[:80], sender=client[:64])
+            return
         order = self._orders.get(order_id)
         if order is None:
             # The item overtook its round order (they come from different publishers).
@@ -149,9 +151,10 @@ class VirtualWorker:
             update = b""  # an empty result: the coordinator counts the client as dropped
         else:
             self.trained += 1
+            self._log.debug("client_trained", client=client, round=item.round, item=number)
         self.busy_s += time.monotonic() - started
         c = self.config
-        await self.bus.publish(topics.sim_result(c.job, c.coordinator, client), update)
+        await self.bus.publish(topics.sim_result(c.job, c.coordinator, client, number), update)
 
     def _fit(self, order: Envelope, client: str, round: int) -> bytes:
         """Train ``client`` from the order's model; answer as its update for ``round`` (the
