@@ -68,7 +68,11 @@ def format_round(meta: Mapping[str, Any], rounds: int) -> str:
         if isinstance(meta.get(key), (int, float)):
             parts.append(f"{key} {meta[key]:.4f}")
     lost = meta.get("lost")
-    if lost:
+    if isinstance(meta.get("dropouts"), int):
+        # a simulation: its clients' dropouts are expected, a count says enough
+        if meta["dropouts"]:
+            parts.append(f"dropouts {meta['dropouts']}")
+    elif lost:
         # names for a few, a count for a simulated population's dropouts
         parts.append(f"lost {','.join(lost)}" if len(lost) <= 5 else f"lost {len(lost)}")
     if meta.get("rejected"):

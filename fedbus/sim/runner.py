@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,7 +41,8 @@ __all__ = ["SimResult", "default_workers", "run_simulation", "run_workers"]
 
 log = structlog.get_logger(__name__)
 
-OnReport = Callable[[RoundReport], None]
+#: Called with each round's report and the aggregator, before the next report is read.
+OnReport = Callable[[RoundReport, Aggregator | AsyncAggregator], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -171,7 +172,7 @@ async def _run(m: Manifest, population: Population, local: int, remote: int,
         while True:
             report = await agg.reports.get()
             if on_report is not None:
-                on_report(report)
+                await on_report(report, agg)
             score = _score(report)
             # An async aggregator may have moved on already; only snapshot the model the
             # report is about.
