@@ -1,0 +1,155 @@
+"""Simulation workers in their own processes, through a real mosquitto: a worker killed with
+kill -9 in the middle of a round has its clients trained by the others, and a job left with no
+worker stops with an error instead of running rounds that aggregate nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedbus.broker import MosquittoProcess
+from tests.test_sim import manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+#: Bounds that only cut a hang short.
+_JOB_S = 240.0
+_ROUND = re.compile(r"^round\s+(\d+)/(\d+)\s+participants (\d+)/(\d+)")
+
+
+def _job(tmp_path: Path, broker: MosquittoProcess, rounds: int) -> Path:
+    # 1,000 clients, 50 a round, every fit 40 ms: a round takes about a second on two workers
+    data = manifest(rounds=rounds, clients=1000, per_round=50, speed_sigma=0.0)
+    data["task"]["params"]["fit_s"] = 0.04
+    data["round"] = {"quorum": 1.0, "deadline_s": 120}
+    data["broker"] = {"host": broker.host, "port": broker.port}
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def _start(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fedbus.cli", *args, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def _lines_until(proc: asyncio.subprocess.Process, seen: list[str],
+                       pattern: re.Pattern[str], round_: int) -> float:
+    """Read the job's stdout until round ``round_``'s line; its arrival time."""
+    assert proc.stdout is not None
+    while True:
+        raw = await proc.stdout.readline()
+        if not raw:
+            raise AssertionError(f"the job ended before round {round_}: {seen[-5:]}")
+        line = raw.decode().rstrip()
+        seen.append(line)
+        match = pattern.match(line)
+        if match and int(match.group(1)) == round_:
+            return time.monotonic()
+
+
+async def _first_item_of_round(proc: asyncio.subprocess.Process, round_: int) -> None:
+    """Read a worker's debug log until it has trained a client of round ``round_``."""
+    assert proc.stderr is not None
+    while True:
+        raw = await proc.stderr.readline()
+        if not raw:
+            raise AssertionError("the worker ended before it trained anything")
+        line = raw.decode()
+        if "client_trained" in line and f"round={round_}" in line:
+            return
+
+
+async def _kill_all(procs: list[asyncio.subprocess.Process]) -> None:
+    for p in procs:
+        if p.returncode is None:
+            p.kill()
+            await p.wait()
+
+
+async def _start_workers(path: Path, env: dict[str, str]) -> list[asyncio.subprocess.Process]:
+    return [await _start("worker", str(path), env=env) for _ in range(2)]
+
+
+async def test_a_worker_killed_mid_round_has_its_clients_trained_by_the_other(
+        tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    # Prepare: the coordinator and aggregator in one process, two worker processes.
+    rounds = 5
+    path = _job(tmp_path, mosquitto, rounds)
+    env = {**os.environ, "FEDBUS_RUNS_DIR": str(tmp_path / "runs")}
+    procs = [await _start("worker", str(path), "--log-level", "debug", env=env),
+             await _start("worker", str(path), env=env)]
+    job = await _start("run", str(path), "--workers", "0", "--remote-workers", "2",
+                       "--display", "plain", env=env)
+    procs.append(job)
+    lines: list[str] = []
+    try:
+        # Execute: kill -9 the first worker once it has trained a client of round 2 (and
+        # holds more: each worker is given a few items ahead).
+        await asyncio.wait_for(_first_item_of_round(procs[0], 2), _JOB_S)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        round_2_at = await asyncio.wait_for(_lines_until(job, lines, _ROUND, 2), _JOB_S)
+        out, err = await asyncio.wait_for(job.communicate(), _JOB_S)
+        lines += out.decode().splitlines()
+        survivor_out, _ = await asyncio.wait_for(procs[1].communicate(), _JOB_S)
+    finally:
+        await _kill_all(procs)
+    # Assert: round 2 finished within 10 s of the kill; every round took all 50 clients.
+    assert job.returncode == 0, err.decode()[-3000:]
+    assert round_2_at - killed_at < 10.0, round_2_at - killed_at
+    rows = [_ROUND.match(ln) for ln in lines]
+    done = [(int(m.group(1)), int(m.group(3)), int(m.group(4))) for m in rows if m]
+    assert [r for r, _, _ in done] == list(range(1, rounds + 1)), lines
+    assert all(p == s == 50 for _, p, s in done), lines
+    summary = next(ln for ln in lines if ln.startswith("simulation "))
+    assert "workers_lost=1" in summary, summary
+    assert int(summary.rsplit("redispatched=", 1)[1].split()[0]) >= 1, summary
+    assert "workers done" in survivor_out.decode()
+    # the run folder says the same as the lines
+    run = next((tmp_path / "runs" / "sim").iterdir())
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["participants"], r["selected"]) for r in metrics] == [(50, 50)] * rounds
+    print(f"round 2 done {round_2_at - killed_at:.2f}s after the kill; {summary}")
+
+
+async def test_a_job_that_loses_every_worker_stops_with_an_error(
+        tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    # Prepare
+    path = _job(tmp_path, mosquitto, rounds=50)
+    env = {**os.environ, "FEDBUS_RUNS_DIR": str(tmp_path / "runs")}
+    procs = await _start_workers(path, env)
+    job = await _start("run", str(path), "--workers", "0", "--remote-workers", "2",
+                       "--display", "plain", env=env)
+    procs.append(job)
+    lines: list[str] = []
+    try:
+        # Execute: both workers killed after round 1.
+        await asyncio.wait_for(_lines_until(job, lines, _ROUND, 1), _JOB_S)
+        for p in procs[:2]:
+            os.kill(p.pid, signal.SIGKILL)
+        out, err = await asyncio.wait_for(job.communicate(), _JOB_S)
+    finally:
+        await _kill_all(procs)
+    # Assert: a non-zero exit, one line that says why, and the run folder marked failed.
+    stderr = err.decode()
+    assert job.returncode == 1, stderr[-3000:]
+    assert "no worker is left" in stderr
+    assert max(len(ln) for ln in stderr.splitlines()) < 400
+    rounds_run = [ln for ln in lines + out.decode().splitlines() if _ROUND.match(ln)]
+    assert len(rounds_run) < 50
+    run = next((tmp_path / "runs" / "sim").iterdir())
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
