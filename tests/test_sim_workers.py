@@ -1,6 +1,7 @@
 """Simulation workers in their own processes, through a real mosquitto: a worker killed with
-kill -9 in the middle of a round has its clients trained by the others, and a job left with no
-worker stops with an error instead of running rounds that aggregate nothing.
+kill -9 in the middle of a round has its clients trained by the others, a job left with no
+worker stops with an error instead of running rounds that aggregate nothing, and a broker whose
+queues cannot hold the population is named in one line instead of a two-minute wait.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedbus.broker import MosquittoProcess
+from fedbus.broker import MosquittoProcess, find_mosquitto, spawn_mosquitto
+from fedbus.errors import BrokerError
 from tests.test_sim import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +155,39 @@ async def test_a_job_that_loses_every_worker_stops_with_an_error(
     assert len(rounds_run) < 50
     run = next((tmp_path / "runs" / "sim").iterdir())
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+async def test_a_broker_with_default_queue_limits_is_named_in_one_line(tmp_path: Path) -> None:
+    # Prepare: mosquitto with its own defaults (1000 queued, 20 in flight a client) and a
+    # population ten times its queue, with an aggregator that would wait 10 minutes.
+    try:
+        find_mosquitto()
+    except BrokerError as exc:
+        pytest.skip(str(exc))
+    broker = await spawn_mosquitto(
+        config_extra="max_queued_messages 1000\nmax_inflight_messages 20\n"
+                     "max_queued_bytes 0\n")
+    data = manifest(rounds=2, clients=10_000, per_round=50)
+    data["round"] = {"quorum": 0.5, "start_timeout_s": 600}
+    data["broker"] = {"host": broker.host, "port": broker.port}
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "FEDBUS_RUNS_DIR": str(tmp_path / "runs")}
+    job = None
+    try:
+        # Execute
+        started = time.monotonic()
+        job = await _start("run", str(path), "--workers", "1", env=env)
+        _, err = await asyncio.wait_for(job.communicate(), _JOB_S)
+        took = time.monotonic() - started
+    finally:
+        if job is not None:
+            await _kill_all([job])
+        await broker.stop()
+    # Assert: a failure long before the aggregator's start timeout, in one short line that
+    # names the setting; no list of client ids.
+    errors = [ln for ln in err.decode().splitlines() if not ln.startswith("fedbus: job ")]
+    assert job.returncode == 1, err.decode()[-3000:]
+    assert len(errors) == 1 and len(errors[0]) < 400, errors
+    assert "max_queued_messages" in errors[0] and "client-" not in errors[0]
+    print(f"failed after {took:.1f}s: {errors[0]}")

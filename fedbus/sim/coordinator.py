@@ -49,6 +49,9 @@ __all__ = ["Coordinator", "CoordinatorConfig", "SimStats"]
 
 #: Rounds of order ids kept for stale synchronous updates (workers cache as many orders).
 _ORDER_HISTORY = 32
+#: mosquitto's count of messages it dropped at a client's queue limit (retained, refreshed
+#: every sys_interval, 10 s by default); other brokers simply never send it.
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 
 log = structlog.get_logger(__name__)
 
@@ -165,6 +168,10 @@ class Coordinator:
         self._dropped: list[str] = []
         #: Synchronous: the first order's id of recent rounds, for stale updates.
         self._round_orders: dict[int, str] = {}
+        #: The broker's dropped-message count when this simulation began, and whether the
+        #: aggregator has started (after that, the count is no longer watched).
+        self._dropped_base: int | None = None
+        self._started = False
         self._log = log.bind(node=config.node_id, role="sim_coordinator", job=config.job)
         # The front door: the aggregator's orders and `done`, the workers' presence (the
         # workers are not manifest nodes: any sender, role checked on arrival).
@@ -183,7 +190,7 @@ class Coordinator:
         # asynchronous orders come one per client: the coordinator hosts them all
         filters = (topics.model(c.job, c.aggregator), topics.work_from(c.job, c.aggregator),
                    topics.sim_results(c.job, c.node_id), topics.presence_all(c.job),
-                   topics.metrics(c.job, c.aggregator))
+                   topics.metrics(c.job, c.aggregator), SYS_DROPPED)
         async with self.bus.subscribe(*filters) as sub:
             await self._wait_for_workers(sub)
             try:
@@ -227,6 +234,8 @@ class Coordinator:
                 msg = await sub.get(timeout=left)
             except TimeoutError:
                 continue
+            if msg.topic == SYS_DROPPED:
+                self._on_broker_drops(msg.payload)
             if not topics.matches(topics.presence_all(c.job), msg.topic):
                 continue  # nothing else matters before the workers are here
             seen = await self._open_presence(msg)
@@ -291,6 +300,29 @@ class Coordinator:
                 seen = await self._open_presence(msg)
                 if seen is not None:
                     await self._on_worker(*seen)
+            elif msg.topic == SYS_DROPPED:
+                self._on_broker_drops(msg.payload)
+
+    def _on_broker_drops(self, payload: bytes) -> None:
+        """Stop at once, in one line, when the broker drops messages before round 1: the
+        population's presence announcements overflowed a client's queue (the aggregator's),
+        and the aggregator would wait ``start_timeout_s`` for clients it never hears of."""
+        try:
+            count = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            self.rejections.reject("bad_broker_stat", repr(payload[:40]), sender=SYS_DROPPED)
+            return
+        if self._dropped_base is None or count < self._dropped_base:
+            self._dropped_base = count  # the first value seen, or the broker restarted
+            return
+        if self._started or count == self._dropped_base:
+            return
+        n = len(self.population)
+        raise FedbusError(
+            f"the broker dropped {count - self._dropped_base} messages as this simulation "
+            f"announced its {n} clients ({SYS_DROPPED}): a client's message queue there is "
+            f"too small for the population; set max_queued_messages above {n} in its "
+            "mosquitto.conf (brokers/local.conf has 100000) and start it again")
 
     # --- workers ------------------------------------------------------------------------
     async def _on_worker(self, worker: str, online: bool) -> None:
@@ -360,6 +392,7 @@ class Coordinator:
         selected = env.meta.get("selected", [])
         if not isinstance(selected, list):
             return
+        self._started = True
         if env.meta.get("mode") == "async":
             await self._on_async_order(env, selected)
             return
