@@ -93,9 +93,12 @@ async def _start_workers(path: Path, env: dict[str, str]) -> list[asyncio.subpro
     return [await _start("worker", str(path), env=env) for _ in range(2)]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedasync"])
+@pytest.mark.parametrize(("strategy", "stop"), [("fedavg", signal.SIGKILL),
+                                                ("fedasync", signal.SIGKILL),
+                                                ("fedavg", signal.SIGTERM)],
+                         ids=["fedavg-kill", "fedasync-kill", "fedavg-sigterm"])
 async def test_a_worker_killed_mid_round_has_its_clients_trained_by_the_other(
-        tmp_path: Path, mosquitto: MosquittoProcess, strategy: str) -> None:
+        tmp_path: Path, mosquitto: MosquittoProcess, strategy: str, stop: int) -> None:
     # Prepare: the coordinator and aggregator in one process, two worker processes; the
     # same job on the memory bus as the reference.
     rounds = 5 if strategy == "fedavg" else 40
@@ -110,19 +113,22 @@ async def test_a_worker_killed_mid_round_has_its_clients_trained_by_the_other(
     procs.append(job)
     lines: list[str] = []
     try:
-        # Execute: kill -9 the first worker once it has trained a client of round (model
-        # version) 2, and holds more: each worker is given a few items ahead.
+        # Execute: kill -9 (or SIGTERM) the first worker once it has trained a client of
+        # round (model version) 2, and holds more: each worker is given a few items ahead.
         await asyncio.wait_for(_first_item_of_round(procs[0], 2), _JOB_S)
-        os.kill(procs[0].pid, signal.SIGKILL)
+        os.kill(procs[0].pid, stop)
         killed_at = time.monotonic()
         round_2_at = await asyncio.wait_for(_lines_until(job, lines, _ROUND, 2), _JOB_S)
         out, err = await asyncio.wait_for(job.communicate(), _JOB_S)
         lines += out.decode().splitlines()
         survivor_out, _ = await asyncio.wait_for(procs[1].communicate(), _JOB_S)
+        stopped = await asyncio.wait_for(procs[0].wait(), _JOB_S)
     finally:
         await _kill_all(procs)
-    # Assert: the job finished as if nothing happened: the reference's model, bit for bit.
+    # Assert: the job finished as if nothing happened: the reference's model, bit for bit;
+    # a worker stopped by SIGTERM exits 0 (a service manager's stop).
     assert job.returncode == 0, err.decode()[-3000:]
+    assert stopped == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
     summary = next(ln for ln in lines if ln.startswith("simulation "))
     assert "workers_lost=1" in summary, summary
     assert int(summary.rsplit("redispatched=", 1)[1].split()[0]) >= 1, summary
