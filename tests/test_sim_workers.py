@@ -213,3 +213,27 @@ async def test_a_broker_with_default_queue_limits_is_named_in_one_line(tmp_path:
     assert len(errors) == 1 and len(errors[0]) < 400, errors
     assert "max_queued_messages" in errors[0] and "client-" not in errors[0]
     print(f"failed after {took:.1f}s: {errors[0]}")
+
+
+async def test_worker_processes_over_ejabberd_match_the_memory_bus(
+        tmp_path: Path, ejabberd: MosquittoProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: ejabberd has no shared subscriptions; the coordinator addresses each worker.
+    # Every connection logs in as itself (ejabberd's anonymous mode takes any password).
+    monkeypatch.setenv("FEDBUS_TEST_EJABBERD_PW", "anonymous")
+    data = manifest(rounds=3, dropout=0.1)
+    reference = await run_simulation(parse_manifest(data), workers=1)
+    over = {**data, "broker": {"host": ejabberd.host, "port": ejabberd.port,
+                               "password_env": "FEDBUS_TEST_EJABBERD_PW"}}
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(over))
+    procs = await _start_workers(path, dict(os.environ))
+    try:
+        # Execute: aggregator and coordinator here, the training in two worker processes.
+        result = await asyncio.wait_for(
+            run_simulation(parse_manifest(over), workers=0, remote_workers=2), _JOB_S)
+        outs = [(await asyncio.wait_for(p.communicate(), _JOB_S))[0].decode() for p in procs]
+    finally:
+        await _kill_all(procs)
+    # Assert: the same model, both processes trained clients.
+    assert np.array_equal(result.weights["w"], reference.weights["w"])
+    assert all("workers done" in out for out in outs), outs

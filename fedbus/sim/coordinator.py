@@ -28,6 +28,7 @@ rounds after it. With no worker left, the simulation stops with an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import time
 from collections import deque
@@ -40,7 +41,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
 from fedbus.codec import Envelope, Limits, encode
 from fedbus.door import Door, Entry
-from fedbus.errors import FedbusError
+from fedbus.errors import FedbusError, SubscribeDenied
 from fedbus.sim.population import Population
 from fedbus.sim.worker import TASK
 from fedbus.wire import DONE, PRESENCE, ROUND, presence
@@ -190,8 +191,14 @@ class Coordinator:
         # asynchronous orders come one per client: the coordinator hosts them all
         filters = (topics.model(c.job, c.aggregator), topics.work_from(c.job, c.aggregator),
                    topics.sim_results(c.job, c.node_id), topics.presence_all(c.job),
-                   topics.metrics(c.job, c.aggregator), SYS_DROPPED)
-        async with self.bus.subscribe(*filters) as sub:
+                   topics.metrics(c.job, c.aggregator))
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                sub = await stack.enter_async_context(self.bus.subscribe(*filters,
+                                                                         SYS_DROPPED))
+            except SubscribeDenied:  # a broker (or ACL) without $SYS: no drop check
+                self._log.info("broker_drops_unwatched", topic=SYS_DROPPED)
+                sub = await stack.enter_async_context(self.bus.subscribe(*filters))
             await self._wait_for_workers(sub)
             try:
                 await self._announce_clients("online")
