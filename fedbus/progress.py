@@ -161,8 +161,11 @@ class _Panel:
         metrics = "   ".join(f"{k} {last[k]:.4f}" for k in ("train_loss", "loss", "accuracy")
                              if isinstance(last.get(k), (int, float)))
         trouble = f"rejected {s.rejected_total}"
-        if last.get("lost"):
-            trouble += f"   lost {', '.join(last['lost'])}"
+        if isinstance(last.get("dropouts"), int):  # a simulation: counted, as on one line
+            trouble += f"   dropouts {last['dropouts']}" if last["dropouts"] else ""
+        elif last.get("lost"):
+            lost = last["lost"]
+            trouble += f"   lost {', '.join(lost)}" if len(lost) <= 5 else f"   lost {len(lost)}"
         grid.add_row(f"{people}   {trouble}")
         if metrics:
             grid.add_row(metrics)
