@@ -237,3 +237,27 @@ async def test_worker_processes_over_ejabberd_match_the_memory_bus(
     # Assert: the same model, both processes trained clients.
     assert np.array_equal(result.weights["w"], reference.weights["w"])
     assert all("workers done" in out for out in outs), outs
+
+
+async def test_workers_of_a_stopped_job_stop_too(
+        tmp_path: Path, mosquitto: MosquittoProcess) -> None:
+    # Prepare: a long job, its training in one worker process.
+    path = _job(tmp_path, mosquitto, rounds=1000)
+    env = {**os.environ, "FEDBUS_RUNS_DIR": str(tmp_path / "runs")}
+    worker = await _start("worker", str(path), env=env)
+    job = await _start("run", str(path), "--workers", "0", "--remote-workers", "1",
+                       "--display", "plain", env=env)
+    lines: list[str] = []
+    try:
+        # Execute: the job is stopped after round 1; no `done` reaches the worker.
+        await asyncio.wait_for(_lines_until(job, lines, _ROUND, 1), _JOB_S)
+        job.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(job.communicate(), _JOB_S)
+        _, err = await asyncio.wait_for(worker.communicate(), _JOB_S)
+    finally:
+        await _kill_all([job, worker])
+    # Assert: the job stopped as stopped jobs do; the worker said why in one line and exit 1.
+    assert job.returncode == 128 + signal.SIGTERM
+    errors = [ln for ln in err.decode().splitlines() if ln.startswith("fedbus: ")]
+    assert worker.returncode == 1, err.decode()[-3000:]
+    assert len(errors) == 1 and "went offline before the job was done" in errors[0], errors

@@ -199,19 +199,30 @@ class Coordinator:
             except SubscribeDenied:  # a broker (or ACL) without $SYS: no drop check
                 self._log.info("broker_drops_unwatched", topic=SYS_DROPPED)
                 sub = await stack.enter_async_context(self.bus.subscribe(*filters))
-            await self._wait_for_workers(sub)
             try:
+                await self._own_presence("online")
+                await self._wait_for_workers(sub)
                 await self._announce_clients("online")
                 await self._serve(sub)
                 await self._announce_clients("")  # clear the clients' retained presence
                 await self.out.flush()
             finally:
                 self.out.cancel()
+                # Said on every way out (a closing bus sends no will): workers of a simulation
+                # that failed or was stopped get no `done`, and stop on this instead.
+                with contextlib.suppress(FedbusError):
+                    await self._own_presence("offline")
         self._log.info("simulation_done", items=self.stats.items, updates=self.stats.updates,
                        dropouts=self.stats.dropouts, virtual_time=self.stats.virtual_time,
                        workers_lost=len(self.stats.workers_lost),
                        redispatched=self.stats.redispatched, late=self.stats.late)
         return self.stats
+
+    async def _own_presence(self, status: str) -> None:
+        """Workers stop when the coordinator they saw online goes offline without `done`."""
+        c = self.config
+        await self.bus.publish(topics.presence(c.job, c.node_id), encode(
+            presence(c.job, c.node_id, "sim_coordinator", status)), retain=True)
 
     def _worker_presence(self, adm_env: Envelope | None) -> tuple[str, bool] | None:
         """(worker, online) for a simulation worker's presence, else None."""

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from fedbus import topics
-from fedbus.bus import Bus
+from fedbus.bus import Bus, Message, Subscription
 from fedbus.clientside import ClientSide, split_state
 from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec
@@ -36,7 +36,7 @@ from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
-from fedbus.wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
+from fedbus.wire import DONE, PRESENCE, ROUND, UPDATE, join_tensors, presence, split_model
 
 __all__ = ["TASK", "VirtualWorker", "WorkerConfig"]
 
@@ -58,6 +58,10 @@ class WorkerConfig:
     order_cache: int = 256
     #: The manifest's ``codec.update``: applied by every virtual client, as by a trainer.
     update_codec: UpdateCodec = UpdateCodec()
+    #: How long the coordinator may stay offline (a reconnect) before this worker stops: a
+    #: simulation that failed or was stopped sends no `done`, and its workers must not wait
+    #: forever.
+    coordinator_grace_s: float = 10.0
 
 
 class VirtualWorker:
@@ -76,6 +80,8 @@ class VirtualWorker:
         self.busy_s = 0.0
         self._orders: OrderedDict[str, Envelope] = OrderedDict()
         self._parked: dict[str, list[Envelope]] = {}
+        self._coordinator_seen = False
+        self._coordinator_gone: float | None = None  # monotonic time it went offline
         #: The client-side chain (DP, update compression) every virtual client runs.
         self._client = ClientSide(config.update_codec)
         self._log = log.bind(node=config.node_id, role="sim_worker", job=config.job)
@@ -91,22 +97,31 @@ class VirtualWorker:
         self.door.expect(Entry(topics.sim_tasks(c.job, c.coordinator, c.node_id),
                                frozenset({TASK}),
                                senders=frozenset({c.coordinator}), limits=c.limits))
+        self.door.expect(Entry(topics.presence(c.job, c.coordinator), frozenset({PRESENCE}),
+                               senders=frozenset({c.coordinator}), dedupe=False))
 
     async def run(self) -> int:
         c = self.config
         work = topics.sim_tasks(c.job, c.coordinator, c.node_id)
         # asynchronous orders come one per client on work/<client>/<agg>; workers serve them all
         async with self.bus.subscribe(topics.model(c.job, c.aggregator),
-                                      topics.work_from(c.job, c.aggregator), work) as sub:
+                                      topics.work_from(c.job, c.aggregator), work,
+                                      topics.presence(c.job, c.coordinator)) as sub:
             await self._presence("online")
             try:
-                async for msg in sub:
+                while True:
+                    msg = await self._next(sub)
+                    if not msg.payload:
+                        continue  # a retained message cleared
                     adm = await self.door.open(msg)
                     if adm is None:
                         continue
                     env = adm.env
                     if env.kind == DONE:
                         break
+                    if env.kind == PRESENCE:
+                        self._on_coordinator(env.meta.get("status") == "online")
+                        continue
                     if env.kind == ROUND:
                         self._remember(env)
                         for item in self._parked.pop(env.msg_id, []):
@@ -118,6 +133,31 @@ class VirtualWorker:
                     await self._presence("offline")
         self._log.info("worker_done", trained=self.trained, busy_s=round(self.busy_s, 3))
         return self.trained
+
+    async def _next(self, sub: Subscription) -> Message:
+        """The next message; FedbusError once the coordinator has been offline (after it was
+        online) for ``coordinator_grace_s``."""
+        if self._coordinator_gone is None:
+            return await sub.get()
+        left = self._coordinator_gone + self.config.coordinator_grace_s - time.monotonic()
+        try:
+            return await sub.get(timeout=max(0.0, left))
+        except TimeoutError:
+            raise FedbusError(
+                f"the simulation's coordinator {self.config.coordinator} went offline before "
+                f"the job was done and did not come back in {self.config.coordinator_grace_s:g}"
+                f"s; worker {self.config.node_id} stops (trained {self.trained} clients)"
+            ) from None
+
+    def _on_coordinator(self, online: bool) -> None:
+        if online:
+            self._coordinator_seen, self._coordinator_gone = True, None
+        elif self._coordinator_seen and self._coordinator_gone is None:
+            # An earlier run's coordinator left an "offline" behind: only a coordinator seen
+            # online in this worker's life can go away.
+            self._coordinator_gone = time.monotonic()
+            self._log.info("coordinator_offline", coordinator=self.config.coordinator,
+                              grace_s=self.config.coordinator_grace_s)
 
     def _remember(self, order: Envelope) -> None:
         self._orders[order.msg_id] = order
