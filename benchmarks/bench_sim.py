@@ -85,16 +85,19 @@ async def _run_one(case: dict[str, Any]) -> dict[str, Any]:
         m = parse_manifest(_trainers_manifest(case["clients"], case["per_round"],
                                               case["rounds"], case["size"]))
     if kind == "trainers":
-        from fedbus.bus.memory import MemoryBroker
-        from fedbus.cli import _run_nodes
+        import tempfile
 
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            await _run_nodes(m, [n.id for n in m.nodes], MemoryBroker())
-        # One progress line a round, ending in its seconds ("... 0.12s").
-        lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("round ")]
-        seconds = sum(float(ln.rsplit(maxsplit=1)[1].rstrip("s")) for ln in lines)
-        final = {"rounds_done": len(lines)}
+        from fedbus.runner import RunOptions, run_federation
+        from fedbus.runs import find_run
+
+        with tempfile.TemporaryDirectory(prefix="bench-sim-") as root, \
+                contextlib.redirect_stdout(io.StringIO()):
+            opts = RunOptions(memory=True, runs_root=Path(root), display="none")
+            await run_federation(m, opts, None)
+            rows = find_run(m.job, Path(root)).metrics
+        # The run folder's metrics.jsonl: one row a round, with its seconds.
+        seconds = sum(float(r["seconds"]) for r in rows)
+        final = {"rounds_done": len(rows)}
     else:
         from fedbus.sim import run_simulation
 

@@ -14,9 +14,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+
+if TYPE_CHECKING:
+    from fedbus.progress import DisplayMode
 
 from fedbus import __version__
 from fedbus.errors import FedbusError, ManifestError
@@ -64,6 +67,16 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value!r}")
+    return n
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value!r}")
     return n
 
 
@@ -149,9 +162,10 @@ def _add_run(add: Adder) -> None:
     run.add_argument("--metrics", type=_listen, metavar="[HOST:]PORT",
                      help="Prometheus /metrics of the aggregator (host default 127.0.0.1; "
                      "needs the 'metrics' extra)")
-    run.add_argument("--workers", type=_positive_int,
+    run.add_argument("--workers", type=_count,
                      help="population manifests: simulation workers in this process "
-                     "(default: population.workers, else one per core)")
+                     "(default: population.workers, else one per core; 0 with "
+                     "--remote-workers: all the training is done by `fedbus worker`s)")
     run.add_argument("--remote-workers", type=int, default=0, metavar="N",
                      help="population manifests: also wait for N `fedbus worker` processes "
                      "on the broker")
@@ -364,20 +378,23 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
     from fedbus.runs import runs_root
 
     m = _manifest(args)
-    if m.population is not None:
-        from fedbus.sim.cli import simulate
-
-        # A simulation runs on the in-process bus unless a broker is named.
-        memory = args.memory or (m.broker is None and not args.remote_workers)
-        return asyncio.run(simulate(m, rounds=args.rounds, memory=memory,
-                                    workers=args.workers, remote_workers=args.remote_workers,
-                                    quiet=args.quiet))
     overrides: dict[str, Any] = {}
     if args.rounds is not None:
         m = dataclasses.replace(m, rounds=args.rounds)
         overrides["rounds"] = args.rounds
     if args.broker is not None:
         overrides["broker"] = {"host": args.broker.host, "port": args.broker.port}
+    display: DisplayMode = "none" if args.quiet else ("plain" if args.log_json
+                                                     else args.display)
+    runs = None if args.no_record else runs_root(args.runs_dir)
+    if m.population is not None:
+        from fedbus.runner import run_population
+
+        # A simulation runs on the in-process bus unless a broker is named.
+        memory = args.memory or (m.broker is None and not args.remote_workers)
+        sim = RunOptions(memory=memory, runs_root=runs, display=display, overrides=overrides)
+        return asyncio.run(run_population(m, sim, sink, workers=args.workers,
+                                          remote_workers=args.remote_workers))
     if args.dashboard is not None and not args.memory:
         from fedbus.credentials import credentials_key
 
@@ -389,8 +406,8 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
     check_manifest(m, [n.id for n in m.nodes])
     opts = RunOptions(
         memory=args.memory,
-        runs_root=None if args.no_record else runs_root(args.runs_dir),
-        display="none" if args.quiet else ("plain" if args.log_json else args.display),
+        runs_root=runs,
+        display=display,
         dashboard_port=args.dashboard,
         metrics=args.metrics,
         overrides=overrides,
@@ -399,9 +416,9 @@ def _cmd_run(args: argparse.Namespace, sink: LogSink) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, sink: LogSink) -> int:
-    from fedbus.sim.cli import worker
+    from fedbus.runner import run_sim_workers
 
-    return asyncio.run(worker(_manifest(args), args.workers))
+    return asyncio.run(run_sim_workers(_manifest(args), args.workers))
 
 
 def _cmd_serve(args: argparse.Namespace, sink: LogSink) -> int:

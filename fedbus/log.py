@@ -36,7 +36,9 @@ def _level(name: str) -> int:
 class LogSink:
     """The last structlog processor: writes each event where it belongs, then drops it.
 
-    ``taps`` see every event dict (the run's progress uses them, e.g. trainers' fit times).
+    ``taps`` see every event dict first (the run's progress uses them, e.g. trainers' fit
+    times); a tap may lower an event's ``level`` (a simulation's expected dropouts), which
+    decides where it goes.
     """
 
     def __init__(self, *, console_level: int, file_level: int, json_console: bool) -> None:
@@ -59,9 +61,9 @@ class LogSink:
         self.directory = None
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
-        level = _level(str(event.get("level", "info")))
         for tap in self.taps:
             tap(event)
+        level = _level(str(event.get("level", "info")))
         if self.directory is not None and level >= self.file_level:
             self._file(str(event.get("node") or "fedbus")).write(
                 json.dumps(event, default=str) + "\n")

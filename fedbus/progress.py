@@ -68,7 +68,11 @@ def format_round(meta: Mapping[str, Any], rounds: int) -> str:
         if isinstance(meta.get(key), (int, float)):
             parts.append(f"{key} {meta[key]:.4f}")
     lost = meta.get("lost")
-    if lost:
+    if isinstance(meta.get("dropouts"), int):
+        # a simulation: its clients' dropouts are expected, a count says enough
+        if meta["dropouts"]:
+            parts.append(f"dropouts {meta['dropouts']}")
+    elif lost:
         # names for a few, a count for a simulated population's dropouts
         parts.append(f"lost {','.join(lost)}" if len(lost) <= 5 else f"lost {len(lost)}")
     if meta.get("rejected"):
@@ -157,8 +161,11 @@ class _Panel:
         metrics = "   ".join(f"{k} {last[k]:.4f}" for k in ("train_loss", "loss", "accuracy")
                              if isinstance(last.get(k), (int, float)))
         trouble = f"rejected {s.rejected_total}"
-        if last.get("lost"):
-            trouble += f"   lost {', '.join(last['lost'])}"
+        if isinstance(last.get("dropouts"), int):  # a simulation: counted, as on one line
+            trouble += f"   dropouts {last['dropouts']}" if last["dropouts"] else ""
+        elif last.get("lost"):
+            lost = last["lost"]
+            trouble += f"   lost {', '.join(lost)}" if len(lost) <= 5 else f"   lost {len(lost)}"
         grid.add_row(f"{people}   {trouble}")
         if metrics:
             grid.add_row(metrics)

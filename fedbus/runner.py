@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +34,12 @@ from fedbus.progress import DisplayMode, ProgressState, final_line, make_display
 from fedbus.runs import BEST_MODEL, FINAL_MODEL, RunRecorder
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
+from fedbus.sim import Population
 
 if TYPE_CHECKING:
     from fedbus.prom import PromExporter
 
-__all__ = ["RunOptions", "run_federation", "serve_nodes"]
+__all__ = ["RunOptions", "run_federation", "run_population", "run_sim_workers", "serve_nodes"]
 
 log = structlog.get_logger("fedbus.run")
 
@@ -187,17 +188,11 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
 
         dashboard = dashboard_socket(opts.dashboard_port)
     try:
-        recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
-            if opts.runs_root is not None else None
-    except OSError as exc:
+        recorder = _open_recorder(m, opts, sink)
+    except FedbusError:
         if dashboard is not None:
             dashboard.close()
-        raise FedbusError(f"cannot create a run folder under {opts.runs_root}/: {exc}; pass "
-                          "--runs-dir DIR (or set $FEDBUS_RUNS_DIR), or --no-record") from None
-    if recorder is not None:
-        if sink is not None:
-            sink.attach(recorder.path / "logs")
-        print(f"fedbus: job {m.job}, run folder {recorder.path}", file=sys.stderr, flush=True)
+        raise
     observer = _Observer(m, recorder, opts.display, sink)
     status = "failed"
     if opts.metrics is not None and any(m.node(n).role == "aggregator" for n in node_ids):
@@ -229,17 +224,124 @@ async def _execute(m: Manifest, node_ids: Sequence[str], opts: RunOptions,
         observer.display_stop()
         if observer.exporter is not None:
             observer.exporter.close()
-        if recorder is not None:
-            if observer.agg is not None and observer.history_len() > 0:
-                recorder.save_model(FINAL_MODEL, observer.agg.weights, observer.last_round)
-            recorder.finish(status, observer.final_metrics())
+        _close_recorder(recorder, observer, status, sink)
+    _say_saved(m, recorder)
+    return observer.final_line() if observer.agg is not None else 0
+
+
+async def run_sim_workers(m: Manifest, count: int) -> int:
+    """``fedbus worker``: ``count`` simulation workers until the job is done, or until
+    SIGTERM/SIGINT (exit 0, a service manager's stop: the coordinator gives their clients to
+    the other workers)."""
+    from fedbus.sim import run_workers
+
+    stop = _Stop()
+    stop.install()
+    try:
+        done = await run_workers(m, count)
+    except asyncio.CancelledError:
+        if stop.signum is None:
+            raise
+        log.info("stopped_by_signal", signal=signal.Signals(stop.signum).name)
+        return 0
+    print(f"workers done: {', '.join(f'{k}={v}' for k, v in sorted(done.items()))}", flush=True)
+    return 0
+
+
+def _expected_dropouts(population: Population) -> Callable[[MutableMapping[str, Any]], None]:
+    """A log tap: the aggregator's warning for each lost client is, in a simulation, a drawn
+    dropout the round line counts; it goes to the run folder's log, not to the console."""
+    def tap(event: MutableMapping[str, Any]) -> None:
+        if event.get("event") in ("node_lost", "node_lost_in_round") \
+                and population.is_client(str(event.get("peer", ""))):
+            event["level"] = "info"
+    return tap
+
+
+def _open_recorder(m: Manifest, opts: RunOptions, sink: LogSink | None) -> RunRecorder | None:
+    """The run folder (None with ``--no-record``), with the node logs attached to it."""
+    try:
+        recorder = RunRecorder(opts.runs_root, m, overrides=opts.overrides) \
+            if opts.runs_root is not None else None
+    except OSError as exc:
+        raise FedbusError(f"cannot create a run folder under {opts.runs_root}/: {exc}; pass "
+                          "--runs-dir DIR (or set $FEDBUS_RUNS_DIR), or --no-record") from None
+    if recorder is not None:
         if sink is not None:
-            sink.close()
+            sink.attach(recorder.path / "logs")
+        print(f"fedbus: job {m.job}, run folder {recorder.path}", file=sys.stderr, flush=True)
+    return recorder
+
+
+def _close_recorder(recorder: RunRecorder | None, observer: _Observer, status: str,
+                    sink: LogSink | None) -> None:
+    if recorder is not None:
+        if observer.agg is not None and observer.history_len() > 0:
+            recorder.save_model(FINAL_MODEL, observer.agg.weights, observer.last_round)
+        recorder.finish(status, observer.final_metrics())
+    if sink is not None:
+        sink.close()
+
+
+def _say_saved(m: Manifest, recorder: RunRecorder | None) -> None:
     if recorder is not None:
         saved = ", ".join(p.name for p in sorted(recorder.path.iterdir()) if p.is_file())
         print(f"fedbus: saved {saved} in {recorder.path}; `fedbus show {m.job}` summarizes it",
               file=sys.stderr, flush=True)
-    return observer.final_line() if observer.agg is not None else 0
+
+
+async def run_population(m: Manifest, opts: RunOptions, sink: LogSink | None, *,
+                         workers: int | None, remote_workers: int) -> int:
+    """``fedbus run`` of a population manifest: the simulation (``fedbus.sim``) with the same
+    display, run folder and stop signals as a deployment's run; exit 1 when its last round
+    aggregated nothing (every client is the job's own), 128+N after signal N."""
+    from fedbus.sim import run_simulation
+
+    assert m.population is not None
+    if not opts.memory and m.broker is None:
+        raise ManifestError(m.source, "broker", "remote simulation workers join through a "
+                            "broker: add broker: {host, port} or pass --broker HOST:PORT")
+    stop = _Stop()
+    stop.install()
+    recorder = _open_recorder(m, opts, sink)
+    observer = _Observer(m, recorder, opts.display, sink, simulated=True)
+    if sink is not None:
+        sink.taps.append(_expected_dropouts(Population(m.population, m.seed)))
+    status = "failed"
+
+    async def on_report(report: RoundReport, agg: AnyAggregator) -> None:
+        if observer.agg is None:
+            observer.attach(agg)
+        await observer.on_report(report, agg)
+        if report.round >= m.rounds:
+            observer.display_stop()
+
+    try:
+        result = await run_simulation(m, workers=workers, remote_workers=remote_workers,
+                                      memory=MemoryBroker() if opts.memory else None,
+                                      on_report=on_report)
+        status = "finished" if observer.history_len() else "failed"
+    except asyncio.CancelledError:
+        if stop.signum is None:
+            raise
+        status = "stopped"
+        observer.display_stop()
+        print(f"fedbus: stopped by {signal.Signals(stop.signum).name}; simulation shut down"
+              + (f", partial run in {recorder.path}" if recorder else ""),
+              file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        observer.display_stop()
+        _close_recorder(recorder, observer, status, sink)
+    _say_saved(m, recorder)
+    s = result.stats
+    print(f"simulation updates={s.updates} dropouts={s.dropouts} "
+          f"virtual_time={s.virtual_time:.2f}s workers={len(s.workers)}"
+          + (f" workers_lost={len(s.workers_lost)} redispatched={s.redispatched}"
+             if s.workers_lost else ""), flush=True)
+    if result.best_round is not None and result.best_score is not None:
+        print(f"best round={result.best_round} score={result.best_score:.4f}", flush=True)
+    return final_line(result.history, strict=True)
 
 
 async def _run_nodes(m: Manifest, node_ids: Sequence[str], mem: MemoryBroker | None,
@@ -343,8 +445,10 @@ class _Observer:
     """Reads the aggregator's reports; feeds the display, metrics.jsonl and the best model."""
 
     def __init__(self, m: Manifest, recorder: RunRecorder | None, mode: DisplayMode,
-                 sink: LogSink | None) -> None:
+                 sink: LogSink | None, *, simulated: bool = False) -> None:
         self.m = m
+        #: A simulation: a round's lost clients are its drawn dropouts, shown as a count.
+        self.simulated = simulated
         self.recorder = recorder
         self.state = ProgressState(job=m.job, rounds=m.rounds,
                                    trainers=sum(1 for n in m.nodes if n.role == "trainer"))
@@ -368,20 +472,24 @@ class _Observer:
             with contextlib.suppress(TypeError, ValueError):
                 self._fit_s.append(float(event["seconds"]))
 
-    async def follow(self, agg: AnyAggregator) -> None:
+    def attach(self, agg: AnyAggregator) -> None:
+        """Start showing ``agg``'s progress (its reports then go to ``on_report``)."""
         self.agg = agg
         self.state.online = lambda: len(agg.online & agg.config.trainers)
         self.display.start()
         self._display_on = True
         self._last_wall = time.monotonic()
+
+    async def follow(self, agg: AnyAggregator) -> None:
+        self.attach(agg)
         while True:
             report = await agg.reports.get()
-            await self._on_report(report, agg)
+            await self.on_report(report, agg)
             if report.round >= self.m.rounds:
                 break
         self.display_stop()
 
-    async def _on_report(self, report: RoundReport, agg: AnyAggregator) -> None:
+    async def on_report(self, report: RoundReport, agg: AnyAggregator) -> None:
         now = time.monotonic()
         row = report.as_meta()
         sent, received = (self.meter.sent, self.meter.received) if self.meter else (0, 0)
@@ -397,6 +505,8 @@ class _Observer:
             fit_s_max=round(max(fit), 4) if fit else None,
             fit_s_mean=round(sum(fit) / len(fit), 4) if fit else None,
         )
+        if self.simulated:
+            row["dropouts"] = len(report.lost)
         staleness = getattr(report, "staleness", None)
         if staleness is not None:
             row["staleness"] = list(staleness)

@@ -16,8 +16,10 @@ Channels:
   ``reply/<requester>``             the store's answer, correlated by the request's msg_id
   ``sketch/<aggregator>``           per round, the sketch of every update the aggregator
                                     accepted, for the stores that keep no full updates
-  ``task/<coordinator>``            simulation: one client's work, to a $share group of workers
-  ``result/<coordinator>/<client>`` simulation: a virtual client's update, back to the coordinator
+  ``task/<worker>/<coordinator>``   simulation: one client's work, to the worker the coordinator
+                                    gave it to
+  ``result/<coordinator>/<item>/<client>``  simulation: a virtual client's update for work item
+                                    ``<item>`` (a number), back to the coordinator
   ``ring/<group>/<to>/<sender>``    hybrid ring groups: one member's reduce step (or abort,
                                     commit) to another member of its group (fedbus.services.ring)
   ``nack/<owner>/<requester>``      chunk repair: "resend these chunks of your transfer", from a
@@ -196,17 +198,18 @@ def sketch(job: str, aggregator: str) -> str:
     return _t(job, "sketch", aggregator)
 
 
-def sim_tasks(job: str, coordinator: str) -> str:
-    """Simulation work items (one virtual client each), read by workers through ``$share``."""
-    return _t(job, "task", coordinator)
+def sim_tasks(job: str, coordinator: str, worker: str) -> str:
+    """Simulation work items (one virtual client each) that ``coordinator`` gives ``worker``."""
+    return _t(job, "task", worker, coordinator)
 
 
-def sim_result(job: str, coordinator: str, client: str) -> str:
-    return _t(job, "result", coordinator, client)
+def sim_result(job: str, coordinator: str, client: str, item: int) -> str:
+    """``client``'s update for work item number ``item``, back to the coordinator."""
+    return _t(job, "result", coordinator, str(int(item)), client)
 
 
 def sim_results(job: str, coordinator: str) -> str:
-    return _t(job, "result", coordinator) + "/+"
+    return _t(job, "result", coordinator) + "/+/+"
 
 
 def probe(job: str, client: str) -> str:

@@ -53,3 +53,21 @@ def test_quiet_view_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     display.round(ROW)
     display.stop()
     assert capsys.readouterr().out == ""
+
+
+def test_a_simulation_s_dropouts_are_a_count_in_both_views(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a simulated round that lost 40 of its 100 clients
+    lost = [f"client-{i}" for i in range(40)]
+    row = {**ROW, "selected": 100, "participants": 60, "lost": lost, "dropouts": 40}
+    s = state()
+    s.update(row)
+    console = Console(file=io.StringIO(), width=110, record=True, color_system=None)
+    display = make_display(s, "plain")
+    # Execute
+    console.print(_Panel(s))
+    display.round(row)
+    # Assert: the count, no names
+    text, (line,) = console.export_text(), capsys.readouterr().out.splitlines()
+    assert "dropouts 40" in text and "dropouts 40" in line
+    assert "client-" not in text and "client-" not in line

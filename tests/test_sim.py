@@ -137,6 +137,20 @@ def test_rehearsal_and_best_model() -> None:
     assert plain.best_score == max(scores)
 
 
+@pytest.mark.parametrize(("strategy", "params"), STRATEGIES[2:], ids=["fedbuff", "fedasync"])
+def test_async_rehearsal_steps_every_model_version(strategy: str, params: dict[str, Any]) -> None:
+    # Prepare: an asynchronous job with and without server-side rehearsal.
+    plain = run(manifest(strategy, params, rounds=8))
+    # Execute: with rehearsal, on one worker and on two
+    one = run(manifest(strategy, params, rounds=8, rehearsal=True), workers=1)
+    two = run(manifest(strategy, params, rounds=8, rehearsal=True), workers=2)
+    # Assert: every version took the step toward the server's data (closer to the optimum),
+    # and the run repeats bit for bit.
+    assert one.history[-1].eval.loss < plain.history[-1].eval.loss  # type: ignore[union-attr]
+    assert np.array_equal(one.weights["w"], two.weights["w"])
+    assert len(one.history) == 8 and one.stats.updates == two.stats.updates
+
+
 def test_population_manifest_defaults_and_errors() -> None:
     m: Manifest = parse_manifest(manifest())
     assert m.population is not None and m.population.clients == 200

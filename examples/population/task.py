@@ -8,11 +8,13 @@ center, the optimum of the population.
 
 ``stateful: true`` gives every client a piece of state kept between its turns (how often it
 trained, which damps its step), saved in the simulation's client-state store the way SCAFFOLD's
-or FedDyn's client state is.
+or FedDyn's client state is. ``fit_s`` makes every fit take that long (a stand-in for real
+training time, so a test can stop a worker in the middle of a round).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,8 +28,10 @@ __all__ = ["PopulationTask", "make_task"]
 
 class PopulationTask:
     def __init__(self, *, size: int, seed: int, lr: float, spread: float, epochs: int,
-                 stateful: bool = False, broken: tuple[int, ...] = ()) -> None:
+                 stateful: bool = False, broken: tuple[int, ...] = (),
+                 fit_s: float = 0.0) -> None:
         self.stateful = bool(stateful)
+        self.fit_s = float(fit_s)
         #: Clients whose training raises (to test how a simulation survives a bad client).
         self.broken = frozenset(int(b) for b in broken)
         self.visits = 0
@@ -60,6 +64,8 @@ class PopulationTask:
             return FitResult(num_examples=0)
         if self.partition in self.broken:
             raise RuntimeError(f"client {self.partition} is broken (task parameter `broken`)")
+        if self.fit_s > 0:
+            time.sleep(self.fit_s)
         lr = np.float32(config.get("lr", self.lr))
         if self.stateful:
             lr = np.float32(lr / (1 + self.visits))
@@ -98,12 +104,13 @@ def make_task(
     alpha: float = 0.5,
     stateful: bool = False,
     broken: tuple[int, ...] = (),
+    fit_s: float = 0.0,
     **_: Any,
 ) -> PopulationTask:
     if partition_scheme == "dirichlet":
         spread = spread / float(np.sqrt(alpha))  # smaller alpha: clients further apart
     task = PopulationTask(size=size, seed=seed, lr=lr, spread=spread, epochs=epochs,
-                          stateful=stateful, broken=tuple(broken))
+                          stateful=stateful, broken=tuple(broken), fit_s=fit_s)
     if partition is not None:
         task.use_partition(partition)
     return task

@@ -25,6 +25,7 @@ from fedbus.compress import UpdateCodec
 from fedbus.door import OFFLOAD_BYTES, Rejections, model_limits
 from fedbus.errors import BusError, FedbusError
 from fedbus.manifest import EvalSpec, RoundSpec
+from fedbus.manifest.model import preview
 from fedbus.services._durability import Durability, DurabilitySettings
 from fedbus.services._gate import UploadGate
 from fedbus.services.intake import Intake, IntakeSettings
@@ -285,7 +286,8 @@ class AggregatorBase(ABC, Generic[C]):
             if left <= 0:
                 raise FedbusError(
                     f"only {len(self.online)} of the {needed} trainers needed "
-                    f"(round.min_clients) came online within {timeout}s: {sorted(self.online)}"
+                    f"(round.min_clients) came online within {timeout}s: "
+                    f"{preview(sorted(self.online)) or 'none'}"
                 )
             try:
                 msg = await sub.get(timeout=left)

@@ -46,6 +46,12 @@ class Population:
                               f"({prefix}0..{prefix}{self.spec.clients - 1})")
         return int(tail)
 
+    def is_client(self, name: str) -> bool:
+        """Whether ``name`` is one of this population's client ids (no exception)."""
+        prefix = self.spec.prefix
+        tail = name[len(prefix):] if name.startswith(prefix) else ""
+        return tail.isdigit() and int(tail) < self.spec.clients and str(int(tail)) == tail
+
     def speed(self, index: int) -> float:
         """Relative speed (1.0 = nominal), lognormal(0, speed_sigma), fixed per client."""
         if self.spec.speed_sigma == 0:

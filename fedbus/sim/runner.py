@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -32,16 +32,17 @@ from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
 from fedbus.sim.coordinator import Coordinator, CoordinatorConfig, SimStats
 from fedbus.sim.population import Population
-from fedbus.sim.rehearsal import Rehearsal
+from fedbus.sim.rehearsal import AsyncRehearsal, Rehearsal
 from fedbus.sim.tasks import ClientTasks, open_population_task
 from fedbus.sim.worker import VirtualWorker, WorkerConfig
-from strategies import Weights
+from strategies import StrategyError, Weights
 
 __all__ = ["SimResult", "default_workers", "run_simulation", "run_workers"]
 
 log = structlog.get_logger(__name__)
 
-OnReport = Callable[[RoundReport], None]
+#: Called with each round's report and the aggregator, before the next report is read.
+OnReport = Callable[[RoundReport, Aggregator | AsyncAggregator], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -150,14 +151,17 @@ async def _run(m: Manifest, population: Population, local: int, remote: int,
     agg_bus = make_bus(m, m.aggregator, memory=memory)
     agg: Aggregator | AsyncAggregator = build_node(m, agg_id, agg_bus, task=server_task)
     if spec.rehearsal:
-        if not isinstance(agg, Aggregator):
-            raise ManifestError(m.source, "population.rehearsal",
-                                "server-side rehearsal runs after synchronous aggregation only")
         rehearse = getattr(server_task, "rehearse", None)
         if not callable(rehearse):
             raise ManifestError(m.source, "population.rehearsal",
                                 f"task {m.task.ref} has no rehearse(weights) method")
-        agg.strategy = Rehearsal(agg.strategy, rehearse)
+        if isinstance(agg, Aggregator):
+            agg.strategy = Rehearsal(agg.strategy, rehearse)
+        else:
+            try:
+                agg.strategy = AsyncRehearsal(agg.strategy, rehearse)
+            except StrategyError as exc:
+                raise ManifestError(m.source, "population.rehearsal", str(exc)) from None
     pool = _workers(m, local, memory, prefix=f"w{os.getpid()}-")
     coord_bus = _bus(m, coordinator_id(m), "sim_coordinator", memory)
     coordinator = Coordinator(
@@ -171,7 +175,7 @@ async def _run(m: Manifest, population: Population, local: int, remote: int,
         while True:
             report = await agg.reports.get()
             if on_report is not None:
-                on_report(report)
+                await on_report(report, agg)
             score = _score(report)
             # An async aggregator may have moved on already; only snapshot the model the
             # report is about.

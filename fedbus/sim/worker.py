@@ -1,12 +1,14 @@
 """A simulation worker: one task, one model, running virtual clients one after another.
 
-Work items come from the coordinator on ``task/<coordinator>`` through a ``$share`` group, so
-each goes to one worker, whichever is free (in one process on the memory bus, or in many
-processes and machines through the broker). The global model comes from the aggregator's own
-``model/<agg>`` broadcast (asynchronous: the per-client ``work/<client>/<agg>`` orders), exactly
-as a trainer receives it. For each item the worker loads the
-client's data partition and saved state, trains from the round's model, saves the state and
-sends the delta back to the coordinator, which hands it to the aggregator in a fixed order.
+Work items come from the coordinator on the worker's own ``task/<coordinator>/<worker>``: the
+coordinator hands each to one worker with room for it (a few items ahead of its training), in
+one process on the memory bus or in many processes and machines through the broker, and gives
+a worker's unfinished items to the others when its presence goes offline. The global model
+comes from the aggregator's own ``model/<agg>`` broadcast (asynchronous: the per-client
+``work/<client>/<agg>`` orders), exactly as a trainer receives it. For each item the worker
+loads the client's data partition and saved state, trains from the round's model, saves the
+state and sends the delta back to the coordinator, which hands it to the aggregator in a fixed
+order.
 
 Training is deterministic per client and round (the task seeds from its partition and the
 round), never from which worker runs it, so any number of workers gives the same model.
@@ -25,7 +27,7 @@ from typing import Any
 import structlog
 
 from fedbus import topics
-from fedbus.bus import Bus
+from fedbus.bus import Bus, Message, Subscription
 from fedbus.clientside import ClientSide, split_state
 from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec
@@ -34,18 +36,14 @@ from fedbus.errors import FedbusError, UpdateRejected
 from fedbus.sim.population import Population
 from fedbus.sim.store import ClientStateStore
 from fedbus.sim.tasks import ClientTasks, StatefulTask
-from fedbus.wire import DONE, ROUND, UPDATE, join_tensors, presence, split_model
+from fedbus.wire import DONE, PRESENCE, ROUND, UPDATE, join_tensors, presence, split_model
 
-__all__ = ["TASK", "VirtualWorker", "WorkerConfig", "share_group"]
+__all__ = ["TASK", "VirtualWorker", "WorkerConfig"]
 
 log = structlog.get_logger(__name__)
 
 #: Coordinator -> a worker: train one client from one round order.
 TASK = "sim_task"
-
-
-def share_group(job: str, coordinator: str) -> str:
-    return f"{job}.{coordinator}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +58,10 @@ class WorkerConfig:
     order_cache: int = 256
     #: The manifest's ``codec.update``: applied by every virtual client, as by a trainer.
     update_codec: UpdateCodec = UpdateCodec()
+    #: How long the coordinator may stay offline (a reconnect) before this worker stops: a
+    #: simulation that failed or was stopped sends no `done`, and its workers must not wait
+    #: forever.
+    coordinator_grace_s: float = 10.0
 
 
 class VirtualWorker:
@@ -78,6 +80,8 @@ class VirtualWorker:
         self.busy_s = 0.0
         self._orders: OrderedDict[str, Envelope] = OrderedDict()
         self._parked: dict[str, list[Envelope]] = {}
+        self._coordinator_seen = False
+        self._coordinator_gone: float | None = None  # monotonic time it went offline
         #: The client-side chain (DP, update compression) every virtual client runs.
         self._client = ClientSide(config.update_codec)
         self._log = log.bind(node=config.node_id, role="sim_worker", job=config.job)
@@ -90,25 +94,34 @@ class VirtualWorker:
                                senders=agg, limits=c.limits, dedupe=False))
         self.door.expect(Entry(topics.work_from(c.job, c.aggregator), frozenset({ROUND}),
                                senders=agg, limits=c.limits, dedupe=False))
-        self.door.expect(Entry(topics.sim_tasks(c.job, c.coordinator), frozenset({TASK}),
+        self.door.expect(Entry(topics.sim_tasks(c.job, c.coordinator, c.node_id),
+                               frozenset({TASK}),
                                senders=frozenset({c.coordinator}), limits=c.limits))
+        self.door.expect(Entry(topics.presence(c.job, c.coordinator), frozenset({PRESENCE}),
+                               senders=frozenset({c.coordinator}), dedupe=False))
 
     async def run(self) -> int:
         c = self.config
-        work = topics.shared(share_group(c.job, c.coordinator), topics.sim_tasks(c.job,
-                                                                                 c.coordinator))
+        work = topics.sim_tasks(c.job, c.coordinator, c.node_id)
         # asynchronous orders come one per client on work/<client>/<agg>; workers serve them all
         async with self.bus.subscribe(topics.model(c.job, c.aggregator),
-                                      topics.work_from(c.job, c.aggregator), work) as sub:
+                                      topics.work_from(c.job, c.aggregator), work,
+                                      topics.presence(c.job, c.coordinator)) as sub:
             await self._presence("online")
             try:
-                async for msg in sub:
+                while True:
+                    msg = await self._next(sub)
+                    if not msg.payload:
+                        continue  # a retained message cleared
                     adm = await self.door.open(msg)
                     if adm is None:
                         continue
                     env = adm.env
                     if env.kind == DONE:
                         break
+                    if env.kind == PRESENCE:
+                        self._on_coordinator(env.meta.get("status") == "online")
+                        continue
                     if env.kind == ROUND:
                         self._remember(env)
                         for item in self._parked.pop(env.msg_id, []):
@@ -121,6 +134,31 @@ class VirtualWorker:
         self._log.info("worker_done", trained=self.trained, busy_s=round(self.busy_s, 3))
         return self.trained
 
+    async def _next(self, sub: Subscription) -> Message:
+        """The next message; FedbusError once the coordinator has been offline (after it was
+        online) for ``coordinator_grace_s``."""
+        if self._coordinator_gone is None:
+            return await sub.get()
+        left = self._coordinator_gone + self.config.coordinator_grace_s - time.monotonic()
+        try:
+            return await sub.get(timeout=max(0.0, left))
+        except TimeoutError:
+            raise FedbusError(
+                f"the simulation's coordinator {self.config.coordinator} went offline before "
+                f"the job was done and did not come back in {self.config.coordinator_grace_s:g}"
+                f"s; worker {self.config.node_id} stops (trained {self.trained} clients)"
+            ) from None
+
+    def _on_coordinator(self, online: bool) -> None:
+        if online:
+            self._coordinator_seen, self._coordinator_gone = True, None
+        elif self._coordinator_seen and self._coordinator_gone is None:
+            # An earlier run's coordinator left an "offline" behind: only a coordinator seen
+            # online in this worker's life can go away.
+            self._coordinator_gone = time.monotonic()
+            self._log.info("coordinator_offline", coordinator=self.config.coordinator,
+                              grace_s=self.config.coordinator_grace_s)
+
     def _remember(self, order: Envelope) -> None:
         self._orders[order.msg_id] = order
         while len(self._orders) > self.config.order_cache:
@@ -129,6 +167,10 @@ class VirtualWorker:
     async def _train(self, item: Envelope) -> None:
         order_id = str(item.meta.get("order", ""))
         client = str(item.meta.get("client", ""))
+        number = item.meta.get("item")
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            self.rejections.reject("bad_work_item", f"item={number!r}"[:80], sender=client[:64])
+            return
         order = self._orders.get(order_id)
         if order is None:
             # The item overtook its round order (they come from different publishers).
@@ -149,9 +191,10 @@ class VirtualWorker:
             update = b""  # an empty result: the coordinator counts the client as dropped
         else:
             self.trained += 1
+            self._log.debug("client_trained", client=client, round=item.round, item=number)
         self.busy_s += time.monotonic() - started
         c = self.config
-        await self.bus.publish(topics.sim_result(c.job, c.coordinator, client), update)
+        await self.bus.publish(topics.sim_result(c.job, c.coordinator, client, number), update)
 
     def _fit(self, order: Envelope, client: str, round: int) -> bytes:
         """Train ``client`` from the order's model; answer as its update for ``round`` (the
