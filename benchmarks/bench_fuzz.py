@@ -352,6 +352,7 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
     """Counted rejections by node and reason, from each process's JSON log, plus the chunk
     layer's drops (``drop_chunk``) under ``chunk:<reason>``."""
     out: dict[str, Counter[str]] = {}
+    totals: dict[str, dict[str, int]] = {}
     for name in ("aggregator", "trainers", "store"):
         path = folder / f"{name}.log"
         if not path.exists():
@@ -363,8 +364,18 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
                 e = json.loads(line)
                 if e.get("event") == "message_rejected":
                     out.setdefault(str(e.get("node")), Counter())[str(e.get("reason"))] += 1
+                elif e.get("event") == "rejections_total" and isinstance(e.get("counts"), dict):
+                    # a node logs a reason's first ten refusals and every thousandth
+                    # (fedbus.log), and its totals when it stops: those win where present
+                    totals[str(e.get("node"))] = {str(k): int(v) for k, v in e["counts"].items()}
                 elif e.get("event") == "drop_chunk":
-                    out.setdefault(name, Counter())[f"chunk:{e.get('reason')}"] += 1
+                    key = f"chunk:{e.get('reason')}"
+                    counter = out.setdefault(name, Counter())
+                    counter[key] = max(counter[key] + 1, int(e.get("refused", 0)))
+    for node, counts in totals.items():
+        node_counts = out.setdefault(node, Counter())
+        for reason, n in counts.items():
+            node_counts[reason] = max(node_counts[reason], n)
     return {k: dict(v) for k, v in out.items()}
 
 

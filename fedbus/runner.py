@@ -407,7 +407,7 @@ def _log_refusal_totals(services: dict[str, Any]) -> None:
         rejections = getattr(svc, "rejections", None)
         counts = getattr(rejections, "counts", None)
         if counts:
-            log.info("rejections_total", node=node_id, counts=dict(counts),
+            log.warning("rejections_total", node=node_id, counts=dict(counts),
                      total=sum(counts.values()))
 
 
