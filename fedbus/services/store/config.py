@@ -46,6 +46,9 @@ class StoreConfig:
     #: The job's rounds (async: model versions): an order beyond them, or a `done` for
     #: another round, is a forgery. None: not known (no such checks).
     rounds: int | None = None
+    #: Does the recorded aggregator run an asynchronous strategy (its orders say mode:
+    #: async)? An order in the other mode is a forgery. None: not known (no such check).
+    asynchronous: bool | None = None
     max_queries: int = 4
     #: Nice value of the thread that decodes, sketches and writes (Linux: per thread). 0 by
     #: default: measured, a niced thread that holds the GIL when the kernel preempts it

@@ -26,7 +26,7 @@ import structlog
 
 from fedbus import topics
 from fedbus.bus import Bus, Message, Subscription
-from fedbus.codec import Compression, Envelope, Limits, encode
+from fedbus.codec import Envelope, Limits, encode
 from fedbus.door import (
     Admitted,
     Door,
@@ -36,7 +36,6 @@ from fedbus.door import (
     model_limits,
 )
 from fedbus.errors import FedbusError, UpdateRejected
-from fedbus.manifest import Manifest, NodeSpec, store_feed
 from fedbus.services.store.config import (
     QUERY,
     QUERY_LIMITS,
@@ -52,12 +51,10 @@ from fedbus.services.store.rounds import (
     finite_metrics_capped,
     round_record,
 )
-from fedbus.store.cache import RedisCache
 from fedbus.store.feed import SKETCHES, read_record, record_limits
-from fedbus.store.repository import RoundStore, open_round_store
+from fedbus.store.repository import RoundStore
 from fedbus.store.sketch import Sketcher
-from fedbus.store.workloads import TaskUtility, Workloads, digest
-from fedbus.task import Task
+from fedbus.store.workloads import Workloads, digest
 from fedbus.wire import (
     DONE,
     METRICS,
@@ -68,7 +65,7 @@ from fedbus.wire import (
     split_model,
 )
 
-__all__ = ["StoreService", "store_from_manifest"]
+__all__ = ["StoreService"]
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -365,6 +362,13 @@ class StoreService:
             return
         epoch = env.meta.get("epoch")
         asynchronous = env.meta.get("mode") == "async"
+        if self.config.asynchronous is not None and asynchronous != self.config.asynchronous:
+            # a synchronous job's aggregator never sends an asynchronous order (and the other
+            # way round): one on its topics is a forgery, not the job's next model
+            mode = "an asynchronous" if asynchronous else "a synchronous"
+            self.rejections.reject("wrong_mode", f"{mode} order for round {number}",
+                                   sender=self.config.aggregator)
+            return
         if (not asynchronous and self._open and number > max(self._open) + 1
                 and number != self._jumped + 1):
             # A synchronous run orders its rounds one after the other, and a restarted one
@@ -570,29 +574,3 @@ class StoreService:
         c = self.config
         env = presence(c.job, c.node_id, "store", status)
         await self.bus.publish(topics.presence(c.job, c.node_id), encode(env), retain=True)
-
-
-
-
-def store_from_manifest(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None, *,
-                        limits: Limits, compression: Compression) -> StoreService:
-    """The store service a manifest declares (``task``: the evaluation copy, or None)."""
-    assert node.parent is not None  # validation gives every store a parent
-    spec = m.store
-    redis = (RedisCache(spec.redis_url, f"fedbus:store:{m.job}:{node.parent}:")
-             if spec.redis_url else None)
-    store = open_round_store(m, node, limits=limits, redis=redis)
-    utility = TaskUtility(task) if task is not None else None
-    config = StoreConfig(
-        job=m.job, node_id=node.id, aggregator=node.parent,
-        trainers=frozenset(t.id for t in m.children_of(node.parent)), seed=m.seed,
-        population=((m.population.prefix, m.population.clients)
-                    if m.population is not None and node.parent == m.aggregator.id else None),
-        sketch_dim=spec.sketch_dim, full_updates=spec.full_update_rounds > 0,
-        feed=store_feed(m),
-        backlog_bytes=spec.backlog_mb << 20, exit_on_done=spec.exit_on_done, rounds=m.rounds,
-        work_nice=spec.work_nice, precompute=spec.precompute,
-        precompute_permutations=spec.precompute_permutations,
-        limits=limits, compression=compression)
-    return StoreService(config, bus, store, workloads=Workloads(store, utility, seed=m.seed),
-                        model=task.get_weights() if task is not None else None)
