@@ -34,10 +34,10 @@ from fedbus.progress import DisplayMode, ProgressState, final_line, make_display
 from fedbus.runs import BEST_MODEL, FINAL_MODEL, RunRecorder
 from fedbus.services.aggregator import Aggregator, RoundReport
 from fedbus.services.async_aggregator import AsyncAggregator
-from fedbus.sim import Population
 
 if TYPE_CHECKING:
     from fedbus.prom import PromExporter
+    from fedbus.sim import Population
 
 __all__ = ["RunOptions", "run_federation", "run_population", "run_sim_workers", "serve_nodes"]
 
@@ -306,6 +306,8 @@ async def run_population(m: Manifest, opts: RunOptions, sink: LogSink | None, *,
     recorder = _open_recorder(m, opts, sink)
     observer = _Observer(m, recorder, opts.display, sink, simulated=True)
     if sink is not None:
+        from fedbus.sim import Population  # a simulation's: a node never loads fedbus.sim
+
         sink.taps.append(_expected_dropouts(Population(m.population, m.seed)))
     status = "failed"
 
