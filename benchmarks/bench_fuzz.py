@@ -2,6 +2,9 @@
 
     .venv/bin/python -m benchmarks.bench_fuzz                   # 10,000 messages, open broker
     .venv/bin/python -m benchmarks.bench_fuzz --messages 50000 --json fuzz.json
+    .venv/bin/python -m benchmarks.bench_fuzz --sign               # signatures required
+    .venv/bin/python -m benchmarks.bench_fuzz --sign --attack flood --flood-s 20
+    .venv/bin/python -m benchmarks.bench_fuzz --sign --attack huge  # one 64 MiB publish
 
 Two runs of the same job (numpy toy task, FedAvg, 3 trainers, updates bigger than a chunk so
 the upload gate and chunk reassembly are in play), each on its own fresh mosquitto, each as
@@ -18,11 +21,22 @@ keep pace with it (the attacker writes its progress to a file; ``make_gated_task
 rounds where no deadline runs, so the flood spreads over the rounds and the last round, and
 the job, cannot end before the flood does.
 
+``--attack flood`` replaces the fuzzer by ``benchmarks.flood``: tiny messages (garbage,
+unsigned envelopes, envelopes signed with another real node's key) on every topic some node
+subscribes to, as fast as one publisher process can write them, for ``--flood-s`` seconds
+(at most ``--messages``); the rate it reached is reported. ``--attack huge`` publishes one
+64 MiB message on a trainer's update topic, unsigned, then signed with that trainer's own
+key (a trainer turned hostile). ``--sign`` runs the job with ``security.sign: required``
+(keys made with ``fedbus.signing`` for every node), on the anonymous broker or, with
+``--secure``, on the ``fedbus acl`` one.
+
 It reports whether every process survived, each one's peak RSS against the clean run, the
 rejections each service counted by reason (the aggregator's from its round reports, the
 trainers' from their JSON logs), and whether the final model's metrics equal the clean run's
 (expected only when the broker authenticates publishers; on an open broker well-formed
-forgeries can move the model, and the point is that nothing dies, hangs or grows).
+forgeries can move the model, and the point is that nothing dies, hangs or grows; with
+signatures required, on any broker). The final model is compared by its tensors' bytes (the
+aggregator's run folder's ``model-final.safetensors``; its header holds the run id).
 
 Every process started here is stopped by pid in a ``finally``.
 """
@@ -57,7 +71,8 @@ from fedbus.codec import decode
 from fedbus.errors import CodecError
 from fedbus.fuzz import Fuzzer
 from fedbus.log import configure_logging
-from fedbus.manifest import load_manifest
+from fedbus.manifest import load_manifest, parse_manifest
+from fedbus.signing import Signer, read_key, split_signed, write_key_pair
 
 MIB = 1 << 20
 
@@ -80,6 +95,10 @@ class Run:
     job_end: float = 0.0
     #: Rounds the metadata store wrote a record for (its folder, after the run).
     store_rounds: int = 0
+    #: SHA-256 of the final model's tensors (name order, raw bytes), from the run folder.
+    final_model: str = ""
+    #: A flood's rate, messages a second, as its publisher measured it.
+    flood_rate: float = 0.0
 
 
 @dataclass
@@ -89,6 +108,8 @@ class Result:
     fuzzed: Run
     same_model: bool
     secure: bool = False
+    sign: bool = False
+    attack: str = "fuzz"
     machine: str = field(default_factory=lambda: f"{platform.machine()} {platform.system()}, "
                                                  f"Python {platform.python_version()}")
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
@@ -149,8 +170,10 @@ def make_gated_task(*, gate: str, paced_rounds: int, **params: Any) -> Any:
 
 
 def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
-                  delay_s: float, store_dir: str, gate: str) -> dict[str, Any]:
-    return {
+                  delay_s: float, store_dir: str, gate: str,
+                  keys: str | None = None) -> dict[str, Any]:
+    security = {"security": {"sign": "required", "keys": keys}} if keys else {}
+    return {**security,
         "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
         # updates of `size` float32 params exceed one chunk: grants and reassembly are used
         "broker": {"chunk_bytes": 32_768, "max_queued_messages": 100_000, **broker},
@@ -189,17 +212,23 @@ class Broker:
         return {"username": user, "password": self.password(user)}
 
 
-async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, Path]:
+async def start_broker(folder: Path, secure: bool, sign: bool = False,
+                       **job: Any) -> tuple[Broker, Path]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
-    rights, from ``fedbus.deploy``) and the manifest file pointing at it."""
+    rights, from ``fedbus.deploy``) and the manifest file pointing at it; with ``sign``, a
+    key pair for every node in ``folder/keys``."""
     job = {**job, "store_dir": str(folder / "store"), "gate": str(folder / PROGRESS)}
+    if sign:
+        job["keys"] = str(folder / "keys")
+        for node in parse_manifest(manifest_data({"host": "127.0.0.1", "port": 1},
+                                                 **job)).nodes:
+            write_key_pair(folder / "keys", node.id)
     if not secure:
         proc = await spawn_mosquitto()
         broker = Broker(proc.host, proc.port, proc.stop)
         data = manifest_data({"host": proc.host, "port": proc.port}, **job)
     else:
         from fedbus.deploy.local import spawn_secure_mosquitto
-        from fedbus.manifest import parse_manifest
 
         plain = parse_manifest(manifest_data({"host": "127.0.0.1", "port": 1}, **job))
         sb = await spawn_secure_mosquitto(plain, operators=OPERATORS)
@@ -214,10 +243,11 @@ async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, 
 
 
 async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
-                  delay_s: float, seed: int = 0, secure: bool = False) -> Run:
-    """One federation on a fresh mosquitto; fuzzed when ``messages`` > 0."""
+                  delay_s: float, seed: int = 0, secure: bool = False, sign: bool = False,
+                  attack: str = "fuzz", flood_s: float = 20.0) -> Run:
+    """One federation on a fresh mosquitto; attacked when ``messages`` > 0."""
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
-    broker, path = await start_broker(folder, secure, rounds=rounds, size=size,
+    broker, path = await start_broker(folder, secure, sign, rounds=rounds, size=size,
                                       delay_s=delay_s)
     children: list[Child] = []
     samplers: dict[str, Sampler] = {}
@@ -234,17 +264,21 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
             for name, node in (("store", "store"), ("aggregator", "aggregator"),
                                ("trainers", "t*")):
                 log = open(folder / f"{name}.log", "wb")  # noqa: ASYNC230 - a log sink
-                child = Child(name, _serve(path, node, log))
+                runs = folder / "runs" if name == "aggregator" else None
+                child = Child(name, _serve(path, node, log, runs))
                 log.close()  # the child holds its own descriptor
                 children.append(child)
                 samplers[name] = Sampler(child.pid, hz=20)
                 samplers[name].start()
-            attack: asyncio.Task[None] | None = None
+            attacker: asyncio.Task[None] | None = None
             if messages:
-                attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started,
-                                                     folder / PROGRESS))
+                how = {"fuzz": _attack, "flood": _flood, "huge": _huge}[attack]
+                task = how(m, broker, messages, seed, run, started, folder / PROGRESS,
+                           flood_s=flood_s, keys=folder / "keys" if sign else None)
+                attacker = asyncio.create_task(task)
                 # an attacker that failed must not leave the job waiting for its progress
-                attack.add_done_callback(lambda _: _write_progress(folder / PROGRESS, 0, 0))
+                attacker.add_done_callback(
+                    lambda _: _write_progress(folder / PROGRESS, 0, 0))
             agg = next(c for c in children if c.name == "aggregator")
             seen: set[str] = set()
             while True:
@@ -255,7 +289,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                         break
                     continue
                 try:
-                    env = decode(msg.payload)
+                    env = decode(_unsigned(msg.payload))
                 except CodecError:
                     continue
                 if env.kind == "metrics" and env.msg_id not in seen:
@@ -264,8 +298,8 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                     if env.meta.get("round") == rounds:
                         run.job_end = time.monotonic() - started
                         break
-            if attack is not None:
-                await asyncio.wait_for(attack, 120)
+            if attacker is not None:
+                await asyncio.wait_for(attacker, 120)
             agg.reap(30)
             store = next(c for c in children if c.name == "store")
             store.reap(30)  # it ends on the aggregator's `done`, once it has written
@@ -285,20 +319,45 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
         run.exit_codes[child.name] = child.proc.returncode
     run.rejected = _rejections(folder)
     run.store_rounds = len(list((folder / "store").glob("**/rounds/*/record.fb")))
+    run.final_model = _final_model(folder / "runs")
     return run
 
 
-def _serve(manifest: Path, node: str, log: Any) -> Any:
+def _unsigned(payload: bytes) -> bytes:
+    """A payload without its signature trailer (the watcher reads; it need not check)."""
+    parts = split_signed(payload)
+    return payload if parts is None else bytes(parts[0])
+
+
+def _final_model(runs: Path) -> str:
+    import hashlib
+
+    from fedbus.modelfile import read_safetensors
+    from fedbus.runs import FINAL_MODEL
+
+    found = sorted(runs.glob(f"**/{FINAL_MODEL}"))
+    if len(found) != 1:
+        return ""
+    weights = read_safetensors(found[0])
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(weights[name]).tobytes())
+    return h.hexdigest()
+
+
+def _serve(manifest: Path, node: str, log: Any, runs: Path | None = None) -> Any:
     import subprocess
 
+    extra = ["--runs-dir", str(runs)] if runs is not None else []
     return subprocess.Popen(
         [sys.executable, "-m", "fedbus.cli", "serve", str(manifest), "--node", node,
-         "--log-json"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+         "--log-json", *extra], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=log)
 
 
 async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
-                  t0: float, progress: Path) -> None:
+                  t0: float, progress: Path, **_: Any) -> None:
     model = {"w": np.zeros(m.task.params["size"], np.float32)}
     fuzzer = Fuzzer(m, model, seed=seed)
     agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
@@ -348,6 +407,116 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         _write_progress(progress, messages, messages)  # the last round may start
 
 
+async def _under_way(m: Any, broker: Broker) -> None:
+    """Return once the job's first order or round report goes by (what an attacker who
+    reads the job waits for)."""
+    readable = ([f"fedbus/v1/{m.job}/#"] if broker.password is None
+                else [topics.metrics_all(m.job), topics.presence_all(m.job)])
+    async with MqttBus("mallory-eye", broker.host, broker.port, client_id="mallory-eye",
+                       options=MqttOptions(**broker.login("mallory-eye"))) as bus, \
+            bus.subscribe(*readable) as spy:
+        while True:
+            msg = await spy.get(timeout=300)  # a bound on a hang; generous under load
+            if msg.topic in (topics.model(m.job, m.aggregator.id),
+                             topics.metrics(m.job, m.aggregator.id)):
+                return
+
+
+def flood_plan(m: Any, keys: Path | None, seed: int = 0) -> list[tuple[str, bytes]]:
+    """Tiny forgeries for every topic some node listens to: garbage, an unsigned envelope
+    naming the topic's node, and (with ``keys``) that envelope signed with the key of another
+    real node of the job: each costs a receiver a signature check before it is refused."""
+    import random
+
+    from fedbus.codec import Envelope, encode
+    from fedbus.fuzz import listened_topics
+    from fedbus.wire import READY, presence
+
+    rng = random.Random(seed)
+    nodes = [n.id for n in m.nodes]
+    plan: list[tuple[str, bytes]] = []
+    for topic in listened_topics(m, ("stranger-0",)):
+        named = topic.rsplit("/", 1)[1]
+        if "/presence/" in topic:
+            env = presence(m.job, named, "trainer", "offline")
+        else:
+            env = Envelope(kind=READY, job=m.job, sender=named, round=1, meta={"bytes": 1})
+        payload = encode(env)
+        plan += [(topic, rng.randbytes(16)), (topic, payload)]
+        if keys is not None:
+            thief = rng.choice([n for n in nodes if n != named])
+            plan.append((topic, Signer(thief, read_key(keys / f"{thief}.key")).sign(payload)))
+    rng.shuffle(plan)
+    return plan
+
+
+async def _flood(m: Any, broker: Broker, messages: int, seed: int, run: Run, t0: float,
+                 progress: Path, *, flood_s: float, keys: Path | None, **_: Any) -> None:
+    """``benchmarks.flood`` in its own process, once the job is under way."""
+    import os
+
+    from benchmarks.flood import write_plan
+
+    await _under_way(m, broker)
+    plan = progress.with_name("flood-plan.msgpack")
+    write_plan(plan, flood_plan(m, keys, seed))
+    report = progress.with_name("flood.json")
+    login = broker.login("mallory")
+    env = {**os.environ, "FLOOD_PASSWORD": login.get("password", "")}
+    cmd = [sys.executable, "-m", "benchmarks.flood", broker.host, str(broker.port), str(plan),
+           "--seconds", str(flood_s), "--max", str(messages), "--progress", str(progress),
+           "--report", str(report)]
+    if login:
+        cmd += ["--username", login["username"], "--password-env", "FLOOD_PASSWORD"]
+    started = time.monotonic() - t0
+    proc = _popen(cmd, env)
+    try:
+        await asyncio.to_thread(proc.wait, flood_s + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    data = json.loads(report.read_text())
+    run.sent = {"flood": int(data["sent"])}
+    run.flood_rate = float(data["rate"])
+    run.flood = (started, time.monotonic() - t0)
+
+
+def _popen(cmd: list[str], env: dict[str, str]) -> Any:
+    import subprocess
+
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL)
+
+
+#: What ``--attack huge`` publishes: the issue's one message.
+HUGE_BYTES = 64 << 20
+
+
+async def _huge(m: Any, broker: Broker, messages: int, seed: int, run: Run, t0: float,
+                progress: Path, *, keys: Path | None, **_: Any) -> None:
+    """One 64 MiB publish on t0's update topic, unsigned; then, with ``keys``, the same
+    signed with t0's own key (a trainer turned hostile: a valid signature of the sender)."""
+    import os
+
+    await _under_way(m, broker)
+    topic = topics.update(m.job, m.aggregator.id, "t0")
+    payload = os.urandom(HUGE_BYTES)
+    payloads = [payload]
+    if keys is not None:
+        payloads.append(Signer("t0", read_key(keys / "t0.key")).sign(payload))
+    started = time.monotonic() - t0
+    async with aiomqtt.Client(broker.host, broker.port, identifier="mallory",
+                              logger=logging.getLogger("fedbus.fuzz.attacker"),
+                              protocol=aiomqtt.ProtocolVersion.V5,
+                              **broker.login("mallory")) as raw:
+        for p in payloads:
+            await raw.publish(topic, p, qos=1)
+    run.sent = {"huge": len(payloads)}
+    run.flood = (started, time.monotonic() - t0)
+    _write_progress(progress, 1, 1)
+
+
 def _rejections(folder: Path) -> dict[str, dict[str, int]]:
     """Counted rejections by node and reason, from each process's JSON log, plus the chunk
     layer's drops (``drop_chunk``) under ``chunk:<reason>``."""
@@ -387,31 +556,37 @@ def survived(run: Run, name: str) -> bool:
 
 
 def compare(clean: Run, fuzzed: Run) -> bool:
-    """Same final model: every round's loss and distance equal, to the last bit."""
+    """Same final model: its tensors' bytes (and every round's loss and distance) equal."""
     def key(r: Run) -> list[tuple[Any, ...]]:
         return [(x.get("round"), x.get("loss"), x.get("distance")) for x in r.metrics]
-    return bool(clean.metrics) and key(clean) == key(fuzzed)
+    return (bool(clean.metrics) and bool(clean.final_model) and key(clean) == key(fuzzed)
+            and clean.final_model == fuzzed.final_model)
 
 
 async def fuzz(messages: int = 10_000, *, rounds: int = 6, size: int = 20_000,
-               delay_s: float = 0.5, seed: int = 0, secure: bool = False,
+               delay_s: float = 0.5, seed: int = 0, secure: bool = False, sign: bool = False,
+               attack: str = "fuzz", flood_s: float = 20.0,
                folder: Path | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="fedbus-fuzz-") as tmp:
         base = folder or Path(tmp)
-        clean = await one_run(base / "clean", messages=0, rounds=rounds, size=size,
-                              delay_s=delay_s, secure=secure)
-        fuzzed = await one_run(base / "fuzzed", messages=messages, rounds=rounds, size=size,
-                               delay_s=delay_s, seed=seed, secure=secure)
-    return Result(messages=messages, clean=clean, fuzzed=fuzzed, secure=secure,
-                  same_model=compare(clean, fuzzed))
+        job = {"rounds": rounds, "size": size, "delay_s": delay_s, "secure": secure,
+               "sign": sign}
+        clean = await one_run(base / "clean", messages=0, **job)
+        fuzzed = await one_run(base / "fuzzed", messages=messages, seed=seed, attack=attack,
+                               flood_s=flood_s, **job)
+    return Result(messages=messages, clean=clean, fuzzed=fuzzed, secure=secure, sign=sign,
+                  attack=attack, same_model=compare(clean, fuzzed))
 
 
 def table(r: Result) -> str:
     broker = ("authenticated broker, attacker with operator credentials" if r.secure
-              else "open broker")
+              else "open broker") + (", signatures required" if r.sign else "")
+    what = {"fuzz": f"{r.messages:,} fuzzed messages",
+            "flood": f"a flood of {sum(r.fuzzed.sent.values()):,} messages at "
+                     f"{r.fuzzed.flood_rate:,.0f}/s",
+            "huge": "one 64 MiB publish, unsigned and signed"}[r.attack]
     lines = [
-        f"Fuzzing a running federation ({r.messages:,} messages, {broker}; {r.machine}; "
-        f"{r.date})",
+        f"Attacking a running federation ({what}, {broker}; {r.machine}; {r.date})",
         "",
         "| process | survived | peak RSS clean | peak RSS fuzzed | ratio |",
         "|---|---|---|---|---|",
@@ -445,12 +620,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--secure", action="store_true",
                    help="broker with generated users and rights; the attacker is an operator")
+    p.add_argument("--sign", action="store_true",
+                   help="the job requires signed messages (security.sign: required)")
+    p.add_argument("--attack", choices=("fuzz", "flood", "huge"), default="fuzz")
+    p.add_argument("--flood-s", type=float, default=20.0,
+                   help="--attack flood: how long the flood lasts (at most --messages)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     # The watcher and the attacker's own buses see the flood too: keep their logs quiet.
     configure_logging(level="error")
     result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed,
-                              secure=args.secure))
+                              secure=args.secure, sign=args.sign, attack=args.attack,
+                              flood_s=args.flood_s))
     print(table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(result), indent=1))

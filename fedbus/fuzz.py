@@ -29,7 +29,7 @@ from fedbus.compress import MODEL_META_KEY
 from fedbus.manifest import Manifest, compile_wiring
 from fedbus.wire import DONE, GRANT, READY, ROUND, UPDATE, join_tensors, presence
 
-__all__ = ["CATEGORIES", "FuzzMessage", "Fuzzer"]
+__all__ = ["CATEGORIES", "FuzzMessage", "Fuzzer", "listened_topics"]
 
 #: category -> relative weight
 CATEGORIES: Final[dict[str, int]] = {
@@ -50,6 +50,20 @@ CATEGORIES: Final[dict[str, int]] = {
     "replay": 10,
 }
 _BOMB_BYTES: Final = 1 << 30
+
+
+def listened_topics(m: Manifest, strangers: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every filter some node of ``m`` subscribes to, its wildcards filled with the job's node
+    ids and ``strangers``' ids (``$share/...`` prefixes dropped)."""
+    out: list[str] = []
+    ids = [n.id for n in m.nodes] + list(strangers)
+    for wiring in compile_wiring(m).values():
+        for f in wiring.subscribe:
+            _, f = topics.strip_share(f)
+            if "#" in f:
+                continue
+            out += [f.replace("+", i) for i in ids] if "+" in f else [f]
+    return sorted(set(out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +107,11 @@ class Fuzzer:
             self._replays.append((topic, payload))
         if topic == topics.model(self.job, self.agg):
             from fedbus.codec import decode  # lazy: only what observe needs
+            from fedbus.signing import split_signed
 
             try:
-                env = decode(payload)
+                parts = split_signed(payload)  # a signed job's: the trailer is not secret
+                env = decode(payload if parts is None else bytes(parts[0]))
             except Exception:  # anything goes on an open broker
                 return
             epoch = env.meta.get("epoch")
@@ -110,17 +126,7 @@ class Fuzzer:
             yield getattr(self, f"_{category}")()
 
     def _concrete_topics(self) -> list[str]:
-        """Every filter some node subscribes to, its wildcards filled with real node ids and
-        with strangers' ids."""
-        out: list[str] = []
-        ids = [*self.trainers, self.agg, *self.strangers]
-        for wiring in compile_wiring(self.m).values():
-            for f in wiring.subscribe:
-                if "+" in f:
-                    out += [f.replace("+", i) for i in ids]
-                else:
-                    out.append(f)
-        return sorted(set(out))
+        return listened_topics(self.m, self.strangers)
 
     def _any_topic(self) -> str:
         return self.rng.choice(self._topics)
