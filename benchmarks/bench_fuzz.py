@@ -9,7 +9,8 @@
 Two runs of the same job (numpy toy task, FedAvg, 3 trainers, updates bigger than a chunk so
 the upload gate and chunk reassembly are in play), each on its own fresh mosquitto, each as
 separate processes exactly as deployed (``fedbus serve --node aggregator``,
-``fedbus serve --node 't*'`` and, recording the rounds, ``fedbus serve --node store``):
+``fedbus serve --node 't*'`` and, recording the rounds, ``fedbus serve --node store``; with
+``--checkpointer``, ``--node store --node ckpt``: state/ topics get a listener too):
 
 1. clean: no attacker; records every round's metrics and each process's peak RSS (VmHWM);
 2. fuzzed: an attacker connects, watches the job's traffic (to learn the aggregator's epoch and
@@ -171,9 +172,15 @@ def make_gated_task(*, gate: str, paced_rounds: int, **params: Any) -> Any:
 
 def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
                   delay_s: float, store_dir: str, gate: str,
-                  keys: str | None = None) -> dict[str, Any]:
-    security = {"security": {"sign": "required", "keys": keys}} if keys else {}
-    return {**security,
+                  keys: str | None = None, checkpointer: bool = False) -> dict[str, Any]:
+    extra: dict[str, Any] = {"security": {"sign": "required", "keys": keys}} if keys else {}
+    if checkpointer:
+        # served in the store's process: state/ topics have listeners too
+        extra["checkpoint"] = {"dir": str(Path(store_dir).parent / "checkpoints"),
+                               "wait_s": 10}
+    nodes = [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}]
+    nodes += [{"id": "ckpt", "role": "checkpointer"}] if checkpointer else []
+    return {**extra, "nodes": nodes,
         "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
         # updates of `size` float32 params exceed one chunk: grants and reassembly are used
         "broker": {"chunk_bytes": 32_768, "max_queued_messages": 100_000, **broker},
@@ -184,7 +191,6 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
         "task": {"ref": "benchmarks.bench_fuzz:make_gated_task",
                  "params": {"size": size, "lr": 0.5, "delay_s": delay_s, "gate": gate,
                             "paced_rounds": max(rounds - 1, 1)}},
-        "nodes": [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
         # fed every update (the default feed), so the flood on update topics reaches it too
         "store": {"dir": store_dir, "sketch_dim": 64, "full_update_rounds": 1,
@@ -213,10 +219,10 @@ class Broker:
 
 
 async def start_broker(folder: Path, secure: bool, sign: bool = False,
-                       **job: Any) -> tuple[Broker, Path]:
+                       **job: Any) -> tuple[Broker, Path, str]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
-    rights, from ``fedbus.deploy``) and the manifest file pointing at it; with ``sign``, a
-    key pair for every node in ``folder/keys``."""
+    rights, from ``fedbus.deploy``), the manifest file pointing at it and the nodes the store's
+    process serves; with ``sign``, a key pair for every node in ``folder/keys``."""
     job = {**job, "store_dir": str(folder / "store"), "gate": str(folder / PROGRESS)}
     if sign:
         job["keys"] = str(folder / "keys")
@@ -239,16 +245,18 @@ async def start_broker(folder: Path, secure: bool, sign: bool = False,
                               "password_file": spec.password_file}, **job)
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(data))
-    return broker, path
+    return broker, path, "store ckpt" if job.get("checkpointer") else "store"
 
 
 async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                   delay_s: float, seed: int = 0, secure: bool = False, sign: bool = False,
-                  attack: str = "fuzz", flood_s: float = 20.0) -> Run:
+                  attack: str = "fuzz", flood_s: float = 20.0,
+                  checkpointer: bool = False) -> Run:
     """One federation on a fresh mosquitto; attacked when ``messages`` > 0."""
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
-    broker, path = await start_broker(folder, secure, sign, rounds=rounds, size=size,
-                                      delay_s=delay_s)
+    broker, path, store_nodes = await start_broker(
+        folder, secure, sign, rounds=rounds, size=size, delay_s=delay_s,
+        checkpointer=checkpointer)
     children: list[Child] = []
     samplers: dict[str, Sampler] = {}
     run = Run()
@@ -261,7 +269,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                 watch.subscribe(topics.metrics(m.job, "aggregator")) as metrics_sub:
             started = time.monotonic()
             # the store first: it records from its subscription on
-            for name, node in (("store", "store"), ("aggregator", "aggregator"),
+            for name, node in (("store", store_nodes), ("aggregator", "aggregator"),
                                ("trainers", "t*")):
                 log = open(folder / f"{name}.log", "wb")  # noqa: ASYNC230 - a log sink
                 runs = folder / "runs" if name == "aggregator" else None
@@ -351,9 +359,9 @@ def _serve(manifest: Path, node: str, log: Any, runs: Path | None = None) -> Any
 
     extra = ["--runs-dir", str(runs)] if runs is not None else []
     return subprocess.Popen(
-        [sys.executable, "-m", "fedbus.cli", "serve", str(manifest), "--node", node,
-         "--log-json", *extra], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=log)
+        [sys.executable, "-m", "fedbus.cli", "serve", str(manifest),
+         *(a for n in node.split() for a in ("--node", n)), "--log-json", *extra],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
 
 
 async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
@@ -519,7 +527,8 @@ async def _huge(m: Any, broker: Broker, messages: int, seed: int, run: Run, t0: 
 
 def _rejections(folder: Path) -> dict[str, dict[str, int]]:
     """Counted rejections by node and reason, from each process's JSON log, plus the chunk
-    layer's drops (``drop_chunk``) under ``chunk:<reason>``."""
+    layer's drops (``drop_chunk``) under ``chunk:<reason>`` and the signature checks'
+    refusals (``message_refused``) under ``signature:<reason>``."""
     out: dict[str, Counter[str]] = {}
     totals: dict[str, dict[str, int]] = {}
     for name in ("aggregator", "trainers", "store"):
@@ -541,6 +550,9 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
                     key = f"chunk:{e.get('reason')}"
                     counter = out.setdefault(name, Counter())
                     counter[key] = max(counter[key] + 1, int(e.get("refused", 0)))
+                elif e.get("event") == "message_refused":  # by a signature check
+                    out.setdefault(str(e.get("node")), Counter())[
+                        f"signature:{e.get('reason')}"] += 1
     for node, counts in totals.items():
         node_counts = out.setdefault(node, Counter())
         for reason, n in counts.items():
@@ -565,12 +577,12 @@ def compare(clean: Run, fuzzed: Run) -> bool:
 
 async def fuzz(messages: int = 10_000, *, rounds: int = 6, size: int = 20_000,
                delay_s: float = 0.5, seed: int = 0, secure: bool = False, sign: bool = False,
-               attack: str = "fuzz", flood_s: float = 20.0,
+               attack: str = "fuzz", flood_s: float = 20.0, checkpointer: bool = False,
                folder: Path | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="fedbus-fuzz-") as tmp:
         base = folder or Path(tmp)
         job = {"rounds": rounds, "size": size, "delay_s": delay_s, "secure": secure,
-               "sign": sign}
+               "sign": sign, "checkpointer": checkpointer}
         clean = await one_run(base / "clean", messages=0, **job)
         fuzzed = await one_run(base / "fuzzed", messages=messages, seed=seed, attack=attack,
                                flood_s=flood_s, **job)
@@ -625,13 +637,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attack", choices=("fuzz", "flood", "huge"), default="fuzz")
     p.add_argument("--flood-s", type=float, default=20.0,
                    help="--attack flood: how long the flood lasts (at most --messages)")
+    p.add_argument("--checkpointer", action="store_true",
+                   help="add a checkpointer (in the store's process): state/ topics are "
+                        "listened to as well")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     # The watcher and the attacker's own buses see the flood too: keep their logs quiet.
     configure_logging(level="error")
     result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed,
                               secure=args.secure, sign=args.sign, attack=args.attack,
-                              flood_s=args.flood_s))
+                              flood_s=args.flood_s, checkpointer=args.checkpointer))
     print(table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(result), indent=1))

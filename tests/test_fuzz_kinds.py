@@ -174,3 +174,39 @@ async def test_new_kinds_on_the_acl_broker(secure_mosquitto: Any, tmp_path: Path
     assert max(r for _, r in services["ckpt"].stored) == 3
     assert all(r.durable for r in agg.history)
     assert agg.weights["w"].tobytes() == clean.weights["w"].tobytes()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the checkpointer decodes with the codec's global cap (codec.max_message_mb, 1 GiB), not "
+    "limits of its own: a 32 KB frame honestly declaring 1 GiB on control/<checkpointer> (a "
+    "restore request has no tensors; a `fedbus acl` operator may publish there) is "
+    "decompressed before its kind is refused: bench_fuzz --secure --checkpointer, store+ckpt "
+    "process peak RSS 59 -> 1082 MiB"))
+async def test_the_checkpointer_refuses_a_bomb_on_its_control_topic_before_decompressing(
+        tmp_path: Path) -> None:
+    # Prepare: the checkpointer alone on the in-process bus, and one honest 1 GiB bomb
+    import resource
+
+    from fedbus.bus.memory import MemoryBroker, MemoryBus
+
+    m = manifest(tmp_path, sign=False)
+    broker = MemoryBroker()
+    ckpt = build_node(m, "ckpt", make_bus(m, m.node("ckpt"), memory=broker))
+    bomb = next(Fuzzer(m, {"w": np.zeros(SIZE, np.float32)}, only=["honest_bomb"])
+                .messages(1)).payload
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    async with ckpt.bus, MemoryBus(broker, "mallory") as mallory, \
+            mallory.subscribe(topics.presence(m.job, "ckpt")) as online:
+        task = asyncio.create_task(ckpt.run())
+        await online.get(timeout=30)  # announced once it listens
+        # Execute
+        await mallory.publish(topics.control(m.job, "ckpt"), bomb)
+        async with asyncio.timeout(30):
+            while not ckpt.rejections.total:  # noqa: ASYNC110 - a counter, no event
+                await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+    # Assert: refused by its declared size, before a byte was decompressed
+    assert ckpt.rejections.counts == {"too_large": 1}, (ckpt.rejections.counts, grown)
+    assert grown < 256 << 20, grown
