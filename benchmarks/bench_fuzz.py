@@ -365,9 +365,16 @@ def _serve(manifest: Path, node: str, log: Any, runs: Path | None = None) -> Any
 
 
 async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
-                  t0: float, progress: Path, **_: Any) -> None:
+                  t0: float, progress: Path, *, keys: Path | None = None, **_: Any) -> None:
+    import random
+
     model = {"w": np.zeros(m.task.params["size"], np.float32)}
     fuzzer = Fuzzer(m, model, seed=seed)
+    # With the job's keys (a signed job), half the forgeries carry a real signature of
+    # another node of the job than the one they name: checked, then refused by the door.
+    rng = random.Random(seed)
+    nodes = [n.id for n in m.nodes]
+    signers = {n: Signer(n, read_key(keys / f"{n}.key")) for n in nodes} if keys else {}
     agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
     # What the attacker may read: everything on an open broker; on a secured one it holds
     # operator credentials (metrics and presence; control on any node), and the broker
@@ -395,7 +402,11 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         batch: list[Any] = []
         flood_start = time.monotonic() - t0
         for fm in fuzzer.messages(messages):
-            batch.append(raw.publish(fm.topic, fm.payload, qos=1, retain=fm.retain))
+            payload = fm.payload
+            if signers and rng.random() < 0.5:
+                named = fm.topic.rsplit("/", 1)[1]
+                payload = signers[rng.choice([n for n in nodes if n != named])].sign(payload)
+            batch.append(raw.publish(fm.topic, payload, qos=1, retain=fm.retain))
             sent[fm.category] += 1
             if fm.topic.startswith(agg_prefix):
                 run.sent_to_aggregator += 1
