@@ -48,9 +48,20 @@ def test_no_process_dies_or_hangs(any_run: Result) -> None:
     # trainers: still serving at the end (open broker: `done` is not trusted), or exited 0
     # on the authenticated aggregator's `done`
     assert survived(r.fuzzed, "trainers")
-    # the store ended on the aggregator's `done` (or still serves), having recorded the job
-    # (from its subscription on: started beside the aggregator, it may miss round 1's order)
+    # the store ended on the aggregator's `done` (or still serves)
     assert r.fuzzed.exit_codes["store"] == 0 or r.fuzzed.alive_at_end["store"]
+
+
+@pytest.mark.parametrize("broker", [
+    pytest.param("open", marks=pytest.mark.xfail(strict=True, reason=(
+        "the store takes a forged `mode: async` order on work/+/<aggregator> for the job's "
+        "(the fuzzer's forged_work): it opens that round with the forged model and closes "
+        "the real one early; 6 of 12 rounds recorded (tests/test_fuzz_kinds.py has the "
+        "one-order case)"))),
+    "secure"])
+def test_the_store_records_the_job(broker: str, request: pytest.FixtureRequest) -> None:
+    # (from its subscription on: started beside the aggregator, it may miss round 1's order)
+    r: Result = request.getfixturevalue(f"{broker}_broker_run")
     assert r.fuzzed.store_rounds >= len(r.clean.metrics) - 1
 
 
