@@ -325,7 +325,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
         await broker.stop()
     for child in children:
         run.exit_codes[child.name] = child.proc.returncode
-    run.rejected = _rejections(folder)
+    run.rejected = _rejections(folder, run.metrics)
     run.store_rounds = len(list((folder / "store").glob("**/rounds/*/record.fb")))
     run.final_model = _final_model(folder / "runs")
     return run
@@ -536,10 +536,14 @@ async def _huge(m: Any, broker: Broker, messages: int, seed: int, run: Run, t0: 
     _write_progress(progress, 1, 1)
 
 
-def _rejections(folder: Path) -> dict[str, dict[str, int]]:
+def _rejections(folder: Path, metrics: list[dict[str, Any]] | None = None
+                ) -> dict[str, dict[str, int]]:
     """Counted rejections by node and reason, from each process's JSON log, plus the chunk
     layer's drops (``drop_chunk``) under ``chunk:<reason>`` and the signature checks'
-    refusals (``message_refused``) under ``signature:<reason>``."""
+    refusals (``message_refused``) under ``signature:<reason>``. A node logs a reason's first
+    ten and every thousandth (each line with its running ``total``) and its totals when it
+    stops (``rejections_total``): the largest count seen wins. The aggregator's own counts are
+    exact from its round reports (``metrics``) too."""
     out: dict[str, Counter[str]] = {}
     totals: dict[str, dict[str, int]] = {}
     for name in ("aggregator", "trainers", "store"):
@@ -549,21 +553,27 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
         for line in path.read_text(errors="replace").splitlines():
             if not line.startswith("{"):
                 continue
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
                 e = json.loads(line)
-                if e.get("event") == "message_rejected":
-                    out.setdefault(str(e.get("node")), Counter())[str(e.get("reason"))] += 1
-                elif e.get("event") == "rejections_total" and isinstance(e.get("counts"), dict):
-                    # a node logs a reason's first ten refusals and every thousandth
-                    # (fedbus.log), and its totals when it stops: those win where present
+                event = e.get("event")
+                if event == "rejections_total" and isinstance(e.get("counts"), dict):
                     totals[str(e.get("node"))] = {str(k): int(v) for k, v in e["counts"].items()}
-                elif e.get("event") == "drop_chunk":
+                elif event == "drop_chunk":
                     key = f"chunk:{e.get('reason')}"
                     counter = out.setdefault(name, Counter())
                     counter[key] = max(counter[key] + 1, int(e.get("refused", 0)))
-                elif e.get("event") == "message_refused":  # by a signature check
-                    out.setdefault(str(e.get("node")), Counter())[
-                        f"signature:{e.get('reason')}"] += 1
+                elif event in ("message_rejected", "message_refused"):
+                    key = (f"signature:{e.get('reason')}" if event == "message_refused"
+                           else str(e.get("reason")))
+                    seen = out.setdefault(str(e.get("node")), Counter())
+                    seen[key] = max(seen[key] + 1, int(e.get("total") or 0))
+    exact: Counter[str] = Counter()
+    for report in metrics or []:
+        exact.update({str(k): int(v) for k, v in (report.get("rejected") or {}).items()})
+    if exact:
+        totals["aggregator"] = {**totals.get("aggregator", {}),
+                                **{k: max(v, totals.get("aggregator", {}).get(k, 0))
+                                   for k, v in exact.items()}}
     for node, counts in totals.items():
         node_counts = out.setdefault(node, Counter())
         for reason, n in counts.items():
