@@ -88,6 +88,8 @@ async def federation(m: Manifest, mallory: Any = None) -> tuple[Any, dict[str, A
             await services["agg"].run()
             if attack is not None:
                 await attack
+            if "store" in services:  # it closes the last round on the aggregator's `done`
+                await services["store"].done.wait()
             for i, t in tasks.items():  # nobody died
                 assert not t.done() or t.exception() is None, (i, t.exception())
                 t.cancel()
