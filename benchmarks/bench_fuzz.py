@@ -27,13 +27,13 @@ unsigned envelopes, envelopes signed with another real node's key) on every topi
 subscribes to, as fast as one publisher process can write them, for ``--flood-s`` seconds
 (at most ``--messages``); the rate it reached is reported. ``--attack huge`` publishes one
 64 MiB message on a trainer's update topic, unsigned, then signed with that trainer's own
-key (a trainer turned hostile). ``--sign`` runs the job with ``security.sign: required``
-(keys made with ``fedbus.signing`` for every node), on the anonymous broker or, with
-``--secure``, on the ``fedbus acl`` one.
+key (a trainer turned hostile). Both live in ``benchmarks/attacks.py``. ``--sign`` runs the
+job with ``security.sign: required`` (keys made with ``fedbus.signing`` for every node), on
+the anonymous broker or, with ``--secure``, on the ``fedbus acl`` one.
 
 It reports whether every process survived, each one's peak RSS against the clean run, the
 rejections each service counted by reason (the aggregator's from its round reports, the
-trainers' from their JSON logs), and whether the final model's metrics equal the clean run's
+others' from their JSON logs), and whether the final model's metrics equal the clean run's
 (expected only when the broker authenticates publishers; on an open broker well-formed
 forgeries can move the model, and the point is that nothing dies, hangs or grows; with
 signatures required, on any broker). The final model is compared by its tensors' bytes (the
@@ -63,6 +63,7 @@ import aiomqtt
 import numpy as np
 import yaml
 
+from benchmarks.attacks import Broker, flood, huge, write_progress
 from benchmarks.bench_rounds import REPO, Child, Sampler
 from fedbus import topics
 from fedbus.broker import spawn_mosquitto
@@ -131,12 +132,6 @@ def _progress(path: Path) -> float:
     return 1.0 if total == 0 else sent / total
 
 
-def _write_progress(path: Path, sent: int, total: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{sent} {total}\n")
-    tmp.replace(path)
-
-
 class _GatedTask:
     """The toy task, whose evaluations keep pace with the flood: the aggregator's evaluation of
     round r (between rounds, in a worker thread: no round deadline runs then) waits until
@@ -203,21 +198,6 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
 OPERATORS = ("watcher", "mallory", "mallory-eye")
 
 
-@dataclass
-class Broker:
-    """The broker of one run, and how a client logs in to it (None: anonymous)."""
-
-    host: str
-    port: int
-    stop: Any
-    password: Any = None  # user -> password on a secured broker
-
-    def login(self, user: str) -> dict[str, Any]:
-        if self.password is None:
-            return {}
-        return {"username": user, "password": self.password(user)}
-
-
 async def start_broker(folder: Path, secure: bool, sign: bool = False,
                        **job: Any) -> tuple[Broker, Path, str]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
@@ -261,7 +241,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
     samplers: dict[str, Sampler] = {}
     run = Run()
     if not messages:
-        _write_progress(folder / PROGRESS, 0, 0)  # no flood: nothing to wait for
+        write_progress(folder / PROGRESS, 0, 0)  # no flood: nothing to wait for
     try:
         m = load_manifest(path)
         async with MqttBus("watcher", broker.host, broker.port, client_id="watcher",
@@ -280,13 +260,13 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                 samplers[name].start()
             attacker: asyncio.Task[None] | None = None
             if messages:
-                how = {"fuzz": _attack, "flood": _flood, "huge": _huge}[attack]
+                how = {"fuzz": _attack, "flood": flood, "huge": huge}[attack]
                 task = how(m, broker, messages, seed, run, started, folder / PROGRESS,
                            flood_s=flood_s, keys=folder / "keys" if sign else None)
                 attacker = asyncio.create_task(task)
                 # an attacker that failed must not leave the job waiting for its progress
                 attacker.add_done_callback(
-                    lambda _: _write_progress(folder / PROGRESS, 0, 0))
+                    lambda _: write_progress(folder / PROGRESS, 0, 0))
             agg = next(c for c in children if c.name == "aggregator")
             seen: set[str] = set()
             while True:
@@ -413,7 +393,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
             if len(batch) >= 200:
                 await asyncio.gather(*batch)
                 batch.clear()
-                _write_progress(progress, sum(sent.values()), messages)
+                write_progress(progress, sum(sent.values()), messages)
                 while True:  # keep replays fresh without slowing the flood
                     try:
                         seen = await spy.get(timeout=0)
@@ -423,117 +403,7 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         await asyncio.gather(*batch)
         run.sent = dict(sent)
         run.flood = (flood_start, time.monotonic() - t0)
-        _write_progress(progress, messages, messages)  # the last round may start
-
-
-async def _under_way(m: Any, broker: Broker) -> None:
-    """Return once the job's first order or round report goes by (what an attacker who
-    reads the job waits for)."""
-    readable = ([f"fedbus/v1/{m.job}/#"] if broker.password is None
-                else [topics.metrics_all(m.job), topics.presence_all(m.job)])
-    async with MqttBus("mallory-eye", broker.host, broker.port, client_id="mallory-eye",
-                       options=MqttOptions(**broker.login("mallory-eye"))) as bus, \
-            bus.subscribe(*readable) as spy:
-        while True:
-            msg = await spy.get(timeout=300)  # a bound on a hang; generous under load
-            if msg.topic in (topics.model(m.job, m.aggregator.id),
-                             topics.metrics(m.job, m.aggregator.id)):
-                return
-
-
-def flood_plan(m: Any, keys: Path | None, seed: int = 0) -> list[tuple[str, bytes]]:
-    """Tiny forgeries for every topic some node listens to: garbage, an unsigned envelope
-    naming the topic's node, and (with ``keys``) that envelope signed with the key of another
-    real node of the job: each costs a receiver a signature check before it is refused."""
-    import random
-
-    from fedbus.codec import Envelope, encode
-    from fedbus.fuzz import listened_topics
-    from fedbus.wire import READY, presence
-
-    rng = random.Random(seed)
-    nodes = [n.id for n in m.nodes]
-    plan: list[tuple[str, bytes]] = []
-    for topic in listened_topics(m, ("stranger-0",)):
-        named = topic.rsplit("/", 1)[1]
-        if "/presence/" in topic:
-            env = presence(m.job, named, "trainer", "offline")
-        else:
-            env = Envelope(kind=READY, job=m.job, sender=named, round=1, meta={"bytes": 1})
-        payload = encode(env)
-        plan += [(topic, rng.randbytes(16)), (topic, payload)]
-        if keys is not None:
-            thief = rng.choice([n for n in nodes if n != named])
-            plan.append((topic, Signer(thief, read_key(keys / f"{thief}.key")).sign(payload)))
-    rng.shuffle(plan)
-    return plan
-
-
-async def _flood(m: Any, broker: Broker, messages: int, seed: int, run: Run, t0: float,
-                 progress: Path, *, flood_s: float, keys: Path | None, **_: Any) -> None:
-    """``benchmarks.flood`` in its own process, once the job is under way."""
-    import os
-
-    from benchmarks.flood import write_plan
-
-    await _under_way(m, broker)
-    plan = progress.with_name("flood-plan.msgpack")
-    write_plan(plan, flood_plan(m, keys, seed))
-    report = progress.with_name("flood.json")
-    login = broker.login("mallory")
-    env = {**os.environ, "FLOOD_PASSWORD": login.get("password", "")}
-    cmd = [sys.executable, "-m", "benchmarks.flood", broker.host, str(broker.port), str(plan),
-           "--seconds", str(flood_s), "--max", str(messages), "--progress", str(progress),
-           "--report", str(report)]
-    if login:
-        cmd += ["--username", login["username"], "--password-env", "FLOOD_PASSWORD"]
-    started = time.monotonic() - t0
-    proc = _popen(cmd, env)
-    try:
-        await asyncio.to_thread(proc.wait, flood_s + 120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    data = json.loads(report.read_text())
-    run.sent = {"flood": int(data["sent"])}
-    run.flood_rate = float(data["rate"])
-    run.flood = (started, time.monotonic() - t0)
-
-
-def _popen(cmd: list[str], env: dict[str, str]) -> Any:
-    import subprocess
-
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)
-
-
-#: What ``--attack huge`` publishes: the issue's one message.
-HUGE_BYTES = 64 << 20
-
-
-async def _huge(m: Any, broker: Broker, messages: int, seed: int, run: Run, t0: float,
-                progress: Path, *, keys: Path | None, **_: Any) -> None:
-    """One 64 MiB publish on t0's update topic, unsigned; then, with ``keys``, the same
-    signed with t0's own key (a trainer turned hostile: a valid signature of the sender)."""
-    import os
-
-    await _under_way(m, broker)
-    topic = topics.update(m.job, m.aggregator.id, "t0")
-    payload = os.urandom(HUGE_BYTES)
-    payloads = [payload]
-    if keys is not None:
-        payloads.append(Signer("t0", read_key(keys / "t0.key")).sign(payload))
-    started = time.monotonic() - t0
-    async with aiomqtt.Client(broker.host, broker.port, identifier="mallory",
-                              logger=logging.getLogger("fedbus.fuzz.attacker"),
-                              protocol=aiomqtt.ProtocolVersion.V5,
-                              **broker.login("mallory")) as raw:
-        for p in payloads:
-            await raw.publish(topic, p, qos=1)
-    run.sent = {"huge": len(payloads)}
-    run.flood = (started, time.monotonic() - t0)
-    _write_progress(progress, 1, 1)
+        write_progress(progress, messages, messages)  # the last round may start
 
 
 def _rejections(folder: Path, metrics: list[dict[str, Any]] | None = None

@@ -96,9 +96,12 @@ def flood(host: str, port: int, plan: Sequence[tuple[str, bytes]], *, seconds: f
             now = time.monotonic()
             if now >= deadline:
                 break
-            sock.sendall(batches[i % len(batches)])
+            k = i % len(batches)
+            take = min(_BATCH, max_messages - sent)
+            sock.sendall(batches[k] if take == _BATCH else b"".join(
+                packets[(k * _BATCH + j) % len(packets)] for j in range(take)))
             i += 1
-            sent += _BATCH
+            sent += take
             if i % 16 == 0:
                 _progress(progress, max(sent / max_messages, (now - started) / seconds))
         elapsed = time.monotonic() - started
