@@ -88,9 +88,14 @@ def test_every_message_at_the_aggregator_is_counted(open_broker_run: Result) -> 
     agg = r.fuzzed.rejected["aggregator"]
     # Under load part of the flood never reaches the intake: the subscription's queue is full
     # and the bus drops it, counted in the round reports' bus_loss (logged only every 100th).
-    queue_full = sum(m.get("bus_loss", {}).get("dropped_queue_full", 0) for m in r.fuzzed.metrics)
-    on_updates = queue_full + sum(v for k, v in agg.items()
-                                  if not k.startswith("presence_") and k != "bad_presence")
+    def lost(counter: str) -> int:
+        return sum(m.get("bus_loss", {}).get(counter, 0) for m in r.fuzzed.metrics)
+
+    # The chunk layer's refusals, too, are counted in full there (its log lines are sampled:
+    # a reason's first ten and every thousandth).
+    on_updates = lost("dropped_queue_full") + lost("chunks_rejected") + sum(
+        v for k, v in agg.items()
+        if not k.startswith(("presence_", "chunk:")) and k != "bad_presence")
     # Every fuzz message on update/<aggregator>/* is refused and counted, except a forged
     # `ready` that looked plausible (granted; the trainer then counts the unexpected grant).
     # A forged update that got in displaces the real one, which is then counted instead.
