@@ -52,13 +52,7 @@ def test_no_process_dies_or_hangs(any_run: Result) -> None:
     assert r.fuzzed.exit_codes["store"] == 0 or r.fuzzed.alive_at_end["store"]
 
 
-@pytest.mark.parametrize("broker", [
-    pytest.param("open", marks=pytest.mark.xfail(strict=True, reason=(
-        "the store takes a forged `mode: async` order on work/+/<aggregator> for the job's "
-        "(the fuzzer's forged_work): it opens that round with the forged model and closes "
-        "the real one early; 6 of 12 rounds recorded (tests/test_fuzz_kinds.py has the "
-        "one-order case)"))),
-    "secure"])
+@pytest.mark.parametrize("broker", ["open", "secure"])
 def test_the_store_records_the_job(broker: str, request: pytest.FixtureRequest) -> None:
     # (from its subscription on: started beside the aggregator, it may miss round 1's order)
     r: Result = request.getfixturevalue(f"{broker}_broker_run")
