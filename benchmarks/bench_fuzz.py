@@ -2,11 +2,15 @@
 
     .venv/bin/python -m benchmarks.bench_fuzz                   # 10,000 messages, open broker
     .venv/bin/python -m benchmarks.bench_fuzz --messages 50000 --json fuzz.json
+    .venv/bin/python -m benchmarks.bench_fuzz --sign               # signatures required
+    .venv/bin/python -m benchmarks.bench_fuzz --sign --attack flood --flood-s 20
+    .venv/bin/python -m benchmarks.bench_fuzz --sign --attack huge  # one 64 MiB publish
 
 Two runs of the same job (numpy toy task, FedAvg, 3 trainers, updates bigger than a chunk so
 the upload gate and chunk reassembly are in play), each on its own fresh mosquitto, each as
 separate processes exactly as deployed (``fedbus serve --node aggregator``,
-``fedbus serve --node 't*'`` and, recording the rounds, ``fedbus serve --node store``):
+``fedbus serve --node 't*'`` and, recording the rounds, ``fedbus serve --node store``; with
+``--checkpointer``, ``--node store --node ckpt``: state/ topics get a listener too):
 
 1. clean: no attacker; records every round's metrics and each process's peak RSS (VmHWM);
 2. fuzzed: an attacker connects, watches the job's traffic (to learn the aggregator's epoch and
@@ -18,11 +22,22 @@ keep pace with it (the attacker writes its progress to a file; ``make_gated_task
 rounds where no deadline runs, so the flood spreads over the rounds and the last round, and
 the job, cannot end before the flood does.
 
+``--attack flood`` replaces the fuzzer by ``benchmarks.flood``: tiny messages (garbage,
+unsigned envelopes, envelopes signed with another real node's key) on every topic some node
+subscribes to, as fast as one publisher process can write them, for ``--flood-s`` seconds
+(at most ``--messages``); the rate it reached is reported. ``--attack huge`` publishes one
+64 MiB message on a trainer's update topic, unsigned, then signed with that trainer's own
+key (a trainer turned hostile). Both live in ``benchmarks/attacks.py``. ``--sign`` runs the
+job with ``security.sign: required`` (keys made with ``fedbus.signing`` for every node), on
+the anonymous broker or, with ``--secure``, on the ``fedbus acl`` one.
+
 It reports whether every process survived, each one's peak RSS against the clean run, the
 rejections each service counted by reason (the aggregator's from its round reports, the
-trainers' from their JSON logs), and whether the final model's metrics equal the clean run's
+others' from their JSON logs), and whether the final model's metrics equal the clean run's
 (expected only when the broker authenticates publishers; on an open broker well-formed
-forgeries can move the model, and the point is that nothing dies, hangs or grows).
+forgeries can move the model, and the point is that nothing dies, hangs or grows; with
+signatures required, on any broker). The final model is compared by its tensors' bytes (the
+aggregator's run folder's ``model-final.safetensors``; its header holds the run id).
 
 Every process started here is stopped by pid in a ``finally``.
 """
@@ -48,6 +63,7 @@ import aiomqtt
 import numpy as np
 import yaml
 
+from benchmarks.attacks import Broker, flood, huge, write_progress
 from benchmarks.bench_rounds import REPO, Child, Sampler
 from fedbus import topics
 from fedbus.broker import spawn_mosquitto
@@ -57,7 +73,8 @@ from fedbus.codec import decode
 from fedbus.errors import CodecError
 from fedbus.fuzz import Fuzzer
 from fedbus.log import configure_logging
-from fedbus.manifest import load_manifest
+from fedbus.manifest import load_manifest, parse_manifest
+from fedbus.signing import Signer, read_key, split_signed, write_key_pair
 
 MIB = 1 << 20
 
@@ -80,6 +97,10 @@ class Run:
     job_end: float = 0.0
     #: Rounds the metadata store wrote a record for (its folder, after the run).
     store_rounds: int = 0
+    #: SHA-256 of the final model's tensors (name order, raw bytes), from the run folder.
+    final_model: str = ""
+    #: A flood's rate, messages a second, as its publisher measured it.
+    flood_rate: float = 0.0
 
 
 @dataclass
@@ -89,6 +110,8 @@ class Result:
     fuzzed: Run
     same_model: bool
     secure: bool = False
+    sign: bool = False
+    attack: str = "fuzz"
     machine: str = field(default_factory=lambda: f"{platform.machine()} {platform.system()}, "
                                                  f"Python {platform.python_version()}")
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
@@ -107,12 +130,6 @@ def _progress(path: Path) -> float:
     except (OSError, ValueError):
         return 0.0
     return 1.0 if total == 0 else sent / total
-
-
-def _write_progress(path: Path, sent: int, total: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{sent} {total}\n")
-    tmp.replace(path)
 
 
 class _GatedTask:
@@ -149,8 +166,16 @@ def make_gated_task(*, gate: str, paced_rounds: int, **params: Any) -> Any:
 
 
 def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
-                  delay_s: float, store_dir: str, gate: str) -> dict[str, Any]:
-    return {
+                  delay_s: float, store_dir: str, gate: str,
+                  keys: str | None = None, checkpointer: bool = False) -> dict[str, Any]:
+    extra: dict[str, Any] = {"security": {"sign": "required", "keys": keys}} if keys else {}
+    if checkpointer:
+        # served in the store's process: state/ topics have listeners too
+        extra["checkpoint"] = {"dir": str(Path(store_dir).parent / "checkpoints"),
+                               "wait_s": 10}
+    nodes = [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}]
+    nodes += [{"id": "ckpt", "role": "checkpointer"}] if checkpointer else []
+    return {**extra, "nodes": nodes,
         "version": 1, "job": "fuzz", "seed": 7, "rounds": rounds, "strategy": "fedavg",
         # updates of `size` float32 params exceed one chunk: grants and reassembly are used
         "broker": {"chunk_bytes": 32_768, "max_queued_messages": 100_000, **broker},
@@ -161,7 +186,6 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
         "task": {"ref": "benchmarks.bench_fuzz:make_gated_task",
                  "params": {"size": size, "lr": 0.5, "delay_s": delay_s, "gate": gate,
                             "paced_rounds": max(rounds - 1, 1)}},
-        "nodes": [{"id": "aggregator", "role": "aggregator"}, {"id": "store", "role": "store"}],
         "trainers": {"count": 3, "prefix": "t", "parent": "aggregator"},
         # fed every update (the default feed), so the flood on update topics reaches it too
         "store": {"dir": store_dir, "sketch_dim": 64, "full_update_rounds": 1,
@@ -174,32 +198,23 @@ def manifest_data(broker: dict[str, Any], *, rounds: int, size: int,
 OPERATORS = ("watcher", "mallory", "mallory-eye")
 
 
-@dataclass
-class Broker:
-    """The broker of one run, and how a client logs in to it (None: anonymous)."""
-
-    host: str
-    port: int
-    stop: Any
-    password: Any = None  # user -> password on a secured broker
-
-    def login(self, user: str) -> dict[str, Any]:
-        if self.password is None:
-            return {}
-        return {"username": user, "password": self.password(user)}
-
-
-async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, Path]:
+async def start_broker(folder: Path, secure: bool, sign: bool = False,
+                       **job: Any) -> tuple[Broker, Path, str]:
     """A fresh mosquitto (secured: every node and operator with its own credentials and
-    rights, from ``fedbus.deploy``) and the manifest file pointing at it."""
+    rights, from ``fedbus.deploy``), the manifest file pointing at it and the nodes the store's
+    process serves; with ``sign``, a key pair for every node in ``folder/keys``."""
     job = {**job, "store_dir": str(folder / "store"), "gate": str(folder / PROGRESS)}
+    if sign:
+        job["keys"] = str(folder / "keys")
+        for node in parse_manifest(manifest_data({"host": "127.0.0.1", "port": 1},
+                                                 **job)).nodes:
+            write_key_pair(folder / "keys", node.id)
     if not secure:
         proc = await spawn_mosquitto()
         broker = Broker(proc.host, proc.port, proc.stop)
         data = manifest_data({"host": proc.host, "port": proc.port}, **job)
     else:
         from fedbus.deploy.local import spawn_secure_mosquitto
-        from fedbus.manifest import parse_manifest
 
         plain = parse_manifest(manifest_data({"host": "127.0.0.1", "port": 1}, **job))
         sb = await spawn_secure_mosquitto(plain, operators=OPERATORS)
@@ -210,20 +225,23 @@ async def start_broker(folder: Path, secure: bool, **job: Any) -> tuple[Broker, 
                               "password_file": spec.password_file}, **job)
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(data))
-    return broker, path
+    return broker, path, "store ckpt" if job.get("checkpointer") else "store"
 
 
 async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
-                  delay_s: float, seed: int = 0, secure: bool = False) -> Run:
-    """One federation on a fresh mosquitto; fuzzed when ``messages`` > 0."""
+                  delay_s: float, seed: int = 0, secure: bool = False, sign: bool = False,
+                  attack: str = "fuzz", flood_s: float = 20.0,
+                  checkpointer: bool = False) -> Run:
+    """One federation on a fresh mosquitto; attacked when ``messages`` > 0."""
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
-    broker, path = await start_broker(folder, secure, rounds=rounds, size=size,
-                                      delay_s=delay_s)
+    broker, path, store_nodes = await start_broker(
+        folder, secure, sign, rounds=rounds, size=size, delay_s=delay_s,
+        checkpointer=checkpointer)
     children: list[Child] = []
     samplers: dict[str, Sampler] = {}
     run = Run()
     if not messages:
-        _write_progress(folder / PROGRESS, 0, 0)  # no flood: nothing to wait for
+        write_progress(folder / PROGRESS, 0, 0)  # no flood: nothing to wait for
     try:
         m = load_manifest(path)
         async with MqttBus("watcher", broker.host, broker.port, client_id="watcher",
@@ -231,20 +249,24 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                 watch.subscribe(topics.metrics(m.job, "aggregator")) as metrics_sub:
             started = time.monotonic()
             # the store first: it records from its subscription on
-            for name, node in (("store", "store"), ("aggregator", "aggregator"),
+            for name, node in (("store", store_nodes), ("aggregator", "aggregator"),
                                ("trainers", "t*")):
                 log = open(folder / f"{name}.log", "wb")  # noqa: ASYNC230 - a log sink
-                child = Child(name, _serve(path, node, log))
+                runs = folder / "runs" if name == "aggregator" else None
+                child = Child(name, _serve(path, node, log, runs))
                 log.close()  # the child holds its own descriptor
                 children.append(child)
                 samplers[name] = Sampler(child.pid, hz=20)
                 samplers[name].start()
-            attack: asyncio.Task[None] | None = None
+            attacker: asyncio.Task[None] | None = None
             if messages:
-                attack = asyncio.create_task(_attack(m, broker, messages, seed, run, started,
-                                                     folder / PROGRESS))
+                how = {"fuzz": _attack, "flood": flood, "huge": huge}[attack]
+                task = how(m, broker, messages, seed, run, started, folder / PROGRESS,
+                           flood_s=flood_s, keys=folder / "keys" if sign else None)
+                attacker = asyncio.create_task(task)
                 # an attacker that failed must not leave the job waiting for its progress
-                attack.add_done_callback(lambda _: _write_progress(folder / PROGRESS, 0, 0))
+                attacker.add_done_callback(
+                    lambda _: write_progress(folder / PROGRESS, 0, 0))
             agg = next(c for c in children if c.name == "aggregator")
             seen: set[str] = set()
             while True:
@@ -255,7 +277,7 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                         break
                     continue
                 try:
-                    env = decode(msg.payload)
+                    env = decode(_unsigned(msg.payload))
                 except CodecError:
                     continue
                 if env.kind == "metrics" and env.msg_id not in seen:
@@ -264,8 +286,8 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
                     if env.meta.get("round") == rounds:
                         run.job_end = time.monotonic() - started
                         break
-            if attack is not None:
-                await asyncio.wait_for(attack, 120)
+            if attacker is not None:
+                await asyncio.wait_for(attacker, 120)
             agg.reap(30)
             store = next(c for c in children if c.name == "store")
             store.reap(30)  # it ends on the aggregator's `done`, once it has written
@@ -283,24 +305,56 @@ async def one_run(folder: Path, *, messages: int, rounds: int, size: int,
         await broker.stop()
     for child in children:
         run.exit_codes[child.name] = child.proc.returncode
-    run.rejected = _rejections(folder)
+    run.rejected = _rejections(folder, run.metrics)
     run.store_rounds = len(list((folder / "store").glob("**/rounds/*/record.fb")))
+    run.final_model = _final_model(folder / "runs")
     return run
 
 
-def _serve(manifest: Path, node: str, log: Any) -> Any:
+def _unsigned(payload: bytes) -> bytes:
+    """A payload without its signature trailer (the watcher reads; it need not check)."""
+    parts = split_signed(payload)
+    return payload if parts is None else bytes(parts[0])
+
+
+def _final_model(runs: Path) -> str:
+    import hashlib
+
+    from fedbus.modelfile import read_safetensors
+    from fedbus.runs import FINAL_MODEL
+
+    found = sorted(runs.glob(f"**/{FINAL_MODEL}"))
+    if len(found) != 1:
+        return ""
+    weights = read_safetensors(found[0])
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(weights[name]).tobytes())
+    return h.hexdigest()
+
+
+def _serve(manifest: Path, node: str, log: Any, runs: Path | None = None) -> Any:
     import subprocess
 
+    extra = ["--runs-dir", str(runs)] if runs is not None else []
     return subprocess.Popen(
-        [sys.executable, "-m", "fedbus.cli", "serve", str(manifest), "--node", node,
-         "--log-json"], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=log)
+        [sys.executable, "-m", "fedbus.cli", "serve", str(manifest),
+         *(a for n in node.split() for a in ("--node", n)), "--log-json", *extra],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
 
 
 async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
-                  t0: float, progress: Path) -> None:
+                  t0: float, progress: Path, *, keys: Path | None = None, **_: Any) -> None:
+    import random
+
     model = {"w": np.zeros(m.task.params["size"], np.float32)}
     fuzzer = Fuzzer(m, model, seed=seed)
+    # With the job's keys (a signed job), half the forgeries carry a real signature of
+    # another node of the job than the one they name: checked, then refused by the door.
+    rng = random.Random(seed)
+    nodes = [n.id for n in m.nodes]
+    signers = {n: Signer(n, read_key(keys / f"{n}.key")) for n in nodes} if keys else {}
     agg_prefix = topics.updates_for(m.job, m.aggregator.id)[:-1]
     # What the attacker may read: everything on an open broker; on a secured one it holds
     # operator credentials (metrics and presence; control on any node), and the broker
@@ -328,14 +382,18 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         batch: list[Any] = []
         flood_start = time.monotonic() - t0
         for fm in fuzzer.messages(messages):
-            batch.append(raw.publish(fm.topic, fm.payload, qos=1, retain=fm.retain))
+            payload = fm.payload
+            if signers and rng.random() < 0.5:
+                named = fm.topic.rsplit("/", 1)[1]
+                payload = signers[rng.choice([n for n in nodes if n != named])].sign(payload)
+            batch.append(raw.publish(fm.topic, payload, qos=1, retain=fm.retain))
             sent[fm.category] += 1
             if fm.topic.startswith(agg_prefix):
                 run.sent_to_aggregator += 1
             if len(batch) >= 200:
                 await asyncio.gather(*batch)
                 batch.clear()
-                _write_progress(progress, sum(sent.values()), messages)
+                write_progress(progress, sum(sent.values()), messages)
                 while True:  # keep replays fresh without slowing the flood
                     try:
                         seen = await spy.get(timeout=0)
@@ -345,12 +403,17 @@ async def _attack(m: Any, broker: Broker, messages: int, seed: int, run: Run,
         await asyncio.gather(*batch)
         run.sent = dict(sent)
         run.flood = (flood_start, time.monotonic() - t0)
-        _write_progress(progress, messages, messages)  # the last round may start
+        write_progress(progress, messages, messages)  # the last round may start
 
 
-def _rejections(folder: Path) -> dict[str, dict[str, int]]:
+def _rejections(folder: Path, metrics: list[dict[str, Any]] | None = None
+                ) -> dict[str, dict[str, int]]:
     """Counted rejections by node and reason, from each process's JSON log, plus the chunk
-    layer's drops (``drop_chunk``) under ``chunk:<reason>``."""
+    layer's drops (``drop_chunk``) under ``chunk:<reason>`` and the signature checks'
+    refusals (``message_refused``) under ``signature:<reason>``. A node logs a reason's first
+    ten and every thousandth (each line with its running ``total``) and its totals when it
+    stops (``rejections_total``): the largest count seen wins. The aggregator's own counts are
+    exact from its round reports (``metrics``) too."""
     out: dict[str, Counter[str]] = {}
     totals: dict[str, dict[str, int]] = {}
     for name in ("aggregator", "trainers", "store"):
@@ -360,18 +423,27 @@ def _rejections(folder: Path) -> dict[str, dict[str, int]]:
         for line in path.read_text(errors="replace").splitlines():
             if not line.startswith("{"):
                 continue
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
                 e = json.loads(line)
-                if e.get("event") == "message_rejected":
-                    out.setdefault(str(e.get("node")), Counter())[str(e.get("reason"))] += 1
-                elif e.get("event") == "rejections_total" and isinstance(e.get("counts"), dict):
-                    # a node logs a reason's first ten refusals and every thousandth
-                    # (fedbus.log), and its totals when it stops: those win where present
+                event = e.get("event")
+                if event == "rejections_total" and isinstance(e.get("counts"), dict):
                     totals[str(e.get("node"))] = {str(k): int(v) for k, v in e["counts"].items()}
-                elif e.get("event") == "drop_chunk":
+                elif event == "drop_chunk":
                     key = f"chunk:{e.get('reason')}"
                     counter = out.setdefault(name, Counter())
                     counter[key] = max(counter[key] + 1, int(e.get("refused", 0)))
+                elif event in ("message_rejected", "message_refused"):
+                    key = (f"signature:{e.get('reason')}" if event == "message_refused"
+                           else str(e.get("reason")))
+                    seen = out.setdefault(str(e.get("node")), Counter())
+                    seen[key] = max(seen[key] + 1, int(e.get("total") or 0))
+    exact: Counter[str] = Counter()
+    for report in metrics or []:
+        exact.update({str(k): int(v) for k, v in (report.get("rejected") or {}).items()})
+    if exact:
+        totals["aggregator"] = {**totals.get("aggregator", {}),
+                                **{k: max(v, totals.get("aggregator", {}).get(k, 0))
+                                   for k, v in exact.items()}}
     for node, counts in totals.items():
         node_counts = out.setdefault(node, Counter())
         for reason, n in counts.items():
@@ -387,31 +459,37 @@ def survived(run: Run, name: str) -> bool:
 
 
 def compare(clean: Run, fuzzed: Run) -> bool:
-    """Same final model: every round's loss and distance equal, to the last bit."""
+    """Same final model: its tensors' bytes (and every round's loss and distance) equal."""
     def key(r: Run) -> list[tuple[Any, ...]]:
         return [(x.get("round"), x.get("loss"), x.get("distance")) for x in r.metrics]
-    return bool(clean.metrics) and key(clean) == key(fuzzed)
+    return (bool(clean.metrics) and bool(clean.final_model) and key(clean) == key(fuzzed)
+            and clean.final_model == fuzzed.final_model)
 
 
 async def fuzz(messages: int = 10_000, *, rounds: int = 6, size: int = 20_000,
-               delay_s: float = 0.5, seed: int = 0, secure: bool = False,
+               delay_s: float = 0.5, seed: int = 0, secure: bool = False, sign: bool = False,
+               attack: str = "fuzz", flood_s: float = 20.0, checkpointer: bool = False,
                folder: Path | None = None) -> Result:
     with tempfile.TemporaryDirectory(prefix="fedbus-fuzz-") as tmp:
         base = folder or Path(tmp)
-        clean = await one_run(base / "clean", messages=0, rounds=rounds, size=size,
-                              delay_s=delay_s, secure=secure)
-        fuzzed = await one_run(base / "fuzzed", messages=messages, rounds=rounds, size=size,
-                               delay_s=delay_s, seed=seed, secure=secure)
-    return Result(messages=messages, clean=clean, fuzzed=fuzzed, secure=secure,
-                  same_model=compare(clean, fuzzed))
+        job = {"rounds": rounds, "size": size, "delay_s": delay_s, "secure": secure,
+               "sign": sign, "checkpointer": checkpointer}
+        clean = await one_run(base / "clean", messages=0, **job)
+        fuzzed = await one_run(base / "fuzzed", messages=messages, seed=seed, attack=attack,
+                               flood_s=flood_s, **job)
+    return Result(messages=messages, clean=clean, fuzzed=fuzzed, secure=secure, sign=sign,
+                  attack=attack, same_model=compare(clean, fuzzed))
 
 
 def table(r: Result) -> str:
     broker = ("authenticated broker, attacker with operator credentials" if r.secure
-              else "open broker")
+              else "open broker") + (", signatures required" if r.sign else "")
+    what = {"fuzz": f"{r.messages:,} fuzzed messages",
+            "flood": f"a flood of {sum(r.fuzzed.sent.values()):,} messages at "
+                     f"{r.fuzzed.flood_rate:,.0f}/s",
+            "huge": "one 64 MiB publish, unsigned and signed"}[r.attack]
     lines = [
-        f"Fuzzing a running federation ({r.messages:,} messages, {broker}; {r.machine}; "
-        f"{r.date})",
+        f"Attacking a running federation ({what}, {broker}; {r.machine}; {r.date})",
         "",
         "| process | survived | peak RSS clean | peak RSS fuzzed | ratio |",
         "|---|---|---|---|---|",
@@ -445,12 +523,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--secure", action="store_true",
                    help="broker with generated users and rights; the attacker is an operator")
+    p.add_argument("--sign", action="store_true",
+                   help="the job requires signed messages (security.sign: required)")
+    p.add_argument("--attack", choices=("fuzz", "flood", "huge"), default="fuzz")
+    p.add_argument("--flood-s", type=float, default=20.0,
+                   help="--attack flood: how long the flood lasts (at most --messages)")
+    p.add_argument("--checkpointer", action="store_true",
+                   help="add a checkpointer (in the store's process): state/ topics are "
+                        "listened to as well")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     # The watcher and the attacker's own buses see the flood too: keep their logs quiet.
     configure_logging(level="error")
     result = asyncio.run(fuzz(args.messages, rounds=args.rounds, seed=args.seed,
-                              secure=args.secure))
+                              secure=args.secure, sign=args.sign, attack=args.attack,
+                              flood_s=args.flood_s, checkpointer=args.checkpointer))
     print(table(result))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(result), indent=1))

@@ -38,6 +38,25 @@ _INSTALL_FIX: Final = (
 
 #: Messages mosquitto queues per client in the config written here (its default is 1000).
 QUEUED_MESSAGES: Final = 100_000
+#: What a packet may carry beyond one chunk (fedbus.bus.options.PACKET_HEADROOM: MQTT
+#: headers, the topic, the chunk header, a signature trailer).
+PACKET_HEADROOM: Final = 64 * 1024
+
+
+def packet_limit(chunk_bytes: int, largest_message: int | None = None) -> int:
+    """The largest MQTT packet a job's nodes send: one chunk (every payload above
+    ``chunk_bytes`` is chunked), or the largest whole message when that is smaller (a model
+    below one chunk), plus headroom. What the broker's ``max_packet_size`` should be."""
+    body = chunk_bytes if largest_message is None else min(chunk_bytes, largest_message)
+    return max(body, 0) + PACKET_HEADROOM
+
+
+def packet_limit_conf(chunk_bytes: int, largest_message: int | None = None) -> str:
+    """mosquitto config lines refusing any packet larger than the job ever sends: the broker
+    drops it and disconnects its sender, so a forged 64 MiB publish never crosses it."""
+    return ("# the largest packet this job sends: one chunk (or its largest whole message) "
+            "plus headroom\n"
+            f"max_packet_size {packet_limit(chunk_bytes, largest_message)}\n")
 
 # mosquitto's defaults silently drop a client's messages beyond 1000 queued and keep only 20 in
 # flight, which loses chunks of any big payload (FACTS.md). Queue by count generously and bound by

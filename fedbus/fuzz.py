@@ -3,9 +3,11 @@
 ``Fuzzer(manifest, model).messages(n)`` yields ``n`` messages spread over every topic some
 node of the manifest subscribes to (``compile_wiring``): garbage, truncated frames, honest
 and lying zstd bombs, wrong shapes and dtypes, NaN/Inf, forged but well-formed control
-messages of every kind (``done``, far-ahead and stale rounds, grants, readies, presence),
+messages of every kind (``done``, far-ahead and stale rounds, grants, readies, presence,
+asynchronous work orders, ring steps, checkpoints, acks and restore replies, store queries),
 chunk floods and replays of real traffic (``observe`` what went by first). Deterministic for
-a seed. Used by tests/test_fuzz.py and ``python -m benchmarks.bench_fuzz``.
+a seed. ``Fuzzer(..., only=[...])`` draws from some categories alone. Used by
+tests/test_fuzz.py, tests/test_fuzz_kinds.py and ``python -m benchmarks.bench_fuzz``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fedbus.compress import MODEL_META_KEY
 from fedbus.manifest import Manifest, compile_wiring
 from fedbus.wire import DONE, GRANT, READY, ROUND, UPDATE, join_tensors, presence
 
-__all__ = ["CATEGORIES", "FuzzMessage", "Fuzzer"]
+__all__ = ["CATEGORIES", "FuzzMessage", "Fuzzer", "listened_topics"]
 
 #: category -> relative weight
 CATEGORIES: Final[dict[str, int]] = {
@@ -48,8 +50,29 @@ CATEGORIES: Final[dict[str, int]] = {
     "forged_presence": 6,
     "chunk_flood": 15,
     "replay": 10,
+    "forged_work": 5,
+    "forged_ring": 4,
+    "forged_state": 6,
+    "forged_query": 4,
 }
+#: Store workloads a forged query names (and one that no store has).
+_WORKLOADS: Final = ("summary", "lineage", "scheduling", "malicious", "debugging",
+                     "clustering", "personalization", "contribution", "no-such-workload")
 _BOMB_BYTES: Final = 1 << 30
+
+
+def listened_topics(m: Manifest, strangers: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every filter some node of ``m`` subscribes to, its wildcards filled with the job's node
+    ids and ``strangers``' ids (``$share/...`` prefixes dropped)."""
+    out: list[str] = []
+    ids = [n.id for n in m.nodes] + list(strangers)
+    for wiring in compile_wiring(m).values():
+        for f in wiring.subscribe:
+            _, f = topics.strip_share(f)
+            if "#" in f:
+                continue
+            out += [f.replace("+", i) for i in ids] if "+" in f else [f]
+    return sorted(set(out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +88,8 @@ class Fuzzer:
     so that well-formed forgeries look like the real thing."""
 
     def __init__(self, manifest: Manifest, model: Mapping[str, np.ndarray], *,
-                 seed: int = 0, strangers: int = 3) -> None:
+                 seed: int = 0, strangers: int = 3,
+                 only: list[str] | tuple[str, ...] | None = None) -> None:
         self.m = manifest
         self.model = {k: np.asarray(v) for k, v in model.items()}
         self.rng = random.Random(seed)
@@ -81,8 +105,13 @@ class Fuzzer:
         # built once: compressing 1 GiB of zeros takes a moment, and its frame is ~32 KB
         self._bomb_frame = self._make_honest_bomb()
         self._zeros_64m = zstandard.ZstdCompressor(level=1).compress(b"\0" * (64 << 20))
-        self._weights = list(CATEGORIES.values())
-        self._names = list(CATEGORIES)
+        chosen = CATEGORIES if only is None else {k: CATEGORIES[k] for k in only}
+        self._weights = list(chosen.values())
+        self._names = list(chosen)
+        ckpt = manifest.checkpointer
+        self.checkpointer = ckpt.id if ckpt is not None else "checkpointer"
+        self.store = next((n.id for n in manifest.nodes if n.role == "store"), "store")
+        self.groups = [(g.id, list(g.members)) for g in manifest.groups]
 
     # -- what the fuzzer learns from real traffic ----------------------------------------
 
@@ -93,9 +122,11 @@ class Fuzzer:
             self._replays.append((topic, payload))
         if topic == topics.model(self.job, self.agg):
             from fedbus.codec import decode  # lazy: only what observe needs
+            from fedbus.signing import split_signed
 
             try:
-                env = decode(payload)
+                parts = split_signed(payload)  # a signed job's: the trailer is not secret
+                env = decode(payload if parts is None else bytes(parts[0]))
             except Exception:  # anything goes on an open broker
                 return
             epoch = env.meta.get("epoch")
@@ -110,17 +141,7 @@ class Fuzzer:
             yield getattr(self, f"_{category}")()
 
     def _concrete_topics(self) -> list[str]:
-        """Every filter some node subscribes to, its wildcards filled with real node ids and
-        with strangers' ids."""
-        out: list[str] = []
-        ids = [*self.trainers, self.agg, *self.strangers]
-        for wiring in compile_wiring(self.m).values():
-            for f in wiring.subscribe:
-                if "+" in f:
-                    out += [f.replace("+", i) for i in ids]
-                else:
-                    out.append(f)
-        return sorted(set(out))
+        return listened_topics(self.m, self.strangers)
 
     def _any_topic(self) -> str:
         return self.rng.choice(self._topics)
@@ -243,6 +264,71 @@ class Fuzzer:
             return self._garbage()
         topic, payload = self.rng.choice(self._replays)
         return FuzzMessage("replay", topic, payload)
+
+    def _forged_work(self) -> FuzzMessage:
+        # an asynchronous order "from the aggregator" on one trainer's own work topic, with a
+        # model far from the real one: trained and delivered, it would be folded as an update
+        trainer = self.rng.choice(self.trainers)
+        meta: dict[str, Any] = {"mode": "async", "selected": [trainer], "config": {},
+                                "epoch": self.rng.choice([self.epoch, "forged"]),
+                                "version": self.rng.choice([0, 1, 10**9])}
+        model = {k: np.full(v.shape, self.rng.choice([1e3, -1e3]), v.dtype)
+                 for k, v in self.model.items()}
+        env = Envelope(kind=ROUND, job=self.job, sender=self.agg,
+                       round=self.rng.randint(0, self.m.rounds), meta=meta,
+                       tensors=join_tensors(model))
+        return FuzzMessage("forged_work", topics.work(self.job, trainer, self.agg),
+                           encode(env, Compression(level=0)))
+
+    def _forged_ring(self) -> FuzzMessage:
+        # a reduce step, abort or commit "from" one ring member into another's inbox
+        if not self.groups:
+            group, members = "ring-x", list(self.trainers[:3] or [self.agg])
+        else:
+            group, members = self.rng.choice(self.groups)
+        to, frm = self.rng.choice(members), self.rng.choice(members)
+        size = self.rng.choice([8, 64, 1 << 16])
+        env = Envelope(kind="ring", job=self.job, sender=frm,
+                       round=self.rng.choice([1, self.m.rounds, 10**9]),
+                       meta={"epoch": self.rng.choice([self.epoch, "forged"]), "group": group,
+                             "phase": self.rng.choice(["rs", "ag", "abort", "commit", "x"]),
+                             "step": self.rng.randint(0, 4), "chunk": self.rng.randint(0, 4)},
+                       tensors={"c": np.full(size, 1e9, np.float32)})
+        return FuzzMessage("forged_ring", topics.ring(self.job, group, to, frm),
+                           encode(env, Compression(level=0)))
+
+    def _forged_state(self) -> FuzzMessage:
+        from fedbus.checkpoint import AggregatorState, state_envelope  # lazy: as observe
+        from fedbus.services.checkpointer import CHECKPOINT_ACK, RESTORE
+
+        which = self.rng.choice(["checkpoint", "ack", "restore"])
+        number = self.rng.choice([1, self.m.rounds, self.m.rounds + 1, 999_999_998])
+        state = state_envelope(AggregatorState(self.job, self.agg, number,
+                                               self._like_model()))
+        if which == "checkpoint":
+            # kept as the newest, it would end every later restart of the aggregator at once
+            return FuzzMessage("forged_state", topics.state(self.job, self.agg),
+                               encode(state, Compression(level=0)))
+        meta: dict[str, Any] = {"node": self.agg}
+        if which == "ack":  # a round reported durable with nothing stored
+            env = Envelope(kind=CHECKPOINT_ACK, job=self.job, sender=self.checkpointer,
+                           round=number, meta={**meta, "of": os.urandom(8).hex()})
+        else:  # a restore "answer" racing the checkpointer's
+            env = Envelope(kind=RESTORE, job=self.job, sender=self.checkpointer, round=number,
+                           meta={**meta, "request": os.urandom(8).hex(),
+                                 "state": dict(state.meta)}, tensors=state.tensors)
+        return FuzzMessage("forged_state", topics.state(self.job, self.checkpointer),
+                           encode(env, Compression(level=0)))
+
+    def _forged_query(self) -> FuzzMessage:
+        # a workload query "from" a node or a stranger: every answer costs the store work
+        sender = self.rng.choice([*self.trainers, self.agg, *self.strangers])
+        args: dict[str, Any] = self.rng.choice(
+            [{}, {"round": 10**9}, {"k": -1}, {"by": "x" * 1000}, {"round": "1"}])
+        env = Envelope(kind="query", job=self.job, sender=sender, round=0,
+                       meta={"workload": self.rng.choice(_WORKLOADS), "args": args})
+        return FuzzMessage("forged_query", topics.query(self.job, self.store, sender),
+                           encode(env))
 
     def _like_model(self) -> dict[str, np.ndarray]:
         return {k: self.np_rng.normal(0, 0.01, v.shape).astype(v.dtype)

@@ -114,9 +114,10 @@ async def _broker_for(
         return
     # No broker named: start a private mosquitto on a free loopback port (see docs/broker.md
     # for why a real broker beats an embedded pure-Python one).
-    from fedbus.broker import QUEUED_MESSAGES, spawn_mosquitto
+    from fedbus.broker import QUEUED_MESSAGES, packet_limit_conf, spawn_mosquitto
 
-    proc = await spawn_mosquitto()
+    # nodes chunk at the default size here: no packet of theirs is bigger than one chunk
+    proc = await spawn_mosquitto(config_extra=packet_limit_conf(BrokerSpec().chunk_bytes))
     log.info("broker_started", endpoint=proc.endpoint, pid=proc.pid)
     try:
         yield with_broker(m, BrokerSpec(host=proc.host, port=proc.port,

@@ -23,7 +23,13 @@ from types import MappingProxyType
 
 import structlog
 
-from fedbus.broker import QUEUED_MESSAGES, MosquittoProcess, free_port, spawn_mosquitto
+from fedbus.broker import (
+    QUEUED_MESSAGES,
+    MosquittoProcess,
+    free_port,
+    packet_limit_conf,
+    spawn_mosquitto,
+)
 from fedbus.deploy.certs import CertFiles, write_certs
 from fedbus.deploy.security import Backend, SecurityFiles, TlsFiles, write_broker_security
 from fedbus.errors import BrokerError, ManifestError
@@ -187,7 +193,10 @@ async def spawn_bridged(m: Manifest, *, config_extra: str = "",
                 continue
             host, port = addresses[b.name]
             bridge = bridge_config(m, b.name, addresses) if b.parent is not None else ""
-            proc = await spawn_mosquitto(port, host=host, config_extra=bridge + config_extra)
+            # (the limit before the bridge section: it is a global option)
+            limit = packet_limit_conf(BrokerSpec().chunk_bytes)
+            proc = await spawn_mosquitto(port, host=host,
+                                         config_extra=limit + bridge + config_extra)
             started.procs[b.name] = proc
             log.info("broker_started", broker=b.name, endpoint=proc.endpoint, pid=proc.pid,
                      parent=b.parent)
