@@ -289,6 +289,24 @@ def test_upload_gate_grants_again_to_a_node_that_asks_again() -> None:
     assert gate.granted == ["c"]
 
 
+def test_upload_gate_keeps_the_slot_of_a_node_whose_ready_crossed_its_grant() -> None:
+    # Prepare: under a flood c re-announced its `ready` while its grant was on the way, and
+    # began uploading on that grant
+    gate = UploadGate(slots=1, timeout_s=10)
+    gate.request("c")
+    assert gate.due(now=0.0) == (["c"], [])
+    # Execute: the re-announcement arrives while c's chunks are in flight
+    gate.request("c")
+    # Assert: c's upload is still admitted, and a copy of the grant goes out (c ignores it);
+    # nobody else takes c's slot meanwhile
+    assert gate.is_granted("c")
+    gate.request("d")
+    assert gate.due(now=1.0) == (["c"], [])
+    assert gate.granted == ["c"]
+    gate.release("c")
+    assert gate.due(now=2.0) == (["d"], [])
+
+
 async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
     # Prepare: 1.2 MB updates (above the 1 MB chunk size) from 5 trainers, 2 upload slots
     size = 300_000

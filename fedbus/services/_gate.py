@@ -28,24 +28,32 @@ class UploadGate:
         self._granted: dict[str, float] = {}
         #: Grants taken back unused (only children that said ``ready`` ever hold one).
         self._expired: set[str] = set()
+        #: Granted nodes that asked again: their grant is sent again by the next ``due``.
+        self._again: dict[str, None] = {}
 
     def request(self, node: str) -> None:
         """``node`` is ready to upload. Asking again while granted means the grant did not
         reach it (lost, or it came before the node was ready, as a forged ``ready`` can
-        arrange): its slot is given again rather than held until the grant expires."""
-        self._granted.pop(node, None)
+        arrange), or that the two crossed (a ``ready`` re-announced while the grant was on
+        its way, as under a flood): the node keeps its slot, so an upload already started
+        is still admitted, and the grant is sent again (a node that has sent ignores it)."""
         self._expired.discard(node)
+        if node in self._granted:
+            self._again[node] = None
+            return
         self._waiting[node] = None
 
     def release(self, node: str) -> None:
         self._waiting.pop(node, None)
         self._granted.pop(node, None)
         self._expired.discard(node)
+        self._again.pop(node, None)
 
     def reset(self) -> None:
         self._waiting.clear()
         self._granted.clear()
         self._expired.clear()
+        self._again.clear()
 
     def readmit(self, node: str, now: float) -> bool:
         """``node``'s grant was taken back for not being used in time, and its upload starts
@@ -65,7 +73,10 @@ class UploadGate:
         for node in expired:
             del self._granted[node]
             self._expired.add(node)
-        grant: list[str] = []
+        grant = [n for n in self._again if n in self._granted]
+        for node in grant:
+            self._granted[node] = now  # the grant's time starts again with the new copy
+        self._again.clear()
         while self._waiting and len(self._granted) < self.slots:
             node, _ = self._waiting.popitem(last=False)
             self._granted[node] = now
