@@ -287,6 +287,15 @@ class Door:
             return None
         return self._check(entry, parsed, env, len(msg.payload), msg.signer)
 
+    def screen(self, msg: Message) -> Message | None:
+        """The checks that need no decoding, made as ``msg`` arrives (a ``fedbus.bus.Screen``):
+        a message this door would refuse by its topic, sender or signer never waits in the
+        service's queue, so a flood of them cannot crowd out real ones. A topic no entry
+        names passes on, to be checked by whoever reads it."""
+        if self.entry_for(msg.topic) is None:
+            return msg
+        return msg if self._route(msg) is not None else None
+
     def route(self, msg: Message) -> tuple[Entry, topics.ParsedTopic] | None:
         """The entry ``msg`` comes in by (refused and counted when none)."""
         return self._route(msg)

@@ -309,10 +309,9 @@ class SpyBus(MemoryBus):
         self.subscribed: set[str] = set()
         self.published: set[str] = set()
 
-    def subscribe(self, *filters: str, admit: Any = None,
-                  max_queued_bytes: int | None = None) -> Any:
+    def subscribe(self, *filters: str, **options: Any) -> Any:
         self.subscribed.update(filters)
-        return super().subscribe(*filters, admit=admit, max_queued_bytes=max_queued_bytes)
+        return super().subscribe(*filters, **options)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         self.published.add(topic)

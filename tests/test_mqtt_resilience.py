@@ -63,6 +63,9 @@ async def test_message_published_while_offline_arrives_after_reconnect(
             sub_bus._resume()
             assert (await sub.get(timeout=WAIT)).payload == b"queued while offline"
             assert (await sub.get(timeout=WAIT)).payload == big
+            # messages are handed on as they arrive, even while the new connection is still
+            # being set up (re-subscribing): the reconnect is counted once that is done
+            await asyncio.wait_for(sub_bus.wait_connected(2), WAIT)
         assert sub_bus.stats["reconnects"] == 1
 
 

@@ -11,12 +11,18 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Admit", "Bus", "Message", "Subscription", "Will"]
+__all__ = ["Admit", "Bus", "Message", "Screen", "Subscription", "Will"]
 
 #: Asked before a subscription's bus buffers a chunked transfer: (topic, declared total bytes)
 #: -> may it? Lets a service say who may make it hold memory (a trainer it granted an upload,
 #: up to the size of an update), so strangers cannot fill the reassembly slots.
 Admit = Callable[[str, int], bool]
+
+#: Asked as a whole message arrives, before it is queued for its reader: the message to
+#: queue (checked, perhaps rewritten) or None (refused: never queued, counted by the screen's
+#: owner). A signing bus checks signatures here, so a flood of forgeries never takes the
+#: queue space a real message needs (fedbus.bus.signed).
+Screen = Callable[["Message"], "Message | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +90,11 @@ class Bus(Protocol):
         ...
 
     def subscribe(self, *filters: str, admit: Admit | None = None,
-                  max_queued_bytes: int | None = None) -> Subscription:
+                  max_queued_bytes: int | None = None,
+                  screen: Screen | None = None) -> Subscription:
         """Messages matching ``filters``. ``admit`` (optional) vets chunked transfers on them
         before any of their bytes are buffered; refused ones are dropped and counted.
         ``max_queued_bytes`` (optional) bounds what may wait unread; beyond it messages are
-        dropped and counted (``stats["dropped_queue_full"]``)."""
+        dropped and counted (``stats["dropped_queue_full"]``). ``screen`` (optional) sees
+        each whole message before it is queued (``Screen``)."""
         ...

@@ -14,7 +14,7 @@ from typing import Final
 
 import structlog
 
-from fedbus.bus._base import Admit, Message
+from fedbus.bus._base import Admit, Message, Screen
 from fedbus.bus._chunking import ChunkLimits, Reassembler
 from fedbus.errors import BusError
 from fedbus.topics import matches, validate_filter
@@ -33,13 +33,16 @@ class QueueSubscription:
     ``max_queued_bytes`` bounds what waits unread: beyond it a message is dropped, counted
     (``dropped``) and logged, so a flood faster than the reader cannot grow the process
     without bound. Unbounded by default; a service that knows what it expects sets it.
+    ``screen`` sees every message first: what it refuses is never queued (``Screen``).
     """
 
     def __init__(self, filters: Iterable[str], open_hook: Hook, close_hook: Hook, *,
-                 admit: Admit | None = None, max_queued_bytes: int | None = None) -> None:
+                 admit: Admit | None = None, max_queued_bytes: int | None = None,
+                 screen: Screen | None = None) -> None:
         self.filters: tuple[str, ...] = tuple(validate_filter(f) for f in filters)
         self.admit = admit
         self.max_queued_bytes = max_queued_bytes
+        self.screen = screen
         self.queued_bytes = 0
         self.dropped = 0
         if not self.filters:
@@ -78,6 +81,11 @@ class QueueSubscription:
     def push(self, message: Message) -> None:
         if self._state != "open":
             return
+        if self.screen is not None:
+            screened = self.screen(message)
+            if screened is None:
+                return
+            message = screened
         size = len(message.payload)
         limit = self.max_queued_bytes
         if limit is not None and self.queued_bytes + size > limit:

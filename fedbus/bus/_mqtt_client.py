@@ -9,12 +9,14 @@ import contextlib
 import logging
 import math
 import socket
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import aiomqtt
+import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -28,6 +30,8 @@ from fedbus.errors import BrokerLimitError, PublishDenied
 __all__ = [
     "CheckedClient",
     "Connection",
+    "abort_stalled",
+    "in_flight",
     "lower_inflight",
     "make_client",
     "packet_size_problem",
@@ -35,6 +39,7 @@ __all__ = [
 ]
 
 _paho_log = logging.getLogger("fedbus.bus.mqtt.paho")
+log = structlog.get_logger("fedbus.bus.mqtt")
 # paho's Properties constructor is unannotated; pin its type once here.
 properties = cast(Callable[[int], Properties], Properties)
 # CONNACK reason codes that retrying cannot fix: bad id, bad credentials, not authorized, banned.
@@ -98,6 +103,36 @@ class Connection:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def in_flight(conn: Connection | None) -> str:
+    """What this connection's client holds back, for an error that says it got no answer:
+    QoS 1 publishes the broker has not acknowledged, those waiting for one of them (paho
+    sends at most ``max_inflight`` at once) and packets not yet written."""
+    paho = getattr(getattr(conn, "client", None), "_client", None)
+    if paho is None:
+        return ""
+    return (f"; {paho._inflight_messages} publishes unacknowledged, "
+            f"{len(paho._out_messages) - paho._inflight_messages} waiting for a slot, "
+            f"{len(paho._out_packet)} packets unwritten")
+
+
+def abort_stalled(conn: Connection, node: str, what: str) -> bool:
+    """Drop ``conn``, on which ``what`` has waited for the broker's answer for longer than
+    a healthy broker takes; True when dropped. Under a flood, mosquitto 2.0.11 was seen to
+    leave a client's QoS 1 publishes unacknowledged for good while answering its pings
+    (docs/security.md, "Floods"); the publish's deadline then ended the process. A new
+    connection resumes the session, paho sends what is unacknowledged again, and receivers
+    drop the duplicates by message id."""
+    paho = conn.client._client
+    sock: Any = paho._sock
+    if sock is None or conn.lost.is_set():
+        return False
+    silent = time.monotonic() - paho._last_bytes_received
+    log.warning("drop_stalled_connection", node=node, waiting=what, silent_s=round(silent, 1))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end: the bus reconnects
+    return True
+
+
 def is_fatal(exc: BaseException) -> bool:
     if not isinstance(exc, MqttConnectError):
         return False
@@ -119,8 +154,8 @@ def no_delay(sock: Any) -> None:
 
 
 def make_client(host: str, port: int, client_id: str, will_: Will | None, o: MqttOptions,
-                max_inflight: int, *, on_connack: Callable[[Properties | None], None]
-                ) -> CheckedClient:
+                max_inflight: int, *, on_connack: Callable[[Properties | None], None],
+                deliver: _paho_fast.Deliver | None = None) -> CheckedClient:
     """An aiomqtt client for one connection attempt, set up as the bus needs it."""
     props = properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = o.session_expiry_s
@@ -166,8 +201,9 @@ def make_client(host: str, port: int, client_id: str, will_: Will | None, o: Mqt
     # piling up in the client's unbounded queue (measured under a 10,000-message flood:
     # 2,226 messages queued and 2.6x the aggregator's RSS before; 1 and 1.05x after).
     client._client.manual_ack_set(True)
-    # One copy from socket to payload instead of paho's seven (fedbus.bus._paho_fast).
-    _paho_fast.install(client._client)
+    # One copy from socket to payload instead of paho's seven, and (``deliver``) every
+    # PUBLISH handed straight to the bus (fedbus.bus._paho_fast).
+    _paho_fast.install(client._client, deliver)
     # aiomqtt drops the CONNACK's properties; the broker's limits are in them.
     paho = client._client
     delegate = cast(Callable[..., None], paho.on_connect)

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import structlog
 
-from fedbus.bus._base import Admit, Will
+from fedbus.bus._base import Admit, Screen, Will
 from fedbus.bus._chunking import ChunkLimits, plan
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription, receive_stats
 from fedbus.bus._repair import Repair, RepairLimits
@@ -416,9 +416,10 @@ class MemoryBus:
             self._send_frame(topic, frame, False)
 
     def subscribe(self, *filters: str, admit: Admit | None = None,
-                  max_queued_bytes: int | None = None) -> QueueSubscription:
+                  max_queued_bytes: int | None = None,
+                  screen: Screen | None = None) -> QueueSubscription:
         return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit,
-                                 max_queued_bytes=max_queued_bytes)
+                                 max_queued_bytes=max_queued_bytes, screen=screen)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()

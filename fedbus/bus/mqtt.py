@@ -20,12 +20,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fedbus.bus._base import Admit, Will
+from fedbus.bus._base import Admit, Screen, Will
 from fedbus.bus._chunking import ChunkLimits, is_chunk_frame, plan
 from fedbus.bus._dispatch import Dispatcher, QueueSubscription, receive_stats
 from fedbus.bus._mqtt_client import (
     CheckedClient,
     Connection,
+    abort_stalled,
+    in_flight,
     is_fatal,
     lower_inflight,
     make_client,
@@ -95,6 +97,7 @@ class MqttBus:
         self._backoff = (o.reconnect_min_s, o.reconnect_max_s)
         self._connect_timeout_s = o.connect_timeout_s
         self._publish_timeout_s = o.publish_timeout_s
+        self._stall_s = max(5.0, float(o.keepalive))  # see abort_stalled
         #: Lowered to the broker's Receive Maximum when it announces a smaller one.
         self._max_inflight = o.max_inflight
 
@@ -122,7 +125,7 @@ class MqttBus:
         self._counters: dict[str, int] = dict.fromkeys(
             ("published", "published_bytes", "chunks_sent", "received", "connects",
              "reconnects", "connect_failures", "connection_losses", "publish_retries",
-             "publish_denied", "subscribe_denied", "op_retries"),
+             "publish_denied", "subscribe_denied", "op_retries", "stalls"),
             0,
         )  # fmt: skip
 
@@ -241,7 +244,7 @@ class MqttBus:
             self._connack = props
 
         return make_client(self.host, self.port, self.client_id, self.will, self.options,
-                           self._max_inflight, on_connack=seen)
+                           self._max_inflight, on_connack=seen, deliver=self._on_frame)
 
     def _shared_unavailable(self) -> bool:
         """The broker's CONNACK said it has no ``$share`` subscriptions (absent: it has)."""
@@ -320,13 +323,9 @@ class MqttBus:
             await asyncio.sleep(delay)  # backoff timer, not a condition wait
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        """Hand every arriving message on, until the connection drops.
-
-        aiomqtt's message iterator costs a task and an ``asyncio.wait`` per message; under a
-        flood that overhead let its queue grow faster than it drained. Here what is queued is
-        drained in one go, and only an empty queue waits. Each QoS 1 message is acknowledged
-        once handed on (manual acks, see ``_make_client``).
-        """
+        """Hand on what aiomqtt queues (a transport without ``_paho_fast``'s direct hand-off)
+        until the connection drops: drained in one go, only an empty queue waits (aiomqtt's
+        iterator costs a task a message). QoS 1 is acknowledged once handed on."""
         queue: asyncio.Queue[aiomqtt.Message] = client._queue
         disconnected: asyncio.Future[None] = client._disconnected
         ack = client._client.ack
@@ -355,8 +354,7 @@ class MqttBus:
             await client.unsubscribe(f)
             self._stale.discard(f)
         # retain-if-new: a resumed session does not replay retained messages, a lost one does.
-        # A filter refused now (the ACL changed while we were away) is counted and logged by
-        # _subscribe_on; it must not take the connection loop down with it.
+        # A filter refused now (the ACL changed while away) is counted and logged, no more.
         results = await asyncio.gather(
             *(self._subscribe_on(client, f, _RETAIN_IF_NEW) for f in self._dispatch.filters),
             return_exceptions=True,
@@ -409,21 +407,24 @@ class MqttBus:
             raise PublishDenied(self.node_id, topic, exc.code, exc.reason) from None
 
     def _on_message(self, m: aiomqtt.Message) -> None:
-        self._counters["received"] += 1
+        """A message through aiomqtt's queue (transports without the direct hand-off)."""
         payload: Any = m.payload
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            return
-        topic = m.topic.value
-        ids: list[int] = list(getattr(m.properties, "SubscriptionIdentifier", None) or [])
+        if isinstance(payload, bytes | bytearray | memoryview):
+            ids: list[int] = list(getattr(m.properties, "SubscriptionIdentifier", None) or [])
+            self._on_frame(m.topic.value, payload, bool(m.retain), ids)
+
+    def _on_frame(self, topic: str, payload: bytes | bytearray | memoryview, retain: bool,
+                  ids: list[int]) -> None:
+        """One PUBLISH, straight from paho's reader (``_paho_fast``) or via ``_on_message``."""
+        self._counters["received"] += 1
         via = [self._filters_by_id[i] for i in ids if i in self._filters_by_id]
         if not via:
             via = [f for f in self._dispatch.filters if matches(f, topic)]
-        # A chunk frame stays a view of paho's packet buffer (_paho_fast) until the
-        # reassembler joins its transfer: the join is the one copy. Anything else is copied
-        # out here, once, so subscribers always get bytes.
+        # A chunk frame stays a view of paho's buffer until its transfer is joined (the one
+        # copy); anything else is copied out here, once, so subscribers always get bytes.
         data = payload if isinstance(payload, memoryview) and is_chunk_frame(payload) else (
             bytes(payload))
-        self._dispatch.deliver(topic, data, retain=bool(m.retain), via=via)
+        self._dispatch.deliver(topic, data, retain=retain, via=via)
 
     async def _expire_loop(self) -> None:
         tick = max(0.5, self.limits.transfer_timeout_s / 4)
@@ -451,7 +452,8 @@ class MqttBus:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 why = ("no answer on a live connection: the broker or this process is "
-                       "overloaded" if unanswered else f"no connection ({self._last_error})")
+                       f"overloaded{in_flight(self._conn)}" if unanswered
+                       else f"no connection ({self._last_error})")
                 raise BusError(f"{what}: {why} ({self.endpoint})")
             conn = self._conn
             if conn is None:
@@ -464,9 +466,12 @@ class MqttBus:
             task: asyncio.Task[T] = asyncio.ensure_future(op(conn.client))
             lost = asyncio.ensure_future(conn.lost.wait())
             try:
-                done, _ = await asyncio.wait(
-                    {task, lost}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
+                done: set[asyncio.Future[Any]] = set()
+                while not done and (left := deadline - loop.time()) > 0:
+                    done, _ = await asyncio.wait({task, lost}, timeout=min(left, self._stall_s),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if not done and abort_stalled(conn, self.node_id, what):
+                        self._counters["stalls"] += 1  # `lost` follows: tried again anew
             finally:
                 lost.cancel()
                 if not task.done():
@@ -479,9 +484,8 @@ class MqttBus:
                 if not isinstance(exc, aiomqtt.MqttError):
                     raise exc
                 if not conn.lost.is_set() and "timed out" in str(exc):
-                    # No answer within the client's timeout while the connection lives: the
-                    # broker or this process is busy (a thousand connections subscribing at
-                    # once), not gone. Ask again until the deadline instead of failing.
+                    # No answer in the client's timeout on a live connection: the broker is busy
+                    # (a thousand connections subscribing at once), not gone. Ask again.
                     self._counters["op_retries"] += 1
                     log.info("retry_slow_op", node=self.node_id, what=what)
                     continue
@@ -503,10 +507,8 @@ class MqttBus:
             raise BusError(f"cannot publish to {topic!r}: topics have no wildcards")
         data = bytes(payload)
         if len(data) > self.limits.max_message_bytes:
-            raise BusError(
-                f"payload of {len(data)} bytes exceeds "
-                f"max_message_bytes={self.limits.max_message_bytes}"
-            )
+            raise BusError(f"payload of {len(data)} bytes exceeds "
+                           f"max_message_bytes={self.limits.max_message_bytes}")
         deadline = asyncio.get_running_loop().time() + self._publish_timeout_s
         size = max(self.chunk_bytes, len(data), 1) if retain else self.chunk_bytes
 
@@ -559,9 +561,10 @@ class MqttBus:
         self._counters["chunks_sent"] += 1
 
     def subscribe(self, *filters: str, admit: Admit | None = None,
-                  max_queued_bytes: int | None = None) -> QueueSubscription:
+                  max_queued_bytes: int | None = None,
+                  screen: Screen | None = None) -> QueueSubscription:
         return QueueSubscription(filters, self._open_sub, self._close_sub, admit=admit,
-                                 max_queued_bytes=max_queued_bytes)
+                                 max_queued_bytes=max_queued_bytes, screen=screen)
 
     async def _open_sub(self, sub: QueueSubscription) -> None:
         self._check_open()

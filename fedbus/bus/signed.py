@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import dataclass
 
 import structlog
 
@@ -30,6 +31,11 @@ log = structlog.get_logger(__name__)
 _OFFLOAD_BYTES = 1 << 20
 
 
+@dataclass(frozen=True, slots=True)
+class _Checked(Message):
+    """A message whose signature was checked (and stripped) as it arrived."""
+
+
 class SignedBus(BusWrapper):
     """Delegates to ``inner``; signs with ``signer``, checks with ``verifier``."""
 
@@ -38,26 +44,43 @@ class SignedBus(BusWrapper):
         self.signer = signer
         self.verifier = verifier
         self.refused: Counter[str] = Counter()
+        self.screen = self._check
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         signed = (await asyncio.to_thread(self.signer.sign, payload)
                   if len(payload) >= _OFFLOAD_BYTES else self.signer.sign(payload))
         await self.inner.publish(topic, signed, retain=retain)
 
+    def _check(self, msg: Message) -> Message | None:
+        """In the receive path, as a message arrives: a small message is checked at once,
+        so a forgery never waits in a queue (a flood of them would crowd out real
+        messages); a large one goes on, to be checked off the event loop in ``receive``."""
+        if len(msg.payload) >= _OFFLOAD_BYTES:
+            return msg
+        try:
+            payload, signer = self.verifier.verify(msg.payload)
+        except SignatureError as exc:
+            self._refuse(msg, exc)
+            return None
+        return _Checked(msg.topic, payload, msg.retain, signer=signer)
+
     async def receive(self, msg: Message) -> Message | None:
         """``msg`` with its signature checked and stripped, or None (refused, counted)."""
+        if isinstance(msg, _Checked):
+            return msg
         try:
-            if len(msg.payload) >= _OFFLOAD_BYTES:
-                payload, signer = await asyncio.to_thread(self.verifier.verify, msg.payload)
-            else:
-                payload, signer = self.verifier.verify(msg.payload)
+            payload, signer = await asyncio.to_thread(self.verifier.verify, msg.payload) \
+                if len(msg.payload) >= _OFFLOAD_BYTES else self.verifier.verify(msg.payload)
         except SignatureError as exc:
-            self.refused[exc.reason] += 1
-            if worth_a_line(self.refused[exc.reason]):  # all counted; a flood is a few lines
-                log.warning("message_refused", node=self.node_id, reason=exc.reason,
-                            detail=exc.detail, topic=msg.topic, total=self.refused[exc.reason])
+            self._refuse(msg, exc)
             return None
         return Message(msg.topic, payload, msg.retain, signer=signer)
+
+    def _refuse(self, msg: Message, exc: SignatureError) -> None:
+        self.refused[exc.reason] += 1
+        if worth_a_line(self.refused[exc.reason]):  # all counted; a flood is a few lines
+            log.warning("message_refused", node=self.node_id, reason=exc.reason,
+                        detail=exc.detail, topic=msg.topic, total=self.refused[exc.reason])
 
     @property
     def stats(self) -> dict[str, int]:

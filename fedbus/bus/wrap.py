@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
-from fedbus.bus._base import Admit, Bus, Message, Subscription
+from fedbus.bus._base import Admit, Bus, Message, Screen, Subscription
 
 __all__ = ["BusWrapper"]
 
@@ -70,10 +70,19 @@ class BusWrapper:
         """A delivered message, as the services will see it (None: they will not)."""
         return msg
 
+    #: Checks made as a message arrives, before it is queued (None: none): see ``Screen``.
+    #: What it returns is what ``receive`` gets later.
+    screen: Screen | None = None
+
     def subscribe(self, *filters: str, admit: Admit | None = None,
-                  max_queued_bytes: int | None = None) -> Subscription:
+                  max_queued_bytes: int | None = None,
+                  screen: Screen | None = None) -> Subscription:
+        own, outer = self.screen, screen  # this wrapper's checks first, as with ``receive``
+        both: Screen | None = own if outer is None else outer if own is None else (
+            lambda m: None if (checked := own(m)) is None else outer(checked))
         return _Subscription(self.inner.subscribe(*filters, admit=admit,
-                                                  max_queued_bytes=max_queued_bytes), self)
+                                                  max_queued_bytes=max_queued_bytes,
+                                                  screen=both), self)
 
     def __getattr__(self, name: str) -> Any:
         # anything else a service asks of its bus (statistics, fault injection, ...)

@@ -159,7 +159,7 @@ class AggregatorBase(ABC, Generic[C]):
         small = min(update, c.gate_bytes)
         backlog = len(c.trainers) * (small + 4096) + c.round.max_uploads * update + (1 << 20)
         return self.bus.subscribe(*filters, admit=self._admit_chunks,
-                                  max_queued_bytes=backlog)
+                                  max_queued_bytes=backlog, screen=self.intake.door.screen)
 
 
     def _admit_chunks(self, topic: str, total: int) -> bool:

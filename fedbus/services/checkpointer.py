@@ -81,7 +81,8 @@ class Checkpointer:
     async def run(self) -> int:
         c = self.config
         filters = (topics.state_all(c.job), topics.control(c.job, c.node_id))
-        async with self.bus.subscribe(*filters, admit=self._admit) as sub:
+        async with self.bus.subscribe(*filters, admit=self._admit,
+                                      screen=self.door.screen) as sub:
             await self.bus.publish(topics.presence(c.job, c.node_id),
                                    encode(presence(c.job, c.node_id, "checkpointer", "online")),
                                    retain=True)

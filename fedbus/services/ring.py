@@ -178,7 +178,7 @@ class RingMember:
         """The trainer's service, with the ring's inbox and the members' presence beside it."""
         backlog = 2 * len(self.config.members) * self._limits.max_frame_bytes + (1 << 20)
         async with self.bus.subscribe(self._inbox, *self._presence, admit=self._admit,
-                                      max_queued_bytes=backlog) as sub:
+                                      max_queued_bytes=backlog, screen=self.door.screen) as sub:
             listener = asyncio.create_task(self._listen(sub), name=f"ring-{self.me}")
             try:
                 return await self.trainer.run()

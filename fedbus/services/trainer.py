@@ -244,7 +244,7 @@ class Trainer:
         # waits unread beyond that is a flood, dropped (and counted) instead of held.
         backlog = 4 * self._limits.max_frame_bytes + (1 << 20)
         async with self.bus.subscribe(*filters, admit=self._admit_chunks,
-                                      max_queued_bytes=backlog) as sub:
+                                      max_queued_bytes=backlog, screen=self.door.screen) as sub:
             await self._publish_presence("online")
             try:
                 async for msg in sub:

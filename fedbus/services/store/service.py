@@ -200,7 +200,7 @@ class StoreService:
                    topics.metrics(c.job, c.aggregator), topics.queries_for(c.job, c.node_id))
         # Half the backlog may wait in the subscription (the bus drops and counts beyond it),
         # half in the store's own queue: a store starved of CPU holds no more than the backlog.
-        async with self.bus.subscribe(*filters, admit=self._admit,
+        async with self.bus.subscribe(*filters, admit=self._admit, screen=self.door.screen,
                                       max_queued_bytes=c.backlog_bytes // 2) as sub:
             await self._publish_presence("online")
             self.started.set()
