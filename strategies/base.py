@@ -208,6 +208,12 @@ class AsyncStrategy(_PlugIn, ABC):
     #: True when ``submit`` honours ``ClientUpdate.count`` itself (FedBuff, FedAsync).
     takes_counts: ClassVar[bool] = False
 
+    def room(self, versions: int) -> int | None:
+        """How many updates this strategy takes before it has made ``versions`` more model
+        versions (so a counted update never carries a job past its last one); ``None``
+        when it cannot say."""
+        return None
+
     def staleness_scale(self, staleness: int) -> float:
         """How much this strategy weighs an update ``staleness`` versions old, relative to a
         fresh one (FedBuff 1/sqrt(1 + s), FedAsync s(s)); a relay pre-aggregating updates

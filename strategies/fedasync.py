@@ -108,6 +108,9 @@ class FedAsync(VersionedModel):
     def staleness_scale(self, staleness: int) -> float:
         return staleness_weight(self.staleness, staleness, self.a, self.b)
 
+    def room(self, versions: int) -> int | None:
+        return max(0, versions)
+
     def submit(self, update: ClientUpdate) -> Weights | None:
         if not self._admits(update):
             return None

@@ -78,6 +78,9 @@ class FedBuff(VersionedModel):
     def staleness_scale(self, staleness: int) -> float:
         return self.staleness_factor(staleness)
 
+    def room(self, versions: int) -> int | None:
+        return max(0, versions * self.buffer_size - self._count)
+
     def submit(self, update: ClientUpdate) -> Weights | None:
         if not self._admits(update):
             return None

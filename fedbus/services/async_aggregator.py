@@ -455,11 +455,24 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
 
     def _submit(self, update: ClientUpdate) -> Weights | None:
         """``update`` to the strategy; a counted one, to a strategy that cannot take counts,
-        as that many updates of its delta one by one (each meeting the version it meets)."""
-        if update.count == 1 or self.strategy.takes_counts:
+        as that many updates of its delta one by one (each meeting the version it meets).
+        Members beyond the job's last version are not used (as the flat star would not
+        use updates arriving after it), logged."""
+        if update.count == 1:
             return self.strategy.submit(update)
+        left = self.config.rounds - self.version
+        if self.strategy.takes_counts:
+            room = self.strategy.room(left)
+            if room is None or room >= update.count:
+                return self.strategy.submit(update)
+            self._log.info("updates_beyond_last_version", peer=update.sender,
+                           updates=update.count - room)
+            return self.strategy.submit(dataclasses.replace(update, count=room)) \
+                if room else None
         moved = None
         for _ in range(update.count):
+            if self.version >= self.config.rounds:
+                break
             one = dataclasses.replace(update, count=1,
                                       staleness=self.version - update.base_round)
             moved = self.strategy.submit(one) or moved

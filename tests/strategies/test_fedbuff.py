@@ -149,6 +149,7 @@ def test_a_counted_update_straddling_the_buffer_fills_it_and_opens_the_next_one_
     # Assert: one of the three completes this version (staleness 2), the other two wait in
     # the next buffer one version staler (staleness 3), as if they had come one by one
     assert out is not None and strategy.version == 1 and strategy.num_buffered == 2
+    assert strategy.room(1) == 2 and strategy.room(3) == 10  # updates before 1, 3 more versions
     for k in model:
         step = (sum(d[k] for d in before) + mean[k] / math.sqrt(3)) / 4
         np.testing.assert_allclose(out[k], model[k] + step, atol=1e-12)
