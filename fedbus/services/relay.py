@@ -377,20 +377,26 @@ class AsyncRelay(AsyncAggregator):
         await self._pump()
         if self._held and not self.done:
             await self._refill()
-        if self._window_due():
-            self.forward.flush()
+        why = self._window_due()
+        if why:
+            flushed = self.forward.flush()
+            assert flushed is not None
+            self._log.info("window_flushed", reason=why, updates=flushed.count,
+                           base_version=flushed.base, version=self.version)
             await self._pump()
 
-    def _window_due(self) -> bool:
-        """Send the window now? Its oldest member waited a deadline (nothing waits here for
-        ever), or is as stale as the bound allows (any later and the root would refuse it)."""
+    def _window_due(self) -> str:
+        """Why the window must go now: its first member waited a deadline (nothing waits
+        here for ever), or its oldest is as stale as the bound allows (any later and the
+        root would refuse it); "" when it may wait for more."""
         window = self.forward.window
         if window is None:
-            return False
+            return ""
         if time.monotonic() - window.opened >= self.config.round.deadline_s:
-            return True
+            return "deadline"
         bound = self.max_staleness
-        return bound is not None and self.version - window.oldest() >= bound
+        return "staleness" if bound is not None and self.version - window.oldest() >= bound \
+            else ""
 
     async def _reannounce(self) -> None:
         """No grant came for a deadline (the ready or the grant was lost, or the parent's
