@@ -225,7 +225,8 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
         # the parent's model versions and the children's orders and updates, all at once
         check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads + 2)
         return AsyncRelay(config, bus, node.parent,
-                          InFlightSelector(concurrency=len(children), seed=m.seed), weights)
+                          InFlightSelector(concurrency=len(children), seed=m.seed), weights,
+                          pre_aggregate=node.pre_aggregate, scale=root.staleness_scale)
     group_strategy = (FedAvg() if node.strategy is None
                       else make_strategy(node.strategy.name, thaw(node.strategy.params)))
     assert isinstance(group_strategy, Strategy)  # the manifest refuses asynchronous ones

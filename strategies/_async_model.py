@@ -56,10 +56,11 @@ class VersionedModel(AsyncStrategy):
         check_compatible(self._weights, update.delta)
         return self.max_staleness is None or update.staleness <= self.max_staleness
 
-    def _advance(self, weights: Weights) -> Weights:
-        """Make ``weights`` the next version; a copy of it for the caller."""
+    def _advance(self, weights: Weights, steps: int = 1) -> Weights:
+        """Make ``weights`` the version ``steps`` after this one (a counted update may make
+        several at once); a copy of it for the caller."""
         self._weights = weights
-        self._version += 1
+        self._version += steps
         return {k: w.copy() for k, w in self._weights.items()}
 
     def _model_state(self) -> dict[str, Any]:

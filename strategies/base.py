@@ -49,6 +49,10 @@ class ClientUpdate:
     with exactly the global model's names, shapes and dtypes (the aggregator checks this
     before a strategy sees it). ``aux`` carries strategy-specific tensors (SCAFFOLD's control
     variate delta, ...). ``staleness`` is how many model versions old ``base_round`` is.
+
+    ``count`` > 1 (asynchronous only: a relay's pre-aggregate, fedbus.services.relay) means
+    the update stands for ``count`` updates trained from ``base_round`` whose mean is
+    ``delta``; an ``AsyncStrategy`` treats it as that many updates arriving back to back.
     """
 
     sender: str
@@ -58,6 +62,7 @@ class ClientUpdate:
     staleness: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     aux: Mapping[str, np.ndarray] = field(default_factory=dict)
+    count: int = 1
 
 
 def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> None:
@@ -193,7 +198,27 @@ class AsyncStrategy(_PlugIn, ABC):
     @abstractmethod
     def submit(self, update: ClientUpdate) -> Weights | None:
         """Take one update (``staleness`` = version - base_round). Return the new global
-        model when this update moved it, else ``None`` (buffered)."""
+        model when this update moved it, else ``None`` (buffered).
+
+        Only a strategy that sets ``takes_counts`` is given ``update.count`` > 1; it must
+        treat such an update as ``count`` updates of ``delta`` arriving back to back (each
+        one's staleness the version it meets minus ``base_round``). The aggregator submits
+        a counted update to any other strategy ``count`` times, one by one."""
+
+    #: True when ``submit`` honours ``ClientUpdate.count`` itself (FedBuff, FedAsync).
+    takes_counts: ClassVar[bool] = False
+
+    def room(self, versions: int) -> int | None:
+        """How many updates this strategy takes before it has made ``versions`` more model
+        versions (so a counted update never carries a job past its last one); ``None``
+        when it cannot say."""
+        return None
+
+    def staleness_scale(self, staleness: int) -> float:
+        """How much this strategy weighs an update ``staleness`` versions old, relative to a
+        fresh one (FedBuff 1/sqrt(1 + s), FedAsync s(s)); a relay pre-aggregating updates
+        from several versions weighs each member by it. Default: 1 (no weighting)."""
+        return 1.0
 
     #: Updates staler than this many versions are refused (``None``: any staleness). The
     #: aggregator reads this to reject too-stale updates before decoding them fully.

@@ -28,6 +28,16 @@ instead of its stale endpoint: the stale update no longer drags the model back t
 servers (FedBuff uses the same). ``num_examples`` plays no part, as in the paper.
 
 Every accepted update moves the model, so the version increments on each ``submit``.
+
+A counted update (``ClientUpdate.count`` = c > 1: a relay's pre-aggregate, whose ``delta`` is
+the mean Δ̄ of c deltas from one base version) is c updates of that mean arriving back to
+back, the j-th meeting staleness s + j:
+
+    x_{t+c−1} = x_{t−1} + α (Σ_{j<c} s(s + j)) · Δ̄,    version += c
+
+which is the flat result exactly for the constant staleness function, and for the others the
+flat result averaged over the members' arrival order (flat, whichever member arrives j-th
+gets s(s + j)). Members that would exceed ``max_staleness`` are refused, as flat.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from strategies._async_model import VersionedModel
-from strategies.base import ClientUpdate, StrategyError, Weights
+from strategies.base import ClientUpdate, StrategyError, Weights, positive_count
 
 __all__ = ["STALENESS_FUNCTIONS", "FedAsync", "staleness_weight"]
 
@@ -93,15 +103,26 @@ class FedAsync(VersionedModel):
         """α_t = α · s(staleness)."""
         return self.alpha * staleness_weight(self.staleness, staleness, self.a, self.b)
 
+    takes_counts: ClassVar[bool] = True
+
+    def staleness_scale(self, staleness: int) -> float:
+        return staleness_weight(self.staleness, staleness, self.a, self.b)
+
+    def room(self, versions: int) -> int | None:
+        return max(0, versions)
+
     def submit(self, update: ClientUpdate) -> Weights | None:
         if not self._admits(update):
             return None
-        alpha_t = self.mixing_weight(update.staleness)
+        stalenesses = [update.staleness + j for j in range(positive_count("count", update.count))
+                       if self.max_staleness is None
+                       or update.staleness + j <= self.max_staleness]
+        alpha_t = sum(self.mixing_weight(s) for s in stalenesses)
         return self._advance({
             k: (w.astype(np.float64) + alpha_t * np.asarray(update.delta[k], dtype=np.float64))
             .astype(w.dtype)
             for k, w in self._weights.items()
-        })
+        }, steps=len(stalenesses))
 
     def state_dict(self) -> dict[str, Any]:
         return self._model_state()

@@ -11,6 +11,14 @@ staleness weight 1/sqrt(1 + s_i) and added to a running sum; when K updates are 
 The buffer is one float64 model-sized sum (memory O(model) whatever K is) and is part of
 ``state_dict``, so a checkpoint taken mid-buffer resumes with the same buffered updates.
 ``num_examples`` plays no part, as in the paper.
+
+A counted update (``ClientUpdate.count`` = c > 1: a relay's pre-aggregate, whose ``delta`` is
+the mean of c deltas from one base version) is c updates of that mean arriving back to back:
+c · Δ/sqrt(1 + s) joins the sum and counts c towards K. Where it would overflow the buffer, the
+buffer takes what it lacks, the model steps, and the rest opens the next buffer one version
+staler (s + 1), exactly as its members would have arrived one by one; so a counted update is
+the flat sum of its members whenever it fits in the buffer it lands in, and the flat result
+averaged over the members' arrival order when it straddles two.
 """
 
 from __future__ import annotations
@@ -65,15 +73,34 @@ class FedBuff(VersionedModel):
                                 f"model version newer than the server's?)")
         return 1.0 / math.sqrt(1.0 + staleness) if self.staleness_weighting else 1.0
 
+    takes_counts: ClassVar[bool] = True
+
+    def staleness_scale(self, staleness: int) -> float:
+        return self.staleness_factor(staleness)
+
+    def room(self, versions: int) -> int | None:
+        return max(0, versions * self.buffer_size - self._count)
+
     def submit(self, update: ClientUpdate) -> Weights | None:
         if not self._admits(update):
             return None
-        factor = self.staleness_factor(update.staleness)
-        for k, acc in self._sum.items():
-            np.add(acc, np.multiply(update.delta[k], factor, dtype=np.float64), out=acc)
-        self._count += 1
-        if self._count < self.buffer_size:
-            return None
+        left = positive_count("count", update.count)
+        staleness = update.staleness
+        moved: Weights | None = None
+        while left > 0 and (self.max_staleness is None or staleness <= self.max_staleness):
+            take = min(left, self.buffer_size - self._count)
+            factor = take * self.staleness_factor(staleness)
+            for k, acc in self._sum.items():
+                np.add(acc, np.multiply(update.delta[k], factor, dtype=np.float64), out=acc)
+            self._count += take
+            left -= take
+            if self._count < self.buffer_size:
+                break
+            moved = self._step()
+            staleness += 1  # the rest of a counted update meets the next version
+        return moved
+
+    def _step(self) -> Weights:
         scale = self.server_lr / self.buffer_size
         moved = self._advance({k: (w.astype(np.float64) + scale * self._sum[k]).astype(w.dtype)
                                for k, w in self._weights.items()})

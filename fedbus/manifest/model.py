@@ -187,6 +187,9 @@ class NodeSpec:
     #: A relay's own group strategy (synchronous roots): how it folds its children's updates
     #: before forwarding one; None: FedAvg.
     strategy: PluginSpec | None = None
+    #: An asynchronous relay's updates per forwarded update (fedbus.services.preaggregate):
+    #: 1 forwards each child update on its own (exact staleness at the root).
+    pre_aggregate: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,17 @@ within the staleness bound is still counted.
 
 Relays among the children (``config.relays``) stand for whole groups: they are never idle, get
 every new model version, and forward their trainers' updates one by one, each tagged with the
-version it was trained from, so the staleness computed here is exact at any depth.
+version it was trained from, so the staleness computed here is exact at any depth. A relay that
+pre-aggregates (``pre_aggregate`` on the relay node) forwards one update standing for several
+(``meta.count``, who made them in ``meta.origins``, their versions in ``meta.bases``): the
+strategy counts it as that many updates arriving back to back (``ClientUpdate.count``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections import Counter, OrderedDict, deque
@@ -40,7 +44,8 @@ from fedbus.task import EvalResult
 from fedbus.wire import DONE, METRICS, ROUND, join_tensors
 from strategies import AsyncStrategy, ClientUpdate, Selector, Weights
 
-__all__ = ["AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport"]
+__all__ = ["MAX_COUNT", "AsyncAggregator", "AsyncAggregatorConfig", "AsyncReport",
+           "forwarded_counts"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +55,8 @@ _RELAY_VERSIONS: Final = 256
 #: Pieces of work given up on remembered per trainer (a slow one may be given up on again
 #: before its first late update lands).
 _GIVEN_UP: Final = 4
+#: The most updates one forwarded update may stand for (a relay's pre-aggregate).
+MAX_COUNT: Final = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,15 +231,15 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         if msg is not None:
             await self.dispatch(msg)
         self._expire()
-        if self.version != before and self.durability is not None \
-                and self.durability.due(self.version, c.rounds):
+        if self.version != before and self.durability is not None and _crossed(
+                before, self.version, self.durability.settings.checkpoint.every, c.rounds):
             # Before new work goes out: the checkpoint holds the dispatch counter that seeds
             # the next orders, so a restored aggregator sends exactly the orders this one would.
             self._durable = await self._checkpoint(sub, self._state_now())
         if self.version < c.rounds:
             await self._refill()
         if self.version != before:
-            await self._close_period()
+            await self._close_period(before)
         if self._assigned or self._relays_busy or self.version >= c.rounds:
             self._idle_since = None
         elif self._idle_since is None:
@@ -308,7 +315,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         not forwarded: at most one update per trainer waits in its memory)."""
         return set()
 
-    async def _close_period(self) -> None:
+    async def _close_period(self, before: int) -> None:
         c = self.config
         p = self._period
         self._period = self._new_period()
@@ -333,7 +340,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             report.checkpoint_s = self._durable if isinstance(self._durable, float) else None
             report.durable = isinstance(self._durable, float)
             self._durable = _NOT_ASKED
-        if self.evaluate is not None and (number % c.evaluate.every == 0 or number >= c.rounds):
+        if self.evaluate is not None and _crossed(before, number, c.evaluate.every, c.rounds):
             report.eval = await asyncio.to_thread(self.evaluate, self.weights)
         self.history.append(report)
         self.reports.put_nowait(report)
@@ -406,6 +413,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         # Garbage on a trainer's topic never gets here, so it cannot cancel the work.
         sender, staleness = update.sender, update.staleness
         source = self._work_for(sender, env.round)
+        count, origins, bases = forwarded_counts(env) if source == "relay" else (1, {}, {})
         now = time.monotonic()
         work = self._assigned.get(sender) if source == "assigned" else None
         if self.max_staleness is not None and staleness > self.max_staleness:
@@ -417,7 +425,7 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
                 del self._given_up[sender][env.round]
             raise UpdateRejected("too_stale", f"staleness {staleness} > max_staleness "
                                               f"{self.max_staleness}")
-        moved = self.strategy.submit(update)
+        moved = self._submit(dataclasses.replace(update, count=count) if count > 1 else update)
         if work is not None:
             del self._assigned[sender]
             self.selector.report(sender, env.round, completed=True,
@@ -431,16 +439,44 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
         # through a relay: the trainer that did the work is named in the update
         origin = env.meta.get("origin") if source == "relay" else None
         who = origin if isinstance(origin, str) and len(origin) <= 64 else sender
-        self.contributions[who] += 1
         p = self._period
-        p.accepted.append(who)
-        p.staleness.append(staleness)
+        for name, n in (origins or {who: count}).items():
+            self.contributions[name] += n
+            p.accepted += [name] * n
+        # a pre-aggregate's members, by the version each was trained from
+        for base, n in (bases or {env.round: count}).items():
+            p.staleness += [staleness + env.round - base] * n
         loss = update.metrics.get("train_loss")
         if loss is not None:
             p.loss_sum += float(loss) * update.num_examples
             p.loss_weight += update.num_examples
         if moved is not None:
             self.weights = moved
+
+    def _submit(self, update: ClientUpdate) -> Weights | None:
+        """``update`` to the strategy; a counted one, to a strategy that cannot take counts,
+        as that many updates of its delta one by one (each meeting the version it meets).
+        Members beyond the job's last version are not used (as the flat star would not
+        use updates arriving after it), logged."""
+        if update.count == 1:
+            return self.strategy.submit(update)
+        left = self.config.rounds - self.version
+        if self.strategy.takes_counts:
+            room = self.strategy.room(left)
+            if room is None or room >= update.count:
+                return self.strategy.submit(update)
+            self._log.info("updates_beyond_last_version", peer=update.sender,
+                           updates=update.count - room)
+            return self.strategy.submit(dataclasses.replace(update, count=room)) \
+                if room else None
+        moved = None
+        for _ in range(update.count):
+            if self.version >= self.config.rounds:
+                break
+            one = dataclasses.replace(update, count=1,
+                                      staleness=self.version - update.base_round)
+            moved = self.strategy.submit(one) or moved
+        return moved
 
     # --- outgoing ------------------------------------------------------------------------
     async def _send_work(self, nodes: list[str]) -> None:
@@ -472,3 +508,37 @@ class AsyncAggregator(AggregatorBase[AsyncAggregatorConfig]):
             payload = await self._offload(functools.partial(encode, env, c.compression))
             self._work_ids.setdefault(node, deque(maxlen=_WORK_IDS)).append(env.msg_id)
             await self.bus.publish(topics.work(c.job, node, c.node_id), payload)
+
+
+def _crossed(before: int, now: int, every: int, last: int) -> bool:
+    """Is something due every ``every`` versions (and at ``last``) between ``before`` and
+    ``now``? A counted update may make several versions at once, past a multiple of it."""
+    return now >= last or now // every > before // every
+
+
+def forwarded_counts(env: Envelope) -> tuple[int, dict[str, int], dict[int, int]]:
+    """A forwarded update's count, and who made its members and from which versions (empty
+    when the relay does not say, or says it inconsistently: then the update's own tag)."""
+    count = env.meta.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+        raise UpdateRejected("bad_count", f"count {count!r} is not an integer in "
+                                          f"[1, {MAX_COUNT}]")
+    origins = env.meta.get("origins")
+    if not (isinstance(origins, dict) and len(origins) <= count
+            and all(isinstance(k, str) and len(k) <= 64 and isinstance(n, int)
+                    and not isinstance(n, bool) and n >= 1 for k, n in origins.items())
+            and sum(origins.values()) == count):
+        origins = {}
+    bases: dict[int, int] = {}
+    raw = env.meta.get("bases")
+    if isinstance(raw, list) and len(raw) <= count:
+        for pair in raw:
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                    and 0 <= pair[0] <= env.round and pair[1] >= 1):
+                bases = {}
+                break
+            bases[pair[0]] = bases.get(pair[0], 0) + pair[1]
+        if sum(bases.values()) != count:
+            bases = {}
+    return count, origins, bases

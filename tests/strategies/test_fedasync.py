@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from strategy_testkit import assert_async_resume_identical, codec_roundtrip, small_model, upd
@@ -95,3 +97,28 @@ def test_state_roundtrips_and_resume_is_identical() -> None:
     assert state["version"] == 3
     assert_async_resume_identical(lambda: FedAsync(alpha=0.5, staleness="hinge", a=3, b=2),
                                   model, updates, 5)
+
+
+@pytest.mark.parametrize("kind", ["constant", "polynomial"])
+def test_a_counted_update_is_its_mean_arriving_count_times(kind: str) -> None:
+    # Prepare: 4 members from one base, staleness 2 when they land
+    model = small_model()
+    flat = FedAsync(alpha=0.5, staleness=kind, a=0.5)
+    counted = FedAsync(alpha=0.5, staleness=kind, a=0.5)
+    flat.init(model, version=7)
+    counted.init(model, version=7)
+    rng = np.random.default_rng(3)
+    members = [{k: rng.normal(0, 1, v.shape) for k, v in model.items()} for _ in range(4)]
+    mean = {k: sum(m[k] for m in members) / 4 for k in model}
+    # Execute: one by one each meets one version more; counted, in one submit
+    for j, d in enumerate(members):
+        last = flat.submit(upd(f"m{j}", d, staleness=2 + j))
+    out = counted.submit(dataclasses.replace(upd("relay", mean, staleness=2), count=4))
+    # Assert: the same versions; the same model for the constant weighting, and for the
+    # others the flat model averaged over the members' arrival order
+    assert out is not None and last is not None and counted.version == flat.version == 11
+    total = sum(counted.mixing_weight(2 + j) for j in range(4))
+    for k in model:
+        np.testing.assert_allclose(out[k], model[k] + total * mean[k], atol=1e-12)
+        if kind == "constant":
+            np.testing.assert_allclose(out[k], last[k], atol=1e-12)

@@ -20,8 +20,9 @@ __all__ = ["parse_nodes", "relay_strategies"]
 
 
 _PLANNED_ROLES: Final[tuple[str, ...]] = ()
-#: Node keys beyond id, role, parent and partition (a relay's group ``strategy``).
-_NODE_EXTRA_KEYS: Final = ("strategy",)
+#: Node keys beyond id, role, parent and partition (a relay's group ``strategy``, an async
+#: relay's ``pre_aggregate``).
+_NODE_EXTRA_KEYS: Final = ("strategy", "pre_aggregate")
 
 
 def _node(read: Reader, value: Any, field: str) -> NodeSpec:
@@ -42,7 +43,17 @@ def _node(read: Reader, value: Any, field: str) -> NodeSpec:
         broker=None if t.get("broker") is None else read.ident(t["broker"],
                                                                 f"{field}.broker"),
         strategy=_group_strategy(read, t, field, role),
+        pre_aggregate=_pre_aggregate(read, t, field, role),
     )
+
+
+def _pre_aggregate(read: Reader, t: Mapping[str, Any], field: str, role: str) -> int:
+    if t.get("pre_aggregate") is None:
+        return 1
+    if role != "relay":
+        read.fail(f"{field}.pre_aggregate", "only a relay (under an asynchronous root) "
+                                            "pre-aggregates its children's updates")
+    return read.integer(t["pre_aggregate"], f"{field}.pre_aggregate", lo=1, hi=1 << 16)
 
 
 def _group_strategy(read: Reader, t: Mapping[str, Any], field: str, role: str) -> PluginSpec | None:
@@ -69,6 +80,11 @@ def relay_strategies(read: Reader, nodes: Sequence[NodeSpec], root: PluginSpec) 
     """Under an asynchronous root a relay forwards each update on its own (exact
     staleness): a group strategy there would have nothing to fold."""
     if not isinstance(make_strategy(root.name, thaw(root.params)), AsyncStrategy):
+        for i, n in enumerate(nodes):
+            if n.pre_aggregate != 1:
+                read.fail(f"nodes[{i}].pre_aggregate",
+                          f"the job's strategy {root.name!r} is synchronous: relay {n.id!r} "
+                          "folds one update per round already; remove `pre_aggregate:`")
         return
     for i, n in enumerate(nodes):
         if n.strategy is not None:
