@@ -429,7 +429,7 @@ class AsyncRelay(AsyncAggregator):
         return self.bus.subscribe(
             topics.updates_for(c.job, c.node_id), topics.presence_all(c.job), *self._up,
             topics.presence(c.job, c.node_id), admit=self._admit_chunks,
-            max_queued_bytes=backlog)
+            max_queued_bytes=backlog, screen=self.intake.door.screen)
 
     def _admit_chunks(self, topic: str, total: int) -> bool:
         if topic in self._up:
