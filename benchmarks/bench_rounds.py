@@ -343,7 +343,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             probe: bool = False, update: str = "none", model: str = "none",
             task_ref: str = TOY_TASK,
             trainer_grace_s: float = 2.0, chunk_bytes: int = 1_000_000,
-            max_uploads: int = 4) -> Row:
+            max_uploads: int = 4, sign: bool = False) -> Row:
     started = time.monotonic()
     broker: MosquittoProcess | None = None
     children: list[Child] = []
@@ -360,6 +360,13 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
                                              task_ref=task_ref,
                                              task_extra=", lr: 0.5" if task_ref == TOY_TASK
                                              else ""))
+        if sign:  # every message signed and checked (security.sign: required), keys here
+            from fedbus.signing import write_key_pair
+
+            for node in ["aggregator", *(f"t{i}" for i in range(n))]:
+                write_key_pair(workdir / "keys", node)
+            with manifest.open("a") as f:
+                f.write("security: {sign: required, keys: keys}\n")
         probe_out = workdir / "probe.jsonl"
         parent_rss = (read_mem(os.getpid()) or (0, 0))[0]
         if probe:
@@ -623,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="toy: one step toward a target; add: model + constant (bench_wire's)")
     p.add_argument("--chunk-bytes", type=int, default=1_000_000, help="broker.chunk_bytes")
     p.add_argument("--max-uploads", type=int, default=4, help="round.max_uploads")
+    p.add_argument("--sign", action="store_true",
+                   help="security.sign: required (every message signed and checked)")
     p.add_argument("--trainer-cores", type=int, default=2, help="cores for the trainer process")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per configuration")
     p.add_argument("--keepalive", type=int, default=30,
@@ -656,7 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       keepalive=args.keepalive, probe=args.probe, update=args.update,
                       model=args.model,
                       task_ref=ADD_TASK if args.task == "add" else TOY_TASK,
-                      chunk_bytes=args.chunk_bytes, max_uploads=args.max_uploads)
+                      chunk_bytes=args.chunk_bytes, max_uploads=args.max_uploads,
+                      sign=args.sign)
         _eprint(f"  rounds {[round(s, 2) for s in row.round_s]} s, agg peak "
                 f"{_mib(row.agg_peak)} MiB (ru_maxrss "
                 f"{_mib(row.agg_maxrss) if row.agg_maxrss else 'n/a'}), trainers "
