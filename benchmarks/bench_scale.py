@@ -17,13 +17,14 @@ the broker and N / procs in each worker).
 
 The sequence: the trainer workers start and connect (``--connect-concurrency`` connects in
 flight a process; a connect that fails is retried with a jittered, doubling pause), then
-everything idles for ``--idle-s`` seconds (CPU time and PSS of each process measured), then
-the root and relay process starts and runs ``--rounds`` rounds. Reported: connections
-(mosquitto's ``$SYS/broker/clients/connected``, this benchmark's own watcher not counted),
-seconds from the workers' start until all were connected, seconds a round (the root's round
-reports; median of rounds 2.. when there are), rounds completed, and PSS
-(``/proc/PID/smaps_rollup``) of mosquitto, the trainer workers and the root's process, in
-total and per trainer. Every child process and the broker are stopped in a ``finally``.
+everything idles for ``--idle-s`` seconds (CPU time and PSS of each process measured), then the
+root and relay process starts and runs ``--rounds`` rounds (idle means: every trainer has
+subscribed, mosquitto's ``$SYS/broker/subscriptions/count``, and 2 s have passed). Reported:
+connections (mosquitto's ``$SYS/broker/clients/connected``, this benchmark's own watcher not
+counted), seconds from the workers' start until all were connected, seconds a round (the root's
+round reports; median of rounds 2.. when there are), rounds completed, and PSS
+(``/proc/PID/smaps_rollup``) of mosquitto, the trainer workers and the root's process, in total
+and per trainer. Every child process and the broker are stopped in a ``finally``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ from fedbus.wire import presence
 #: mosquitto publishes $SYS every sys_interval seconds (default 10): once a second here.
 _SYS = "sys_interval 1\n"
 _CONNECTED = "$SYS/broker/clients/connected"
+_SUBSCRIPTIONS = "$SYS/broker/subscriptions/count"
+#: Filters a trainer subscribes to (model, control, work, its own presence).
+_TRAINER_FILTERS = 4
 
 
 def raise_nofile() -> int:
@@ -172,19 +176,26 @@ def cpu_s(pid: int) -> float:
 
 
 class Watcher:
-    """mosquitto's count of connected clients, as it publishes it ($SYS, once a second)."""
+    """mosquitto's counts of connected clients and of subscriptions, as it publishes them
+    ($SYS, once a second)."""
 
     def __init__(self, proc: MosquittoProcess) -> None:
         self.proc = proc
         self.connected = -1
+        self.subscriptions = -1
         self._task: asyncio.Task[None] | None = None
 
     async def _follow(self) -> None:
         async with aiomqtt.Client(self.proc.host, self.proc.port,
                                   identifier="bench-scale-watch") as client:
             await client.subscribe(_CONNECTED)
+            await client.subscribe(_SUBSCRIPTIONS)
             async for message in client.messages:
-                self.connected = int(bytes(message.payload)) - 1  # type: ignore[arg-type]
+                value = int(bytes(message.payload))  # type: ignore[arg-type]
+                if message.topic.matches(_CONNECTED):
+                    self.connected = value - 1  # not this watcher
+                else:
+                    self.subscriptions = value - 2
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow())
@@ -241,6 +252,12 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         if watcher.connected < n:
             return res
         # idle: every trainer connected and subscribed, nothing to do
+        settle = time.perf_counter() + 120
+        while time.perf_counter() < settle:
+            if watcher.subscriptions >= _TRAINER_FILTERS * n:
+                break
+            await asyncio.sleep(0.2)  # a $SYS count, published once a second
+        res["serving_s"] = time.perf_counter() - t0
         await asyncio.sleep(2.0)
         pids = [w.pid for w in workers]
         before = {p: cpu_s(p) for p in [*pids, proc.pid]}
@@ -250,6 +267,11 @@ async def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         res["idle_cpu_broker"] = idle_cpu[proc.pid]
         res["idle_pss_trainers_mib"] = sum(pss_mib(p) for p in pids)
         res["idle_pss_broker_mib"] = pss_mib(proc.pid)
+        print(f"  {n}: all subscribed at {res['serving_s']:.1f} s; idle: trainers "
+              f"{res['idle_cpu_trainers']:.2f} CPU s/s "
+              f"({res['idle_cpu_trainers'] / n * 1e6:.0f} us/s each), broker "
+              f"{res['idle_cpu_broker']:.2f}, trainers' PSS {res['idle_pss_trainers_mib']:.0f} MiB",
+              flush=True)
         # the root and its relays
         root = ctx.Process(target=_worker, args=(spec, ["root"] + [f"r{g}" for g in range(
             relays)], out, opts), daemon=True)
@@ -332,7 +354,7 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=300.0, help="round.deadline_s")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds allowed to connect, and again to finish the rounds")
-    p.add_argument("--idle-s", type=float, default=5.0, help="idle window measured")
+    p.add_argument("--idle-s", type=float, default=10.0, help="idle window measured")
     p.add_argument("--quick", action="store_true", help="200 trainers, 2 processes, fan-in 100")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
