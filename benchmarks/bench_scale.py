@@ -90,7 +90,7 @@ def manifest(n: int, fan_in: int, args: argparse.Namespace, host: str, port: int
         "task": {"ref": "examples.toy.task:make_task",
                  "params": {"size": args.params, "lr": 0.5, "independent": True}},
         "evaluate": {"where": "none"},
-        "round": {"deadline_s": args.deadline, "quorum": 1.0, "min_clients": relays,
+        "round": {"deadline_s": args.deadline, "quorum": args.quorum, "min_clients": relays,
                   "start_timeout_s": args.timeout},
         "nodes": nodes,
     }
@@ -352,6 +352,9 @@ def main() -> None:
                    help="connects in flight per worker process")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds per connect")
     p.add_argument("--deadline", type=float, default=300.0, help="round.deadline_s")
+    p.add_argument("--quorum", type=float, default=1.0,
+                   help="round.quorum (1.0: a round needs every trainer, and the run checks "
+                        "every trainer's examples were counted)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds allowed to connect, and again to finish the rounds")
     p.add_argument("--idle-s", type=float, default=10.0, help="idle window measured")

@@ -41,7 +41,7 @@ def test_bench_scale_runs_rounds_through_relays_with_every_trainer_connected() -
     _need_mosquitto()
     args = argparse.Namespace(rounds=2, params=100, keepalive=30, fan_in=30, procs=2,
                               connect_concurrency=16, connect_timeout=30.0, deadline=60.0,
-                              timeout=60.0, idle_s=0.5)
+                              quorum=1.0, timeout=60.0, idle_s=0.5)
 
     # Execute
     res = asyncio.run(bench_scale.measure(60, args))
