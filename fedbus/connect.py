@@ -51,7 +51,9 @@ def broker_settings(m: Manifest, node_id: str, *, login_as: str | None = None,
                           max_message_bytes=m.codec.max_message_mb << 20,
                           keepalive=b.keepalive_s, username=creds.username,
                           password=creds.password, tls_ca=creds.tls_ca,
-                          tls_cert=creds.tls_cert, tls_key=creds.tls_key)
+                          tls_cert=creds.tls_cert, tls_key=creds.tls_key,
+                          connect_timeout_s=b.connect_timeout_s,
+                          connect_wait_s=b.connect_wait_s, reconnect_max_s=b.reconnect_max_s)
     return BrokerSettings(host=b.host, port=b.port, client_id=client_id, options=options)
 
 

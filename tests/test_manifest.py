@@ -176,6 +176,24 @@ def test_node_lookup_and_unknown_node() -> None:
     assert "agg, t0, t1" in info.value.problem
 
 
+def test_connection_timing_is_set_from_the_manifest() -> None:
+    # Prepare: a large deployment's connection settings
+    from fedbus.connect import broker_settings
+
+    data = {**copy.deepcopy(BASE), "broker": {"host": "10.0.0.5", "connect_timeout_s": 5,
+                                              "connect_wait_s": 600, "reconnect_max_s": 30}}
+    # Execute
+    options = broker_settings(parse_manifest(data), "t0").options
+    # Assert: they reach the connection
+    assert (options.connect_timeout_s, options.connect_wait_s, options.reconnect_max_s) == (
+        5, 600, 30)
+    # and a wait that cannot make sense is one clear error
+    bad = {**copy.deepcopy(BASE), "broker": {"host": "10.0.0.5", "connect_wait_s": 0}}
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(bad)
+    assert info.value.field == "broker.connect_wait_s"
+
+
 def test_with_broker_replaces_only_the_broker() -> None:
     m = parse_manifest(copy.deepcopy(BASE))
 

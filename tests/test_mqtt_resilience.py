@@ -100,6 +100,29 @@ async def test_unreachable_broker_raises_connect_error() -> None:
     assert info.value.endpoint.startswith("127.0.0.1:")
 
 
+async def test_a_node_started_before_its_broker_waits_for_it() -> None:
+    # Prepare: nothing listens yet; one attempt's timeout is short, the wait for the first
+    # connection long (broker.connect_wait_s: systemd starts a node and its broker in any order)
+    from fedbus.broker import free_port
+
+    port = free_port()
+    bus = MqttBus("early", "127.0.0.1", port, options=MqttOptions(
+        connect_timeout_s=0.5, connect_wait_s=30.0, reconnect_min_s=0.05, reconnect_max_s=0.5))
+    # Execute: the broker comes up 2 s after the node began connecting
+    opening = asyncio.create_task(bus.__aenter__())
+    await asyncio.sleep(2.0)
+    assert not opening.done()
+    broker = await spawn_mosquitto(port)
+    try:
+        await asyncio.wait_for(opening, WAIT)
+        # Assert: connected, after several failed attempts, and usable
+        assert bus.connected and bus.stats["connect_failures"] >= 1
+        await bus.publish("test/early", b"x")
+    finally:
+        await bus.__aexit__(None, None, None)
+        await broker.stop()
+
+
 async def test_refused_credentials_fail_fast() -> None:
     async with await spawn_mosquitto(config_extra="allow_anonymous false\n") as proc:
         bus = MqttBus("anon", proc.host, proc.port, options=MqttOptions(connect_timeout_s=WAIT))

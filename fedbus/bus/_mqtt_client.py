@@ -166,8 +166,11 @@ def no_delay(sock: Any) -> None:
 
 def make_client(host: str, port: int, client_id: str, will_: Will | None, o: MqttOptions,
                 max_inflight: int, *, on_connack: Callable[[Properties | None], None],
-                deliver: _paho_fast.Deliver | None = None) -> CheckedClient:
-    """An aiomqtt client for one connection attempt, set up as the bus needs it."""
+                deliver: _paho_fast.Deliver | None = None, attempt: int = 0) -> CheckedClient:
+    """An aiomqtt client for one connection attempt (the ``attempt``-th retry: its timeout
+    doubles each time, up to ``connect_wait_s``, so a broker slowed by a crowd connecting
+    at once is given longer instead of being asked again and again), set up as the bus
+    needs it."""
     props = properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = o.session_expiry_s
     props.ReceiveMaximum = max(1, min(o.receive_maximum, 65535))
@@ -193,7 +196,8 @@ def make_client(host: str, port: int, client_id: str, will_: Will | None, o: Mqt
         will=will,
         clean_start=False,
         keepalive=o.keepalive,
-        timeout=o.connect_timeout_s,
+        timeout=min(o.connect_timeout_s * 2 ** min(attempt, 16),
+                    max(o.connect_timeout_s, o.connect_wait_s or 0.0)),
         max_queued_incoming_messages=0,  # unbounded, counted in stats["incoming_queued"]
         max_inflight_messages=max_inflight,
         properties=props,

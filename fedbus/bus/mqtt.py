@@ -95,7 +95,8 @@ class MqttBus:
         self.limits = lim
         self.options = o
         self._backoff = (o.reconnect_min_s, o.reconnect_max_s)
-        self._connect_timeout_s = o.connect_timeout_s
+        self._connect_timeout_s, self._connect_wait_s = (o.connect_timeout_s,
+                                                          o.connect_wait_s or o.connect_timeout_s)
         self._publish_timeout_s = o.publish_timeout_s
         self._stall_s = max(5.0, float(o.keepalive))  # see abort_stalled
         #: Lowered to the broker's Receive Maximum when it announces a smaller one.
@@ -154,7 +155,7 @@ class MqttBus:
         self._janitor = asyncio.create_task(self._expire_loop(), name=f"mqtt-expiry-{self.node_id}")
         self._repair.start()
         try:
-            async with asyncio.timeout(self._connect_timeout_s):
+            async with asyncio.timeout(self._connect_wait_s):
                 waits = [asyncio.ensure_future(e.wait()) for e in (self._connected, self._refused)]
                 try:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -239,12 +240,12 @@ class MqttBus:
 
     # -- connection loop ---------------------------------------------------------------------
 
-    def _make_client(self) -> CheckedClient:
+    def _make_client(self, attempt: int = 0) -> CheckedClient:
         def seen(props: Properties | None) -> None:
             self._connack = props
-
         return make_client(self.host, self.port, self.client_id, self.will, self.options,
-                           self._max_inflight, on_connack=seen, deliver=self._on_frame)
+                           self._max_inflight, on_connack=seen, deliver=self._on_frame,
+                           attempt=attempt)
 
     def _shared_unavailable(self) -> bool:
         """The broker's CONNACK said it has no ``$share`` subscriptions (absent: it has)."""
@@ -265,7 +266,7 @@ class MqttBus:
         attempt = 0
         while not self._closing:
             await self._gate.wait()
-            client = self._make_client()
+            client = self._make_client(attempt)
             conn: Connection | None = None
             try:
                 async with client:

@@ -35,7 +35,11 @@ class MqttOptions:
     tls_key: str | None = None
     reconnect_min_s: float = 0.2
     reconnect_max_s: float = 10.0
+    #: One connection attempt's timeout; each retry's doubles, up to ``connect_wait_s``.
     connect_timeout_s: float = 10.0
+    #: How long opening the bus waits for its first connection, retrying meanwhile (None:
+    #: ``connect_timeout_s``, one attempt's worth).
+    connect_wait_s: float | None = None
     publish_timeout_s: float = 60.0
     max_inflight: int = 200
     #: Unacknowledged QoS 1 messages the broker may have on their way to us (MQTT 5 Receive

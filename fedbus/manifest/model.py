@@ -65,6 +65,15 @@ class BrokerSpec:
     #: 1000, the configs in brokers/ set 100000). Checked at start against the chunking: a
     #: queue that cannot hold one model's chunks loses them silently.
     max_queued_messages: int = 1000
+    #: One connection attempt's timeout; each retry's doubles, up to ``connect_wait_s``.
+    connect_timeout_s: float = 10.0
+    #: How long a node waits for its first connection (retrying, backed off and jittered)
+    #: before it gives up: long enough for a thousand devices connecting at once, or a
+    #: broker that boots after its nodes (systemd starts them in any order).
+    connect_wait_s: float = 120.0
+    #: The longest pause between reconnect attempts (the first is 0.2 s, then doubling,
+    #: each jittered by up to half).
+    reconnect_max_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

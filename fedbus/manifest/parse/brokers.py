@@ -52,7 +52,16 @@ def parse_broker(read: Reader, value: Any, field: str = "broker") -> BrokerSpec:
         max_queued_messages=read.integer(
             t.get("max_queued_messages", d.max_queued_messages),
             f"{field}.max_queued_messages", lo=1),
+        connect_timeout_s=_seconds(read, t, d, field, "connect_timeout_s"),
+        connect_wait_s=_seconds(read, t, d, field, "connect_wait_s"),
+        reconnect_max_s=_seconds(read, t, d, field, "reconnect_max_s"),
     )
+
+
+def _seconds(read: Reader, t: Mapping[str, Any], d: BrokerSpec, field: str, key: str) -> float:
+    """A positive number of seconds, at most a day (a longer wait is a mistake, not a plan)."""
+    return read.number(t.get(key, getattr(d, key)), f"{field}.{key}",
+                       lambda v: 0 < v <= 86_400, "seconds, > 0 and at most 86400")
 
 
 def parse_brokers(read: Reader, value: Any) -> Mapping[str, BrokerNode]:
