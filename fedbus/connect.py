@@ -4,7 +4,7 @@ services, the standby watcher and the operator's tools alike."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedbus import topics
@@ -65,8 +65,11 @@ def mqtt_bus(node_id: str, s: BrokerSettings, *, will: Will | None = None,
                    options=s.options)
 
 
-def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None) -> Bus:
-    """A bus connection for ``node``, with its last will announcing it offline."""
+def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None,
+             interactive: bool = False) -> Bus:
+    """A bus connection for ``node``, with its last will announcing it offline.
+    ``interactive``: a command a person waits on (`fedbus watch`, `query`, the dashboard)
+    gives up after one attempt's ``broker.connect_timeout_s``, not ``connect_wait_s``."""
     topic = topics.presence(m.job, node.id)
     will = Will(topic=topic, payload=encode(presence(m.job, node.id, node.role, "offline")),
                 retain=True)
@@ -84,7 +87,10 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None)
         bus = MemoryBus(memory, node.id, will=will, birth=birth,
                         client_id=f"fedbus.{m.job}.{node.id}", chunk_bytes=chunk)
     else:
-        bus = mqtt_bus(node.id, broker_settings(m, node.id), will=will, birth=birth)
+        s = broker_settings(m, node.id)
+        if interactive:
+            s = replace(s, options=replace(s.options, connect_wait_s=None))
+        bus = mqtt_bus(node.id, s, will=will, birth=birth)
     return bus if signing is None else SignedBus(bus, *signing)
 
 

@@ -39,7 +39,8 @@ async def watch(m: Manifest, timeout_s: float, *, user: str | None = None) -> in
     endpoint = f"{m.broker.host}:{m.broker.port}"
     status = "never seen"
     deadline = time.monotonic() + timeout_s
-    async with make_bus(m, watcher) as bus, bus.subscribe(metrics_topic, presence_topic) as sub:
+    async with make_bus(m, watcher, interactive=True) as bus, \
+            bus.subscribe(metrics_topic, presence_topic) as sub:
         log.info("watch_started", job=m.job, node=agg)
         while True:
             left = deadline - time.monotonic()

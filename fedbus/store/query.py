@@ -78,7 +78,7 @@ async def run_query(m: Manifest, store: str | None, workload: str, args: Mapping
     from fedbus.connect import make_bus
 
     me = NodeSpec(id=user or f"query-{os.getpid()}", role="trainer")
-    async with make_bus(m, me) as bus:
+    async with make_bus(m, me, interactive=True) as bus:
         return await ask(bus, m, node.id, workload, args, timeout)
 
 
