@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ from typing import Any
 import yaml
 
 from benchmarks.bench_rounds import REPO, Child
-from fedbus.broker import spawn_mosquitto
+from fedbus.broker import free_port, spawn_mosquitto
 from fedbus.log import configure_logging
 
 STRATEGIES: dict[str, Any] = {
@@ -66,14 +67,16 @@ class Trial:
     checkpoint_s: list[float] = field(default_factory=list)
 
 
-def write_manifest(folder: Path, host: str, port: int, strategy: str, rounds: int) -> Path:
+def write_manifest(folder: Path, host: str, port: int, strategy: str, rounds: int,
+                   redis_url: str | None = None) -> Path:
     data = {
         "version": 1, "job": "chaos", "seed": 11, "rounds": rounds,
         "strategy": STRATEGIES[strategy], "selector": SELECTORS.get(strategy, "all"),
         "broker": {"host": host, "port": port, "max_queued_messages": 100_000},
         # a lost update is asked for again at the deadline at the latest
         "round": {"deadline_s": 5, "quorum": 1.0, "min_clients": 3, "start_timeout_s": 60},
-        "checkpoint": {"dir": str(folder / "checkpoints"), "wait_s": 10},
+        "checkpoint": {"dir": str(folder / "checkpoints"), "wait_s": 10,
+                       **({"redis": redis_url} if redis_url else {})},
         "evaluate": {"where": "server", "every": 1},
         "task": {"ref": "examples.toy.task:make_task",
                  "params": {"size": 10_000, "lr": 0.3, "delay_s": 0.2}},
@@ -84,6 +87,28 @@ def write_manifest(folder: Path, host: str, port: int, strategy: str, rounds: in
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def _redis_server(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    """A redis-server of our own on ``port`` (no persistence), once it accepts connections."""
+    import socket
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed (the `redis` victim needs it)")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.02)  # a harness start-up poll, bounded
 
 
 def _serve(manifest: Path, node: str, log: Path, cwd: Path) -> Child:
@@ -141,12 +166,18 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
                   *, standby: bool = False, victim: str = "aggregator",
                   ) -> tuple[list[tuple[Any, ...]], Trial | None, float]:
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a local temp folder
+    standby = standby or victim == "standby"
     proc = await spawn_mosquitto()
     brokers = [proc]
     children: list[Child] = []
+    redis: list[subprocess.Popen[bytes]] = []
+    redis_port = free_port() if victim == "redis" else 0
     log = folder / "aggregator.log"
     try:
-        path = write_manifest(folder, proc.host, proc.port, strategy, rounds)
+        if redis_port:  # the checkpointer keeps checkpoints in Redis, backed by its disk
+            redis.append(_redis_server(redis_port, folder))
+        path = write_manifest(folder, proc.host, proc.port, strategy, rounds,
+                              f"redis://127.0.0.1:{redis_port}/0" if redis_port else None)
         others = {"ckpt": _serve(path, "ckpt", folder / "ckpt.log", folder),
                   "t*": _serve(path, "t*", folder / "trainers.log", folder)}
         children += others.values()
@@ -172,6 +203,15 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
                 if victim == "broker":
                     brokers[-1].kill_now()  # SIGKILL; no persistence: its queues are gone
                     brokers.append(await spawn_mosquitto(proc.port))
+                elif victim == "redis":  # SIGKILL; back empty (no persistence) a second later
+                    redis[-1].kill()
+                    redis[-1].wait(10)
+                    await asyncio.sleep(1.0)
+                    redis.append(_redis_server(redis_port, folder))
+                elif victim == "standby":  # the waiting instance dies and is started again
+                    children[-1].proc.kill()
+                    children[-1].reap(10)
+                    children.append(_serve(path, "aggregator", standby_log, folder))
                 else:
                     node = {"checkpointer": "ckpt", "trainers": "t*"}[victim]
                     others[node].proc.kill()
@@ -200,6 +240,9 @@ async def one_run(folder: Path, strategy: str, rounds: int, kill_at: tuple[int, 
             child.stop()
         for b in brokers:
             await b.stop()
+        for r in redis:
+            r.kill()
+            r.wait(10)
     events = _events(folder / "aggregator.log")
     if standby and standby_log.exists():
         events += _events(standby_log)
@@ -352,8 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--victim", default="aggregator",
-                   choices=("aggregator", "checkpointer", "trainers", "broker"),
-                   help="what to SIGKILL and restart (the broker: without persistence)")
+                   choices=("aggregator", "checkpointer", "trainers", "broker", "redis",
+                            "standby"),
+                   help="what to SIGKILL and restart (the broker and redis: without "
+                        "persistence; standby: the waiting aggregator, the active one lives)")
     p.add_argument("--standby", action="store_true",
                    help="run a standby aggregator that takes over (no restart by the harness)")
     p.add_argument("--twins", action="store_true",

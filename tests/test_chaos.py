@@ -38,10 +38,12 @@ def test_two_aggregators_started_together_settle_on_one_leader_for_the_whole_job
     assert t.same_model, t
 
 
-@pytest.mark.parametrize("victim", ["checkpointer", "trainers", "broker"])
+@pytest.mark.parametrize("victim", ["checkpointer", "trainers", "broker", "redis", "standby"])
 def test_killing_any_other_component_leaves_the_final_model_unchanged(victim: str) -> None:
     # the checkpointer (rounds go on undurable until it is back), the trainers' process
-    # (their updates are asked for again), the broker (no persistence: its queues are lost)
+    # (their updates are asked for again), the broker (no persistence: its queues are lost),
+    # the checkpointer's Redis (the disk behind it keeps every checkpoint; it comes back
+    # empty), the waiting standby aggregator (the active one never notices)
     trials = asyncio.run(chaos(1, ["fedadam"], rounds=6, seed=0, victim=victim))
     t = trials[0]
     assert t.killed and t.rounds_done == 6, t
