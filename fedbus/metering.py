@@ -20,10 +20,11 @@ class MeteredBus(BusWrapper):
         self.sent = 0
         self.received = 0
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        await self.inner.publish(topic, payload, retain=retain)
-        self.sent += len(payload)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      tail: bytes = b"") -> None:
+        await self.inner.publish(topic, payload, retain=retain, tail=tail)
+        self.sent += len(payload) + len(tail)
 
     async def receive(self, msg: Message) -> Message | None:
-        self.received += len(msg.payload)
+        self.received += len(msg.payload) + len(msg.tail)
         return msg

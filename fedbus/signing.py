@@ -104,9 +104,15 @@ class Signer:
         return cls(node_id, read_key(path), path=path)
 
     def sign(self, payload: bytes) -> bytes:
+        """``payload`` with its trailer appended (a copy: for small payloads)."""
+        return b"".join((payload, self.trailer(payload)))
+
+    def trailer(self, payload: bytes | memoryview) -> bytes:
+        """What follows ``payload`` to sign it: the bus frames the two without joining them
+        (``Bus.publish(tail=)``)."""
         self._follow_file()
-        signature = self._key.sign(_digest(payload, self.node_id))
-        return b"".join((payload, signature, self._tail))
+        signature: bytes = self._key.sign(_digest(payload, self.node_id))
+        return signature + self._tail
 
     def _follow_file(self) -> None:
         if self._path is None or time.monotonic() - self._checked < KEY_CHECK_S:
@@ -170,15 +176,29 @@ class Verifier:
             if self.required:
                 raise SignatureError("unsigned", "this job requires signed messages")
             return data, None
-        self._follow_folder()
         payload, signature, signer = parts
+        self._check(payload, signature, signer)
+        return bytes(payload), signer
+
+    def verify_tail(self, payload: bytes, tail: bytes) -> str:
+        """The signer of ``payload``, whose trailer came apart from it (``Message.tail``):
+        nothing is copied. Raises ``SignatureError``."""
+        parts = split_signed(tail)
+        if parts is None or len(parts[0]):
+            raise SignatureError("bad_signature", "malformed signature trailer")
+        _, signature, signer = parts
+        self._check(payload, signature, signer)
+        return signer
+
+    def _check(self, payload: bytes | memoryview, signature: bytes, signer: str) -> None:
+        self._follow_folder()
         keys = self._keys.get(signer)
         if not keys:
             raise SignatureError("unknown_signer", f"no public key for {signer!r}")
         digest = _digest(payload, signer)
         seen = (signer, signature, digest)
         if seen in self._good:
-            return bytes(payload), signer
+            return
         for key in keys:
             try:
                 key.verify(signature, digest)
@@ -187,7 +207,7 @@ class Verifier:
             if len(self._good) >= _REMEMBERED:
                 del self._good[next(iter(self._good))]
             self._good[seen] = None
-            return bytes(payload), signer
+            return
         raise SignatureError("bad_signature", f"signature of {signer!r} does not match")
 
     def _follow_folder(self) -> None:

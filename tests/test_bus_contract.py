@@ -157,6 +157,19 @@ async def test_large_payload_is_chunked_and_arrives_intact(make_bus: Factory, to
     assert stats["chunks_received"] == 21 and stats["transfers_completed"] == 1
 
 
+async def test_a_tail_travels_beside_a_chunked_payload(make_bus: Factory, topic: str) -> None:
+    """A signature trailer (``tail``) is framed after the payload and comes back split off
+    from a chunked one, appended to one that travels whole (fedbus.bus.signed)."""
+    big, tail = os.urandom(600 * 1024 + 3), b"s" * 71
+    async with make_bus(node(), chunk_bytes=256 * 1024) as a, make_bus(node()) as b:
+        async with b.subscribe(f"{topic}/t") as sub:
+            await a.publish(f"{topic}/t", big, tail=tail)
+            await a.publish(f"{topic}/t", b"small", tail=tail)
+            chunked, whole = await sub.get(timeout=WAIT * 2), await sub.get(timeout=WAIT)
+    assert (chunked.payload, chunked.tail) == (big, tail)
+    assert (whole.payload, whole.tail) == (b"small" + tail, b"")
+
+
 async def test_payload_that_looks_like_a_chunk_passes_intact(make_bus: Factory, topic: str) -> None:
     async with make_bus(node()) as a, make_bus(node()) as b:
         async with b.subscribe(f"{topic}/fk") as sub:

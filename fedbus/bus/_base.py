@@ -34,6 +34,10 @@ class Message:
     retain: bool = False
     #: Who signed it, checked against their key (fedbus.bus.signed); None: not signed.
     signer: str | None = None
+    #: A chunked payload's signature trailer, split off by the bus as it joined the chunks
+    #: (so the payload is not copied to remove it); empty when there is none or when the
+    #: trailer is still at the end of ``payload`` (a payload that travelled whole).
+    tail: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +89,11 @@ class Bus(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish at QoS 1. Large payloads are chunked transparently."""
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      tail: bytes = b"") -> None:
+        """Publish at QoS 1. Large payloads are chunked transparently. ``tail``: the payload's
+        signature trailer (fedbus.bus.signed), sent after it without copying the payload;
+        a chunked one reaches subscribers as ``Message.tail``."""
         ...
 
     def subscribe(self, *filters: str, admit: Admit | None = None,

@@ -15,7 +15,7 @@ from typing import Final
 import structlog
 
 from fedbus.bus._base import Admit, Message, Screen
-from fedbus.bus._chunking import ChunkLimits, Reassembler
+from fedbus.bus._chunking import ChunkLimits, Reassembler, Tailed
 from fedbus.errors import BusError
 from fedbus.topics import matches, validate_filter
 
@@ -183,7 +183,9 @@ class Dispatcher:
                                       admit=self._admission(routes, only))
         if whole is None:
             return
-        message = Message(topic=topic, payload=whole, retain=retain)
+        message = (Message(topic=topic, payload=whole.payload, retain=retain, tail=whole.tail)
+                   if isinstance(whole, Tailed) else
+                   Message(topic=topic, payload=whole, retain=retain))
         if only is not None:
             only.push(message)
             self.delivered += 1

@@ -388,19 +388,21 @@ class MemoryBus:
         if self._state != "open":
             raise BusError(f"bus {self.node_id} is not open: use `async with bus:`")
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      tail: bytes = b"") -> None:
         self._check_open()
         if "+" in topic or "#" in topic or not topic:
             raise BusError(f"cannot publish to {topic!r}: topics have no wildcards")
         data = bytes(payload)  # subscribers must never see a buffer the caller mutates later
         limit = self._dispatch.reassembler.limits.max_message_bytes
-        if len(data) > limit:
-            raise BusError(f"payload of {len(data)} bytes exceeds max_message_bytes={limit}")
+        if len(data) + len(tail) > limit:
+            raise BusError(f"payload of {len(data) + len(tail)} bytes exceeds "
+                           f"max_message_bytes={limit}")
         # A broker keeps one retained message per topic, so retained payloads travel whole.
-        size = max(self.chunk_bytes, len(data)) if retain else self.chunk_bytes
-        transfer = plan(data, max(size, 1))
+        size = max(self.chunk_bytes, len(data) + len(tail)) if retain else self.chunk_bytes
+        transfer = plan(data, max(size, 1), tail=tail)
         if transfer is None:
-            self._send_frame(topic, data, retain)
+            self._send_frame(topic, data + tail if tail else data, retain)
         else:
             self._repair.sent(topic, transfer)
             for index in range(transfer.count):

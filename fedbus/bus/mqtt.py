@@ -498,20 +498,19 @@ class MqttBus:
                     raise BusError(f"{what} failed on {self.endpoint}: {exc}") from exc
             self._counters["publish_retries"] += 1
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish at QoS 1, chunking above ``chunk_bytes``; waits for a connection if needed.
-
-        Raises ``BusError`` when the broker is unreachable for ``publish_timeout_s``.
-        """
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      tail: bytes = b"") -> None:
+        """Publish at QoS 1, chunking above ``chunk_bytes``; waits for a connection if needed
+        (``BusError`` after ``publish_timeout_s``). ``tail``: as in ``Bus.publish``."""
         self._check_open()
         if not topic or "+" in topic or "#" in topic:
             raise BusError(f"cannot publish to {topic!r}: topics have no wildcards")
-        data = bytes(payload)
-        if len(data) > self.limits.max_message_bytes:
-            raise BusError(f"payload of {len(data)} bytes exceeds "
+        data, total = bytes(payload), len(payload) + len(tail)
+        if total > self.limits.max_message_bytes:
+            raise BusError(f"payload of {total} bytes exceeds "
                            f"max_message_bytes={self.limits.max_message_bytes}")
         deadline = asyncio.get_running_loop().time() + self._publish_timeout_s
-        size = max(self.chunk_bytes, len(data), 1) if retain else self.chunk_bytes
+        size = max(self.chunk_bytes, total, 1) if retain else self.chunk_bytes
 
         def sender(part: bytes) -> Callable[[aiomqtt.Client], Awaitable[None]]:
             async def send(client: aiomqtt.Client) -> None:
@@ -520,9 +519,9 @@ class MqttBus:
             return send
 
         what = f"publish to {topic}"
-        transfer = plan(data, size)
+        transfer = plan(data, size, tail=tail)
         if transfer is None:
-            await self._call(sender(data), deadline, what)
+            await self._call(sender(data + tail if tail else data), deadline, what)
         else:
             self._repair.sent(topic, transfer)  # kept a while, to resend lost chunks on NACK
             # Pipeline chunks: paho sends them in creation order; the window bounds the copies.
@@ -542,7 +541,7 @@ class MqttBus:
                 for t in window:
                     t.cancel()
         self._counters["published"] += 1
-        self._counters["published_bytes"] += len(data)
+        self._counters["published_bytes"] += total
 
     def _frame_out(self, frame: bytes) -> bytes | None:
         """A chunk frame about to be sent (None: do not send it; a lossy test bus's hook)."""

@@ -46,10 +46,15 @@ class SignedBus(BusWrapper):
         self.refused: Counter[str] = Counter()
         self.screen = self._check
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        signed = (await asyncio.to_thread(self.signer.sign, payload)
-                  if len(payload) >= _OFFLOAD_BYTES else self.signer.sign(payload))
-        await self.inner.publish(topic, signed, retain=retain)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      tail: bytes = b"") -> None:
+        if tail:
+            raise ValueError("a signing bus makes the trailer itself")
+        if len(payload) < _OFFLOAD_BYTES:
+            await self.inner.publish(topic, self.signer.sign(payload), retain=retain)
+        else:  # the trailer beside the payload: a 44 MB update is not copied to sign it
+            trailer = await asyncio.to_thread(self.signer.trailer, payload)
+            await self.inner.publish(topic, payload, retain=retain, tail=trailer)
 
     def _check(self, msg: Message) -> Message | None:
         """In the receive path, as a message arrives: a small message is checked at once,
@@ -58,7 +63,7 @@ class SignedBus(BusWrapper):
         if len(msg.payload) >= _OFFLOAD_BYTES:
             return msg
         try:
-            payload, signer = self.verifier.verify(msg.payload)
+            payload, signer = self._verify(msg)
         except SignatureError as exc:
             self._refuse(msg, exc)
             return None
@@ -69,12 +74,17 @@ class SignedBus(BusWrapper):
         if isinstance(msg, _Checked):
             return msg
         try:
-            payload, signer = await asyncio.to_thread(self.verifier.verify, msg.payload) \
-                if len(msg.payload) >= _OFFLOAD_BYTES else self.verifier.verify(msg.payload)
+            payload, signer = await asyncio.to_thread(self._verify, msg) \
+                if len(msg.payload) >= _OFFLOAD_BYTES else self._verify(msg)
         except SignatureError as exc:
             self._refuse(msg, exc)
             return None
         return Message(msg.topic, payload, msg.retain, signer=signer)
+
+    def _verify(self, msg: Message) -> tuple[bytes, str | None]:
+        if msg.tail:  # split off by the bus as it joined the chunks: nothing to copy
+            return msg.payload, self.verifier.verify_tail(msg.payload, msg.tail)
+        return self.verifier.verify(msg.payload)
 
     def _refuse(self, msg: Message, exc: SignatureError) -> None:
         self.refused[exc.reason] += 1

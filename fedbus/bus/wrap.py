@@ -63,8 +63,9 @@ class BusWrapper:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.inner.__aexit__(exc_type, exc, tb)
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        await self.inner.publish(topic, payload, retain=retain)
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      tail: bytes = b"") -> None:
+        await self.inner.publish(topic, payload, retain=retain, tail=tail)
 
     async def receive(self, msg: Message) -> Message | None:
         """A delivered message, as the services will see it (None: they will not)."""
