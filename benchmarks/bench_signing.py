@@ -7,8 +7,9 @@ payloads, spread over N + 1 processes. What is timed is the bus's own work on a 
 ``MqttBus``/``MemoryBus`` do it (fedbus.bus._chunking): a send frames every chunk (with
 signing off, after one crc32 pass; with signing on, after one BLAKE3 pass and an Ed25519
 signature, the trailer framed beside the payload); a receive feeds every frame to a
-reassembler (crc32 of each chunk off; on, the joined payload's signature checked against its
-split-off trailer). The sockets and the broker are the same either way and are not timed.
+reassembler (off: a crc32 of each chunk; on: each chunk hashed as it is fed, then one
+Ed25519 check of the joined payload against its split-off trailer). The sockets and the
+broker are the same either way and are not timed.
 
     python -m benchmarks.bench_signing                 # 1M and 11M, 7 trials each
     python -m benchmarks.bench_signing --sizes 1M --trials 3 --json signing.json
@@ -52,7 +53,7 @@ def _receive(frames: list[bytes], verifier: Verifier | None) -> None:
         whole = r.feed("u/t0", memoryview(frame))
     if verifier is not None:
         assert isinstance(whole, Tailed)
-        verifier.verify_tail(whole.payload, whole.tail)
+        verifier.verify_tail(whole.payload, whole.tail, whole.hashed)
     else:
         assert isinstance(whole, bytes)
 

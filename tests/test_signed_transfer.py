@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from blake3 import blake3
 
 from fedbus.bus._base import Message
 from fedbus.bus._chunking import HEADER, MAX_TAIL, SIGNED, Reassembler, Tailed, plan
@@ -39,9 +40,16 @@ def test_a_trailer_comes_back_apart_wherever_the_chunk_boundary_falls(size: int)
     assert set(transfer.crcs) == {0}  # no crc32 pass: the signature reads every byte
     frames = [transfer.frame(i) for i in range(transfer.count)]
     assert all(HEADER.unpack_from(f)[2] == SIGNED for f in frames)
-    got = _feed(Reassembler(), frames[::-1])  # any order
-    assert got == Tailed(payload, tail)
-    assert verifier.verify_tail(got.payload, got.tail) == "t0"
+    for order in (frames, frames[::-1]):  # in order, and the worst order
+        got = _feed(Reassembler(), order)
+        assert isinstance(got, Tailed) and (got.payload, got.tail) == (payload, tail)
+        # hashed as the chunks came (a chunk that came early, once the gap before it filled)
+        assert got.hashed.digest() == blake3(payload).digest()
+        verifier._good.clear()  # no remembered signature: each check below does the work
+        for _ in range(2):  # one delivery, checked by two subscriptions: the hash is shared
+            assert verifier.verify_tail(got.payload, got.tail, got.hashed) == "t0"
+            verifier._good.clear()
+        assert verifier.verify_tail(got.payload, got.tail) == "t0"  # and from the bytes
 
 
 def test_a_small_signed_payload_still_travels_whole() -> None:
@@ -113,6 +121,24 @@ async def test_a_chunked_signed_update_is_checked_without_a_copy_and_tampering_i
             received.append(await sub.get(timeout=1))
         assert not received
         assert receiver.stats["signature_bad_signature"] == 1
+
+
+async def test_two_subscriptions_both_check_one_chunked_signed_message() -> None:
+    """One delivery reaches both (overlapping filters): each check starts from the bus's
+    hash of the payload, and neither spoils it for the other."""
+    key, pub = generate_key()
+    broker = MemoryBroker()
+    verifier = Verifier({"t0": pub}, required=True)
+    sender = SignedBus(MemoryBus(broker, "t0", chunk_bytes=256 * 1024), Signer("t0", key),
+                       verifier)
+    receiver = SignedBus(MemoryBus(broker, "agg", chunk_bytes=256 * 1024), Signer("agg", key),
+                         verifier)
+    payload = os.urandom(2 * 1024 * 1024)
+    async with sender, receiver, receiver.subscribe("u/#") as a, receiver.subscribe("u/t0") as b:
+        await sender.publish("u/t0", payload)
+        got = [await a.get(timeout=5), await b.get(timeout=5)]
+    assert [(m.payload == payload, m.signer) for m in got] == [(True, "t0")] * 2
+    assert receiver.stats["signature_refused"] == 0
 
 
 def test_a_trailer_with_extra_bytes_before_it_is_refused() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Admit", "Bus", "Message", "Screen", "Subscription", "Will"]
 
@@ -38,6 +38,9 @@ class Message:
     #: (so the payload is not copied to remove it); empty when there is none or when the
     #: trailer is still at the end of ``payload`` (a payload that travelled whole).
     tail: bytes = b""
+    #: With ``tail``: a BLAKE3 hasher that has read exactly ``payload``, made by the bus as
+    #: the chunks arrived, so the signature check does not read the payload again.
+    hashed: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,7 +183,8 @@ class Dispatcher:
                                       admit=self._admission(routes, only))
         if whole is None:
             return
-        message = (Message(topic=topic, payload=whole.payload, retain=retain, tail=whole.tail)
+        message = (Message(topic=topic, payload=whole.payload, retain=retain, tail=whole.tail,
+                           hashed=whole.hashed)
                    if isinstance(whole, Tailed) else
                    Message(topic=topic, payload=whole, retain=retain))
         if only is not None:

@@ -52,15 +52,18 @@ class SignedBus(BusWrapper):
             raise ValueError("a signing bus makes the trailer itself")
         if len(payload) < _OFFLOAD_BYTES:
             await self.inner.publish(topic, self.signer.sign(payload), retain=retain)
-        else:  # the trailer beside the payload: a 44 MB update is not copied to sign it
-            trailer = await asyncio.to_thread(self.signer.trailer, payload)
-            await self.inner.publish(topic, payload, retain=retain, tail=trailer)
+        else:  # the trailer beside the payload: a 44 MB update is not copied to sign it.
+            # Hashed here, on the event loop, as an unsigned payload's crc32s are (the same
+            # time): a trip to a worker thread and back cost more than it saved.
+            await self.inner.publish(topic, payload, retain=retain,
+                                     tail=self.signer.trailer(payload))
 
     def _check(self, msg: Message) -> Message | None:
-        """In the receive path, as a message arrives: a small message is checked at once,
-        so a forgery never waits in a queue (a flood of them would crowd out real
-        messages); a large one goes on, to be checked off the event loop in ``receive``."""
-        if len(msg.payload) >= _OFFLOAD_BYTES:
+        """In the receive path, as a message arrives: a small message, or a large one the bus
+        hashed as its chunks came, is checked at once, so a forgery never waits in a queue
+        (a flood of them would crowd out real messages); another large one goes on, to be
+        checked off the event loop in ``receive``."""
+        if len(msg.payload) >= _OFFLOAD_BYTES and msg.hashed is None:
             return msg
         try:
             payload, signer = self._verify(msg)
@@ -83,7 +86,7 @@ class SignedBus(BusWrapper):
 
     def _verify(self, msg: Message) -> tuple[bytes, str | None]:
         if msg.tail:  # split off by the bus as it joined the chunks: nothing to copy
-            return msg.payload, self.verifier.verify_tail(msg.payload, msg.tail)
+            return msg.payload, self.verifier.verify_tail(msg.payload, msg.tail, msg.hashed)
         return self.verifier.verify(msg.payload)
 
     def _refuse(self, msg: Message, exc: SignatureError) -> None:
