@@ -116,6 +116,14 @@ def _signing(m: Manifest, node_id: str) -> tuple[Signer, Verifier] | None:
             Verifier.from_folder(root, required=m.security.sign == "required"))
 
 
+def signed(m: Manifest, node_id: str, bus: Bus) -> Bus:
+    """``bus``, signing as ``node_id`` and checking what it receives, when the job signs: for
+    a connection that is not the node's own (a standby's watcher, a `fedbus run` that looks
+    for its job on the broker), which must read the node's signed presence as the node would."""
+    signing = _signing(m, node_id)
+    return bus if signing is None else SignedBus(bus, *signing)
+
+
 def authenticated(m: Manifest, bus: Bus) -> bool:
     """Does the broker tie what is published on a node's topics to that node? The in-process
     bus does (nothing else can publish on it); an MQTT broker does when nodes log in with

@@ -210,6 +210,15 @@ class Entry:
     #: A sender outside ``senders`` is passed over silently, not counted: a shared channel
     #: where other nodes' messages are normal (``presence/+``: watchers, stores, siblings).
     others_ignored: bool = False
+    #: Who may sign here when it is not the sender itself: the instances of one node sign
+    #: with its key, while a lease names the instance (fedbus.failover).
+    signers: frozenset[str] | None = None
+
+    def signed_by_other(self, signer: str | None, sender: str) -> bool:
+        """A valid signature of someone who may not send this."""
+        if signer is None:
+            return False
+        return signer not in self.signers if self.signers is not None else signer != sender
 
     def limits_now(self) -> Limits:
         return self.limits() if callable(self.limits) else self.limits
@@ -324,8 +333,9 @@ class Door:
                         sender=parsed.sender, topic=msg.topic)
             return None
         signer = msg.signer
-        if signer is not None and (signer != parsed.sender if entry.topic_sender
-                                   else entry.senders is not None and signer not in entry.senders):
+        if entry.signed_by_other(signer, parsed.sender) if entry.topic_sender or entry.signers \
+                else signer is not None and entry.senders is not None \
+                and signer not in entry.senders:
             # a valid signature of someone who may not send this: refused before decoding, so
             # a compression bomb signed with any job key costs nothing (_check repeats it)
             self.reject(entry.label + "wrong_signer", f"signed by {signer!r}",
@@ -337,7 +347,7 @@ class Door:
                nbytes: int, signer: str | None) -> Admitted | None:
         sender = parsed.sender if entry.topic_sender else env.sender
         where = {"sender": sender, "topic": entry.filter}
-        if signer is not None and signer != sender:
+        if entry.signed_by_other(signer, sender):
             # a valid signature, of someone else: nobody speaks for a node it is not
             self.reject(entry.label + "wrong_signer", f"signed by {signer!r}", **where)
             return None

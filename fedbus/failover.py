@@ -36,7 +36,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Bus, Subscription
 from fedbus.codec import Envelope, encode
-from fedbus.connect import broker_settings, mqtt_bus
+from fedbus.connect import broker_settings, mqtt_bus, signed
 from fedbus.credentials import node_credentials
 from fedbus.door import Admitted, Door, Entry
 from fedbus.errors import BusError, FedbusError
@@ -79,13 +79,14 @@ async def await_leadership(m: Manifest, node: str, *, watch_as: str | None = Non
     candidate = "c" + os.urandom(6).hex()
     settings = broker_settings(m, node, login_as=watch_as,
                                client_id=watch_as or f"fedbus.{m.job}.{node}.{candidate}")
-    watcher = mqtt_bus(f"{node}-standby", settings)
+    # signing as the node (its instances share its key) and checking its signed presence
+    watcher = signed(m, node, mqtt_bus(f"{node}-standby", settings))
     # the active instance's presence and the other candidates, through a front door
     door = Door(m.job, f"{node}-standby")
     door.expect(Entry(topics.presence(m.job, node), frozenset({PRESENCE}),
                       senders=frozenset({node}), dedupe=False))
     door.expect(Entry(topics.leases(m.job, node), frozenset({LEASE}), label="lease_",
-                      dedupe=False))
+                      dedupe=False, signers=frozenset({node})))
     election = _Election(watcher, door, m.job, node, candidate)
     started = time.monotonic()
     try:
@@ -257,7 +258,7 @@ async def refuse_if_running(m: Manifest, node: str) -> None:
     if node_credentials(m, node).secured:
         return
     me = f"fedbus.{m.job}.{node}.check.{os.getpid()}"
-    bus = mqtt_bus(me, broker_settings(m, node, client_id=me))
+    bus = signed(m, node, mqtt_bus(me, broker_settings(m, node, client_id=me)))
     door = Door(m.job, me)
     door.expect(Entry(topics.presence(m.job, node), frozenset({PRESENCE}),
                       senders=frozenset({node}), dedupe=False))

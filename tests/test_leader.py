@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 
 from fedbus import topics
 from fedbus.broker import MosquittoProcess
+from fedbus.bus import Bus
 from fedbus.bus.mqtt import MqttBus
 from fedbus.codec import encode
-from fedbus.failover import await_leadership, stand_down
-from fedbus.manifest import BrokerSpec, Manifest, parse_manifest, with_broker
+from fedbus.connect import make_bus
+from fedbus.failover import JobAlreadyRunning, await_leadership, refuse_if_running, stand_down
+from fedbus.manifest import BrokerSpec, Manifest, SecuritySpec, parse_manifest, with_broker
+from fedbus.signing import write_key_pair
 from fedbus.wire import presence
 
 pytestmark = [pytest.mark.broker]
@@ -35,7 +39,7 @@ def _manifest(proc: MosquittoProcess) -> Manifest:
     return with_broker(m, dataclasses.replace(BrokerSpec(), host=proc.host, port=proc.port))
 
 
-async def _say(bus: MqttBus, status: str) -> None:
+async def _say(bus: Bus, status: str) -> None:
     """What the winning instance's node does once it runs (and its will when it dies)."""
     await bus.publish(topics.presence("lead", "agg"),
                       encode(presence("lead", "agg", "aggregator", status)), retain=True)
@@ -86,4 +90,35 @@ async def test_an_instance_that_starts_after_the_leader_won_waits(
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.shield(late), 2)
         late.cancel()
+        await stand_down()
+
+
+async def test_in_a_signed_job_a_standby_sees_the_active_instance_and_no_forgery(
+        mosquitto: MosquittoProcess, tmp_path: Path) -> None:
+    """The watcher checks signatures like the node does. Before, it read the signed presence
+    as a frame with 79 bytes too many (`truncated`): a standby took over from a live active
+    instance, a second `fedbus run` was not refused, and a leader announced itself for 120 s."""
+    # Prepare: a signing job (anonymous broker, signatures required)
+    for node in ("agg", "t0"):
+        write_key_pair(tmp_path / "keys", node)
+    m = dataclasses.replace(_manifest(mosquitto), security=SecuritySpec(
+        sign="required", keys=str(tmp_path / "keys")))
+    node = make_bus(m, m.node("agg"))
+    async with node, MqttBus("mallory", mosquitto.host, mosquitto.port) as forger:
+        await _say(node, "offline")
+        await asyncio.wait_for(await_leadership(m, "agg"), 30)
+        await _say(node, "online")
+        # Execute + assert: a second instance waits behind the signed presence
+        late = asyncio.create_task(await_leadership(m, "agg"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(late), 4)
+        with pytest.raises(JobAlreadyRunning):
+            await refuse_if_running(m, "agg")
+        # an unsigned "offline" (anyone on this broker can publish it) wakes nobody
+        await _say(forger, "offline")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(late), 3)
+        # the node's own signed "offline" (its will) does
+        await _say(node, "offline")
+        await asyncio.wait_for(late, 30)
         await stand_down()
