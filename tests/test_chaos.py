@@ -34,7 +34,10 @@ def test_two_aggregators_started_together_settle_on_one_leader_for_the_whole_job
     # two `fedbus serve --node aggregator` at the same instant (10 trials: bench_chaos --twins)
     t = asyncio.run(twins(1, "fedavg", rounds=6))[0]
     assert t.round_runners == 1, t  # one led every round: they never took turns
-    assert t.elected_s is not None and t.elected_s < 5, t  # process start included
+    # elected without a candidate waiting out another's ticket (_DEFER_S, 10 s); the time
+    # includes starting two processes, which a busy machine stretches (it took > 5 s beside
+    # make test-under-load)
+    assert t.elected_s is not None and t.elected_s < 10, t
     assert t.same_model, t
 
 
