@@ -333,9 +333,12 @@ class Door:
                         sender=parsed.sender, topic=msg.topic)
             return None
         signer = msg.signer
-        if entry.signed_by_other(signer, parsed.sender) if entry.topic_sender or entry.signers \
-                else signer is not None and entry.senders is not None \
-                and signer not in entry.senders:
+        if entry.topic_sender or entry.signers is not None:
+            wrong = entry.signed_by_other(signer, parsed.sender)
+        else:  # the envelope names the sender: for now, the signer must be one who may send
+            wrong = signer is not None and entry.senders is not None \
+                and signer not in entry.senders
+        if wrong:
             # a valid signature of someone who may not send this: refused before decoding, so
             # a compression bomb signed with any job key costs nothing (_check repeats it)
             self.reject(entry.label + "wrong_signer", f"signed by {signer!r}",
