@@ -53,6 +53,9 @@ class Browser:
              f"--window-size={width},{height}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=wire, close_fds=False,  # the child only dup2s, then execs
+            # its own temporary files (the singleton socket's folder) inside the profile,
+            # which close() removes: a killed Chromium left /tmp/org.chromium.Chromium.* behind
+            env={**os.environ, "TMPDIR": self._profile},
         )
         os.close(to_child_r)
         os.close(from_child_w)
