@@ -86,6 +86,20 @@ class UpdateCodec:
         if not 0 < self.fraction <= 0.5:
             raise ValueError(f"topk fraction {self.fraction} is not in (0, 0.5]")
 
+    def packed_bytes(self, tensors: Mapping[str, np.ndarray]) -> int:
+        """The bytes of the tensors this codec sends for a delta shaped like ``tensors``."""
+        total = 0
+        for a in tensors.values():
+            if self.mode == "none" or not _compressible(a):
+                total += a.nbytes
+            elif self.mode == "fp16":
+                total += 2 * a.size
+            elif self.mode == "int8":
+                total += a.size + 4 * -(-a.size // self.block)
+            else:
+                total += 8 * max(1, math.ceil(self.fraction * a.size))
+        return total
+
 
 def _compressible(a: np.ndarray) -> bool:
     return a.dtype.kind == "f" and a.size > 0

@@ -19,6 +19,7 @@ from fedbus.compress import UpdateCodec
 from fedbus.connect import authenticated
 from fedbus.errors import BrokerLimitError, ManifestError
 from fedbus.manifest import Manifest, NodeSpec, feeds_sketches, thaw
+from fedbus.services._gate import pregrant_plan
 from fedbus.task import EvalResult, Task, open_task
 from strategies import (
     AsyncStrategy,
@@ -71,6 +72,15 @@ def check_queue_fit(m: Manifest, node: NodeSpec, model_bytes: int, copies: int,
             f"{m.source}) to at least {need}, or raise broker.chunk_bytes")
 
 
+def _uploads_at_once(common: dict[str, Any], weights: dict[str, np.ndarray], aux: int) -> int:
+    """A synchronous aggregator's most uploads in flight: those its orders grant (up to
+    ``round.upload_burst_mb``) and ``round.max_uploads`` slots."""
+    r = common["round"]
+    count, each = pregrant_plan(weights, common["update_codec"], aux, r.upload_burst_mb)
+    granted = min(count, len(common["trainers"])) if each > common["gate_bytes"] else 0
+    return int(r.max_uploads + granted)
+
+
 def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Selector]:
     strategy = make_strategy(m.strategy.name, thaw(m.strategy.params))
     params = thaw(m.selector.params)
@@ -110,6 +120,9 @@ def _aggregating(m: Manifest, node: NodeSpec) -> dict[str, Any]:
         "trainers": frozenset(t.id for t in m.children_of(node.id)),
         # the manifest's sections as they are; what is derived, derived once here
         "round": m.round, "evaluate": m.evaluate, "model_codec": m.codec.model,
+        # a relay child sends its group's update lossless (_relay below)
+        "update_codec": UpdateCodec() if any(
+            c.role == "relay" for c in m.children_of(node.id)) else m.codec.update,
         "compression": codec_compression(m), "limits": codec_limits(m),
         "gate_bytes": upload_gate_bytes(m),
     }
@@ -158,14 +171,16 @@ def _aggregator(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Any
     r = m.round
     weights = server_task.get_weights()
     aux = strategy.aux_models if isinstance(strategy, Strategy) else 0
-    check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
     if isinstance(strategy, AsyncStrategy):
+        check_queue_fit(m, node, _nbytes(weights), 1 + aux, concurrent=r.max_uploads)
         from fedbus.services.async_aggregator import AsyncAggregator, AsyncAggregatorConfig
 
         relays = frozenset(t.id for t in m.children_of(node.id) if t.role == "relay")
         return AsyncAggregator(AsyncAggregatorConfig(relays=relays, durability=_durability(m),
                                                      **common),
                                bus, strategy, selector, weights, evaluate=evaluate)
+    check_queue_fit(m, node, _nbytes(weights), 1 + aux,
+                    concurrent=_uploads_at_once(common, weights, aux))
     grace = r.loss_grace_s if r.loss_grace_s is not None else (
         0.0 if m.population is not None else LOSS_GRACE_S)
     agg = Aggregator(AggregatorConfig(loss_grace_s=grace,
@@ -238,7 +253,7 @@ def _relay(m: Manifest, node: NodeSpec, bus: Bus, task: Task | None) -> Relay | 
             loss_grace_s=r.loss_grace_s if r.loss_grace_s is not None else LOSS_GRACE_S,
         ),
         bus, group_strategy, make_selector("all", {}), weights, coverage=_coverage(m, node))
-    check_queue_fit(m, node, _nbytes(weights), 1, concurrent=r.max_uploads)
+    check_queue_fit(m, node, _nbytes(weights), 1, concurrent=_uploads_at_once(common, weights, 0))
     # A group's update goes up lossless: its children's were quantized once already (the
     # root would otherwise fold a rounding per level).
     return Relay(group, _upward(m, node, bus, codec=UpdateCodec()), bus)

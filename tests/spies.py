@@ -54,12 +54,13 @@ async def watch(broker: MemoryBroker, filters: Iterable[str],
             see(msg, env)
 
 
-def gated(base: Manifest, size: int, lr: float) -> Manifest:
+def gated(base: Manifest, size: int, lr: float, burst_mb: float = 0.0) -> Manifest:
     """``base`` with toy updates of ``size`` floats (above the 1 MB chunk size from 300,000)
-    uncompressed, and two upload slots."""
+    uncompressed, and two upload slots; the orders grant ``burst_mb`` of uploads (default
+    none: every update goes through the slots)."""
     return dataclasses.replace(
         base,
-        round=dataclasses.replace(base.round, max_uploads=2),
+        round=dataclasses.replace(base.round, max_uploads=2, upload_burst_mb=burst_mb),
         task=dataclasses.replace(base.task, params={"size": size, "lr": lr}),
         codec=dataclasses.replace(base.codec, level=0),  # toy deltas would compress away
     )

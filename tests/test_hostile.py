@@ -320,7 +320,7 @@ class SpyBus(MemoryBus):
 
 async def test_services_subscribe_and_publish_exactly_what_the_wiring_says() -> None:
     # Prepare: spy on every node's bus; updates bigger than a chunk so grants flow too
-    m = manifest(rounds=2, delay_s=0.0, max_uploads=1)
+    m = manifest(rounds=2, delay_s=0.0, max_uploads=1, upload_burst_mb=0)
     m = parse_manifest({**_raw(m), "task": {"ref": "examples.toy.task:make_task",
                                             "params": {"size": 300_000, "lr": 0.5}}})
     broker = MemoryBroker()
@@ -350,7 +350,7 @@ def _raw(m: Manifest) -> dict[str, Any]:
             "strategy": m.strategy.name, "codec": {"level": 0},
             "round": {"deadline_s": r.deadline_s, "quorum": r.quorum,
                       "min_clients": r.min_clients, "start_timeout_s": r.start_timeout_s,
-                      "max_uploads": r.max_uploads},
+                      "max_uploads": r.max_uploads, "upload_burst_mb": r.upload_burst_mb},
             "nodes": [{"id": "agg", "role": "aggregator"}],
             "trainers": {"count": 3, "prefix": "t", "parent": "agg"}}
 

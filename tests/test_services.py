@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import zstandard
 from federation import connect, run_all
-from spies import GrantSpy, gated
+from spies import GrantSpy, gated, watch
 from structlog.testing import capture_logs
 
 from fedbus import topics
+from fedbus.bus import Message
 from fedbus.bus.memory import MemoryBroker, MemoryBus
 from fedbus.codec import Compression, Envelope, decode, encode
 from fedbus.compress import MODEL_META_KEY, UpdateCodec
@@ -24,7 +25,7 @@ from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node
 from fedbus.services._gate import UploadGate
 from fedbus.services.aggregator import Aggregator
-from fedbus.wire import ROUND, UPDATE, join_tensors, presence
+from fedbus.wire import GRANT, READY, ROUND, UPDATE, join_tensors, presence
 
 SIZE = 32
 LR = 0.5
@@ -326,6 +327,57 @@ async def test_large_updates_upload_through_the_gate_a_few_at_a_time() -> None:
     assert 1 <= spy.peak <= 2
 
 
+async def test_the_order_grants_the_first_uploads_up_to_the_burst() -> None:
+    # Prepare: 5 trainers with 1.2 MB updates; the orders grant 3 MiB of uploads (two
+    # updates' worth), the other three ask for one of the 2 slots
+    size = 300_000
+    m = gated(manifest(n=5, rounds=2), size, LR, burst_mb=3.0)
+    seen: dict[str, list[Any]] = {"granted": [], "ready": [], "grant": []}
+
+    def see(msg: Message, env: Envelope) -> None:
+        if env.kind == ROUND:
+            seen["granted"].append((env.round, env.meta.get("granted")))
+        elif env.kind in (READY, GRANT):
+            seen[env.kind].append((env.round, env.sender if env.kind == READY
+                                   else topics.parse(msg.topic).sender))
+
+    async def spy(broker: MemoryBroker, m: Manifest) -> None:
+        await watch(broker, [topics.updates_for("toy", "agg"), "fedbus/v1/toy/control/+",
+                             topics.model("toy", "agg")], see)
+
+    # Execute
+    agg = await federate(m, spy)
+    # Assert: the same model as through the slots alone; each order named its first two
+    # trainers, who uploaded without asking, and the three others asked and were granted
+    from examples.toy.task import make_task
+
+    target = make_task(partition=None, num_partitions=5, seed=m.seed, size=size).global_target
+    np.testing.assert_allclose(agg.weights["w"], target * (1 - (1 - LR) ** 2), rtol=1e-5,
+                               atol=1e-6)
+    assert [len(r.accepted) for r in agg.history] == [5, 5]
+    assert seen["granted"] == [(1, ["t0", "t1"]), (2, ["t0", "t1"])]
+    for kind in ("ready", "grant"):
+        assert sorted(seen[kind]) == [(r, f"t{i}") for r in (1, 2) for i in (2, 3, 4)]
+
+
+def test_a_granted_update_larger_than_the_order_allowed_is_refused_until_it_asks() -> None:
+    # Prepare: an order granted t0 a transfer of 1,000 bytes
+    gate = UploadGate(slots=1, timeout_s=10)
+    gate.pregrant(["t0"], 1000)
+    # Execute / Assert: no larger transfer, nor one from anybody else; once t0 asks (its
+    # update is larger), it waits for a slot like everyone else
+    assert gate.admits("t0", 1000) and not gate.admits("t0", 1001)
+    assert not gate.admits("t1", 10)
+    gate.request("t0")
+    assert not gate.admits("t0", 1000)
+    assert gate.due(now=0.0) == (["t0"], [])
+    assert gate.admits("t0", 10**9)
+    # a used grant is gone with the upload
+    gate.pregrant(["t1"], 1000)
+    gate.release("t1")
+    assert not gate.admits("t1", 10) and gate.pregranted == 0
+
+
 def test_upload_gate_readmits_a_late_upload_when_a_slot_is_free() -> None:
     # Prepare: a's grant expires unused; b takes the only slot meanwhile
     gate = UploadGate(slots=1, timeout_s=10)
@@ -389,3 +441,16 @@ async def test_a_compressed_broadcast_trains_to_the_model_within_its_precision(
     np.testing.assert_allclose(agg.weights["w"], target, rtol=0,
                                atol=0.01 * float(np.abs(target).max()))
     assert agg.weights["w"].dtype == np.float32 and agg.rejections.total == 0
+
+
+def test_a_trainer_skips_the_handshake_only_when_its_order_names_it() -> None:
+    from fedbus.services._gate import upload_threshold
+
+    order = {"upload_gate_bytes": 1_000_000, "granted": ["t0"], "granted_bytes": 4_100_000}
+    # named: up to the granted size (less room for a signature trailer); others: the gate
+    assert 4_000_000 < upload_threshold(order, "t0") < 4_100_000
+    assert upload_threshold(order, "t1") == 1_000_000
+    # an order from an aggregator that grants nothing (or sends garbage) leaves the gate
+    assert upload_threshold({"upload_gate_bytes": 1_000_000}, "t0") == 1_000_000
+    assert upload_threshold({**order, "granted": "t0"}, "t0") == 1_000_000
+    assert upload_threshold({**order, "granted_bytes": "big"}, "t0") == 1_000_000

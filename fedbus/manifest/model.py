@@ -120,6 +120,12 @@ class RoundSpec:
     #: Chunked (large) updates uploading at once: the aggregator grants upload slots so its
     #: memory is bounded by this many in-flight models, not by the number of trainers.
     max_uploads: int = 4
+    #: Megabytes of updates the round's order grants outright: the first trainers named (as
+    #: many as the budget holds updates) upload as soon as they are done, with no
+    #: ``ready`` -> ``grant`` round trip; the rest ask for one of ``max_uploads`` slots. The
+    #: aggregator's memory is bounded by this budget plus ``max_uploads`` models. 0: every
+    #: large update asks first.
+    upload_burst_mb: float = 64.0
     #: Refuse updates whose delta has a larger L2 norm (None: no bound). A bound stops a
     #: faulty or malicious trainer's huge update; a robust strategy (median, trimmed mean,
     #: krum) is the answer to subtler poisoning by an authenticated trainer.

@@ -27,7 +27,7 @@ from fedbus.errors import BusError, FedbusError
 from fedbus.manifest import EvalSpec, RoundSpec
 from fedbus.manifest.model import preview
 from fedbus.services._durability import Durability, DurabilitySettings
-from fedbus.services._gate import UploadGate
+from fedbus.services._gate import UploadGate, pregrant_plan
 from fedbus.services.intake import Intake, IntakeSettings
 from fedbus.wire import GRANT, presence
 
@@ -61,6 +61,9 @@ class AggregatorSettings:
     compression: Compression = Compression()
     #: The broadcast model's lossy view (manifest ``codec.model``); ``weights`` stay exact.
     model_codec: UpdateCodec = UpdateCodec(stochastic=False)
+    #: How the children pack their updates (manifest ``codec.update``): what an update
+    #: granted with the order may weigh (``round.upload_burst_mb``).
+    update_codec: UpdateCodec = UpdateCodec()
     #: Outer bounds; an update's own limits are derived from the model (``model_limits``).
     limits: Limits = Limits()
     #: Checkpoints go to this checkpointer (None: no durability; the manifest's checkpointer).
@@ -71,6 +74,8 @@ C = TypeVar("C", bound=AggregatorSettings)
 
 
 class AggregatorBase(ABC, Generic[C]):
+    #: Its round orders grant the first uploads (``round.upload_burst_mb``).
+    grants_with_order = False
     config: C
     bus: Bus
     weights: dict[str, np.ndarray]
@@ -85,6 +90,10 @@ class AggregatorBase(ABC, Generic[C]):
             max_examples=c.round.max_examples, max_norm=c.round.max_update_norm,
         ))
         self._gate = UploadGate(c.round.max_uploads, timeout_s=c.round.deadline_s)
+        #: (updates a round's order grants outright, the bytes each may weigh)
+        self._pregrants = pregrant_plan(self.weights, c.update_codec, aux_models,
+                                        c.round.upload_burst_mb) if self.grants_with_order \
+            else (0, 0)
         #: Grants on their way out (``_grant_due``); held so they are not collected mid-send.
         self._sending: set[asyncio.Task[None]] = set()
         #: This aggregator's run: trainers keep their round numbering per epoch, so a
@@ -158,6 +167,7 @@ class AggregatorBase(ABC, Generic[C]):
         update = self.intake.settings.limits.max_frame_bytes
         small = min(update, c.gate_bytes)
         backlog = len(c.trainers) * (small + 4096) + c.round.max_uploads * update + (1 << 20)
+        backlog += min(len(c.trainers), self._pregrants[0]) * self._pregrants[1]
         return self.bus.subscribe(*filters, admit=self._admit_chunks,
                                   max_queued_bytes=backlog, screen=self.intake.door.screen)
 
@@ -174,7 +184,7 @@ class AggregatorBase(ABC, Generic[C]):
             return False
         if parsed.channel != "update" or total > self.intake.settings.limits.max_frame_bytes:
             return False
-        if self._gate.is_granted(parsed.sender):
+        if self._gate.admits(parsed.sender, total):
             return True
         if self._gate.readmit(parsed.sender, time.monotonic()):
             self._log.warning("upload_regranted", peer=parsed.sender,

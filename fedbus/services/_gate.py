@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["UploadGate"]
+import numpy as np
+
+from fedbus.compress import UpdateCodec
+
+__all__ = ["UploadGate", "pregrant_plan", "upload_threshold"]
 
 
 class UploadGate:
@@ -17,6 +23,12 @@ class UploadGate:
     which bounds the aggregator's memory by ``slots`` models whatever the number of trainers.
     A grant not used within ``timeout_s`` is taken back; should its upload start after all, it
     gets a free slot again (``readmit``) rather than being refused and lost.
+
+    The first uploads of a round need no handshake: the order itself grants them
+    (``pregrant``), up to a byte budget (``round.upload_burst_mb``), each for an update of
+    at most the size the order states. Those grants are a pool of their own beside the
+    ``slots``: a pre-granted trainer still training holds no slot a ready one could use, and
+    the memory bound becomes the burst plus ``slots`` models.
     """
 
     def __init__(self, slots: int, timeout_s: float) -> None:
@@ -30,6 +42,18 @@ class UploadGate:
         self._expired: set[str] = set()
         #: Granted nodes that asked again: their grant is sent again by the next ``due``.
         self._again: dict[str, None] = {}
+        #: Granted with the round's order: node -> the largest transfer it may start.
+        self._pre: dict[str, int] = {}
+
+    @property
+    def pregranted(self) -> int:
+        """Grants given with the order and not yet used up."""
+        return len(self._pre)
+
+    def pregrant(self, nodes: list[str], nbytes: int) -> None:
+        """``nodes`` may upload an update of at most ``nbytes`` without asking first."""
+        for node in nodes:
+            self._pre[node] = nbytes
 
     def request(self, node: str) -> None:
         """``node`` is ready to upload. Asking again while granted means the grant did not
@@ -38,18 +62,21 @@ class UploadGate:
         its way, as under a flood): the node keeps its slot, so an upload already started
         is still admitted, and the grant is sent again (a node that has sent ignores it)."""
         self._expired.discard(node)
+        self._pre.pop(node, None)  # its update is larger than the order's grant allowed
         if node in self._granted:
             self._again[node] = None
             return
         self._waiting[node] = None
 
     def release(self, node: str) -> None:
+        self._pre.pop(node, None)
         self._waiting.pop(node, None)
         self._granted.pop(node, None)
         self._expired.discard(node)
         self._again.pop(node, None)
 
     def reset(self) -> None:
+        self._pre.clear()
         self._waiting.clear()
         self._granted.clear()
         self._expired.clear()
@@ -88,4 +115,36 @@ class UploadGate:
         return sorted(self._granted)
 
     def is_granted(self, node: str) -> bool:
+        """``node`` holds a slot (its ``ready`` was granted)."""
         return node in self._granted
+
+    def admits(self, node: str, nbytes: int) -> bool:
+        """A transfer of ``nbytes`` from ``node`` may start: it holds a slot, or the order
+        granted it one at least that large."""
+        return node in self._granted or nbytes <= self._pre.get(node, -1)
+
+
+#: Room above an update's tensors for its envelope, header and a signature trailer.
+_SLACK = 65536
+
+
+def pregrant_plan(weights: Mapping[str, np.ndarray], codec: UpdateCodec, aux_models: int,
+                  burst_mb: float) -> tuple[int, int]:
+    """(how many updates a round's order grants outright, the bytes each may weigh) for
+    children packing with ``codec`` (``round.upload_burst_mb``)."""
+    dense = sum(int(v.nbytes) for v in weights.values())
+    each = codec.packed_bytes(weights) + aux_models * dense
+    each += each // 64 + _SLACK  # zstd's hair on incompressible data, the envelope
+    return int(burst_mb * (1 << 20)) // each, each
+
+
+def upload_threshold(meta: Mapping[str, Any], node: str) -> Any:
+    """From a round's order: the size above which ``node``'s update asks for a slot first
+    (``upload_gate_bytes``, or the grant the order gave it: ``granted`` / ``granted_bytes``).
+    Not an int when the order sets no gate (an old or foreign aggregator)."""
+    gate, granted, each = (meta.get("upload_gate_bytes"), meta.get("granted"),
+                           meta.get("granted_bytes"))
+    if isinstance(gate, int) and isinstance(each, int) and isinstance(granted, list) \
+            and node in granted:
+        return max(gate, each - _SLACK // 2)  # half the slack: room for a trailer
+    return gate

@@ -161,6 +161,8 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
     restarted aggregator continue from a checkpoint.
     """
 
+    grants_with_order = True
+
     def __init__(
         self,
         config: AggregatorConfig,
@@ -453,9 +455,15 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         c = self.config
         config = {"round": state.number, "seed": c.seed,
                   **self.strategy.client_config(state.number)}
-        meta = {"selected": sorted(state.pending if named is None else named),
-                "deadline_s": c.round.deadline_s, "config": config,
+        selected = sorted(state.pending if named is None else named)
+        meta = {"selected": selected, "deadline_s": c.round.deadline_s, "config": config,
                 "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch}
+        count, each = self._pregrants
+        if each > c.gate_bytes and (room := count - self._gate.pregranted) > 0:
+            # the first uploads need no ready -> grant round trip: this order grants them
+            granted = selected[:room]
+            self._gate.pregrant(granted, each)
+            meta.update(granted=granted, granted_bytes=each)
         aux = self.strategy.client_tensors(state.number)
 
         def build() -> bytes:  # quantizing a big model is worth the worker thread too

@@ -53,6 +53,7 @@ from fedbus.bus import Message, Subscription
 from fedbus.codec import Envelope, Limits, encode
 from fedbus.door import Door, Entry, SeenIds
 from fedbus.errors import BusError, FedbusError, UpdateRejected
+from fedbus.services._gate import upload_threshold
 from fedbus.services.trainer import Trainer
 from fedbus.task import FitResult
 from fedbus.wire import PRESENCE, UPDATE, join_tensors
@@ -215,7 +216,7 @@ class RingMember:
             else:
                 self.rejections.reject("ring_stale", f"early message for round {env.round}",
                                        sender=sender)
-        gate = order.meta.get("upload_gate_bytes")
+        gate = upload_threshold(order.meta, self.trainer.config.node_id)
         started = time.monotonic()
         try:
             outcome = await self._reduce(r, vec, result, gate)

@@ -34,6 +34,7 @@ from fedbus.codec import Compression, Envelope, Limits, encode
 from fedbus.compress import UpdateCodec, check_model, decode_model
 from fedbus.door import Door, Entry, SeenIds, model_limits
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
+from fedbus.services._gate import upload_threshold
 from fedbus.task import FitResult, Task
 from fedbus.wire import (
     DONE,
@@ -391,7 +392,8 @@ class Trainer:
             # it is missing): our update was lost on the way — a broker restart without
             # persistence, a dropped chunk. Send the same update again; it dedupes the rest.
             self._log.warning("update_resent", round=env.round, bytes=len(last[2]))
-            await self._deliver(env.round, epoch, last[2], env.meta.get("upload_gate_bytes"))
+            await self._deliver(env.round, epoch, last[2],
+                                upload_threshold(env.meta, c.node_id))
             return
         if not self._plausible(env, epoch):
             return
@@ -466,7 +468,7 @@ class Trainer:
             await ring.reduce(env, epoch, vec, result, payload)
             return
         gated = await self._deliver(env.round, epoch, payload,
-                                    env.meta.get("upload_gate_bytes"))
+                                    upload_threshold(env.meta, self.config.node_id))
         self._log.info("update_ready" if gated else "update_sent", round=env.round,
                        examples=result.num_examples, seconds=round(duration, 3),
                        bytes=len(payload))

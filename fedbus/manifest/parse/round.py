@@ -36,6 +36,10 @@ def parse_round(read: Reader, value: Any, n_trainers: int) -> RoundSpec:
                                     "round.start_timeout_s", seconds, positive),
         max_uploads=read.integer(t.get("max_uploads", d.max_uploads), "round.max_uploads",
                                  lo=1, hi=10_000),
+        upload_burst_mb=read.number(t.get("upload_burst_mb", d.upload_burst_mb),
+                                    "round.upload_burst_mb", lambda x: 0 <= x <= 1 << 20,
+                                    "in [0, 1048576] (megabytes of updates granted with "
+                                    "the order; 0: every large update asks first)"),
         max_update_norm=None if t.get("max_update_norm") is None else read.number(
             t["max_update_norm"], "round.max_update_norm", lambda x: x > 0,
             "> 0 (L2 norm of an update's delta), or omit it for no bound"),
