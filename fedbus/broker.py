@@ -20,6 +20,7 @@ from typing import ClassVar, Final
 
 import structlog
 
+from fedbus._malloc import broker_env
 from fedbus.errors import BrokerError
 
 __all__ = ["QUEUED_MESSAGES", "MosquittoProcess", "find_mosquitto", "free_port", "spawn_mosquitto"]
@@ -194,6 +195,7 @@ def _launch(binary: str, conf: Path, logpath: Path) -> subprocess.Popen[bytes]:
             # group, and a broker that dies first leaves our clean-up talking to nobody. The
             # owner stops it (stop() / kill_now()) after its nodes have said goodbye.
             start_new_session=True,
+            env=broker_env(),  # model-sized buffers reused, not faulted in (fedbus._malloc)
         )
 
 

@@ -142,6 +142,7 @@ async def run_federation(m: Manifest, opts: RunOptions, sink: LogSink | None) ->
             from fedbus.failover import refuse_if_running
 
             await refuse_if_running(seen_by_agg, agg)
+    tune_for_rounds()  # reuse model-sized buffers round after round (fedbus._malloc)
     return await _execute(m, [n.id for n in m.nodes], opts, sink, serving=False)
 
 
@@ -167,8 +168,7 @@ async def serve_nodes(m: Manifest, patterns: Sequence[str], opts: RunOptions,
                                 "host and port (and deploy it with `fedbus bridge`'s config)")
     if not any(m.node(n).role == "aggregator" for n in node_ids):
         opts = dataclasses.replace(opts, runs_root=None)
-    if all(m.node(n).role == "trainer" for n in node_ids):
-        tune_for_rounds()  # trainer-only process: reuse model-sized buffers (fedbus._malloc)
+    tune_for_rounds()  # reuse model-sized buffers round after round (fedbus._malloc)
     for n in node_ids:
         if m.node(n).role == "aggregator":
             # one active instance: a second one waits here as a standby (fedbus.failover)
