@@ -63,6 +63,7 @@ from benchmarks.bench_rounds import (
     machine,
 )
 from benchmarks.bench_wire import FLOWER_DIR, FLOWER_PY, _read_server, _size, _wait_listening
+from fedbus.manifest import BrokerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_ADDR = "10.77.255.1"
@@ -231,7 +232,8 @@ def run_fedbus(spec: Spec, links: Links, workdir: Path) -> dict[str, Any]:
         manifest.write_text(_MANIFEST.format(
             rounds=spec.rounds, n=spec.clients, level=0, host=HUB_ADDR, port=broker.port,
             size=spec.params, keepalive=30, update=update or "none", model=model or "none",
-            chunk=1_000_000, uploads=spec.max_uploads, task_ref=ADD_TASK, task_extra=""))
+            chunk=BrokerSpec().chunk_bytes, uploads=spec.max_uploads, task_ref=ADD_TASK,
+            task_extra=""))
         agg = Child("aggregator", _serve(manifest, "aggregator", json_log=True,
                                          stderr=subprocess.PIPE, log_level="info"))
         children.append(agg)

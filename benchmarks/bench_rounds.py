@@ -52,6 +52,7 @@ from typing import IO, Any
 
 from fedbus.broker import MosquittoProcess, spawn_mosquitto
 from fedbus.log import configure_logging
+from fedbus.manifest import BrokerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1_000_000
@@ -342,7 +343,7 @@ def run_one(n: int, params: int, rounds: int, *, level: int, idle_rss: int,
             trainer_cores: int, timeout_s: float, keepalive: int = 30,
             probe: bool = False, update: str = "none", model: str = "none",
             task_ref: str = TOY_TASK,
-            trainer_grace_s: float = 2.0, chunk_bytes: int = 1_000_000,
+            trainer_grace_s: float = 2.0, chunk_bytes: int = BrokerSpec().chunk_bytes,
             max_uploads: int = 4, sign: bool = False) -> Row:
     started = time.monotonic()
     broker: MosquittoProcess | None = None
@@ -628,7 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="none", help="codec.model mode (none, fp16, int8)")
     p.add_argument("--task", choices=("toy", "add"), default="toy",
                    help="toy: one step toward a target; add: model + constant (bench_wire's)")
-    p.add_argument("--chunk-bytes", type=int, default=1_000_000, help="broker.chunk_bytes")
+    p.add_argument("--chunk-bytes", type=int, default=BrokerSpec().chunk_bytes,
+                   help="broker.chunk_bytes (default: fedbus's)")
     p.add_argument("--max-uploads", type=int, default=4, help="round.max_uploads")
     p.add_argument("--sign", action="store_true",
                    help="security.sign: required (every message signed and checked)")

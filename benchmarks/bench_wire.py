@@ -58,10 +58,13 @@ from benchmarks.bench_rounds import (
 )
 from fedbus.broker import free_port
 from fedbus.log import configure_logging
+from fedbus.manifest import BrokerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWER_DIR = REPO / "benchmarks/flower"
 FLOWER_PY = FLOWER_DIR / ".venv/bin/python"
+#: fedbus's default chunk size (broker.chunk_bytes)
+CHUNK_BYTES = BrokerSpec().chunk_bytes
 SIZES: tuple[tuple[int, int], ...] = ((1_000_000, 10), (1_000_000, 50), (11_000_000, 10))
 
 
@@ -106,7 +109,7 @@ class Cell:
 
 
 def run_fedbus(params: int, clients: int, rounds: int, *, lossy: str, trial: int,
-               idle: int, timeout_s: float, chunk_bytes: int = 1_000_000) -> Run:
+               idle: int, timeout_s: float, chunk_bytes: int = CHUNK_BYTES) -> Run:
     """``lossy``: "none", or the update's codec mode and optionally the broadcast model's,
     as ``UPDATE[/MODEL]`` (``int8/int8``: int8 both ways)."""
     update, _, model = lossy.partition("/")
@@ -242,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the lossy column: codec.update mode, then optionally /codec.model mode "
                         "(int8/int8: both ways; int8: the updates only; 'none' skips it)")
     p.add_argument("--quick", action="store_true", help="1M x 10, one trial")
-    p.add_argument("--chunk-bytes", type=int, default=1_000_000,
-                   help="fedbus's broker.chunk_bytes (default 1 MB, fedbus's default)")
+    p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES,
+                   help="fedbus's broker.chunk_bytes (default: fedbus's, 4 MiB)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     p.add_argument("--json", type=Path, help="also write every run here")
     args = p.parse_args(argv)

@@ -14,7 +14,7 @@ from fedbus.bus.signed import SignedBus
 from fedbus.codec import encode
 from fedbus.credentials import node_credentials
 from fedbus.errors import ManifestError
-from fedbus.manifest import Manifest, NodeSpec
+from fedbus.manifest import BrokerSpec, Manifest, NodeSpec
 from fedbus.signing import Signer, Verifier
 from fedbus.wire import presence
 
@@ -83,7 +83,7 @@ def make_bus(m: Manifest, node: NodeSpec, *, memory: MemoryBroker | None = None,
         birth = Will(birth.topic, signing[0].sign(birth.payload), birth.retain)
     bus: Bus
     if memory is not None:
-        chunk = m.broker.chunk_bytes if m.broker else 1_000_000
+        chunk = (m.broker or BrokerSpec()).chunk_bytes
         bus = MemoryBus(memory, node.id, will=will, birth=birth,
                         client_id=f"fedbus.{m.job}.{node.id}", chunk_bytes=chunk)
     else:
