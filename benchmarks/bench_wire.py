@@ -4,6 +4,8 @@
     .venv/bin/python -m benchmarks.bench_wire          # 1M x 10, 1M x 50, 11M x 10; 3 trials
     .venv/bin/python -m benchmarks.bench_wire --quick  # 1M x 10, 1 trial
     .venv/bin/python -m benchmarks.bench_wire --sizes 1M:10 --trials 3 --json wire.json
+    .venv/bin/python -m benchmarks.bench_wire --flower-tuned   # + Flower with fedbus's malloc
+    .venv/bin/python -m benchmarks.bench_wire --busy 2         # beside two busy loops
 
 Workload, identical on both sides: the model is one float32 vector of P parameters; N clients
 each return it plus a constant (``benchmarks/wire_task.py``, ``flower/wire_flower.py``);
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -56,6 +58,7 @@ from benchmarks.bench_rounds import (
     machine,
     run_one,
 )
+from fedbus._malloc import broker_env
 from fedbus.broker import free_port
 from fedbus.log import configure_logging
 from fedbus.manifest import BrokerSpec
@@ -152,14 +155,17 @@ def _read_server(stream: IO[bytes], lines: list[str], cpu: CpuMarks) -> None:
 
 
 def run_flower(params: int, clients: int, rounds: int, *, trial: int,
-               timeout_s: float) -> Run:
+               timeout_s: float, tuned: bool = False) -> Run:
+    """``tuned``: Flower's processes get fedbus's allocator tuning too (``fedbus._malloc``,
+    through glibc's tunables), so the comparison is not of two allocators."""
     started = time.monotonic()
+    env = broker_env() if tuned else None
     port = free_port()
     children: list[Child] = []
     sampler: Sampler | None = None
     try:
         server = Child("flower-server", _flower("server", port, params, clients, rounds,
-                                                stdout=subprocess.PIPE,
+                                                env=env, stdout=subprocess.PIPE,
                                                 stderr=subprocess.DEVNULL))
         children.append(server)
         assert server.proc.stdout is not None
@@ -172,7 +178,7 @@ def run_flower(params: int, clients: int, rounds: int, *, trial: int,
         sampler.start()
         _wait_listening(port, server.proc, 60.0)
         cl = Child("flower-clients", _flower("clients", port, params, clients, rounds,
-                                             stdout=subprocess.DEVNULL,
+                                             env=env, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL))
         children.append(cl)
         cpu.pids["clients"] = cl.pid
@@ -191,7 +197,8 @@ def run_flower(params: int, clients: int, rounds: int, *, trial: int,
             raise RuntimeError(f"Flower server exited with {server.proc.returncode}: {out[-3:]}")
         result = json.loads(out[-1])
         cl.reap(10.0)
-        return Run("flower", params, clients, trial, result["round_s"], sampler.last_hwm,
+        return Run("flower+malloc" if tuned else "flower", params, clients, trial,
+                   result["round_s"], sampler.last_hwm,
                    time.monotonic() - started, cpu.per_round())
     finally:
         if sampler is not None:
@@ -236,6 +243,62 @@ def table(cells: Sequence[Cell], lossy: str) -> str:
     return "\n".join(lines)
 
 
+def tuned_table(cells: Sequence[Cell], lossy: str) -> str:
+    """fedbus against Flower run with the same allocator tuning (``--flower-tuned``)."""
+    fl = f"fedbus+{lossy}"
+    lines = [f"| P x N | Flower, fedbus's malloc tuning, s/round (CPU s) | fedbus / it "
+             f"| fedbus {lossy} / it | CPU fedbus / it | Flower server peak MiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    nan = float("nan")
+    for c in cells:
+        t, t_cpu = c.median("flower+malloc"), c.cpu("flower+malloc")
+        fb = c.median("fedbus") if "fedbus" in c.runs else nan
+        fb_cpu = c.cpu("fedbus") if "fedbus" in c.runs else nan
+        lo = c.median(fl) if fl in c.runs else nan
+        lines.append(f"| {c.params / 1e6:g}M x {c.clients} | {t:.3f} ({t_cpu:.2f}) "
+                     f"| **{fb / t:.2f}** | **{lo / t:.2f}** | {fb_cpu / t_cpu:.2f} "
+                     f"| {c.peak('flower+malloc') / MIB:,.0f} |")
+    return "\n".join(lines)
+
+
+def _run_cells(cells: list[Cell], sizes: Sequence[tuple[int, int]], trials: int,
+               engines: Sequence[str], idle: int, args: argparse.Namespace) -> None:
+    for params, clients in sizes:
+        cell = Cell(params, clients)
+        cells.append(cell)
+        for trial in range(trials):
+            # rotate the order each trial: no engine always runs first (or last)
+            order = engines[trial % len(engines):] + engines[:trial % len(engines)]
+            for engine in order:
+                if engine.startswith("flower"):
+                    run = run_flower(params, clients, args.rounds, trial=trial,
+                                     timeout_s=args.timeout, tuned=engine != "flower")
+                else:
+                    run = run_fedbus(params, clients, args.rounds,
+                                     lossy="none" if engine == "fedbus" else engine,
+                                     trial=trial, idle=idle, timeout_s=args.timeout,
+                                     chunk_bytes=args.chunk_bytes)
+                cell.runs.setdefault(run.engine, []).append(run)
+                _eprint(f"P={params / 1e6:g}M N={clients} trial {trial + 1}/{trials} "
+                        f"{run.engine:12s} rounds {[round(s, 3) for s in run.round_s]} "
+                        f"median r2+ {run.median_s:.3f} s, CPU s/round r2+ "
+                        f"{cpu_text(run.cpu_per_round)}, peak {run.peak_rss / MIB:,.0f} MiB, "
+                        f"{run.wall_s:.0f} s wall, load {os.getloadavg()[0]:.1f}")
+
+
+@contextlib.contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """``count`` processes spinning a core each (``yes > /dev/null``), stopped by pid."""
+    procs = [subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+             for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=None, help="P:N pairs, e.g. 1M:10,1M:50,11M:10")
@@ -247,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1M x 10, one trial")
     p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES,
                    help="fedbus's broker.chunk_bytes (default: fedbus's, 4 MiB)")
+    p.add_argument("--flower-tuned", action="store_true",
+                   help="also run Flower with fedbus's allocator tuning (fedbus._malloc: "
+                        "glibc's tunables in its environment), interleaved with the rest")
+    p.add_argument("--busy", type=int, default=0, metavar="K",
+                   help="run beside K busy loops (`yes > /dev/null`, started and stopped "
+                        "here): both engines' slowdown under load")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
     p.add_argument("--json", type=Path, help="also write every run here")
     args = p.parse_args(argv)
@@ -260,31 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     _eprint(f"machine: {info['nproc']} cores, {info['cpu']}, load {info['loadavg'][0]:.2f}")
     idle = idle_rss()
-    engines = ["fedbus", "flower"] + ([args.lossy] if args.lossy != "none" else [])
+    engines = ["fedbus", "flower"] + ([args.lossy] if args.lossy != "none" else []) \
+        + (["flower+malloc"] if args.flower_tuned else [])
     cells: list[Cell] = []
-    for params, clients in sizes:
-        cell = Cell(params, clients)
-        cells.append(cell)
-        for trial in range(trials):
-            # rotate the order each trial: no engine always runs first (or last)
-            order = engines[trial % len(engines):] + engines[:trial % len(engines)]
-            for engine in order:
-                if engine == "flower":
-                    run = run_flower(params, clients, args.rounds, trial=trial,
-                                     timeout_s=args.timeout)
-                else:
-                    run = run_fedbus(params, clients, args.rounds,
-                                     lossy="none" if engine == "fedbus" else engine,
-                                     trial=trial, idle=idle, timeout_s=args.timeout,
-                                     chunk_bytes=args.chunk_bytes)
-                cell.runs.setdefault(run.engine, []).append(run)
-                _eprint(f"P={params / 1e6:g}M N={clients} trial {trial + 1}/{trials} "
-                        f"{run.engine:12s} rounds {[round(s, 3) for s in run.round_s]} "
-                        f"median r2+ {run.median_s:.3f} s, CPU s/round r2+ "
-                        f"{cpu_text(run.cpu_per_round)}, peak {run.peak_rss / MIB:,.0f} MiB, "
-                        f"{run.wall_s:.0f} s wall, load {os.getloadavg()[0]:.1f}")
+    with busy_loops(args.busy):
+        _run_cells(cells, sizes, trials, engines, idle, args)
+    info["busy_loops"] = args.busy
     info["loadavg_after"] = os.getloadavg()
     print(table(cells, args.lossy))
+    if args.flower_tuned:
+        print("\n" + tuned_table(cells, args.lossy))
     for c in cells:
         print(f"\nP={c.params / 1e6:g}M N={c.clients}: fedbus / Flower = "
               f"{c.median('fedbus') / c.median('flower'):.2f}"
