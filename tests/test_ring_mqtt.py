@@ -114,6 +114,11 @@ async def test_rings_run_behind_a_broker_that_allows_only_the_wiring(
     # and the ring topics were closed to everyone but their member
     agg = services["aggregator"]
     assert [r.accepted for r in agg.history] == [["t0", "t1", "t2", "t3"]] * 2
-    assert services["t0"].outcomes == {"committed": 2}
+    # (t1 and t2 only ever sent to the ring: their acceptance is the ring's commit.) t0
+    # counts its last commit once it has told the ring, and the job's `done` can end it
+    # first: the aggregator folds the commit as soon as it lands.
+    assert set(services["t0"].outcomes) == {"committed"}
+    assert services["t0"].outcomes["committed"] in (1, 2)
+    assert all(services[n].outcomes.get("fallback", 0) == 0 for n in ("t0", "t1", "t2"))
     assert all(b.stats["publish_denied"] == 0 for b in buses.values())
     assert refused == []
