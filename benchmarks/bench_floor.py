@@ -473,6 +473,7 @@ def table(rows: Sequence[Floor]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global CHUNK
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default=None, help="P:N pairs, e.g. 1M:10,11M:10")
     p.add_argument("--trials", type=int, default=3)
@@ -480,9 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a publisher's most unacknowledged messages")
     p.add_argument("--compare", action="store_true",
                    help="also run fedbus (lossless) and Flower's legacy gRPC round each trial")
+    p.add_argument("--chunk-bytes", type=int, default=1_000_000,
+                   help="bytes a message (default 1,000,000; 4,000,000 sends a 1M-parameter "
+                        "model or update whole, as fedbus's 4 MiB chunks do)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per transfer")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
+    CHUNK = args.chunk_bytes  # read by the forked clients and the direct floor
     sizes = parse_sizes(args.sizes) if args.sizes else SIZES
     if args.compare and not FLOWER_PY.exists():
         raise SystemExit("Flower's venv is missing: bash benchmarks/flower/setup.sh grpc")
