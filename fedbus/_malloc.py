@@ -12,7 +12,7 @@ Here blocks up to 1 GiB come from the heap and up to 1 GiB of freed memory is ke
 next round: the process keeps its high-water mark resident instead of handing pages back and
 faulting them in again. Measured (10 trainers, one process, and the aggregator, over
 mosquitto): 11M parameters a round 4.6 -> 2.2 s, the aggregator's peak RSS 618 -> 760 MiB;
-1M, the aggregator's CPU a round 0.16 -> 0.11 s ("The wire, third pass" in
+1M, the aggregator's CPU a round 0.16 -> 0.11 s ("The shorter round" in
 docs/benchmarks.md). The first version (threshold 32 MiB, trainers only) did nothing for
 buffers above 32 MiB.
 
