@@ -76,9 +76,9 @@ def _uploads_at_once(common: dict[str, Any], weights: dict[str, np.ndarray], aux
     """A synchronous aggregator's most uploads in flight: those its orders grant (up to
     ``round.upload_burst_mb``) and ``round.max_uploads`` slots."""
     r = common["round"]
-    count, each = pregrant_plan(weights, common["update_codec"], aux, r.upload_burst_mb)
-    granted = min(count, len(common["trainers"])) if each > common["gate_bytes"] else 0
-    return int(r.max_uploads + granted)
+    count, _ = pregrant_plan(weights, common["update_codec"], aux, r.upload_burst_mb,
+                             gate_bytes=common["gate_bytes"], children=len(common["trainers"]))
+    return int(r.max_uploads + count)
 
 
 def _plugins(m: Manifest, n_trainers: int) -> tuple[Strategy | AsyncStrategy, Selector]:

@@ -91,8 +91,9 @@ class AggregatorBase(ABC, Generic[C]):
         ))
         self._gate = UploadGate(c.round.max_uploads, timeout_s=c.round.deadline_s)
         #: (updates a round's order grants outright, the bytes each may weigh)
-        self._pregrants = pregrant_plan(self.weights, c.update_codec, aux_models,
-                                        c.round.upload_burst_mb) if self.grants_with_order \
+        self._pregrants = pregrant_plan(
+            self.weights, c.update_codec, aux_models, c.round.upload_burst_mb,
+            gate_bytes=c.gate_bytes, children=len(c.trainers)) if self.grants_with_order \
             else (0, 0)
         #: Grants on their way out (``_grant_due``); held so they are not collected mid-send.
         self._sending: set[asyncio.Task[None]] = set()
@@ -167,7 +168,7 @@ class AggregatorBase(ABC, Generic[C]):
         update = self.intake.settings.limits.max_frame_bytes
         small = min(update, c.gate_bytes)
         backlog = len(c.trainers) * (small + 4096) + c.round.max_uploads * update + (1 << 20)
-        backlog += min(len(c.trainers), self._pregrants[0]) * self._pregrants[1]
+        backlog += self._pregrants[0] * self._pregrants[1]
         return self.bus.subscribe(*filters, admit=self._admit_chunks,
                                   max_queued_bytes=backlog, screen=self.intake.door.screen)
 

@@ -129,13 +129,16 @@ _SLACK = 65536
 
 
 def pregrant_plan(weights: Mapping[str, np.ndarray], codec: UpdateCodec, aux_models: int,
-                  burst_mb: float) -> tuple[int, int]:
+                  burst_mb: float, *, gate_bytes: int, children: int) -> tuple[int, int]:
     """(how many updates a round's order grants outright, the bytes each may weigh) for
-    children packing with ``codec`` (``round.upload_burst_mb``)."""
+    ``children`` packing with ``codec`` (``round.upload_burst_mb``). None (0) when updates
+    are small enough to skip the gate anyway (``gate_bytes``)."""
     dense = sum(int(v.nbytes) for v in weights.values())
     each = codec.packed_bytes(weights) + aux_models * dense
     each += each // 64 + _SLACK  # zstd's hair on incompressible data, the envelope
-    return int(burst_mb * (1 << 20)) // each, each
+    if each <= gate_bytes:
+        return 0, each
+    return min(children, int(burst_mb * (1 << 20)) // each), each
 
 
 def upload_threshold(meta: Mapping[str, Any], node: str) -> Any:

@@ -459,7 +459,7 @@ class Aggregator(AggregatorBase[AggregatorConfig]):
         meta = {"selected": selected, "deadline_s": c.round.deadline_s, "config": config,
                 "upload_gate_bytes": c.gate_bytes, "epoch": self.epoch}
         count, each = self._pregrants
-        if each > c.gate_bytes and (room := count - self._gate.pregranted) > 0:
+        if (room := count - self._gate.pregranted) > 0:
             # the first uploads need no ready -> grant round trip: this order grants them
             granted = selected[:room]
             self._gate.pregrant(granted, each)
