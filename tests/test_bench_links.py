@@ -25,6 +25,26 @@ def test_cases_parse_and_the_run_bound_covers_the_bytes() -> None:
     assert bench_links._expected_s("fedbus+int8/int8", 10, 1_000_000, 3, 10, 4) < bound
 
 
+def test_digits_cases_parse_and_report_time_to_the_target() -> None:
+    assert bench_links.parse_cases("10:digits,50:1M") == ((10.0, bench_links.DIGITS),
+                                                          (50.0, 1_000_000))
+    assert bench_links._expected_s("fedbus", 10, bench_links.DIGITS, 20, 10, 4) >= 200
+
+    def run(engine: str, curve: list[tuple[float, float]]) -> bench_links.Run:
+        return bench_links.Run(engine, engine, 10, bench_links.DIGITS, 10, 0, [9.0, 0.5, 0.5],
+                               {"total": 0.3}, [18e3] * 10, [15e3] * 10, 3.0, 60.0, curve)
+
+    # fedbus reaches 0.94 in round 3 at 11 s; Flower in round 4 at 22 s; a third run never
+    fedbus = run("fedbus", [(9.0, 0.7), (10.0, 0.9), (11.0, 0.95), (12.0, 0.96)])
+    flower = run("flower", [(10.0, 0.7), (14.0, 0.9), (18.0, 0.93), (22.0, 0.95)])
+    assert fedbus.to_target(0.94) == (11.0, 3) and fedbus.after_first(0.94) == 2.0
+    assert run("x", [(1.0, 0.5)]).to_target(0.94) is None
+    text = bench_links.digits_table([flower, fedbus], 0.94)
+    assert "| 10 Mbit/s | 10 | fedbus | 11.00 (11.00–11.00) | **0.50** | 2.00 | 3 | 0.9600 " \
+           "| 0.500 | 18.0 / 15.0 |" in text
+    assert "| flower | 22.00 (22.00–22.00) | **1.00** | 12.00 | 4 | 0.9500 |" in text
+
+
 def test_table_gives_each_engine_against_flower() -> None:
     def run(engine: str, s: float) -> bench_links.Run:
         return bench_links.Run(engine, engine, 10, 1_000_000, 10, 0, [9.0, s, s], {"total": 1.0},
