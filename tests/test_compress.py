@@ -55,6 +55,25 @@ def test_int8_stochastic_rounding_is_unbiased() -> None:
     assert abs(float(mean) - 0.3) < 0.02
 
 
+@pytest.mark.parametrize("block", [1, 256, 300_000, 1 << 20])
+def test_int8_packs_any_block_size_within_one_step(block: int) -> None:
+    # Prepare: a 2^19-value tensor (two pack segments), a short last block, both signs
+    rng = np.random.default_rng(3)
+    delta = {"w": (rng.normal(size=(1 << 19) + 7) * 3).astype(np.float32)}
+    for stochastic in (True, False):
+        codec = UpdateCodec(mode="int8", block=block, stochastic=stochastic)
+        # Execute
+        sent, meta = UpdateCompressor(codec, seed=1).encode(delta)
+        out = decode_update(sent, meta, delta)["w"]
+        # Assert: every value within one step of its block's scale; extremes never wrap
+        blocks = -(-delta["w"].size // block)
+        scales = sent["w"][: 4 * blocks].view("<f4")
+        step = np.repeat(scales, block)[: delta["w"].size]
+        assert np.all(np.abs(out - delta["w"]) <= step * (1.0 + 1e-5))
+        q = sent["w"][4 * blocks:].view(np.int8)
+        assert q.min() >= -127 and q.max() <= 127
+
+
 def test_topk_sends_a_fraction_and_error_feedback_delivers_the_rest() -> None:
     # Prepare
     delta = _model()
