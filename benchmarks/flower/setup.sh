@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Flower in its own venv (benchmarks/flower/.venv), kept apart from fedbus's: flwr pins its own
 # protobuf/grpc (and, for simulation, ray) versions.
-#   bash benchmarks/flower/setup.sh          simulation engine (Ray) + torch: bench_flower.py
+#   bash benchmarks/flower/setup.sh          simulation engine (Ray) + torch: bench_flower.py,
+#                                            bench_links.py --cases 10:digits
 #   bash benchmarks/flower/setup.sh grpc     legacy gRPC only (flwr + numpy): bench_wire.py
 # Idempotent; ~1 min for grpc, ~1-3 min for the simulation set with a warm pip cache.
 set -euo pipefail
