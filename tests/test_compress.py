@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -209,3 +215,42 @@ def test_manifest_codec_model() -> None:
     assert m.codec.model == UpdateCodec(mode="int8", stochastic=False)
     with pytest.raises(ManifestError, match=r"codec\.model\.mode"):
         parse_manifest({**base, "codec": {"model": "topk"}})
+
+
+def test_threads_of_one_process_quantize_at_most_one_per_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: two slots (two cores, say) and a pack_int8 / dequantization that counts how
+    # many run beside it; eight threads each packing and unpacking
+    from fedbus import compress
+
+    monkeypatch.setattr(compress, "_SLOTS", threading.BoundedSemaphore(2))
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def counting(real: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        def run(*args: Any) -> np.ndarray:
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            time.sleep(0.01)
+            try:
+                return real(*args)
+            finally:
+                with lock:
+                    now[0] -= 1
+        return run
+
+    monkeypatch.setattr(compress, "pack_int8", counting(compress.pack_int8))
+    monkeypatch.setattr(compress, "_dequant_int8", counting(compress._dequant_int8))
+    model = _model()
+    codec = UpdateCodec(mode="int8")
+    sent, meta = encode_model(model, codec)
+
+    def work(seed: int) -> None:
+        UpdateCompressor(codec, seed=seed).encode(model)
+        decode_model(sent, meta)
+
+    # Execute
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(16)))
+    # Assert: packing and unpacking overlapped, but never on more than the two slots
+    assert peak[0] == 2

@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import threading
-import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,10 +23,8 @@ from fedbus.compress import MODEL_META_KEY, UpdateCodec
 from fedbus.connect import make_bus
 from fedbus.manifest import Manifest, parse_manifest
 from fedbus.node import build_node
-from fedbus.services import trainer as trainer_mod
 from fedbus.services._gate import UploadGate
 from fedbus.services.aggregator import Aggregator
-from fedbus.task import EvalResult, FitResult
 from fedbus.wire import GRANT, READY, ROUND, UPDATE, join_tensors, presence
 
 SIZE = 32
@@ -459,57 +454,3 @@ def test_a_trainer_skips_the_handshake_only_when_its_order_names_it() -> None:
     assert upload_threshold({"upload_gate_bytes": 1_000_000}, "t0") == 1_000_000
     assert upload_threshold({**order, "granted": "t0"}, "t0") == 1_000_000
     assert upload_threshold({**order, "granted_bytes": "big"}, "t0") == 1_000_000
-
-
-async def test_co_hosted_trainers_pack_two_at_a_time_but_fit_all_at_once(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prepare: eight trainers of one process on (say) two cores, each fit waiting 50 ms (a
-    # slow device) and each packing counting how many pack beside it
-    monkeypatch.setattr(trainer_mod, "_NUMPY_SLOTS", threading.BoundedSemaphore(2))
-    lock, now, peak = threading.Lock(), {"fit": 0, "pack": 0}, {"fit": 0, "pack": 0}
-
-    def enter(what: str) -> None:
-        with lock:
-            now[what] += 1
-            peak[what] = max(peak[what], now[what])
-
-    def leave(what: str) -> None:
-        with lock:
-            now[what] -= 1
-
-    class SlowTask:
-        def __init__(self) -> None:
-            self.w = np.zeros(4, np.float32)
-
-        def get_weights(self) -> dict[str, np.ndarray]:
-            return {"w": self.w}
-
-        def set_weights(self, weights: Any) -> None:
-            self.w = weights["w"]
-
-        def fit(self, config: Any, extra: Any) -> FitResult:
-            enter("fit")
-            time.sleep(0.05)
-            leave("fit")
-            self.w = self.w + 1
-            return FitResult(num_examples=1)
-
-        def evaluate(self) -> EvalResult:
-            return EvalResult(num_examples=1, loss=0.0)
-
-    def pack(delta: dict[str, np.ndarray], result: FitResult, seconds: float) -> Any:
-        enter("pack")
-        time.sleep(0.02)
-        leave("pack")
-        return trainer_mod.Packed(b"", result, seconds, None)
-
-    env = Envelope(kind=ROUND, job="j", sender="a", round=1)
-    orders = [trainer_mod.Order(env, "e", {"w": np.zeros(4, np.float32)}, {}, {})
-              for _ in range(8)]
-    sources = [trainer_mod.TaskSource(SlowTask()) for _ in orders]
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(8))
-    # Execute
-    await asyncio.gather(*(s.produce(o, pack) for s, o in zip(sources, orders, strict=True)))
-    # Assert: the slow fits overlapped; the packing never ran on more than two threads
-    assert peak["fit"] > 2
-    assert 1 <= peak["pack"] <= 2

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -144,21 +142,6 @@ class UpdateSource(Protocol):
         ...
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-#: How many trainers of one process decode, diff and pack at once: one per core. Those are
-#: memory-bound numpy passes; asyncio's default pool (cores + 4 threads) interleaving them
-#: on 2 cores evicts each thread's scratch from the cache (50 x 1M int8 both ways, trainers
-#: in one process: 0.61-0.66 s a round, 0.49-0.57 with the passes one per core). ``fit``
-#: stays outside: a task may sleep or wait (slow devices simulated in one process).
-_NUMPY_SLOTS = threading.BoundedSemaphore(_cores())
-
-
 class TaskSource:
     """A task trained in ONE worker-thread trip with the packing: each trip back to the event
     loop is a wake-up and a GIL hand-off, N of them a round in a process of N trainers."""
@@ -173,8 +156,7 @@ class TaskSource:
         return await asyncio.to_thread(self._fit_and_pack, order, pack)
 
     def _fit_and_pack(self, order: Order, pack: Packer) -> Packed:
-        with _NUMPY_SLOTS:
-            weights = order.dense_weights()
+        weights = order.dense_weights()
         started = time.monotonic()
         try:
             self.task.set_weights(weights)
@@ -184,10 +166,9 @@ class TaskSource:
         if result.num_examples <= 0:
             raise FedbusError("task trained on 0 examples: nothing to send")
         local = self.task.get_weights()
-        with _NUMPY_SLOTS:
-            delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False)
-                     for k in weights}
-            return pack(delta, result, time.monotonic() - started)
+        delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False)
+                 for k in weights}
+        return pack(delta, result, time.monotonic() - started)
 
 
 class Trainer:
