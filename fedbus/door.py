@@ -37,7 +37,7 @@ import structlog
 from fedbus import topics
 from fedbus.bus import Message
 from fedbus.codec import Envelope, Limits, decode, peek_data_size
-from fedbus.compress import decode_update
+from fedbus.compress import PackedDelta, decode_update
 from fedbus.errors import CodecError, FedbusError, UpdateRejected
 from fedbus.log import worth_a_line
 from fedbus.wire import split_tensors
@@ -102,7 +102,15 @@ def check_update_tensors(
         extra = sorted(set(delta) - set(reference))[:5]
         raise UpdateRejected("wrong_tensors", f"missing {missing}, unexpected {extra}")
     sq = 0.0
+    packed = delta if isinstance(delta, PackedDelta) else None
     for name, ref in reference.items():
+        if packed is not None and packed.packed(name):
+            # decoded against ``ref``: its shape and dtype; finite scales (decode_update)
+            s = packed.sq_norm(name)
+            if not math.isfinite(s):
+                raise UpdateRejected("norm_exceeded", f"{name}: norm overflows float")
+            sq += s
+            continue
         d = delta[name]
         if d.shape != ref.shape:
             raise UpdateRejected("wrong_shape", f"{name}: {d.shape}, model has {ref.shape}")
@@ -390,10 +398,11 @@ class Door:
 
 @dataclass(frozen=True, slots=True)
 class CheckedUpdate:
-    """An update's content after every check: the dense delta (``codec.update`` decoded),
+    """An update's content after every check: the delta (``codec.update`` decoded; an int8
+    one kept packed, dense when indexed: ``fedbus.compress.PackedDelta``),
     the strategy's extras, example count, L2 norm and finite metrics."""
 
-    delta: dict[str, np.ndarray]
+    delta: Mapping[str, np.ndarray]
     aux: dict[str, np.ndarray]
     num_examples: int
     norm: float
@@ -403,11 +412,11 @@ class CheckedUpdate:
 def check_update(env: Envelope, reference: Mapping[str, np.ndarray], *,
                  max_examples: int = 1 << 40, max_norm: float | None = None) -> CheckedUpdate:
     """Open an update's tensors as every consumer of updates must: its example count, its
-    ``codec.update`` packing made dense against ``reference`` (the model it must match) and
-    the dense delta checked (names, shapes, dtypes, finite, norm). Raises UpdateRejected."""
+    ``codec.update`` packing decoded against ``reference`` (the model it must match) and
+    the delta checked (names, shapes, dtypes, finite, norm). Raises UpdateRejected."""
     n = checked_num_examples(env.meta, max_examples)
-    delta, aux = split_tensors(env.tensors)
-    delta = decode_update(delta, env.meta, reference)
+    sent, aux = split_tensors(env.tensors)
+    delta = decode_update(sent, env.meta, reference)
     norm = check_update_tensors(reference, delta, max_norm)
     metrics = env.meta.get("metrics", {})
     return CheckedUpdate(delta, aux, n, norm,

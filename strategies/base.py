@@ -15,12 +15,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 
 __all__ = [
     "AsyncStrategy",
+    "ChunkedDelta",
     "ClientUpdate",
     "Feedback",
     "Selector",
@@ -28,6 +29,7 @@ __all__ = [
     "StrategyError",
     "Weights",
     "check_compatible",
+    "is_chunked",
     "positive_count",
     "positive_number",
     "rng_from_state",
@@ -53,6 +55,10 @@ class ClientUpdate:
     ``count`` > 1 (asynchronous only: a relay's pre-aggregate, fedbus.services.relay) means
     the update stands for ``count`` updates trained from ``base_round`` whose mean is
     ``delta``; an ``AsyncStrategy`` treats it as that many updates arriving back to back.
+
+    ``delta`` may also be a ``ChunkedDelta`` (an int8 packing kept packed): indexing it gives
+    the dense tensor all the same. A strategy may keep an update's arrays until ``finish``;
+    whoever hands it an update does not change them after.
     """
 
     sender: str
@@ -65,6 +71,35 @@ class ClientUpdate:
     count: int = 1
 
 
+@runtime_checkable
+class ChunkedDelta(Protocol):
+    """A delta that can be read a flat range at a time without making the dense tensor (an
+    int8 packing, ``fedbus.compress.PackedDelta``): the streaming mean folds it from the
+    packing, reading a byte a parameter, not four."""
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray,
+             weight: float = 1.0) -> np.ndarray:
+        """``weight`` x values ``start:stop`` of tensor ``name`` flattened, written into
+        ``out`` (float32 or float64, ``stop - start`` long) and returned."""
+        ...
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape, without making it dense."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes it holds."""
+        ...
+
+
+def is_chunked(delta: Mapping[str, np.ndarray]) -> TypeGuard[ChunkedDelta]:
+    """``isinstance(delta, ChunkedDelta)``, at the cost of two attribute lookups (the
+    protocol's own check inspects every member each time)."""
+    cls = type(delta)
+    return hasattr(cls, "read") and hasattr(cls, "shape_of")
+
+
 def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> None:
     """Raise ``StrategyError`` unless ``delta`` has the names and shapes of ``weights``."""
     if weights.keys() != delta.keys():
@@ -73,9 +108,11 @@ def check_compatible(weights: Mapping[str, np.ndarray], delta: Mapping[str, np.n
         raise StrategyError(
             f"update tensors differ from the model: missing {missing}, extra {extra}"
         )
+    chunked = delta if is_chunked(delta) else None
     for name, w in weights.items():
-        if delta[name].shape != w.shape:
-            raise StrategyError(f"tensor {name!r}: update shape {delta[name].shape} != {w.shape}")
+        shape = chunked.shape_of(name) if chunked is not None else delta[name].shape
+        if shape != w.shape:
+            raise StrategyError(f"tensor {name!r}: update shape {shape} != {w.shape}")
 
 
 def positive_number(name: str, value: float) -> float:

@@ -15,13 +15,14 @@ from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.compress import (
     META_KEY,
     MODEL_META_KEY,
+    PackedDelta,
     UpdateCodec,
     UpdateCompressor,
     decode_model,
     decode_update,
     encode_model,
 )
-from fedbus.door import model_limits
+from fedbus.door import check_update_tensors, model_limits
 from fedbus.errors import ManifestError, UpdateRejected
 from fedbus.manifest import parse_manifest
 
@@ -78,6 +79,45 @@ def test_int8_packs_any_block_size_within_one_step(block: int) -> None:
         assert np.all(np.abs(out - delta["w"]) <= step * (1.0 + 1e-5))
         q = sent["w"][4 * blocks:].view(np.int8)
         assert q.min() >= -127 and q.max() <= 127
+
+
+@pytest.mark.parametrize("block", [1, 7, 256, 300, 1 << 17])
+def test_packed_int8_reads_as_its_dense_decode(block: int) -> None:
+    # Prepare: an int8 update kept packed, beside a tensor sent dense (an int buffer)
+    rng = np.random.default_rng(4)
+    ref = {"w": np.zeros((1 << 17) + 13, np.float32), "f": np.zeros(5, np.float64),
+           "steps": np.zeros(1, np.int64)}
+    delta = {"w": rng.normal(size=ref["w"].shape).astype(np.float32),
+             "f": rng.normal(size=5), "steps": np.array([3], np.int64)}
+    sent, meta = UpdateCompressor(UpdateCodec(mode="int8", block=block), seed=2).encode(delta)
+    # Execute
+    got = decode_update(sent, meta, ref)
+    # Assert: packed until indexed; any range reads the same float32 values as the dense
+    # decode, bit for bit; the norm is the dense tensor's
+    assert isinstance(got, PackedDelta) and got.packed("w") and not got.packed("steps")
+    assert list(got) == ["w", "f", "steps"] and got.shape_of("w") == ref["w"].shape
+    assert got.nbytes == sum(v.nbytes for v in sent.values())  # nothing decoded yet
+    norm = check_update_tensors(ref, got)
+    out = np.empty(ref["w"].size, np.float32)
+    pieces = [got.read("w", a, b, out[: b - a]).copy()
+              for a, b in [(0, 5), (5, 70_000), (70_000, 70_001), (70_001, ref["w"].size)]]
+    dense = got["w"]  # decoded once, kept
+    assert got["w"] is dense and dense.dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate(pieces), dense)
+    assert got["f"].dtype == np.float64 and got.read("f", 1, 4, out[:3]).tolist() == \
+        got["f"][1:4].astype(np.float32).tolist()
+    np.testing.assert_array_max_ulp(got.read("w", 9, 20, out[:11], weight=3.0),
+                                    dense[9:20] * np.float32(3.0), maxulp=1)
+    dense_norm = check_update_tensors(ref, {k: got[k] for k in got})
+    assert norm == pytest.approx(dense_norm, rel=1e-5)
+
+
+def test_int8_scale_that_would_decode_to_inf_is_refused() -> None:
+    ref = {"b": np.zeros(4, np.float32)}
+    huge = np.concatenate([np.array([3e37], "<f4").view(np.uint8), np.ones(4, np.uint8)])
+    with pytest.raises(UpdateRejected, match="overflows float32") as err:
+        decode_update({"b": huge}, {META_KEY: {"mode": "int8", "block": 256}}, ref)
+    assert err.value.reason == "bad_update_codec"
 
 
 def test_topk_sends_a_fraction_and_error_feedback_delivers_the_rest() -> None:
