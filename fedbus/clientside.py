@@ -37,7 +37,7 @@ class Prepared:
     (``update_codec``), and the client's metrics (DP adds its own); ``delta`` is the dense
     delta after DP, before compression (what a ring group sums)."""
 
-    delta: dict[str, np.ndarray]
+    delta: Mapping[str, np.ndarray]
     tensors: dict[str, np.ndarray]
     meta: dict[str, Any]
     metrics: dict[str, float]
@@ -56,7 +56,7 @@ class ClientSide:
         self.codec = codec
         self._compressor = UpdateCompressor(codec)
 
-    def prepare(self, delta: dict[str, np.ndarray], metrics: Mapping[str, float],
+    def prepare(self, delta: Mapping[str, np.ndarray], metrics: Mapping[str, float],
                 config: Mapping[str, Any], client: str) -> Prepared:
         """``delta`` as it leaves ``client`` for the round ``config`` describes. Raises
         ``FedbusError`` on DP settings that make no sense (the aggregator's, not ours)."""
@@ -69,7 +69,7 @@ class ClientSide:
         return Prepared(delta, tensors, meta, out_metrics)
 
     @staticmethod
-    def _dp(delta: dict[str, np.ndarray], config: Mapping[str, Any], client: str
+    def _dp(delta: Mapping[str, np.ndarray], config: Mapping[str, Any], client: str
             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Client-side DP (strategy ``dp_client``): clip and noise before anything leaves."""
         try:

@@ -44,9 +44,9 @@ import numpy as np
 
 from fedbus.errors import UpdateRejected
 
-__all__ = ["META_KEY", "MODEL_META_KEY", "MODEL_MODES", "MODES", "PackedDelta", "UpdateCodec",
-           "UpdateCompressor", "check_model", "decode_model", "decode_update", "encode_model",
-           "pack_int8"]
+__all__ = ["META_KEY", "MODEL_META_KEY", "MODEL_MODES", "MODES", "LocalDelta", "PackedDelta",
+           "UpdateCodec", "UpdateCompressor", "check_model", "decode_model", "decode_update",
+           "encode_model", "pack_int8"]
 
 MODES: Final = ("none", "fp16", "int8", "topk")
 #: The broadcast model (``codec.model``): topk would drop most of the model, not delay it.
@@ -119,6 +119,41 @@ class UpdateCodec:
         return total
 
 
+class LocalDelta(Mapping[str, np.ndarray]):
+    """A trainer's delta, ``local - base`` (its trained weights minus the model it started
+    from, in the model's dtype), each tensor made the first time it is read. The int8
+    packing takes the two instead (``pair``) and subtracts a segment at a time: for 1M
+    parameters that is one model-sized float32 array not written and read back twice."""
+
+    __slots__ = ("_base", "_local", "_made")
+
+    def __init__(self, local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> None:
+        self._local, self._base = local, base
+        self._made: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        got = self._made.get(name)
+        if got is None:
+            base = self._base[name]
+            got = self._made[name] = (self._local[name] - base).astype(base.dtype, copy=False)
+        return got
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def pair(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(local, base) for tensor ``name`` when subtracting them is the whole delta (same
+        float32 dtype and shape, not made yet); else None."""
+        local, base = self._local[name], self._base[name]
+        if name in self._made or local.dtype != np.float32 or base.dtype != np.float32 \
+                or local.shape != base.shape:
+            return None
+        return local, base
+
+
 def _compressible(a: np.ndarray) -> bool:
     return a.dtype.kind == "f" and a.size > 0
 
@@ -144,8 +179,15 @@ class UpdateCompressor:
             return dict(delta), {}
         rng = rng if rng is not None else self._rng
         out: dict[str, np.ndarray] = {}
+        local = delta if isinstance(delta, LocalDelta) and mode == "int8" else None
         with _SLOTS:
-            for name, d in delta.items():
+            for name in delta:
+                pair = local.pair(name) if local is not None else None
+                if pair is not None:  # int8 of local - base, subtracted on the way
+                    out[name] = pack_int8(pair[0], self.codec.block,
+                                          rng if self.codec.stochastic else None, pair[1])
+                    continue
+                d = delta[name]
                 if not _compressible(d):
                     out[name] = d
                 elif mode == "fp16":
@@ -173,10 +215,12 @@ class UpdateCompressor:
                                values.astype("<f4").view(np.uint8)])
 
 
-def pack_int8(d: np.ndarray, block: int, rng: np.random.Generator | None) -> np.ndarray:
-    """``d`` as one flat uint8 array: a float32 scale per ``block`` values (absmax / 127, a
-    hair over: see ``_HEADROOM``), then one int8 per value, rounded stochastically with
-    ``rng`` or to nearest without it."""
+def pack_int8(d: np.ndarray, block: int, rng: np.random.Generator | None,
+              minus: np.ndarray | None = None) -> np.ndarray:
+    """``d`` (or ``d - minus``, subtracted a segment at a time: no model-sized difference
+    is written and read back) as one flat uint8 array: a float32 scale per ``block`` values
+    (absmax / 127, a hair over: see ``_HEADROOM``), then one int8 per value, rounded
+    stochastically with ``rng`` or to nearest without it."""
     flat = d.reshape(-1)
     n = flat.size
     blocks = -(-n // block)
@@ -187,11 +231,16 @@ def pack_int8(d: np.ndarray, block: int, rng: np.random.Generator | None) -> np.
     # sized float32 temporary per step (~10 of them) cost 8.3 ms per 1M parameters, and at
     # 11M each was a fresh mmap to fault in (docs/benchmarks.md "The wire").
     per = max(1, _SEGMENT // block)
-    scratch = np.empty(per * block, np.float32)
+    scratch = np.empty(min(n, per * block), np.float32)
+    sub = None if minus is None else minus.reshape(-1)
+    diff = None if sub is None else np.empty_like(scratch)
     for first in range(0, blocks, per):
         count = min(per, blocks - first)
         lo, hi = first * block, min(n, (first + count) * block)
-        _pack_segment(flat[lo:hi], block, scratch[: hi - lo], scales[first : first + count],
+        src = flat[lo:hi]
+        if sub is not None and diff is not None:
+            src = np.subtract(src, sub[lo:hi], out=diff[: hi - lo])
+        _pack_segment(src, block, scratch[: hi - lo], scales[first : first + count],
                       values[lo:hi], rng)
     return out
 

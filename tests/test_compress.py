@@ -15,6 +15,7 @@ from fedbus.codec import Compression, Envelope, Limits, decode, encode
 from fedbus.compress import (
     META_KEY,
     MODEL_META_KEY,
+    LocalDelta,
     PackedDelta,
     UpdateCodec,
     UpdateCompressor,
@@ -110,6 +111,29 @@ def test_packed_int8_reads_as_its_dense_decode(block: int) -> None:
                                     dense[9:20] * np.float32(3.0), maxulp=1)
     dense_norm = check_update_tensors(ref, {k: got[k] for k in got})
     assert norm == pytest.approx(dense_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "fp16", "int8", "topk"])
+def test_a_trainers_delta_packs_as_its_dense_difference(mode: str) -> None:
+    # Prepare: trained weights and the model they started from (int buffer included)
+    base = _model(1)
+    local = {k: (v + 0.5).astype(v.dtype) if v.dtype.kind == "f" else v + 1
+             for k, v in base.items()}
+    local["big"] = np.linspace(-3, 3, (1 << 18) + 99, dtype=np.float32)
+    base["big"] = np.zeros_like(local["big"])
+    dense = {k: (local[k] - base[k]).astype(base[k].dtype) for k in base}
+    codec = UpdateCodec(mode=mode, block=300)
+    # Execute: the same stream of random numbers both ways
+    lazy, _ = UpdateCompressor(codec, seed=5).encode(LocalDelta(local, base))
+    eager, _ = UpdateCompressor(codec, seed=5).encode(dense)
+    # Assert: int8 subtracts on the way, to the same bytes; a read gives the difference
+    assert lazy.keys() == eager.keys()
+    for k in eager:
+        np.testing.assert_array_equal(lazy[k], eager[k])
+    view = LocalDelta(local, base)
+    assert view.pair("big") is not None and view.pair("steps") is None
+    np.testing.assert_array_equal(view["big"], dense["big"])
+    assert view.pair("big") is None  # made: read from now on
 
 
 def test_int8_scale_that_would_decode_to_inf_is_refused() -> None:

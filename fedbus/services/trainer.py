@@ -31,7 +31,7 @@ from fedbus import topics
 from fedbus.bus import Bus, Message
 from fedbus.clientside import ClientSide
 from fedbus.codec import Compression, Envelope, Limits, encode
-from fedbus.compress import UpdateCodec, check_model, decode_model
+from fedbus.compress import LocalDelta, UpdateCodec, check_model, decode_model
 from fedbus.door import Door, Entry, SeenIds, model_limits
 from fedbus.errors import BusError, CodecError, FedbusError, UpdateRejected
 from fedbus.services._gate import upload_threshold
@@ -124,7 +124,7 @@ class Packed:
 
 #: Turns (the delta from the order's model, the fit's result, seconds) into the update to
 #: send: the trainer's client-side chain and encoding. Sources call it in a worker thread.
-Packer = Callable[[dict[str, np.ndarray], FitResult, float], Packed]
+Packer = Callable[[Mapping[str, np.ndarray], FitResult, float], Packed]
 
 
 @runtime_checkable
@@ -165,9 +165,8 @@ class TaskSource:
         result = self.task.fit(order.config, order.extra)
         if result.num_examples <= 0:
             raise FedbusError("task trained on 0 examples: nothing to send")
-        local = self.task.get_weights()
-        delta = {k: (local[k] - weights[k]).astype(weights[k].dtype, copy=False)
-                 for k in weights}
+        # made dense only if something reads it; int8 packing subtracts on the way
+        delta = LocalDelta(self.task.get_weights(), weights)
         return pack(delta, result, time.monotonic() - started)
 
 
@@ -497,7 +496,7 @@ class Trainer:
                                              self.config.node_id), payload)
         self._log.info("update_sent", round=env.round, bytes=len(payload), granted=True)
 
-    def _pack(self, order: Order, delta: dict[str, np.ndarray], result: FitResult,
+    def _pack(self, order: Order, delta: Mapping[str, np.ndarray], result: FitResult,
               duration: float) -> Packed:
         """In a worker thread: the client-side chain (DP, compression) and the encoding; for
         a ring member, the flat vector its ring sums."""
