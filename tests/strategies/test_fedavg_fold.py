@@ -10,7 +10,7 @@ import pytest
 
 from fedbus.compress import PackedDelta, UpdateCodec, UpdateCompressor, decode_update
 from strategies.base import ChunkedDelta, ClientUpdate
-from strategies.fedavg import _HOLD, FedAvg
+from strategies.fedavg import _HOLD, FedAvg, WeightedDeltaMean
 
 
 def _updates(model: dict[str, np.ndarray], count: int) -> list[ClientUpdate]:
@@ -75,3 +75,17 @@ def test_the_order_updates_arrive_in_does_not_change_the_model() -> None:
     # Assert: a resumed aggregator sees other arrival orders, and must reach the same model
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
+
+
+def test_dense_float32_updates_are_not_held_packed_ones_are() -> None:
+    # Prepare: the float64 sum of a float32 model is twice a dense update's bytes
+    model = {"w": np.zeros(100_000, np.float32)}
+    dense, packed = _updates(model, 2)
+    mean = WeightedDeltaMean()
+    mean.reset(model)
+    # Execute / Assert: a dense one is folded on arrival (no second model in memory) ...
+    mean.add(dense.delta, 1.0)
+    assert not mean._held
+    # ... a packed one (a quarter of the bytes) waits to be folded with others
+    mean.add(packed.delta, 1.0)
+    assert len(mean._held) == 1
