@@ -403,7 +403,9 @@ class PackedDelta(Mapping[str, np.ndarray]):
     time (``read``, ``strategies.base.ChunkedDelta``) and the intake takes its norm the same
     way (``sq_norm``): for 1M parameters that is 1 MB read from memory, not a 4 MB float32
     copy written, scaled, read for the norm and read again for the fold. Checked on
-    construction (``decode_update``); immutable after, so threads may share it."""
+    construction (``decode_update``). Its content never changes after; what it caches (a
+    decoded tensor, the last read's scaled coefficients) is set by one assignment each, so
+    threads may share it (the store's feed decodes in its pool while the fold reads)."""
 
     __slots__ = ("_block", "_coef", "_dense", "_names", "_packed")
 
